@@ -1,0 +1,368 @@
+"""Sparse top-k KD losses over a linear LM head in plain PyTorch: the CPU default and the reference.
+
+Two implementations of the same loss (see `train_student.loss.kd_loss` for the public entry and
+/shared/notes/KD_MATH.md for the equations):
+
+- `naive`: materializes the [T, V] logits and lets autograd do the rest. Simple, O(T*V) memory;
+  the reference the other implementations are tested against.
+- `chunked`: a `torch.autograd.Function` that walks the tokens in chunks of `chunk_size`, so the
+  largest live tensor is [chunk_size, V]. The forward keeps, per position, only the log-sum-exp
+  and the logits at the teacher's ids (and the label); the backward recomputes each chunk's
+  logits and forms dL/dz = a * q + scatter(c) (KD_MATH, "the general shape").
+
+Both share `KDSpec` (the teacher side, prepared once) and `position_terms` (the loss as a
+function of the per-position log-sum-exp and the gathered logits), so the chunked path and the
+fused Triton kernel differ from `naive` only in how they get those two numbers and how they push
+the gradient back through the LM head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+# Floor of the student tail R = 1 - Q (and, for reverse KL, of the teacher tail). log R is
+# computed as log(-expm1(log Q)); in fp32, log Q carries an absolute error of ~1e-7 * |lse|, so
+# tails below ~1e-6 are not resolvable anyway. The clamp has zero gradient, which is the point:
+# a rounding-level tail must not produce a huge P/R coefficient.
+TAIL_EPS = 1e-6
+
+KINDS = ("forward_kl", "reverse_kl")
+TAILS = ("renormalize", "bucket")
+
+# (loss [], coef_tau [T], coef_1 [T] | None, coef_sparse [T, K+1]) from (lse_tau, lse_1, s_sparse,
+# argmax): what a fused/chunked implementation needs to run its backward. See `make_terms_fn`.
+TermsFn = Callable[[Tensor, "Tensor | None", Tensor, Tensor], "tuple[Tensor, Tensor, Tensor | None, Tensor]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KDSpec:
+    """The teacher side of the loss and its settings, prepared once per call ([T, K] tensors).
+
+    Attributes:
+        kind, tail, temperature, kd_weight, ce_weight: as in `kd_loss`.
+        sparse_ids: [T, K+1] int64, the teacher's ids (padding mapped to 0) then the label
+            (ignored positions mapped to 0): the logits every implementation gathers.
+        valid: [T, K] bool, the cached entries that exist (id >= 0 and logprob > -inf).
+        teacher_logp: [T, K] log p_hat_k, the teacher at temperature tau over its ids
+            (renormalized, or normalized together with the tail bucket); 0 where not valid.
+        teacher_log_tail: [T] log P_hat, the teacher's tail at tau (-inf where P = 0); only for
+            tail="bucket", else None.
+        trained: [T] bool, labels != -100.
+        n_tokens: 0-dim int64, trained positions.
+        teacher_tail_raw: [T] P = 1 - sum_k exp(l_k) at temperature 1, clamped at 0 (a metric).
+        teacher_top1: [T] int64, the teacher's first id (a metric).
+        has_teacher: [T] bool, at least one valid entry.
+    """
+
+    kind: str
+    tail: str
+    temperature: float
+    kd_weight: float
+    ce_weight: float
+    sparse_ids: Tensor
+    valid: Tensor
+    teacher_logp: Tensor
+    teacher_log_tail: Tensor | None
+    trained: Tensor
+    n_tokens: Tensor
+    teacher_tail_raw: Tensor
+    teacher_top1: Tensor
+    has_teacher: Tensor
+
+    @property
+    def need_lse1(self) -> bool:
+        """Whether CE needs its own temperature-1 log-sum-exp (at tau = 1 it equals lse_tau)."""
+        return self.temperature != 1.0
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64 (tests); everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def build_spec(
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    labels: Tensor,
+    *,
+    kind: str,
+    tail: str,
+    temperature: float,
+    kd_weight: float,
+    ce_weight: float,
+    dtype: torch.dtype,
+) -> KDSpec:
+    """Prepare the teacher targets at temperature `temperature` (inputs already validated).
+
+    Args:
+        topk_ids: [T, K] integer teacher ids, -1 for padding.
+        topk_logprobs: [T, K] raw teacher logprobs at temperature 1, -inf for padding.
+        labels: [T] integer next-token ids, -100 where the position is not trained.
+        dtype: the accumulation dtype (fp32, or fp64 in tests).
+    """
+    tau = float(temperature)
+    ids = topk_ids.long()
+    logp = topk_logprobs.to(dtype)
+    valid = (ids >= 0) & (logp > -math.inf)
+    has_teacher = valid.any(dim=-1)
+    neg_inf = torch.tensor(-math.inf, dtype=dtype, device=logp.device)
+    logp_valid = torch.where(valid, logp, neg_inf)
+
+    # P = 1 - S without cancellation: S = exp(logsumexp l); clamp the rounding-level negatives.
+    teacher_tail_raw = (-torch.expm1(torch.logsumexp(logp_valid, dim=-1))).clamp(min=0.0)
+    scaled = logp_valid / tau  # log p_k^(1/tau), unnormalized
+    if tail == "renormalize":
+        log_den = torch.logsumexp(scaled, dim=-1)
+        teacher_log_tail = None
+    else:
+        # The tail's shape is unknown, so P^(1/tau) is the tail bucket's weight (KD_MATH).
+        log_tail_scaled = torch.log(teacher_tail_raw) / tau  # -inf where P = 0
+        log_den = torch.logaddexp(torch.logsumexp(scaled, dim=-1), log_tail_scaled)
+        teacher_log_tail = log_tail_scaled - log_den
+    # Rows without any teacher entry have log_den = -inf (renormalize); they contribute nothing.
+    log_den = torch.where(has_teacher, log_den, torch.zeros_like(log_den))
+    teacher_logp = torch.where(valid, scaled - log_den[:, None], torch.zeros_like(scaled))
+
+    labels = labels.long()
+    trained = labels != IGNORE_INDEX
+    sparse_ids = torch.cat([ids.clamp(min=0), labels.clamp(min=0)[:, None]], dim=1)
+    return KDSpec(
+        kind=kind,
+        tail=tail,
+        temperature=tau,
+        kd_weight=float(kd_weight),
+        ce_weight=float(ce_weight),
+        sparse_ids=sparse_ids,
+        valid=valid,
+        teacher_logp=teacher_logp,
+        teacher_log_tail=teacher_log_tail,
+        trained=trained,
+        n_tokens=trained.sum(),
+        teacher_tail_raw=teacher_tail_raw,
+        teacher_top1=ids[:, 0],
+        has_teacher=has_teacher,
+    )
+
+
+def position_terms(
+    spec: KDSpec, lse_tau: Tensor, lse_1: Tensor | None, s_sparse: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loss as a function of the log-sum-exp and the gathered logits (differentiable).
+
+    Args:
+        lse_tau: [T] log-sum-exp of the student logits z = s / tau over the full vocabulary.
+        lse_1: [T] log-sum-exp of s (temperature 1), or None when tau = 1.
+        s_sparse: [T, K+1] the student's raw logits s = W h at `spec.sparse_ids`.
+
+    Returns:
+        loss: [] the total, ce_weight * CE + kd_weight * tau^2 * KD averaged over trained positions.
+        kd: [T] per-position KD (no weights, no tau^2).
+        ce: [T] per-position CE at temperature 1.
+        log_q_mass: [T] log Q, the student's log-mass (at tau) on the teacher's ids.
+    """
+    tau = spec.temperature
+    valid = spec.valid
+    k = valid.shape[1]
+    s_k, s_y = s_sparse[:, :k], s_sparse[:, k]
+    zero = torch.zeros((), dtype=s_sparse.dtype, device=s_sparse.device)
+
+    logq = s_k / tau - lse_tau[:, None]  # log q_{i_k}
+    # masked_fill's backward zeroes the masked entries, which also clears the NaN that
+    # logsumexp's backward yields on rows with no valid entry at all.
+    log_q_mass = torch.logsumexp(logq.masked_fill(~valid, -math.inf), dim=-1)
+    log_r = torch.log((-torch.expm1(log_q_mass)).clamp(min=TAIL_EPS))  # log R, stable
+    logq = torch.where(valid, logq, zero)
+    log_p = spec.teacher_logp  # 0 where not valid
+
+    if spec.kind == "forward_kl":
+        p = log_p.exp() * valid
+        kd = (p * (log_p - logq)).sum(dim=-1)
+        if spec.tail == "bucket":
+            p_tail = spec.teacher_log_tail.exp()
+            # P log P -> 0 as P -> 0 (xlogy), so a zero teacher tail contributes exactly 0.
+            kd = kd + torch.xlogy(p_tail, p_tail) - p_tail * log_r
+    elif spec.tail == "bucket":  # reverse KL with the tail bucket (KD_MATH)
+        q = logq.exp() * valid
+        kd = (q * (logq - log_p)).sum(dim=-1)
+        # Reverse KL is infinite where the teacher tail is 0 and the student's is not; flooring the
+        # teacher tail at TAIL_EPS keeps it finite and still pushes R down to the floor.
+        log_p_tail = spec.teacher_log_tail.clamp(min=math.log(TAIL_EPS))
+        kd = kd + log_r.exp() * (log_r - log_p_tail)
+    else:
+        # Reverse KL, renormalized: KL(q~ || p_hat) with the student renormalized over the teacher's
+        # ids too. Reverse KL against a teacher with no tail mass is infinite unless the student has
+        # none either, and the truncated sum over the ids alone is minimized by moving mass off them;
+        # the renormalized form is a proper divergence (>= 0), but it does not ask the student to
+        # put mass on the teacher's ids: use tail="bucket" for that.
+        z_masked = (s_k / tau).masked_fill(~valid, -math.inf)
+        log_qt = z_masked - torch.logsumexp(z_masked, dim=-1, keepdim=True)
+        log_qt = torch.where(valid, log_qt, zero)
+        qt = log_qt.exp() * valid
+        kd = (qt * (log_qt - log_p)).sum(dim=-1)
+
+    ce = (lse_1 if lse_1 is not None else lse_tau) - s_y
+    per_position = spec.kd_weight * tau * tau * kd + spec.ce_weight * ce
+    trained = spec.trained
+    denom = spec.n_tokens.clamp(min=1).to(per_position.dtype)
+    loss = torch.where(trained, per_position, zero).sum() / denom
+    return loss, kd, ce, log_q_mass
+
+
+def summarize(
+    spec: KDSpec, kd: Tensor, ce: Tensor, log_q_mass: Tensor, argmax: Tensor
+) -> dict[str, Tensor]:
+    """Per-batch metrics as detached 0-dim tensors (no host sync; call float() to log them).
+
+    kd and ce are means over trained positions (kd without kd_weight and tau^2); top1_agreement is
+    over trained positions that have a teacher entry; student_topk_mass is at the KD temperature.
+    """
+    with torch.no_grad():
+        trained = spec.trained
+        denom = spec.n_tokens.clamp(min=1).to(kd.dtype)
+
+        def mean(x: Tensor) -> Tensor:
+            return torch.where(trained, x.to(kd.dtype), torch.zeros_like(kd)).sum() / denom
+
+        scored = trained & spec.has_teacher
+        agree = (argmax.long() == spec.teacher_top1) & scored
+        return {
+            "kd": mean(kd.detach()),
+            "ce": mean(ce.detach()),
+            "top1_agreement": agree.sum().to(kd.dtype) / scored.sum().clamp(min=1).to(kd.dtype),
+            "student_topk_mass": mean(log_q_mass.detach().exp()),
+            "teacher_tail_mass": mean(spec.teacher_tail_raw),
+            "n_tokens": spec.n_tokens.detach(),
+        }
+
+
+def make_terms_fn(spec: KDSpec, metrics: dict) -> TermsFn:
+    """The per-position coefficients a, c of KD_MATH's general form, for chunked and fused.
+
+    The returned function takes (lse_tau [T], lse_1 [T] | None, s_sparse [T, K+1], argmax [T]),
+    differentiates `position_terms` w.r.t. its three inputs on these small tensors, fills
+    `metrics`, and returns (loss, coef_tau, coef_1, coef_sparse) such that the gradient w.r.t. the
+    raw logits s = W h of one position is
+
+        dL/ds_v = coef_tau * softmax(s / tau)_v + coef_1 * softmax(s)_v + sum_j coef_sparse_j [v = id_j]
+
+    (coef_tau already includes the 1/tau of z = s / tau; coef_1 is None when tau = 1).
+    """
+
+    def terms(lse_tau: Tensor, lse_1: Tensor | None, s_sparse: Tensor, argmax: Tensor):
+        with torch.enable_grad():
+            leaves = [lse_tau.detach().requires_grad_(), s_sparse.detach().requires_grad_()]
+            if lse_1 is not None:
+                leaves.append(lse_1.detach().requires_grad_())
+            loss, kd, ce, log_q_mass = position_terms(
+                spec, leaves[0], leaves[2] if lse_1 is not None else None, leaves[1]
+            )
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+        metrics.update(summarize(spec, kd, ce, log_q_mass, argmax))
+        coef_tau = grads[0] / spec.temperature
+        coef_1 = grads[2] if lse_1 is not None else None
+        return loss.detach(), coef_tau, coef_1, grads[1]
+
+    return terms
+
+
+def naive(hidden: Tensor, weight: Tensor, spec: KDSpec) -> tuple[Tensor, dict[str, Tensor]]:
+    """Materialize the [T, V] logits and differentiate with plain autograd (the reference).
+
+    Args:
+        hidden: [T, D] float; weight: [V, D] float, same dtype.
+    Returns:
+        (loss [], metrics).
+    """
+    acc = accumulation_dtype(hidden.dtype)
+    s = (hidden @ weight.T).to(acc)  # [T, V]; bf16 logits are upcast, as a model would
+    lse_tau = torch.logsumexp(s / spec.temperature, dim=-1)
+    lse_1 = torch.logsumexp(s, dim=-1) if spec.need_lse1 else None
+    s_sparse = s.gather(1, spec.sparse_ids)
+    loss, kd, ce, log_q_mass = position_terms(spec, lse_tau, lse_1, s_sparse)
+    return loss, summarize(spec, kd, ce, log_q_mass, s.detach().argmax(dim=-1))
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, acc: torch.dtype) -> Tensor:
+    """[C, V] logits of one chunk in the accumulation dtype (the matmul itself in the input dtype)."""
+    return (h @ weight.T).to(acc)
+
+
+class _ChunkedLinearKD(torch.autograd.Function):
+    """LM head + sparse KD over token chunks; saves only hidden, weight and [T, K+1] tensors."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, spec: KDSpec, chunk_size: int, metrics: dict):
+        acc = accumulation_dtype(hidden.dtype)
+        n, tau = hidden.shape[0], spec.temperature
+        lse_tau = torch.empty(n, dtype=acc, device=hidden.device)
+        lse_1 = torch.empty_like(lse_tau) if spec.need_lse1 else None
+        s_sparse = torch.empty(spec.sparse_ids.shape, dtype=acc, device=hidden.device)
+        argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, min(start + chunk_size, n))
+            s = _chunk_logits(hidden[rows], weight, acc)
+            lse_tau[rows] = torch.logsumexp(s / tau if tau != 1.0 else s, dim=-1)
+            if lse_1 is not None:
+                lse_1[rows] = torch.logsumexp(s, dim=-1)
+            s_sparse[rows] = s.gather(1, spec.sparse_ids[rows])
+            argmax[rows] = s.argmax(dim=-1)
+            del s
+
+        loss, coef_tau, coef_1, coef_sparse = make_terms_fn(spec, metrics)(lse_tau, lse_1, s_sparse, argmax)
+        ctx.save_for_backward(hidden, weight)
+        ctx.lse = (lse_tau, lse_1)
+        ctx.coef = (coef_tau, coef_1, coef_sparse)
+        ctx.sparse_ids = spec.sparse_ids
+        ctx.tau = tau
+        ctx.chunk_size = chunk_size
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        hidden, weight = ctx.saved_tensors
+        lse_tau, lse_1 = ctx.lse
+        coef_tau, coef_1, coef_sparse = ctx.coef
+        tau, ids, chunk_size = ctx.tau, ctx.sparse_ids, ctx.chunk_size
+        acc = accumulation_dtype(hidden.dtype)
+        grad_loss = grad_loss.to(acc)
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+        dh = torch.empty_like(hidden) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, min(start + chunk_size, hidden.shape[0]))
+            s = _chunk_logits(hidden[rows], weight, acc)
+            # g = a * q + scatter(c): every vocab entry gets the a * q part (KD_MATH).
+            g = torch.exp((s / tau if tau != 1.0 else s) - lse_tau[rows, None]) * coef_tau[rows, None]
+            if coef_1 is not None:
+                g += torch.exp(s - lse_1[rows, None]) * coef_1[rows, None]
+            del s
+            g.scatter_add_(1, ids[rows], coef_sparse[rows])
+            g = (g * grad_loss).to(hidden.dtype)
+            if dh is not None:
+                dh[rows] = g @ weight
+            if dw is not None:
+                dw += (g.T @ hidden[rows]).to(acc)
+        return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None
+
+
+def chunked(
+    hidden: Tensor, weight: Tensor, spec: KDSpec, chunk_size: int = 1024
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss with O(chunk_size * V) extra memory: recompute-in-backward over token chunks.
+
+    Args:
+        hidden: [T, D] float; weight: [V, D] float, same dtype.
+        chunk_size: tokens per chunk; the largest live tensor is [chunk_size, V] fp32.
+    Returns:
+        (loss [], metrics).
+    """
+    metrics: dict[str, Tensor] = {}
+    loss = _ChunkedLinearKD.apply(hidden, weight, spec, int(chunk_size), metrics)
+    return loss, metrics
