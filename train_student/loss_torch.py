@@ -26,10 +26,13 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
-# Floor of the student tail R = 1 - Q (and, for reverse KL, of the teacher tail). log R is
-# computed as log(-expm1(log Q)); in fp32, log Q carries an absolute error of ~1e-7 * |lse|, so
-# tails below ~1e-6 are not resolvable anyway. The clamp has zero gradient, which is the point:
-# a rounding-level tail must not produce a huge P/R coefficient.
+# Smallest tail mass taken as real. Student: R = 1 - Q is clamped at it; log R is computed as
+# log(-expm1(log Q)), and in fp32 log Q carries an absolute error of ~1e-7 * |lse|, so smaller
+# tails are not resolvable; the clamp has zero gradient, so a rounding-level tail cannot produce a
+# huge P/R coefficient. Teacher: P = 1 - sum_k exp(l_k) below it is taken as 0, because fp32
+# logprobs each carry ~6e-8 relative error and K of them sum to that much noise; P^(1/tau) and
+# reverse KL's log P would amplify it (tau = 2 turns a 1e-8 rounding residue into a 1e-4 tail).
+# Reverse KL also floors the teacher tail at it (else KL = inf wherever P = 0 < R).
 TAIL_EPS = 1e-6
 
 KINDS = ("forward_kl", "reverse_kl")
@@ -55,7 +58,7 @@ class KDSpec:
             tail="bucket", else None.
         trained: [T] bool, labels != -100.
         n_tokens: 0-dim int64, trained positions.
-        teacher_tail_raw: [T] P = 1 - sum_k exp(l_k) at temperature 1, clamped at 0 (a metric).
+        teacher_tail_raw: [T] P = 1 - sum_k exp(l_k) at temperature 1; 0 where below TAIL_EPS.
         teacher_top1: [T] int64, the teacher's first id (a metric).
         has_teacher: [T] bool, at least one valid entry.
     """
@@ -104,18 +107,21 @@ def build_spec(
         topk_ids: [T, K] integer teacher ids, -1 for padding.
         topk_logprobs: [T, K] raw teacher logprobs at temperature 1, -inf for padding.
         labels: [T] integer next-token ids, -100 where the position is not trained.
-        dtype: the accumulation dtype (fp32, or fp64 in tests).
+        dtype: the accumulation dtype (fp32, or fp64 in tests) of the returned float tensors.
+
+    The teacher side is [T, K], so it is computed in float64 whatever `dtype`: an fp32 logsumexp
+    near 0 alone has ~6e-8 absolute error, the size of the tails that matter here.
     """
     tau = float(temperature)
     ids = topk_ids.long()
-    logp = topk_logprobs.to(dtype)
+    logp = topk_logprobs.to(torch.float64)
     valid = (ids >= 0) & (logp > -math.inf)
     has_teacher = valid.any(dim=-1)
-    neg_inf = torch.tensor(-math.inf, dtype=dtype, device=logp.device)
-    logp_valid = torch.where(valid, logp, neg_inf)
+    logp_valid = logp.masked_fill(~valid, -math.inf)
 
-    # P = 1 - S without cancellation: S = exp(logsumexp l); clamp the rounding-level negatives.
-    teacher_tail_raw = (-torch.expm1(torch.logsumexp(logp_valid, dim=-1))).clamp(min=0.0)
+    # P = 1 - S without cancellation (S = exp(logsumexp l)); rounding-level tails are 0 (TAIL_EPS).
+    teacher_tail_raw = -torch.expm1(torch.logsumexp(logp_valid, dim=-1))
+    teacher_tail_raw = torch.where(teacher_tail_raw < TAIL_EPS, 0.0, teacher_tail_raw)
     scaled = logp_valid / tau  # log p_k^(1/tau), unnormalized
     if tail == "renormalize":
         log_den = torch.logsumexp(scaled, dim=-1)
@@ -140,11 +146,11 @@ def build_spec(
         ce_weight=float(ce_weight),
         sparse_ids=sparse_ids,
         valid=valid,
-        teacher_logp=teacher_logp,
-        teacher_log_tail=teacher_log_tail,
+        teacher_logp=teacher_logp.to(dtype),
+        teacher_log_tail=teacher_log_tail.to(dtype) if teacher_log_tail is not None else None,
         trained=trained,
         n_tokens=trained.sum(),
-        teacher_tail_raw=teacher_tail_raw,
+        teacher_tail_raw=teacher_tail_raw.to(dtype),
         teacher_top1=ids[:, 0],
         has_teacher=has_teacher,
     )
