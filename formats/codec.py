@@ -1,0 +1,277 @@
+"""Codec v1: top-k teacher entries <-> compact byte streams. Pure numpy, no I/O.
+
+Per position the teacher gives entries (id, logprob) in rank order. We keep c <= k of them (all k,
+or with mass-adaptive truncation the fewest whose probability reaches `mass`), in rank order, and
+write separate streams (each its own Parquet column, so zstd sees one kind of data at a time):
+
+* logprobs: the top-1 value as uint16 steps of 1/2048 nat below 0 (`topk_top1`); every entry as
+  `q_j = round((top1_hat - logprob_j) * 32)` (1/32 nat: a bf16 teacher's logits have about that
+  resolution near -8, so finer steps store noise), kept as rank-order deltas `q_j - q_{j-1}`
+  (`topk_step`, one byte each; the first entry's q is 0 and is not stored). Max |error|
+  1/64 + 1/4096 < 0.016 nat.
+* ids: mapped to codes (a per-shard table of the `hot` most frequent ids gets codes 0..H-1 in
+  frequency order, any other id H + id) and split into little-endian byte planes
+  (`topk_code_b0`, `topk_code_b1`, and b2, b3 for 4-byte codes): with frequent ids first the high
+  planes are nearly constant, which is where most of the compression comes from.
+* a step delta >= 255 is written as 255 and its value taken, in order, from `topk_step_escape`
+  (uint16; q = 65535 stands for "probability 0").
+
+Rank order is kept exactly. Streams concatenate across positions and rows, so a whole Parquet
+column decodes in one vectorized pass. Layout chosen by measurement: see docs/FORMAT.md.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from formats.errors import FormatError
+
+CODEC_NAME = "kdcache-topk-v1"
+STEPS_PER_NAT = 32
+TOP1_STEPS_PER_NAT = 2048
+TARGET_STEPS_PER_NAT = 256
+ESCAPE = 255
+MAX_STEP = 0xFFFF  # a step this large means "at least 2047.97 nat below top-1": probability 0
+MAX_K = 65535
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """What a cache keeps of the teacher. Recorded in the manifest.
+
+    k: entries kept per position at most. mass: keep entries (in rank order) only until their
+    cumulative probability reaches `mass` (None keeps all k). hot: size of the per-shard table of
+    frequent ids that get short codes.
+    """
+
+    k: int = 64
+    mass: float | None = None
+    hot: int = 4096
+
+    def __post_init__(self):
+        if not 1 <= self.k <= MAX_K:
+            raise ValueError(f"k must be in 1..{MAX_K}, got {self.k}")
+        if self.mass is not None and not 0.0 < self.mass <= 1.0:
+            raise ValueError(f"mass must be in (0, 1], got {self.mass}")
+        if self.hot < 0:
+            raise ValueError(f"hot must be >= 0, got {self.hot}")
+
+    def to_dict(self) -> dict:
+        return {"name": CODEC_NAME, **asdict(self), "logprob_step": 1 / STEPS_PER_NAT,
+                "top1_step": 1 / TOP1_STEPS_PER_NAT, "target_logprob_step": 1 / TARGET_STEPS_PER_NAT}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CodecConfig":
+        if d.get("name") != CODEC_NAME:
+            raise FormatError(f"unknown codec {d.get('name')!r} (this kdcache reads {CODEC_NAME}); upgrade kdcache")
+        return cls(k=int(d["k"]), mass=d.get("mass"), hot=int(d.get("hot", 0)))
+
+
+# ---- id codes -------------------------------------------------------------------------------
+
+def build_hot_table(ids: np.ndarray, hot: int) -> np.ndarray:
+    """The `hot` most frequent ids in `ids` (any shape, -1 = padding), most frequent first. uint32."""
+    flat = np.asarray(ids).ravel()
+    flat = flat[flat >= 0]
+    if hot == 0 or flat.size == 0:
+        return np.zeros(0, np.uint32)
+    values, counts = np.unique(flat, return_counts=True)
+    order = np.lexsort((values, -counts))[:hot]  # ties by id: deterministic
+    return values[order].astype(np.uint32)
+
+
+class IdCodes:
+    """id <-> code: hot ids get 0..H-1 (frequency order), every other id gets H + id."""
+
+    def __init__(self, hot_table: np.ndarray):
+        self.table = np.asarray(hot_table, np.uint32)
+        self.h = len(self.table)
+        self._lut = None
+        if self.h:
+            order = np.argsort(self.table, kind="stable")
+            self._sorted = self.table[order].astype(np.int64)
+            self._code_of_sorted = order  # table[order[i]] == _sorted[i], and an id's code is its table index
+
+    def encode(self, ids: np.ndarray) -> np.ndarray:
+        ids = ids.astype(np.int64)
+        codes = ids + self.h
+        if self.h:
+            pos = np.searchsorted(self._sorted, ids)
+            pos = np.minimum(pos, self.h - 1)
+            hit = self._sorted[pos] == ids
+            codes[hit] = self._code_of_sorted[pos[hit]]
+        return codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        if not self.h:
+            return codes.astype(np.int64)
+        if codes.size and int(codes.max()) < (1 << 16):  # 2-byte codes: one gather from a 64k table
+            if self._lut is None:
+                self._lut = np.arange(-self.h, (1 << 16) - self.h, dtype=np.int64)
+                self._lut[: self.h] = self.table
+            return self._lut[codes]
+        codes = codes.astype(np.int64)
+        hot = codes < self.h
+        out = codes - self.h
+        out[hot] = self.table[codes[hot]]
+        return out
+
+
+# ---- entries -------------------------------------------------------------------------------
+
+def kept_counts(topk_ids: np.ndarray, topk_logprobs: np.ndarray, cfg: CodecConfig) -> np.ndarray:
+    """Entries kept per position: valid ones (id >= 0, finite logprob) up to k, cut at `mass`."""
+    k = min(cfg.k, topk_ids.shape[1])
+    valid = (topk_ids[:, :k] >= 0) & np.isfinite(topk_logprobs[:, :k])
+    # valid entries must come first: count the leading run
+    counts = np.where(valid.all(axis=1), k, np.argmin(valid, axis=1))
+    if cfg.mass is not None:
+        probs = np.where(valid, np.exp(np.where(valid, topk_logprobs[:, :k], -np.inf).astype(np.float64)), 0.0)
+        reached = np.cumsum(probs, axis=1) >= cfg.mass - 1e-12
+        first = np.where(reached.any(axis=1), reached.argmax(axis=1) + 1, k)
+        counts = np.minimum(counts, first)
+    return counts.astype(np.int64)
+
+
+def _escape(values: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    small = np.minimum(values, ESCAPE).astype(np.uint8)
+    return small, values[values >= ESCAPE].astype(dtype)
+
+
+def _unescape(small: np.ndarray, escapes: np.ndarray, what: str) -> np.ndarray:
+    out = small.astype(np.int32)
+    where = np.flatnonzero(small == ESCAPE)
+    if len(where) != len(escapes):
+        raise FormatError(f"{what}: {len(where)} escape markers but {len(escapes)} escape values")
+    out[where] = escapes
+    return out
+
+
+def code_bytes(max_code: int) -> int:
+    """Bytes per id code: 2 while codes fit uint16 (vocabularies up to ~61k with H=4096), else 4."""
+    return 2 if max_code < (1 << 16) else 4
+
+
+def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, cfg: CodecConfig, codes: IdCodes,
+                id_bytes: int = 2) -> dict[str, bytes]:
+    """Encode [N, K] rank-ordered entries (padding: id -1 / logprob -inf) into byte streams."""
+    topk_ids = np.asarray(topk_ids)
+    topk_logprobs = np.asarray(topk_logprobs, np.float32)
+    if topk_ids.ndim != 2 or topk_ids.shape != topk_logprobs.shape:
+        raise ValueError(f"topk_ids {topk_ids.shape} and topk_logprobs {topk_logprobs.shape} must both be [N, K]")
+    n = topk_ids.shape[0]
+    k = min(cfg.k, topk_ids.shape[1])
+    ids, lps = topk_ids[:, :k].astype(np.int64), topk_logprobs[:, :k].astype(np.float64)
+    counts = kept_counts(ids, lps, cfg)
+    if n and counts.min() < 1:
+        bad = int(np.argmin(counts))
+        raise ValueError(f"position {bad} has no valid top-k entry (ids < 0 or non-finite logprobs)")
+    keep = np.arange(k)[None, :] < counts[:, None]
+    if n and int(ids[keep].max()) + codes.h >= (1 << (8 * id_bytes)):
+        raise ValueError(f"token id {int(ids[keep].max())} does not fit {id_bytes}-byte codes; use id_bytes=4")
+    top1 = np.clip(np.round(-lps[:, 0] * TOP1_STEPS_PER_NAT), 0, 0xFFFF) if n else np.zeros(0)
+    top1_hat = -top1 / TOP1_STEPS_PER_NAT
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = np.round((top1_hat[:, None] - lps) * STEPS_PER_NAT)
+    q = np.clip(np.nan_to_num(q, nan=MAX_STEP, posinf=MAX_STEP), 0, MAX_STEP).astype(np.int64)
+    delta = np.diff(q, axis=1)
+    kept_delta = keep[:, 1:]
+    if (delta[kept_delta] < 0).any():
+        row = int(np.nonzero((delta < 0) & kept_delta)[0][0])
+        raise ValueError(f"position {row}: logprobs are not in rank order (they must not increase)")
+    step8, step_esc = _escape(delta[kept_delta], "<u2")
+    code = codes.encode(ids[keep])
+    planes = {f"topk_code_b{b}": ((code >> (8 * b)) & 0xFF).astype(np.uint8).tobytes() for b in range(id_bytes)}
+    return {
+        "topk_count": counts.astype(count_dtype(cfg)).tobytes(),
+        "topk_top1": top1.astype("<u2").tobytes(),
+        **planes,
+        "topk_step": step8.tobytes(),
+        "topk_step_escape": step_esc.tobytes(),
+    }
+
+
+def count_dtype(cfg: CodecConfig) -> str:
+    return "<u1" if cfg.k <= 255 else "<u2"
+
+
+def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None = None):
+    """Inverse of encode_topk. Returns (ids int32 [N, k], logprobs float32 [N, k], counts int64 [N]).
+
+    `streams` maps stream names to bytes-like objects. Rows with fewer than k entries are padded
+    with id -1 and logprob -inf.
+    """
+    k = cfg.k if k is None else k
+    counts = np.frombuffer(streams["topk_count"], count_dtype(cfg)).astype(np.int64)
+    top1 = np.frombuffer(streams["topk_top1"], "<u2")
+    n = len(counts)
+    if len(top1) != n:
+        raise FormatError(f"topk_top1 has {len(top1)} values for {n} positions")
+    if n == 0:
+        return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), counts
+    if counts.min() < 1 or counts.max() > k:
+        raise FormatError(f"topk_count must be in 1..{k}, found {int(counts.min())}..{int(counts.max())}")
+    total = int(counts.sum())
+    code = np.frombuffer(streams["topk_code_b0"], np.uint8).astype(np.int64)
+    if len(code) != total:
+        raise FormatError(f"{total} entries expected from topk_count, found {len(code)} in topk_code_b0")
+    b = 1
+    while streams.get(f"topk_code_b{b}") is not None:
+        plane = np.frombuffer(streams[f"topk_code_b{b}"], np.uint8)
+        if len(plane) != total:
+            raise FormatError(f"topk_code_b{b} has {len(plane)} bytes, expected {total}")
+        code |= plane.astype(np.int64) << (8 * b)
+        b += 1
+    delta = _unescape(np.frombuffer(streams["topk_step"], np.uint8),
+                      np.frombuffer(streams["topk_step_escape"], "<u2"), "topk_step")
+    if len(delta) != total - n:
+        raise FormatError(f"topk_step has {len(delta)} deltas, expected {total - n}")
+    ids = codes.decode(code).astype(np.int32)
+    top1_hat = -top1.astype(np.float32) / TOP1_STEPS_PER_NAT
+    q = np.zeros((n, k), np.int32)
+    if total == n * k:  # every position full: plain reshapes (the common, fast path)
+        q[:, 1:] = delta.reshape(n, k - 1)
+        _rowwise_cumsum(q)
+        lps = top1_hat[:, None] - q.astype(np.float32) * np.float32(1 / STEPS_PER_NAT)
+        return ids.reshape(n, k), lps, counts
+    mask = np.arange(k)[None, :] < counts[:, None]
+    inner = mask.copy()
+    inner[:, 0] = False
+    q[inner] = delta
+    _rowwise_cumsum(q)
+    lps = top1_hat[:, None] - q.astype(np.float32) * np.float32(1 / STEPS_PER_NAT)
+    out_ids = np.full((n, k), -1, np.int32)
+    out_ids[mask] = ids
+    lps[~mask] = -np.inf
+    return out_ids, lps, counts
+
+
+def _rowwise_cumsum(q: np.ndarray) -> None:
+    """In-place cumulative sum along axis 1 of a C-contiguous [N, K] int array.
+
+    numpy's cumsum(axis=1) walks the array with a stride and is ~20x slower than a flat cumsum;
+    subtracting each row's running base from one flat cumsum gives the same result.
+    """
+    n, k = q.shape
+    flat = q.reshape(-1)
+    np.cumsum(flat, out=flat)
+    base = np.zeros(n, flat.dtype)
+    base[1:] = flat[k - 1 : -1 : k]
+    q -= base[:, None]
+
+
+# ---- the actual token's logprob and rank ---------------------------------------------------
+
+def encode_target(logprobs: np.ndarray, ranks: np.ndarray) -> dict[str, bytes]:
+    q = np.round(-np.nan_to_num(np.asarray(logprobs, np.float64), neginf=-1e9) * TARGET_STEPS_PER_NAT)
+    q = np.clip(q, 0, 0xFFFF).astype("<u2")
+    return {"target_logprob": q.tobytes(), "target_rank": np.asarray(ranks).astype("<u4").tobytes()}
+
+
+def decode_target(streams: dict[str, bytes]):
+    q = np.frombuffer(streams["target_logprob"], "<u2")
+    ranks = np.frombuffer(streams["target_rank"], "<u4").astype(np.int32)
+    if len(q) != len(ranks):
+        raise FormatError(f"target_logprob has {len(q)} values, target_rank {len(ranks)}")
+    return -q.astype(np.float32) / TARGET_STEPS_PER_NAT, ranks

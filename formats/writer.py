@@ -1,0 +1,281 @@
+"""CacheWriter: rolling Parquet shards, atomic publish, resume after a crash, rejects accounting.
+
+    with CacheWriter(out_dir, codec=CodecConfig(k=64), provenance={...}) as w:
+        for record in records:
+            if record_id in w.done_ids:      # written or rejected by an interrupted earlier run
+                continue
+            w.write(example)  # or w.reject(record_id, "reason")
+
+Commit protocol of a shard: the Parquet file is written to a hidden temporary name and fsynced; a
+sidecar `_progress/<shard>.json` (rows, ids, checksum, the rejects that came with those rows) is
+written the same way; then both are renamed into place, the Parquet file first. On restart, a
+shard counts only when both exist and the file's size and sha256 match; anything else is removed
+and redone. `manifest.json` is written last, on exit without an exception: its presence means
+the cache is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from formats import codec as C
+from formats.card import write_card
+from formats.errors import FormatError, InputError
+from formats.example import Example
+from formats.manifest import fsync_dir, new_manifest, write_json_atomic
+from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, shard_metadata
+from formats.shard import encode_rows
+
+PROGRESS = "_progress"
+JOB = "job.json"
+# Provenance that must match for a resumed job to continue an earlier one.
+RESUME_KEYS = ("codec", "teacher", "tokenizer", "dataset", "mode")
+
+
+class CacheWriter:
+    """Writes one cache folder. Not thread-safe; one writer per folder (workers use their own)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        codec: C.CodecConfig = C.CodecConfig(),
+        provenance: dict | None = None,
+        vocab_size: int | None = None,
+        shard_max_bytes: int = 256 << 20,
+        row_group_positions: int = 65536,
+        compression_level: int = 9,
+        resume: bool = True,
+        shard_prefix: str = "part",
+    ):
+        self.root = Path(path)
+        self.codec = codec
+        self.provenance = dict(provenance or {})
+        self.vocab_size = vocab_size or self.provenance.get("tokenizer", {}).get("vocab_size")
+        self.shard_max_bytes = shard_max_bytes
+        self.row_group_positions = row_group_positions
+        self.compression_level = compression_level
+        self.shard_prefix = shard_prefix
+        self.manifest = new_manifest(codec.to_dict(), self.provenance)
+        self.done_ids: set[str] = set()
+        self.complete = False
+        self._shards: list[dict] = []   # committed shards (sidecar contents)
+        self._buffer: list[Example] = []
+        self._buffer_positions = 0
+        self._rejects: list[dict] = []  # not yet committed
+        self._open = None               # (ParquetWriter, tmp path, final name, ids, positions, hot codes)
+        self._prepare(resume)
+
+    # ---- setup and resume ---------------------------------------------------------------------
+    def _prepare(self, resume: bool) -> None:
+        if (self.root / MANIFEST_NAME).exists():
+            if not resume:
+                raise InputError(f"{self.root} already holds a complete cache; choose another folder or delete it")
+            with open(self.root / MANIFEST_NAME) as f:
+                self.manifest = json.load(f)
+            self.complete = True
+            self.done_ids = {r["id"] for r in _read_jsonl(self.root / REJECTS_NAME)}
+            self.done_ids |= self._ids_in_complete_cache()
+            return
+        progress = self.root / PROGRESS
+        if progress.exists() and not resume:
+            raise InputError(f"{self.root} holds an unfinished cache; resume it, or delete the folder to start over")
+        progress.mkdir(parents=True, exist_ok=True)
+        job = {k: self.manifest.get(k) for k in RESUME_KEYS}
+        job_path = progress / JOB
+        if job_path.exists():
+            old = json.loads(job_path.read_text())
+            diff = [k for k in RESUME_KEYS if _canon(old.get(k)) != _canon(job.get(k))]
+            if diff:
+                raise InputError(
+                    f"{self.root} holds an unfinished cache made with different settings ({', '.join(diff)} differ); "
+                    "rerun with the original settings, or write to a new folder"
+                )
+        else:
+            write_json_atomic(job_path, job)
+        for tmp in list(self.root.glob(".*.tmp")) + list(progress.glob("*.tmp")) + list(progress.glob("*.tmp2")):
+            tmp.unlink()
+        sidecars = {p.name[: -len(".json")]: p for p in progress.glob(f"*{SHARD_SUFFIX}.json")}
+        for shard in sorted(self.root.glob(f"*{SHARD_SUFFIX}")):
+            side = sidecars.pop(shard.name, None)
+            info = json.loads(side.read_text()) if side else None
+            if info is None or info["bytes"] != shard.stat().st_size or info["sha256"] != _sha256(shard):
+                shard.unlink()  # an interrupted publish: redo its rows
+                if side:
+                    side.unlink()
+                continue
+            self._shards.append(info)
+            self.done_ids.update(info["ids"])
+            self.done_ids.update(r["id"] for r in info["rejects"])
+        for side in sidecars.values():  # sidecar without its shard
+            side.unlink()
+        pending = progress / "pending_rejects.jsonl"
+        if pending.exists():  # rejects of records after the last shard: keep them (their ids are done)
+            for r in _read_jsonl(pending):
+                if r["id"] not in self.done_ids:
+                    self._rejects.append(r)
+                    self.done_ids.add(r["id"])
+
+    def _ids_in_complete_cache(self) -> set[str]:
+        ids: set[str] = set()
+        for shard in self.manifest["shards"]:
+            ids.update(pq.read_table(self.root / shard["file"], columns=["id"]).column("id").to_pylist())
+        return ids
+
+    # ---- writing ----------------------------------------------------------------------------
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self._save_pending_rejects()  # keep what is accounted for; shards in flight are redone
+
+    def write(self, example: Example) -> None:
+        if self.complete:
+            raise InputError(f"{self.root} is already complete; nothing more can be written to it")
+        if example.id in self.done_ids:
+            raise InputError(f"duplicate id {example.id!r}: every example id must be unique within a cache")
+        if self.vocab_size is not None and example.num_targets:
+            top = int(example.topk_ids.max())
+            if top >= self.vocab_size:
+                raise ValueError(f"example {example.id!r}: token id {top} >= vocab size {self.vocab_size}")
+        self.done_ids.add(example.id)
+        self._buffer.append(example)
+        self._buffer_positions += max(1, example.num_targets)
+        if self._buffer_positions >= self.row_group_positions:
+            self._flush_row_group()
+
+    def reject(self, record_id: str, reason: str, source: str = "") -> None:
+        """Account for an input record that is not written (with a specific reason)."""
+        if self.complete:
+            raise InputError(f"{self.root} is already complete")
+        record_id = str(record_id)
+        if record_id in self.done_ids:
+            return
+        self.done_ids.add(record_id)
+        self._rejects.append({"id": record_id, "reason": reason, "source": source})
+
+    def _flush_row_group(self) -> None:
+        if not self._buffer:
+            return
+        if self._open is None:
+            self._open_shard()
+        writer, tmp, name, ids, positions, codes, meta = self._open
+        table = encode_rows(self._buffer, self.codec, codes, meta["id_bytes"], meta)
+        writer.write_table(table, row_group_size=len(self._buffer))
+        ids.extend(ex.id for ex in self._buffer)
+        self._open = (writer, tmp, name, ids, positions + sum(ex.num_targets for ex in self._buffer), codes, meta)
+        self._buffer, self._buffer_positions = [], 0
+        if tmp.stat().st_size >= self.shard_max_bytes:
+            self._close_shard()
+
+    def _open_shard(self) -> None:
+        name = f"{self.shard_prefix}-{len(self._shards):05d}{SHARD_SUFFIX}"
+        tmp = self.root / f".{name}.tmp"
+        # The hot-id table comes from the shard's first row group: ids are Zipf-like and stable.
+        hot = C.build_hot_table(np.concatenate([ex.topk_ids[:, : self.codec.k].ravel() for ex in self._buffer]), self.codec.hot)
+        max_id = self.vocab_size - 1 if self.vocab_size else max(int(ex.topk_ids.max(initial=0)) for ex in self._buffer)
+        id_bytes = C.code_bytes(max_id + len(hot))
+        meta = shard_metadata(self.codec.to_dict(), id_bytes, hot)
+        from formats.schema import arrow_schema
+
+        writer = pq.ParquetWriter(tmp, arrow_schema(id_bytes, meta), compression="zstd",
+                                  compression_level=self.compression_level, use_dictionary=["id", "source", "finish_reason"],
+                                  write_statistics=["id", "num_targets"])
+        self._open = (writer, tmp, name, [], 0, C.IdCodes(hot), meta)
+
+    def _close_shard(self) -> None:
+        writer, tmp, name, ids, positions, _, _ = self._open
+        writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        info = {"file": name, "rows": len(ids), "positions": positions, "bytes": tmp.stat().st_size,
+                "sha256": _sha256(tmp), "ids": ids, "rejects": self._rejects}
+        write_json_atomic(self.root / PROGRESS / f"{name}.json.tmp2", info)  # fsynced, hidden name
+        os.replace(tmp, self.root / name)
+        os.replace(self.root / PROGRESS / f"{name}.json.tmp2", self.root / PROGRESS / f"{name}.json")
+        fsync_dir(self.root)
+        self._shards.append(info)
+        self._rejects = []
+        (self.root / PROGRESS / "pending_rejects.jsonl").unlink(missing_ok=True)
+        self._open = None
+
+    def _save_pending_rejects(self) -> None:
+        if self._rejects:
+            path = self.root / PROGRESS / "pending_rejects.jsonl"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self._rejects))
+            os.replace(tmp, path)
+
+    def finish(self) -> dict:
+        """Flush, publish the last shard, write rejects, the dataset card and (last) the manifest."""
+        if self.complete:
+            return self.manifest
+        self._flush_row_group()
+        if self._open is not None:
+            self._close_shard()
+        rejects = [r for s in self._shards for r in s["rejects"]] + self._rejects
+        _write_jsonl_atomic(self.root / REJECTS_NAME, rejects)
+        by_reason: dict[str, int] = {}
+        for r in rejects:
+            key = r["reason"].split(":")[0]
+            by_reason[key] = by_reason.get(key, 0) + 1
+        m = self.manifest
+        m["shards"] = [{k: s[k] for k in ("file", "rows", "positions", "bytes", "sha256")} for s in self._shards]
+        m["counts"] = {
+            "examples": sum(s["rows"] for s in self._shards),
+            "positions": sum(s["positions"] for s in self._shards),
+            "rejects": len(rejects),
+            "rejects_by_reason": by_reason,
+            "bytes": sum(s["bytes"] for s in self._shards),
+        }
+        m["counts"]["bytes_per_position"] = m["counts"]["bytes"] / max(1, m["counts"]["positions"])
+        m["rejects_file"] = {"file": REJECTS_NAME, "count": len(rejects), "sha256": _sha256(self.root / REJECTS_NAME)}
+        write_card(self.root, m)
+        write_json_atomic(self.root / MANIFEST_NAME, m)
+        _rmtree(self.root / PROGRESS)
+        self.complete = True
+        return m
+
+
+def _canon(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rmtree(path: Path) -> None:
+    if not path.exists():
+        return
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()

@@ -1,0 +1,50 @@
+"""The `kdcache` command: one entry point, subcommands registered by each package.
+
+Each package owns a `cli.py` with `register(subparsers)`; handlers import their heavy
+dependencies (vLLM, transformers, torch) lazily so `kdcache --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order is the order of `kdcache --help`: the data flow, then tools.
+_PACKAGES = ("cache_teacher.cli", "formats.cli", "train_student.cli", "bench.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdcache",
+        description="Cache a teacher's top-k logprobs once (vLLM -> Parquet shards), "
+        "then train students from the cache with a sparse-KL loss.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _PACKAGES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a package still being written must not break the rest
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from formats.errors import KDCacheError
+
+    try:
+        return int(args.func(args) or 0)
+    except KDCacheError as exc:
+        print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
