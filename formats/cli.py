@@ -1,0 +1,78 @@
+"""`kdcache inspect | verify | merge`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="summarize a cache, or show one example with the teacher's top tokens",
+                       description="Print a cache's summary table (teacher, tokenizer, dataset, counts, size); with "
+                       "--example, one example's text and, at each trained position, the teacher's top tokens.")
+    p.add_argument("cache", help="cache folder or fsspec URL (s3://, gs://, hf://, memory://)")
+    p.add_argument("--example", metavar="ID", help="show this example (its `id` column)")
+    p.add_argument("--tokenizer", help="tokenizer to decode tokens with (default: the one the manifest names, "
+                   "when it can be loaded offline; else ids are shown)")
+    p.add_argument("--top", type=int, default=5, help="teacher entries shown per position (default 5)")
+    p.add_argument("--positions", type=int, default=40, help="positions shown (default 40)")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("verify", help="check checksums, schema and values of a cache",
+                       description="Check every shard's size and sha256 against the manifest, its schema, and the "
+                       "values of every row (ids < vocab size, logprobs <= 0 in rank order, top-k mass <= 1, "
+                       "positions inside the sequence). Exits 1 naming the first bad shard and row.")
+    p.add_argument("cache", help="cache folder or fsspec URL")
+    p.add_argument("--checksums-only", action="store_true", help="skip the per-row value checks")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("merge", help="combine caches written by several workers",
+                       description="Copy the shards of several compatible caches (same teacher, tokenizer, chat "
+                       "template, codec and mode; disjoint example ids) into a new cache folder with one manifest. "
+                       "Refuses caches that do not belong together. The inputs are left untouched.")
+    p.add_argument("out", help="new, empty output folder")
+    p.add_argument("caches", nargs="+", help="worker caches (folders or URLs)")
+    p.set_defaults(func=_merge)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from formats.tools import show_example, summarize
+
+    print(summarize(args.cache))
+    if args.example:
+        print()
+        print(show_example(args.cache, args.example, _tokenizer(args), top=args.top, max_positions=args.positions))
+    return 0
+
+
+def _tokenizer(args):
+    from formats.manifest import load_manifest
+
+    name = args.tokenizer or (load_manifest(args.cache).get("tokenizer") or {}).get("name_or_path")
+    if not name:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # no transformers, no hub access: show ids instead
+        print(f"(tokenizer {name!r} not loadable: {type(exc).__name__}; showing token ids; pass --tokenizer PATH)",
+              file=sys.stderr)
+        return None
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from formats.tools import verify_cache
+
+    result = verify_cache(args.cache, check_values=not args.checksums_only,
+                          progress=lambda name: print(f"ok  {name}", file=sys.stderr))
+    print(f"{args.cache}: OK ({result['shards']} shards, {result['examples']} examples, {result['positions']} positions)")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from formats.tools import merge_caches
+
+    m = merge_caches(args.out, args.caches)
+    print(f"merged {len(args.caches)} caches into {args.out}: {m['counts']['examples']} examples, "
+          f"{m['counts']['positions']} positions, {len(m['shards'])} shards")
+    return 0
