@@ -6,15 +6,16 @@ shape"). So, per position, the kernel needs only:
 
   forward   an online log-sum-exp over vocab tiles of s = h W^T (tl.dot of hidden tiles with
             weight tiles), at temperature tau and, when needed, at 1 (CE), plus a running
-            max/argmax (a metric); the J gathered logits come from a small gather-dot in torch;
+            max/argmax (a metric); the J gathered logits come from a small gather-dot kernel;
             `terms_fn` (plain torch on [T, J] tensors) turns them into the loss and a, c.
   backward  recompute each [BLOCK_T, BLOCK_V] logit tile, form g = a_tau q_tau + a_1 q_1 in
             registers, and accumulate dH += g W_tile and dW_tile += g^T H (Cut Cross-Entropy's
-            recompute design, 8 T V D FLOPs in all); the sparse part sum_j c_j [v = i_j] is added by
-            a gather / index_add in torch, chunked over tokens (O(T J D) work, no [T, V]).
+            recompute design, 8 T V D FLOPs in all); a second small kernel adds the sparse part
+            sum_j c_j [v = i_j] (O(T J D) work).
 
-Order of this file: tuning constants, the two @triton.jit kernels, their launchers, the torch
-helpers for the sparse part, the autograd.Function and the functional entry point.
+Order of this file: tuning constants, the @triton.jit kernels (dense forward, dense backward,
+sparse forward, sparse backward), their launchers, the autograd.Function and the functional
+entry point.
 Imports torch and triton only; the loss itself (F) is passed in by `train_student.loss`.
 """
 
@@ -36,8 +37,9 @@ _GPU_BACKWARD = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_D=64, GROUP_T=8, num_warps=
 # in every dimension, partial last tiles included.
 _INTERPRETER_FORWARD = dict(BLOCK_T=8, BLOCK_V=32, BLOCK_D=16)
 _INTERPRETER_BACKWARD = dict(BLOCK_T=8, BLOCK_V=32, BLOCK_D=16, GROUP_T=2)
-# Largest number of elements of the [rows, J, D] gather in the torch sparse helpers (fp32: 256 MiB).
-_SPARSE_CHUNK_ELEMENTS = 1 << 26
+# The sparse kernels (one program per token; J = K + 1 gathered ids): tiles of ids x hidden.
+_GPU_SPARSE = dict(BLOCK_J=32, BLOCK_D=128, num_warps=4)
+_INTERPRETER_SPARSE = dict(BLOCK_J=4, BLOCK_D=16)
 # Tests set this: outputs the kernels write (not accumulate into) start as NaN / -1, so an element
 # a kernel forgets to write shows up instead of passing as a plausible zero.
 POISON_BUFFERS = False
@@ -68,6 +70,7 @@ def _lse_forward_kernel(
     pid_s = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
+    rows_t = offs_t.to(tl.int64)  # pointer offsets: V * D passes 2^31 for large heads
     offs_d = tl.arange(0, BLOCK_D)
 
     # One running max serves both temperatures: max(s / tau) = max(s) / tau for tau > 0.
@@ -81,13 +84,14 @@ def _lse_forward_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
+        rows_v = offs_v.to(tl.int64)
         s = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             mask_d = dd < D
-            h = tl.load(H + offs_t[:, None] * stride_h + dd[None, :],
+            h = tl.load(H + rows_t[:, None] * stride_h + dd[None, :],
                         mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(W + offs_v[:, None] * stride_w + dd[None, :],
+            w = tl.load(W + rows_v[:, None] * stride_w + dd[None, :],
                         mask=mask_v[:, None] & mask_d[None, :], other=0.0)
             if UPCAST:  # the interpreter cannot do bf16 arithmetic; fp32 inputs are unchanged
                 h = h.to(tl.float32)
@@ -152,6 +156,8 @@ def _dense_backward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_t = offs_t < T
     mask_v = offs_v < V
+    rows_t = offs_t.to(tl.int64)  # pointer offsets: V * D passes 2^31 for large heads
+    rows_v = offs_v.to(tl.int64)
 
     coef_tau = tl.load(COEF_TAU + offs_t, mask=mask_t, other=0.0)
     if HAS_COEF_1:
@@ -165,9 +171,9 @@ def _dense_backward_kernel(
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             mask_d = dd < D
-            h = tl.load(H + offs_t[:, None] * stride_h + dd[None, :],
+            h = tl.load(H + rows_t[:, None] * stride_h + dd[None, :],
                         mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(W + offs_v[:, None] * stride_w + dd[None, :],
+            w = tl.load(W + rows_v[:, None] * stride_w + dd[None, :],
                         mask=mask_v[:, None] & mask_d[None, :], other=0.0)
             if UPCAST:
                 h = h.to(tl.float32)
@@ -193,21 +199,92 @@ def _dense_backward_kernel(
             dd = d0 + offs_d
             mask_d = dd < D
             if COMPUTE_DH:
-                w = tl.load(W + offs_v[:, None] * stride_w + dd[None, :],
+                w = tl.load(W + rows_v[:, None] * stride_w + dd[None, :],
                             mask=mask_v[:, None] & mask_d[None, :], other=0.0)
                 if UPCAST:
                     w = w.to(tl.float32)
                 dh = tl.dot(g, w, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_D]
-                tl.atomic_add(DH + offs_t[:, None] * D + dd[None, :], dh,
+                tl.atomic_add(DH + rows_t[:, None] * D + dd[None, :], dh,
                               mask=mask_t[:, None] & mask_d[None, :], sem="relaxed")
             if COMPUTE_DW:
-                h = tl.load(H + offs_t[:, None] * stride_h + dd[None, :],
+                h = tl.load(H + rows_t[:, None] * stride_h + dd[None, :],
                             mask=mask_t[:, None] & mask_d[None, :], other=0.0)
                 if UPCAST:
                     h = h.to(tl.float32)
                 dw = tl.dot(tl.trans(g), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D]
-                tl.atomic_add(DW + offs_v[:, None] * D + dd[None, :], dw,
+                tl.atomic_add(DW + rows_v[:, None] * D + dd[None, :], dw,
                               mask=mask_v[:, None] & mask_d[None, :], sem="relaxed")
+
+
+@triton.jit
+def _sparse_forward_kernel(
+    H,  # [T, D] hidden
+    W,  # [V, D] LM head
+    IDS,  # [T, J] int64 ids in [0, V)
+    OUT,  # [T, J] fp32 out: OUT[t, j] = H[t] . W[IDS[t, j]]
+    J, D,
+    stride_h, stride_w,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_j = offs_j < J
+    ids = tl.load(IDS + t * J + offs_j, mask=mask_j, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_J], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        mask_d = dd < D
+        # J rows of W per token: too few for tl.dot; fp32 multiply-add (bf16 math is not portable).
+        h = tl.load(H + t.to(tl.int64) * stride_h + dd, mask=mask_d, other=0.0).to(tl.float32)
+        w = tl.load(W + ids[:, None] * stride_w + dd[None, :],
+                    mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * h[None, :], axis=1)
+    tl.store(OUT + t * J + offs_j, acc, mask=mask_j)
+
+
+@triton.jit
+def _sparse_backward_kernel(
+    H,  # [T, D] hidden
+    W,  # [V, D] LM head
+    IDS,  # [T, J] int64 ids in [0, V)
+    COEF,  # [T, J] fp32 c: dL/ds at IDS
+    DH,  # [T, D] fp32 in/out (row stride D): DH[t] += sum_j c[t, j] W[IDS[t, j]]
+    DW,  # [V, D] fp32 in/out (row stride D): DW[IDS[t, j]] += c[t, j] H[t]
+    J, D,
+    stride_h, stride_w,
+    COMPUTE_DH: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per token: it owns DH[t] (plain read-add-write), while rows of DW are shared by
+    # every token that lists the id, hence atomics there (as in torch's index_add_ on CUDA).
+    t = tl.program_id(0)
+    row = t.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        mask_d = dd < D
+        h = tl.load(H + row * stride_h + dd, mask=mask_d, other=0.0).to(tl.float32)
+        dh = tl.zeros([BLOCK_D], tl.float32)
+        for j0 in range(0, J, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            mask_j = offs_j < J
+            ids = tl.load(IDS + t * J + offs_j, mask=mask_j, other=0).to(tl.int64)
+            c = tl.load(COEF + t * J + offs_j, mask=mask_j, other=0.0)
+            if COMPUTE_DH:
+                w = tl.load(W + ids[:, None] * stride_w + dd[None, :],
+                            mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+                dh += tl.sum(c[:, None] * w, axis=0)
+            if COMPUTE_DW:
+                # c = 0 (padding, untrained positions) issues no atomic at all.
+                tl.atomic_add(DW + ids[:, None] * D + dd[None, :], c[:, None] * h[None, :],
+                              mask=(mask_j & (c != 0.0))[:, None] & mask_d[None, :], sem="relaxed")
+        if COMPUTE_DH:
+            ptr = DH + row * D + dd
+            tl.store(ptr, tl.load(ptr, mask=mask_d, other=0.0) + dh, mask=mask_d)
 
 
 def _interpreting() -> bool:
@@ -313,34 +390,34 @@ def dense_backward(
     return dh, dw
 
 
-def _row_chunks(n: int, j: int, d: int):
-    rows = max(1, _SPARSE_CHUNK_ELEMENTS // max(1, j * d))
-    for start in range(0, n, rows):
-        yield slice(start, min(start + rows, n))
-
-
 def gather_logits(hidden: Tensor, weight: Tensor, ids: Tensor) -> Tensor:
-    """s[t, j] = hidden[t] . weight[ids[t, j]] in fp32: [T, D], [V, D], [T, J] -> [T, J]."""
+    """s[t, j] = hidden[t] . weight[ids[t, j]] in fp32: [T, D], [V, D], [T, J] int64 -> [T, J]."""
     n, j = ids.shape
-    out = torch.empty((n, j), dtype=torch.float32, device=hidden.device)
-    for rows in _row_chunks(n, j, hidden.shape[1]):
-        w = weight[ids[rows]].float()  # [rows, J, D]
-        out[rows] = torch.bmm(w, hidden[rows].float().unsqueeze(-1)).squeeze(-1)
+    out = _output((n, j), torch.float32, hidden.device)
+    if n == 0:
+        return out
+    cfg = dict(_INTERPRETER_SPARSE if _interpreting() else _GPU_SPARSE)
+    _sparse_forward_kernel[(n, triton.cdiv(j, cfg["BLOCK_J"]))](
+        hidden, weight, ids.contiguous(), out, j, hidden.shape[1], hidden.stride(0), weight.stride(0), **cfg,
+    )
     return out
 
 
 def sparse_backward(
     hidden: Tensor, weight: Tensor, ids: Tensor, coef: Tensor, dh: Tensor | None, dw: Tensor | None
 ) -> None:
-    """Add the sparse part: dH[t] += sum_j c[t, j] W[ids[t, j]], dW[ids[t, j]] += c[t, j] H[t] (fp32, in place)."""
+    """In place: dH[t] += sum_j c[t, j] W[ids[t, j]] and dW[ids[t, j]] += c[t, j] H[t] (fp32 buffers)."""
     n, j = ids.shape
-    for rows in _row_chunks(n, j, hidden.shape[1]):
-        c = coef[rows].float()
-        if dh is not None:
-            dh[rows] += torch.bmm(c.unsqueeze(1), weight[ids[rows]].float()).squeeze(1)
-        if dw is not None:
-            contrib = c.unsqueeze(-1) * hidden[rows].float().unsqueeze(1)  # [rows, J, D]
-            dw.index_add_(0, ids[rows].reshape(-1), contrib.reshape(-1, contrib.shape[-1]))
+    if n == 0 or (dh is None and dw is None):
+        return
+    cfg = dict(_INTERPRETER_SPARSE if _interpreting() else _GPU_SPARSE)
+    dummy = coef
+    _sparse_backward_kernel[(n,)](
+        hidden, weight, ids.contiguous(), coef.contiguous(),
+        dh if dh is not None else dummy, dw if dw is not None else dummy,
+        j, hidden.shape[1], hidden.stride(0), weight.stride(0),
+        COMPUTE_DH=dh is not None, COMPUTE_DW=dw is not None, **cfg,
+    )
 
 
 # (lse_tau, lse_1 | None, s_sparse, argmax) -> (loss, coef_tau, coef_1 | None, coef_sparse); see
