@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Benchmarks parse their own options: everything after `kdcache bench NAME` goes to them.
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "bench":
+        args.args = list(getattr(args, "args", [])) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -104,18 +104,19 @@ class IdCodes:
         return codes
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
+        """codes -> int32 ids."""
         if not self.h:
-            return codes.astype(np.int64)
-        if codes.size and int(codes.max()) < (1 << 16):  # 2-byte codes: one gather from a 64k table
+            return codes.astype(np.int32)
+        if codes.dtype == np.uint16:  # 2-byte codes: one gather from a 64k-entry table
             if self._lut is None:
-                self._lut = np.arange(-self.h, (1 << 16) - self.h, dtype=np.int64)
+                self._lut = np.arange(-self.h, (1 << 16) - self.h, dtype=np.int32)
                 self._lut[: self.h] = self.table
             return self._lut[codes]
         codes = codes.astype(np.int64)
         hot = codes < self.h
         out = codes - self.h
         out[hot] = self.table[codes[hot]]
-        return out
+        return out.astype(np.int32)
 
 
 # ---- entries -------------------------------------------------------------------------------
@@ -213,38 +214,57 @@ def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None =
     if counts.min() < 1 or counts.max() > k:
         raise FormatError(f"topk_count must be in 1..{k}, found {int(counts.min())}..{int(counts.max())}")
     total = int(counts.sum())
-    code = np.frombuffer(streams["topk_code_b0"], np.uint8).astype(np.int64)
-    if len(code) != total:
-        raise FormatError(f"{total} entries expected from topk_count, found {len(code)} in topk_code_b0")
-    b = 1
-    while streams.get(f"topk_code_b{b}") is not None:
-        plane = np.frombuffer(streams[f"topk_code_b{b}"], np.uint8)
+    planes = []
+    while streams.get(f"topk_code_b{len(planes)}") is not None:
+        plane = np.frombuffer(streams[f"topk_code_b{len(planes)}"], np.uint8)
         if len(plane) != total:
-            raise FormatError(f"topk_code_b{b} has {len(plane)} bytes, expected {total}")
-        code |= plane.astype(np.int64) << (8 * b)
-        b += 1
-    delta = _unescape(np.frombuffer(streams["topk_step"], np.uint8),
-                      np.frombuffer(streams["topk_step_escape"], "<u2"), "topk_step")
+            raise FormatError(f"topk_code_b{len(planes)} has {len(plane)} bytes, expected {total} (from topk_count)")
+        planes.append(plane)
+    if not planes:
+        raise FormatError("topk_code_b0 is missing")
+    # Narrow integer types throughout: decoding is memory-bound.
+    if len(planes) == 2:
+        code = planes[0].astype(np.uint16)
+        code |= planes[1].astype(np.uint16) << np.uint16(8)
+    else:
+        code = np.zeros(total, np.int64)
+        for b, plane in enumerate(planes):
+            code |= plane.astype(np.int64) << (8 * b)
+    ids = codes.decode(code)
+    step8 = np.frombuffer(streams["topk_step"], np.uint8)
+    escapes = np.frombuffer(streams["topk_step_escape"], "<u2")
+    delta = _unescape(step8, escapes, "topk_step") if len(escapes) else step8
     if len(delta) != total - n:
         raise FormatError(f"topk_step has {len(delta)} deltas, expected {total - n}")
-    ids = codes.decode(code).astype(np.int32)
-    top1_hat = -top1.astype(np.float32) / TOP1_STEPS_PER_NAT
+    top1_hat = top1.astype(np.float32) * np.float32(-1 / TOP1_STEPS_PER_NAT)
+    if total == n * k and delta.dtype == np.uint8:  # every position full, no escapes: the fast path
+        d = np.empty((n, k), np.uint8)
+        d[:, 0] = 0
+        d[:, 1:] = delta.reshape(n, k - 1)
+        q = np.cumsum(d.reshape(-1), dtype=np.int32).reshape(n, k)
+        _subtract_row_base(q)
+        return ids.reshape(n, k), _logprobs(top1_hat, q), counts
     q = np.zeros((n, k), np.int32)
-    if total == n * k:  # every position full: plain reshapes (the common, fast path)
+    if total == n * k:
         q[:, 1:] = delta.reshape(n, k - 1)
         _rowwise_cumsum(q)
-        lps = top1_hat[:, None] - q.astype(np.float32) * np.float32(1 / STEPS_PER_NAT)
-        return ids.reshape(n, k), lps, counts
+        return ids.reshape(n, k), _logprobs(top1_hat, q), counts
     mask = np.arange(k)[None, :] < counts[:, None]
     inner = mask.copy()
     inner[:, 0] = False
     q[inner] = delta
     _rowwise_cumsum(q)
-    lps = top1_hat[:, None] - q.astype(np.float32) * np.float32(1 / STEPS_PER_NAT)
+    lps = _logprobs(top1_hat, q)
     out_ids = np.full((n, k), -1, np.int32)
     out_ids[mask] = ids
     lps[~mask] = -np.inf
     return out_ids, lps, counts
+
+
+def _logprobs(top1_hat: np.ndarray, q: np.ndarray) -> np.ndarray:
+    lps = np.multiply(q, np.float32(-1 / STEPS_PER_NAT), dtype=np.float32)
+    lps += top1_hat[:, None]
+    return lps
 
 
 def _rowwise_cumsum(q: np.ndarray) -> None:
@@ -253,9 +273,15 @@ def _rowwise_cumsum(q: np.ndarray) -> None:
     numpy's cumsum(axis=1) walks the array with a stride and is ~20x slower than a flat cumsum;
     subtracting each row's running base from one flat cumsum gives the same result.
     """
-    n, k = q.shape
     flat = q.reshape(-1)
     np.cumsum(flat, out=flat)
+    _subtract_row_base(q)
+
+
+def _subtract_row_base(q: np.ndarray) -> None:
+    """Turn a flat running sum over [N, K] into per-row running sums."""
+    n, k = q.shape
+    flat = q.reshape(-1)
     base = np.zeros(n, flat.dtype)
     base[1:] = flat[k - 1 : -1 : k]
     q -= base[:, None]

@@ -50,13 +50,15 @@ def shard_metadata(codec: dict, id_bytes: int, hot_table: np.ndarray) -> dict:
     }
 
 
-def read_shard_metadata(schema: pa.Schema, where: str) -> dict:
+def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = True) -> dict:
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise FormatError(f"{where}: not a kdcache shard (no '{METADATA_KEY.decode()}' key in the Parquet metadata)")
     meta = json.loads(raw)
     check_version(meta.get("format_version"), where)
     meta["hot_table"] = np.frombuffer(base64.b64decode(meta["hot_table"]), "<u4")
+    if not check_columns:
+        return meta
     missing = [f.name for f in PLAIN_FIELDS if f.name not in schema.names]
     missing += [n for n in TARGET_STREAMS + TOPK_STREAMS + code_streams(meta["id_bytes"]) if n not in schema.names]
     if missing:

@@ -66,7 +66,7 @@ def encode_rows(examples: list[Example], cfg: C.CodecConfig, codes: C.IdCodes, i
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _column_bytes(table: pa.Table, name: str) -> memoryview:
+def column_bytes(table: pa.Table, name: str) -> memoryview:
     """The concatenated values of a binary column (all rows, in order) without copying per row."""
     arr = table.column(name).combine_chunks()
     if arr.null_count:
@@ -83,10 +83,10 @@ def decode_table(table: pa.Table, meta: dict, where: str = "shard") -> list[Exam
     cfg = C.CodecConfig.from_dict(meta["codec"])
     codes = meta.get("_codes") or C.IdCodes(meta["hot_table"])
     meta["_codes"] = codes
-    streams = {n: _column_bytes(table, n) for n in TOPK_STREAMS + code_streams(meta["id_bytes"])}
+    streams = {n: column_bytes(table, n) for n in TOPK_STREAMS + code_streams(meta["id_bytes"])}
     try:
         ids, lps, _ = C.decode_topk(streams, cfg, codes)
-        tlp, trank = C.decode_target({n: _column_bytes(table, n) for n in TARGET_STREAMS})
+        tlp, trank = C.decode_target({n: column_bytes(table, n) for n in TARGET_STREAMS})
     except FormatError as exc:
         raise FormatError(f"{where}: {exc}") from None
     n_targets = table.column("num_targets").to_numpy()
