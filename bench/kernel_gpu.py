@@ -3,6 +3,7 @@
     bash bench/kernel_gpu.sh                 # one H200: correctness, then the table (< 5 minutes)
     bash bench/kernel_gpu.sh --quick         # only the target row
     python bench/kernel_gpu.py --dry-run     # CPU: tiniest shapes under TRITON_INTERPRET=1
+    python bench/kernel_gpu.py --compile-only  # no GPU: compile every kernel for sm_90a, ptxas report
 
 Needs torch and triton only (Liger-Kernel is used if importable, as a CE-only lower bound); the
 repository root is put on sys.path here, so kdcache need not be installed.
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, TRITON_INTERPRET=1, tiniest shapes: checks this script's logic")
+    p.add_argument("--compile-only", action="store_true",
+                   help="no GPU needed: compile every kernel variant for sm_90a and print ptxas's "
+                        "registers / spills / shared memory (Triton internals: may break across versions)")
     p.add_argument("--quick", action="store_true", help="correctness + the target row only")
     p.add_argument("--kind", default="forward_kl", choices=("forward_kl", "reverse_kl"))
     p.add_argument("--tail", default="bucket", choices=("renormalize", "bucket"))
@@ -193,8 +197,72 @@ def timing_table(opts, device, shapes, dtype, impls):
     return results
 
 
+def compile_check():
+    """Compile each kernel as launched on CUDA for sm_90a (Hopper) on any machine, and report."""
+    import re
+    import subprocess
+    import tempfile
+    import warnings
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from train_student.kernels import sparse_kl_triton as sk
+
+    warnings.filterwarnings("ignore")
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas-blackwell"
+    if not ptxas.exists():
+        ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+
+    def one(dt, fn, sig, consts, cfg):
+        cfg = dict(cfg)
+        options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+        consts = {**consts, **cfg}
+        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = Path(tmp) / "k.ptx"
+            ptx.write_text(kernel.asm["ptx"])
+            out = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                                 capture_output=True, text=True)
+        text = out.stdout + out.stderr
+        regs = re.search(r"Used (\d+) registers", text)
+        spill = re.search(r"(\d+) bytes spill stores", text)
+        flags = ", ".join(f"{k}={v}" for k, v in consts.items() if not k.startswith(("BLOCK", "GROUP")))
+        print(f"| {dt} | {fn.__name__} | {flags} | {'wgmma' if 'wgmma' in kernel.asm['ptx'] else '-'} | "
+              f"{regs.group(1) if regs else '?'} | {spill.group(1) if spill else '?'} | {kernel.metadata.shared} |")
+
+    print("| dtype | kernel | variant | MMA | registers | spill bytes | shared bytes |")
+    print("|---|---|---|---|---|---|---|")
+    # fp32 runs IEEE FMA dots by default (exact, slow, spills); TF32 when torch allows it.
+    for dt, precision in (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")):
+        io = dict(H="*" + dt, W="*" + dt)
+        up = dict(UPCAST=dt == "fp32", DOT_PRECISION=precision)
+        for need in (False, True):
+            one(dt, sk._lse_forward_kernel,
+                dict(io, LSE_TAU="*fp32", LSE_1="*fp32", MAX="*fp32", ARGMAX="*i32", T="i32", V="i32",
+                     D="i32", stride_h="i32", stride_w="i32", inv_tau="fp32", tiles_per_split="i32"),
+                dict(NEED_LSE1=need, **up), sk._GPU_FORWARD)
+        for has1, dh, dw in ((False, True, True), (True, True, True), (False, False, True), (False, True, False)):
+            one(dt, sk._dense_backward_kernel,
+                dict(io, LSE_TAU="*fp32", LSE_1="*fp32", COEF_TAU="*fp32", COEF_1="*fp32", DH="*fp32",
+                     DW="*fp32", T="i32", V="i32", D="i32", stride_h="i32", stride_w="i32", inv_tau="fp32"),
+                dict(HAS_COEF_1=has1, COMPUTE_DH=dh, COMPUTE_DW=dw, **up), sk._GPU_BACKWARD)
+        one(dt, sk._sparse_forward_kernel,
+            dict(io, IDS="*i64", OUT="*fp32", J="i32", D="i32", stride_h="i32", stride_w="i32"), {}, sk._GPU_SPARSE)
+        for dh, dw in ((True, True), (True, False), (False, True)):
+            one(dt, sk._sparse_backward_kernel,
+                dict(io, IDS="*i64", COEF="*fp32", DH="*fp32", DW="*fp32", J="i32", D="i32", stride_h="i32",
+                     stride_w="i32"),
+                dict(COMPUTE_DH=dh, COMPUTE_DW=dw), sk._GPU_SPARSE)
+
+
 def main(argv=None):
     opts = parse_args(argv)
+    if opts.compile_only:
+        compile_check()
+        return
     if opts.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch

@@ -1,7 +1,7 @@
 """Sparse top-k KD losses over a linear LM head in plain PyTorch: the CPU default and the reference.
 
 Two implementations of the same loss (see `train_student.loss.kd_loss` for the public entry and
-/shared/notes/KD_MATH.md for the equations):
+KD_MATH.md (shared/notes beside the checkout) for the equations):
 
 - `naive`: materializes the [T, V] logits and lets autograd do the rest. Simple, O(T*V) memory;
   the reference the other implementations are tested against.
