@@ -34,6 +34,7 @@ TARGET_STEPS_PER_NAT = 256
 ESCAPE = 255
 MAX_STEP = 0xFFFF  # a step this large means "at least 2047.97 nat below top-1": probability 0
 MAX_K = 65535
+MAX_TOP1_NAT = 31.99  # uint16 steps of 1/2048; a top-1 below -log(V) is impossible anyway
 
 
 @dataclass(frozen=True)
@@ -171,16 +172,22 @@ def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, cfg: CodecConfi
     keep = np.arange(k)[None, :] < counts[:, None]
     if n and int(ids[keep].max()) + codes.h >= (1 << (8 * id_bytes)):
         raise ValueError(f"token id {int(ids[keep].max())} does not fit {id_bytes}-byte codes; use id_bytes=4")
+    if n and not (lps[:, 0] >= -MAX_TOP1_NAT).all():
+        row = int(np.argmin(lps[:, 0]))
+        raise ValueError(f"position {row}: top-1 logprob {lps[row, 0]} < -{MAX_TOP1_NAT} nat cannot be a distribution's "
+                         "most likely token (was the input log-softmaxed?)")
     top1 = np.clip(np.round(-lps[:, 0] * TOP1_STEPS_PER_NAT), 0, 0xFFFF) if n else np.zeros(0)
     top1_hat = -top1 / TOP1_STEPS_PER_NAT
     with np.errstate(invalid="ignore", over="ignore"):
         q = np.round((top1_hat[:, None] - lps) * STEPS_PER_NAT)
     q = np.clip(np.nan_to_num(q, nan=MAX_STEP, posinf=MAX_STEP), 0, MAX_STEP).astype(np.int64)
-    delta = np.diff(q, axis=1)
     kept_delta = keep[:, 1:]
-    if (delta[kept_delta] < 0).any():
-        row = int(np.nonzero((delta < 0) & kept_delta)[0][0])
+    with np.errstate(invalid="ignore"):
+        rising = (np.diff(lps, axis=1) > 0) & kept_delta
+    if rising.any():
+        row = int(np.nonzero(rising)[0][0])
         raise ValueError(f"position {row}: logprobs are not in rank order (they must not increase)")
+    delta = np.diff(q, axis=1)
     step8, step_esc = _escape(delta[kept_delta], "<u2")
     code = codes.encode(ids[keep])
     planes = {f"topk_code_b{b}": ((code >> (8 * b)) & 0xFF).astype(np.uint8).tobytes() for b in range(id_bytes)}
@@ -233,7 +240,12 @@ def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None =
     ids = codes.decode(code)
     step8 = np.frombuffer(streams["topk_step"], np.uint8)
     escapes = np.frombuffer(streams["topk_step_escape"], "<u2")
-    delta = _unescape(step8, escapes, "topk_step") if len(escapes) else step8
+    if len(escapes):
+        delta = _unescape(step8, escapes, "topk_step")
+    elif (step8 == ESCAPE).any():
+        raise FormatError("topk_step: escape markers but no escape values")
+    else:
+        delta = step8
     if len(delta) != total - n:
         raise FormatError(f"topk_step has {len(delta)} deltas, expected {total - n}")
     top1_hat = top1.astype(np.float32) * np.float32(-1 / TOP1_STEPS_PER_NAT)

@@ -29,7 +29,7 @@ from formats.errors import FormatError, InputError
 from formats.example import Example
 from formats.manifest import fsync_dir, new_manifest, write_json_atomic
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, shard_metadata
-from formats.shard import encode_rows
+from formats.shard import check_example, encode_rows
 
 PROGRESS = "_progress"
 JOB = "job.json"
@@ -142,6 +142,7 @@ class CacheWriter:
             raise InputError(f"{self.root} is already complete; nothing more can be written to it")
         if example.id in self.done_ids:
             raise InputError(f"duplicate id {example.id!r}: every example id must be unique within a cache")
+        check_example(example)
         if self.vocab_size is not None and example.num_targets:
             top = int(example.topk_ids.max())
             if top >= self.vocab_size:

@@ -1,0 +1,29 @@
+"""Helper process for test_writer: writes a deterministic cache slowly so it can be killed mid-run."""
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, sys.argv[3])  # tests/formats, for conftest's factory
+from conftest import make_example  # noqa: E402
+
+from formats import CacheWriter, CodecConfig  # noqa: E402
+from conftest import PROVENANCE  # noqa: E402
+
+
+def main():
+    out, seed = sys.argv[1], int(sys.argv[2])
+    rng = np.random.default_rng(seed)
+    examples = [make_example(rng, i) for i in range(60)]
+    with CacheWriter(out, codec=CodecConfig(k=8), provenance=PROVENANCE, row_group_positions=64, shard_max_bytes=3000) as w:
+        for i, ex in enumerate(examples):
+            if ex.id in w.done_ids:
+                continue
+            if i % 7 == 3:
+                w.reject(f"bad-{i}", "no assistant turn")
+            w.write(ex)
+            time.sleep(0.02)
+
+
+if __name__ == "__main__":
+    main()
