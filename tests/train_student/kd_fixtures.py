@@ -1,0 +1,93 @@
+"""Helpers for the trainer tests: a 256-token word-level tokenizer, a random 2-layer Llama teacher
+(hidden 64), a random student of the same shape, and a small cache of the teacher's own top-k."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 256
+K = 8
+
+
+def make_tokenizer(vocab: int = VOCAB, extra: str = ""):
+    """A word-level fast tokenizer with tokens <unk>, <s>, </s>, w3..w{vocab-1} (+`extra` renamed)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}{extra if i == vocab - 1 else ''}" for i in range(3, vocab)]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def make_model(seed: int, layers: int = 2, vocab: int = VOCAB, scale: float = 0.0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if scale:
+        with torch.no_grad():  # larger embeddings: peaked (learnable) teacher distributions
+            model.model.embed_tokens.weight.normal_(0.0, scale)
+    return model
+
+
+def save_model(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_cache(teacher, tokenizer, out: Path, *, n: int = 48, seed: int = 0, k: int = K, min_len: int = 12,
+                max_len: int = 40, row_group_positions: int = 65536) -> Path:
+    """A cache of `n` random sequences scored by `teacher` (its own top-k at every position >= 1)."""
+    import torch
+
+    from cache_teacher.template import tokenizer_fingerprint
+    from formats import CacheWriter, CodecConfig, Example
+
+    rng = np.random.default_rng(seed)
+    provenance = {"tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": VOCAB,
+                                "name_or_path": "tiny-wordlevel"},
+                  "teacher": {"name_or_path": "tiny-teacher"}}
+    with CacheWriter(out, codec=CodecConfig(k=k, hot=64), provenance=provenance,
+                     row_group_positions=row_group_positions) as w:
+        for i in range(n):
+            L = int(rng.integers(min_len, max_len + 1))
+            ids = rng.integers(3, VOCAB, size=L).astype(np.int32)
+            with torch.no_grad():
+                logp = torch.log_softmax(teacher(torch.from_numpy(ids).long()[None]).logits[0].double(), -1)
+            # trained positions: the second half (an "assistant" turn), as chat caches do
+            tpos = np.arange(L // 2, L, dtype=np.int32)
+            rows = logp[tpos - 1]
+            top = torch.topk(rows, k, dim=-1)
+            target = rows.gather(1, torch.from_numpy(ids[tpos]).long()[:, None])[:, 0]
+            ranks = (rows > target[:, None]).sum(1) + 1
+            w.write(Example(id=f"ex{i:04d}", input_ids=ids, target_positions=tpos,
+                            topk_ids=top.indices.numpy().astype(np.int32),
+                            topk_logprobs=top.values.numpy().astype(np.float32),
+                            target_logprobs=target.numpy().astype(np.float32),
+                            target_ranks=ranks.numpy().astype(np.int32)))
+    return out
+
+
+def python_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,141 @@
+"""Data path: packing (packed == unpacked loss), target alignment, split, exact cursor, safety checks."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from kd_fixtures import K, VOCAB, make_model, make_tokenizer
+from formats import CacheReader
+from formats.errors import FormatError, InputError
+from train_student.data import (IGNORE_INDEX, ExampleStream, Packer, check_compatible, check_signal, collate,
+                                is_eval)
+from train_student.model import StudentLoss
+
+LOSS = dict(kd_weight=1.0, ce_weight=0.5, temperature=2.0, kind="forward_kl", tail="bucket", impl="chunked",
+            chunk_size=16)
+
+
+def _examples(cache, n):
+    return [ex for _, ex in zip(range(n), CacheReader(cache))]
+
+
+def test_alignment_of_teacher_rows_with_shifted_hidden(tiny):
+    a, b = _examples(tiny["cache"], 2)
+    batch = collate([a, b], K)
+    La = len(a.input_ids)
+    assert batch.input_ids.shape == (1, La + len(b.input_ids))
+    assert batch.position_ids[0, La].item() == 0 and batch.position_ids[0, La - 1].item() == La - 1
+    for off, ex in ((0, a), (La, b)):
+        for n, t in enumerate(ex.target_positions):
+            row = off + t - 1                                  # hidden row t-1 predicts token t
+            assert batch.labels[row].item() == ex.input_ids[t]
+            assert batch.topk_ids[row].tolist() == ex.topk_ids[n].tolist()
+    trained = set(int(off + t - 1) for off, ex in ((0, a), (La, b)) for t in ex.target_positions)
+    untrained = [i for i in range(batch.n_tokens) if i not in trained]
+    assert all(batch.labels[i].item() == IGNORE_INDEX for i in untrained)
+    assert (batch.topk_ids[untrained] == -1).all() and torch.isinf(batch.topk_logprobs[untrained]).all()
+
+
+def test_packed_equals_unpacked_loss_and_gradients(tiny):
+    """One packed sequence of 4 examples == the 4 examples one by one (token-weighted)."""
+    examples = _examples(tiny["cache"], 4)
+    torch.manual_seed(0)
+    model = StudentLoss(make_model(seed=3, scale=0.12).double())
+
+    def run(batch):
+        model.zero_grad()
+        b = batch
+        loss, m = model(b.input_ids, b.position_ids, b.topk_ids, b.topk_logprobs.double(), b.labels, loss_kwargs=LOSS)
+        (loss * b.n_targets).backward()
+        return (loss * b.n_targets).item(), [p.grad.clone() for p in model.parameters()]
+
+    packed_loss, packed_grads = run(collate(examples, K))
+    parts = [run(collate([ex], K)) for ex in examples]
+    assert packed_loss == pytest.approx(sum(p[0] for p in parts), rel=1e-10)
+    for i, g in enumerate(packed_grads):
+        torch.testing.assert_close(g, sum(p[1][i] for p in parts), rtol=1e-8, atol=1e-10)
+    # and packing really matters: without restarting positions the loss changes
+    b = collate(examples, K)
+    flat = torch.arange(b.n_tokens)[None]
+    with torch.no_grad():
+        wrong, _ = model(b.input_ids, flat, b.topk_ids, b.topk_logprobs.double(), b.labels, loss_kwargs=LOSS)
+    assert abs(wrong.item() * b.n_targets - packed_loss) > 1e-6
+
+
+def test_packer_budget_and_exact_cursor(tiny):
+    def packer():
+        return Packer(ExampleStream([CacheReader(tiny["cache"], shuffle=True, seed=3)]), max_tokens=100, k=K)
+
+    p = packer()
+    batches = list(p)
+    assert all(b.n_tokens <= 100 for b in batches)
+    assert sum(b.n_examples for b in batches) == 48
+    # stop after 3 batches, save the cursor, resume in a fresh packer: the same remaining batches
+    p = packer()
+    for _ in range(3):
+        next(p)
+    state = json.loads(json.dumps(p.state_dict()))  # survives serialization
+    q = packer()
+    q.load_state_dict(state)
+    rest = list(q)
+    assert len(rest) == len(batches) - 3
+    for x, y in zip(rest, batches[3:]):
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.topk_ids, y.topk_ids)
+
+
+def test_long_example_is_truncated_to_budget(tiny):
+    ex = _examples(tiny["cache"], 1)[0]
+    b = collate([ex], K, max_tokens=10)
+    assert b.n_tokens == 10 and b.truncated == 1
+    assert (b.labels != IGNORE_INDEX).sum().item() == int((ex.target_positions < 10).sum())
+
+
+def test_eval_split_is_stable_and_disjoint(tiny):
+    ids = [f"ex{i}" for i in range(2000)]
+    share = np.mean([is_eval(i, 0.1) for i in ids])
+    assert 0.07 < share < 0.13
+    assert [is_eval(i, 0.1) for i in ids] == [is_eval(i, 0.1) for i in ids]
+    train = {e.id for e in ExampleStream([CacheReader(tiny["cache"])], split="train", eval_fraction=0.25)}
+    held = {e.id for e in ExampleStream([CacheReader(tiny["cache"])], split="eval", eval_fraction=0.25)}
+    assert train.isdisjoint(held) and len(train | held) == 48 and held
+
+
+def test_tokenizer_mismatch_is_refused(tiny):
+    from cache_teacher.template import tokenizer_fingerprint
+
+    manifest = CacheReader(tiny["cache"]).manifest
+    same = make_tokenizer()
+    check_compatible(manifest, "c", fingerprint=tokenizer_fingerprint(same), tokenizer_vocab=VOCAB, model_vocab=VOCAB)
+    other = make_tokenizer(extra="x")  # same size, one token differs
+    with pytest.raises(InputError, match="fingerprints differ"):
+        check_compatible(manifest, "c", fingerprint=tokenizer_fingerprint(other), tokenizer_vocab=VOCAB,
+                         model_vocab=VOCAB)
+    bigger = make_tokenizer(vocab=300)
+    with pytest.raises(InputError, match="256 tokens .* has 300"):
+        check_compatible(manifest, "c", fingerprint=tokenizer_fingerprint(bigger), tokenizer_vocab=300,
+                         model_vocab=300)
+    with pytest.raises(InputError, match="LM head"):
+        check_compatible(manifest, "c", fingerprint=None, tokenizer_vocab=None, model_vocab=100)
+
+
+def test_unknown_format_version_is_refused(tiny, tmp_path):
+    import shutil
+
+    bad = tmp_path / "cache"
+    shutil.copytree(tiny["cache"], bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["format_version"] = 999
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError):
+        CacheReader(bad)
+
+
+def test_thin_signal_warns(tiny, caplog):
+    with caplog.at_level(logging.WARNING, logger="train_student"):
+        info = check_signal(CacheReader(tiny["cache"]), "c")
+    assert info["k"] == K and "k=8" in caplog.text
+    assert 0.0 <= info["mean_tail_mass"] < 0.3

@@ -1,0 +1,35 @@
+"""`python -m train_student [train|plot] ...`: the same commands as `kdcache train`, for torchrun.
+
+    torchrun --nproc-per-node 2 -m train_student train --student S --cache C --out runs/ddp
+A bare flag list (no subcommand) means `train`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "plot", "-h", "--help"):
+        argv = ["train", *argv]
+    parser = argparse.ArgumentParser(prog="python -m train_student")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from train_student.cli import register
+
+    register(sub)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from formats.errors import KDCacheError
+
+    try:
+        return int(args.func(args) or 0)
+    except KDCacheError as exc:
+        print(f"train_student {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Cache -> packed training batches: split, stream, pack, align the teacher rows with the student.
+
+    stream = ExampleStream([CacheReader(path, rank=r, world_size=w, shuffle=True)], split="train",
+                           eval_fraction=0.01)
+    for batch in pack(stream, max_tokens=4096):   # PackedBatch
+        hidden = student(batch.input_ids, batch.position_ids)[0]     # [S, D]
+        loss, metrics = kd_loss(hidden, W, batch.topk_ids, batch.topk_logprobs, batch.labels, ...)
+
+Packing: examples are concatenated into one sequence of at most `max_tokens` tokens, with
+position ids restarting at 0 for each example. transformers (>= 4.53) reads restarting position
+ids with `attention_mask=None` as packed sequences and masks attention across them (block-diagonal
+causal mask for sdpa/eager, varlen for flash-attention), so no example sees another.
+
+Alignment: row n of an example's teacher arrays predicts token t = target_positions[n] from tokens
+< t; the student predicts token t from its hidden state at position t-1. So in the packed sequence
+row `offset + t - 1` carries labels = input_ids[t] and the teacher's top-k for t; every other row
+has labels -100 and padding (-1 ids, -inf logprobs).
+
+Exact resume: `stream.state_dict()` is the cursor *before* the example the packer holds over for
+the next batch, so a checkpoint taken between batches loses and repeats nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from formats import CacheReader, Example
+from formats.errors import InputError
+
+log = logging.getLogger("train_student")
+
+IGNORE_INDEX = -100
+MIN_K = 16           # below this many teacher entries per position, the KD signal is thin
+MAX_TAIL_MASS = 0.3  # mean teacher mass outside the cached entries above which we warn
+
+
+# ---- held-out split ------------------------------------------------------------------------------
+def is_eval(example_id: str, eval_fraction: float) -> bool:
+    """Held-out iff the id's hash falls in the first `eval_fraction` of [0, 1): stable across runs,
+    ranks, shard layouts and caches that share ids."""
+    if eval_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(example_id.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < eval_fraction
+
+
+# ---- safety checks -------------------------------------------------------------------------------
+def check_compatible(manifest: dict, where: str, *, fingerprint: str | None, tokenizer_vocab: int | None,
+                     model_vocab: int) -> None:
+    """Refuse a cache whose token ids would mean something else to the student (InputError).
+
+    The format version was already checked by `load_manifest`.
+    """
+    tok = manifest.get("tokenizer") or {}
+    cache_vocab = tok.get("vocab_size")
+    if cache_vocab is not None and tokenizer_vocab is not None and int(cache_vocab) != int(tokenizer_vocab):
+        raise InputError(
+            f"{where}: the cache was made with a tokenizer of {cache_vocab} tokens "
+            f"({tok.get('name_or_path', '?')}), the student's tokenizer has {tokenizer_vocab}; "
+            "train a student that shares the teacher's tokenizer")
+    if cache_vocab is not None and int(cache_vocab) > model_vocab:
+        raise InputError(f"{where}: the cache's vocabulary has {cache_vocab} tokens but the student's LM head "
+                         f"has only {model_vocab} rows")
+    if tok.get("fingerprint") and fingerprint and tok["fingerprint"] != fingerprint:
+        raise InputError(
+            f"{where}: tokenizer fingerprints differ (cache {tok['fingerprint'][:12]}… from "
+            f"{tok.get('name_or_path', '?')}, student {fingerprint[:12]}…): same vocabulary size "
+            "but different tokens or special tokens; use the teacher's tokenizer")
+    if not tok.get("fingerprint"):
+        log.warning("%s: the manifest has no tokenizer fingerprint; cannot check the student's tokenizer", where)
+
+
+def check_signal(reader: CacheReader, where: str, sample: int = 64) -> dict:
+    """Warn when the cached teacher signal is thin (small k, much mass outside the top-k).
+
+    Returns {"k", "mean_tail_mass"} (tail mass over the first `sample` examples)."""
+    k = int(reader.manifest["codec"]["k"])
+    if k < MIN_K:
+        log.warning("%s: the cache keeps only k=%d teacher entries per position (< %d): the KD signal is thin",
+                    where, k, MIN_K)
+    tails = []
+    for i, ex in enumerate(reader):
+        if ex.num_targets:
+            tails.append(ex.tail_mass)
+        if i + 1 >= sample:
+            break
+    tail = float(np.concatenate(tails).mean()) if tails else 0.0
+    if tail > MAX_TAIL_MASS:
+        log.warning("%s: the teacher's top-%d misses %.0f%% of its probability mass on average (> %.0f%%); "
+                    "consider tail='bucket' or a cache with larger k", where, k, 100 * tail, 100 * MAX_TAIL_MASS)
+    return {"k": k, "mean_tail_mass": tail}
+
+
+# ---- streaming -----------------------------------------------------------------------------------
+class ExampleStream:
+    """Examples of one split from one or more readers, mixed round-robin, with an exact cursor."""
+
+    def __init__(self, readers: list[CacheReader], *, split: str = "train", eval_fraction: float = 0.0):
+        if split not in ("train", "eval", "all"):
+            raise ValueError(f"split must be train, eval or all, got {split!r}")
+        self.readers, self.split, self.eval_fraction = readers, split, eval_fraction
+        self._turn = 0
+        self._done = [False] * len(readers)
+        self._iters: list | None = None
+
+    def _keep(self, ex: Example) -> bool:
+        if self.split == "all":
+            return True
+        return is_eval(ex.id, self.eval_fraction) == (self.split == "eval")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Example:
+        if self._iters is None:
+            self._iters = [iter(r) for r in self.readers]
+        while not all(self._done):
+            i = self._turn
+            if self._done[i]:
+                self._turn = (i + 1) % len(self.readers)
+                continue
+            try:
+                ex = next(self._iters[i])
+            except StopIteration:
+                self._done[i] = True
+                continue
+            if self._keep(ex):
+                self._turn = (i + 1) % len(self.readers)
+                return ex
+        raise StopIteration
+
+    def state_dict(self) -> dict:
+        return {"readers": [r.state_dict() for r in self.readers], "turn": self._turn, "done": list(self._done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["readers"]) != len(self.readers):
+            raise InputError(f"checkpoint was made with {len(state['readers'])} caches in this stage, "
+                             f"the config has {len(self.readers)}; resume with the same caches")
+        for reader, s in zip(self.readers, state["readers"]):
+            reader.load_state_dict(s)
+        self._turn, self._done, self._iters = state["turn"], list(state["done"]), None
+
+
+# ---- packing -------------------------------------------------------------------------------------
+@dataclass
+class PackedBatch:
+    """One packed sequence (batch size 1). S tokens, K teacher entries per row.
+
+    input_ids, position_ids: int64 [1, S]; labels: int64 [S] (next token, -100 = not trained);
+    topk_ids: int64 [S, K] (-1 = none); topk_logprobs: float32 [S, K] (-inf = none).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    n_examples: int
+    truncated: int = 0  # examples cut to max_tokens
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def to(self, device) -> "PackedBatch":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.topk_ids),
+                           move(self.topk_logprobs), self.n_examples, self.truncated)
+
+
+def collate(examples: list[Example], k: int, max_tokens: int | None = None) -> PackedBatch:
+    """Pack `examples` (in order) into one sequence; each is cut to `max_tokens` tokens if longer."""
+    ids, pos, labels, tids, tlps = [], [], [], [], []
+    truncated = 0
+    for ex in examples:
+        L = len(ex.input_ids)
+        tp = ex.target_positions.astype(np.int64)
+        t_ids, t_lps = ex.topk_ids, ex.topk_logprobs
+        if max_tokens is not None and L > max_tokens:
+            L, truncated = max_tokens, truncated + 1
+            keep = tp < L
+            tp, t_ids, t_lps = tp[keep], t_ids[keep], t_lps[keep]
+        lab = np.full(L, IGNORE_INDEX, np.int64)
+        row_ids = np.full((L, k), -1, np.int64)
+        row_lps = np.full((L, k), -np.inf, np.float32)
+        rows = tp - 1  # hidden row t-1 predicts token t
+        lab[rows] = ex.input_ids[tp]
+        kk = min(k, t_ids.shape[1]) if t_ids.ndim == 2 else 0
+        row_ids[rows, :kk] = t_ids[:, :kk]
+        row_lps[rows, :kk] = t_lps[:, :kk]
+        ids.append(ex.input_ids[:L].astype(np.int64))
+        pos.append(np.arange(L, dtype=np.int64))
+        labels.append(lab)
+        tids.append(row_ids)
+        tlps.append(row_lps)
+    return PackedBatch(
+        input_ids=torch.from_numpy(np.concatenate(ids))[None],
+        position_ids=torch.from_numpy(np.concatenate(pos))[None],
+        labels=torch.from_numpy(np.concatenate(labels)),
+        topk_ids=torch.from_numpy(np.concatenate(tids)),
+        topk_logprobs=torch.from_numpy(np.concatenate(tlps)),
+        n_examples=len(examples),
+        truncated=truncated,
+    )
+
+
+class Packer:
+    """Greedy packing of a stream into sequences of at most `max_tokens` tokens.
+
+    `state_dict()` between batches is the stream's cursor before the held-over example.
+    """
+
+    def __init__(self, stream: ExampleStream, *, max_tokens: int, k: int):
+        self.stream, self.max_tokens, self.k = stream, max_tokens, k
+        self._pending: Example | None = None
+        self._pending_state: dict | None = None
+
+    def __iter__(self):
+        return self
+
+    def _pull(self) -> Example | None:
+        if self._pending is not None:
+            ex, self._pending, self._pending_state = self._pending, None, None
+            return ex
+        try:
+            return next(self.stream)
+        except StopIteration:
+            return None
+
+    def __next__(self) -> PackedBatch:
+        first = self._pull()
+        if first is None:
+            raise StopIteration
+        batch, used = [first], min(len(first.input_ids), self.max_tokens)
+        while used < self.max_tokens:
+            state = self.stream.state_dict()
+            ex = self._pull()
+            if ex is None:
+                break
+            if used + len(ex.input_ids) > self.max_tokens:
+                self._pending, self._pending_state = ex, state
+                break
+            batch.append(ex)
+            used += len(ex.input_ids)
+        return collate(batch, self.k, self.max_tokens)
+
+    def state_dict(self) -> dict:
+        return self._pending_state if self._pending is not None else self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = self._pending_state = None
+        self.stream.load_state_dict(state)
+
+
+def open_readers(paths: list[str], *, rank: int, world_size: int, shuffle: bool, seed: int,
+                 epochs: int | None, max_examples: int | None) -> list[CacheReader]:
+    readers = []
+    for p in paths:
+        try:
+            readers.append(CacheReader(p, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed,
+                                       epochs=epochs, max_examples=max_examples))
+        except FileNotFoundError as exc:
+            raise InputError(f"cache {p} not found ({exc})") from None
+    return readers
+
+
+def cache_k(readers: list[CacheReader]) -> int:
+    return max(int(r.manifest["codec"]["k"]) for r in readers)
+
+
+def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction: float, max_tokens: int,
+                 max_examples: int | None) -> list[PackedBatch]:
+    """The held-out split of `paths` for this rank, packed once and kept in memory."""
+    if eval_fraction <= 0:
+        return []
+    readers = open_readers(paths, rank=rank, world_size=world_size, shuffle=False, seed=0, epochs=1,
+                           max_examples=None)
+    stream = ExampleStream(readers, split="eval", eval_fraction=eval_fraction)
+    examples = []
+    for ex in stream:
+        examples.append(ex)
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+    k = cache_k(readers)
+    out, cur, used = [], [], 0
+    for ex in examples:
+        n = min(len(ex.input_ids), max_tokens)
+        if cur and used + n > max_tokens:
+            out.append(collate(cur, k, max_tokens))
+            cur, used = [], 0
+        cur.append(ex)
+        used += n
+    if cur:
+        out.append(collate(cur, k, max_tokens))
+    return out

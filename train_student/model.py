@@ -1,0 +1,115 @@
+"""The student: load any HF causal LM, or build a layer-pruned copy of the teacher; the loss module.
+
+`StudentLoss` runs the decoder to its final hidden states and calls `kd_loss` with the LM head's
+weight inside one `forward`, so DDP and FSDP2 see the whole computation (FSDP2 gathers the head's
+weight for the loss) and the [T, V] logits are never formed (except with impl="naive").
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from formats.errors import InputError
+
+log = logging.getLogger("train_student")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_student(name_or_path: str, *, dtype: str = "float32"):
+    """An HF causal LM from a hub id or a folder (transformers imported lazily)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+    except OSError as exc:
+        raise InputError(f"cannot load the student {name_or_path!r}: {exc}") from None
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise InputError(f"cannot load a tokenizer from {name_or_path!r}: {exc}") from None
+
+
+def prune_layers(teacher_dir: str, keep_layers: list[int], out_dir: str | Path) -> Path:
+    """Save a copy of the teacher that keeps only `keep_layers` (in order) of its decoder layers.
+
+    The result (weights + config + tokenizer) loads with `from_pretrained` like any checkpoint.
+    Works for models whose decoder layers live in `model.model.layers` (Llama, Qwen, Mistral, ...).
+    """
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    decoder = teacher.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise InputError(f"{teacher_dir}: cannot prune {type(teacher).__name__}: no `layers` list in its decoder")
+    n = len(layers)
+    bad = [i for i in keep_layers if not 0 <= i < n]
+    if bad or len(set(keep_layers)) != len(keep_layers) or not keep_layers:
+        raise InputError(f"--keep-layers {keep_layers}: need distinct indices in 0..{n - 1} (the teacher has {n} layers)")
+    decoder.layers = nn.ModuleList([layers[i] for i in keep_layers])
+    for new_idx, layer in enumerate(decoder.layers):
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_idx
+    cfg = teacher.config
+    cfg.num_hidden_layers = len(keep_layers)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep_layers]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher.save_pretrained(out_dir)
+    try:
+        load_tokenizer(teacher_dir).save_pretrained(out_dir)
+    except InputError:
+        log.warning("%s has no tokenizer to copy next to the pruned student", teacher_dir)
+    (out_dir / "PRUNED_FROM.txt").write_text(f"teacher: {teacher_dir}\nkeep_layers: {keep_layers}\n")
+    log.info("pruned student: %d of %d layers of %s -> %s", len(keep_layers), n, teacher_dir, out_dir)
+    return out_dir
+
+
+class StudentLoss(nn.Module):
+    """forward(batch tensors) -> (loss, metrics) for one packed sequence.
+
+    input_ids, position_ids: [1, S]; topk_ids [S, K]; topk_logprobs [S, K]; labels [S].
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, position_ids, topk_ids, topk_logprobs, labels, *, loss_kwargs: dict):
+        from train_student.loss import kd_loss
+
+        out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+                                    use_cache=False)
+        hidden = out.last_hidden_state[0]                     # [S, D]
+        weight = self.lm.get_output_embeddings().weight       # [V, D]
+        return kd_loss(hidden, weight, topk_ids, topk_logprobs, labels, **loss_kwargs)
+
+
+def prepare_student(lm: nn.Module, *, gradient_checkpointing: bool) -> nn.Module:
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    return lm
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The HF model inside DDP / torch.compile / StudentLoss wrappers."""
+    while True:
+        if hasattr(module, "module"):        # DDP
+            module = module.module
+        elif hasattr(module, "_orig_mod"):   # torch.compile
+            module = module._orig_mod
+        elif isinstance(module, StudentLoss):
+            module = module.lm
+        else:
+            return module

@@ -1,0 +1,427 @@
+"""Train a student from teacher top-k caches: setup, then one readable loop.
+
+One process (CPU or one GPU):
+    kdcache train --student runs/student --cache caches/tulu --steps 1000 --out runs/kd
+A layer-pruned copy of the teacher as the student, KD + CE:
+    kdcache train --init-from-teacher runs/teacher --keep-layers 0,5,10,15,20,29 \
+        --cache caches/tulu --steps 1000 --kd-weight 1 --ce-weight 0.5 --out runs/kd
+SFT baseline on the same tokens:     ... --kd-weight 0 --ce-weight 1
+Multi-stage / YAML:                   kdcache train --config configs/train/two_stage.yaml
+DDP on N GPUs (or CPU processes):     torchrun --nproc-per-node N -m train_student train ...
+FSDP2 (students that don't fit):      torchrun --nproc-per-node N -m train_student train --fsdp ...
+Resume after preemption:              the same command with --resume
+
+Batching: each rank packs examples into one sequence of <= max_tokens tokens per micro-batch;
+a step is grad_accum micro-batches per rank. The loss is the mean over all trained tokens of the
+global step (each micro-batch's token-mean loss is weighted by its share of the step's tokens),
+so the update does not depend on how the tokens are split over ranks and micro-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from formats.errors import InputError
+from train_student import checkpoint
+from train_student.config import Stage, TrainConfig
+from train_student.data import (ExampleStream, Packer, PackedBatch, cache_k, check_compatible, check_signal,
+                                eval_batches, open_readers)
+from train_student.model import StudentLoss, load_student, load_tokenizer, prepare_student, prune_layers
+
+log = logging.getLogger("train_student")
+
+
+def lr_lambda(step: int, *, warmup: int, total: int | None, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine to min_ratio at `total` (constant 1 when total is unknown)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if total is None or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.stages: list[Stage] = cfg.resolved_stages()
+        self.out = Path(cfg.out)
+        self.step = 0              # optimizer steps over the whole run
+        self.stage_idx = 0
+        self.stage_step = 0        # optimizer steps in the current stage
+        self.data_state = None     # per-rank packer cursor to resume from
+        self._stop_signal = False
+        self._last_eval = -1       # step of the latest evaluation
+
+    # ==== setup ===================================================================================
+    def setup(self) -> None:
+        self._setup_distributed()
+        ckpt = self._find_checkpoint()
+        self._setup_model(ckpt)
+        self._check_caches()
+        self._setup_optimizer()
+        if ckpt is not None:
+            self._load_checkpoint(ckpt)
+        self._setup_logging()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _setup_distributed(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.distributed = self.world > 1
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda":
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device(device)
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.cfg.fsdp and not self.distributed:
+            log.warning("--fsdp without torchrun (one process): training unsharded")
+        torch.manual_seed(self.cfg.seed)
+        self.main = self.rank == 0
+
+    def _find_checkpoint(self) -> Path | None:
+        ckpt = checkpoint.latest(self.out)
+        if ckpt is not None and not self.cfg.resume:
+            raise InputError(f"{self.out} already holds checkpoints (newest {ckpt.name}); "
+                             "pass --resume to continue that run, or choose another --out")
+        if ckpt is None and self.cfg.resume:
+            log.info("--resume: no checkpoint in %s, starting from scratch", self.out)
+        return ckpt
+
+    def _setup_model(self, ckpt: Path | None) -> None:
+        cfg = self.cfg
+        source = cfg.student
+        if cfg.init_from_teacher:
+            source = str(self.out / "student-init")
+            if self.main and not (Path(source) / "config.json").exists():
+                prune_layers(cfg.init_from_teacher, cfg.keep_layers, source)
+            self._barrier()
+        self.tokenizer = load_tokenizer(cfg.tokenizer or source)
+        lm = load_student(str(ckpt / "model") if ckpt else source, dtype=cfg.dtype)
+        self.lm = prepare_student(lm, gradient_checkpointing=cfg.gradient_checkpointing).to(self.device)
+        if cfg.compile:
+            self.lm.get_decoder().compile()
+        module = StudentLoss(self.lm)
+        self.fsdp = cfg.fsdp and self.distributed
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.lm.get_decoder().layers:
+                fully_shard(layer)
+            fully_shard(module)
+        elif self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                         broadcast_buffers=False)
+        self.module = module
+        n_params = sum(p.numel() for p in self.lm.parameters())
+        log.info("student: %s (%.1fM parameters, %s, %d layers)", source, n_params / 1e6, cfg.dtype,
+                 self.lm.config.num_hidden_layers)
+
+    def _check_caches(self) -> None:
+        from cache_teacher.template import tokenizer_fingerprint
+
+        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        vocab = len(self.tokenizer.get_vocab())
+        model_vocab = self.lm.get_output_embeddings().weight.shape[0]
+        for stage in self.stages:
+            for path in stage.cache:
+                readers = open_readers([path], rank=0, world_size=1, shuffle=False, seed=0, epochs=1,
+                                       max_examples=64)
+                check_compatible(readers[0].manifest, path, fingerprint=fingerprint, tokenizer_vocab=vocab,
+                                 model_vocab=model_vocab)
+                if self.main:
+                    check_signal(readers[0], path)
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        steps = [s.steps for s in self.stages]
+        self.total_steps = None if None in steps else sum(steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, warmup=cfg.warmup_steps, total=self.total_steps,
+                                                min_ratio=cfg.min_lr_ratio))
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        state = checkpoint.load_trainer_state(ckpt)
+        if state["world_size"] != self.world:
+            raise InputError(f"{ckpt} was written by {state['world_size']} processes, this run has {self.world}; "
+                             "resume with the same number of processes (the data cursor is per rank)")
+        checkpoint.load_optimizer(self.lm, self.optimizer, state["optimizer"], fsdp=self.fsdp)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.stage_idx, self.stage_step = state["step"], state["stage_idx"], state["stage_step"]
+        mine = state["ranks"][self.rank]
+        self.data_state = mine["data"]
+        checkpoint.set_rng_state(mine["rng"])
+        if self.main:
+            self._truncate_metrics(self.step)
+        log.info("resumed from %s (step %d, stage %d)", ckpt, self.step, self.stage_idx)
+
+    def _setup_logging(self) -> None:
+        self.tb = None
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
+            except ImportError:
+                log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+
+    # ==== the loop ================================================================================
+    def train(self) -> int:
+        """Run every stage from the current position. Returns 0 (done) or 0 after a SIGTERM save."""
+        for self.stage_idx in range(self.stage_idx, len(self.stages)):
+            stage = self.stages[self.stage_idx]
+            packer = self._packer(stage)
+            if self.data_state is not None:
+                packer.load_state_dict(self.data_state)
+                self.data_state = None
+            loss_kwargs = dict(kd_weight=stage.kd_weight, ce_weight=stage.ce_weight, temperature=stage.temperature,
+                               kind=stage.kind, tail=stage.tail, impl=self.cfg.impl, chunk_size=self.cfg.chunk_size)
+            self.eval_set = eval_batches(stage.cache, rank=self.rank, world_size=self.world,
+                                         eval_fraction=self.cfg.eval_fraction, max_tokens=self.cfg.max_tokens,
+                                         max_examples=self.cfg.eval_max_examples)
+            if self.stage_step == 0:
+                self.evaluate(stage)
+            stopped = self._train_stage(stage, packer, loss_kwargs)
+            if stopped:
+                return 0
+            self.stage_step = 0
+        self.stage_idx = len(self.stages)
+        if self._last_eval != self.step:
+            self.evaluate(self.stages[-1])
+        self.save(packer=None)
+        if self.main:  # the last checkpoint's weights, where a user looks for them
+            final = self.out / "final"
+            shutil.rmtree(final, ignore_errors=True)
+            shutil.copytree(checkpoint.latest(self.out) / "model", final)
+            log.info("done: %d steps; student in %s", self.step, final)
+        return 0
+
+    def _train_stage(self, stage: Stage, packer: Packer, loss_kwargs: dict) -> bool:
+        """Optimizer steps until the stage's step count or its data ends. True if stopped by SIGTERM."""
+        cfg = self.cfg
+        bar = self._progress(stage)
+        window = torch.zeros(6, dtype=torch.float64)  # loss, kd, ce, top1 (token-weighted), tokens, targets
+        wait_s, step_s, t_last = 0.0, 0.0, time.perf_counter()
+        while stage.steps is None or self.stage_step < stage.steps:
+            # -- data: grad_accum packed sequences per rank; stop together when any rank runs out --
+            t0 = time.perf_counter()
+            micro = [b for _, b in zip(range(cfg.grad_accum), packer)]
+            wait_s += time.perf_counter() - t0
+            n_targets = sum(b.n_targets for b in micro)
+            counts = self._all_reduce(torch.tensor([float(len(micro) < cfg.grad_accum), float(n_targets)]))
+            if counts[0] > 0:
+                log.info("%s: data exhausted after %d steps", stage.name, self.stage_step)
+                break
+            global_targets = max(counts[1].item(), 1.0)
+
+            # -- forward/backward: each micro-batch weighted by its share of the step's tokens --
+            self.module.train()
+            for i, batch in enumerate(micro):
+                batch = batch.to(self.device)
+                sync = i == len(micro) - 1
+                with self._no_sync(not sync):
+                    loss, metrics = self.module(batch.input_ids, batch.position_ids, batch.topk_ids,
+                                                batch.topk_logprobs, batch.labels, loss_kwargs=loss_kwargs)
+                    share = batch.n_targets / global_targets
+                    (loss * share * self.world).backward()
+                window += torch.tensor([loss.item() * batch.n_targets, metrics["kd"].item() * batch.n_targets,
+                                        metrics["ce"].item() * batch.n_targets,
+                                        metrics["top1_agreement"].item() * batch.n_targets,
+                                        batch.n_tokens, batch.n_targets], dtype=torch.float64)
+            grad_norm = self._clip()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.stage_step += 1
+            now = time.perf_counter()
+            step_s, t_last = step_s + now - t_last, now
+
+            # -- logging, evaluation, checkpoints, preemption --
+            if self.step % cfg.log_every == 0:
+                w = self._all_reduce(window.clone())
+                tok = max(w[5].item(), 1.0)
+                row = {"loss": w[0].item() / tok, "kd": w[1].item() / tok, "ce": w[2].item() / tok,
+                       "top1_agreement": w[3].item() / tok, "lr": self.scheduler.get_last_lr()[0],
+                       "grad_norm": grad_norm, "tokens_per_s": w[4].item() / max(step_s, 1e-9),
+                       "data_wait_frac": wait_s / max(step_s, 1e-9), "tokens": int(w[4].item())}
+                self._log("train", row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                window.zero_()
+                wait_s = step_s = 0.0
+            if bar is not None:
+                bar.update(1)
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.evaluate(stage)
+            stop = self._all_reduce(torch.tensor([float(self._stop_signal)]))[0].item() > 0
+            if stop or (cfg.save_every and self.step % cfg.save_every == 0):
+                self.save(packer)
+            if stop:
+                log.info("SIGTERM: saved a checkpoint at step %d; exiting", self.step)
+                return True
+            t_last = time.perf_counter()  # exclude eval/checkpoint time from tokens/s
+        if bar is not None:
+            bar.close()
+        return False
+
+    # ==== evaluation ==============================================================================
+    @torch.no_grad()
+    def evaluate(self, stage: Stage) -> dict | None:
+        """KL(teacher || student) on the teacher's top-k (tail as in training, tau = 1), CE on the
+        dataset's tokens, perplexity and top-1 agreement, on the held-out split."""
+        kwargs = dict(kd_weight=1.0, ce_weight=1.0, temperature=1.0, kind="forward_kl", tail=stage.tail,
+                      impl=self.cfg.impl, chunk_size=self.cfg.chunk_size)
+        n = int(self._all_reduce(torch.tensor([float(len(self.eval_set))]), op="max")[0].item())
+        if n == 0:
+            return None
+        model = self.module.module if (self.distributed and not self.fsdp) else self.module
+        model.eval()
+        sums = torch.zeros(5, dtype=torch.float64)  # kd, ce, top1, topk mass (token-weighted), tokens
+        for i in range(n):  # same number of forwards on every rank (FSDP needs it)
+            batch = self.eval_set[i] if i < len(self.eval_set) else _dummy_batch()
+            batch = batch.to(self.device)
+            _, m = model(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
+                         loss_kwargs=kwargs)
+            t = batch.n_targets
+            sums += torch.tensor([m["kd"].item() * t, m["ce"].item() * t, m["top1_agreement"].item() * t,
+                                  m["student_topk_mass"].item() * t, t], dtype=torch.float64)
+        sums = self._all_reduce(sums)
+        tok = max(sums[4].item(), 1.0)
+        row = {"kl": sums[0].item() / tok, "ce": sums[1].item() / tok, "ppl": math.exp(min(sums[1].item() / tok, 50)),
+               "top1_agreement": sums[2].item() / tok, "student_topk_mass": sums[3].item() / tok,
+               "targets": int(sums[4].item())}
+        self._log("eval", row)
+        self._last_eval = self.step
+        return row
+
+    # ==== checkpoints =============================================================================
+    def save(self, packer: Packer | None) -> None:
+        """Checkpoint the current step (every rank calls it; a step saved already is written again)."""
+        trainer_state = {"stage_idx": self.stage_idx, "stage_step": self.stage_step, "world_size": self.world,
+                         "config": asdict(self.cfg)}
+        rank_state = {"data": packer.state_dict() if packer is not None else None}
+        path = checkpoint.save(self.out, step=self.step, lm=self.lm, module=self.module, optimizer=self.optimizer,
+                               scheduler=self.scheduler, tokenizer=self.tokenizer, rank_state=rank_state,
+                               trainer_state=trainer_state, keep=self.cfg.keep_checkpoints, fsdp=self.fsdp)
+        if path is not None:
+            log.info("checkpoint %s", path)
+
+    # ==== helpers =================================================================================
+    def _packer(self, stage: Stage) -> Packer:
+        readers = open_readers(stage.cache, rank=self.rank, world_size=self.world, shuffle=self.cfg.shuffle,
+                               seed=self.cfg.seed + self.stage_idx, epochs=stage.epochs,
+                               max_examples=stage.max_examples)
+        stream = ExampleStream(readers, split="train", eval_fraction=self.cfg.eval_fraction)
+        return Packer(stream, max_tokens=self.cfg.max_tokens, k=cache_k(readers))
+
+    def _no_sync(self, skip_sync: bool):
+        if skip_sync and self.distributed and not self.fsdp:
+            return self.module.no_sync()
+        return contextlib.nullcontext()
+
+    def _clip(self) -> float:
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        else:
+            grads = [p.grad.norm() for p in self.module.parameters() if p.grad is not None]
+            norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return float(norm)
+
+    def _all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if not self.distributed:
+            return t
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        x = t.to(dev)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return x.cpu()
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.warning("SIGTERM received: checkpointing after this step")
+        self._stop_signal = True
+
+    def _progress(self, stage: Stage):
+        if not (self.main and self.cfg.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=stage.steps, initial=self.stage_step, desc=stage.name, unit="step", dynamic_ncols=True)
+
+    def _log(self, split: str, row: dict) -> None:
+        if not self.main:
+            return
+        rec = {"step": self.step, "stage": self.stages[min(self.stage_idx, len(self.stages) - 1)].name,
+               "split": split, **row}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{split}/{key}", value, self.step)
+            self.tb.flush()
+        if split == "eval":
+            log.info("step %d eval: %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics a killed run logged after the checkpoint we resume from."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def cleanup(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _dummy_batch() -> PackedBatch:
+    """Two untrained tokens: lets a rank without held-out data join the others' forwards."""
+    z = torch.zeros(1, 2, dtype=torch.long)
+    return PackedBatch(z, torch.arange(2)[None], torch.full((2,), -100), torch.full((2, 1), -1),
+                       torch.full((2, 1), -math.inf), 0)
+
+
+def run(cfg: TrainConfig) -> int:
+    """setup -> train -> cleanup (the `kdcache train` entry)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        if hasattr(trainer, "tb"):
+            trainer.cleanup()
