@@ -76,6 +76,8 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     _add(g, "--out", "cache folder to write (its manifest.json appears when the cache is complete)", metavar="DIR")
     _add(g, "--shard-max-bytes", "start a new shard past this many bytes", type=int, metavar="BYTES")
+    _add(g, "--row-group-positions", "positions per Parquet row group; a shard is checked against "
+         "--shard-max-bytes after each row group", type=int, metavar="N")
     _add(g, "--resume", "continue an interrupted cache in --out (--no-resume refuses an existing one)",
          action=argparse.BooleanOptionalAction)
     _add(g, "--dry-run", "count tokens and estimate cache size and teacher time without running the teacher",

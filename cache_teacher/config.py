@@ -66,6 +66,7 @@ class CacheConfig:
     # --- output
     out: str | None = None  # cache folder to write
     shard_max_bytes: int = 64 << 20  # roll to a new shard past this size
+    row_group_positions: int = 65536  # positions per Parquet row group (the unit a shard grows by)
     resume: bool = True  # rerunning the same command continues an interrupted cache
     dry_run: bool = False  # count tokens and estimate size/time without running the teacher
     dry_run_tokens_per_s: float | None = None  # dry run: assumed teacher speed (default by engine)

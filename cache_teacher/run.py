@@ -85,10 +85,16 @@ def engine_info(config) -> dict:
     return info
 
 
+def _local_or_hub(name: str) -> str:
+    """An absolute path for a local folder (export-sft and the trainer load it from elsewhere), else the hub id."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def provenance(config, tokenizer, templater) -> dict:
     prov = {
         "teacher": engine_info(config),
-        "tokenizer": tokenizer_info(tokenizer, config.tokenizer_path),
+        "tokenizer": tokenizer_info(tokenizer, _local_or_hub(config.tokenizer_path)),
         "dataset": describe(config),
         "mode": config.mode,
         "command": list(config.command) or list(sys.argv),
@@ -114,12 +120,12 @@ def _examples(config, items, engine, stop_ids):
     from formats.example import Example
 
     if config.mode == "score":
-        for item, s in zip(items, engine.score(items)):
+        for item, s in zip(items, engine.score(items, config)):
             yield Example(item.id, item.input_ids, item.target_positions, s.topk_ids, s.topk_logprobs,
                           s.target_logprobs, s.target_ranks, source=item.source,
                           meta={"truncated": True} if item.truncated else {}), len(item.input_ids)
         return
-    for item, samples in zip(items, engine.generate(items, stop_ids)):
+    for item, samples in zip(items, engine.generate(items, stop_ids, config)):
         wanted = getattr(item, "wanted", None)
         for j, (sid, g) in enumerate(zip(_sample_ids(item.id, config.n), samples)):
             if wanted is not None and sid not in wanted:
@@ -176,7 +182,8 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     try:
         with CacheWriter(config.out, codec=CodecConfig(k=config.k, mass=config.mass),
                          provenance=provenance(config, tokenizer, templater),
-                         shard_max_bytes=config.shard_max_bytes, resume=config.resume) as writer:
+                         shard_max_bytes=config.shard_max_bytes, row_group_positions=config.row_group_positions,
+                         resume=config.resume) as writer:
             done = set(writer.done_ids)
             for record, reject in iter_records(config):
                 summary.inputs += 1

@@ -49,26 +49,32 @@ class HFEngine:
         return {"name_or_path": c.teacher, "revision": c.revision, "dtype": c.dtype, "engine": "hf",
                 "engine_version": self.version}
 
-    def _topk(self, logits, actual) -> Scored:
-        """logits [N, V] (any float dtype) and actual token ids [N] -> Scored (log-softmax in fp32)."""
+    def _topk(self, logits, actual, k: int) -> Scored:
+        """logits [N, V] (any float dtype) and actual token ids [N] -> Scored (log-softmax in fp32).
+
+        On a CPU these vocabulary-wide passes (log-softmax, top-k, rank), not a small model's body,
+        take most of the time; logsumexp-based variants measured no faster.
+        """
         torch = self.torch
         logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         logprobs = torch.log_softmax(logits, dim=-1)
-        k = min(self.config.k, logprobs.shape[-1])
+        k = min(k, logprobs.shape[-1])
         top_lp, top_ids = torch.topk(logprobs, k, dim=-1)
         act_lp = logprobs.gather(1, actual[:, None])[:, 0]
         return Scored(top_ids.to(torch.int32).numpy(), top_lp.numpy().astype(np.float32),
                       act_lp.numpy().astype(np.float32), rank_of(logprobs, act_lp).to(torch.int32).numpy())
 
-    def score(self, items) -> list[Scored]:
+    def score(self, items, config=None) -> list[Scored]:
+        """Teacher-forced top-k at each item's target positions, in item order."""
         torch = self.torch
+        c = config or self.config
         results: list[Scored | None] = [None] * len(items)
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         head = self.model.get_output_embeddings()
         with torch.inference_mode():
-            for batch in _batches(items, self.config.hf_batch_tokens):
+            for batch in _batches(items, c.hf_batch_tokens):
                 longest = max(len(items[i].input_ids) for i in batch)
                 ids = torch.zeros(len(batch), longest, dtype=torch.long)
                 mask = torch.zeros(len(batch), longest, dtype=torch.long)
@@ -81,7 +87,7 @@ class HFEngine:
                 cols = [items[i].target_positions.astype(np.int64) - 1 for i in batch]  # col t predicts t + 1
                 rows_t, cols_t = torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(cols))
                 logits = head(hidden[rows_t, cols_t])  # [N_total, V]
-                scored = self._topk(logits, ids[rows_t, cols_t + 1])
+                scored = self._topk(logits, ids[rows_t, cols_t + 1], c.k)
                 start = 0
                 for i in batch:
                     n = len(items[i].target_positions)
@@ -91,12 +97,12 @@ class HFEngine:
                     start += n
         return results  # type: ignore[return-value]
 
-    def generate(self, items, stop_ids) -> list[list[Generated]]:
+    def generate(self, items, stop_ids, config=None) -> list[list[Generated]]:
         """`n` sampled responses per item (prompt ids in item.input_ids), stopping after any of stop_ids."""
         torch = self.torch
         from transformers import GenerationConfig
 
-        c = self.config
+        c = config or self.config
         eos = sorted(stop_ids)
         sample = c.temperature > 0
         gen_config = GenerationConfig(
@@ -117,7 +123,7 @@ class HFEngine:
                     stops = [g for g, t in enumerate(tokens.tolist()) if t in eos]
                     length = stops[0] + 1 if stops else len(tokens)
                     tokens = tokens[:length]
-                    scored = self._topk(logits[j, :length], tokens)
+                    scored = self._topk(logits[j, :length], tokens, c.k)
                     samples.append(Generated(tokens.to(torch.int32).numpy(), scored, "stop" if stops else "length"))
                 results.append(samples)
         return results

@@ -70,11 +70,11 @@ class VLLMEngine:
 
         return [TokensPrompt(prompt_token_ids=item.input_ids.tolist()) for item in items]
 
-    def score(self, items) -> list[Scored]:
+    def score(self, items, config=None) -> list[Scored]:
         """Teacher-forced top-k at each item's target positions, in item order."""
         from vllm import SamplingParams
 
-        k = self.config.k
+        k = (config or self.config).k
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
         outputs = self.llm.generate(self._prompts(items), params, use_tqdm=False)
         results = []
@@ -84,11 +84,11 @@ class VLLMEngine:
             results.append(Scored(ids[rows], lps[rows], act_lp[rows], act_rank[rows]))
         return results
 
-    def generate(self, items, stop_ids) -> list[list[Generated]]:
+    def generate(self, items, stop_ids, config=None) -> list[list[Generated]]:
         """`n` sampled responses per item (prompt ids in item.input_ids), stopping after any of stop_ids."""
         from vllm import SamplingParams
 
-        c = self.config
+        c = config or self.config
         params = [
             SamplingParams(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_new_tokens,
                            logprobs=c.k, flat_logprobs=True, detokenize=False, stop_token_ids=sorted(stop_ids),

