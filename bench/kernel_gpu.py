@@ -224,14 +224,15 @@ def compile_check():
         with tempfile.TemporaryDirectory() as tmp:
             ptx = Path(tmp) / "k.ptx"
             ptx.write_text(kernel.asm["ptx"])
-            out = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
-                                 capture_output=True, text=True)
+            cmd = [str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "k.cubin")]
+            out = subprocess.run(cmd, capture_output=True, text=True)
         text = out.stdout + out.stderr
         regs = re.search(r"Used (\d+) registers", text)
         spill = re.search(r"(\d+) bytes spill stores", text)
         flags = ", ".join(f"{k}={v}" for k, v in consts.items() if not k.startswith(("BLOCK", "GROUP")))
         print(f"| {dt} | {fn.__name__} | {flags} | {'wgmma' if 'wgmma' in kernel.asm['ptx'] else '-'} | "
-              f"{regs.group(1) if regs else '?'} | {spill.group(1) if spill else '?'} | {kernel.metadata.shared} |")
+              f"{regs.group(1) if regs else '?'} | {spill.group(1) if spill else '?'} | "
+              f"{kernel.metadata.shared} |")
 
     print("| dtype | kernel | variant | MMA | registers | spill bytes | shared bytes |")
     print("|---|---|---|---|---|---|---|")
@@ -244,13 +245,15 @@ def compile_check():
                 dict(io, LSE_TAU="*fp32", LSE_1="*fp32", MAX="*fp32", ARGMAX="*i32", T="i32", V="i32",
                      D="i32", stride_h="i32", stride_w="i32", inv_tau="fp32", tiles_per_split="i32"),
                 dict(NEED_LSE1=need, **up), sk._GPU_FORWARD)
-        for has1, dh, dw in ((False, True, True), (True, True, True), (False, False, True), (False, True, False)):
+        for has1, dh, dw in ((False, True, True), (True, True, True), (False, False, True),
+                             (False, True, False)):
             one(dt, sk._dense_backward_kernel,
                 dict(io, LSE_TAU="*fp32", LSE_1="*fp32", COEF_TAU="*fp32", COEF_1="*fp32", DH="*fp32",
                      DW="*fp32", T="i32", V="i32", D="i32", stride_h="i32", stride_w="i32", inv_tau="fp32"),
                 dict(HAS_COEF_1=has1, COMPUTE_DH=dh, COMPUTE_DW=dw, **up), sk._GPU_BACKWARD)
         one(dt, sk._sparse_forward_kernel,
-            dict(io, IDS="*i64", OUT="*fp32", J="i32", D="i32", stride_h="i32", stride_w="i32"), {}, sk._GPU_SPARSE)
+            dict(io, IDS="*i64", OUT="*fp32", J="i32", D="i32", stride_h="i32", stride_w="i32"), {},
+            sk._GPU_SPARSE)
         for dh, dw in ((True, True), (True, False), (False, True)):
             one(dt, sk._sparse_backward_kernel,
                 dict(io, IDS="*i64", COEF="*fp32", DH="*fp32", DW="*fp32", J="i32", D="i32", stride_h="i32",

@@ -189,6 +189,7 @@ def test_sparse_kernels(gen):
     dh, dw = dh0.clone(), dw0.clone()
     sk.sparse_backward(h, w, ids, coef, dh, dw)
     ref_dh = dh0.double() + torch.einsum("tj,tjd->td", coef.double(), w.double()[ids])
-    ref_dw = dw0.double().index_add(0, ids.reshape(-1), (coef.double()[..., None] * h.double()[:, None]).reshape(-1, D))
+    rows = (coef.double()[..., None] * h.double()[:, None]).reshape(-1, D)
+    ref_dw = dw0.double().index_add(0, ids.reshape(-1), rows)
     assert rel_err(dh, ref_dh) < 1e-6
     assert rel_err(dw, ref_dw) < 1e-6

@@ -1,9 +1,9 @@
 """kd_loss, impl="naive" and "chunked", against a float64 reference written out here.
 
 The reference materializes the logits and spells each loss out per position, straight from
-KD_MATH.md (shared/notes beside the checkout), sharing no code with train_student.loss_torch. Values and both gradients
-(hidden and LM head) are compared by relative norm error. Inputs are random: the seed is printed
-(pytest shows it on failure) and KD_TEST_SEED=<n> replays one.
+KD_MATH.md (shared/notes beside the checkout), sharing no code with train_student.loss_torch.
+Values and both gradients (hidden and LM head) are compared by relative norm error. Inputs are
+random: the seed is printed (pytest shows it on failure) and KD_TEST_SEED=<n> replays one.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ shape"). So, per position, the kernel needs only:
             recompute design, 8 T V D FLOPs in all); a second small kernel adds the sparse part
             sum_j c_j [v = i_j] (O(T J D) work).
 
+dH and dW are summed with fp32 atomics, so they are not bitwise reproducible run to run (the
+order of the fp32 additions varies); the loss and the forward are.
+
 Order of this file: tuning constants, the @triton.jit kernels (dense forward, dense backward,
 sparse forward, sparse backward), their launchers, the autograd.Function and the functional
 entry point.
