@@ -83,8 +83,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if overrides.get("epochs") == 0:
-        overrides["epochs"] = None
     return make_config(args.config, **overrides)
 
 

@@ -30,7 +30,7 @@ class Stage:
 
     cache: list[str] = field(default_factory=list)  # cache folders/URLs, mixed round-robin by example
     steps: int | None = None        # optimizer steps in this stage; None = until the data runs out
-    epochs: int | None = 1          # passes over the caches (None = repeat until `steps`)
+    epochs: int | None = 1          # passes over the caches (0 or None = repeat until `steps`)
     max_examples: int | None = None  # per cache, for data-size sweeps
     kd_weight: float = 1.0          # weight of tau^2 * KL(teacher || student); 0 = SFT on the same tokens
     ce_weight: float = 0.0          # weight of the next-token cross-entropy
@@ -130,7 +130,7 @@ class TrainConfig:
                 raise InputError(f"{where}: need kd_weight, ce_weight >= 0, not both 0")
             if s.temperature <= 0:
                 raise InputError(f"{where}: temperature must be > 0, got {s.temperature}")
-            if s.steps is None and s.epochs is None:
+            if s.steps is None and not s.epochs:
                 raise InputError(f"{where}: give steps or epochs (both unset would never end)")
             if s.steps is None and i < len(stages) - 1:
                 raise InputError(f"{where}: every stage but the last needs steps")

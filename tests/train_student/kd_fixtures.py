@@ -91,3 +91,59 @@ def python_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+def train_args(student, cache, out, **flags) -> list[str]:
+    """`train` arguments for a tiny quiet run; flags as keyword arguments (True = bare flag)."""
+    base = dict(student=student, cache=cache, out=out, max_tokens=64, lr=3e-3, warmup_steps=2, eval_fraction=0.2,
+                eval_every=0, save_every=0, log_every=1, seed=0)
+    base.update(flags)
+    args = ["train"]
+    for key, value in base.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False:
+            args.append("--no-" + key.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args + ["--no-progress", "--no-tensorboard"]
+
+
+# Runs `python -m train_student ARGS`, after patching checkpoint.save to send SIGNAL to the process
+# itself once the checkpoint of step AT is written (AT = 0: no signal).
+_WRAPPER = """
+import os, signal, sys
+from train_student import checkpoint
+from train_student.__main__ import main
+AT, SIG, ARGS = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+orig = checkpoint.save
+def save(*a, **kw):
+    out = orig(*a, **kw)
+    if AT and kw["step"] == AT:
+        os.kill(os.getpid(), SIG)
+    return out
+checkpoint.save = save
+sys.exit(main(ARGS))
+"""
+
+
+def run_train(args: list[str], *, signal_at: int = 0, sig: int = 9, timeout: int = 180):
+    import subprocess
+
+    return subprocess.run([PYTHON, "-c", _WRAPPER, str(signal_at), str(sig), *args], env=python_env(),
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def final_weights(run_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+def read_metrics(run_dir) -> list[dict]:
+    import json
+
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]

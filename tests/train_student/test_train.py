@@ -1,0 +1,159 @@
+"""The trainer end to end on tiny models: learning, exact resume (SIGKILL, SIGTERM), DDP == one
+process, SFT and multi-stage recipes, pruned students, refusals, plots."""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+from kd_fixtures import (final_weights, make_model, make_tokenizer, python_env, read_metrics, run_train,
+                         save_model, train_args, write_cache, PYTHON, REPO)
+from formats.errors import InputError
+from train_student.__main__ import main as train_main
+
+RESUME_FLAGS = dict(steps=8, save_every=2, shuffle=True, epochs=0, grad_accum=2)
+
+
+def _assert_same_weights(a: dict, b: dict, exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), f"{k} differs"
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs")
+
+
+def test_short_run_lowers_heldout_kl(tiny, tmp_path):
+    out = tmp_path / "run"
+    rc = train_main(train_args(tiny["student"], tiny["cache"], out, steps=30, lr=1e-2, epochs=0, eval_every=15,
+                               max_tokens=128, ce_weight=0.1))
+    assert rc == 0
+    evals = [r for r in read_metrics(out) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 15, 30]
+    assert evals[-1]["kl"] < 0.6 * evals[0]["kl"], evals
+    assert evals[-1]["ppl"] > 1 and evals[-1]["targets"] > 0
+    train = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert len(train) == 30 and all(0 <= r["data_wait_frac"] < 1 for r in train)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")  # loads like any checkpoint
+    from train_student.plot import plot_runs
+
+    png = plot_runs([str(out)], out=str(tmp_path / "plots"))[0]
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    res = run_train(train_args(tiny["student"], tiny["cache"], out, **RESUME_FLAGS))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    args = train_args(tiny["student"], tiny["cache"], out, **RESUME_FLAGS)
+    killed = run_train(args, signal_at=4, sig=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "final").exists() and (out / "checkpoints" / "step-00000004").exists()
+    again = run_train(args)  # without --resume the run refuses to overwrite
+    assert again.returncode == 1 and "--resume" in again.stderr
+    resumed = run_train(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_weights(final_weights(out), final_weights(uninterrupted))
+    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
+    assert steps == list(range(1, 9))  # the killed run's lines after step 4 were dropped
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    args = train_args(tiny["student"], tiny["cache"], out, **RESUME_FLAGS)
+    stopped = run_train(args, signal_at=2, sig=signal.SIGTERM)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "SIGTERM" in stopped.stderr and (out / "checkpoints" / "step-00000003").exists()
+    resumed = run_train(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_weights(final_weights(out), final_weights(uninterrupted))
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """2 ranks x 1 micro-batch == 1 rank x 2 micro-batches: same examples per step (one example per
+    row group and per packed sequence), token-weighted loss, so the same updates."""
+    import subprocess
+
+    tok = make_tokenizer()
+    teacher = make_model(seed=1, scale=0.12).eval()
+    student = save_model(make_model(seed=2), tok, tmp_path / "student")
+    cache = write_cache(teacher, tok, tmp_path / "cache", n=9, min_len=21, max_len=40, row_group_positions=1)
+    flags = dict(max_tokens=40, eval_fraction=0, shuffle=False, grad_clip=0.5)
+    one = run_train(train_args(student, cache, tmp_path / "one", grad_accum=2, **flags))
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train_student",
+           *train_args(student, cache, tmp_path / "two", grad_accum=1, **flags)]
+    two = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # 9 examples: rank 0 holds 5, rank 1 holds 4; both stop after 4 steps, as the 1-process run does
+    for run in ("one", "two"):
+        assert [r["step"] for r in read_metrics(tmp_path / run) if r["split"] == "train"] == [1, 2, 3, 4]
+    a = [r for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
+    b = [r for r in read_metrics(tmp_path / "two") if r["split"] == "train"]
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    _assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), exact=False)
+
+
+def test_multistage_yaml_kd_then_sft_with_pruned_student(tiny, tmp_path):
+    cfg = tmp_path / "two_stage.yaml"
+    cfg.write_text(f"""
+init_from_teacher: {tiny['teacher']}
+keep_layers: [1]
+out: {tmp_path / 'run'}
+max_tokens: 96
+eval_fraction: 0.2
+lr: 0.003
+warmup_steps: 1
+log_every: 1
+stages:
+  - {{name: kd, cache: {tiny['cache']}, steps: 3, kd_weight: 1.0, temperature: 2.0, tail: bucket}}
+  - {{name: sft, cache: [{tiny['cache']}], steps: 2, kd_weight: 0.0, ce_weight: 1.0, max_examples: 20}}
+""")
+    rc = train_main(["train", "--config", str(cfg), "--no-progress", "--no-tensorboard"])
+    assert rc == 0
+    rows = read_metrics(tmp_path / "run")
+    assert [(r["stage"], r["step"]) for r in rows if r["split"] == "train"] == [
+        ("kd", 1), ("kd", 2), ("kd", 3), ("sft", 4), ("sft", 5)]
+    sft = [r for r in rows if r["split"] == "train" and r["stage"] == "sft"]
+    assert all(r["loss"] == pytest.approx(r["ce"]) for r in sft)  # SFT: the loss is the CE alone
+    # the pruned student is the teacher's layer 1 (before training) and loads with from_pretrained
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student-init")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
+    assert init.config.num_hidden_layers == 1
+    torch.testing.assert_close(init.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
+
+
+def test_student_with_another_tokenizer_is_refused(tiny, tmp_path, capsys):
+    other = save_model(make_model(seed=2), make_tokenizer(extra="x"), tmp_path / "other")
+    with pytest.raises(InputError, match="tokenizer fingerprints differ"):
+        from train_student.config import make_config
+        from train_student.train import run
+
+        run(make_config(student=str(other), cache=[str(tiny["cache"])], out=str(tmp_path / "run"), steps=1))
+    rc = train_main(train_args(other, tiny["cache"], tmp_path / "run", steps=1))
+    assert rc == 1 and "fingerprints differ" in capsys.readouterr().err
+
+
+def test_cli_help_and_bad_config(tmp_path, capsys):
+    import subprocess
+
+    out = subprocess.run([PYTHON, str(REPO / "kdcache_cli.py"), "train", "--help"], env=python_env(),
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "--init-from-teacher" in out.stdout and "--kd-weight" in out.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: x\ncache: y\nlearning_rate: 1\n")
+    assert train_main(["train", "--config", str(bad)]) == 1
+    assert "unknown config keys ['learning_rate']" in capsys.readouterr().err
