@@ -53,7 +53,8 @@ def _tokenizer(args):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(name)
+        # The manifest's tokenizer is tried from local files only: inspect must not hang on a hub.
+        return AutoTokenizer.from_pretrained(name, local_files_only=not args.tokenizer)
     except Exception as exc:  # no transformers, no hub access: show ids instead
         print(f"(tokenizer {name!r} not loadable: {type(exc).__name__}; showing token ids; pass --tokenizer PATH)",
               file=sys.stderr)

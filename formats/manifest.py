@@ -36,14 +36,17 @@ def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
 
 
-def open_cache(path: str | os.PathLike):
-    """(filesystem, root path) for a local folder or an fsspec URL (s3://, gs://, hf://, memory://)."""
-    fs, root = fsspec.core.url_to_fs(str(path))
+def open_cache(path: str | os.PathLike, storage_options: dict | None = None):
+    """(filesystem, root path) for a local folder or an fsspec URL (s3://, gs://, hf://, memory://).
+
+    storage_options go to the fsspec filesystem (e.g. {"endpoint_url": ...} for an S3-compatible store).
+    """
+    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
     return fs, root.rstrip("/")
 
 
-def load_manifest(path: str | os.PathLike) -> dict:
-    fs, root = open_cache(path)
+def load_manifest(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
+    fs, root = open_cache(path, storage_options)
     mpath = posixpath.join(root, MANIFEST_NAME)
     if not fs.exists(mpath):
         partial = fs.exists(posixpath.join(root, "_progress"))

@@ -36,12 +36,13 @@ class Unit:
 
 class CacheReader:
     def __init__(self, path, *, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0,
-                 epochs: int | None = 1, max_examples: int | None = None, prefetch: int = 2):
+                 epochs: int | None = 1, max_examples: int | None = None, prefetch: int = 2,
+                 storage_options: dict | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         self.path = str(path)
-        self.fs, self.root = open_cache(path)
-        self.manifest = load_manifest(path)
+        self.fs, self.root = open_cache(path, storage_options)
+        self.manifest = load_manifest(path, storage_options)
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.epochs = shuffle, seed, epochs
         self.prefetch = prefetch

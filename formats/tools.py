@@ -29,10 +29,10 @@ def _get(d: dict, path: tuple):
 
 # ---- verify ---------------------------------------------------------------------------------
 
-def verify_cache(path, *, check_values: bool = True, progress=None) -> dict:
+def verify_cache(path, *, check_values: bool = True, progress=None, storage_options: dict | None = None) -> dict:
     """Check checksums, schema and values of every shard. Raises FormatError naming shard and row."""
-    fs, root = open_cache(path)
-    manifest = load_manifest(path)
+    fs, root = open_cache(path, storage_options)
+    manifest = load_manifest(path, storage_options)
     vocab = _get(manifest, ("tokenizer", "vocab_size"))
     k = manifest["codec"]["k"]
     rows = positions = 0
