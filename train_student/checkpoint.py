@@ -66,7 +66,11 @@ def model_and_optimizer_state(lm, module, optimizer, *, fsdp: bool) -> tuple[dic
                                                              get_optimizer_state_dict)
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(lm, options=opts), get_optimizer_state_dict(lm, optimizer, options=opts)
+        model_sd = get_model_state_dict(lm, options=opts)
+        if getattr(lm.config, "tie_word_embeddings", False):  # save_pretrained would keep the tied copy
+            head = lm.get_output_embeddings()
+            model_sd.pop(next(f"{n}.weight" for n, m in lm.named_modules() if m is head), None)
+        return model_sd, get_optimizer_state_dict(lm, optimizer, options=opts)
     return None, optimizer.state_dict()
 
 

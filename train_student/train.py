@@ -195,6 +195,9 @@ class Trainer:
     # ==== the loop ================================================================================
     def train(self) -> int:
         """Run every stage from the current position. Returns 0 (done) or 0 after a SIGTERM save."""
+        if self.stage_idx >= len(self.stages):
+            log.info("%s: the run is already complete (step %d); nothing to do", self.out, self.step)
+            return 0
         for self.stage_idx in range(self.stage_idx, len(self.stages)):
             stage = self.stages[self.stage_idx]
             packer = self._packer(stage)

@@ -79,8 +79,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny, tmp_path, uninterrup
     _assert_same_weights(final_weights(out), final_weights(uninterrupted))
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path):
-    """2 ranks x 1 micro-batch == 1 rank x 2 micro-batches: same examples per step (one example per
+def test_ddp_and_fsdp_two_processes_equal_one_process(tmp_path):
+    """DDP or FSDP2, 2 ranks x 1 micro-batch == 1 rank x 2 micro-batches: same examples per step (one example per
     row group and per packed sequence), token-weighted loss, so the same updates."""
     import subprocess
 
@@ -91,18 +91,18 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     flags = dict(max_tokens=40, eval_fraction=0, shuffle=False, grad_clip=0.5)
     one = run_train(train_args(student, cache, tmp_path / "one", grad_accum=2, **flags))
     assert one.returncode == 0, one.stderr[-3000:]
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train_student",
-           *train_args(student, cache, tmp_path / "two", grad_accum=1, **flags)]
-    two = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
-    assert two.returncode == 0, two.stderr[-3000:]
-    # 9 examples: rank 0 holds 5, rank 1 holds 4; both stop after 4 steps, as the 1-process run does
-    for run in ("one", "two"):
-        assert [r["step"] for r in read_metrics(tmp_path / run) if r["split"] == "train"] == [1, 2, 3, 4]
-    a = [r for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
-    b = [r for r in read_metrics(tmp_path / "two") if r["split"] == "train"]
-    for x, y in zip(a, b):
-        assert x["tokens"] == y["tokens"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    _assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), exact=False)
+    for run, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train_student",
+               *train_args(student, cache, tmp_path / run, grad_accum=1, **flags), *extra]
+        two = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
+        assert two.returncode == 0, two.stderr[-3000:]
+        # 9 examples: rank 0 holds 5, rank 1 holds 4; both stop after 4 steps, as the 1-process run does
+        a = [r for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
+        b = [r for r in read_metrics(tmp_path / run) if r["split"] == "train"]
+        assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+        for x, y in zip(a, b):
+            assert x["tokens"] == y["tokens"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        _assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / run), exact=False)
 
 
 def test_multistage_yaml_kd_then_sft_with_pruned_student(tiny, tmp_path):
