@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+# Set before triton is imported (kernels are built interpreted at import), and restored afterwards
+# so that other test modules in the same run (vLLM's workers inherit the environment) don't see it.
+_PREVIOUS = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
 import math  # noqa: E402
@@ -29,12 +32,18 @@ if type(sk._lse_forward_kernel).__name__ != "InterpretedFunction":
     # Something imported the kernels before TRITON_INTERPRET was set: rebuild them interpreted.
     sk = importlib.reload(sk)
 
+if _PREVIOUS is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _PREVIOUS
+
 T, D, V = 13, 24, 100  # 2 token tiles, 2 hidden tiles, 4 vocab tiles (all with a partial last one)
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(sk, "POISON_BUFFERS", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # kd_loss allows impl="fused" on CPU only then
 
 
 @pytest.fixture
