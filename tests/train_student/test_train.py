@@ -157,3 +157,25 @@ def test_cli_help_and_bad_config(tmp_path, capsys):
     bad.write_text("student: x\ncache: y\nlearning_rate: 1\n")
     assert train_main(["train", "--config", str(bad)]) == 1
     assert "unknown config keys ['learning_rate']" in capsys.readouterr().err
+
+
+def test_bf16_gradient_checkpointing_naive_impl_runs(tiny, tmp_path):
+    out = tmp_path / "run"
+    rc = train_main(train_args(tiny["student"], tiny["cache"], out, steps=2, dtype="bfloat16",
+                               gradient_checkpointing=True, impl="naive", ce_weight=0.5))
+    assert rc == 0
+    rows = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in rows)
+    assert next(iter(final_weights(out).values())).dtype == torch.bfloat16
+
+
+def test_configs_in_repo_map_onto_the_dataclass():
+    from train_student.config import make_config
+
+    files = sorted((REPO / "configs" / "train").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = make_config(f)
+        assert cfg.resolved_stages()
+    two = make_config(REPO / "configs" / "train" / "two_stage.yaml", lr=1e-3)  # flags override the file
+    assert two.lr == 1e-3 and [s.name for s in two.resolved_stages()] == ["generated", "human"]

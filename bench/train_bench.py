@@ -1,0 +1,221 @@
+"""`kdcache bench train`: what a training step costs on this machine.
+
+    kdcache bench train                       # all three parts, markdown tables
+    kdcache bench train --parts loss --tokens 4096 --vocab 49152
+
+1. loss: tokens/s (forward + backward) and peak extra memory of kd_loss impl=naive vs chunked at
+   SmolLM2's shapes (V = 49,152, D = 576, K = 64) over T tokens. Each impl runs in its own
+   subprocess, so the peak resident memory (ru_maxrss) above the inputs is that impl's alone.
+2. reader: examples/s and positions/s of CacheReader and of the packer over a cache written from
+   real teacher top-k (bench/data/smollm2_tulu_top128.npz: SmolLM2-135M-Instruct on Tulu 3).
+3. step: a training loop (a random student of SmolLM2's width with --layers layers, AdamW,
+   packed sequences of --tokens tokens from that cache, impl=chunked) and the fraction of its
+   time spent waiting for the next batch (target: < 2%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "bench" / "data" / "smollm2_tulu_top128.npz"
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ---- 1. loss ---------------------------------------------------------------------------------------
+def loss_one(impl: str, T: int, V: int, D: int, K: int, iters: int, chunk: int) -> dict:
+    """Time fwd+bwd of one impl in this process; report peak RSS growth over the inputs."""
+    import torch
+
+    from train_student.loss import kd_loss
+
+    torch.manual_seed(0)
+    h = (torch.randn(T, D) * 0.5).requires_grad_()
+    w = (torch.randn(V, D) * 0.05).requires_grad_()
+    ids = torch.stack([torch.randperm(V)[:K] for _ in range(min(T, 64))]).repeat(T // min(T, 64) + 1, 1)[:T]
+    lps = torch.log_softmax(torch.randn(T, K) * 3, -1).sort(-1, descending=True).values
+    labels = ids[:, 0].clone()
+    labels[::7] = -100
+    base = _rss_mb()
+    times = []
+    for i in range(iters + 1):
+        h.grad = w.grad = None
+        t0 = time.perf_counter()
+        loss, _ = kd_loss(h, w, ids, lps, labels, kd_weight=1.0, ce_weight=0.5, impl=impl, chunk_size=chunk)
+        loss.backward()
+        if i:  # the first iteration warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    return {"impl": impl, "s_per_step": float(np.median(times)), "tokens_per_s": T / float(np.median(times)),
+            "peak_extra_mb": _rss_mb() - base}
+
+
+def bench_loss(args) -> list[dict]:
+    rows = []
+    for impl in args.impls:
+        cmd = [sys.executable, "-m", "bench.train_bench", "--_loss-one", impl, "--tokens", str(args.tokens),
+               "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--k", str(args.k),
+               "--iters", str(args.iters), "--chunk-size", str(args.chunk_size)]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ))
+        if out.returncode != 0:
+            rows.append({"impl": impl, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"})
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+# ---- 2. reader -------------------------------------------------------------------------------------
+def make_cache(out: Path, k: int, length: int = 512) -> Path:
+    """A cache of real teacher top-k rows cut into examples of `length` tokens (inputs = top-1 ids)."""
+    from formats import CacheWriter, CodecConfig, Example
+
+    d = np.load(DATA)
+    ids, lps = d["ids"][:, :k], d["logprobs"][:, :k]
+    n_pos = length - 1
+    prov = {"tokenizer": {"vocab_size": 49152, "name_or_path": "SmolLM2 (bench)"}, "teacher": {"name_or_path": "bench"}}
+    with CacheWriter(out, codec=CodecConfig(k=k), provenance=prov) as w:
+        for e, start in enumerate(range(0, len(ids) - n_pos + 1, n_pos)):
+            rows = slice(start, start + n_pos)
+            tokens = np.concatenate([[1], ids[rows, 0]]).astype(np.int32)
+            w.write(Example(id=f"b{e:05d}", input_ids=tokens, target_positions=np.arange(1, length, dtype=np.int32),
+                            topk_ids=ids[rows], topk_logprobs=lps[rows], target_logprobs=lps[rows, 0].copy(),
+                            target_ranks=np.ones(n_pos, np.int32)))
+    return out
+
+
+def bench_reader(cache: Path, max_tokens: int, repeats: int = 3) -> list[dict]:
+    from formats import CacheReader
+    from train_student.data import ExampleStream, Packer
+
+    rows = []
+    best = None
+    for _ in range(repeats):
+        t0, n, pos = time.perf_counter(), 0, 0
+        for ex in CacheReader(cache):
+            n, pos = n + 1, pos + ex.num_targets
+        dt = time.perf_counter() - t0
+        best = min(best or dt, dt)
+    rows.append({"what": "CacheReader (decode)", "examples_per_s": n / best, "positions_per_s": pos / best})
+    best = None
+    for _ in range(repeats):
+        t0, toks, m = time.perf_counter(), 0, 0
+        for b in Packer(ExampleStream([CacheReader(cache)]), max_tokens=max_tokens, k=int(CacheReader(cache).manifest["codec"]["k"])):
+            toks, m = toks + b.n_tokens, m + b.n_examples
+        dt = time.perf_counter() - t0
+        best = min(best or dt, dt)
+    rows.append({"what": f"reader + packing ({max_tokens} tokens)", "examples_per_s": m / best,
+                 "positions_per_s": toks / best})
+    return rows
+
+
+# ---- 3. training step --------------------------------------------------------------------------------
+def bench_step(cache: Path, args) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from formats import CacheReader
+    from train_student.data import ExampleStream, Packer
+    from train_student.model import StudentLoss
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                      max_position_embeddings=8192, attn_implementation="sdpa")
+    module = StudentLoss(LlamaForCausalLM(cfg))
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    reader = CacheReader(cache, shuffle=True, epochs=None)
+    packer = Packer(ExampleStream([reader]), max_tokens=args.tokens, k=int(reader.manifest["codec"]["k"]))
+    kwargs = dict(kd_weight=1.0, ce_weight=0.5, temperature=1.0, kind="forward_kl", tail="renormalize",
+                  impl="chunked", chunk_size=args.chunk_size)
+    wait = total = 0.0
+    tokens = 0
+    for step in range(args.steps + 1):
+        t0 = time.perf_counter()
+        batch = next(packer)
+        t1 = time.perf_counter()
+        loss, _ = module(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
+                         loss_kwargs=kwargs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if step:  # step 0 warms up
+            wait, total, tokens = wait + t1 - t0, total + t2 - t0, tokens + batch.n_tokens
+    return {"layers": args.layers, "tokens_per_step": args.tokens, "s_per_step": total / args.steps,
+            "tokens_per_s": tokens / total, "data_wait_frac": wait / total, "peak_rss_mb": _rss_mb()}
+
+
+# ---- table -----------------------------------------------------------------------------------------
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = []
+    for r in rows:
+        body.append("| " + " | ".join(("{:" + c[2] + "}").format(r[c[0]]) if c[0] in r else str(r.get("error", "-"))
+                                      for c in cols) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kdcache bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="loss,reader,step", help="comma-separated: loss, reader, step")
+    p.add_argument("--tokens", type=int, default=4096, help="T: tokens per loss call / packed sequence")
+    p.add_argument("--vocab", type=int, default=49152, help="V of the loss benchmark")
+    p.add_argument("--hidden", type=int, default=576, help="D of the loss benchmark")
+    p.add_argument("--k", type=int, default=64, help="teacher entries per position")
+    p.add_argument("--impls", default="naive,chunked", help="kd_loss impls to compare")
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk for impl=chunked")
+    p.add_argument("--iters", type=int, default=2, help="timed loss iterations (after one warm-up)")
+    p.add_argument("--layers", type=int, default=6, help="decoder layers of the step benchmark's student")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
+    p.add_argument("--cache", default=None, help="cache for the reader/step parts (default: one made from "
+                   "bench/data/smollm2_tulu_top128.npz in a temporary folder)")
+    p.add_argument("--_loss-one", dest="loss_one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.impls = [x for x in args.impls.split(",") if x]
+    if args.loss_one:
+        print(json.dumps(loss_one(args.loss_one, args.tokens, args.vocab, args.hidden, args.k, args.iters,
+                                  args.chunk_size)))
+        return 0
+    parts = set(args.parts.split(","))
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={args.tokens}, V={args.vocab}, "
+          f"D={args.hidden}, K={args.k}\n")
+    if "loss" in parts:
+        print("### kd_loss forward + backward\n")
+        print(table(bench_loss(args), [("impl", "impl", ""), ("s_per_step", "s / step", ".2f"),
+                                       ("tokens_per_s", "tokens/s", ",.0f"),
+                                       ("peak_extra_mb", "peak extra memory (MB)", ",.0f")]) + "\n")
+    if parts & {"reader", "step"}:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(args.cache) if args.cache else make_cache(Path(tmp) / "cache", args.k)
+            if "reader" in parts:
+                print("### reader\n")
+                print(table(bench_reader(cache, args.tokens), [("what", "path", ""),
+                                                               ("examples_per_s", "examples/s", ",.0f"),
+                                                               ("positions_per_s", "positions/s", ",.0f")]) + "\n")
+            if "step" in parts:
+                print(f"### training step (random {args.layers}-layer SmolLM2-width student, chunked loss)\n")
+                print(table([bench_step(cache, args)], [("tokens_per_step", "tokens/step", ""),
+                                                        ("s_per_step", "s / step", ".2f"),
+                                                        ("tokens_per_s", "tokens/s", ",.0f"),
+                                                        ("data_wait_frac", "waiting for data", ".2%"),
+                                                        ("peak_rss_mb", "peak RSS (MB)", ",.0f")]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
