@@ -37,6 +37,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add(g, "--dtype", "parameter and compute dtype", choices=DTYPES)
     _add(g, "--gradient-checkpointing", "recompute activations in backward", action=argparse.BooleanOptionalAction)
     _add(g, "--compile", "torch.compile the student's decoder", action=argparse.BooleanOptionalAction)
+    _add(g, "--attn-implementation", "attention kernel; packed examples stay apart with each (flash_attention_2 "
+         "through its varlen path)", choices=("sdpa", "eager", "flash_attention_2"))
     g = p.add_argument_group("data (single-stage runs; use `stages:` in --config for several)")
     _add(g, "--cache", "teacher cache folder or URL; repeat to mix caches round-robin", action="append", metavar="DIR")
     _add(g, "--steps", "optimizer steps (default: until the data runs out)", type=int)

@@ -50,6 +50,7 @@ class TrainConfig:
     dtype: str = "float32"                # float32 | bfloat16 (parameters and compute)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     compile: bool = False                 # torch.compile the student
+    attn_implementation: str | None = None  # sdpa (default) | eager | flash_attention_2 (varlen on CUDA)
     # -- data -----------------------------------------------------------------------------------
     out: str = "runs/train"              # run folder: checkpoints, metrics.jsonl, tensorboard
     max_tokens: int = 4096               # tokens per packed sequence (one micro-batch per rank)

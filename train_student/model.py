@@ -19,12 +19,18 @@ log = logging.getLogger("train_student")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_student(name_or_path: str, *, dtype: str = "float32"):
-    """An HF causal LM from a hub id or a folder (transformers imported lazily)."""
+def load_student(name_or_path: str, *, dtype: str = "float32", attn_implementation: str | None = None):
+    """An HF causal LM from a hub id or a folder (transformers imported lazily).
+
+    attn_implementation: None (transformers' default, sdpa), "eager", "sdpa" or "flash_attention_2";
+    all of them keep packed examples apart given restarting position ids (flash-attention through
+    its varlen path, the others through a block-diagonal causal mask).
+    """
     from transformers import AutoModelForCausalLM
 
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **kwargs)
     except OSError as exc:
         raise InputError(f"cannot load the student {name_or_path!r}: {exc}") from None
 

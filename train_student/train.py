@@ -112,7 +112,8 @@ class Trainer:
                 prune_layers(cfg.init_from_teacher, cfg.keep_layers, source)
             self._barrier()
         self.tokenizer = load_tokenizer(cfg.tokenizer or source)
-        lm = load_student(str(ckpt / "model") if ckpt else source, dtype=cfg.dtype)
+        lm = load_student(str(ckpt / "model") if ckpt else source, dtype=cfg.dtype,
+                          attn_implementation=cfg.attn_implementation)
         self.lm = prepare_student(lm, gradient_checkpointing=cfg.gradient_checkpointing).to(self.device)
         if cfg.compile:
             self.lm.get_decoder().compile()
@@ -183,6 +184,8 @@ class Trainer:
         if not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.step == 0 and (self.out / "metrics.jsonl").exists():  # a fresh run: no stale lines
+            (self.out / "metrics.jsonl").unlink()
         (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         if self.cfg.tensorboard:
             try:

@@ -29,14 +29,14 @@ def make_tokenizer(vocab: int = VOCAB, extra: str = ""):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def make_model(seed: int, layers: int = 2, vocab: int = VOCAB, scale: float = 0.0):
+def make_model(seed: int, layers: int = 2, vocab: int = VOCAB, scale: float = 0.0, attn: str = "sdpa"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         attn_implementation="sdpa")
+                         attn_implementation=attn)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if scale:

@@ -40,11 +40,12 @@ def test_alignment_of_teacher_rows_with_shifted_hidden(tiny):
     assert (batch.topk_ids[untrained] == -1).all() and torch.isinf(batch.topk_logprobs[untrained]).all()
 
 
-def test_packed_equals_unpacked_loss_and_gradients(tiny):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_equals_unpacked_loss_and_gradients(tiny, attn):
     """One packed sequence of 4 examples == the 4 examples one by one (token-weighted)."""
     examples = _examples(tiny["cache"], 4)
     torch.manual_seed(0)
-    model = StudentLoss(make_model(seed=3, scale=0.12).double())
+    model = StudentLoss(make_model(seed=3, scale=0.12, attn=attn).double())
 
     def run(batch):
         model.zero_grad()
