@@ -17,19 +17,10 @@ from formats.errors import InputError
 
 
 def iter_cache(path) -> Iterator:
-    """Every Example of a finished local cache, shard by shard in manifest order."""
-    import pyarrow.parquet as pq
+    """Every Example of a finished cache, in order."""
+    from formats.reader import CacheReader
 
-    from formats.manifest import load_manifest
-    from formats.schema import read_shard_metadata
-    from formats.shard import decode_table
-
-    manifest = load_manifest(path)
-    for shard in manifest["shards"]:
-        file = pq.ParquetFile(Path(path) / shard["file"])
-        meta = read_shard_metadata(file.schema_arrow, shard["file"])
-        for i in range(file.num_row_groups):
-            yield from decode_table(file.read_row_group(i), meta, where=f"{shard['file']} row group {i}")
+    yield from CacheReader(path)
 
 
 def export_sft(cache: str | os.PathLike, out: str | os.PathLike, tokenizer: str | None = None,

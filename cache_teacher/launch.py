@@ -45,13 +45,9 @@ def _run_worker(config_dict: dict) -> dict:
 
 
 def merge(out, caches) -> None:
-    try:
-        from formats.merge import merge_caches
-    except ModuleNotFoundError as exc:  # formats' merge still being written
-        from formats.errors import InputError
+    """Join worker caches into `out` (formats.tools.merge_caches: disjointness and compatibility checked)."""
+    from formats.tools import merge_caches
 
-        raise InputError(f"cannot merge {len(caches)} worker caches into {out}: formats.merge is not available "
-                         f"({exc}); merge them later with `kdcache merge`") from None
     merge_caches(out, [str(c) for c in caches])
 
 

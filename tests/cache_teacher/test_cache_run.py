@@ -16,6 +16,7 @@ from cache_teacher.data import validate
 from cache_teacher.export_sft import export_sft, iter_cache
 from cache_teacher.run import dry_run, run_cache
 from formats.manifest import load_manifest
+from formats.tools import verify_cache
 
 from conftest import REPO, make_config, write_jsonl
 
@@ -110,11 +111,11 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_dir, tiny_engine, sample_r
     whole = make_config(teacher=str(tiny_dir), dataset=str(path), out=str(tmp_path / "whole"))
     run_cache(whole, engine=tiny_engine)
     assert_same_cache(out, tmp_path / "whole")
+    verify_cache(out)
     assert load_manifest(out)["counts"]["examples"] + load_manifest(out)["counts"]["rejects"] == len(rows)
 
 
 def test_two_workers_and_merge_equal_one_worker(tiny_dir, tiny_engine, rows_path, tmp_path):
-    pytest.importorskip("formats.merge")
     from cache_teacher.launch import merge
 
     one = make_config(teacher=str(tiny_dir), dataset=str(rows_path), out=str(tmp_path / "one"))
