@@ -28,8 +28,9 @@ def _assert_same_weights(a: dict, b: dict, exact: bool = True) -> None:
 def test_short_run_lowers_heldout_kl(tiny, tmp_path):
     out = tmp_path / "run"
     rc = train_main(train_args(tiny["student"], tiny["cache"], out, steps=30, lr=1e-2, epochs=0, eval_every=15,
-                               max_tokens=128, ce_weight=0.1))
+                               max_tokens=128, ce_weight=0.1) + ["--tensorboard"])
     assert rc == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     evals = [r for r in read_metrics(out) if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [0, 15, 30]
     assert evals[-1]["kl"] < 0.6 * evals[0]["kl"], evals
