@@ -92,6 +92,15 @@ def test_config_file_and_flags(tmp_path):
         make_raw_config(None, teacher="t", out="o", engine="tensorrt")
 
 
+def test_config_files_load():
+    from conftest import REPO
+
+    files = sorted((REPO / "configs" / "cache").glob("*.yaml"))
+    assert files
+    for f in files:
+        make_raw_config(f)
+
+
 def test_cli_help_documents_every_setting():
     import argparse
     import dataclasses
