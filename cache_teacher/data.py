@@ -103,8 +103,11 @@ def read_raw(config) -> Iterator[Any]:
     return _read_local(files) if files is not None else _read_hub(config)
 
 
-def validate(record: Any) -> str | None:
-    """None for a good record, else the reason `code: detail`."""
+def validate(record: Any, require_assistant: bool = True) -> str | None:
+    """None for a good record, else the reason `code: detail`.
+
+    Generate mode passes require_assistant=False: a prompt-only conversation is a valid prompt.
+    """
     if not isinstance(record, dict):
         return f"not_a_dict: record is a {type(record).__name__}"
     if "messages" not in record or record["messages"] is None:
@@ -128,7 +131,7 @@ def validate(record: Any) -> str | None:
             n_assistant += 1
             if not content.strip():
                 return f"empty_assistant_content: message {i} is an empty assistant turn"
-    if n_assistant == 0:
+    if n_assistant == 0 and require_assistant:
         return "no_assistant_turn: no message has role 'assistant'"
     return None
 
@@ -168,7 +171,7 @@ def iter_records(config) -> Iterator[tuple[dict | None, Reject | None]]:
             yield None, (f"{rid}#dup{index}", f"duplicate_id: id {rid!r} appeared before (row {index})", source)
             continue
         seen.add(rid)
-        reason = validate(raw)
+        reason = validate(raw, require_assistant=config.mode != "generate")
         if reason is not None:
             yield None, (rid, reason, source)
             continue

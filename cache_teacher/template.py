@@ -144,10 +144,12 @@ class ChatTemplater:
         return Templated(record["id"], np.asarray(ids, np.int32), positions, record.get("source", ""), truncated)
 
     def prompt(self, record: dict) -> Templated:
-        """Generate mode: the conversation before its last assistant turn, ending in the generation prompt."""
+        """Generate mode: the conversation before its last assistant turn (all of it when it has none, or
+        ends with a user turn), ending in the generation prompt."""
         messages = record["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompt_messages = messages[:last]
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        ends_with_user = messages[-1]["role"] == "user"
+        prompt_messages = messages if (ends_with_user or not assistant) else messages[: assistant[-1]]
         if not any(m["role"] == "user" for m in prompt_messages):
             raise TemplateReject("no_prompt: no user turn before the last assistant turn")
         ids = _encode(self.tokenizer, _render(self.tokenizer, prompt_messages, add_generation_prompt=True))

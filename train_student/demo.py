@@ -75,6 +75,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, dataset: str
 
     s = QUICK if quick else FULL
     steps = steps or s.steps
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the demo's own output is the point
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
