@@ -105,3 +105,20 @@ def test_hot_table_orders_by_frequency():
     assert table.tolist() == [9, 2]  # 9 three times; 2 and 5 twice each, ties by id
     codes = C.IdCodes(table)
     np.testing.assert_array_equal(codes.decode(codes.encode(np.array([9, 2, 5, 1000]))), [9, 2, 5, 1000])
+
+
+def test_chunked_decode_equals_one_block(monkeypatch):
+    rng = np.random.default_rng(0)
+    n, k = 50, 6
+    ids = np.stack([rng.permutation(300)[:k] for _ in range(n)])
+    lps = -np.sort(rng.exponential(3.0, (n, k)), axis=1).astype(np.float32)
+    lps[::7, 3] = lps[::7, 2] - 9.0  # big deltas: escapes spread over the chunks
+    lps[::7, 4:] = lps[::7, 3:4] - 1.0
+    cfg = C.CodecConfig(k=k, mass=0.9)
+    codes = C.IdCodes(C.build_hot_table(ids, 16))
+    streams = C.encode_topk(ids, lps, cfg, codes)
+    whole = C.decode_topk(streams, cfg, codes)
+    monkeypatch.setattr(C, "DECODE_CHUNK", 7 * k)
+    chunked = C.decode_topk(streams, cfg, codes)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)
