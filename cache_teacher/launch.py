@@ -73,7 +73,8 @@ def launch_ray(config) -> Summary:
     finally:
         if own:
             ray.shutdown()
-    merge(config.out, worker_dirs(config))
+    if not (Path(config.out) / "manifest.json").exists():  # a rerun of a finished job: already merged
+        merge(config.out, worker_dirs(config))
     summary = Summary(out=str(config.out))
     for r in results:
         for key in ("examples", "positions", "tokens", "resumed", "inputs", "truncated"):
