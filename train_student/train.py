@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -63,6 +64,8 @@ class Trainer:
         self.data_state = None     # per-rank packer cursor to resume from
         self._stop_signal = False
         self._last_eval = -1       # step of the latest evaluation
+        self._old_sigterm = None
+        self.tb = None
 
     # ==== setup ===================================================================================
     def setup(self) -> None:
@@ -74,7 +77,8 @@ class Trainer:
         if ckpt is not None:
             self._load_checkpoint(ckpt)
         self._setup_logging()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _setup_distributed(self) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -410,7 +414,9 @@ class Trainer:
     def cleanup(self) -> None:
         if self.tb is not None:
             self.tb.close()
-        if self.distributed and dist.is_initialized():
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+        if getattr(self, "distributed", False) and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -429,5 +435,4 @@ def run(cfg: TrainConfig) -> int:
         trainer.setup()
         return trainer.train()
     finally:
-        if hasattr(trainer, "tb"):
-            trainer.cleanup()
+        trainer.cleanup()
