@@ -158,7 +158,7 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     bar = _progress(config)
     pending: list = []
 
-    def flush(writer) -> None:
+    def flush(io) -> None:
         nonlocal engine
         if not pending:
             return
@@ -167,12 +167,13 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
 
             engine = load_engine(config)
         t0 = time.perf_counter()
-        for example, tokens in _examples(config, pending, engine, stop_ids):
-            writer.write(example)
+        results = list(_examples(config, pending, engine, stop_ids))
+        summary.teacher_s += time.perf_counter() - t0
+        for example, tokens in results:
             summary.examples += 1
             summary.positions += example.num_targets
             summary.tokens += tokens
-        summary.teacher_s += time.perf_counter() - t0
+        io.write_batch([example for example, _ in results])
         if bar is not None:
             bar.update(len(pending))
             elapsed = time.perf_counter() - started
@@ -185,36 +186,43 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
                          shard_max_bytes=config.shard_max_bytes, row_group_positions=config.row_group_positions,
                          resume=config.resume) as writer:
             done = set(writer.done_ids)
-            for record, reject in iter_records(config):
-                summary.inputs += 1
-                if reject is not None:
-                    rid, reason, source = reject
-                    if rid in done:
+            io = _WriterThread(writer)
+            try:
+                for record, reject in iter_records(config):
+                    summary.inputs += 1
+                    if reject is not None:
+                        rid, reason, source = reject
+                        if rid in done:
+                            summary.resumed += 1
+                            continue
+                        io.reject(rid, reason, source)
+                        summary.rejects[reason.split(":")[0]] += 1
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    rid = record["id"]
+                    if config.mode == "generate":
+                        wanted = set(_sample_ids(rid, config.n)) - done
+                    else:
+                        wanted = set() if rid in done else {rid}
+                    if not wanted:
                         summary.resumed += 1
                         continue
-                    writer.reject(rid, reason, source=source)
-                    summary.rejects[reason.split(":")[0]] += 1
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                rid = record["id"]
-                wanted = set(_sample_ids(rid, config.n)) - done if config.mode == "generate" else (set() if rid in done else {rid})
-                if rid in done or not wanted:
-                    summary.resumed += 1
-                    continue
-                try:
-                    item = templater.score(record) if config.mode == "score" else templater.prompt(record)
-                except TemplateReject as exc:
-                    writer.reject(rid, exc.reason, source=record["source"])
-                    summary.rejects[exc.reason.split(":")[0]] += 1
-                    continue
-                if config.mode == "generate":
-                    item.wanted = wanted
-                summary.truncated += int(item.truncated)
-                pending.append(item)
-                if len(pending) >= config.batch_size:
-                    flush(writer)
-            flush(writer)
+                    try:
+                        item = templater.score(record) if config.mode == "score" else templater.prompt(record)
+                    except TemplateReject as exc:
+                        io.reject(rid, exc.reason, record["source"])
+                        summary.rejects[exc.reason.split(":")[0]] += 1
+                        continue
+                    if config.mode == "generate":
+                        item.wanted = wanted
+                    summary.truncated += int(item.truncated)
+                    pending.append(item)
+                    if len(pending) >= config.batch_size:
+                        flush(io)
+                flush(io)
+            finally:
+                io.drain()
         manifest = getattr(writer, "manifest", None) or {}
     finally:
         if bar is not None:
@@ -224,6 +232,45 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     summary.wall_s = time.perf_counter() - started
     summary.cache_bytes, summary.cache_positions = _cache_size(Path(config.out), manifest)
     return summary
+
+
+class _WriterThread:
+    """Every call on the cache writer, run in one background thread in submission order, so encoding and
+    compressing batch i overlaps the teacher's work on batch i + 1 (vLLM's engine runs in its own process;
+    numpy, zstd and Parquet release the GIL). At most one written batch waits; failures surface here."""
+
+    def __init__(self, writer):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer = writer
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
+        self.futures: list = []
+        self.last_batch = None
+
+    def _submit(self, fn, *args):
+        future = self.pool.submit(fn, *args)
+        self.futures.append(future)
+        while self.futures and self.futures[0].done():
+            self.futures.pop(0).result()  # raises a failed write here, in the main thread
+        return future
+
+    def reject(self, record_id: str, reason: str, source: str) -> None:
+        self._submit(self.writer.reject, record_id, reason, source)
+
+    def write_batch(self, examples: list) -> None:
+        if self.last_batch is not None:
+            self.last_batch.result()
+        self.last_batch = self._submit(self._write_all, examples)
+
+    def _write_all(self, examples: list) -> None:
+        for example in examples:
+            self.writer.write(example)
+
+    def drain(self) -> None:
+        self.pool.shutdown(wait=True)
+        futures, self.futures = self.futures, []
+        for future in futures:
+            future.result()
 
 
 def _cache_size(out: Path, manifest: dict) -> tuple[int, int]:
