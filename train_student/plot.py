@@ -25,6 +25,8 @@ def plot_runs(runs: list[str], out: str | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
 
     data = {str(r): read_metrics(r) for r in runs}
+    names = [Path(r).name for r in data]
+    label = {r: (Path(r).name if names.count(Path(r).name) == 1 else "/".join(Path(r).parts[-2:])) for r in data}
     out_dir = Path(out or runs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
@@ -33,7 +35,7 @@ def plot_runs(runs: list[str], out: str | None = None) -> list[Path]:
             pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and key in r]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="." if split == "eval" else None, label=Path(name).name)
+                ax.plot(xs, ys, marker="." if split == "eval" else None, label=label[name])
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -266,6 +266,7 @@ class Trainer:
                                         metrics["top1_agreement"].item() * batch.n_targets,
                                         batch.n_tokens, batch.n_targets], dtype=torch.float64)
             grad_norm = self._clip()
+            lr = self.scheduler.get_last_lr()[0]  # the rate of this update
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -279,7 +280,7 @@ class Trainer:
                 w = self._all_reduce(window.clone())
                 tok = max(w[5].item(), 1.0)
                 row = {"loss": w[0].item() / tok, "kd": w[1].item() / tok, "ce": w[2].item() / tok,
-                       "top1_agreement": w[3].item() / tok, "lr": self.scheduler.get_last_lr()[0],
+                       "top1_agreement": w[3].item() / tok, "lr": lr,
                        "grad_norm": grad_norm, "tokens_per_s": w[4].item() / max(step_s, 1e-9),
                        "data_wait_frac": wait_s / max(step_s, 1e-9), "tokens": int(w[4].item())}
                 self._log("train", row)
