@@ -180,3 +180,14 @@ def test_configs_in_repo_map_onto_the_dataclass():
         assert cfg.resolved_stages()
     two = make_config(REPO / "configs" / "train" / "two_stage.yaml", lr=1e-3)  # flags override the file
     assert two.lr == 1e-3 and [s.name for s in two.resolved_stages()] == ["generated", "human"]
+
+
+def test_dummy_eval_batch_is_harmless():
+    """Ranks without held-out data run this batch to keep FSDP's collectives in step: zero tokens, no NaN."""
+    from train_student.model import StudentLoss
+    from train_student.train import _dummy_batch
+
+    b = _dummy_batch()
+    loss, m = StudentLoss(make_model(seed=0))(b.input_ids, b.position_ids, b.topk_ids, b.topk_logprobs, b.labels,
+                                              loss_kwargs=dict(kd_weight=1.0, ce_weight=1.0, impl="chunked"))
+    assert b.n_targets == 0 and loss.item() == 0.0 and all(torch.isfinite(v) for v in m.values())
