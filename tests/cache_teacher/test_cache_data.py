@@ -11,7 +11,7 @@ from cache_teacher.config import make_config as make_raw_config
 from cache_teacher.data import iter_records, validate
 from formats.errors import InputError
 
-from conftest import make_config, write_jsonl
+from teacher_helpers import make_config, write_jsonl
 
 GOOD = {"id": "good", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 BAD = [
@@ -93,7 +93,7 @@ def test_config_file_and_flags(tmp_path):
 
 
 def test_config_files_load():
-    from conftest import REPO
+    from teacher_helpers import REPO
 
     files = sorted((REPO / "configs" / "cache").glob("*.yaml"))
     assert files

@@ -18,7 +18,7 @@ from cache_teacher.run import dry_run, run_cache
 from formats.manifest import load_manifest
 from formats.tools import verify_cache
 
-from conftest import REPO, make_config, write_jsonl
+from teacher_helpers import REPO, make_config, write_jsonl
 
 
 def read(path) -> dict:
