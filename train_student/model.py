@@ -16,7 +16,7 @@ from formats.errors import InputError
 
 log = logging.getLogger("train_student")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16-mixed": torch.float32}  # weights
 
 
 def load_student(name_or_path: str, *, dtype: str = "float32", attn_implementation: str | None = None):
@@ -85,19 +85,27 @@ class StudentLoss(nn.Module):
     """forward(batch tensors) -> (loss, metrics) for one packed sequence.
 
     input_ids, position_ids: [1, S]; topk_ids [S, K]; topk_logprobs [S, K]; labels [S].
+    autocast: None, or a dtype (bf16) the decoder runs in under torch.autocast; the LM head and the
+    loss then take hidden and weight in that dtype (kd_loss accumulates in fp32 anyway).
     """
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, autocast: torch.dtype | None = None):
         super().__init__()
         self.lm = lm
+        self.autocast = autocast
 
     def forward(self, input_ids, position_ids, topk_ids, topk_logprobs, labels, *, loss_kwargs: dict):
         from train_student.loss import kd_loss
 
-        out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
-                                    use_cache=False)
+        device = input_ids.device.type
+        with torch.autocast(device, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+                                        use_cache=False)
         hidden = out.last_hidden_state[0]                     # [S, D]
         weight = self.lm.get_output_embeddings().weight       # [V, D]
+        if hidden.dtype != weight.dtype or self.autocast is not None:
+            dtype = self.autocast or weight.dtype
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
         return kd_loss(hidden, weight, topk_ids, topk_logprobs, labels, **loss_kwargs)
 
 

@@ -9,6 +9,7 @@ SFT baseline on the same tokens:     ... --kd-weight 0 --ce-weight 1
 Multi-stage / YAML:                   kdcache train --config configs/train/two_stage.yaml
 DDP on N GPUs (or CPU processes):     torchrun --nproc-per-node N -m train_student train ...
 FSDP2 (students that don't fit):      torchrun --nproc-per-node N -m train_student train --fsdp ...
+On GPUs:                              ... --dtype bf16-mixed --impl fused [--attn-implementation flash_attention_2]
 Resume after preemption:              the same command with --resume
 
 Batching: each rank packs examples into one sequence of <= max_tokens tokens per micro-batch;
@@ -121,14 +122,18 @@ class Trainer:
         self.lm = prepare_student(lm, gradient_checkpointing=cfg.gradient_checkpointing).to(self.device)
         if cfg.compile:
             self.lm.get_decoder().compile()
-        module = StudentLoss(self.lm)
+        mixed = cfg.dtype == "bf16-mixed"
         self.fsdp = cfg.fsdp and self.distributed
+        module = StudentLoss(self.lm, autocast=torch.bfloat16 if mixed and not self.fsdp else None)
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            # bf16-mixed under FSDP2: bf16 parameters in forward/backward, fp32 gradient reduction
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None
+            kwargs = {"mp_policy": mp} if mp else {}
             for layer in self.lm.get_decoder().layers:
-                fully_shard(layer)
-            fully_shard(module)
+                fully_shard(layer, **kwargs)
+            fully_shard(module, **kwargs)
         elif self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
