@@ -40,8 +40,9 @@ class HFEngine:
         self.version = transformers.__version__
         self.torch = torch
         dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(config.teacher, revision=config.revision, dtype=dtype)
-        self.model.eval()
+        self.model.to(self.device).eval()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
 
     def info(self) -> dict:
@@ -63,8 +64,9 @@ class HFEngine:
         k = min(k, logprobs.shape[-1])
         top_lp, top_ids = torch.topk(logprobs, k, dim=-1)
         act_lp = logprobs.gather(1, actual[:, None])[:, 0]
-        return Scored(top_ids.to(torch.int32).numpy(), top_lp.numpy().astype(np.float32),
-                      act_lp.numpy().astype(np.float32), rank_of(logprobs, act_lp).to(torch.int32).numpy())
+        ranks = rank_of(logprobs, act_lp)
+        return Scored(top_ids.to(torch.int32).cpu().numpy(), top_lp.cpu().numpy().astype(np.float32),
+                      act_lp.cpu().numpy().astype(np.float32), ranks.to(torch.int32).cpu().numpy())
 
     def score(self, items, config=None) -> list[Scored]:
         """Teacher-forced top-k at each item's target positions, in item order."""
@@ -82,10 +84,12 @@ class HFEngine:
                     n = len(items[i].input_ids)
                     ids[row, :n] = torch.from_numpy(items[i].input_ids.astype(np.int64))
                     mask[row, :n] = 1
+                ids, mask = ids.to(self.device), mask.to(self.device)
                 hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, H]
                 rows = [np.full(len(items[i].target_positions), r) for r, i in enumerate(batch)]
                 cols = [items[i].target_positions.astype(np.int64) - 1 for i in batch]  # col t predicts t + 1
-                rows_t, cols_t = torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(cols))
+                rows_t = torch.from_numpy(np.concatenate(rows)).to(self.device)
+                cols_t = torch.from_numpy(np.concatenate(cols)).to(self.device)
                 logits = head(hidden[rows_t, cols_t])  # [N_total, V]
                 scored = self._topk(logits, ids[rows_t, cols_t + 1], c.k)
                 start = 0
@@ -114,7 +118,7 @@ class HFEngine:
         with torch.inference_mode():
             for item in items:
                 torch.manual_seed(stable_hash(item.id, f"sample:{c.seed}") % (2**31))
-                prompt = torch.from_numpy(item.input_ids.astype(np.int64))[None]
+                prompt = torch.from_numpy(item.input_ids.astype(np.int64))[None].to(self.device)
                 out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gen_config)
                 logits = torch.stack(out.logits, dim=1)  # [n, G, V] raw logits
                 samples = []
@@ -124,7 +128,7 @@ class HFEngine:
                     length = stops[0] + 1 if stops else len(tokens)
                     tokens = tokens[:length]
                     scored = self._topk(logits[j, :length], tokens, c.k)
-                    samples.append(Generated(tokens.to(torch.int32).numpy(), scored, "stop" if stops else "length"))
+                    samples.append(Generated(tokens.to(torch.int32).cpu().numpy(), scored, "stop" if stops else "length"))
                 results.append(samples)
         return results
 
