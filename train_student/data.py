@@ -141,7 +141,10 @@ class ExampleStream:
             raise InputError(f"checkpoint was made with {len(state['readers'])} caches in this stage, "
                              f"the config has {len(self.readers)}; resume with the same caches")
         for reader, s in zip(self.readers, state["readers"]):
-            reader.load_state_dict(s)
+            try:
+                reader.load_state_dict(s)
+            except ValueError as exc:  # a different cache, seed, shuffle or number of processes
+                raise InputError(f"cannot resume reading {reader.path}: {exc}") from None
         self._turn, self._done, self._iters = state["turn"], list(state["done"]), None
 
 

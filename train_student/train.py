@@ -435,7 +435,9 @@ def _dummy_batch() -> PackedBatch:
 
 def run(cfg: TrainConfig) -> int:
     """setup -> train -> cleanup (the `kdcache train` entry)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main = os.environ.get("RANK", "0") == "0"  # other ranks log warnings only
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trainer = Trainer(cfg)
     try:
         trainer.setup()

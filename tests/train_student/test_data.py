@@ -140,3 +140,15 @@ def test_thin_signal_warns(tiny, caplog):
         info = check_signal(CacheReader(tiny["cache"]), "c")
     assert info["k"] == K and "k=8" in caplog.text
     assert 0.0 <= info["mean_tail_mass"] < 0.3
+
+
+def test_resuming_with_other_reader_settings_is_refused(tiny):
+    p = Packer(ExampleStream([CacheReader(tiny["cache"], shuffle=True, seed=3)]), max_tokens=100, k=K)
+    next(p)
+    state = p.state_dict()
+    other = Packer(ExampleStream([CacheReader(tiny["cache"], shuffle=True, seed=4)]), max_tokens=100, k=K)
+    with pytest.raises(InputError, match="seed"):
+        other.load_state_dict(state)
+    two = Packer(ExampleStream([CacheReader(tiny["cache"]), CacheReader(tiny["cache"])]), max_tokens=100, k=K)
+    with pytest.raises(InputError, match="2 caches|1 caches"):
+        two.load_state_dict(state)
