@@ -106,6 +106,11 @@ class CacheConfig:
             raise InputError(f"max_examples={self.max_examples} must be >= 0")
         if self.n < 1 or self.max_new_tokens < 1:
             raise InputError("n and max_new_tokens must be >= 1")
+        if self.max_model_len is not None and self.max_length is not None:
+            need = self.max_length + (self.max_new_tokens if self.mode == "generate" else 1)
+            if self.max_model_len < need:
+                raise InputError(f"max_model_len={self.max_model_len} is too short for max_length={self.max_length} "
+                                 f"({need} tokens needed in {self.mode} mode); raise it or lower max_length")
         if self.batch_size < 1 or self.hf_batch_tokens < 1:
             raise InputError("batch_size and hf_batch_tokens must be >= 1")
         return self

@@ -145,6 +145,8 @@ def test_generate_mode_and_export(tiny_dir, tiny_engine, rows_path, tmp_path):
     again = make_config(**{**config.to_dict(), "out": str(tmp_path / "gen2")})
     run_cache(again, engine=tiny_engine)
     assert all(np.array_equal(ex.input_ids, read(tmp_path / "gen2")[key].input_ids) for key, ex in examples.items())
+    rerun = run_cache(config, engine=tiny_engine)  # a finished generate-mode cache: nothing to do
+    assert rerun.examples == 0 and rerun.resumed == 3
     n = export_sft(tmp_path / "gen", tmp_path / "sft.jsonl", keep_length=True)
     records = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert n == len(records) > 0
