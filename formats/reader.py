@@ -162,6 +162,25 @@ class CacheReader:
         finally:
             stop.set()
 
+    def batches(self, batch_size: int, as_torch: bool = False):
+        """Padded batches of `batch_size` examples (formats.batch.collate); the last may be smaller.
+
+        The cursor (state_dict) advances per example, so a checkpoint taken between batches resumes
+        at the next batch.
+        """
+        from formats.batch import collate
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        pending = []
+        for ex in self:
+            pending.append(ex)
+            if len(pending) == batch_size:
+                yield collate(pending, as_torch)
+                pending = []
+        if pending:
+            yield collate(pending, as_torch)
+
     # ---- cursor -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "unit": self._unit_pos, "row": self._row_pos, "seed": self.seed,

@@ -85,3 +85,21 @@ def test_loads_with_ordinary_tools(cache, examples):
     d = datasets.load_dataset("parquet", data_files=str(cache / "*.parquet"), split="train")
     assert len(d) == len(examples) and set(d.column_names) >= {"id", "source", "input_ids", "target_starts"}
     assert (cache / "README.md").read_text().startswith("---\nconfigs:")
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_batches(cache, examples, as_torch):
+    if as_torch:
+        pytest.importorskip("torch")
+    batches = list(CacheReader(cache).batches(7, as_torch=as_torch))
+    assert [len(b["ids"]) for b in batches] == [7] * 5 + [5]
+    b = batches[1]
+    ex = examples[8]
+    row = b["ids"].index(ex.id)
+    L = len(ex.input_ids)
+    assert np.asarray(b["input_ids"][row, :L]).tolist() == ex.input_ids.tolist()
+    assert bool(b["attention_mask"][row, :L].all()) and not bool(b["attention_mask"][row, L:].any())
+    sel = np.asarray(b["target_batch"]) == row
+    assert np.asarray(b["target_position"])[sel].tolist() == ex.target_positions.tolist()
+    assert np.asarray(b["topk_ids"])[sel].tolist() == ex.topk_ids.tolist()
+    assert (np.asarray(b["labels"][row]) != -100).sum() == ex.num_targets
