@@ -192,3 +192,50 @@ def test_dummy_eval_batch_is_harmless():
     loss, m = StudentLoss(make_model(seed=0))(b.input_ids, b.position_ids, b.topk_ids, b.topk_logprobs, b.labels,
                                               loss_kwargs=dict(kd_weight=1.0, ce_weight=1.0, impl="chunked"))
     assert b.n_targets == 0 and loss.item() == 0.0 and all(torch.isfinite(v) for v in m.values())
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", [2, 4])  # inside stage one; inside stage two
+def test_multistage_crash_and_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch, crash_at):
+    """In-process: a crash right after a checkpoint, then --resume, ends with the same weights."""
+    from train_student import checkpoint
+
+    def cfg(out):
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(f"""
+student: {tiny['student']}
+out: {tmp_path / out}
+max_tokens: 80
+grad_accum: 2
+eval_fraction: 0.2
+lr: 0.003
+warmup_steps: 1
+save_every: 2
+log_every: 1
+stages:
+  - {{name: one, cache: {tiny['cache']}, steps: 3, epochs: 0, temperature: 2.0}}
+  - {{name: two, cache: [{tiny['cache']}, {tiny['cache']}], steps: 3, epochs: 0, kd_weight: 0.5, ce_weight: 0.5,
+     max_examples: 30}}
+""")
+        return ["train", "--config", str(path), "--no-progress", "--no-tensorboard"]
+
+    assert train_main(cfg("straight")) == 0
+    orig = checkpoint.save
+
+    def crashing_save(*a, **kw):
+        out = orig(*a, **kw)
+        if kw["step"] == crash_at:
+            raise _Crash
+        return out
+
+    monkeypatch.setattr(checkpoint, "save", crashing_save)
+    with pytest.raises(_Crash):
+        train_main(cfg("crashed"))
+    monkeypatch.setattr(checkpoint, "save", orig)
+    assert train_main(cfg("crashed") + ["--resume"]) == 0
+    _assert_same_weights(final_weights(tmp_path / "crashed"), final_weights(tmp_path / "straight"))
+    steps = [(r["stage"], r["step"]) for r in read_metrics(tmp_path / "crashed") if r["split"] == "train"]
+    assert steps == [("one", 1), ("one", 2), ("one", 3), ("two", 4), ("two", 5), ("two", 6)]
