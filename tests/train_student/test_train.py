@@ -2,7 +2,6 @@
 process, SFT and multi-stage recipes, pruned students, refusals, plots."""
 from __future__ import annotations
 
-import json
 import signal
 
 import pytest
