@@ -179,6 +179,37 @@ def iter_records(config) -> Iterator[tuple[dict | None, Reject | None]]:
         yield {"id": rid, "messages": messages, "source": source}, None
 
 
+def expected_inputs(config) -> int | None:
+    """About how many records this worker will see (for the progress bar's ETA); None when unknown."""
+    if config.sources:
+        return None  # the filter's yield is unknown until read
+    try:
+        files = local_files(config.dataset)
+        if files is not None:
+            total = 0
+            for path in files:
+                if path.suffix == ".parquet":
+                    import pyarrow.parquet as pq
+
+                    total += pq.ParquetFile(path).metadata.num_rows
+                elif path.suffix == ".jsonl":
+                    with path.open("rb") as fh:
+                        total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
+                else:
+                    return None
+        else:
+            import datasets
+
+            builder = datasets.load_dataset_builder(config.dataset, revision=config.dataset_revision)
+            total = builder.info.splits[config.split].num_examples
+    except Exception:  # only an estimate: never fail a run over it
+        return None
+    total = int(total * config.fraction)
+    if config.max_examples is not None:
+        total = min(total, config.max_examples)
+    return -(-total // config.num_workers)
+
+
 def describe(config) -> dict[str, Any]:
     """The manifest's `dataset` entry: what was read and how it was filtered."""
     files = local_files(config.dataset)

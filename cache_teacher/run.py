@@ -194,6 +194,8 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
                         rid, reason, source = reject
                         if rid in done:
                             summary.resumed += 1
+                            if bar is not None:
+                                bar.update(1)
                             continue
                         io.reject(rid, reason, source)
                         summary.rejects[reason.split(":")[0]] += 1
@@ -207,12 +209,16 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
                         wanted = set() if rid in done else {rid}
                     if not wanted:
                         summary.resumed += 1
+                        if bar is not None:
+                            bar.update(1)
                         continue
                     try:
                         item = templater.score(record) if config.mode == "score" else templater.prompt(record)
                     except TemplateReject as exc:
                         io.reject(rid, exc.reason, record["source"])
                         summary.rejects[exc.reason.split(":")[0]] += 1
+                        if bar is not None:
+                            bar.update(1)
                         continue
                     if config.mode == "generate":
                         item.wanted = wanted
@@ -285,11 +291,15 @@ def _cache_size(out: Path, manifest: dict) -> tuple[int, int]:
 
 
 def _progress(config):
+    """A tqdm bar over input records (written, rejected or done earlier), with an ETA when the input size
+    is known; the postfix adds tokens/s."""
     if not config.progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.max_examples, unit="ex", desc=f"teacher {config.mode}", dynamic_ncols=True)
+    from cache_teacher.data import expected_inputs
+
+    return tqdm(total=expected_inputs(config), unit="ex", desc=f"teacher {config.mode}", dynamic_ncols=True)
 
 
 def dry_run(config, tokenizer=None) -> Summary:
