@@ -1,7 +1,7 @@
 """The transformers teacher engine: forward + log-softmax + top-k, for CPU-only runs and as the
 reference the vLLM engine is checked against. Same outputs as `VLLMEngine`.
 
-Score mode packs consecutive records into right-padded batches of at most `hf_batch_tokens` padded
+Score mode packs records of similar length into right-padded batches of at most `hf_batch_tokens` padded
 tokens and applies the LM head only at the trained positions (the full [B, L, V] logits of a 4k-token
 batch would be 800 MB). Generate mode samples with `model.generate`, one prompt (n sequences) at a
 time, and takes the top-k from the raw (unprocessed) logits of each step.
@@ -15,10 +15,10 @@ from cache_teacher.engines.base import Generated, Scored, rank_of
 
 
 def _batches(items, max_tokens: int):
-    """Consecutive runs of items whose padded size (count x longest) stays within max_tokens."""
+    """Index lists of items, by length (less padding), each of padded size (count x longest) <= max_tokens."""
     batch, longest = [], 0
-    for i, item in enumerate(items):
-        n = len(item.input_ids)
+    for i in sorted(range(len(items)), key=lambda j: len(items[j].input_ids)):
+        n = len(items[i].input_ids)
         if batch and max(longest, n) * (len(batch) + 1) > max_tokens:
             yield batch
             batch, longest = [], 0
