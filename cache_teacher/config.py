@@ -111,6 +111,10 @@ class CacheConfig:
             if self.max_model_len < need:
                 raise InputError(f"max_model_len={self.max_model_len} is too short for max_length={self.max_length} "
                                  f"({need} tokens needed in {self.mode} mode); raise it or lower max_length")
+        if (self.launcher == "ray" and self.engine == "vllm" and self.gpus_per_worker
+                and self.gpus_per_worker < self.tensor_parallel_size):
+            raise InputError(f"gpus_per_worker={self.gpus_per_worker} is less than tensor_parallel_size="
+                             f"{self.tensor_parallel_size}: each Ray worker needs a GPU per tensor-parallel rank")
         if self.batch_size < 1 or self.hf_batch_tokens < 1:
             raise InputError("batch_size and hf_batch_tokens must be >= 1")
         return self

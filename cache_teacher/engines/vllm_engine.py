@@ -58,6 +58,9 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         if config.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+        if config.tensor_parallel_size > 1:
+            # one worker = one node's GPUs; inside a Ray task vLLM would otherwise pick its Ray backend
+            kwargs["distributed_executor_backend"] = "mp"
         self.llm = vllm.LLM(**{key: value for key, value in kwargs.items() if value is not None})
 
     def info(self) -> dict:
