@@ -188,44 +188,23 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
             done = set(writer.done_ids)
             io = _WriterThread(writer)
             try:
-                for record, reject in iter_records(config):
+                # templating runs ahead in a thread while the engine works on the previous batch
+                for kind, value in _prefetch(_prepared(config, templater, done), 2 * config.batch_size):
                     summary.inputs += 1
-                    if reject is not None:
-                        rid, reason, source = reject
-                        if rid in done:
-                            summary.resumed += 1
-                            if bar is not None:
-                                bar.update(1)
-                            continue
+                    if kind == "item":
+                        summary.truncated += int(value.truncated)
+                        pending.append(value)
+                        if len(pending) >= config.batch_size:
+                            flush(io)
+                        continue
+                    if kind == "reject":
+                        rid, reason, source = value
                         io.reject(rid, reason, source)
                         summary.rejects[reason.split(":")[0]] += 1
-                        if bar is not None:
-                            bar.update(1)
-                        continue
-                    rid = record["id"]
-                    if config.mode == "generate":
-                        wanted = set(_sample_ids(rid, config.n)) - done
                     else:
-                        wanted = set() if rid in done else {rid}
-                    if not wanted:
                         summary.resumed += 1
-                        if bar is not None:
-                            bar.update(1)
-                        continue
-                    try:
-                        item = templater.score(record) if config.mode == "score" else templater.prompt(record)
-                    except TemplateReject as exc:
-                        io.reject(rid, exc.reason, record["source"])
-                        summary.rejects[exc.reason.split(":")[0]] += 1
-                        if bar is not None:
-                            bar.update(1)
-                        continue
-                    if config.mode == "generate":
-                        item.wanted = wanted
-                    summary.truncated += int(item.truncated)
-                    pending.append(item)
-                    if len(pending) >= config.batch_size:
-                        flush(io)
+                    if bar is not None:
+                        bar.update(1)
                 flush(io)
             finally:
                 io.drain()
@@ -238,6 +217,69 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     summary.wall_s = time.perf_counter() - started
     summary.cache_bytes, summary.cache_positions = _cache_size(Path(config.out), manifest)
     return summary
+
+
+def _prepared(config, templater, done: set[str]):
+    """Each input record as ("item", Templated), ("reject", (id, reason, source)) or ("resumed", id)."""
+    for record, reject in iter_records(config):
+        if reject is not None:
+            yield ("resumed", reject[0]) if reject[0] in done else ("reject", reject)
+            continue
+        rid = record["id"]
+        if config.mode == "generate":
+            wanted = set(_sample_ids(rid, config.n)) - done
+        else:
+            wanted = set() if rid in done else {rid}
+        if not wanted:
+            yield "resumed", rid
+            continue
+        try:
+            item = templater.score(record) if config.mode == "score" else templater.prompt(record)
+        except TemplateReject as exc:
+            yield "reject", (rid, exc.reason, record["source"])
+            continue
+        if config.mode == "generate":
+            item.wanted = wanted
+        yield "item", item
+
+
+def _prefetch(iterable, size: int):
+    """Iterate `iterable` in a background thread, up to `size` items ahead; its exceptions re-raise here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, size))
+    end = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for value in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(value, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="kdcache-template", daemon=True)
+    thread.start()
+    try:
+        while True:
+            value = q.get()
+            if value is end:
+                return
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 class _WriterThread:
