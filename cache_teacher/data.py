@@ -19,20 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from formats.errors import InputError
+from formats.ids import keep_fraction, stable_hash  # noqa: F401  (re-exported: engines use stable_hash)
 
 ROLES = ("system", "user", "assistant", "tool")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 Reject = tuple[str, str, str]  # (id, reason, source)
-
-
-def stable_hash(text: str, salt: str) -> int:
-    """64-bit hash of `text`, independent of the Python process (unlike hash())."""
-    return int.from_bytes(hashlib.blake2b(f"{salt}\0{text}".encode(), digest_size=8).digest(), "big")
-
-
-def keep_fraction(record_id: str, fraction: float, seed: int) -> bool:
-    return fraction >= 1.0 or stable_hash(record_id, f"fraction:{seed}") < fraction * 2**64
 
 
 def worker_of(record_id: str, num_workers: int) -> int:

@@ -44,7 +44,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add(g, "--cache", "teacher cache folder or URL; repeat to mix caches round-robin", action="append", metavar="DIR")
     _add(g, "--steps", "optimizer steps (default: until the data runs out)", type=int)
     _add(g, "--epochs", "passes over the cache (0 = repeat until --steps)", type=int)
-    _add(g, "--max-examples", "use only the first N examples of each cache (data-size sweeps)", type=int, metavar="N")
+    _add(g, "--max-examples", "use only the first N examples of each cache, in cache order", type=int, metavar="N")
+    _add(g, "--fraction", "train on a deterministic, nested subsample of the examples (hash of the record id; "
+         "the same records `kdcache cache --fraction F` keeps): data-size sweeps", type=float, metavar="F")
     _add(g, "--max-tokens", "tokens per packed sequence (one micro-batch per process)", type=int, metavar="N")
     _add(g, "--grad-accum", "micro-batches per optimizer step and process", type=int, metavar="N")
     _add(g, "--eval-fraction", "share of example ids held out for evaluation (by hash of the id)", type=float,

@@ -31,7 +31,8 @@ class Stage:
     cache: list[str] = field(default_factory=list)  # cache folders/URLs, mixed round-robin by example
     steps: int | None = None        # optimizer steps in this stage; None = until the data runs out
     epochs: int | None = 1          # passes over the caches (0 or None = repeat until `steps`)
-    max_examples: int | None = None  # per cache, for data-size sweeps
+    max_examples: int | None = None  # per cache, for data-size sweeps (a prefix in cache order)
+    fraction: float = 1.0           # deterministic, nested subsample of the training examples (by id hash)
     kd_weight: float = 1.0          # weight of tau^2 * KL(teacher || student); 0 = SFT on the same tokens
     ce_weight: float = 0.0          # weight of the next-token cross-entropy
     temperature: float = 1.0        # KD temperature tau
@@ -85,6 +86,7 @@ class TrainConfig:
     steps: int | None = None
     epochs: int | None = 1
     max_examples: int | None = None
+    fraction: float = 1.0
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     temperature: float = 1.0
@@ -129,6 +131,8 @@ class TrainConfig:
                 raise InputError(f"{where}: tail must be one of {TAILS}, got {s.tail!r}")
             if s.kd_weight < 0 or s.ce_weight < 0 or s.kd_weight + s.ce_weight == 0:
                 raise InputError(f"{where}: need kd_weight, ce_weight >= 0, not both 0")
+            if not 0.0 < s.fraction <= 1.0:
+                raise InputError(f"{where}: fraction must be in (0, 1], got {s.fraction}")
             if s.temperature <= 0:
                 raise InputError(f"{where}: temperature must be > 0, got {s.temperature}")
             if s.steps is None and not s.epochs:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from formats import CacheReader, Example
+from formats.ids import keep_fraction, record_id
 from formats.errors import InputError
 
 log = logging.getLogger("train_student")
@@ -44,7 +45,8 @@ def is_eval(example_id: str, eval_fraction: float) -> bool:
     ranks, shard layouts and caches that share ids."""
     if eval_fraction <= 0:
         return False
-    h = int.from_bytes(hashlib.blake2b(example_id.encode(), digest_size=8).digest(), "big")
+    # Samples of one prompt (generate mode: `<id>#s<j>`) fall on the same side of the split.
+    h = int.from_bytes(hashlib.blake2b(record_id(example_id).encode(), digest_size=8).digest(), "big")
     return h / 2**64 < eval_fraction
 
 
@@ -99,10 +101,14 @@ def check_signal(reader: CacheReader, where: str, sample: int = 64) -> dict:
 class ExampleStream:
     """Examples of one split from one or more readers, mixed round-robin, with an exact cursor."""
 
-    def __init__(self, readers: list[CacheReader], *, split: str = "train", eval_fraction: float = 0.0):
+    def __init__(self, readers: list[CacheReader], *, split: str = "train", eval_fraction: float = 0.0,
+                 fraction: float = 1.0):
         if split not in ("train", "eval", "all"):
             raise ValueError(f"split must be train, eval or all, got {split!r}")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.readers, self.split, self.eval_fraction = readers, split, eval_fraction
+        self.fraction = fraction  # training subsample (data-size sweeps); never applied to the held-out split
         self._turn = 0
         self._done = [False] * len(readers)
         self._iters: list | None = None
@@ -110,7 +116,11 @@ class ExampleStream:
     def _keep(self, ex: Example) -> bool:
         if self.split == "all":
             return True
-        return is_eval(ex.id, self.eval_fraction) == (self.split == "eval")
+        held_out = is_eval(ex.id, self.eval_fraction)
+        if self.split == "eval":
+            return held_out
+        # the same nested subsample as `kdcache cache --fraction F` (seed 0) takes of the records
+        return not held_out and keep_fraction(record_id(ex.id), self.fraction, 0)
 
     def __iter__(self):
         return self

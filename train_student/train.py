@@ -355,7 +355,7 @@ class Trainer:
         readers = open_readers(stage.cache, rank=self.rank, world_size=self.world, shuffle=self.cfg.shuffle,
                                seed=self.cfg.seed + self.stage_idx, epochs=stage.epochs or None,
                                max_examples=stage.max_examples)
-        stream = ExampleStream(readers, split="train", eval_fraction=self.cfg.eval_fraction)
+        stream = ExampleStream(readers, split="train", eval_fraction=self.cfg.eval_fraction, fraction=stage.fraction)
         return Packer(stream, max_tokens=self.cfg.max_tokens, k=cache_k(readers))
 
     def _no_sync(self, skip_sync: bool):

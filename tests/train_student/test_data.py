@@ -152,3 +152,28 @@ def test_resuming_with_other_reader_settings_is_refused(tiny):
     two = Packer(ExampleStream([CacheReader(tiny["cache"]), CacheReader(tiny["cache"])]), max_tokens=100, k=K)
     with pytest.raises(InputError, match="2 caches|1 caches"):
         two.load_state_dict(state)
+
+
+def test_fraction_subsamples_are_nested_and_disjoint_from_eval(tmp_path):
+    from formats import CacheReader
+    from formats.ids import record_id
+    from train_student.data import ExampleStream, is_eval
+    import numpy as np
+
+    from formats import CacheWriter, CodecConfig, Example
+
+    cache = tmp_path / "c"
+    with CacheWriter(cache, codec=CodecConfig(k=2)) as w:
+        for i in range(60):
+            w.write(Example(id=f"r{i}", input_ids=np.arange(5, dtype=np.int32), target_positions=np.array([3, 4], np.int32),
+                            topk_ids=np.array([[1, 2], [3, 4]], np.int32), topk_logprobs=np.full((2, 2), -1.0, np.float32),
+                            target_logprobs=np.full(2, -1.0, np.float32), target_ranks=np.ones(2, np.int32)))
+    def ids(fraction):
+        return {ex.id for ex in ExampleStream([CacheReader(cache)], split="train", eval_fraction=0.2, fraction=fraction)}
+    small, big, full = ids(0.3), ids(0.6), ids(1.0)
+    assert small < big < full
+    assert not any(is_eval(i, 0.2) for i in full)
+    held = {ex.id for ex in ExampleStream([CacheReader(cache)], split="eval", eval_fraction=0.2, fraction=0.3)}
+    assert held and held.isdisjoint(full) and len(held | full) == 60
+    assert is_eval("abc#s1", 0.5) == is_eval("abc#s0", 0.5) == is_eval("abc", 0.5)
+    assert record_id("x#s12") == "x" and record_id("x#dup3") == "x#dup3"
