@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         args.args = list(getattr(args, "args", [])) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return dispatch(parser, args, "kdcache")
+
+
+def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, prog: str) -> int:
+    """Run the chosen subcommand; user errors (KDCacheError) print one line, not a traceback."""
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KDCacheError as exc:
-        print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 

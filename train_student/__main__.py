@@ -18,17 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     from train_student.cli import register
 
     register(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    from formats.errors import KDCacheError
+    from kdcache_cli import dispatch
 
-    try:
-        return int(args.func(args) or 0)
-    except KDCacheError as exc:
-        print(f"train_student {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    return dispatch(parser, parser.parse_args(argv), "train_student")
 
 
 if __name__ == "__main__":
