@@ -33,7 +33,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings(prompts=36, n=2, max_examples=64, max_new_tokens=160, max_length=768, k=64,
-                    keep_layers=[0, 6, 12, 18, 24, 29], steps=60, max_tokens=1024, eval_every=10, lr=3e-4)
+                    keep_layers=[0, 6, 12, 18, 24, 29], steps=40, max_tokens=1024, eval_every=10, lr=3e-4)
 QUICK = DemoSettings(prompts=10, n=2, max_examples=12, max_new_tokens=40, max_length=256, k=16,
                      keep_layers=[0, 15, 29], steps=6, max_tokens=256, eval_every=3, lr=5e-4)
 

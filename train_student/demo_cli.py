@@ -14,7 +14,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); rerunning resumes the cache")
     p.add_argument("--quick", action="store_true", help="a much smaller run (a few minutes; used by the tests)")
     p.add_argument("--dataset", help="a local .jsonl/.json/.parquet chat dataset (or hub id) to score instead")
-    p.add_argument("--steps", type=int, help="training steps of each student (default 60; --quick: 6)")
+    p.add_argument("--steps", type=int, help="training steps of each student (default 40; --quick: 6)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("report", help="compare finished training runs: one markdown table and one PNG",
