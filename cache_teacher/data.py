@@ -202,6 +202,16 @@ def expected_inputs(config) -> int | None:
     return -(-total // config.num_workers)
 
 
+def _hub_commit(name: str) -> str | None:
+    """The commit a hub dataset id resolves to now (best effort: None offline)."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name).sha
+    except Exception:
+        return None
+
+
 def describe(config) -> dict[str, Any]:
     """The manifest's `dataset` entry: what was read and how it was filtered."""
     files = local_files(config.dataset)
@@ -215,7 +225,7 @@ def describe(config) -> dict[str, Any]:
         revision = "sha256:" + digest.hexdigest()
         split = config.split
     else:
-        revision, split = config.dataset_revision, config.split
+        revision, split = config.dataset_revision or _hub_commit(config.dataset), config.split
     return {
         "name": config.dataset,
         "split": split,
