@@ -53,7 +53,10 @@ class Templated:
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # a template's raise_exception (e.g. roles must alternate): reject the record
+        raise TemplateReject(f"template_error: {type(exc).__name__}: {exc}") from None
     if not isinstance(text, str):  # some versions return a list for batched input
         text = text[0]
     return text

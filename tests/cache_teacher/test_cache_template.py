@@ -65,6 +65,10 @@ def test_other_templates(tokenizer):
                          "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(TemplateReject, match="^template_not_incremental"):
         ChatTemplater(tok).score(record)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
+                         "{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    with pytest.raises(TemplateReject, match="^template_error: .*no tools"):
+        ChatTemplater(tok).score({**record, "messages": [{"role": "tool", "content": "x"}] + messages})
 
 
 def test_generate_prompt_and_fingerprint(tokenizer, sample_rows):
