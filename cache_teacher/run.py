@@ -126,7 +126,7 @@ def _examples(config, items, engine, stop_ids):
                           meta={"truncated": True} if item.truncated else {}), len(item.input_ids)
         return
     for item, samples in zip(items, engine.generate(items, stop_ids, config)):
-        wanted = getattr(item, "wanted", None)
+        wanted = item.wanted
         for j, (sid, g) in enumerate(zip(_sample_ids(item.id, config.n), samples)):
             if wanted is not None and sid not in wanted:
                 continue

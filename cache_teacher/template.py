@@ -50,6 +50,7 @@ class Templated:
     source: str = ""
     truncated: bool = False
     messages: list | None = None  # generate mode: the prompt messages (for export-sft)
+    wanted: set | None = None  # generate mode: the sample ids still to write (all but resumed ones)
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
