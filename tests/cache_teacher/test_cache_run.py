@@ -152,3 +152,15 @@ def test_generate_mode_and_export(tiny_dir, tiny_engine, rows_path, tmp_path):
     assert n == len(records) > 0
     for r in records:
         assert validate(r) is None and r["messages"][-1]["role"] == "assistant"
+
+
+def test_cli_dry_run_and_config_file(tiny_dir, rows_path, tmp_path, capsys):
+    import kdcache_cli
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"teacher: {tiny_dir}\ndataset: {rows_path}\nk: 16\nmax_length: 128\n")
+    assert kdcache_cli.main(["cache", "--config", str(cfg), "--dry-run", "--max-length", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run over 24 inputs" in out and "B/position at k=16" in out and "estimated teacher time" in out
+    assert kdcache_cli.main(["cache", "--config", str(cfg)]) == 1  # no --out: a one-line InputError
+    assert "no output folder" in capsys.readouterr().err
