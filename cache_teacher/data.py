@@ -79,7 +79,11 @@ class _BadJSON:
 
 
 def _read_hub(config) -> Iterator[Any]:
-    import datasets
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise InputError(f"{config.dataset!r} is not a local file or folder, and reading hub datasets needs the "
+                         "`datasets` package (pip install datasets)") from None
 
     try:
         ds = datasets.load_dataset(
