@@ -92,6 +92,10 @@ class CacheConfig:
             raise InputError("no teacher: pass --teacher DIR_OR_HUB_ID (kdcache prepare-teacher makes one)")
         if not self.out and not self.dry_run:
             raise InputError("no output folder: pass --out DIR")
+        for what, name in (("dataset", self.dataset), ("teacher", self.teacher)):
+            if _looks_local(name) and not Path(name).expanduser().exists():
+                raise InputError(f"{what} {name!r} does not exist: give an existing local "
+                                 f"{'file or folder' if what == 'dataset' else 'checkpoint folder'} or a hub id")
         if self.k < 1:
             raise InputError(f"k={self.k} must be >= 1")
         if self.mass is not None and not 0.0 < self.mass <= 1.0:
@@ -128,6 +132,11 @@ class CacheConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(CacheConfig)}
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id (`org/name`): absolute, relative with ./ ../ ~, or a data file."""
+    return name.startswith(("/", "./", "../", "~")) or name.endswith((".jsonl", ".json", ".parquet"))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -63,9 +63,22 @@ class Summary:
 
 
 def load_tokenizer(config):
+    import os
+
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(config.tokenizer_path, revision=config.revision if not config.tokenizer else None)
+    from formats.errors import InputError
+
+    name = config.tokenizer_path
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=config.revision if not config.tokenizer else None)
+    except (OSError, ValueError) as exc:  # a missing folder, no hub access, a typo in the id
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise InputError(
+            f"cannot load the tokenizer of {name!r}: {str(exc).splitlines()[0]} — give a local checkpoint folder "
+            "(`kdcache prepare-teacher smollm2-135m-instruct --out DIR` makes the offline one) or a hub id"
+            + (" (HF_HUB_OFFLINE=1 is set: only locally cached hub models load)" if offline else "")
+        ) from None
 
 
 def engine_info(config) -> dict:

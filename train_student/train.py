@@ -92,6 +92,10 @@ class Trainer:
             self.device = torch.device("cuda", local)
         else:
             self.device = torch.device(device)
+        if self.cfg.impl == "fused" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise InputError(f"--impl fused is the Triton GPU kernel and this run is on {self.device} "
+                             f"(CUDA available: {torch.cuda.is_available()}); use --impl chunked (the same loss in "
+                             "PyTorch, the CPU default)")
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.cfg.fsdp and not self.distributed:

@@ -1,0 +1,32 @@
+"""Errors a new user is likely to hit come out as one clear line, not a traceback."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kdcache(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "kdcache_cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only message")
+def test_fused_without_gpu_says_what_to_do(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "kdcache_cli", "train", "--cache", str(tmp_path / "c"), "--student",
+                        str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--impl", "fused", "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 1
+    assert "--impl chunked" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_dataset_and_cache(tmp_path):
+    r = kdcache("cache", "--teacher", tmp_path / "t", "--dataset", tmp_path / "nope.jsonl", "--out", tmp_path / "c")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "nope.jsonl" in r.stderr
+    r = kdcache("verify", tmp_path / "missing-cache")
+    assert r.returncode == 1 and "no manifest.json" in r.stderr
