@@ -62,6 +62,7 @@ class VLLMEngine:
             # one worker = one node's GPUs; inside a Ray task vLLM would otherwise pick its Ray backend
             kwargs["distributed_executor_backend"] = "mp"
         self.llm = vllm.LLM(**{key: value for key, value in kwargs.items() if value is not None})
+        self._counter = 0  # request ids
 
     def info(self) -> dict:
         c = self.config
@@ -73,42 +74,78 @@ class VLLMEngine:
 
         return [TokensPrompt(prompt_token_ids=item.input_ids.tolist()) for item in items]
 
+    def _run(self, items, params, extract) -> list:
+        """Run one request per item and return `extract(item, output)` per item, in item order.
+
+        Like `LLM.generate`, but each output is turned into numpy arrays as soon as its request
+        finishes and then dropped: vLLM holds logprobs as Python lists (~60 bytes per entry, so a
+        batch of 4,096 Tulu rows at k=64 would hold ~10 GB until the whole batch is done)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        prompts = self._prompts(items)
+        index: dict[str, int] = {}  # our request id (outputs carry it) -> item
+        internal: dict[str, str] = {}  # our request id -> vLLM's internal one (what abort takes)
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                p.output_kind = RequestOutputKind.FINAL_ONLY
+                self._counter += 1
+                rid = f"kdcache-{self._counter}"
+                internal[rid] = engine.add_request(rid, prompt, p)
+                index[rid] = i
+            results: list = [None] * len(items)
+            left = len(items)
+            while left and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        i = index.pop(out.request_id)
+                        internal.pop(out.request_id, None)
+                        results[i] = extract(items[i], out)
+                        left -= 1
+        except BaseException:
+            if internal:
+                engine.abort_request(list(internal.values()), internal=True)
+            raise
+        if left:
+            raise RuntimeError(f"vLLM finished with {left} of {len(items)} requests unanswered")
+        return results
+
     def score(self, items, config=None) -> list[Scored]:
         """Teacher-forced top-k at each item's target positions, in item order."""
         from vllm import SamplingParams
 
         k = (config or self.config).k
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
-        outputs = self.llm.generate(self._prompts(items), params, use_tqdm=False)
-        results = []
-        for item, out in zip(items, outputs):
+
+        def extract(item, out) -> Scored:
             ids, lps, act_lp, act_rank = dense_prompt_topk(out.prompt_logprobs, k)
             rows = item.target_positions.astype(np.int64) - 1  # row r predicts token r + 1
-            results.append(Scored(ids[rows], lps[rows], act_lp[rows], act_rank[rows]))
-        return results
+            return Scored(ids[rows], lps[rows], act_lp[rows], act_rank[rows])
+
+        params = [SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False) for _ in items]
+        return self._run(items, params, extract)
 
     def generate(self, items, stop_ids, config=None) -> list[list[Generated]]:
         """`n` sampled responses per item (prompt ids in item.input_ids), stopping after any of stop_ids."""
         from vllm import SamplingParams
 
         c = config or self.config
+
+        def extract(item, out) -> list[Generated]:
+            samples = []
+            for completion in sorted(out.outputs, key=lambda o: o.index):
+                tokens = np.asarray(completion.token_ids, np.int32)
+                ids, lps, act_lp, act_rank = dense_prompt_topk(_Leading(completion.logprobs), c.k)
+                reason = "stop" if completion.finish_reason == "stop" else "length"
+                samples.append(Generated(tokens, Scored(ids, lps, act_lp, act_rank), reason))
+            return samples
+
         params = [
             SamplingParams(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_new_tokens,
                            logprobs=c.k, flat_logprobs=True, detokenize=False, stop_token_ids=sorted(stop_ids),
                            seed=stable_hash(item.id, f"sample:{c.seed}") % (2**31))
             for item in items
         ]
-        outputs = self.llm.generate(self._prompts(items), params, use_tqdm=False)
-        results = []
-        for out in outputs:
-            samples = []
-            for completion in out.outputs:
-                tokens = np.asarray(completion.token_ids, np.int32)
-                ids, lps, act_lp, act_rank = dense_prompt_topk(_Leading(completion.logprobs), c.k)
-                reason = "stop" if completion.finish_reason == "stop" else "length"
-                samples.append(Generated(tokens, Scored(ids, lps, act_lp, act_rank), reason))
-            results.append(samples)
-        return results
+        return self._run(items, params, extract)
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
