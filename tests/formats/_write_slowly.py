@@ -5,10 +5,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, sys.argv[3])  # tests/formats, for conftest's factory
-from conftest import make_example  # noqa: E402
+from format_helpers import make_example  # noqa: E402
 
 from formats import CacheWriter, CodecConfig  # noqa: E402
-from conftest import PROVENANCE  # noqa: E402
+from format_helpers import PROVENANCE  # noqa: E402
 
 
 def main():

@@ -2,7 +2,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import make_example, write_cache
+from format_helpers import make_example, write_cache
 
 from formats import CacheReader
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import PROVENANCE, make_example, write_cache
+from format_helpers import PROVENANCE, make_example, write_cache
 
 from formats import CacheReader, CacheWriter, CodecConfig, load_manifest
 from formats.errors import InputError
