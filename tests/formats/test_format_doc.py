@@ -1,0 +1,35 @@
+"""docs/FORMAT.md's reference decoder, run as written, agrees with CacheReader (the spec stays true)."""
+from pathlib import Path
+
+import numpy as np
+from format_helpers import make_example
+
+from formats import CacheReader, CacheWriter, CodecConfig
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md"
+
+
+def reference_decoder_source() -> str:
+    text = DOC.read_text().split("## Reference decoder (numpy)")[1]
+    return text.split("```python")[1].split("```")[0]
+
+
+def test_reference_decoder_matches_reader(tmp_path, rng, monkeypatch):
+    examples = [make_example(rng, i, k=12) for i in range(8)]
+    examples[3].topk_logprobs = examples[3].topk_logprobs.copy()
+    examples[3].topk_logprobs[:, 6:] -= 12.0  # deltas >= 255 steps: the escape stream is exercised
+    with CacheWriter(tmp_path / "c", codec=CodecConfig(k=12, mass=0.97, hot=8), row_group_positions=10**6) as w:
+        for ex in examples:
+            w.write(ex)
+    printed = []
+    monkeypatch.chdir(tmp_path / "c")
+    exec(reference_decoder_source(), {"print": lambda *a: printed.append(a)})
+    got = {(ex.id, int(t)): (ex.topk_ids[r], ex.topk_logprobs[r])
+           for ex in CacheReader(tmp_path / "c") for r, t in enumerate(ex.target_positions)}
+    assert len(printed) == len(got)
+    for ex_id, t, entries in printed:
+        ids, lps = got[(ex_id, int(t))]
+        c = len(entries)
+        assert c >= 1 and (c == len(ids) or ids[c] == -1)
+        assert [int(i) for i, _ in entries] == ids[:c].tolist()
+        np.testing.assert_allclose([lp for _, lp in entries], lps[:c], atol=1e-5)
