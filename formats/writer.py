@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +29,24 @@ from formats.card import write_card
 from formats.errors import FormatError, InputError
 from formats.example import Example
 from formats.manifest import fsync_dir, new_manifest, write_json_atomic
-from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, shard_metadata
+from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, arrow_schema, shard_metadata
 from formats.shard import check_example, encode_rows
 
 PROGRESS = "_progress"
 JOB = "job.json"
 # Provenance that must match for a resumed job to continue an earlier one.
 RESUME_KEYS = ("codec", "teacher", "tokenizer", "dataset", "mode")
+
+
+@dataclass
+class _OpenShard:
+    writer: pq.ParquetWriter
+    tmp: Path          # hidden name while writing
+    name: str          # published name
+    codes: C.IdCodes   # this shard's id codes (hot table from its first row group)
+    meta: dict         # the shard's Parquet key-value metadata
+    ids: list[str] = field(default_factory=list)
+    positions: int = 0
 
 
 class CacheWriter:
@@ -68,7 +80,7 @@ class CacheWriter:
         self._buffer: list[Example] = []
         self._buffer_positions = 0
         self._rejects: list[dict] = []  # not yet committed
-        self._open = None               # (ParquetWriter, tmp path, final name, ids, positions, hot codes)
+        self._open: _OpenShard | None = None  # the shard being written
         self._prepare(resume)
 
     # ---- setup and resume ---------------------------------------------------------------------
@@ -168,13 +180,13 @@ class CacheWriter:
             return
         if self._open is None:
             self._open_shard()
-        writer, tmp, name, ids, positions, codes, meta = self._open
-        table = encode_rows(self._buffer, self.codec, codes, meta["id_bytes"], meta)
-        writer.write_table(table, row_group_size=len(self._buffer))
-        ids.extend(ex.id for ex in self._buffer)
-        self._open = (writer, tmp, name, ids, positions + sum(ex.num_targets for ex in self._buffer), codes, meta)
+        shard = self._open
+        table = encode_rows(self._buffer, self.codec, shard.codes, shard.meta["id_bytes"], shard.meta)
+        shard.writer.write_table(table, row_group_size=len(self._buffer))
+        shard.ids.extend(ex.id for ex in self._buffer)
+        shard.positions += sum(ex.num_targets for ex in self._buffer)
         self._buffer, self._buffer_positions = [], 0
-        if tmp.stat().st_size >= self.shard_max_bytes:
+        if shard.tmp.stat().st_size >= self.shard_max_bytes:
             self._close_shard()
 
     def _open_shard(self) -> None:
@@ -185,19 +197,18 @@ class CacheWriter:
         max_id = self.vocab_size - 1 if self.vocab_size else max(int(ex.topk_ids.max(initial=0)) for ex in self._buffer)
         id_bytes = C.code_bytes(max_id + len(hot))
         meta = shard_metadata(self.codec.to_dict(), id_bytes, hot)
-        from formats.schema import arrow_schema
-
         writer = pq.ParquetWriter(tmp, arrow_schema(id_bytes, meta), compression="zstd",
                                   compression_level=self.compression_level, use_dictionary=["id", "source", "finish_reason"],
                                   write_statistics=["id", "num_targets"])
-        self._open = (writer, tmp, name, [], 0, C.IdCodes(hot), meta)
+        self._open = _OpenShard(writer, tmp, name, C.IdCodes(hot), meta)
 
     def _close_shard(self) -> None:
-        writer, tmp, name, ids, positions, _, _ = self._open
-        writer.close()
+        shard = self._open
+        tmp, name, ids = shard.tmp, shard.name, shard.ids
+        shard.writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        info = {"file": name, "rows": len(ids), "positions": positions, "bytes": tmp.stat().st_size,
+        info = {"file": name, "rows": len(ids), "positions": shard.positions, "bytes": tmp.stat().st_size,
                 "sha256": _sha256(tmp), "ids": ids, "rejects": self._rejects}
         write_json_atomic(self.root / PROGRESS / f"{name}.json.tmp2", info)  # fsynced, hidden name
         os.replace(tmp, self.root / name)
