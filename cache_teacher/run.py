@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cache_teacher.data import describe, iter_records
 from cache_teacher.template import ChatTemplater, TemplateReject, tokenizer_info
+from formats.prefetch import prefetch
 
 # Dry-run assumptions when --dry-run-tokens-per-s is not given: SmolLM2-135M with k=64 on a 2-core CPU
 # (vLLM bf16 measured 790-960 tokens/s, hf fp32 about 150); pass a measured rate for a GPU.
@@ -202,7 +203,7 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
             io = _WriterThread(writer)
             try:
                 # templating runs ahead in a thread while the engine works on the previous batch
-                for kind, value in _prefetch(_prepared(config, templater, done), 2 * config.batch_size):
+                for kind, value in prefetch(_prepared(config, templater, done), 2 * config.batch_size):
                     summary.inputs += 1
                     if kind == "item":
                         summary.truncated += int(value.truncated)
@@ -254,45 +255,6 @@ def _prepared(config, templater, done: set[str]):
         if config.mode == "generate":
             item.wanted = wanted
         yield "item", item
-
-
-def _prefetch(iterable, size: int):
-    """Iterate `iterable` in a background thread, up to `size` items ahead; its exceptions re-raise here."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=max(1, size))
-    end = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for value in iterable:
-                while not stop.is_set():
-                    try:
-                        q.put(value, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(end)
-        except BaseException as exc:  # handed to the consumer
-            q.put(exc)
-
-    thread = threading.Thread(target=produce, name="kdcache-template", daemon=True)
-    thread.start()
-    try:
-        while True:
-            value = q.get()
-            if value is end:
-                return
-            if isinstance(value, BaseException):
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 class _WriterThread:

@@ -13,8 +13,6 @@ ranks, every world_size-th row of each). Either way each row goes to exactly one
 from __future__ import annotations
 
 import posixpath
-import queue
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 from formats.errors import FormatError
 from formats.example import Example
 from formats.manifest import load_manifest, open_cache
+from formats.prefetch import prefetch
 from formats.schema import read_shard_metadata
 from formats.shard import decode_table
 
@@ -129,38 +128,8 @@ class CacheReader:
 
     def _prefetched(self, plan, start: int):
         """Yield (unit_pos, decoded examples) from `start`, decoding up to `prefetch` units ahead."""
-        if self.prefetch <= 0:
-            for pos in range(start, len(plan)):
-                yield pos, self.load_unit(plan[pos][0])
-            return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def work():
-            try:
-                for pos in range(start, len(plan)):
-                    item = (pos, self.load_unit(plan[pos][0]))
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(None)
-            except BaseException as exc:  # hand errors to the consumer
-                q.put(exc)
-
-        thread = threading.Thread(target=work, daemon=True, name="kdcache-prefetch")
-        thread.start()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+        units = ((pos, self.load_unit(plan[pos][0])) for pos in range(start, len(plan)))
+        yield from prefetch(units, self.prefetch) if self.prefetch > 0 else units
 
     def batches(self, batch_size: int, as_torch: bool = False):
         """Padded batches of `batch_size` examples (formats.batch.collate); the last may be smaller.
