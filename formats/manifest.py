@@ -20,9 +20,11 @@ from formats.schema import FORMAT_VERSION, MANIFEST_NAME, check_version
 REQUIRED = ["format_version", "codec", "shards", "counts"]
 
 
-def sha256_file(fs, path: str, chunk: int = 8 << 20) -> str:
+def sha256_file(path, fs=None, chunk: int = 8 << 20) -> str:
+    """sha256 of a file, read in chunks; `fs` is an fsspec filesystem (default: the local one)."""
+    fs = fs or fsspec.filesystem("file")
     h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
+    with fs.open(str(path), "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -44,7 +44,7 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
         if size != shard["bytes"]:
             raise ChecksumError(f"{where}: {size} bytes, the manifest says {shard['bytes']} (truncated or replaced); "
                                 "restore it from the source")
-        digest = sha256_file(fs, where)
+        digest = sha256_file(where, fs)
         if digest != shard["sha256"]:
             raise ChecksumError(f"{where}: sha256 {digest[:16]}... differs from the manifest's {shard['sha256'][:16]}... "
                                 "(corrupted); restore it from the source")
@@ -76,7 +76,7 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
     rej = manifest.get("rejects_file")
     if rej:
         rpath = posixpath.join(root, rej["file"])
-        if not fs.exists(rpath) or sha256_file(fs, rpath) != rej["sha256"]:
+        if not fs.exists(rpath) or sha256_file(rpath, fs) != rej["sha256"]:
             raise ChecksumError(f"{rpath}: missing or its sha256 differs from the manifest")
     return {"shards": len(manifest["shards"]), "examples": rows, "positions": positions}
 
@@ -187,7 +187,7 @@ def merge_caches(out, caches: list) -> dict:
             name = f"w{w:03d}-{shard['file']}"
             tmp = out / f".{name}.tmp"
             fs.get(posixpath.join(root, shard["file"]), str(tmp))
-            if sha256_file(_local(), str(tmp)) != shard["sha256"]:
+            if sha256_file(tmp) != shard["sha256"]:
                 tmp.unlink()
                 raise ChecksumError(f"{c}/{shard['file']}: sha256 differs from its manifest; run `kdcache verify {c}`")
             os.replace(tmp, out / name)
@@ -213,13 +213,7 @@ def merge_caches(out, caches: list) -> dict:
         "rejects": len(rejects), "rejects_by_reason": by_reason, "bytes": sum(s["bytes"] for s in shards),
     }
     merged["counts"]["bytes_per_position"] = merged["counts"]["bytes"] / max(1, merged["counts"]["positions"])
-    merged["rejects_file"] = {"file": REJECTS_NAME, "count": len(rejects), "sha256": sha256_file(_local(), str(out / REJECTS_NAME))}
+    merged["rejects_file"] = {"file": REJECTS_NAME, "count": len(rejects), "sha256": sha256_file(out / REJECTS_NAME)}
     write_card(out, merged)
     write_json_atomic(out / MANIFEST_NAME, merged)
     return merged
-
-
-def _local():
-    import fsspec
-
-    return fsspec.filesystem("file")

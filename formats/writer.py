@@ -15,7 +15,6 @@ the cache is complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from formats import codec as C
 from formats.card import write_card
 from formats.errors import FormatError, InputError
 from formats.example import Example
-from formats.manifest import fsync_dir, new_manifest, write_json_atomic
+from formats.manifest import fsync_dir, new_manifest, sha256_file, write_json_atomic
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, arrow_schema, shard_metadata
 from formats.shard import check_example, encode_rows
 
@@ -116,7 +115,7 @@ class CacheWriter:
         for shard in sorted(self.root.glob(f"*{SHARD_SUFFIX}")):
             side = sidecars.pop(shard.name, None)
             info = json.loads(side.read_text()) if side else None
-            if info is None or info["bytes"] != shard.stat().st_size or info["sha256"] != _sha256(shard):
+            if info is None or info["bytes"] != shard.stat().st_size or info["sha256"] != sha256_file(shard):
                 shard.unlink()  # an interrupted publish: redo its rows
                 if side:
                     side.unlink()
@@ -209,7 +208,7 @@ class CacheWriter:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         info = {"file": name, "rows": len(ids), "positions": shard.positions, "bytes": tmp.stat().st_size,
-                "sha256": _sha256(tmp), "ids": ids, "rejects": self._rejects}
+                "sha256": sha256_file(tmp), "ids": ids, "rejects": self._rejects}
         write_json_atomic(self.root / PROGRESS / f"{name}.json.tmp2", info)  # fsynced, hidden name
         os.replace(tmp, self.root / name)
         os.replace(self.root / PROGRESS / f"{name}.json.tmp2", self.root / PROGRESS / f"{name}.json")
@@ -249,7 +248,7 @@ class CacheWriter:
             "bytes": sum(s["bytes"] for s in self._shards),
         }
         m["counts"]["bytes_per_position"] = m["counts"]["bytes"] / max(1, m["counts"]["positions"])
-        m["rejects_file"] = {"file": REJECTS_NAME, "count": len(rejects), "sha256": _sha256(self.root / REJECTS_NAME)}
+        m["rejects_file"] = {"file": REJECTS_NAME, "count": len(rejects), "sha256": sha256_file(self.root / REJECTS_NAME)}
         write_card(self.root, m)
         write_json_atomic(self.root / MANIFEST_NAME, m)
         _rmtree(self.root / PROGRESS)
@@ -259,14 +258,6 @@ class CacheWriter:
 
 def _canon(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_jsonl(path: Path) -> list[dict]:
