@@ -70,7 +70,7 @@ def kd_loss(
     Returns:
         loss: [] in the accumulation dtype (fp32, fp64 for fp64 inputs).
         metrics: detached 0-dim tensors kd, ce, top1_agreement, student_topk_mass,
-            teacher_tail_mass, n_tokens (see `loss_torch.summarize`).
+            teacher_tail_mass, n_tokens, n_top1_agree, n_scored (see `loss_torch.summarize`).
 
     Raises:
         ValueError: bad shapes, dtypes, devices or settings.

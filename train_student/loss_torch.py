@@ -226,7 +226,8 @@ def summarize(
     """Per-batch metrics as detached 0-dim tensors (no host sync; call float() to log them).
 
     kd and ce are means over trained positions (kd without kd_weight and tau^2); top1_agreement is
-    over trained positions that have a teacher entry; student_topk_mass is at the KD temperature.
+    over trained positions that have a teacher entry (n_top1_agree of n_scored, exact counts beside
+    the ratio); student_topk_mass is at the KD temperature.
     """
     with torch.no_grad():
         trained = spec.trained
@@ -241,6 +242,8 @@ def summarize(
             "kd": mean(kd.detach()),
             "ce": mean(ce.detach()),
             "top1_agreement": agree.sum().to(kd.dtype) / scored.sum().clamp(min=1).to(kd.dtype),
+            "n_top1_agree": agree.sum(),
+            "n_scored": scored.sum(),
             "student_topk_mass": mean(log_q_mass.detach().exp()),
             "teacher_tail_mass": mean(spec.teacher_tail_raw),
             "n_tokens": spec.n_tokens.detach(),

@@ -1,13 +1,5 @@
-import numpy as np
 import pytest
 from format_helpers import make_example, write_cache
-
-
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % (2**32))
-    print(f"seed {seed}")
-    return np.random.default_rng(seed)
 
 
 @pytest.fixture

@@ -4,8 +4,11 @@ TRITON_INTERPRET=1 is set before triton is imported, so this runs in CI without 
 GPU machine too, on CPU tensors). Shapes are tiny but span several tiles in every dimension, with
 partial last tiles (the interpreter's tiles are 8 tokens x 32 vocab x 16 hidden, the forward
 splits the vocabulary in 2). The reference is kd_loss(impl="naive") on float64 copies, itself
-checked against the equations in test_loss.py. Inputs are fresh each run: the seed is printed and
-KD_TEST_SEED=<n> replays it. Buffers the kernels write are poisoned with NaN first.
+checked against the equations in test_loss.py. Inputs come from the `gen` fixture (tests/conftest.py):
+a fixed seed by default, KD_TEST_SEED=random for a fresh one (printed), KD_TEST_SEED=<n> to replay
+one, `make fuzz` for many. Floats are compared with tolerances that follow from their dtype (the
+kernel computes in fp32, the reference in fp64); counts and argmaxes exactly, except at near-ties
+that fp32 cannot order. Buffers the kernels write are poisoned with NaN first.
 """
 
 from __future__ import annotations
@@ -44,13 +47,6 @@ T, D, V = 13, 24, 100  # 2 token tiles, 2 hidden tiles, 4 vocab tiles (all with 
 def poison(monkeypatch):
     monkeypatch.setattr(sk, "POISON_BUFFERS", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # kd_loss allows impl="fused" on CPU only then
-
-
-@pytest.fixture
-def gen():
-    seed = int(os.environ.get("KD_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"KD_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def make_inputs(gen, *, k=4, t=T, dtype=torch.float32):
@@ -127,11 +123,28 @@ def test_fused_bf16(gen):
                 temperature=2.0, ce_weight=0.5)
 
 
+# Logit gaps below this may be ordered differently by fp32 (the kernel) and fp64 (the reference).
+FP32_TIE = 1e-4
+
+
+def near_ties(hidden, weight) -> torch.Tensor:
+    """[T] bool: positions whose two largest float64 logits are within FP32_TIE of each other."""
+    logits = hidden.double() @ weight.double().T
+    if logits.shape[1] < 2:
+        return torch.zeros(logits.shape[0], dtype=torch.bool)
+    top2 = logits.topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]) < FP32_TIE
+
+
 def test_fused_top1_agreement_matches_naive(gen):
     inputs = make_inputs(gen)
     *_, metrics = run("fused", inputs, torch.float32)
     *_, ref = run("naive", inputs, torch.float64)
-    assert float(metrics["top1_agreement"]) == float(ref["top1_agreement"])
+    assert int(metrics["n_scored"]) == int(ref["n_scored"])
+    ties = int(near_ties(inputs[0], inputs[1]).sum())
+    assert abs(int(metrics["n_top1_agree"]) - int(ref["n_top1_agree"])) <= ties
+    if ties == 0:  # then the ratio is the same ratio of the same counts, rounded once in fp32
+        assert math.isclose(float(metrics["top1_agreement"]), float(ref["top1_agreement"]), rel_tol=2**-23)
 
 
 def test_fused_all_masked(gen):
@@ -162,7 +175,9 @@ def test_lse_forward_kernel(gen):
         lse_tau, lse_1, argmax = sk.lse_forward(h, w, 2.0, need_lse1=True)
         assert rel_err(lse_tau, torch.logsumexp(s / 2.0, -1)) < 1e-6
         assert rel_err(lse_1, torch.logsumexp(s, -1)) < 1e-6
-        assert torch.equal(argmax, s.argmax(-1))
+        exact = argmax == s.argmax(-1)
+        assert exact[~near_ties(h, w)].all()  # an fp32 near-tie may pick either of the two
+        assert (s.gather(1, argmax[:, None])[:, 0] >= s.max(-1).values - FP32_TIE).all()
 
 
 def test_dense_backward_kernel(gen):
