@@ -9,6 +9,8 @@ from cache_teacher.template import ChatTemplater
 
 from teacher_helpers import make_config
 
+ATOL = 1e-4  # float32 logprobs of the same model, batched vs one record at a time
+
 
 def test_hf_engine_matches_a_plain_forward(tiny_dir, tokenizer, sample_rows):
     config = make_config(teacher=str(tiny_dir), out="unused", k=5, hf_batch_tokens=600)  # several batches
@@ -25,7 +27,11 @@ def test_hf_engine_matches_a_plain_forward(tiny_dir, tokenizer, sample_rows):
         actual = torch.from_numpy(item.input_ids[item.target_positions].astype(np.int64))
         act_lp = lp.gather(1, actual[:, None])[:, 0]
         assert np.mean(s.topk_ids == top_ids.numpy()) > 0.999
-        np.testing.assert_allclose(s.topk_logprobs, top_lp.numpy(), atol=1e-4)
-        np.testing.assert_allclose(s.target_logprobs, act_lp.numpy(), atol=1e-4)
-        assert np.array_equal(s.target_ranks, (lp >= act_lp[:, None]).sum(-1).numpy())
+        np.testing.assert_allclose(s.topk_logprobs, top_lp.numpy(), atol=ATOL)
+        np.testing.assert_allclose(s.target_logprobs, act_lp.numpy(), atol=ATOL)
+        # The rank is exact up to logits within rounding of the actual token's: batched (padded) and
+        # single forwards round differently, so a near-tie may fall on either side.
+        lowest = (lp > act_lp[:, None] + ATOL).sum(-1).numpy() + 1
+        highest = (lp >= act_lp[:, None] - ATOL).sum(-1).numpy()
+        assert np.all((lowest <= s.target_ranks) & (s.target_ranks <= highest))
         assert s.topk_ids.dtype == np.int32 and s.target_ranks.min() >= 1
