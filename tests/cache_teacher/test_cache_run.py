@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -84,6 +83,22 @@ def test_every_input_is_written_or_rejected(tiny_dir, tiny_engine, sample_rows, 
     assert again.examples == 0 and again.resumed == len(rows)
 
 
+_KILL_AFTER_SHARDS = """
+import os, signal, sys
+from formats.writer import CacheWriter
+import kdcache_cli
+AT, ARGS, published = int(sys.argv[1]), sys.argv[2:], []
+close = CacheWriter._close_shard
+def close_then_die(self):
+    close(self)
+    published.append(1)
+    if len(published) == AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+CacheWriter._close_shard = close_then_die
+sys.exit(kdcache_cli.main(ARGS))
+"""
+
+
 def test_sigkill_then_rerun_equals_uninterrupted(tiny_dir, tiny_engine, sample_rows, tmp_path):
     rows = sample_rows[:40] + [{"id": "bad"}]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -93,15 +108,12 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_dir, tiny_engine, sample_r
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "kdcache_cli", "cache", *common, "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((out / "_progress").glob("*.parquet.json"))) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # The same command, SIGKILLed by itself right after its third shard is published: a crash at a
+    # known point, not at whatever point a polling loop happens to notice.
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_SHARDS, "3", "cache", *common, "--out", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(list((out / "_progress").glob("*.parquet.json"))) == 3
     assert not (out / "manifest.json").exists()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -1,6 +1,9 @@
-"""Helper process for test_writer: writes a deterministic cache slowly so it can be killed mid-run."""
+"""Helper process for test_writer: writes a deterministic cache and, when asked, SIGKILLs itself
+right after its K-th shard is published (a crash at a known point, independent of timing)."""
+import os
+import signal
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +16,7 @@ from format_helpers import PROVENANCE  # noqa: E402
 
 def main():
     out, seed = sys.argv[1], int(sys.argv[2])
+    kill_after_shards = int(sys.argv[4]) if len(sys.argv) > 4 else None
     rng = np.random.default_rng(seed)
     examples = [make_example(rng, i) for i in range(60)]
     with CacheWriter(out, codec=CodecConfig(k=8), provenance=PROVENANCE, row_group_positions=64, shard_max_bytes=3000) as w:
@@ -22,7 +26,8 @@ def main():
             if i % 7 == 3:
                 w.reject(f"bad-{i}", "no assistant turn")
             w.write(ex)
-            time.sleep(0.02)
+            if kill_after_shards is not None and len(list(Path(out).glob("*.parquet"))) >= kill_after_shards:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

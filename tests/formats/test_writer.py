@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +18,15 @@ HERE = Path(__file__).parent
 
 
 def _run_writer(out, seed, kill_after_shards=None):
+    """Run _write_slowly.py; with kill_after_shards it SIGKILLs itself once that many shards exist."""
     cmd = [sys.executable, str(HERE / "_write_slowly.py"), str(out), str(seed), str(HERE)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parents[1])})
-    if kill_after_shards is None:
-        assert proc.wait(timeout=120) == 0
-        return
-    deadline = time.time() + 60
-    while len(list(Path(out).glob("*.parquet"))) < kill_after_shards:
-        assert proc.poll() is None, "writer finished before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    if kill_after_shards is not None:
+        cmd.append(str(kill_after_shards))
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parents[1])}, timeout=120)
+    assert proc.returncode == (0 if kill_after_shards is None else -signal.SIGKILL)
 
 
-def test_killed_writer_resumes_to_the_same_rows(tmp_path):
-    seed = int(np.random.SeedSequence().entropy % 2**31)
+def test_killed_writer_resumes_to_the_same_rows(tmp_path, seed):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     _run_writer(killed, seed, kill_after_shards=2)
     assert not (killed / "manifest.json").exists()
