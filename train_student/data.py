@@ -16,6 +16,10 @@ Alignment: row n of an example's teacher arrays predicts token t = target_positi
 row `offset + t - 1` carries labels = input_ids[t] and the teacher's top-k for t; every other row
 has labels -100 and padding (-1 ids, -inf logprobs).
 
+Checks: every example the stream hands out passed `check_example` (target spans inside the
+sequence, sorted, one teacher row each; ids inside the student's embedding and LM head), since a
+cache read over hf:// may never have been verified.
+
 Exact resume: `stream.state_dict()` is the cursor *before* the example the packer holds over for
 the next batch, so a checkpoint taken between batches loses and repeats nothing.
 """

@@ -15,7 +15,14 @@ Resume after preemption:              the same command with --resume
 Batching: each rank packs examples into one sequence of <= max_tokens tokens per micro-batch;
 a step is grad_accum micro-batches per rank. The loss is the mean over all trained tokens of the
 global step (each micro-batch's token-mean loss is weighted by its share of the step's tokens),
-so the update does not depend on how the tokens are split over ranks and micro-batches.
+so the update does not depend on how the tokens are split over ranks and micro-batches. A stage
+that runs out of data ends when every rank has: a rank with fewer packed sequences left joins the
+others' steps with empty micro-batches, and the last, partial step is trained too.
+
+Refused before training: a student whose output head has extras the loss ignores (softcapping,
+logit scales, an output bias), caches whose tokenizer does not match the student, and a stage that
+mixes teachers (unless allow_mixed_teachers). Refused during training: an example whose target
+spans or ids the student would misread (`data.check_example`).
 """
 from __future__ import annotations
 
