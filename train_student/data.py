@@ -243,6 +243,7 @@ class ExampleStream:
             except ValueError as exc:  # a different cache, seed, shuffle or number of processes
                 raise InputError(f"cannot resume reading {reader.path}: {exc}") from None
         self._turn, self._done, self._iters = state["turn"], list(state["done"]), None
+        self._skipped = [0] * len(self.readers)
 
 
 # ---- packing -------------------------------------------------------------------------------------
