@@ -11,20 +11,24 @@ def prefetch(iterable, size: int, name: str = "kdcache-prefetch"):
     end = object()
     stop = threading.Event()
 
+    def put(value) -> bool:
+        """Hand `value` over unless the consumer has stopped (a blocking put could then wait forever)."""
+        while not stop.is_set():
+            try:
+                q.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for value in iterable:
-                while not stop.is_set():
-                    try:
-                        q.put(value, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(value):
                     return
-            q.put(end)
+            put(end)
         except BaseException as exc:  # handed to the consumer
-            q.put(exc)
+            put(exc)
 
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()

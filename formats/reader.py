@@ -5,13 +5,19 @@
         ...
     state = reader.state_dict()       # save with the checkpoint; load_state_dict() resumes exactly
 
-The unit of work is a Parquet row group (a shard holds many). Shuffling permutes the row groups of
-all shards with the seed and the epoch, then the rows inside each row group; partitioning gives
-rank r every world_size-th row group of that order (or, when there are fewer row groups than
-ranks, every world_size-th row of each). Either way each row goes to exactly one rank.
+The unit of reading is a Parquet row group (a shard holds many). An epoch's order lists every
+example once: the row groups of all shards (permuted with the seed and the epoch when shuffling),
+each row group's rows in turn (permuted with the seed, the epoch and the row group). Partitioning
+balances examples, not row groups: with N examples on W ranks, rank r reads positions
+[r*n, (r+1)*n) of that order, n = N // W. So every rank reads the same number of examples (DDP
+needs equal step counts), each example goes to at most one rank, a rank decodes a contiguous
+stretch of row groups (those at a boundary between two ranks are decoded by both), and the last
+N mod W < W examples of each epoch's order are read by no rank; rank 0 logs a warning with
+their count.
 """
 from __future__ import annotations
 
+import logging
 import posixpath
 from dataclasses import dataclass
 
@@ -24,6 +30,9 @@ from formats.manifest import load_manifest, open_cache
 from formats.prefetch import prefetch
 from formats.schema import read_shard_metadata
 from formats.shard import decode_table
+
+log = logging.getLogger("formats")
+STATE_VERSION = 2  # 2: balanced by examples, cursor = (epoch, position in this rank's slice)
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,14 @@ class CacheReader:
         self.prefetch = prefetch
         self._files: dict[int, tuple] = {}
         self.units = self._list_units(max_examples)
-        self._epoch, self._unit_pos, self._row_pos = 0, 0, 0
+        self.total = sum(u.rows for u in self.units)        # examples per epoch, all ranks
+        self.per_rank = self.total // world_size            # examples per epoch, each rank
+        self.leftover = self.total - self.per_rank * world_size
+        self._epoch, self._pos = 0, 0                       # cursor: examples of this epoch read
+        if self.leftover and rank == 0:
+            log.warning("%s: %d of %d examples per epoch are left over (read by no rank): %d ranks read %d each; "
+                        "the last %d of each epoch's order are skipped (a different set each epoch when shuffling)",
+                        self.path, self.leftover, self.total, world_size, self.per_rank, self.leftover)
 
     # ---- layout -----------------------------------------------------------------------------
     def _shard(self, i: int):
@@ -79,27 +95,28 @@ class CacheReader:
         return units
 
     def _plan(self, epoch: int) -> list[tuple[Unit, np.ndarray]]:
-        """This rank's (unit, row order) list for an epoch."""
-        order = list(range(len(self.units)))
+        """This rank's (unit, rows) list for an epoch: positions [rank*n, (rank+1)*n) of the epoch's order."""
+        order = range(len(self.units))
         if self.shuffle:
-            order = list(np.random.default_rng([self.seed, epoch]).permutation(len(self.units)))
-        plan = []
-        by_unit = len(self.units) >= self.world_size
-        for pos, u in enumerate(order):
-            if by_unit and pos % self.world_size != self.rank:
-                continue
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        plan, start = [], 0
+        for u in order:
             unit = self.units[u]
-            rows = np.arange(unit.rows)
-            if self.shuffle:
-                rows = np.random.default_rng([self.seed, epoch, unit.shard, unit.row_group]).permutation(unit.rows)
-            if not by_unit:
-                rows = rows[(np.arange(len(rows)) % self.world_size) == self.rank]
-            plan.append((unit, rows))
+            end = start + unit.rows
+            if start < hi and end > lo:
+                rows = np.arange(unit.rows)
+                if self.shuffle:
+                    rows = np.random.default_rng([self.seed, epoch, unit.shard, unit.row_group]).permutation(unit.rows)
+                plan.append((unit, rows[max(lo - start, 0):min(hi, end) - start]))
+            start = end
+            if start >= hi:
+                break
         return plan
 
     def num_examples(self) -> int:
-        """Examples this rank reads per epoch."""
-        return sum(len(rows) for _, rows in self._plan(0))
+        """Examples this rank reads per epoch (the same on every rank)."""
+        return self.per_rank
 
     def load_unit(self, unit: Unit) -> list[Example]:
         pf, meta, where = self._shard(unit.shard)
@@ -115,16 +132,24 @@ class CacheReader:
     def __iter__(self):
         while self.epochs is None or self._epoch < self.epochs:
             plan = self._plan(self._epoch)
-            for unit_pos, examples in self._prefetched(plan, self._unit_pos):
-                rows = plan[unit_pos][1]
-                while self._row_pos < len(rows):
-                    ex = examples[rows[self._row_pos]]
-                    self._row_pos += 1
-                    yield ex
-                self._unit_pos, self._row_pos = unit_pos + 1, 0
-            self._epoch, self._unit_pos, self._row_pos = self._epoch + 1, 0, 0
+            first, skip = self._locate(plan, self._pos)
+            for unit_pos, examples in self._prefetched(plan, first):
+                for row in plan[unit_pos][1][skip:]:
+                    self._pos += 1
+                    yield examples[row]
+                skip = 0
+            self._epoch, self._pos = self._epoch + 1, 0
             if not plan and self.epochs is None:
                 return  # nothing for this rank: an endless loop would spin
+
+    @staticmethod
+    def _locate(plan, pos: int) -> tuple[int, int]:
+        """(unit index in `plan`, row offset in it) of this rank's `pos`-th example of the epoch."""
+        for i, (_, rows) in enumerate(plan):
+            if pos < len(rows):
+                return i, pos
+            pos -= len(rows)
+        return len(plan), 0
 
     def _prefetched(self, plan, start: int):
         """Yield (unit_pos, decoded examples) from `start`, decoding up to `prefetch` units ahead."""
@@ -152,13 +177,21 @@ class CacheReader:
 
     # ---- cursor -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "unit": self._unit_pos, "row": self._row_pos, "seed": self.seed,
-                "shuffle": self.shuffle, "rank": self.rank, "world_size": self.world_size, "units": len(self.units)}
+        return {"version": STATE_VERSION, "epoch": self._epoch, "position": self._pos, "seed": self.seed,
+                "shuffle": self.shuffle, "rank": self.rank, "world_size": self.world_size, "units": len(self.units),
+                "examples": self.total}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "shuffle", "rank", "world_size", "units"):
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"reader state of version {state.get('version')!r} (an older kdcache, which split the "
+                             f"data over ranks differently); this reader needs version {STATE_VERSION}: "
+                             "start the run over (a new --out)")
+        for key in ("seed", "shuffle", "rank", "world_size", "units", "examples"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:
                 raise ValueError(f"reader state was saved with {key}={state.get(key)!r}, this reader has {mine!r}; "
                                  "resume with the same cache and settings")
-        self._epoch, self._unit_pos, self._row_pos = state["epoch"], state["unit"], state["row"]
+        if not 0 <= state["position"] <= self.per_rank:
+            raise ValueError(f"reader state position {state['position']} is outside this rank's "
+                             f"{self.per_rank} examples per epoch")
+        self._epoch, self._pos = state["epoch"], state["position"]

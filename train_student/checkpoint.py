@@ -3,7 +3,8 @@
     RUN/checkpoints/step-00001000/
         model/          save_pretrained (+ tokenizer): transformers and vLLM load it directly
         trainer.pt      optimizer, scheduler, step/stage counters, config, and per rank: the data
-                        cursor and RNG states
+                        cursor and RNG states; tensors and plain types only (lists, dicts, numbers,
+                        strings), loaded with torch.load(weights_only=True), which runs no code
 
 A checkpoint is written under a hidden temporary name and renamed into place when complete, so a
 run killed at any moment leaves only whole checkpoints behind; `latest()` picks the newest.
@@ -11,6 +12,7 @@ run killed at any moment leaves only whole checkpoints behind; `latest()` picks 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from formats.errors import InputError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -37,7 +41,11 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG the run draws from, as tensors and plain types (a weights_only load accepts them)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"name": name, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                   "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -45,7 +53,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.asarray(n["key"], np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -112,7 +121,15 @@ def _prune(run_dir, keep: int) -> None:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+    """trainer.pt, loaded with weights_only=True: a file holding any other object is refused (InputError)."""
+    path = Path(ckpt) / "trainer.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f"a {found.group(1)} object" if found else "objects other than tensors and plain types"
+        raise InputError(f"{path}: holds {what}, refused (loading it could run code); resume only from "
+                         "checkpoints this version of kdcache wrote") from None
 
 
 def load_optimizer(lm, optimizer, state: dict, *, fsdp: bool) -> None:

@@ -54,6 +54,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add(g, "--eval-max-examples", "held-out examples evaluated per process", type=int, metavar="N")
     _add(g, "--shuffle", "shuffle row groups and rows each epoch", action=argparse.BooleanOptionalAction)
     _add(g, "--seed", "seed of shuffling and initialization", type=int)
+    _add(g, "--allow-mixed-teachers", "let one stage mix caches of different teachers (refused by default)",
+         action=argparse.BooleanOptionalAction)
     g = p.add_argument_group("loss: total = ce_weight * CE + kd_weight * tau^2 * KD")
     _add(g, "--kd-weight", "weight of the KD term (0 = SFT on the same tokens)", type=float)
     _add(g, "--ce-weight", "weight of next-token cross-entropy", type=float)

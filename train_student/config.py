@@ -59,6 +59,7 @@ class TrainConfig:
     eval_fraction: float = 0.01          # share of example ids held out (hash of the id)
     eval_max_examples: int | None = 256  # held-out examples evaluated (per rank), None = all
     shuffle: bool = True                 # shuffle row groups and rows (per epoch, seeded)
+    allow_mixed_teachers: bool = False   # let one stage mix caches of different teachers (refused by default)
     seed: int = 0
     # -- loss -----------------------------------------------------------------------------------
     impl: str = "chunked"                # kd_loss implementation: naive | chunked | fused

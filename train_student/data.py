@@ -16,6 +16,10 @@ Alignment: row n of an example's teacher arrays predicts token t = target_positi
 row `offset + t - 1` carries labels = input_ids[t] and the teacher's top-k for t; every other row
 has labels -100 and padding (-1 ids, -inf logprobs).
 
+Checks: every example the stream hands out passed `check_example` (target spans inside the
+sequence, sorted, one teacher row each; ids inside the student's embedding and LM head), since a
+cache read over hf:// may never have been verified.
+
 Exact resume: `stream.state_dict()` is the cursor *before* the example the packer holds over for
 the next batch, so a checkpoint taken between batches loses and repeats nothing.
 """
@@ -29,12 +33,15 @@ import numpy as np
 import torch
 
 from formats import CacheReader, Example
+from formats.errors import FormatError, IncompatibleCachesError, InputError
 from formats.ids import keep_fraction, record_id
-from formats.errors import InputError
+from formats.shard import check_example as shard_check_example
+from formats.tools import COMPAT_KEYS
 
 log = logging.getLogger("train_student")
 
 IGNORE_INDEX = -100
+TEACHER_KEYS = [key for key in COMPAT_KEYS if key[0] == "teacher"]  # what makes two caches one teacher's
 MIN_K = 16           # below this many teacher entries per position, the KD signal is thin
 MAX_TAIL_MASS = 0.3  # mean teacher mass outside the cached entries above which we warn
 
@@ -52,10 +59,13 @@ def is_eval(example_id: str, eval_fraction: float) -> bool:
 
 # ---- safety checks -------------------------------------------------------------------------------
 def check_compatible(manifest: dict, where: str, *, fingerprint: str | None, tokenizer_vocab: int | None,
-                     model_vocab: int) -> None:
+                     output_size: int) -> None:
     """Refuse a cache whose token ids would mean something else to the student (InputError).
 
-    The format version was already checked by `load_manifest`.
+    `output_size` is the student's LM head rows. The cache's tokens (tokenizer.vocab_size) must fit
+    it; the teacher's own output size (teacher.output_size, when the manifest records it) may be
+    larger (a padded output layer): then only a warning, and `check_example` refuses an id that is
+    actually out of range. The format version was already checked by `load_manifest`.
     """
     tok = manifest.get("tokenizer") or {}
     cache_vocab = tok.get("vocab_size")
@@ -64,9 +74,14 @@ def check_compatible(manifest: dict, where: str, *, fingerprint: str | None, tok
             f"{where}: the cache was made with a tokenizer of {cache_vocab} tokens "
             f"({tok.get('name_or_path', '?')}), the student's tokenizer has {tokenizer_vocab}; "
             "train a student that shares the teacher's tokenizer")
-    if cache_vocab is not None and int(cache_vocab) > model_vocab:
+    if cache_vocab is not None and int(cache_vocab) > output_size:
         raise InputError(f"{where}: the cache's vocabulary has {cache_vocab} tokens but the student's LM head "
-                         f"has only {model_vocab} rows")
+                         f"has only {output_size} rows")
+    teacher_out = (manifest.get("teacher") or {}).get("output_size")
+    if teacher_out is not None and int(teacher_out) > output_size:
+        log.warning("%s: the teacher's output layer has %d rows, the student's %d: a cached teacher id >= %d "
+                    "(padding rows past the tokenizer's %s tokens) stops training with an error",
+                    where, int(teacher_out), output_size, output_size, cache_vocab)
     if tok.get("fingerprint") and fingerprint and tok["fingerprint"] != fingerprint:
         raise InputError(
             f"{where}: tokenizer fingerprints differ (cache {tok['fingerprint'][:12]}… from "
@@ -74,6 +89,59 @@ def check_compatible(manifest: dict, where: str, *, fingerprint: str | None, tok
             "but different tokens or special tokens; use the teacher's tokenizer")
     if not tok.get("fingerprint"):
         log.warning("%s: the manifest has no tokenizer fingerprint; cannot check the student's tokenizer", where)
+
+
+def check_example(ex: Example, where: str, *, input_size: int | None = None, output_size: int | None = None) -> None:
+    """Refuse an example the student would misread, before it reaches a batch (cheap: one pass over its ids).
+
+    Target spans must lie in 1..L-1, sorted, with one teacher row per position (else a label and a
+    teacher row land on the wrong token): FormatError. Token ids must index the student's embedding
+    (`input_size`) and labels and teacher ids its LM head (`output_size`), else the loss kernel
+    reads out of bounds: InputError. A cache read over hf:// may never have been verified.
+    """
+    where = f"{where}, example {ex.id!r}"
+    try:
+        shard_check_example(ex)
+    except ValueError as exc:
+        raise FormatError(f"{where}: {exc}; the cache is damaged, run `kdcache verify` on it") from None
+    ids, teacher = ex.input_ids, ex.topk_ids
+    if len(ids) and ids.min() < 0:
+        raise FormatError(f"{where}: negative token id {int(ids.min())}; run `kdcache verify` on the cache")
+    if teacher.size and teacher.min() < -1:
+        raise FormatError(f"{where}: teacher id {int(teacher.min())} (only -1 pads); run `kdcache verify` on the cache")
+    if input_size is not None and len(ids) and ids.max() >= input_size:
+        raise InputError(f"{where}: token id {int(ids.max())} >= the student's {input_size} embedding rows")
+    if output_size is not None:
+        labels = ids[ex.target_positions]
+        if len(labels) and labels.max() >= output_size:
+            raise InputError(f"{where}: label token id {int(labels.max())} >= the student's {output_size} LM head rows")
+        if teacher.size and teacher.max() >= output_size:
+            raise InputError(f"{where}: teacher id {int(teacher.max())} >= the student's {output_size} LM head rows; "
+                             "the cache's teacher has a larger output layer than the student")
+
+
+def check_same_teacher(manifests: list[dict], paths: list[str], stage: str, *, allow_mixed: bool) -> None:
+    """Refuse a stage that mixes caches of different teachers (IncompatibleCachesError) unless allowed."""
+    first = manifests[0]
+    for m, path in zip(manifests[1:], paths[1:]):
+        for key in TEACHER_KEYS:
+            a, b = _get(first, key), _get(m, key)
+            if a == b:
+                continue
+            if allow_mixed:
+                log.warning("stage %s mixes teachers: %s has %s=%r, %s has %r (allow_mixed_teachers)", stage,
+                            path, ".".join(key), b, paths[0], a)
+                continue
+            raise IncompatibleCachesError(
+                f"stage {stage}: {path} and {paths[0]} come from different teachers ({'.'.join(key)} {b!r} vs "
+                f"{a!r}); one stage distils one teacher: put them in separate stages, or set "
+                "allow_mixed_teachers: true (--allow-mixed-teachers) to mix them on purpose")
+
+
+def _get(d: dict, key: tuple):
+    for part in key:
+        d = (d or {}).get(part)
+    return d
 
 
 def check_signal(reader: CacheReader, where: str, sample: int = 64) -> dict:
@@ -99,19 +167,24 @@ def check_signal(reader: CacheReader, where: str, sample: int = 64) -> dict:
 
 # ---- streaming -----------------------------------------------------------------------------------
 class ExampleStream:
-    """Examples of one split from one or more readers, mixed round-robin, with an exact cursor."""
+    """Examples of one split from one or more readers, mixed round-robin, with an exact cursor.
+
+    Every example handed out passed `check_example` (against the student's sizes when given).
+    """
 
     def __init__(self, readers: list[CacheReader], *, split: str = "train", eval_fraction: float = 0.0,
-                 fraction: float = 1.0):
+                 fraction: float = 1.0, input_size: int | None = None, output_size: int | None = None):
         if split not in ("train", "eval", "all"):
             raise ValueError(f"split must be train, eval or all, got {split!r}")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.readers, self.split, self.eval_fraction = readers, split, eval_fraction
         self.fraction = fraction  # training subsample (data-size sweeps); never applied to the held-out split
+        self.input_size, self.output_size = input_size, output_size
         self._turn = 0
         self._done = [False] * len(readers)
         self._iters: list | None = None
+        self._skipped = [0] * len(readers)  # examples filtered out in a row, per reader
 
     def _keep(self, ex: Example) -> bool:
         if self.split == "all":
@@ -139,9 +212,23 @@ class ExampleStream:
                 self._done[i] = True
                 continue
             if self._keep(ex):
+                self._skipped[i] = 0
                 self._turn = (i + 1) % len(self.readers)
+                check_example(ex, self.readers[i].path, input_size=self.input_size, output_size=self.output_size)
                 return ex
+            self._skip(i)
         raise StopIteration
+
+    def _skip(self, i: int) -> None:
+        """Count a filtered-out example; an endless reader that filters out a whole epoch would spin forever."""
+        self._skipped[i] += 1
+        reader = self.readers[i]
+        # 2n - 1 examples in a row hold a whole epoch of n (the same ids each epoch)
+        if reader.epochs is None and self._skipped[i] >= 2 * max(reader.num_examples(), 1):
+            raise InputError(f"{reader.path}: no example of this process's share is in the split {self.split!r} "
+                             f"(eval_fraction={self.eval_fraction}, fraction={self.fraction}): a whole epoch was "
+                             "filtered out and the stage repeats epochs forever; lower eval_fraction, raise fraction "
+                             "or drop the cache from the stage")
 
     def state_dict(self) -> dict:
         return {"readers": [r.state_dict() for r in self.readers], "turn": self._turn, "done": list(self._done)}
@@ -156,6 +243,7 @@ class ExampleStream:
             except ValueError as exc:  # a different cache, seed, shuffle or number of processes
                 raise InputError(f"cannot resume reading {reader.path}: {exc}") from None
         self._turn, self._done, self._iters = state["turn"], list(state["done"]), None
+        self._skipped = [0] * len(self.readers)
 
 
 # ---- packing -------------------------------------------------------------------------------------
@@ -290,13 +378,15 @@ def cache_k(readers: list[CacheReader]) -> int:
 
 
 def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction: float, max_tokens: int,
-                 max_examples: int | None) -> list[PackedBatch]:
+                 max_examples: int | None, input_size: int | None = None,
+                 output_size: int | None = None) -> list[PackedBatch]:
     """The held-out split of `paths` for this rank, packed once and kept in memory."""
     if eval_fraction <= 0:
         return []
     readers = open_readers(paths, rank=rank, world_size=world_size, shuffle=False, seed=0, epochs=1,
                            max_examples=None)
-    stream = ExampleStream(readers, split="eval", eval_fraction=eval_fraction)
+    stream = ExampleStream(readers, split="eval", eval_fraction=eval_fraction, input_size=input_size,
+                           output_size=output_size)
     examples = []
     for ex in stream:
         examples.append(ex)

@@ -109,6 +109,35 @@ class StudentLoss(nn.Module):
         return kd_loss(hidden, weight, topk_ids, topk_logprobs, labels, **loss_kwargs)
 
 
+# Output-head extras the loss does not apply (it computes logits as hidden @ lm_head.weight):
+# config field -> the value that means "none"
+OUTPUT_HEAD_EXTRAS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def check_output_head(lm: nn.Module, name: str) -> None:
+    """Refuse a student whose logits are not plain `hidden @ lm_head.weight.T` (InputError).
+
+    kd_loss (every impl) computes exactly that product; a softcap (Gemma 2), a logit scale
+    (Cohere, Granite) or an output bias would be silently ignored, training against logits the
+    model never produces. Such students are refused rather than half supported.
+    """
+    found = []
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    for field, neutral in OUTPUT_HEAD_EXTRAS.items():
+        value = getattr(cfg, field, None)
+        if value is not None and value != neutral and not (neutral is None and value == 0):
+            found.append(f"{field}={value}")
+    head = lm.get_output_embeddings()
+    if head is None:
+        raise InputError(f"{name}: {type(lm).__name__} has no output embeddings (LM head); need a causal LM")
+    if getattr(head, "bias", None) is not None:
+        found.append("an output bias (lm_head.bias)")
+    if found:
+        raise InputError(f"{name}: the student's output head has {', '.join(found)}; the KD loss computes logits as "
+                         "hidden states @ lm_head.weight and would ignore it, so such students are refused "
+                         "(use a student without output-head extras)")
+
+
 def prepare_student(lm: nn.Module, *, gradient_checkpointing: bool) -> nn.Module:
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -15,7 +15,14 @@ Resume after preemption:              the same command with --resume
 Batching: each rank packs examples into one sequence of <= max_tokens tokens per micro-batch;
 a step is grad_accum micro-batches per rank. The loss is the mean over all trained tokens of the
 global step (each micro-batch's token-mean loss is weighted by its share of the step's tokens),
-so the update does not depend on how the tokens are split over ranks and micro-batches.
+so the update does not depend on how the tokens are split over ranks and micro-batches. A stage
+that runs out of data ends when every rank has: a rank with fewer packed sequences left joins the
+others' steps with empty micro-batches, and the last, partial step is trained too.
+
+Refused before training: a student whose output head has extras the loss ignores (softcapping,
+logit scales, an output bias), caches whose tokenizer does not match the student, and a stage that
+mixes teachers (unless allow_mixed_teachers). Refused during training: an example whose target
+spans or ids the student would misread (`data.check_example`).
 """
 from __future__ import annotations
 
@@ -37,9 +44,10 @@ import torch.distributed as dist
 from formats.errors import InputError
 from train_student import checkpoint
 from train_student.config import Stage, TrainConfig
-from train_student.data import (ExampleStream, Packer, PackedBatch, cache_k, check_compatible, check_signal,
-                                eval_batches, open_readers)
-from train_student.model import StudentLoss, load_student, load_tokenizer, prepare_student, prune_layers
+from train_student.data import (ExampleStream, Packer, PackedBatch, cache_k, check_compatible, check_same_teacher,
+                                check_signal, eval_batches, open_readers)
+from train_student.model import (StudentLoss, check_output_head, load_student, load_tokenizer, prepare_student,
+                                 prune_layers)
 
 log = logging.getLogger("train_student")
 
@@ -123,6 +131,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.tokenizer or source)
         lm = load_student(str(ckpt / "model") if ckpt else source, dtype=cfg.dtype,
                           attn_implementation=cfg.attn_implementation)
+        check_output_head(lm, source)
+        # what the cached ids must index: checked per example before any batch reaches the loss kernel
+        self.input_size = lm.get_input_embeddings().weight.shape[0]
+        self.output_size = lm.get_output_embeddings().weight.shape[0]
         self.lm = prepare_student(lm, gradient_checkpointing=cfg.gradient_checkpointing).to(self.device)
         if cfg.compile:
             self.lm.get_decoder().compile()
@@ -153,15 +165,17 @@ class Trainer:
 
         fingerprint = tokenizer_fingerprint(self.tokenizer)
         vocab = len(self.tokenizer.get_vocab())
-        model_vocab = self.lm.get_output_embeddings().weight.shape[0]
         for stage in self.stages:
+            manifests = []
             for path in stage.cache:
                 readers = open_readers([path], rank=0, world_size=1, shuffle=False, seed=0, epochs=1,
                                        max_examples=64)
                 check_compatible(readers[0].manifest, path, fingerprint=fingerprint, tokenizer_vocab=vocab,
-                                 model_vocab=model_vocab)
+                                 output_size=self.output_size)
                 if self.main:
                     check_signal(readers[0], path)
+                manifests.append(readers[0].manifest)
+            check_same_teacher(manifests, stage.cache, stage.name, allow_mixed=self.cfg.allow_mixed_teachers)
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -212,6 +226,8 @@ class Trainer:
     def train(self) -> int:
         """Run every stage from the current position. Returns 0 (done) or 0 after a SIGTERM save."""
         if self.stage_idx >= len(self.stages):
+            if not (self.out / "final").exists():  # killed after the last checkpoint, before final/
+                self._write_final()
             log.info("%s: the run is already complete (step %d); nothing to do", self.out, self.step)
             return 0
         for self.stage_idx in range(self.stage_idx, len(self.stages)):
@@ -224,7 +240,8 @@ class Trainer:
                                kind=stage.kind, tail=stage.tail, impl=self.cfg.impl, chunk_size=self.cfg.chunk_size)
             self.eval_set = eval_batches(stage.cache, rank=self.rank, world_size=self.world,
                                          eval_fraction=self.cfg.eval_fraction, max_tokens=self.cfg.max_tokens,
-                                         max_examples=self.cfg.eval_max_examples)
+                                         max_examples=self.cfg.eval_max_examples, input_size=self.input_size,
+                                         output_size=self.output_size)
             if self.stage_step == 0:
                 self.evaluate(stage)
             stopped = self._train_stage(stage, packer, loss_kwargs)
@@ -235,12 +252,19 @@ class Trainer:
         if self._last_eval != self.step:
             self.evaluate(self.stages[-1])
         self.save(packer=None)
-        if self.main:  # the last checkpoint's weights, where a user looks for them
-            final = self.out / "final"
-            shutil.rmtree(final, ignore_errors=True)
-            shutil.copytree(checkpoint.latest(self.out) / "model", final)
-            log.info("done: %d steps; student in %s", self.step, final)
+        self._write_final()
         return 0
+
+    def _write_final(self) -> None:
+        """final/: the last checkpoint's weights, where a user looks for them (copied whole, then renamed)."""
+        if not self.main:
+            return
+        final, tmp = self.out / "final", self.out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint.latest(self.out) / "model", tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        log.info("done: %d steps; student in %s", self.step, final)
 
     def _train_stage(self, stage: Stage, packer: Packer, loss_kwargs: dict) -> bool:
         """Optimizer steps until the stage's step count or its data ends. True if stopped by SIGTERM."""
@@ -249,15 +273,19 @@ class Trainer:
         window = torch.zeros(6, dtype=torch.float64)  # loss, kd, ce, top1 (token-weighted), tokens, targets
         wait_s, step_s, t_last = 0.0, 0.0, time.perf_counter()
         while stage.steps is None or self.stage_step < stage.steps:
-            # -- data: grad_accum packed sequences per rank; stop together when any rank runs out --
+            # -- data: up to grad_accum packed sequences per rank; the stage ends when every rank has run
+            # out. Ranks hold equal example counts but pack them into different numbers of sequences: one
+            # out of data joins the step with empty micro-batches (no tokens, no gradient), so no rank's
+            # last sequences and no last partial step are dropped --
             t0 = time.perf_counter()
             micro = [b for _, b in zip(range(cfg.grad_accum), packer)]
             wait_s += time.perf_counter() - t0
             n_targets = sum(b.n_targets for b in micro)
-            counts = self._all_reduce(torch.tensor([float(len(micro) < cfg.grad_accum), float(n_targets)]))
-            if counts[0] > 0:
+            counts = self._all_reduce(torch.tensor([float(len(micro)), float(n_targets)]))
+            if counts[0] == 0:
                 log.info("%s: data exhausted after %d steps", stage.name, self.stage_step)
                 break
+            micro += [_dummy_batch() for _ in range(cfg.grad_accum - len(micro))]
             global_targets = max(counts[1].item(), 1.0)
 
             # -- forward/backward: each micro-batch weighted by its share of the step's tokens --
@@ -270,6 +298,8 @@ class Trainer:
                                                 batch.topk_logprobs, batch.labels, loss_kwargs=loss_kwargs)
                     share = batch.n_targets / global_targets
                     (loss * share * self.world).backward()
+                if not batch.n_examples:  # an empty micro-batch of a rank out of data
+                    continue
                 window += torch.tensor([loss.item() * batch.n_targets, metrics["kd"].item() * batch.n_targets,
                                         metrics["ce"].item() * batch.n_targets,
                                         metrics["top1_agreement"].item() * batch.n_targets,
@@ -359,7 +389,8 @@ class Trainer:
         readers = open_readers(stage.cache, rank=self.rank, world_size=self.world, shuffle=self.cfg.shuffle,
                                seed=self.cfg.seed + self.stage_idx, epochs=stage.epochs or None,
                                max_examples=stage.max_examples)
-        stream = ExampleStream(readers, split="train", eval_fraction=self.cfg.eval_fraction, fraction=stage.fraction)
+        stream = ExampleStream(readers, split="train", eval_fraction=self.cfg.eval_fraction, fraction=stage.fraction,
+                               input_size=self.input_size, output_size=self.output_size)
         return Packer(stream, max_tokens=self.cfg.max_tokens, k=cache_k(readers))
 
     def _no_sync(self, skip_sync: bool):
@@ -431,7 +462,8 @@ class Trainer:
 
 
 def _dummy_batch() -> PackedBatch:
-    """Two untrained tokens: lets a rank without held-out data join the others' forwards."""
+    """Two untrained tokens: lets a rank out of data (training) or without held-out data (eval) join the
+    others' forwards and backwards with no effect on the update."""
     z = torch.zeros(1, 2, dtype=torch.long)
     return PackedBatch(z, torch.arange(2)[None], torch.full((2,), -100), torch.full((2, 1), -1),
                        torch.full((2, 1), -math.inf), 0)

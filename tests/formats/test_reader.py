@@ -1,10 +1,12 @@
 import itertools
+import json
+import logging
 
 import numpy as np
 import pytest
 from format_helpers import make_example, write_cache
 
-from formats import CacheReader
+from formats import CacheReader, Example
 
 
 def ids(reader):
@@ -16,16 +18,15 @@ def ids(reader):
 def test_partitions_cover_every_row_once(cache, examples, world, shuffle):
     parts = [ids(CacheReader(cache, rank=r, world_size=world, shuffle=shuffle, seed=7)) for r in range(world)]
     flat = list(itertools.chain(*parts))
-    assert sorted(flat) == sorted(e.id for e in examples)
-    assert len(flat) == len(set(flat))
+    assert set(flat) <= {e.id for e in examples} and len(flat) == len(set(flat))
+    assert [len(p) for p in parts] == [len(examples) // world] * world  # 40 % 3 = 1 left over
 
 
 def test_few_row_groups_are_split_by_rows(tmp_path, rng):
     exs = [make_example(rng, i) for i in range(7)]
     write_cache(tmp_path / "c", exs, row_group_positions=10**9, shard_max_bytes=10**9)  # one row group
     parts = [ids(CacheReader(tmp_path / "c", rank=r, world_size=3)) for r in range(3)]
-    assert sorted(itertools.chain(*parts)) == sorted(e.id for e in exs)
-    assert all(parts)
+    assert parts == [["ex0", "ex1"], ["ex2", "ex3"], ["ex4", "ex5"]]  # ex6 left over (7 % 3)
 
 
 def test_shuffle_is_deterministic_and_seeded(cache):
@@ -103,3 +104,106 @@ def test_batches(cache, examples, as_torch):
     assert np.asarray(b["target_position"])[sel].tolist() == ex.target_positions.tolist()
     assert np.asarray(b["topk_ids"])[sel].tolist() == ex.topk_ids.tolist()
     assert (np.asarray(b["labels"][row]) != -100).sum() == ex.num_targets
+
+
+# ---- balanced partition (issue 9, item 1) -------------------------------------------------------
+def tiny_example(i):
+    """Two trained positions: `row_group_positions=2 * r` makes row groups of r rows."""
+    return Example(id=f"t{i:04d}", input_ids=np.array([5, 6, 7], np.int32), target_positions=np.array([1, 2], np.int32),
+                   topk_ids=np.array([[1, 2], [3, 4]], np.int32), topk_logprobs=np.full((2, 2), -1.0, np.float32),
+                   target_logprobs=np.full(2, -1.0, np.float32), target_ranks=np.ones(2, np.int32))
+
+
+def layout_cache(path, n, rows_per_group, shard_max_bytes=10**9):
+    write_cache(path, [tiny_example(i) for i in range(n)], k=2, row_group_positions=2 * rows_per_group,
+                shard_max_bytes=shard_max_bytes)
+    return path
+
+
+# (examples, rows per row group, shard size): 23 row groups of 30 (the issue's case), one row group,
+# fewer examples than ranks, ragged last groups, several shards
+LAYOUTS = [(690, 30, 10**9), (7, 100, 10**9), (3, 1, 10**9), (50, 7, 10**9), (61, 4, 1500), (24, 1, 10**9)]
+
+
+def epoch_parts(cache, world, shuffle, epochs=1):
+    parts = []
+    for r in range(world):
+        reader = CacheReader(cache, rank=r, world_size=world, shuffle=shuffle, seed=5, epochs=epochs, prefetch=0)
+        got = ids(reader)
+        per_epoch = reader.num_examples()
+        parts.append([got[e * per_epoch:(e + 1) * per_epoch] for e in range(epochs)])
+        assert len(got) == per_epoch * epochs
+    return parts
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ranks_train_every_example_of_an_epoch_once(tmp_path, layout, shuffle):
+    n, rows, shard_bytes = layout
+    cache = layout_cache(tmp_path / "c", n, rows, shard_bytes)
+    everything = {f"t{i:04d}" for i in range(n)}
+    for world in range(1, 10):
+        parts = epoch_parts(cache, world, shuffle, epochs=2)
+        for epoch in range(2):
+            slices = [p[epoch] for p in parts]
+            union = set(itertools.chain(*slices))
+            assert len({len(s) for s in slices}) == 1, (world, [len(s) for s in slices])  # equal step counts
+            assert sum(len(s) for s in slices) == len(union)                              # disjoint
+            assert union <= everything and len(everything - union) == n % world < world   # at most world-1 left
+        if shuffle and n >= 24 and world > 1:
+            assert parts[0][0] != parts[0][1]  # a new order every epoch
+
+
+def test_issue_case_23_row_groups_on_8_ranks(tmp_path, caplog):
+    cache = layout_cache(tmp_path / "c", 690, 30)
+    assert len(CacheReader(cache).units) == 23
+    with caplog.at_level(logging.WARNING, logger="formats"):
+        readers = [CacheReader(cache, rank=r, world_size=8, shuffle=True) for r in range(8)]
+    assert [r.num_examples() for r in readers] == [86] * 8 and readers[0].leftover == 2
+    assert "2 of 690 examples" in caplog.text and caplog.text.count("left over") == 1  # said once, by rank 0
+
+
+def test_a_rank_reads_a_contiguous_stretch_of_row_groups(tmp_path, monkeypatch):
+    cache = layout_cache(tmp_path / "c", 690, 30)
+    loaded = []
+    orig = CacheReader.load_unit
+    monkeypatch.setattr(CacheReader, "load_unit", lambda self, unit: loaded.append(unit) or orig(self, unit))
+    for r in range(8):
+        ids(CacheReader(cache, rank=r, world_size=8, shuffle=True, seed=1, prefetch=0))
+    assert len(loaded) <= 23 + 7  # each row group once; only those at a boundary between ranks twice
+
+
+@pytest.mark.parametrize("world", [1, 3, 8])
+def test_resume_mid_epoch_is_exact_on_every_rank(tmp_path, world):
+    cache = layout_cache(tmp_path / "c", 61, 4, 1500)
+    for rank in range(world):
+        def reader():
+            return CacheReader(cache, rank=rank, world_size=world, shuffle=True, seed=9, epochs=2, prefetch=1)
+        full = ids(reader())
+        for cut in sorted({0, 1, 3, len(full) // 2, len(full) - 1}):
+            r = reader()
+            it = iter(r)
+            head = [next(it).id for _ in range(cut)]
+            r2 = reader()
+            r2.load_state_dict(json.loads(json.dumps(r.state_dict())))
+            assert head + ids(r2) == full, (rank, cut)
+
+
+def test_cursor_of_the_old_partition_is_refused(tmp_path):
+    cache = layout_cache(tmp_path / "c", 20, 4)
+    old = {"epoch": 0, "unit": 1, "row": 2, "seed": 0, "shuffle": False, "rank": 0, "world_size": 1, "units": 5}
+    with pytest.raises(ValueError, match="older kdcache"):
+        CacheReader(cache).load_state_dict(old)
+
+
+def test_abandoning_a_reader_midway_returns_at_once(tmp_path):
+    """The decode-ahead thread, done and waiting to hand over its end marker, must not hold up close()."""
+    import time
+
+    cache = layout_cache(tmp_path / "c", 8, 4)
+    it = iter(CacheReader(cache, prefetch=1))
+    next(it)
+    time.sleep(0.3)  # the thread decodes the second row group and blocks handing over the end
+    t0 = time.perf_counter()
+    it.close()
+    assert time.perf_counter() - t0 < 1.0

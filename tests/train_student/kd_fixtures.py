@@ -84,6 +84,20 @@ def write_cache(teacher, tokenizer, out: Path, *, n: int = 48, seed: int = 0, k:
     return out
 
 
+def reorder_cache(src: Path, out: Path, order: list[str]) -> Path:
+    """A copy of cache `src` holding the examples `order` (ids), in that order, one per row group."""
+    from formats import CacheReader, CacheWriter, CodecConfig
+
+    reader = CacheReader(src)
+    by_id = {ex.id: ex for ex in reader}
+    m = reader.manifest
+    with CacheWriter(out, codec=CodecConfig.from_dict(m["codec"]), row_group_positions=1,
+                     provenance={"tokenizer": m["tokenizer"], "teacher": m["teacher"]}) as w:
+        for ex_id in order:
+            w.write(by_id[ex_id])
+    return out
+
+
 def python_env() -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -110,17 +110,17 @@ def test_tokenizer_mismatch_is_refused(tiny):
 
     manifest = CacheReader(tiny["cache"]).manifest
     same = make_tokenizer()
-    check_compatible(manifest, "c", fingerprint=tokenizer_fingerprint(same), tokenizer_vocab=VOCAB, model_vocab=VOCAB)
+    check_compatible(manifest, "c", fingerprint=tokenizer_fingerprint(same), tokenizer_vocab=VOCAB, output_size=VOCAB)
     other = make_tokenizer(extra="x")  # same size, one token differs
     with pytest.raises(InputError, match="fingerprints differ"):
         check_compatible(manifest, "c", fingerprint=tokenizer_fingerprint(other), tokenizer_vocab=VOCAB,
-                         model_vocab=VOCAB)
+                         output_size=VOCAB)
     bigger = make_tokenizer(vocab=300)
     with pytest.raises(InputError, match="256 tokens .* has 300"):
         check_compatible(manifest, "c", fingerprint=tokenizer_fingerprint(bigger), tokenizer_vocab=300,
-                         model_vocab=300)
+                         output_size=300)
     with pytest.raises(InputError, match="LM head"):
-        check_compatible(manifest, "c", fingerprint=None, tokenizer_vocab=None, model_vocab=100)
+        check_compatible(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=100)
 
 
 def test_unknown_format_version_is_refused(tiny, tmp_path):
@@ -177,3 +177,88 @@ def test_fraction_subsamples_are_nested_and_disjoint_from_eval(tmp_path):
     assert held and held.isdisjoint(full) and len(held | full) == 60
     assert is_eval("abc#s1", 0.5) == is_eval("abc#s0", 0.5) == is_eval("abc", 0.5)
     assert record_id("x#s12") == "x" and record_id("x#dup3") == "x#dup3"
+
+
+# ---- refusing what the student would misread (issue 9, items 2 and 12) --------------------------
+class _ListReader:
+    """Stands in for a CacheReader over a damaged cache (one never verified, e.g. read over hf://)."""
+
+    def __init__(self, examples, epochs=1):
+        self.path, self.examples, self.epochs = "hf://datasets/x/cache", examples, epochs
+
+    def __iter__(self):
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            yield from self.examples
+            epoch += 1
+
+    def num_examples(self):
+        return len(self.examples)
+
+    def state_dict(self):
+        return {}
+
+
+def _damaged(tiny, **change):
+    ex = _examples(tiny["cache"], 1)[0]
+    for name, fn in change.items():
+        setattr(ex, name, fn(getattr(ex, name)))
+    return ex
+
+
+@pytest.mark.parametrize("change", [
+    dict(target_positions=lambda p: p - p[0]),                         # starts at 0: row -1 = the last row
+    dict(target_positions=lambda p: p + 1),                            # runs past the sequence
+    dict(target_positions=lambda p: p[::-1].copy()),                   # unsorted
+    dict(target_positions=lambda p: np.concatenate([p[:1], p[:-1]])),  # overlapping spans (a position twice)
+    dict(topk_ids=lambda a: a[:-1], topk_logprobs=lambda a: a[:-1]),   # fewer teacher rows than positions
+])
+def test_stream_refuses_target_positions_out_of_range(tiny, change):
+    bad = _damaged(tiny, **change)
+    stream = ExampleStream([_ListReader([bad])], split="all")
+    with pytest.raises(FormatError, match=r"hf://datasets/x/cache.*'ex0000'"):
+        next(stream)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(topk_ids=lambda a: np.where(a == a[0, 0], VOCAB + 5, a)), "teacher id 261"),
+    (dict(input_ids=lambda a: np.where(np.arange(len(a)) == len(a) - 1, VOCAB, a)), "token id 256"),
+    (dict(topk_ids=lambda a: np.where(a == a[0, 0], -7, a)), "teacher id -7"),
+])
+def test_stream_refuses_ids_outside_the_students_vocabulary(tiny, change, message):
+    bad = _damaged(tiny, **change)
+    stream = ExampleStream([_ListReader([bad])], split="all", input_size=VOCAB, output_size=VOCAB)
+    with pytest.raises((FormatError, InputError), match=rf"hf://datasets/x/cache.*'ex0000'.*{message}"):
+        next(stream)
+    ok = _examples(tiny["cache"], 1)[0]
+    assert next(ExampleStream([_ListReader([ok])], split="all", input_size=VOCAB, output_size=VOCAB)).id == ok.id
+
+
+def test_endless_stream_with_everything_filtered_out_is_an_error(tiny):
+    examples = _examples(tiny["cache"], 6)
+    held = [ex for ex in examples if is_eval(ex.id, 0.5)]
+    assert held and len(held) < len(examples)
+    # every example of the cache is held out: the training split is empty, forever
+    stream = ExampleStream([_ListReader(held, epochs=None)], split="train", eval_fraction=0.5)
+    with pytest.raises(InputError, match="no example .* split 'train'"):
+        next(stream)
+    # one cache of two empty: an error too (not a silent single-cache stage)
+    kept = [ex for ex in examples if not is_eval(ex.id, 0.5)]
+    mixed = ExampleStream([_ListReader(kept, epochs=None), _ListReader(held, epochs=None)], split="train",
+                          eval_fraction=0.5)
+    with pytest.raises(InputError, match="no example"):
+        for _ in range(100):
+            next(mixed)
+    # a finite stream simply ends
+    assert list(ExampleStream([_ListReader(held)], split="train", eval_fraction=0.5)) == []
+
+
+def test_cache_ids_are_compared_with_the_students_output_size(tiny, caplog):
+    manifest = json.loads(json.dumps(CacheReader(tiny["cache"]).manifest))
+    manifest["teacher"]["output_size"] = VOCAB + 64  # a padded output layer (OLMo 2, Qwen2.5)
+    with caplog.at_level(logging.WARNING, logger="train_student"):
+        check_compatible(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=VOCAB)
+    assert "320 rows" in caplog.text and "256" in caplog.text
+    check_compatible(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=VOCAB + 64)
+    with pytest.raises(InputError, match="256 tokens.*only 200 rows"):
+        check_compatible(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=200)

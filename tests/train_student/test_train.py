@@ -7,9 +7,9 @@ import signal
 import pytest
 import torch
 
-from kd_fixtures import (final_weights, make_model, make_tokenizer, python_env, read_metrics, run_train,
-                         save_model, train_args, write_cache, PYTHON, REPO)
-from formats.errors import InputError
+from kd_fixtures import (final_weights, make_model, make_tokenizer, python_env, read_metrics, reorder_cache,
+                         run_train, save_model, train_args, write_cache, PYTHON, REPO)
+from formats.errors import IncompatibleCachesError, InputError
 from train_student.__main__ import main as train_main
 
 RESUME_FLAGS = dict(steps=8, save_every=2, shuffle=True, epochs=0, grad_accum=2)
@@ -80,26 +80,32 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny, tmp_path, uninterrup
 
 
 def test_ddp_and_fsdp_two_processes_equal_one_process(tmp_path):
-    """DDP or FSDP2, 2 ranks x 1 micro-batch == 1 rank x 2 micro-batches: same examples per step (one example per
-    row group and per packed sequence), token-weighted loss, so the same updates."""
+    """DDP or FSDP2, 2 ranks x 2 micro-batches == 1 rank x 4 micro-batches over the same examples per step (one
+    example per packed sequence), token-weighted loss, so the same updates. 11 examples on 2 ranks: 5 each, the
+    last one left over (and said so); the last step is partial on every rank (1 sequence + 1 empty micro-batch)
+    and is trained, not dropped."""
     import subprocess
 
     tok = make_tokenizer()
     teacher = make_model(seed=1, scale=0.12).eval()
     student = save_model(make_model(seed=2), tok, tmp_path / "student")
-    cache = write_cache(teacher, tok, tmp_path / "cache", n=9, min_len=21, max_len=40, row_group_positions=1)
+    cache = write_cache(teacher, tok, tmp_path / "cache", n=11, min_len=21, max_len=40, row_group_positions=1)
+    # rank 0 reads ex0..ex4, rank 1 ex5..ex9; one process reads them in the order the two ranks' steps take them
+    order = [0, 1, 5, 6, 2, 3, 7, 8, 4, 9]
+    one_cache = reorder_cache(cache, tmp_path / "cache-one", [f"ex{i:04d}" for i in order])
     flags = dict(max_tokens=40, eval_fraction=0, shuffle=False, grad_clip=0.5)
-    one = run_train(train_args(student, cache, tmp_path / "one", grad_accum=2, **flags))
+    one = run_train(train_args(student, one_cache, tmp_path / "one", grad_accum=4, **flags))
     assert one.returncode == 0, one.stderr[-3000:]
+    a = [r for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
+    assert [r["step"] for r in a] == [1, 2, 3]
     for run, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
         cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train_student",
-               *train_args(student, cache, tmp_path / run, grad_accum=1, **flags), *extra]
+               *train_args(student, cache, tmp_path / run, grad_accum=2, **flags), *extra]
         two = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
         assert two.returncode == 0, two.stderr[-3000:]
-        # 9 examples: rank 0 holds 5, rank 1 holds 4; both stop after 4 steps, as the 1-process run does
-        a = [r for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
+        assert "1 of 11 examples per epoch are left over" in two.stderr
         b = [r for r in read_metrics(tmp_path / run) if r["split"] == "train"]
-        assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+        assert [r["step"] for r in b] == [1, 2, 3]
         for x, y in zip(a, b):
             assert x["tokens"] == y["tokens"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         _assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / run), exact=False)
@@ -238,3 +244,60 @@ stages:
     _assert_same_weights(final_weights(tmp_path / "crashed"), final_weights(tmp_path / "straight"))
     steps = [(r["stage"], r["step"]) for r in read_metrics(tmp_path / "crashed") if r["split"] == "train"]
     assert steps == [("one", 1), ("one", 2), ("one", 3), ("two", 4), ("two", 5), ("two", 6)]
+
+
+def test_resume_of_a_run_killed_before_final_writes_final(tiny, tmp_path):
+    """Killed after the last checkpoint, before final/ was written: --resume writes final/ (and trains nothing)."""
+    out = tmp_path / "run"
+    args = train_args(tiny["student"], tiny["cache"], out, steps=2)
+    assert train_main(args) == 0
+    expected = final_weights(out)
+    import shutil
+
+    shutil.rmtree(out / "final")  # what a kill between the last checkpoint and final/ leaves
+    assert train_main(args + ["--resume"]) == 0
+    _assert_same_weights(final_weights(out), expected)
+    assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == [1, 2]
+
+
+def test_stage_mixing_two_teachers_is_refused_unless_allowed(tiny, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny["cache"], other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["teacher"]["name_or_path"] = "another-teacher"
+    (other / "manifest.json").write_text(json.dumps(m))
+    from train_student.config import make_config
+    from train_student.train import run
+
+    def cfg(**kw):
+        return make_config(student=str(tiny["student"]), cache=[str(tiny["cache"]), str(other)],
+                           out=str(tmp_path / "run"), steps=1, progress=False, tensorboard=False, **kw)
+
+    with pytest.raises(IncompatibleCachesError, match="different teachers .*teacher.name_or_path.*allow_mixed_teachers"):
+        run(cfg())
+    assert run(cfg(allow_mixed_teachers=True)) == 0
+
+
+@pytest.mark.parametrize("extra", ["final_logit_softcapping", "logit_scale", "logits_scaling", "bias"])
+def test_student_with_output_head_extras_is_refused(tmp_path, extra):
+    from train_student.model import check_output_head
+
+    lm = make_model(seed=0)
+    check_output_head(lm, "plain")  # a plain head passes
+    if extra == "bias":
+        lm.lm_head.bias = torch.nn.Parameter(torch.zeros(lm.lm_head.out_features))
+    else:
+        setattr(lm.config, extra, 30.0)
+    with pytest.raises(InputError, match=f"s{{0,1}}tudent's output head has .*{'bias' if extra == 'bias' else extra}"):
+        check_output_head(lm, "x")
+
+
+def test_training_refuses_a_softcapped_student_before_it_starts(tiny, tmp_path):
+    lm = make_model(seed=2)
+    lm.config.final_logit_softcapping = 30.0
+    student = save_model(lm, make_tokenizer(), tmp_path / "softcapped")
+    rc = train_main(train_args(student, tiny["cache"], tmp_path / "run", steps=1))
+    assert rc == 1 and not (tmp_path / "run" / "checkpoints").exists()
