@@ -1,11 +1,14 @@
+import zlib
+
 import numpy as np
 import pytest
 from format_helpers import make_example, write_cache
 
 
 @pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % (2**32))
+def rng(request):
+    # deterministic per test: a failure reproduces by rerunning the same test
+    seed = zlib.crc32(request.node.nodeid.encode())
     print(f"seed {seed}")
     return np.random.default_rng(seed)
 
