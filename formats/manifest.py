@@ -74,7 +74,7 @@ MAX_MANIFEST_BYTES = 256 << 20
 MAX_COUNT = 2**53      # counts, rows, positions, bytes (JSON-safe integers)
 MAX_VOCAB = 2**31 - 1  # token ids are int32
 SIZE_FIELDS = (("tokenizer", "vocab_size"), ("teacher", "output_size"))
-COUNT_FIELDS = ("examples", "positions", "rejects", "bytes")
+COUNT_FIELDS = ("examples", "positions", "rejects", "bytes", "inputs")
 
 
 def teacher_output_size(manifest: dict) -> int | None:
