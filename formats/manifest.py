@@ -121,6 +121,12 @@ def check_manifest(manifest, where: str) -> None:
     for key in COUNT_FIELDS:
         if key in manifest["counts"]:
             check_int(manifest["counts"][key], f"{where}: counts.{key}", 0, MAX_COUNT)
+    per_position = manifest["counts"].get("bytes_per_position", 0)
+    if isinstance(per_position, bool) or not isinstance(per_position, (int, float)):
+        raise FormatError(f"{where}: counts.bytes_per_position is {per_position!r}, must be a number")
+    by_reason = manifest["counts"].get("rejects_by_reason", {})
+    if not isinstance(by_reason, dict) or not all(isinstance(n, int) for n in by_reason.values()):
+        raise FormatError(f"{where}: counts.rejects_by_reason must map reasons to integers")
     shards = manifest["shards"]
     if not isinstance(shards, list):
         raise FormatError(f"{where}: shards must be a list of objects, got {type(shards).__name__}")
