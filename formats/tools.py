@@ -169,7 +169,9 @@ def _check_values(ex, limits: dict, k: int, where: str) -> None:
         raise FormatError(f"{where}: input_ids outside 0..{text}")
     if (lps[valid] > 0).any():
         raise FormatError(f"{where}: a logprob is > 0")
-    if ids.shape[1] > 1 and (np.diff(np.where(valid, lps, -np.inf), axis=1)[valid[:, 1:]] > 0).any():
+    with np.errstate(invalid="ignore"):  # -inf - -inf: probability-0 entries are in order
+        rising = np.diff(np.where(valid, lps, -np.inf), axis=1)[valid[:, 1:]] > 0
+    if ids.shape[1] > 1 and rising.any():
         raise FormatError(f"{where}: logprobs not in rank order")
     mass = np.exp(np.where(valid, lps, -np.inf).astype(np.float64)).sum(axis=1)
     if (mass > 1 + MASS_SLACK).any():

@@ -196,7 +196,6 @@ def test_verify_refuses_a_shard_listed_twice(cache):
         m["counts"]["examples"] += m["shards"][0]["rows"]
         m["counts"]["positions"] += m["shards"][0]["positions"]
     edit_manifest(cache, twice)
-    name = load_manifest.__module__  # noqa: F841 (the error names the manifest and the shard)
     with pytest.raises(FormatError, match="listed twice"):
         verify_cache(cache)
     with pytest.raises(FormatError, match="listed twice"):
