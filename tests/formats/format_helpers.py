@@ -57,7 +57,7 @@ def edit_manifest(cache, edit):
 def rewrite_shard(cache, index, edit_table=None, edit_metadata=None):
     """Rewrite shard `index` of a cache with `edit_table(pa.Table) -> pa.Table` and/or
     `edit_metadata(dict) -> dict` (the shard's kdcache key-value metadata), then update the
-    manifest's size and sha256 of that shard (the counts are left as they were)."""
+    manifest's size and sha256 of that shard, and counts.bytes (the other counts are left as they were)."""
     import json
     from pathlib import Path
 
@@ -76,7 +76,10 @@ def rewrite_shard(cache, index, edit_table=None, edit_metadata=None):
         raw = edit_metadata(raw)
     table = table.replace_schema_metadata({b"kdcache": raw if isinstance(raw, bytes) else json.dumps(raw).encode()})
     pq.write_table(table, path, row_group_size=max(1, table.num_rows))
-    manifest["shards"][index].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    size = path.stat().st_size
+    if "bytes" in manifest.get("counts", {}):
+        manifest["counts"]["bytes"] += size - manifest["shards"][index]["bytes"]
+    manifest["shards"][index].update(bytes=size, sha256=sha256_file(path))
     (cache / "manifest.json").write_text(json.dumps(manifest))
     return manifest
 
