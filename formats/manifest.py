@@ -14,6 +14,7 @@ from pathlib import Path
 
 import fsspec
 
+from formats.codec import CodecConfig
 from formats.errors import FormatError
 from formats.schema import FORMAT_VERSION, MANIFEST_NAME, check_version
 
@@ -88,10 +89,9 @@ def id_limits(manifest: dict) -> dict:
     """{"topk": (bound, text), "input": (bound, text)}: exclusive bounds on the teacher's ids and on
     input_ids (a tokenizer's, or in generate mode sampled by the teacher), and how to name them in
     a message; bound None when the manifest records no size."""
-    out = (manifest.get("teacher") or {}).get("output_size")
-    vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
-    topk = ((out, f"the teacher's output size {out} (teacher.output_size)") if out else
-            (vocab, f"the vocab size {vocab} (tokenizer.vocab_size; the manifest records no teacher.output_size)"))
+    out, vocab = (manifest.get("teacher") or {}).get("output_size"), (manifest.get("tokenizer") or {}).get("vocab_size")
+    topk = (teacher_output_size(manifest), f"the teacher's output size {out} (teacher.output_size)" if out else
+            f"the vocab size {vocab} (tokenizer.vocab_size; the manifest records no teacher.output_size)")
     known = max([v for v in (out, vocab) if v], default=None)
     return {"topk": topk, "input": (known, f"{known} (the larger of teacher.output_size and tokenizer.vocab_size)")}
 
@@ -108,7 +108,7 @@ def check_manifest(manifest, where: str) -> None:
     if missing:
         raise FormatError(f"{where}: missing keys {missing}")
     check_version(manifest["format_version"], where)
-    codec = check_codec(manifest["codec"], f"{where}: codec")
+    codec = CodecConfig.from_dict(manifest["codec"], f"{where}: codec")
     if manifest.get("k", codec.k) != codec.k:
         raise FormatError(f"{where}: k is {manifest['k']!r} but codec.k is {codec.k}")
     for key in ("teacher", "tokenizer", "dataset", "extra", "counts"):
@@ -153,14 +153,6 @@ def check_manifest(manifest, where: str) -> None:
         check_file_name(rejects.get("file"), "rejects_file.file", where)
         check_int(rejects.get("count"), f"{where}: rejects_file.count", 0, MAX_COUNT)
         check_sha256(rejects.get("sha256"), f"{where}: rejects_file.sha256")
-
-
-def check_codec(value, where: str):
-    from formats.codec import CodecConfig
-
-    if not isinstance(value, dict):
-        raise FormatError(f"{where}: must be a JSON object, got {type(value).__name__}")
-    return CodecConfig.from_dict(value, where)
 
 
 def check_int(value, where: str, lo: int, hi: int) -> int:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from formats.codec import CodecConfig
 from formats.errors import FormatError
 
 FORMAT_VERSION = 1
@@ -66,8 +67,6 @@ def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = Tru
     if not isinstance(meta, dict):
         raise FormatError(f"{where}: {key} must be a JSON object, got {type(meta).__name__}")
     check_version(meta.get("format_version"), where)
-    from formats.codec import CodecConfig
-
     codec = CodecConfig.from_dict(meta.get("codec"), f"{where}: {key}, codec")
     if meta.get("id_bytes") not in ID_BYTES or isinstance(meta.get("id_bytes"), bool):
         raise FormatError(f"{where}: {key}: id_bytes is {meta.get('id_bytes')!r}, must be one of {ID_BYTES}")
