@@ -93,10 +93,26 @@ def engine_info(config) -> dict:
         except importlib.metadata.PackageNotFoundError:
             continue
     info = {"name_or_path": config.teacher, "revision": config.revision, "dtype": config.dtype,
-            "engine": config.engine, "engine_version": version}
+            "engine": config.engine, "engine_version": version, "output_size": teacher_output_size(config)}
     if config.engine == "vllm":
         info["tensor_parallel_size"] = config.tensor_parallel_size
     return info
+
+
+def teacher_output_size(config) -> int | None:
+    """Rows of the teacher's LM head (its config's vocab_size): the range of the ids it can emit, which
+    can exceed the tokenizer's vocabulary (padded heads: OLMo 2, Qwen2.5). The writer range-checks ids
+    and sizes id codes with it. None when the config cannot be read (the writer then uses 4-byte codes
+    and the tokenizer's size)."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(config.teacher, revision=config.revision)
+    except (OSError, ValueError):
+        return None
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    size = getattr(text_config, "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _local_or_hub(name: str) -> str:

@@ -18,9 +18,12 @@ def register(sub) -> None:
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("verify", help="check checksums, schema and values of a cache",
-                       description="Check every shard's size and sha256 against the manifest, its schema, and the "
-                       "values of every row (ids < vocab size, logprobs <= 0 in rank order, top-k mass <= 1, "
-                       "positions inside the sequence). Exits 1 naming the first bad shard and row.")
+                       description="Check the manifest (types, file names inside the cache, no duplicate shard "
+                       "entries), every shard's size and sha256, its schema and metadata, every row's target spans "
+                       "(1 <= start < end <= length, sorted, one teacher row per position), unique example ids, "
+                       "the values of every row (ids < the teacher's output size, logprobs <= 0 in rank order, "
+                       "top-k mass <= 1), the counts and the rejects file (docs/FORMAT.md lists every check). "
+                       "Exits 1 naming the first bad file, row and field.")
     p.add_argument("cache", help="cache folder or fsspec URL")
     p.add_argument("--checksums-only", action="store_true", help="skip the per-row value checks")
     p.set_defaults(func=_verify)

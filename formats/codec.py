@@ -34,6 +34,7 @@ TARGET_STEPS_PER_NAT = 256
 ESCAPE = 255
 MAX_STEP = 0xFFFF  # a step this large means "at least 2047.97 nat below top-1": probability 0
 MAX_K = 65535
+MAX_TOKEN_ID = 2**31 - 1  # ids are int32
 MAX_TOP1_NAT = 31.99  # uint16 steps of 1/2048; a top-1 below -log(V) is impossible anyway
 
 
@@ -63,10 +64,20 @@ class CodecConfig:
                 "top1_step": 1 / TOP1_STEPS_PER_NAT, "target_logprob_step": 1 / TARGET_STEPS_PER_NAT}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CodecConfig":
+    def from_dict(cls, d: dict, where: str = "codec") -> "CodecConfig":
+        """The codec settings a manifest or shard records; FormatError (naming `where`) when damaged."""
+        if not isinstance(d, dict):
+            raise FormatError(f"{where}: must be a JSON object, got {type(d).__name__}")
         if d.get("name") != CODEC_NAME:
-            raise FormatError(f"unknown codec {d.get('name')!r} (this kdcache reads {CODEC_NAME}); upgrade kdcache")
-        return cls(k=int(d["k"]), mass=d.get("mass"), hot=int(d.get("hot", 0)))
+            raise FormatError(f"{where}: unknown codec {d.get('name')!r} (this kdcache reads {CODEC_NAME}); upgrade kdcache")
+        k, mass, hot = d.get("k"), d.get("mass"), d.get("hot", 0)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (k, hot)) or not (
+                mass is None or (isinstance(mass, (int, float)) and not isinstance(mass, bool))):
+            raise FormatError(f"{where}: k={k!r}, hot={hot!r} must be integers and mass={mass!r} a number or null")
+        try:
+            return cls(k=k, mass=mass, hot=hot)
+        except ValueError as exc:
+            raise FormatError(f"{where}: {exc}") from None
 
 
 # ---- id codes -------------------------------------------------------------------------------
@@ -136,6 +147,16 @@ def kept_counts(topk_ids: np.ndarray, topk_logprobs: np.ndarray, cfg: CodecConfi
     return counts.astype(np.int64)
 
 
+def _frombuffer(buf, dtype, name: str) -> np.ndarray:
+    """A stream's bytes as an array; a length that is not a whole number of values is a FormatError."""
+    if isinstance(buf, np.ndarray):  # already decoded (a chunk of decode_topk)
+        return buf
+    size = np.dtype(dtype).itemsize
+    if len(buf) % size:
+        raise FormatError(f"{name} has {len(buf)} bytes, not a multiple of {size}")
+    return np.frombuffer(buf, dtype)
+
+
 def _escape(values: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
     small = np.minimum(values, ESCAPE).astype(np.uint8)
     return small, values[values >= ESCAPE].astype(dtype)
@@ -165,6 +186,7 @@ def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, cfg: CodecConfi
     n = topk_ids.shape[0]
     k = min(cfg.k, topk_ids.shape[1])
     ids, lps = topk_ids[:, :k].astype(np.int64), topk_logprobs[:, :k].astype(np.float64)
+    _refuse_nan(lps, "topk_logprobs")
     counts = kept_counts(ids, lps, cfg)
     if n and counts.min() < 1:
         bad = int(np.argmin(counts))
@@ -205,6 +227,9 @@ def count_dtype(cfg: CodecConfig) -> str:
 
 
 DECODE_CHUNK = 1 << 17  # entries decoded at a time: keeps the temporaries in cache (faster at k=128)
+# A block decodes to [positions, k]; beyond 2**28 entries it may be at most this many times the entries
+# it stores (mass-adaptive rows are short), so a damaged count cannot ask for terabytes.
+MAX_DECODE_RATIO = 256
 
 
 def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None = None):
@@ -214,8 +239,12 @@ def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None =
     with id -1 and logprob -inf.
     """
     k = cfg.k if k is None else k
-    counts = np.frombuffer(streams["topk_count"], count_dtype(cfg))
+    counts = _frombuffer(streams["topk_count"], count_dtype(cfg), "topk_count")
     n = len(counts)
+    stored = len(streams.get("topk_code_b0") or b"")
+    if n * k > max(MAX_DECODE_RATIO * stored, 1 << 28):
+        raise FormatError(f"topk_count: {n} positions x k={k} entries would be decoded from {stored} stored entries; "
+                          "refusing to allocate that (a damaged shard, or k does not match the data)")
     chunk = max(1, DECODE_CHUNK // k)
     if n <= chunk:
         return _decode_block(streams, cfg, codes, k)
@@ -226,13 +255,13 @@ def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None =
     for name, arr in arrays.items():
         if name.startswith("topk_code_b") and len(arr) != total:
             raise FormatError(f"{name} has {len(arr)} bytes, expected {total} (from topk_count)")
-    step8, escapes = arrays["topk_step"], np.frombuffer(streams["topk_step_escape"], "<u2")
+    step8, escapes = arrays["topk_step"], _frombuffer(streams["topk_step_escape"], "<u2", "topk_step_escape")
     if len(step8) != total - n:
         raise FormatError(f"topk_step has {len(step8)} deltas, expected {total - n}")
     markers = np.flatnonzero(step8 == ESCAPE)
     if len(markers) != len(escapes):
         raise FormatError(f"topk_step: {len(markers)} escape markers but {len(escapes)} escape values")
-    top1 = np.frombuffer(streams["topk_top1"], "<u2")
+    top1 = _frombuffer(streams["topk_top1"], "<u2", "topk_top1")
     out_ids, out_lps = np.empty((n, k), np.int32), np.empty((n, k), np.float32)
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
@@ -247,8 +276,8 @@ def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None =
 
 
 def _decode_block(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int):
-    counts = np.frombuffer(streams["topk_count"], count_dtype(cfg)).astype(np.int64)
-    top1 = np.frombuffer(streams["topk_top1"], "<u2")
+    counts = _frombuffer(streams["topk_count"], count_dtype(cfg), "topk_count").astype(np.int64)
+    top1 = _frombuffer(streams["topk_top1"], "<u2", "topk_top1")
     n = len(counts)
     if len(top1) != n:
         raise FormatError(f"topk_top1 has {len(top1)} values for {n} positions")
@@ -274,8 +303,10 @@ def _decode_block(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int):
         for b, plane in enumerate(planes):
             code |= plane.astype(np.int64) << (8 * b)
     ids = codes.decode(code)
+    if len(planes) > 2 and ids.min() < 0:
+        raise FormatError(f"topk_code: a code decodes to token id {int(ids.min())} (< 0)")
     step8 = np.frombuffer(streams["topk_step"], np.uint8)
-    escapes = np.frombuffer(streams["topk_step_escape"], "<u2")
+    escapes = _frombuffer(streams["topk_step_escape"], "<u2", "topk_step_escape")
     if len(escapes):
         delta = _unescape(step8, escapes, "topk_step")
     elif (step8 == ESCAPE).any():
@@ -306,8 +337,11 @@ def _decode_block(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int):
 
 
 def _logprobs(top1_hat: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Logprobs from steps below the top-1; q >= MAX_STEP is "probability 0", i.e. -inf."""
     lps = np.multiply(q, np.float32(-1 / STEPS_PER_NAT), dtype=np.float32)
     lps += top1_hat[:, None]
+    if len(q) and q[:, -1].max() >= MAX_STEP:  # q never decreases along a row: the last column tells
+        lps[q >= MAX_STEP] = -np.inf
     return lps
 
 
@@ -334,14 +368,26 @@ def _subtract_row_base(q: np.ndarray) -> None:
 # ---- the actual token's logprob and rank ---------------------------------------------------
 
 def encode_target(logprobs: np.ndarray, ranks: np.ndarray) -> dict[str, bytes]:
-    q = np.round(-np.nan_to_num(np.asarray(logprobs, np.float64), neginf=-1e9) * TARGET_STEPS_PER_NAT)
+    """The actual token's logprob (steps of 1/256 nat, clamped at -255.996) and 1-based rank."""
+    logprobs = np.asarray(logprobs, np.float64)
+    _refuse_nan(logprobs, "target_logprobs")
+    q = np.round(-np.maximum(logprobs, -1e9) * TARGET_STEPS_PER_NAT)
     q = np.clip(q, 0, 0xFFFF).astype("<u2")
     return {"target_logprob": q.tobytes(), "target_rank": np.asarray(ranks).astype("<u4").tobytes()}
 
 
+def _refuse_nan(values: np.ndarray, name: str) -> None:
+    """NaN is not a logprob; encoding it would write a number (a wrong one)."""
+    bad = np.isnan(values)
+    if bad.any():
+        row = int(np.nonzero(bad)[0][0])
+        raise ValueError(f"position {row}: {name} holds NaN (a teacher overflow or a bug upstream); "
+                         "a NaN cannot be stored")
+
+
 def decode_target(streams: dict[str, bytes]):
-    q = np.frombuffer(streams["target_logprob"], "<u2")
-    ranks = np.frombuffer(streams["target_rank"], "<u4").astype(np.int32)
+    q = _frombuffer(streams["target_logprob"], "<u2", "target_logprob")
+    ranks = _frombuffer(streams["target_rank"], "<u4", "target_rank").astype(np.int32)
     if len(q) != len(ranks):
         raise FormatError(f"target_logprob has {len(q)} values, target_rank {len(ranks)}")
     return -q.astype(np.float32) / TARGET_STEPS_PER_NAT, ranks

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import fsspec
 
+from formats.codec import CodecConfig
 from formats.errors import FormatError
 from formats.schema import FORMAT_VERSION, MANIFEST_NAME, check_version
 
@@ -48,6 +49,8 @@ def open_cache(path: str | os.PathLike, storage_options: dict | None = None):
 
 
 def load_manifest(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
+    """Read and check a cache's manifest.json (see check_manifest): a hostile or damaged manifest
+    is a FormatError naming the field, never a KeyError or TypeError later."""
     fs, root = open_cache(path, storage_options)
     mpath = posixpath.join(root, MANIFEST_NAME)
     if not fs.exists(mpath):
@@ -55,24 +58,122 @@ def load_manifest(path: str | os.PathLike, storage_options: dict | None = None) 
         hint = ("the job that writes it has not finished: rerun the same command to resume it"
                 if partial else "is this a kdcache cache folder?")
         raise FormatError(f"{path}: no {MANIFEST_NAME} ({hint})")
+    if fs.size(mpath) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{mpath}: {fs.size(mpath)} bytes, more than a manifest can hold ({MAX_MANIFEST_BYTES}); "
+                          "the manifest is damaged — restore it from the source")
     try:
         with fs.open(mpath, "r") as f:
             manifest = json.load(f)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{mpath}: not valid JSON ({exc}); the manifest is damaged — restore it from the source") from None
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise FormatError(f"{mpath}: missing keys {missing}")
-    check_version(manifest["format_version"], mpath)
-    for shard in manifest["shards"]:
-        check_shard_name(shard.get("file", ""), mpath)
+    check_manifest(manifest, mpath)
     return manifest
 
 
-def check_shard_name(name: str, where: str) -> None:
-    """Shard names are plain file names inside the cache folder: no paths, no '..'."""
-    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("..") or ":" in name:
-        raise FormatError(f"{where}: shard name {name!r} points outside the cache folder; refusing to read it")
+# Bounds on values a manifest can hold: anything beyond them is damage, and must not become an allocation.
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_COUNT = 2**53      # counts, rows, positions, bytes (JSON-safe integers)
+MAX_VOCAB = 2**31 - 1  # token ids are int32
+SIZE_FIELDS = (("tokenizer", "vocab_size"), ("teacher", "output_size"))
+COUNT_FIELDS = ("examples", "positions", "rejects", "bytes", "inputs")
+
+
+def teacher_output_size(manifest: dict) -> int | None:
+    """Token ids a cache's teacher can emit: its output layer's rows (`teacher.output_size`, which
+    can exceed the tokenizer's vocabulary: padded LM heads); caches written before that field was
+    recorded fall back to `tokenizer.vocab_size`. None when neither is recorded."""
+    return (manifest.get("teacher") or {}).get("output_size") or (manifest.get("tokenizer") or {}).get("vocab_size")
+
+
+def id_limits(manifest: dict) -> dict:
+    """{"topk": (bound, text), "input": (bound, text)}: exclusive bounds on the teacher's ids and on
+    input_ids (a tokenizer's, or in generate mode sampled by the teacher), and how to name them in
+    a message; bound None when the manifest records no size."""
+    out, vocab = (manifest.get("teacher") or {}).get("output_size"), (manifest.get("tokenizer") or {}).get("vocab_size")
+    topk = (teacher_output_size(manifest), f"the teacher's output size {out} (teacher.output_size)" if out else
+            f"the vocab size {vocab} (tokenizer.vocab_size; the manifest records no teacher.output_size)")
+    known = max([v for v in (out, vocab) if v], default=None)
+    return {"topk": topk, "input": (known, f"{known} (the larger of teacher.output_size and tokenizer.vocab_size)")}
+
+
+def check_manifest(manifest, where: str) -> None:
+    """Types and bounds of every manifest value kdcache uses; each path a plain name inside the cache.
+
+    Raises FormatError naming the field. Duplicate shard entries (the same file, or the same
+    sha256 under two names) are refused here: they would make a reader yield rows twice.
+    """
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{where}: not a JSON object (a manifest is {{\"format_version\": ..., \"shards\": [...]}})")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise FormatError(f"{where}: missing keys {missing}")
+    check_version(manifest["format_version"], where)
+    codec = CodecConfig.from_dict(manifest["codec"], f"{where}: codec")
+    if manifest.get("k", codec.k) != codec.k:
+        raise FormatError(f"{where}: k is {manifest['k']!r} but codec.k is {codec.k}")
+    for key in ("teacher", "tokenizer", "dataset", "extra", "counts"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise FormatError(f"{where}: {key} must be a JSON object, got {type(manifest[key]).__name__}")
+    for section, key in SIZE_FIELDS:
+        value = (manifest.get(section) or {}).get(key)
+        if value is not None:
+            check_int(value, f"{where}: {section}.{key}", 1, MAX_VOCAB)
+    for key in COUNT_FIELDS:
+        if key in manifest["counts"]:
+            check_int(manifest["counts"][key], f"{where}: counts.{key}", 0, MAX_COUNT)
+    per_position = manifest["counts"].get("bytes_per_position", 0)
+    if isinstance(per_position, bool) or not isinstance(per_position, (int, float)):
+        raise FormatError(f"{where}: counts.bytes_per_position is {per_position!r}, must be a number")
+    by_reason = manifest["counts"].get("rejects_by_reason", {})
+    if not isinstance(by_reason, dict) or not all(isinstance(n, int) for n in by_reason.values()):
+        raise FormatError(f"{where}: counts.rejects_by_reason must map reasons to integers")
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        raise FormatError(f"{where}: shards must be a list of objects, got {type(shards).__name__}")
+    names: dict[str, int] = {}
+    digests: dict[str, int] = {}
+    for i, shard in enumerate(shards):
+        field = f"shards[{i}]"
+        if not isinstance(shard, dict):
+            raise FormatError(f"{where}: {field} must be an object with file, rows, positions, bytes, sha256")
+        check_file_name(shard.get("file"), f"{field}.file", where)
+        for key in ("rows", "positions", "bytes"):
+            check_int(shard.get(key), f"{where}: {field}.{key}", 0, MAX_COUNT)
+        check_sha256(shard.get("sha256"), f"{where}: {field}.sha256")
+        for seen, key, what in ((names, "file", "listed twice"), (digests, "sha256", "the same sha256")):
+            if shard[key] in seen:
+                j = seen[shard[key]]
+                raise FormatError(f"{where}: shards[{j}] ({shards[j]['file']}) and {field} ({shard['file']}): {what}, "
+                                  "so their rows would be read twice; remove the duplicate entry (and file)")
+            seen[shard[key]] = i
+    rejects = manifest.get("rejects_file")
+    if rejects is not None:
+        if not isinstance(rejects, dict):
+            raise FormatError(f"{where}: rejects_file must be an object with file, count, sha256")
+        check_file_name(rejects.get("file"), "rejects_file.file", where)
+        check_int(rejects.get("count"), f"{where}: rejects_file.count", 0, MAX_COUNT)
+        check_sha256(rejects.get("sha256"), f"{where}: rejects_file.sha256")
+
+
+def check_int(value, where: str, lo: int, hi: int) -> int:
+    """`value` as an int in lo..hi (JSON true/false and floats are not ints), else FormatError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise FormatError(f"{where} is {value!r}: must be an integer in {lo}..{hi}; the manifest is damaged")
+    return value
+
+
+def check_sha256(value, where: str) -> None:
+    if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        raise FormatError(f"{where} is {value!r}: must be 64 lowercase hex digits; the manifest is damaged")
+
+
+def check_file_name(name, field: str, where: str) -> None:
+    """A file named in a manifest is a plain file name inside the cache folder (or URL prefix):
+    no paths, no '..', no URL, no absolute path."""
+    if (not isinstance(name, str) or not name or any(c in name for c in "/\\:\0")
+            or name in (".", "..") or name.startswith("..")):
+        raise FormatError(f"{where}: {field} {name!r} points outside the cache folder (a file in the manifest must be "
+                          "a plain file name in the cache folder); refusing to read it")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

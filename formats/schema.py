@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from formats.codec import CodecConfig
 from formats.errors import FormatError
 
 FORMAT_VERSION = 1
@@ -50,13 +51,26 @@ def shard_metadata(codec: dict, id_bytes: int, hot_table: np.ndarray) -> dict:
     }
 
 
+ID_BYTES = (2, 4)  # bytes per id code the writer uses (formats.codec.code_bytes)
+
+
 def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = True) -> dict:
+    """A shard's kdcache key-value metadata, checked (types, bounds); FormatError naming the field."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise FormatError(f"{where}: not a kdcache shard (no '{METADATA_KEY.decode()}' key in the Parquet metadata)")
-    meta = json.loads(raw)
+    key = f"the '{METADATA_KEY.decode()}' metadata"
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{where}: {key} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{where}: {key} must be a JSON object, got {type(meta).__name__}")
     check_version(meta.get("format_version"), where)
-    meta["hot_table"] = np.frombuffer(base64.b64decode(meta["hot_table"]), "<u4")
+    codec = CodecConfig.from_dict(meta.get("codec"), f"{where}: {key}, codec")
+    if meta.get("id_bytes") not in ID_BYTES or isinstance(meta.get("id_bytes"), bool):
+        raise FormatError(f"{where}: {key}: id_bytes is {meta.get('id_bytes')!r}, must be one of {ID_BYTES}")
+    meta["hot_table"] = _hot_table(meta.get("hot_table"), codec.hot, meta["id_bytes"], f"{where}: {key}: hot_table")
     if not check_columns:
         return meta
     missing = [f.name for f in PLAIN_FIELDS if f.name not in schema.names]
@@ -64,6 +78,22 @@ def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = Tru
     if missing:
         raise FormatError(f"{where}: columns missing from the shard: {', '.join(missing)}")
     return meta
+
+
+def _hot_table(value, hot: int, id_bytes: int, where: str) -> np.ndarray:
+    """The base64 hot-id table: at most `hot` distinct int32 ids whose codes fit `id_bytes`."""
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (TypeError, ValueError) as exc:  # binascii.Error is a ValueError
+        raise FormatError(f"{where}: not base64 ({exc})") from None
+    if len(data) % 4:
+        raise FormatError(f"{where}: {len(data)} bytes, not a whole number of uint32 ids")
+    table = np.frombuffer(data, "<u4")
+    if len(table) > hot or len(table) >= 1 << (8 * id_bytes):
+        raise FormatError(f"{where}: {len(table)} ids, more than the codec's hot={hot} (or than {id_bytes}-byte codes hold)")
+    if len(table) and (table.max() >= 2**31 or len(np.unique(table)) != len(table)):
+        raise FormatError(f"{where}: ids must be distinct and below 2**31")
+    return table
 
 
 def check_version(version, where: str) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 
 from formats import codec as C
-from formats.errors import FormatError
+from formats.errors import FormatError, InputError
 from formats.example import Example
 from formats.schema import PLAIN_FIELDS, TARGET_STREAMS, TOPK_STREAMS, arrow_schema, code_streams
 
@@ -24,22 +24,29 @@ def spans(positions: np.ndarray) -> tuple[list[int], list[int]]:
 
 
 def check_example(ex: Example) -> None:
-    """Raise ValueError naming the field when an example is inconsistent."""
+    """Raise InputError naming the example and field (and position) when an example is inconsistent."""
     L, N = len(ex.input_ids), len(ex.target_positions)
     where = f"example {ex.id!r}"
     if not isinstance(ex.id, str) or not ex.id:
-        raise ValueError(f"{where}: id must be a non-empty string")
+        raise InputError(f"{where}: id must be a non-empty string")
     if N and (ex.target_positions[0] < 1 or ex.target_positions[-1] >= L):
-        raise ValueError(f"{where}: target positions must lie in 1..{L - 1} (position 0 has no prediction)")
+        raise InputError(f"{where}: target positions must lie in 1..{L - 1} (position 0 has no prediction)")
     if N > 1 and np.any(np.diff(ex.target_positions) <= 0):
-        raise ValueError(f"{where}: target_positions must be strictly increasing")
+        raise InputError(f"{where}: target_positions must be strictly increasing")
     for name in ("topk_ids", "topk_logprobs"):
         arr = getattr(ex, name)
         if arr.ndim != 2 or arr.shape[0] != N:
-            raise ValueError(f"{where}: {name} has shape {arr.shape}, expected [{N}, K]")
+            raise InputError(f"{where}: {name} has shape {arr.shape}, expected [{N}, K]")
     for name in ("target_logprobs", "target_ranks"):
         if len(getattr(ex, name)) != N:
-            raise ValueError(f"{where}: {name} has {len(getattr(ex, name))} values, expected {N}")
+            raise InputError(f"{where}: {name} has {len(getattr(ex, name))} values, expected {N}")
+    for name in ("topk_logprobs", "target_logprobs"):
+        bad = np.isnan(getattr(ex, name)) | np.isposinf(getattr(ex, name))
+        if bad.any():
+            row = int(np.nonzero(bad)[0][0])
+            raise InputError(f"{where}, position {int(ex.target_positions[row])} (teacher row {row}): {name} holds "
+                             f"{getattr(ex, name)[bad][0]} — not a logprob (a teacher overflow upstream?); "
+                             "a NaN would be stored as a wrong number, so it is refused")
 
 
 def encode_rows(examples: list[Example], cfg: C.CodecConfig, codes: C.IdCodes, id_bytes: int, metadata: dict) -> pa.Table:
@@ -78,36 +85,110 @@ def column_bytes(table: pa.Table, name: str) -> memoryview:
 
 
 def decode_table(table: pa.Table, meta: dict, where: str = "shard") -> list[Example]:
-    """Decode every row of a shard table (one row group, typically) into Examples."""
-    cfg = C.CodecConfig.from_dict(meta["codec"])
+    """Decode every row of a shard table (one row group, typically) into Examples.
+
+    Every row's target spans are checked (check_spans), so each Example is sound: trained
+    positions in 1..L-1, strictly increasing, one teacher row each.
+    """
+    cfg = C.CodecConfig.from_dict(meta["codec"], f"{where}: codec")
     codes = meta.get("_codes") or C.IdCodes(meta["hot_table"])
     meta["_codes"] = codes
+    _check_not_null(table, where)
     streams = {n: column_bytes(table, n) for n in TOPK_STREAMS + code_streams(meta["id_bytes"])}
     try:
         ids, lps, _ = C.decode_topk(streams, cfg, codes)
         tlp, trank = C.decode_target({n: column_bytes(table, n) for n in TARGET_STREAMS})
     except FormatError as exc:
         raise FormatError(f"{where}: {exc}") from None
-    n_targets = table.column("num_targets").to_numpy()
+    n_targets = table.column("num_targets").to_numpy().astype(np.int64)
     if int(n_targets.sum()) != len(ids) or len(tlp) != len(ids):
         raise FormatError(f"{where}: num_targets add up to {int(n_targets.sum())} but the streams hold {len(ids)} positions")
-    py = table.select(["id", "source", "target_starts", "target_ends", "finish_reason", "meta"]).to_pylist()
     input_ids = table.column("input_ids").combine_chunks()
     flat_ids = input_ids.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     offs = input_ids.offsets.to_numpy()
+    positions = check_spans(table, np.diff(offs), n_targets, where)
+    py = table.select(["id", "source", "finish_reason", "meta"]).to_pylist()
     out = []
     start = 0
     for i, row in enumerate(py):
-        n = int(n_targets[i])
-        positions = np.concatenate([np.arange(s, e, dtype=np.int32) for s, e in zip(row["target_starts"], row["target_ends"])]) if row["target_starts"] else np.zeros(0, np.int32)
-        if len(positions) != n:
-            raise FormatError(f"{where}, row {i} (id {row['id']!r}): target spans cover {len(positions)} positions, num_targets says {n}")
-        sl = slice(start, start + n)
+        sl = slice(start, start + int(n_targets[i]))
         out.append(Example(
             id=row["id"], source=row["source"] or "",
-            input_ids=flat_ids[offs[i] : offs[i + 1]], target_positions=positions,
+            input_ids=flat_ids[offs[i] : offs[i + 1]], target_positions=positions[sl],
             topk_ids=ids[sl], topk_logprobs=lps[sl], target_logprobs=tlp[sl], target_ranks=trank[sl],
-            finish_reason=row["finish_reason"], meta=json.loads(row["meta"]) if row["meta"] else {},
+            finish_reason=row["finish_reason"], meta=_row_meta(row, where, i),
         ))
-        start += n
+        start = sl.stop
     return out
+
+
+def check_spans(table: pa.Table, lengths: np.ndarray, n_targets: np.ndarray, where: str) -> np.ndarray:
+    """Check every row's target spans; return all rows' trained positions, concatenated (int32).
+
+    A row's spans must satisfy 1 <= start < end <= L (its number of tokens), be sorted and not
+    overlap, and cover exactly num_targets positions. Vectorized over the table; FormatError names
+    the first bad row, its id and the span.
+    """
+    starts, s_offs = _list_values(table, "target_starts")
+    ends, e_offs = _list_values(table, "target_ends")
+    per_row = np.diff(s_offs)
+    if not np.array_equal(per_row, np.diff(e_offs)):
+        row = int(np.flatnonzero(per_row != np.diff(e_offs))[0])
+        _bad_row(table, row, where, "target_starts and target_ends have different lengths")
+    span_row = np.repeat(np.arange(len(per_row)), per_row)
+    length = lengths[span_row]
+    follows = np.zeros(len(starts), bool)  # the span after another span of the same row
+    follows[1:] = span_row[1:] == span_row[:-1]
+    prev_end = np.concatenate([[0], ends[:-1]])
+    checks = [
+        (starts < 1, "starts before position 1 (position 0 has no prediction)"),
+        (ends <= starts, "is empty or reversed (end <= start)"),
+        (ends > length, "runs past the sequence end"),
+        (follows & (starts < prev_end), "overlaps the previous span or is out of order (spans must be sorted)"),
+    ]
+    for bad, what in checks:
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            _bad_row(table, int(span_row[j]), where,
+                     f"target span [{starts[j]}, {ends[j]}) {what}; the sequence has {length[j]} tokens")
+    sizes = ends - starts
+    covered = np.bincount(span_row, weights=sizes, minlength=len(per_row)).astype(np.int64)
+    if not np.array_equal(covered, n_targets):
+        row = int(np.flatnonzero(covered != n_targets)[0])
+        _bad_row(table, row, where, f"target spans cover {covered[row]} positions, num_targets says {n_targets[row]}")
+    # positions: for span j, starts[j] + 0..size-1
+    first = np.cumsum(sizes) - sizes
+    return (np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(starts - first, sizes)).astype(np.int32)
+
+
+def _list_values(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list<int32> column's values (int64) and row offsets into them (starting at 0)."""
+    arr = table.column(name).combine_chunks()
+    offs = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values.to_numpy(zero_copy_only=False)[offs[0] : offs[-1]].astype(np.int64)
+    return values, offs - offs[0]
+
+
+def _check_not_null(table: pa.Table, where: str) -> None:
+    for name in ("id", "input_ids", "target_starts", "target_ends", "num_targets"):
+        col = table.column(name).combine_chunks()
+        values = col.values if name in ("input_ids", "target_starts", "target_ends") else None
+        if col.null_count or (values is not None and values.null_count):
+            raise FormatError(f"{where}: column {name} has null values")
+
+
+def _bad_row(table: pa.Table, row: int, where: str, what: str):
+    raise FormatError(f"{where}, row {row} (id {table.column('id')[row].as_py()!r}): {what}; "
+                      "run `kdcache verify` on the cache, and restore or re-create it")
+
+
+def _row_meta(row: dict, where: str, i: int) -> dict:
+    if not row["meta"]:
+        return {}
+    try:
+        meta = json.loads(row["meta"])
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{where}, row {i} (id {row['id']!r}): meta is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{where}, row {i} (id {row['id']!r}): meta must be a JSON object")
+    return meta

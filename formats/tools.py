@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from formats.card import write_card
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError
-from formats.manifest import load_manifest, now_iso, open_cache, sha256_file, write_json_atomic
+from formats.manifest import command_line, id_limits, load_manifest, now_iso, open_cache, sha256_file, write_json_atomic
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, read_shard_metadata
 from formats.shard import decode_table
 
@@ -28,39 +28,45 @@ def _get(d: dict, path: tuple):
 
 
 # ---- verify ---------------------------------------------------------------------------------
+# docs/FORMAT.md ("What `kdcache verify` checks") lists these checks; keep the two in sync.
 
 def verify_cache(path, *, check_values: bool = True, progress=None, storage_options: dict | None = None) -> dict:
-    """Check checksums, schema and values of every shard. Raises FormatError naming shard and row."""
+    """Check a cache end to end; raises FormatError / ChecksumError naming the file, row and field.
+
+    The manifest (types, paths inside the cache, no duplicate shard entries), every shard (size,
+    sha256, metadata, codec, rows, positions, target spans), example ids unique across the cache,
+    every value (with check_values), the counts, and the rejects file.
+    """
     fs, root = open_cache(path, storage_options)
     manifest = load_manifest(path, storage_options)
-    vocab = _get(manifest, ("tokenizer", "vocab_size"))
+    limits = id_limits(manifest)
     k = manifest["codec"]["k"]
+    owner: dict[str, str] = {}  # example id -> the shard that holds it
     rows = positions = 0
     for shard in manifest["shards"]:
         where = posixpath.join(root, shard["file"])
-        if not fs.exists(where):
-            raise FormatError(f"{where}: missing (listed in the manifest); restore the file or re-run the job that wrote it")
-        size = fs.size(where)
-        if size != shard["bytes"]:
-            raise ChecksumError(f"{where}: {size} bytes, the manifest says {shard['bytes']} (truncated or replaced); "
-                                "restore it from the source")
-        digest = sha256_file(where, fs)
-        if digest != shard["sha256"]:
-            raise ChecksumError(f"{where}: sha256 {digest[:16]}... differs from the manifest's {shard['sha256'][:16]}... "
-                                "(corrupted); restore it from the source")
+        _check_bytes(fs, where, shard["bytes"], shard["sha256"])
         try:
             pf = pq.ParquetFile(fs.open(where, "rb"))
         except Exception as exc:
             raise FormatError(f"{where}: not a readable Parquet file ({exc})") from None
         meta = read_shard_metadata(pf.schema_arrow, where)
+        if meta["codec"] != manifest["codec"]:
+            raise FormatError(f"{where}: the codec in its kdcache metadata ({meta['codec']}) differs from the manifest's "
+                              f"({manifest['codec']}); a shard of another cache?")
         if pf.metadata.num_rows != shard["rows"]:
             raise FormatError(f"{where}: {pf.metadata.num_rows} rows, the manifest says {shard['rows']}")
         shard_rows = shard_positions = 0
         for g in range(pf.metadata.num_row_groups):
             examples = decode_table(pf.read_row_group(g), meta, f"{where}, row group {g}")
             for i, ex in enumerate(examples):
+                row = f"{where}, row {shard_rows + i} (id {ex.id!r})"
+                if ex.id in owner:
+                    raise FormatError(f"{row}: example id {ex.id!r} is also in {owner[ex.id]}; every example must be "
+                                      "in a cache once (a duplicated or copied shard?)")
+                owner[ex.id] = shard["file"]
                 if check_values:
-                    _check_values(ex, vocab, k, f"{where}, row {shard_rows + i} (id {ex.id!r})")
+                    _check_values(ex, limits, k, row)
                 shard_positions += ex.num_targets
             shard_rows += len(examples)
         if shard_positions != shard["positions"]:
@@ -73,26 +79,99 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
     if rows != counts.get("examples") or positions != counts.get("positions"):
         raise FormatError(f"{path}: shards hold {rows} examples / {positions} positions, the manifest counts "
                           f"{counts.get('examples')} / {counts.get('positions')}")
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    if counts.get("bytes", total_bytes) != total_bytes:
+        raise FormatError(f"{path}: shards hold {total_bytes} bytes, the manifest's counts.bytes says {counts['bytes']}")
+    rejects = read_rejects(fs, root, manifest)
+    _check_rejects(rejects, manifest, owner, path)
+    return {"shards": len(manifest["shards"]), "examples": rows, "positions": positions, "rejects": len(rejects)}
+
+
+def _check_bytes(fs, where: str, size: int, sha256: str) -> None:
+    """The file at `where` has the size and sha256 its manifest recorded."""
+    if not fs.exists(where):
+        raise FormatError(f"{where}: missing (listed in the manifest); restore the file or re-run the job that wrote it")
+    actual = fs.size(where)
+    if actual != size:
+        raise ChecksumError(f"{where}: {actual} bytes, the manifest says {size} (truncated or replaced); "
+                            "restore it from the source")
+    digest = sha256_file(where, fs)
+    if digest != sha256:
+        raise ChecksumError(f"{where}: sha256 {digest[:16]}... differs from the manifest's {sha256[:16]}... "
+                            "(corrupted); restore it from the source")
+
+
+def read_rejects(fs, root: str, manifest: dict) -> list[dict]:
+    """The records of a cache's rejects file, after checking its sha256; [] for a cache without one.
+
+    Each line must be a JSON object with a string `id` and `reason`; FormatError names the line.
+    """
     rej = manifest.get("rejects_file")
-    if rej:
-        rpath = posixpath.join(root, rej["file"])
-        if not fs.exists(rpath) or sha256_file(rpath, fs) != rej["sha256"]:
-            raise ChecksumError(f"{rpath}: missing or its sha256 differs from the manifest")
-    return {"shards": len(manifest["shards"]), "examples": rows, "positions": positions}
+    if rej is None:
+        if manifest["counts"].get("rejects"):
+            raise FormatError(f"{root}: the manifest counts {manifest['counts']['rejects']} rejects but names no "
+                              "rejects_file")
+        return []
+    rpath = posixpath.join(root, rej["file"])  # a plain name (load_manifest checked it): inside the cache
+    if not fs.exists(rpath):
+        raise FormatError(f"{rpath}: missing (rejects_file in the manifest); restore it from the source")
+    digest = sha256_file(rpath, fs)
+    if digest != rej["sha256"]:
+        raise ChecksumError(f"{rpath}: sha256 {digest[:16]}... differs from the manifest's rejects_file.sha256 "
+                            f"{rej['sha256'][:16]}... (edited or corrupted); restore it from the source")
+    records = []
+    with fs.open(rpath, "r") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FormatError(f"{rpath}, line {n}: not valid JSON ({exc})") from None
+            if not (isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("reason"), str)):
+                raise FormatError(f"{rpath}, line {n}: a reject is an object with string id and reason")
+            records.append(r)
+    return records
 
 
-def _check_values(ex, vocab, k, where: str) -> None:
+def _check_rejects(rejects: list[dict], manifest: dict, example_owner: dict, path) -> None:
+    """Rejects: as many as counted, ids unique and never also an example, reasons as tallied."""
+    counts, declared = manifest["counts"], (manifest.get("rejects_file") or {}).get("count", len(rejects))
+    if not len(rejects) == declared == counts.get("rejects", len(rejects)):
+        raise FormatError(f"{path}: the rejects file holds {len(rejects)} rejects, the manifest says "
+                          f"{declared} (rejects_file.count) and {counts.get('rejects')} (counts.rejects)")
+    seen: set[str] = set()
+    for r in rejects:
+        if r["id"] in seen or r["id"] in example_owner:
+            where = "twice in the rejects" if r["id"] in seen else f"also an example (in {example_owner[r['id']]})"
+            raise FormatError(f"{path}: rejected record {r['id']!r} is {where}; every input record is written or "
+                              "rejected, once")
+        seen.add(r["id"])
+    tally: dict[str, int] = {}
+    for r in rejects:
+        key = r["reason"].split(":")[0]
+        tally[key] = tally.get(key, 0) + 1
+    if "rejects_by_reason" in counts and counts["rejects_by_reason"] != tally:
+        raise FormatError(f"{path}: counts.rejects_by_reason {counts['rejects_by_reason']} does not match the rejects "
+                          f"file's reasons {tally}")
+
+
+def _check_values(ex, limits: dict, k: int, where: str) -> None:
     ids, lps = ex.topk_ids, ex.topk_logprobs
     valid = ids >= 0
     if ids.shape[1] > k:
         raise FormatError(f"{where}: {ids.shape[1]} entries per position, k is {k}")
-    if vocab is not None and (ids >= vocab).any():
-        raise FormatError(f"{where}: token id {int(ids.max())} >= vocab size {vocab}")
-    if (ex.input_ids < 0).any() or (vocab is not None and (ex.input_ids >= vocab).any()):
-        raise FormatError(f"{where}: input_ids outside 0..{vocab}")
+    top, (limit, text) = (int(ids.max()) if ids.size else -1), limits["topk"]
+    if limit is not None and top >= limit:
+        raise FormatError(f"{where}: token id {top} >= {text}")
+    limit, text = limits["input"]
+    if (ex.input_ids < 0).any() or (limit is not None and (ex.input_ids >= limit).any()):
+        raise FormatError(f"{where}: input_ids outside 0..{text}")
     if (lps[valid] > 0).any():
         raise FormatError(f"{where}: a logprob is > 0")
-    if ids.shape[1] > 1 and (np.diff(np.where(valid, lps, -np.inf), axis=1)[valid[:, 1:]] > 0).any():
+    with np.errstate(invalid="ignore"):  # -inf - -inf: probability-0 entries are in order
+        rising = np.diff(np.where(valid, lps, -np.inf), axis=1)[valid[:, 1:]] > 0
+    if ids.shape[1] > 1 and rising.any():
         raise FormatError(f"{where}: logprobs not in rank order")
     mass = np.exp(np.where(valid, lps, -np.inf).astype(np.float64)).sum(axis=1)
     if (mass > 1 + MASS_SLACK).any():
@@ -148,39 +227,60 @@ def show_example(path, example_id: str, tokenizer=None, top: int = 5, max_positi
 
 # ---- merge ----------------------------------------------------------------------------------
 
+# Besides COMPAT_KEYS, worker caches of one job agree on every setting that changes their rows: the
+# dataset and its filters (all but the worker's own slice), templating and sampling, the sizes.
+ROW_SETTINGS = [("dataset",), ("extra", "template"), ("extra", "sampling"), ("tokenizer", "vocab_size"),
+                ("teacher", "output_size")]
+PER_WORKER = {("dataset", "filters", "worker_index")}
+
+
 def check_compatible(manifests: list[dict], names: list[str]) -> None:
     first = manifests[0]
     for m, name in zip(manifests[1:], names[1:]):
-        for key in COMPAT_KEYS:
-            if _get(first, key) != _get(m, key):
-                raise IncompatibleCachesError(
-                    f"{name} does not belong with {names[0]}: {'.'.join(key)} differs "
-                    f"({_get(m, key)!r} vs {_get(first, key)!r}); only caches from the same teacher, tokenizer, "
-                    "template and codec can be merged")
+        diffs = [key for key in COMPAT_KEYS if _get(first, key) != _get(m, key)]
+        for key in ROW_SETTINGS:
+            diffs += [d for d in _differences(_get(first, key), _get(m, key), key) if d not in PER_WORKER]
+        if diffs:
+            key = diffs[0]
+            raise IncompatibleCachesError(
+                f"{name} does not belong with {names[0]}: {'.'.join(key)} differs "
+                f"({_get(m, key)!r} vs {_get(first, key)!r}); only caches from the same teacher, tokenizer, template, "
+                "codec, dataset and filters (worker slices of one job) can be merged")
+    workers = [_get(m, ("dataset", "filters", "worker_index")) for m in manifests]
+    for i, w in enumerate(workers):
+        if w is not None and w in workers[:i]:
+            raise IncompatibleCachesError(f"{names[i]} and {names[workers.index(w)]} are both worker {w}: "
+                                          "the same slice twice; merge each worker's cache once")
+
+
+def _differences(a, b, prefix: tuple) -> list[tuple]:
+    """Key paths (under `prefix`) where two JSON values differ, descending into objects."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b)) for d in _differences(a.get(key), b.get(key), (*prefix, key))]
+    return [] if a == b else [prefix]
 
 
 def merge_caches(out, caches: list) -> dict:
-    """Combine worker caches into one folder `out` (copies shards; inputs are left untouched)."""
+    """Combine worker caches into one folder `out` (copies shards; inputs are left untouched).
+
+    Refuses inputs that do not belong together (check_compatible), a cache given twice, duplicate
+    example or reject ids within or across the inputs, and any shard or rejects file whose sha256
+    differs from its manifest. Every worker's provenance is kept in `merged_from`.
+    """
     if not caches:
         raise InputError("merge needs at least one cache")
     out = Path(out)
     if (out / MANIFEST_NAME).exists() or (out.exists() and any(out.iterdir())):
         raise InputError(f"{out} exists and is not empty; merge writes a new folder")
-    manifests = [load_manifest(c) for c in caches]
     names = [str(c) for c in caches]
+    if len(set(names)) != len(names):
+        raise IncompatibleCachesError(f"a cache is given twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    manifests = [load_manifest(c) for c in caches]  # types, paths inside each cache, no duplicate shard entries
     check_compatible(manifests, names)
-    seen: dict[str, str] = {}
-    for c, m in zip(caches, manifests):
-        fs, root = open_cache(c)
-        for shard in m["shards"]:
-            pf = pq.ParquetFile(fs.open(posixpath.join(root, shard["file"]), "rb"))
-            for ex_id in pf.read(columns=["id"]).column("id").to_pylist():
-                if ex_id in seen:
-                    raise IncompatibleCachesError(f"example {ex_id!r} is in both {seen[ex_id]} and {c}: these caches overlap "
-                                                  "(the same worker slice twice?); merge disjoint caches only")
-                seen[ex_id] = str(c)
+    rejects = [read_rejects(*open_cache(c), m) for c, m in zip(caches, manifests)]  # sha256-checked
+    _check_disjoint(caches, manifests, rejects)
     out.mkdir(parents=True, exist_ok=True)
-    shards, rejects = [], []
+    shards = []
     for w, (c, m) in enumerate(zip(caches, manifests)):
         fs, root = open_cache(c)
         for shard in m["shards"]:
@@ -192,28 +292,57 @@ def merge_caches(out, caches: list) -> dict:
                 raise ChecksumError(f"{c}/{shard['file']}: sha256 differs from its manifest; run `kdcache verify {c}`")
             os.replace(tmp, out / name)
             shards.append({**shard, "file": name})
-        rpath = posixpath.join(root, (m.get("rejects_file") or {}).get("file", REJECTS_NAME))
-        if fs.exists(rpath):
-            with fs.open(rpath, "r") as f:
-                rejects += [json.loads(line) for line in f if line.strip()]
+    all_rejects = [r for part in rejects for r in part]
     with open(out / REJECTS_NAME, "w") as f:
-        for r in rejects:
+        for r in all_rejects:
             f.write(json.dumps(r) + "\n")
-    merged = dict(manifests[0])
-    merged["created"] = now_iso()
+    merged = _merged_manifest(caches, manifests)
     merged["shards"] = shards
-    merged["merged_from"] = [{"path": str(c), "created": m.get("created"), "dataset": m.get("dataset"),
-                              "examples": m["counts"].get("examples")} for c, m in zip(caches, manifests)]
     by_reason: dict[str, int] = {}
     for m in manifests:
         for reason, n in (m["counts"].get("rejects_by_reason") or {}).items():
             by_reason[reason] = by_reason.get(reason, 0) + n
     merged["counts"] = {
         "examples": sum(s["rows"] for s in shards), "positions": sum(s["positions"] for s in shards),
-        "rejects": len(rejects), "rejects_by_reason": by_reason, "bytes": sum(s["bytes"] for s in shards),
+        "rejects": len(all_rejects), "rejects_by_reason": by_reason, "bytes": sum(s["bytes"] for s in shards),
     }
     merged["counts"]["bytes_per_position"] = merged["counts"]["bytes"] / max(1, merged["counts"]["positions"])
-    merged["rejects_file"] = {"file": REJECTS_NAME, "count": len(rejects), "sha256": sha256_file(out / REJECTS_NAME)}
+    merged["rejects_file"] = {"file": REJECTS_NAME, "count": len(all_rejects), "sha256": sha256_file(out / REJECTS_NAME)}
     write_card(out, merged)
     write_json_atomic(out / MANIFEST_NAME, merged)
+    return merged
+
+
+def _check_disjoint(caches: list, manifests: list[dict], rejects: list[list[dict]]) -> None:
+    """No example or reject id twice, within one input or across inputs (reads only the id column)."""
+    seen: dict[str, str] = {}
+    for c, m, rej in zip(caches, manifests, rejects):
+        fs, root = open_cache(c)
+        ids = []
+        for shard in m["shards"]:
+            where = posixpath.join(root, shard["file"])
+            try:
+                ids += pq.ParquetFile(fs.open(where, "rb")).read(columns=["id"]).column("id").to_pylist()
+            except Exception as exc:
+                raise FormatError(f"{where}: cannot read its id column ({exc}); run `kdcache verify {c}`") from None
+        for ex_id in ids + [r["id"] for r in rej]:
+            if ex_id in seen:
+                raise IncompatibleCachesError(
+                    f"record {ex_id!r} is in both {seen[ex_id]} and {c}: these caches overlap (the same worker slice "
+                    "twice?) or one holds it twice (run `kdcache verify`); merge disjoint, verified caches only")
+            seen[ex_id] = str(c)
+
+
+def _merged_manifest(caches: list, manifests: list[dict]) -> dict:
+    """The first input's settings (all inputs agree on them), the merge's own command and time, the
+    worker slices merged, and each input's provenance in `merged_from`."""
+    merged = json.loads(json.dumps(manifests[0]))  # a deep copy
+    merged.update(created=now_iso(), command=command_line())
+    workers = [_get(m, ("dataset", "filters", "worker_index")) for m in manifests]
+    if all(isinstance(w, int) for w in workers):
+        merged["dataset"]["filters"]["worker_index"] = sorted(workers)
+    merged["merged_from"] = [
+        {"path": str(c), **{key: m.get(key) for key in ("created", "command", "mode", "teacher", "tokenizer", "dataset",
+                                                        "extra", "counts", "merged_from") if key in m}}
+        for c, m in zip(caches, manifests)]
     return merged

@@ -58,6 +58,7 @@ class CacheWriter:
         codec: C.CodecConfig = C.CodecConfig(),
         provenance: dict | None = None,
         vocab_size: int | None = None,
+        output_size: int | None = None,
         shard_max_bytes: int = 256 << 20,
         row_group_positions: int = 65536,
         compression_level: int = 9,
@@ -67,7 +68,15 @@ class CacheWriter:
         self.root = Path(path)
         self.codec = codec
         self.provenance = dict(provenance or {})
+        if output_size:  # recorded as teacher.output_size (readers and the student check against it)
+            self.provenance["teacher"] = {**self.provenance.get("teacher", {}), "output_size": output_size}
         self.vocab_size = vocab_size or self.provenance.get("tokenizer", {}).get("vocab_size")
+        # Token ids the teacher can emit: its output layer's rows, which can exceed the tokenizer's
+        # vocabulary (padded LM heads); ids are range-checked against it and it sets the id width.
+        self.id_limit = self.provenance.get("teacher", {}).get("output_size") or self.vocab_size
+        for name, size in (("vocab_size", self.vocab_size), ("output_size", self.id_limit)):
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= C.MAX_TOKEN_ID):
+                raise InputError(f"{name}={size!r} must be an integer in 1..{C.MAX_TOKEN_ID}")
         self.shard_max_bytes = shard_max_bytes
         self.row_group_positions = row_group_positions
         self.compression_level = compression_level
@@ -154,15 +163,26 @@ class CacheWriter:
         if example.id in self.done_ids:
             raise InputError(f"duplicate id {example.id!r}: every example id must be unique within a cache")
         check_example(example)
-        if self.vocab_size is not None and example.num_targets:
-            top = int(example.topk_ids.max())
-            if top >= self.vocab_size:
-                raise ValueError(f"example {example.id!r}: token id {top} >= vocab size {self.vocab_size}")
+        self._check_id_range(example)
         self.done_ids.add(example.id)
         self._buffer.append(example)
         self._buffer_positions += max(1, example.num_targets)
         if self._buffer_positions >= self.row_group_positions:
             self._flush_row_group()
+
+    def _check_id_range(self, example: Example) -> None:
+        if self.id_limit is None or not example.num_targets:
+            return
+        too_big = example.topk_ids >= self.id_limit
+        if too_big.any():
+            row = int(np.nonzero(too_big)[0][0])
+            size = ("the teacher's output size (teacher.output_size)" if self.provenance.get("teacher", {}).get("output_size")
+                    else "the vocab size (tokenizer.vocab_size; no teacher output size was given)")
+            raise InputError(
+                f"example {example.id!r}, position {int(example.target_positions[row])}: token id "
+                f"{int(example.topk_ids[too_big].max())} >= {size} {self.id_limit}; a teacher whose output layer is "
+                "padded past the tokenizer emits such ids: give CacheWriter output_size= the number of rows of its "
+                "LM head (config.vocab_size)")
 
     def reject(self, record_id: str, reason: str, source: str = "") -> None:
         """Account for an input record that is not written (with a specific reason)."""
@@ -193,7 +213,8 @@ class CacheWriter:
         tmp = self.root / f".{name}.tmp"
         # The hot-id table comes from the shard's first row group: ids are Zipf-like and stable.
         hot = C.build_hot_table(np.concatenate([ex.topk_ids[:, : self.codec.k].ravel() for ex in self._buffer]), self.codec.hot)
-        max_id = self.vocab_size - 1 if self.vocab_size else max(int(ex.topk_ids.max(initial=0)) for ex in self._buffer)
+        # The id width must fit every id any later row group can hold: without a known size, 4 bytes.
+        max_id = self.id_limit - 1 if self.id_limit else C.MAX_TOKEN_ID
         id_bytes = C.code_bytes(max_id + len(hot))
         meta = shard_metadata(self.codec.to_dict(), id_bytes, hot)
         writer = pq.ParquetWriter(tmp, arrow_schema(id_bytes, meta), compression="zstd",

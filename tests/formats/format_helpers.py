@@ -37,3 +37,56 @@ def write_cache(path, examples, *, k=8, rejects=(), provenance=PROVENANCE, **kw)
     return w.manifest
 
 
+
+
+# ---- hostile edits: change one thing and keep every checksum consistent, so that only the check
+# under test can catch it ------------------------------------------------------------------------
+
+def edit_manifest(cache, edit):
+    """Apply `edit(manifest) -> None` to cache/manifest.json in place."""
+    import json
+    from pathlib import Path
+
+    path = Path(cache) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return manifest
+
+
+def rewrite_shard(cache, index, edit_table=None, edit_metadata=None):
+    """Rewrite shard `index` of a cache with `edit_table(pa.Table) -> pa.Table` and/or
+    `edit_metadata(dict) -> dict` (the shard's kdcache key-value metadata), then update the
+    manifest's size and sha256 of that shard, and counts.bytes (the other counts are left as they were)."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from formats.manifest import sha256_file
+
+    cache = Path(cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    path = cache / manifest["shards"][index]["file"]
+    table = pq.read_table(path)
+    raw = json.loads(table.schema.metadata[b"kdcache"])
+    if edit_table is not None:
+        table = edit_table(table)
+    if edit_metadata is not None:
+        raw = edit_metadata(raw)
+    table = table.replace_schema_metadata({b"kdcache": raw if isinstance(raw, bytes) else json.dumps(raw).encode()})
+    pq.write_table(table, path, row_group_size=max(1, table.num_rows))
+    size = path.stat().st_size
+    if "bytes" in manifest.get("counts", {}):
+        manifest["counts"]["bytes"] += size - manifest["shards"][index]["bytes"]
+    manifest["shards"][index].update(bytes=size, sha256=sha256_file(path))
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def replace_column(table, name, values):
+    """`table` with column `name` replaced by the Python list `values` (same type)."""
+    import pyarrow as pa
+
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, table.schema.field(i), pa.array(values, type=table.schema.field(i).type))

@@ -56,7 +56,8 @@ def test_round_trip(block):
         near = true >= lps[r, 0] - 2000  # -1e30 stands for "probability 0" and decodes as such
         assert np.all(np.abs(got - true)[near] <= BOUND)
         assert np.all(got[~near] < lps[r, 0] - 2000)
-        assert np.all(np.diff(got) <= 0)
+        assert np.isneginf(got[true < lps[r, 0] - 2048]).all()  # the escape q = 65535 is -inf
+        assert np.all(got[1:] <= got[:-1])
         if mass is not None and c < valid:
             assert np.exp(true[:c].astype(np.float64)).sum() >= mass - 1e-6
 
@@ -122,3 +123,42 @@ def test_chunked_decode_equals_one_block(monkeypatch):
     chunked = C.decode_topk(streams, cfg, codes)
     for a, b in zip(whole, chunked):
         np.testing.assert_array_equal(a, b)
+
+
+def test_escape_code_65535_decodes_to_neg_inf():
+    cfg = C.CodecConfig(k=3)
+    codes = C.IdCodes(np.zeros(0, np.uint32))
+    lps = np.array([[-0.1, -0.5, -2500.0]], np.float32)  # more than 2047.97 nat below the top-1
+    out_ids, out_lps, _ = C.decode_topk(C.encode_topk(np.array([[1, 2, 3]]), lps, cfg, codes), cfg, codes)
+    assert out_ids.tolist() == [[1, 2, 3]]
+    assert np.isneginf(out_lps[0, 2]) and abs(out_lps[0, 1] + 0.5) <= BOUND
+
+
+def test_nan_logprob_is_refused_by_the_encoders():
+    cfg = C.CodecConfig(k=3)
+    codes = C.IdCodes(np.zeros(0, np.uint32))
+    lps = np.array([[-0.1, -0.5, -1.0], [-0.1, np.nan, -1.0]], np.float32)
+    with pytest.raises(ValueError, match="position 1: topk_logprobs holds NaN"):
+        C.encode_topk(np.array([[1, 2, 3], [1, 2, 3]]), lps, cfg, codes)
+    with pytest.raises(ValueError, match="position 0: target_logprobs holds NaN"):
+        C.encode_target(np.array([np.nan], np.float32), np.array([1]))
+
+
+def test_damaged_stream_lengths_are_format_errors():
+    cfg = C.CodecConfig(k=300)  # 2-byte counts
+    codes = C.IdCodes(np.zeros(0, np.uint32))
+    with pytest.raises(FormatError, match="topk_count has 3 bytes"):
+        C.decode_topk({"topk_count": b"\x01\x00\x01", "topk_top1": b"\0\0", "topk_code_b0": b"\0",
+                       "topk_code_b1": b"\0", "topk_step": b"", "topk_step_escape": b""}, cfg, codes)
+    with pytest.raises(FormatError, match="target_rank"):
+        C.decode_target({"target_logprob": b"\0\0", "target_rank": b"\1\0\0"})
+
+
+def test_a_huge_k_over_few_stored_entries_is_refused_before_allocating():
+    cfg = C.CodecConfig(k=65535)
+    codes = C.IdCodes(np.zeros(0, np.uint32))
+    n = 1 << 16  # 65536 positions x 65535 entries would be 32 GiB of ids and logprobs
+    streams = {"topk_count": np.ones(n, "<u2").tobytes(), "topk_top1": np.zeros(n, "<u2").tobytes(),
+               "topk_code_b0": bytes(n), "topk_code_b1": bytes(n), "topk_step": b"", "topk_step_escape": b""}
+    with pytest.raises(FormatError, match="refusing to allocate"):
+        C.decode_topk(streams, cfg, codes)

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 from format_helpers import make_example
 
 from formats import CacheReader, CacheWriter, CodecConfig
@@ -14,11 +15,14 @@ def reference_decoder_source() -> str:
     return text.split("```python")[1].split("```")[0]
 
 
-def test_reference_decoder_matches_reader(tmp_path, rng, monkeypatch):
+@pytest.mark.parametrize("hot, mass", [(8, 0.97), (0, None)], ids=["hot8-mass", "empty-hot-table"])
+def test_reference_decoder_matches_reader(tmp_path, rng, monkeypatch, hot, mass):
     examples = [make_example(rng, i, k=12) for i in range(8)]
     examples[3].topk_logprobs = examples[3].topk_logprobs.copy()
     examples[3].topk_logprobs[:, 6:] -= 12.0  # deltas >= 255 steps: the escape stream is exercised
-    with CacheWriter(tmp_path / "c", codec=CodecConfig(k=12, mass=0.97, hot=8), row_group_positions=10**6) as w:
+    examples[4].topk_logprobs = examples[4].topk_logprobs.copy()
+    examples[4].topk_logprobs[:, 10:] -= 3000.0  # q = 65535: probability 0 (when mass keeps them)
+    with CacheWriter(tmp_path / "c", codec=CodecConfig(k=12, mass=mass, hot=hot), row_group_positions=10**6) as w:
         for ex in examples:
             w.write(ex)
     printed = []
@@ -33,3 +37,5 @@ def test_reference_decoder_matches_reader(tmp_path, rng, monkeypatch):
         assert c >= 1 and (c == len(ids) or ids[c] == -1)
         assert [int(i) for i, _ in entries] == ids[:c].tolist()
         np.testing.assert_allclose([lp for _, lp in entries], lps[:c], atol=1e-5)
+        if hot == 0 and ex_id == "ex4":
+            assert np.isneginf([lp for _, lp in entries][10:]).all()

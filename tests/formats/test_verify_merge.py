@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from format_helpers import PROVENANCE, make_example, write_cache
+from format_helpers import PROVENANCE, edit_manifest, make_example, replace_column, rewrite_shard, write_cache
 
 from formats import CacheReader, load_manifest
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError
@@ -129,3 +129,270 @@ def test_inspect_shows_summary_and_example(cache):
     assert "examples" in r.stdout and "unit-teacher" in r.stdout and "id ex3" in r.stdout
     r = kdcache("inspect", cache, "--example", "nope")
     assert r.returncode == 1 and "no example with id 'nope'" in r.stderr
+
+
+# ---- issue 9: verify checks what the trainer relies on ---------------------------------------
+
+def _long_row(cache):
+    """(shard index 0, row index) of a row of shard 0 with at least 2 trained positions."""
+    import pyarrow.parquet as pq
+
+    shard = load_manifest(cache)["shards"][0]["file"]
+    n = pq.read_table(cache / shard, columns=["num_targets"]).column("num_targets").to_pylist()
+    return next(i for i, v in enumerate(n) if v >= 2)
+
+
+def _set_spans(cache, make_spans):
+    """Replace one row's target spans by make_spans(start, end, L) (same number of positions)."""
+    row = _long_row(cache)
+
+    def edit(table):
+        starts, ends = table.column("target_starts").to_pylist(), table.column("target_ends").to_pylist()
+        L = len(table.column("input_ids")[row].as_py())
+        (s,), (e,) = starts[row], ends[row]  # make_example writes one span per row
+        starts[row], ends[row] = map(list, zip(*make_spans(s, e, L)))
+        return replace_column(replace_column(table, "target_starts", starts), "target_ends", ends)
+
+    rewrite_shard(cache, 0, edit)
+    return row
+
+
+BAD_SPANS = {
+    "at_position_zero": (lambda s, e, L: [(0, e - s)], "start"),
+    "past_sequence_end": (lambda s, e, L: [(s + 1, e + 1)], "sequence"),
+    "overlapping": (lambda s, e, L: [(s, e - 1), (e - 2, e - 1)], "overlap|order"),
+    "unsorted": (lambda s, e, L: [(s + 1, e), (s, s + 1)], "overlap|order"),
+    "empty": (lambda s, e, L: [(s, e), (e, e)], "empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPANS))
+def test_verify_refuses_bad_target_spans(cache, case):
+    make_spans, what = BAD_SPANS[case]
+    row = _set_spans(cache, make_spans)
+    shard = load_manifest(cache)["shards"][0]["file"]
+    with pytest.raises(FormatError, match=rf"{shard}.*row {row}\b.*({what})"):
+        verify_cache(cache)
+
+
+def test_verify_refuses_span_at_position_zero(cache):
+    _set_spans(cache, BAD_SPANS["at_position_zero"][0])
+    with pytest.raises(FormatError, match="start"):
+        verify_cache(cache)
+
+
+def test_reader_refuses_bad_target_spans(cache):
+    """Defence in depth: decode_table checks the spans, so an unverified (e.g. hf://) cache is refused too."""
+    _set_spans(cache, BAD_SPANS["past_sequence_end"][0])
+    with pytest.raises(FormatError, match="sequence"):
+        list(CacheReader(cache, prefetch=0))
+
+
+# ---- issue 9: duplicates ---------------------------------------------------------------------
+
+def test_verify_refuses_a_shard_listed_twice(cache):
+    def twice(m):
+        m["shards"].append(dict(m["shards"][0]))
+        m["counts"]["examples"] += m["shards"][0]["rows"]
+        m["counts"]["positions"] += m["shards"][0]["positions"]
+    edit_manifest(cache, twice)
+    with pytest.raises(FormatError, match="listed twice"):
+        verify_cache(cache)
+    with pytest.raises(FormatError, match="listed twice"):
+        CacheReader(cache)
+
+
+def test_verify_refuses_a_copied_shard(cache):
+    first = load_manifest(cache)["shards"][0]
+    (cache / "copy.parquet").write_bytes((cache / first["file"]).read_bytes())
+
+    def add_copy(m):
+        m["shards"].append(dict(first, file="copy.parquet"))
+        m["counts"]["examples"] += first["rows"]
+        m["counts"]["positions"] += first["positions"]
+    edit_manifest(cache, add_copy)
+    with pytest.raises(FormatError, match="copy.parquet.*same sha256|same sha256.*copy.parquet"):
+        verify_cache(cache)
+
+
+def test_verify_refuses_duplicate_example_ids(cache):
+    shards = load_manifest(cache)["shards"]
+    import pyarrow.parquet as pq
+    taken = pq.read_table(cache / shards[0]["file"], columns=["id"]).column("id")[0].as_py()
+    rewrite_shard(cache, 1, lambda t: replace_column(t, "id", [taken] + t.column("id").to_pylist()[1:]))
+    with pytest.raises(FormatError, match=rf"{taken!r}.*{shards[0]['file']}|{shards[1]['file']}.*{taken!r}"):
+        verify_cache(cache)
+
+
+def test_merge_refuses_a_shard_listed_twice(tmp_path, rng):
+    exs = [make_example(rng, i) for i in range(10)]
+    write_cache(tmp_path / "a", exs[:5])
+    write_cache(tmp_path / "b", exs[5:])
+    edit_manifest(tmp_path / "b", lambda m: m["shards"].append(dict(m["shards"][0])))
+    with pytest.raises(FormatError, match="listed twice"):
+        merge_caches(tmp_path / "m", [tmp_path / "a", tmp_path / "b"])
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_the_same_cache_twice(tmp_path, rng):
+    write_cache(tmp_path / "a", [make_example(rng, i) for i in range(5)])
+    with pytest.raises(IncompatibleCachesError, match="twice|both"):
+        merge_caches(tmp_path / "m", [tmp_path / "a", tmp_path / "a"])
+
+
+# ---- issue 9: paths and values a manifest can hold -----------------------------------------
+
+def test_verify_refuses_rejects_file_outside_the_cache(cache):
+    from formats.manifest import sha256_file
+    secret = cache.parent / "secret.jsonl"
+    secret.write_text('{"id": "s", "reason": "secret"}\n')
+    edit_manifest(cache, lambda m: m["rejects_file"].update(file="../secret.jsonl", sha256=sha256_file(secret)))
+    with pytest.raises(FormatError, match="rejects_file.file.*outside"):
+        verify_cache(cache)
+
+
+def test_merge_does_not_copy_a_file_from_outside_the_cache(tmp_path, rng):
+    from formats.manifest import sha256_file
+    write_cache(tmp_path / "a", [make_example(rng, i) for i in range(5)])
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"id": "s", "reason": "the secret"}\n')
+    edit_manifest(tmp_path / "a", lambda m: m["rejects_file"].update(file="../secret.jsonl", sha256=sha256_file(secret)))
+    with pytest.raises(FormatError, match="rejects_file.file"):
+        merge_caches(tmp_path / "m", [tmp_path / "a"])
+    assert not (tmp_path / "m" / "rejects.jsonl").exists() or "secret" not in (tmp_path / "m" / "rejects.jsonl").read_text()
+
+
+def test_merge_refuses_a_tampered_rejects_file(tmp_path, rng):
+    write_cache(tmp_path / "a", [make_example(rng, i) for i in range(5)], rejects=[("r1", "no assistant turn")])
+    with open(tmp_path / "a" / "rejects.jsonl", "a") as f:
+        f.write('{"id": "forged", "reason": "x"}\n')
+    with pytest.raises(ChecksumError, match="rejects.jsonl"):
+        merge_caches(tmp_path / "m", [tmp_path / "a"])
+
+
+def _set(path, value):
+    def edit(m):
+        d = m
+        for key in path[:-1]:
+            d = d[key]
+        d[path[-1]] = value
+    return edit
+
+
+HOSTILE_MANIFESTS = {
+    "shards_not_a_list": (_set(("shards",), "part-00000.parquet"), "shards"),
+    "shard_not_an_object": (_set(("shards", 0), "part-00000.parquet"), r"shards\[0\]"),
+    "shard_file_not_a_string": (_set(("shards", 0, "file"), 7), r"shards\[0\].file"),
+    "shard_rows_a_string": (_set(("shards", 0, "rows"), "12"), r"shards\[0\].rows"),
+    "shard_rows_negative": (_set(("shards", 0, "rows"), -1), r"shards\[0\].rows"),
+    "shard_bytes_missing": (lambda m: m["shards"][0].pop("bytes"), r"shards\[0\].bytes"),
+    "shard_sha256_not_hex": (_set(("shards", 0, "sha256"), "zz"), r"shards\[0\].sha256"),
+    "counts_not_an_object": (_set(("counts",), [1]), "counts"),
+    "counts_examples_huge_float": (_set(("counts", "examples"), 1e300), "counts.examples"),
+    "codec_k_huge": (_set(("codec", "k"), 10**12), "codec"),
+    "codec_k_a_string": (_set(("codec", "k"), "64"), "codec"),
+    "codec_not_an_object": (_set(("codec",), "kdcache-topk-v1"), "codec"),
+    "k_disagrees_with_codec": (_set(("k",), 4), r"\bk\b"),
+    "vocab_size_a_string": (_set(("tokenizer", "vocab_size"), "1000"), "tokenizer.vocab_size"),
+    "vocab_size_huge": (_set(("tokenizer", "vocab_size"), 10**15), "tokenizer.vocab_size"),
+    "output_size_zero": (lambda m: m["teacher"].update(output_size=0), "teacher.output_size"),
+    "teacher_not_an_object": (_set(("teacher",), "x"), "teacher"),
+    "rejects_file_not_an_object": (_set(("rejects_file",), "rejects.jsonl"), "rejects_file"),
+    "rejects_file_absolute": (lambda m: m["rejects_file"].update(file="/etc/passwd"), "rejects_file.file"),
+    "shard_file_a_url": (_set(("shards", 0, "file"), "s3://bucket/x.parquet"), r"shards\[0\].file"),
+    "manifest_a_list": (lambda m: None, None),  # handled below
+}
+
+
+@pytest.mark.parametrize("case", sorted(k for k in HOSTILE_MANIFESTS if k != "manifest_a_list"))
+def test_hostile_manifest_values_are_format_errors(cache, case):
+    edit, field = HOSTILE_MANIFESTS[case]
+    edit_manifest(cache, edit)
+    with pytest.raises(FormatError, match=field):
+        verify_cache(cache)
+    r = kdcache("verify", cache)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_manifest_that_is_not_an_object_is_a_format_error(cache):
+    (cache / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(FormatError, match="manifest.json.*object"):
+        load_manifest(cache)
+
+
+HOSTILE_SHARD_METADATA = {
+    "id_bytes_huge": (lambda meta: {**meta, "id_bytes": 10**9}, "id_bytes"),
+    "id_bytes_a_string": (lambda meta: {**meta, "id_bytes": "2"}, "id_bytes"),
+    "hot_table_not_base64": (lambda meta: {**meta, "hot_table": "!!!"}, "hot_table"),
+    "hot_table_odd_length": (lambda meta: {**meta, "hot_table": "AAA="}, "hot_table"),
+    "codec_differs_from_manifest": (lambda meta: {**meta, "codec": {**meta["codec"], "k": 4}}, "codec"),
+    "codec_k_huge": (lambda meta: {**meta, "codec": {**meta["codec"], "k": 10**12}}, "codec"),
+    "not_json": (lambda meta: b"{not json", "kdcache"),
+    "not_an_object": (lambda meta: [1], "kdcache"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_SHARD_METADATA))
+def test_hostile_shard_metadata_is_a_format_error(cache, case):
+    edit, field = HOSTILE_SHARD_METADATA[case]
+    rewrite_shard(cache, 0, edit_metadata=edit)
+    shard = load_manifest(cache)["shards"][0]["file"]
+    with pytest.raises(FormatError, match=rf"{shard}.*{field}"):
+        verify_cache(cache)
+
+
+def test_verify_checks_ids_against_the_teachers_output_size(tmp_path, rng):
+    exs = [make_example(rng, i) for i in range(6)]
+    write_cache(tmp_path / "c", exs, provenance={**PROVENANCE, "teacher": {**PROVENANCE["teacher"], "output_size": 1000}})
+    top = max(int(e.topk_ids.max()) for e in exs)
+    edit_manifest(tmp_path / "c", lambda m: m["teacher"].update(output_size=top))
+    with pytest.raises(FormatError, match=rf"token id {top} >= .*output size {top}"):
+        verify_cache(tmp_path / "c")
+
+
+def test_verify_refuses_rejects_that_do_not_add_up(cache):
+    from formats.manifest import sha256_file
+
+    with open(cache / "rejects.jsonl", "a") as f:
+        f.write('{"id": "ex0", "reason": "no assistant turn", "source": ""}\n')  # an example id, also rejected
+    edit_manifest(cache, lambda m: m["rejects_file"].update(sha256=sha256_file(cache / "rejects.jsonl")))
+    with pytest.raises(FormatError, match="rejects"):
+        verify_cache(cache)
+
+
+# ---- issue 9: merge compares everything that changes rows, keeps every worker's provenance ----
+
+def _worker(index, **filters):
+    dataset = {**PROVENANCE["dataset"], "filters": {"num_workers": 2, "worker_index": index, "max_length": 4096,
+                                                    "length_policy": "truncate", "fraction": 1.0, **filters}}
+    return {**PROVENANCE, "dataset": dataset, "template": {"max_length": 4096, "length_policy": "truncate"}}
+
+
+@pytest.mark.parametrize("change", [{"max_length": 512}, {"length_policy": "drop"}, {"fraction": 0.5},
+                                    {"num_workers": 3}, {"seed": 7}])
+def test_merge_refuses_different_dataset_filters(tmp_path, rng, change):
+    exs = [make_example(rng, i) for i in range(8)]
+    write_cache(tmp_path / "a", exs[:4], provenance=_worker(0))
+    write_cache(tmp_path / "b", exs[4:], provenance=_worker(1, **change))
+    key = next(iter(change))
+    with pytest.raises(IncompatibleCachesError, match=rf"dataset.filters.{key}"):
+        merge_caches(tmp_path / "m", [tmp_path / "a", tmp_path / "b"])
+
+
+def test_merge_refuses_different_template_settings(tmp_path, rng):
+    exs = [make_example(rng, i) for i in range(8)]
+    write_cache(tmp_path / "a", exs[:4], provenance=_worker(0))
+    write_cache(tmp_path / "b", exs[4:], provenance={**_worker(1), "template": {"max_length": 512}})
+    with pytest.raises(IncompatibleCachesError, match="extra.template"):
+        merge_caches(tmp_path / "m", [tmp_path / "a", tmp_path / "b"])
+
+
+def test_merge_records_every_workers_provenance(tmp_path, rng):
+    exs = [make_example(rng, i) for i in range(8)]
+    write_cache(tmp_path / "a", exs[:4], provenance=_worker(0))
+    write_cache(tmp_path / "b", exs[4:], provenance=_worker(1))
+    m = merge_caches(tmp_path / "m", [tmp_path / "a", tmp_path / "b"])
+    verify_cache(tmp_path / "m")
+    assert [w["dataset"]["filters"]["worker_index"] for w in m["merged_from"]] == [0, 1]
+    assert all("teacher" in w and "extra" in w and "command" in w for w in m["merged_from"])
+    assert m["dataset"]["filters"]["worker_index"] == [0, 1]
