@@ -100,7 +100,7 @@ class _Pristine:
         return f"<pristine cache {self.path}>"
 
 
-@settings(max_examples=int(os.environ.get("KDCACHE_TAMPER_EXAMPLES", 300)), deadline=None, derandomize=True,
+@settings(max_examples=int(os.environ.get("KDCACHE_TAMPER_EXAMPLES", 300)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_single_edit_is_refused_or_harmless(pristine, tmp_path_factory, data):
@@ -157,7 +157,7 @@ def _mutate_cell(value, data):
     return data.draw(st.sampled_from(["ex0", "ex1", "", "x", None]))
 
 
-@settings(max_examples=int(os.environ.get("KDCACHE_TAMPER_EXAMPLES", 300)), deadline=None, derandomize=True,
+@settings(max_examples=int(os.environ.get("KDCACHE_TAMPER_EXAMPLES", 300)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_rewritten_shard_cell_is_refused_or_decodes_soundly(pristine, tmp_path_factory, data):
