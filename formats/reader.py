@@ -13,7 +13,8 @@ balances examples, not row groups: with N examples on W ranks, rank r reads posi
 needs equal step counts), each example goes to at most one rank, a rank decodes a contiguous
 stretch of row groups (those at a boundary between two ranks are decoded by both), and the last
 N mod W < W examples of each epoch's order are read by no rank; rank 0 logs a warning with
-their count.
+their count. With drop_remainder=False (evaluation, where every example counts and ranks may run
+uneven) the first N mod W ranks read one example more and none is left over.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class Unit:
 class CacheReader:
     def __init__(self, path, *, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0,
                  epochs: int | None = 1, max_examples: int | None = None, prefetch: int = 2,
-                 storage_options: dict | None = None):
+                 drop_remainder: bool = True, storage_options: dict | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         self.path = str(path)
@@ -57,8 +58,11 @@ class CacheReader:
         self._files: dict[int, tuple] = {}
         self.units = self._list_units(max_examples)
         self.total = sum(u.rows for u in self.units)        # examples per epoch, all ranks
-        self.per_rank = self.total // world_size            # examples per epoch, each rank
-        self.leftover = self.total - self.per_rank * world_size
+        base, extra = divmod(self.total, world_size)
+        if drop_remainder:  # equal counts (training: DDP needs equal steps); `extra` left over
+            self.lo, self.per_rank, self.leftover = rank * base, base, extra
+        else:  # every example (evaluation): the first `extra` ranks read one more
+            self.lo, self.per_rank, self.leftover = rank * base + min(rank, extra), base + (rank < extra), 0
         self._epoch, self._pos = 0, 0                       # cursor: examples of this epoch read
         if self.leftover and rank == 0:
             log.warning("%s: %d of %d examples per epoch are left over (read by no rank): %d ranks read %d each; "
@@ -95,11 +99,11 @@ class CacheReader:
         return units
 
     def _plan(self, epoch: int) -> list[tuple[Unit, np.ndarray]]:
-        """This rank's (unit, rows) list for an epoch: positions [rank*n, (rank+1)*n) of the epoch's order."""
+        """This rank's (unit, rows) list for an epoch: positions [lo, lo + per_rank) of the epoch's order."""
         order = range(len(self.units))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
-        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        lo, hi = self.lo, self.lo + self.per_rank
         plan, start = [], 0
         for u in order:
             unit = self.units[u]
@@ -115,7 +119,7 @@ class CacheReader:
         return plan
 
     def num_examples(self) -> int:
-        """Examples this rank reads per epoch (the same on every rank)."""
+        """Examples this rank reads per epoch (the same on every rank unless drop_remainder=False)."""
         return self.per_rank
 
     def load_unit(self, unit: Unit) -> list[Example]:

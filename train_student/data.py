@@ -362,12 +362,12 @@ class Packer:
 
 
 def open_readers(paths: list[str], *, rank: int, world_size: int, shuffle: bool, seed: int,
-                 epochs: int | None, max_examples: int | None) -> list[CacheReader]:
+                 epochs: int | None, max_examples: int | None, drop_remainder: bool = True) -> list[CacheReader]:
     readers = []
     for p in paths:
         try:
             readers.append(CacheReader(p, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed,
-                                       epochs=epochs, max_examples=max_examples))
+                                       epochs=epochs, max_examples=max_examples, drop_remainder=drop_remainder))
         except FileNotFoundError as exc:
             raise InputError(f"cache {p} not found ({exc})") from None
     return readers
@@ -384,7 +384,7 @@ def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction:
     if eval_fraction <= 0:
         return []
     readers = open_readers(paths, rank=rank, world_size=world_size, shuffle=False, seed=0, epochs=1,
-                           max_examples=None)
+                           max_examples=None, drop_remainder=False)  # every held-out example, on any world size
     stream = ExampleStream(readers, split="eval", eval_fraction=eval_fraction, input_size=input_size,
                            output_size=output_size)
     examples = []

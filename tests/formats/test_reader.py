@@ -125,10 +125,10 @@ def layout_cache(path, n, rows_per_group, shard_max_bytes=10**9):
 LAYOUTS = [(690, 30, 10**9), (7, 100, 10**9), (3, 1, 10**9), (50, 7, 10**9), (61, 4, 1500), (24, 1, 10**9)]
 
 
-def epoch_parts(cache, world, shuffle, epochs=1):
+def epoch_parts(cache, world, shuffle, epochs=1, **kw):
     parts = []
     for r in range(world):
-        reader = CacheReader(cache, rank=r, world_size=world, shuffle=shuffle, seed=5, epochs=epochs, prefetch=0)
+        reader = CacheReader(cache, rank=r, world_size=world, shuffle=shuffle, seed=5, epochs=epochs, prefetch=0, **kw)
         got = ids(reader)
         per_epoch = reader.num_examples()
         parts.append([got[e * per_epoch:(e + 1) * per_epoch] for e in range(epochs)])
@@ -152,6 +152,17 @@ def test_ranks_train_every_example_of_an_epoch_once(tmp_path, layout, shuffle):
             assert union <= everything and len(everything - union) == n % world < world   # at most world-1 left
         if shuffle and n >= 24 and world > 1:
             assert parts[0][0] != parts[0][1]  # a new order every epoch
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_without_drop_remainder_ranks_read_every_example(tmp_path, layout):
+    """Evaluation: every example once across ranks, counts differing by at most one."""
+    n, rows, shard_bytes = layout
+    cache = layout_cache(tmp_path / "c", n, rows, shard_bytes)
+    for world in (1, 2, 3, 7, 8):
+        slices = [p[0] for p in epoch_parts(cache, world, False, drop_remainder=False)]
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1
+        assert sorted(itertools.chain(*slices)) == sorted(f"t{i:04d}" for i in range(n))
 
 
 def test_issue_case_23_row_groups_on_8_ranks(tmp_path, caplog):
