@@ -111,9 +111,8 @@ class CacheWriter:
                                  "and holds no kdcache job; write the cache to a new or empty folder")
             progress.mkdir(parents=True, exist_ok=True)
             write_json_atomic(job_path, resume_settings(self.manifest))
-        for tmp in list(self.root.glob("*.tmp")) + list(self.root.glob(".*.tmp")) + list(progress.glob("*.tmp")) \
-                + list(progress.glob("*.tmp2")):
-            tmp.unlink()
+        for tmp in {*self.root.glob("*.tmp"), *self.root.glob(".*.tmp"), *progress.glob("*.tmp"), *progress.glob("*.tmp2")}:
+            tmp.unlink()  # files being written when the job stopped
         sidecars = {p.name[: -len(".json")]: p for p in progress.glob(f"*{SHARD_SUFFIX}.json")}
         shards = sorted(self.root.glob(f"*{SHARD_SUFFIX}"))
         self._next_index = 1 + max((self._shard_index(n) for n in [p.name for p in shards] + list(sidecars)), default=-1)
@@ -149,7 +148,7 @@ class CacheWriter:
         self.done_ids = {r["id"] for r in _read_jsonl(self.root / REJECTS_NAME)}
         self.done_ids |= self._ids_in_complete_cache()
         _rmtree(self.root / PROGRESS)  # left by a job killed after its manifest was written
-        for tmp in self.root.glob("*.tmp"):
+        for tmp in {*self.root.glob("*.tmp"), *self.root.glob(".*.tmp")}:
             tmp.unlink()
 
     def _check_settings(self, old: dict, what: str) -> None:
