@@ -256,3 +256,19 @@ def test_generate_mode_accounts_for_every_sample(tiny_dir, tiny_engine, sample_r
     verify_cache(tmp_path / "gen")
     dry = dry_run(config)
     assert (dry.examples, sum(dry.rejects.values())) == (2, 4)
+
+
+def test_cli_rerun_into_a_finished_cache_with_other_settings_fails(smollm2_dir, tiny_dir, rows_path, tmp_path, capsys):
+    import kdcache_cli
+
+    out = tmp_path / "c"
+    common = ["cache", "--dataset", str(rows_path), "--out", str(out), "--engine", "hf", "--max-examples", "0",
+              "--no-progress"]
+    assert kdcache_cli.main([*common, "--teacher", str(smollm2_dir), "--k", "64"]) == 0  # finished (no inputs)
+    before = (out / "manifest.json").read_text()
+    assert kdcache_cli.main([*common, "--teacher", str(tiny_dir), "--k", "128"]) == 1
+    err = capsys.readouterr().err
+    assert "codec.k: 64 -> 128" in err and "teacher.name_or_path: " in err and "new folder" in err
+    assert (out / "manifest.json").read_text() == before
+    assert kdcache_cli.main([*common, "--teacher", str(tiny_dir), "--k", "128", "--no-resume"]) == 1
+    assert "already holds a complete cache" in capsys.readouterr().err
