@@ -176,7 +176,6 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     """
     if config.dry_run:
         return dry_run(config, tokenizer)
-    from formats.codec import CodecConfig
     from formats.writer import CacheWriter
 
     started = time.perf_counter()
@@ -211,7 +210,7 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
         pending.clear()
 
     try:
-        with CacheWriter(config.out, codec=CodecConfig(k=config.k, mass=config.mass),
+        with CacheWriter(config.out, codec=_codec(config),
                          provenance=provenance(config, tokenizer, templater),
                          shard_max_bytes=config.shard_max_bytes, row_group_positions=config.row_group_positions,
                          resume=config.resume) as writer:
@@ -248,6 +247,28 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     summary.wall_s = time.perf_counter() - started
     summary.cache_bytes, summary.cache_positions = _cache_size(Path(config.out), manifest)
     return summary
+
+
+def _codec(config):
+    from formats.codec import CodecConfig
+
+    return CodecConfig(k=config.k, mass=config.mass)
+
+
+def check_finished_cache(out, config, tokenizer=None) -> None:
+    """Refuse (InputError naming each difference) when `out` holds a complete cache made with other
+    row-changing settings than `config`'s. The writer checks the folder it writes itself; a launcher that
+    merges worker caches into `out` calls this (with worker 0's config) before it starts the workers."""
+    from formats.manifest import load_manifest, new_manifest
+    from formats.schema import MANIFEST_NAME
+    from formats.writer import refuse_other_settings, resume_settings
+
+    if not (Path(out) / MANIFEST_NAME).exists():
+        return
+    tokenizer = tokenizer or load_tokenizer(config)
+    templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
+    wanted = new_manifest(_codec(config).to_dict(), provenance(config, tokenizer, templater))
+    refuse_other_settings(out, resume_settings(load_manifest(out)), wanted, "a complete cache")
 
 
 def _prepared(config, templater, done: set[str]):

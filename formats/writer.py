@@ -103,7 +103,7 @@ class CacheWriter:
         if progress.exists() and not resume:
             raise InputError(f"{self.root} holds an unfinished cache; resume it, or delete the folder to start over")
         if job_path.exists():
-            self._check_settings(json.loads(job_path.read_text()), "an unfinished cache")
+            refuse_other_settings(self.root, _read_json(job_path), self.manifest, "an unfinished cache")
         else:
             others = sorted(p.name for p in self.root.iterdir() if p.name != PROGRESS) if self.root.exists() else []
             if others:
@@ -118,7 +118,7 @@ class CacheWriter:
         self._next_index = 1 + max((self._shard_index(n) for n in [p.name for p in shards] + list(sidecars)), default=-1)
         for shard in shards:
             side = sidecars.pop(shard.name, None)
-            info = json.loads(side.read_text()) if side else None
+            info = _read_sidecar(side) if side else None
             if info is None or info["bytes"] != shard.stat().st_size or info["sha256"] != sha256_file(shard):
                 shard.unlink()  # an interrupted publish: redo its rows
                 if side:
@@ -142,7 +142,7 @@ class CacheWriter:
             raise InputError(f"{self.root} already holds a complete cache; write to a new folder, "
                              "or delete this one to start over")
         manifest = load_manifest(self.root)
-        self._check_settings(resume_settings(manifest), "a complete cache")
+        refuse_other_settings(self.root, resume_settings(manifest), self.manifest, "a complete cache")
         self.manifest = manifest
         self.complete = True
         self.done_ids = {r["id"] for r in _read_jsonl(self.root / REJECTS_NAME)}
@@ -150,15 +150,6 @@ class CacheWriter:
         _rmtree(self.root / PROGRESS)  # left by a job killed after its manifest was written
         for tmp in {*self.root.glob("*.tmp"), *self.root.glob(".*.tmp")}:
             tmp.unlink()
-
-    def _check_settings(self, old: dict, what: str) -> None:
-        diff = settings_diff(old, resume_settings(self.manifest))
-        if diff:
-            raise InputError(
-                f"{self.root} holds {what} made with other settings: {'; '.join(diff)} (was -> now). "
-                "Rerun with the original settings to resume it, write to a new folder, "
-                "or delete this one to start over"
-            )
 
     def _shard_index(self, name: str) -> int:
         """The number in `<prefix>-<number>.parquet`; -1 for other names."""
@@ -301,6 +292,17 @@ def resume_settings(manifest: dict) -> dict:
     return {k: manifest[k] if k in manifest else extra.get(k) for k in RESUME_KEYS}
 
 
+def refuse_other_settings(root, old: dict, manifest: dict, what: str) -> None:
+    """InputError naming every setting in which `old` (resume_settings of what `root` holds) differs from
+    the settings of `manifest` (the job about to run)."""
+    diff = settings_diff(old, resume_settings(manifest))
+    if diff:
+        raise InputError(
+            f"{root} holds {what} made with other settings: {'; '.join(diff)} (was -> now). "
+            "Rerun with the original settings to resume it, write to a new folder, or delete this one to start over"
+        )
+
+
 def settings_diff(old: dict, new: dict) -> list[str]:
     """`key.sub: old -> new` for every leaf setting that differs."""
     a, b = _leaves(old), _leaves(new)
@@ -342,10 +344,37 @@ def _canon(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc}); delete the folder to start over") from None
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    """A shard's commit record, or None when it is unreadable (then the shard is redone)."""
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    keys = ("file", "rows", "positions", "bytes", "sha256", "ids", "rejects")
+    return info if isinstance(info, dict) and all(k in info for k in keys) else None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{path} line {lineno}: not valid JSON ({exc.msg}); the file is damaged") from None
+        if row is not None:
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                raise FormatError(f"{path} line {lineno}: not a {{\"id\", \"reason\"}} record")
+            rows.append(row)
+    return rows
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:

@@ -272,3 +272,23 @@ def test_cli_rerun_into_a_finished_cache_with_other_settings_fails(smollm2_dir, 
     assert (out / "manifest.json").read_text() == before
     assert kdcache_cli.main([*common, "--teacher", str(tiny_dir), "--k", "128", "--no-resume"]) == 1
     assert "already holds a complete cache" in capsys.readouterr().err
+
+
+def test_a_merged_cache_with_other_settings_is_refused_before_the_workers_start(smollm2_dir, tokenizer, rows_path,
+                                                                                tmp_path):
+    from cache_teacher.launch import worker_configs
+    from cache_teacher.run import check_finished_cache
+    from formats.errors import InputError
+
+    base = dict(teacher=str(smollm2_dir), dataset=str(rows_path), out=str(tmp_path / "merged"), max_examples=0,
+                num_workers=2, launcher="ray")
+    worker0 = worker_configs(make_config(**base))[0]
+    run_cache(make_config(**{**worker0.to_dict(), "out": base["out"]}), engine=_NoEngine(), tokenizer=tokenizer)
+    check_finished_cache(base["out"], worker0, tokenizer)  # the same settings: a rerun of a finished job
+    with pytest.raises(InputError, match="codec.k: 8 -> 16"):
+        check_finished_cache(base["out"], worker_configs(make_config(**{**base, "k": 16}))[0], tokenizer)
+    pytest.importorskip("ray")
+    from cache_teacher.launch import launch_ray
+
+    with pytest.raises(InputError, match="codec.k: 8 -> 16"):  # before any worker starts
+        launch_ray(make_config(**{**base, "k": 16}))

@@ -233,3 +233,27 @@ def test_a_crash_after_the_manifest_leaves_no_progress_folder(tmp_path, rng):
     (tmp_path / "c" / "rejects.jsonl.tmp").write_text("")
     _resume(tmp_path / "c", examples)
     assert not (tmp_path / "c" / "_progress").exists() and not list((tmp_path / "c").glob("*.tmp"))
+
+
+def test_damaged_progress_files_are_redone_or_named(tmp_path):
+    from formats.errors import FormatError
+
+    rng = np.random.default_rng(10)
+    examples = [make_example(rng, i, min_len=30, max_len=40) for i in range(20)]
+    kw = dict(row_group_positions=32, shard_max_bytes=3000)
+    path = tmp_path / "c"
+    _crash_after_shards(path, examples, 2, **kw)
+    (path / "_progress" / "part-00000.parquet.json").write_text('{"file": "part-00000.parquet", "rows"')  # torn
+    (path / "_progress" / "part-00001.parquet.json").write_text("[]")  # not a commit record
+    _resume(path, examples, **kw)  # both shards are redone
+    verify_cache(path)
+    write_cache(tmp_path / "clean", examples, **kw)
+    _assert_same_rows(path, tmp_path / "clean")
+
+    (path / "rejects.jsonl").write_text('{"id": "x", "reason": "r"}\n{"id": \n')
+    with pytest.raises(FormatError, match="rejects.jsonl line 2"):
+        CacheWriter(path, codec=CodecConfig(k=8), provenance=PROVENANCE)
+    _crash_after_shards(tmp_path / "d", examples, 1, **kw)
+    (tmp_path / "d" / "_progress" / "job.json").write_text("{")
+    with pytest.raises(FormatError, match="job.json"):
+        CacheWriter(tmp_path / "d", codec=CodecConfig(k=8), provenance=PROVENANCE)
