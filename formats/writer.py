@@ -213,7 +213,8 @@ class CacheWriter:
             self._close_shard()
 
     def _open_shard(self) -> None:
-        name, self._next_index = f"{self.shard_prefix}-{self._next_index:05d}{SHARD_SUFFIX}", self._next_index + 1
+        name = f"{self.shard_prefix}-{self._next_index:05d}{SHARD_SUFFIX}"  # never a name already used here
+        self._next_index += 1
         tmp = self.root / f".{name}.tmp"
         # The hot-id table comes from the shard's first row group: ids are Zipf-like and stable.
         hot = C.build_hot_table(np.concatenate([ex.topk_ids[:, : self.codec.k].ravel() for ex in self._buffer]), self.codec.hot)
