@@ -78,7 +78,8 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     _add(g, "--shard-max-bytes", "start a new shard past this many bytes", type=int, metavar="BYTES")
     _add(g, "--row-group-positions", "positions per Parquet row group; a shard is checked against "
          "--shard-max-bytes after each row group", type=int, metavar="N")
-    _add(g, "--resume", "continue an interrupted cache in --out (--no-resume refuses an existing one)",
+    _add(g, "--resume", "rerunning into an existing --out continues its unfinished cache (a complete one is left as "
+         "it is), only with the same row-changing settings; --no-resume refuses any existing cache there",
          action=argparse.BooleanOptionalAction)
     _add(g, "--dry-run", "count tokens and estimate cache size and teacher time without running the teacher",
          action=argparse.BooleanOptionalAction)

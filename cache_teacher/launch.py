@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from cache_teacher.run import Summary
+from cache_teacher.run import Summary, check_finished_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,7 @@ def launch_ray(config) -> Summary:
     """Run every slice as a Ray task (local Ray when no --ray-address), then merge into config.out."""
     import ray
 
+    check_finished_cache(config.out, worker_configs(config)[0])  # a merged cache of other settings: refuse now
     started = time.perf_counter()
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),

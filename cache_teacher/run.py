@@ -4,9 +4,12 @@
         --out runs/cache/tulu3 --k 64 --max-length 4096
 
 Every input record of this worker's slice is either written or rejected with a reason, so
-`examples + rejects == inputs`. Rerunning the same command resumes: the writer reports the ids an
-interrupted run already finished (`done_ids`) and they are skipped; templating and engines are
-deterministic, so the resumed cache holds the same ids and positions as an uninterrupted one.
+`examples + rejects == inputs` (generate mode: `inputs x n`, a rejected prompt is rejected once per
+sample id `<id>#s<j>`); the writer checks it before it writes the manifest. Rerunning the same
+command resumes: the writer first refuses other settings (before the teacher starts), then reports
+the ids an interrupted run already finished (`done_ids`) and they are skipped; templating and
+engines are deterministic, so the resumed cache holds the same ids and positions as an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ class Summary:
     tokens: int = 0  # tokens the teacher processed (prompt + generated)
     resumed: int = 0  # inputs an earlier run had already finished
     inputs: int = 0  # records of this worker's slice seen
+    per_input: int = 1  # examples (or rejects) per input record: n in generate mode
     truncated: int = 0
     rejects: Counter = field(default_factory=Counter)  # reason code -> count
     wall_s: float = 0.0
@@ -49,7 +53,8 @@ class Summary:
     def report(self) -> str:
         lines = [
             f"cache   {self.out}",
-            f"inputs  {self.inputs} ({self.examples} written, {sum(self.rejects.values())} rejected, "
+            f"inputs  {self.inputs}{f' x n={self.per_input}' if self.per_input > 1 else ''} "
+            f"({self.examples} written, {sum(self.rejects.values())} rejected, "
             f"{self.resumed} done by an earlier run, {self.truncated} truncated)",
             f"positions {self.positions} written; tokens {self.tokens}",
         ]
@@ -143,6 +148,15 @@ def _sample_ids(record_id: str, n: int) -> list[str]:
     return [record_id] if n == 1 else [f"{record_id}#s{j}" for j in range(n)]
 
 
+def _per_input(config) -> int:
+    return config.n if config.mode == "generate" else 1
+
+
+def _unit_ids(config, record_id: str) -> list[str]:
+    """The ids an input record is written or rejected under: its own (score), its n sample ids (generate)."""
+    return _sample_ids(record_id, _per_input(config))
+
+
 def _examples(config, items, engine, stop_ids):
     """Run the engine over a batch of templated items; yield (Example, tokens processed)."""
     import numpy as np
@@ -156,6 +170,8 @@ def _examples(config, items, engine, stop_ids):
                           meta={"truncated": True} if item.truncated else {}), len(item.input_ids)
         return
     for item, samples in zip(items, engine.generate(items, stop_ids, config)):
+        if len(samples) != config.n:
+            raise RuntimeError(f"the engine returned {len(samples)} samples for {item.id!r}, n is {config.n}")
         wanted = item.wanted
         for j, (sid, g) in enumerate(zip(_sample_ids(item.id, config.n), samples)):
             if wanted is not None and sid not in wanted:
@@ -176,14 +192,13 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     """
     if config.dry_run:
         return dry_run(config, tokenizer)
-    from formats.codec import CodecConfig
     from formats.writer import CacheWriter
 
     started = time.perf_counter()
     tokenizer = tokenizer or load_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     stop_ids = templater.eot_ids
-    summary = Summary(out=str(config.out))
+    summary = Summary(out=str(config.out), per_input=_per_input(config))
     own_engine = engine is None
     bar = _progress(config)
     pending: list = []
@@ -211,7 +226,7 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
         pending.clear()
 
     try:
-        with CacheWriter(config.out, codec=CodecConfig(k=config.k, mass=config.mass),
+        with CacheWriter(config.out, codec=_codec(config),
                          provenance=provenance(config, tokenizer, templater),
                          shard_max_bytes=config.shard_max_bytes, row_group_positions=config.row_group_positions,
                          resume=config.resume) as writer:
@@ -228,9 +243,9 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
                             flush(io)
                         continue
                     if kind == "reject":
-                        rid, reason, source = value
-                        io.reject(rid, reason, source)
-                        summary.rejects[reason.split(":")[0]] += 1
+                        for rid, reason, source in value:
+                            io.reject(rid, reason, source)
+                            summary.rejects[reason.split(":")[0]] += 1
                     else:
                         summary.resumed += 1
                     if bar is not None:
@@ -238,6 +253,7 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
                 flush(io)
             finally:
                 io.drain()
+            writer.inputs = summary.inputs * summary.per_input  # finish() checks examples + rejects == inputs
         manifest = getattr(writer, "manifest", None) or {}
     finally:
         if bar is not None:
@@ -249,27 +265,47 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     return summary
 
 
+def _codec(config):
+    from formats.codec import CodecConfig
+
+    return CodecConfig(k=config.k, mass=config.mass)
+
+
+def check_finished_cache(out, config, tokenizer=None) -> None:
+    """Refuse (InputError naming each difference) when `out` holds a complete cache made with other
+    row-changing settings than `config`'s. The writer checks the folder it writes itself; a launcher that
+    merges worker caches into `out` calls this (with worker 0's config) before it starts the workers."""
+    from formats.manifest import load_manifest, new_manifest
+    from formats.schema import MANIFEST_NAME
+    from formats.writer import refuse_other_settings, resume_settings
+
+    if not (Path(out) / MANIFEST_NAME).exists():
+        return
+    tokenizer = tokenizer or load_tokenizer(config)
+    templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
+    wanted = new_manifest(_codec(config).to_dict(), provenance(config, tokenizer, templater))
+    refuse_other_settings(out, resume_settings(load_manifest(out)), wanted, "a complete cache")
+
+
 def _prepared(config, templater, done: set[str]):
-    """Each input record as ("item", Templated), ("reject", (id, reason, source)) or ("resumed", id)."""
+    """Each input record as ("item", Templated), ("reject", [(id, reason, source), ...]) (one per unit id not
+    yet done) or ("resumed", id)."""
     for record, reject in iter_records(config):
-        if reject is not None:
-            yield ("resumed", reject[0]) if reject[0] in done else ("reject", reject)
-            continue
-        rid = record["id"]
-        if config.mode == "generate":
-            wanted = set(_sample_ids(rid, config.n)) - done
-        else:
-            wanted = set() if rid in done else {rid}
-        if not wanted:
+        rid = reject[0] if reject is not None else record["id"]
+        todo = [uid for uid in _unit_ids(config, rid) if uid not in done]
+        if not todo:
             yield "resumed", rid
+            continue
+        if reject is not None:
+            yield "reject", [(uid, *reject[1:]) for uid in todo]
             continue
         try:
             item = templater.score(record) if config.mode == "score" else templater.prompt(record)
         except TemplateReject as exc:
-            yield "reject", (rid, exc.reason, record["source"])
+            yield "reject", [(uid, exc.reason, record["source"]) for uid in todo]
             continue
         if config.mode == "generate":
-            item.wanted = wanted
+            item.wanted = set(todo)
         yield "item", item
 
 
@@ -340,18 +376,18 @@ def dry_run(config, tokenizer=None) -> Summary:
     started = time.perf_counter()
     tokenizer = tokenizer or load_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
-    summary = Summary(out=str(config.out))
+    summary = Summary(out=str(config.out), per_input=_per_input(config))
     for record, reject in iter_records(config):
         summary.inputs += 1
         if reject is not None:
-            summary.rejects[reject[1].split(":")[0]] += 1
+            summary.rejects[reject[1].split(":")[0]] += summary.per_input
             continue
         try:
             item = templater.score(record) if config.mode == "score" else templater.prompt(record)
         except TemplateReject as exc:
-            summary.rejects[exc.reason.split(":")[0]] += 1
+            summary.rejects[exc.reason.split(":")[0]] += summary.per_input
             continue
-        summary.examples += config.n if config.mode == "generate" else 1
+        summary.examples += summary.per_input
         summary.truncated += int(item.truncated)
         if config.mode == "score":
             summary.positions += len(item.target_positions)

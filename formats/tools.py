@@ -14,6 +14,7 @@ from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, 
 from formats.manifest import command_line, id_limits, load_manifest, now_iso, open_cache, sha256_file, write_json_atomic
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, read_shard_metadata
 from formats.shard import decode_table
+from formats.writer import check_accounting
 
 # Caches are compatible when these agree (merge refuses otherwise; the trainer mixes only these).
 COMPAT_KEYS = [("format_version",), ("codec",), ("mode",), ("teacher", "name_or_path"), ("teacher", "revision"),
@@ -39,6 +40,7 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
     """
     fs, root = open_cache(path, storage_options)
     manifest = load_manifest(path, storage_options)
+    check_accounting(manifest, posixpath.join(root, MANIFEST_NAME))
     limits = id_limits(manifest)
     k = manifest["codec"]["k"]
     owner: dict[str, str] = {}  # example id -> the shard that holds it

@@ -10,13 +10,20 @@ Commit protocol of a shard: the Parquet file is written to a hidden temporary na
 sidecar `_progress/<shard>.json` (rows, ids, checksum, the rejects that came with those rows) is
 written the same way; then both are renamed into place, the Parquet file first. On restart, a
 shard counts only when both exist and the file's size and sha256 match; anything else is removed
-and redone. `manifest.json` is written last, on exit without an exception: its presence means
-the cache is complete.
+and redone, under a name above every shard name the folder held (a redone shard never replaces a
+kept one). `manifest.json` is written last, on exit without an exception: its presence means the
+cache is complete.
+
+Resuming (an unfinished job's `_progress/job.json`, or a finished cache's manifest) with settings
+that change the rows (RESUME_KEYS) is refused with the settings that differ. When the caller sets
+`inputs` (how many input records the job was given, times n in generate mode), finish() checks
+`examples + rejects == inputs` and records `counts.inputs` (check_accounting checks it again).
 """
 from __future__ import annotations
 
 import json
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,14 +34,16 @@ from formats import codec as C
 from formats.card import write_card
 from formats.errors import FormatError, InputError
 from formats.example import Example
-from formats.manifest import fsync_dir, new_manifest, sha256_file, write_json_atomic
+from formats.manifest import fsync_dir, load_manifest, new_manifest, sha256_file, write_json_atomic
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, arrow_schema, shard_metadata
 from formats.shard import check_example, encode_rows
 
 PROGRESS = "_progress"
 JOB = "job.json"
-# Provenance that must match for a resumed job to continue an earlier one.
-RESUME_KEYS = ("codec", "teacher", "tokenizer", "dataset", "mode")
+# Provenance that must match for a resumed job to continue an earlier one: every setting that changes
+# the rows. Top-level manifest keys, else keys of the manifest's `extra` (cache_teacher.run.provenance
+# puts the chat-template settings and generate mode's sampling settings there).
+RESUME_KEYS = ("codec", "teacher", "tokenizer", "dataset", "mode", "template", "sampling")
 
 
 @dataclass
@@ -84,6 +93,8 @@ class CacheWriter:
         self.manifest = new_manifest(codec.to_dict(), self.provenance)
         self.done_ids: set[str] = set()
         self.complete = False
+        self.inputs: int | None = None  # input records (x n in generate mode) the job was given; checked by finish()
+        self._next_index = 0  # of the next shard name
         self._shards: list[dict] = []   # committed shards (sidecar contents)
         self._buffer: list[Example] = []
         self._buffer_positions = 0
@@ -94,36 +105,29 @@ class CacheWriter:
     # ---- setup and resume ---------------------------------------------------------------------
     def _prepare(self, resume: bool) -> None:
         if (self.root / MANIFEST_NAME).exists():
-            if not resume:
-                raise InputError(f"{self.root} already holds a complete cache; choose another folder or delete it")
-            with open(self.root / MANIFEST_NAME) as f:
-                self.manifest = json.load(f)
-            self.complete = True
-            self.done_ids = {r["id"] for r in _read_jsonl(self.root / REJECTS_NAME)}
-            self.done_ids |= self._ids_in_complete_cache()
+            self._reopen_complete(resume)
             return
         progress = self.root / PROGRESS
+        job_path = progress / JOB
         if progress.exists() and not resume:
             raise InputError(f"{self.root} holds an unfinished cache; resume it, or delete the folder to start over")
-        progress.mkdir(parents=True, exist_ok=True)
-        job = {k: self.manifest.get(k) for k in RESUME_KEYS}
-        job_path = progress / JOB
         if job_path.exists():
-            old = json.loads(job_path.read_text())
-            diff = [k for k in RESUME_KEYS if _canon(old.get(k)) != _canon(job.get(k))]
-            if diff:
-                raise InputError(
-                    f"{self.root} holds an unfinished cache made with different settings ({', '.join(diff)} differ); "
-                    "rerun with the original settings, or write to a new folder"
-                )
+            refuse_other_settings(self.root, _read_json(job_path), self.manifest, "an unfinished cache")
         else:
-            write_json_atomic(job_path, job)
-        for tmp in list(self.root.glob(".*.tmp")) + list(progress.glob("*.tmp")) + list(progress.glob("*.tmp2")):
-            tmp.unlink()
+            others = sorted(p.name for p in self.root.iterdir() if p.name != PROGRESS) if self.root.exists() else []
+            if others:
+                raise InputError(f"{self.root} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+                                 "and holds no kdcache job; write the cache to a new or empty folder")
+            progress.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(job_path, resume_settings(self.manifest))
+        for tmp in {*self.root.glob("*.tmp"), *self.root.glob(".*.tmp"), *progress.glob("*.tmp"), *progress.glob("*.tmp2")}:
+            tmp.unlink()  # files being written when the job stopped
         sidecars = {p.name[: -len(".json")]: p for p in progress.glob(f"*{SHARD_SUFFIX}.json")}
-        for shard in sorted(self.root.glob(f"*{SHARD_SUFFIX}")):
+        shards = sorted(self.root.glob(f"*{SHARD_SUFFIX}"))
+        self._next_index = 1 + max((self._shard_index(n) for n in [p.name for p in shards] + list(sidecars)), default=-1)
+        for shard in shards:
             side = sidecars.pop(shard.name, None)
-            info = json.loads(side.read_text()) if side else None
+            info = _read_sidecar(side) if side else None
             if info is None or info["bytes"] != shard.stat().st_size or info["sha256"] != sha256_file(shard):
                 shard.unlink()  # an interrupted publish: redo its rows
                 if side:
@@ -140,6 +144,26 @@ class CacheWriter:
                 if r["id"] not in self.done_ids:
                     self._rejects.append(r)
                     self.done_ids.add(r["id"])
+
+    def _reopen_complete(self, resume: bool) -> None:
+        """A finished cache: nothing to write, but only when it was made with these settings."""
+        if not resume:
+            raise InputError(f"{self.root} already holds a complete cache; write to a new folder, "
+                             "or delete this one to start over")
+        manifest = load_manifest(self.root)
+        refuse_other_settings(self.root, resume_settings(manifest), self.manifest, "a complete cache")
+        self.manifest = manifest
+        self.complete = True
+        self.done_ids = {r["id"] for r in _read_jsonl(self.root / REJECTS_NAME)}
+        self.done_ids |= self._ids_in_complete_cache()
+        _rmtree(self.root / PROGRESS)  # left by a job killed after its manifest was written
+        for tmp in {*self.root.glob("*.tmp"), *self.root.glob(".*.tmp")}:
+            tmp.unlink()
+
+    def _shard_index(self, name: str) -> int:
+        """The number in `<prefix>-<number>.parquet`; -1 for other names."""
+        number = name[len(self.shard_prefix) + 1 : -len(SHARD_SUFFIX)]
+        return int(number) if name.startswith(self.shard_prefix + "-") and number.isdigit() else -1
 
     def _ids_in_complete_cache(self) -> set[str]:
         ids: set[str] = set()
@@ -209,7 +233,8 @@ class CacheWriter:
             self._close_shard()
 
     def _open_shard(self) -> None:
-        name = f"{self.shard_prefix}-{len(self._shards):05d}{SHARD_SUFFIX}"
+        name = f"{self.shard_prefix}-{self._next_index:05d}{SHARD_SUFFIX}"  # never a name already used here
+        self._next_index += 1
         tmp = self.root / f".{name}.tmp"
         # The hot-id table comes from the shard's first row group: ids are Zipf-like and stable.
         hot = C.build_hot_table(np.concatenate([ex.topk_ids[:, : self.codec.k].ravel() for ex in self._buffer]), self.codec.hot)
@@ -259,16 +284,22 @@ class CacheWriter:
         for r in rejects:
             key = r["reason"].split(":")[0]
             by_reason[key] = by_reason.get(key, 0) + 1
+        examples = sum(s["rows"] for s in self._shards)
+        if self.inputs is not None and examples + len(rejects) != self.inputs:
+            raise InputError(f"{self.root}: {examples} examples + {len(rejects)} rejects != {self.inputs} inputs the job "
+                             "was given: some input was neither written nor rejected (a bug); the cache is left unfinished")
         m = self.manifest
         m["shards"] = [{k: s[k] for k in ("file", "rows", "positions", "bytes", "sha256")} for s in self._shards]
         m["counts"] = {
-            "examples": sum(s["rows"] for s in self._shards),
+            "examples": examples,
             "positions": sum(s["positions"] for s in self._shards),
             "rejects": len(rejects),
             "rejects_by_reason": by_reason,
             "bytes": sum(s["bytes"] for s in self._shards),
         }
         m["counts"]["bytes_per_position"] = m["counts"]["bytes"] / max(1, m["counts"]["positions"])
+        if self.inputs is not None:
+            m["counts"]["inputs"] = self.inputs
         m["rejects_file"] = {"file": REJECTS_NAME, "count": len(rejects), "sha256": sha256_file(self.root / REJECTS_NAME)}
         write_card(self.root, m)
         write_json_atomic(self.root / MANIFEST_NAME, m)
@@ -277,14 +308,95 @@ class CacheWriter:
         return m
 
 
+def resume_settings(manifest: dict) -> dict:
+    """The settings of RESUME_KEYS in a manifest (top-level key, else under `extra`)."""
+    extra = manifest.get("extra") or {}
+    return {k: manifest[k] if k in manifest else extra.get(k) for k in RESUME_KEYS}
+
+
+def refuse_other_settings(root, old: dict, manifest: dict, what: str) -> None:
+    """InputError naming every setting in which `old` (resume_settings of what `root` holds) differs from
+    the settings of `manifest` (the job about to run)."""
+    diff = settings_diff(old, resume_settings(manifest))
+    if diff:
+        raise InputError(
+            f"{root} holds {what} made with other settings: {'; '.join(diff)} (was -> now). "
+            "Rerun with the original settings to resume it, write to a new folder, or delete this one to start over"
+        )
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """`key.sub: old -> new` for every leaf setting that differs."""
+    a, b = _leaves(old), _leaves(new)
+    return [f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}" for key in sorted(set(a) | set(b))
+            if _canon(a.get(key)) != _canon(b.get(key))]
+
+
+def check_accounting(manifest: dict, where: str) -> None:
+    """Every input is written or rejected: counts.examples + counts.rejects == counts.inputs (when recorded)."""
+    counts = manifest.get("counts") or {}
+    rejects_file = manifest.get("rejects_file") or {}
+    if "count" in rejects_file and rejects_file["count"] != counts.get("rejects"):
+        raise FormatError(f"{where}: rejects_file.count {rejects_file['count']} != counts.rejects {counts.get('rejects')}")
+    if counts.get("inputs") is None:
+        return
+    if counts.get("examples", 0) + counts.get("rejects", 0) != counts["inputs"]:
+        raise FormatError(f"{where}: {counts.get('examples')} examples + {counts.get('rejects')} rejects != "
+                          f"{counts['inputs']} inputs (counts.inputs): the cache does not account for every input")
+
+
+def _leaves(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict) and obj:
+        out = {}
+        for key, value in obj.items():
+            out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist = 60, 60, 8
+
+
+def _short(value) -> str:
+    return _REPR.repr(value)
+
+
 def _canon(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc}); delete the folder to start over") from None
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    """A shard's commit record, or None when it is unreadable (then the shard is redone)."""
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    keys = ("file", "rows", "positions", "bytes", "sha256", "ids", "rejects")
+    return info if isinstance(info, dict) and all(k in info for k in keys) else None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{path} line {lineno}: not valid JSON ({exc.msg}); the file is damaged") from None
+        if row is not None:
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                raise FormatError(f"{path} line {lineno}: not a {{\"id\", \"reason\"}} record")
+            rows.append(row)
+    return rows
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:

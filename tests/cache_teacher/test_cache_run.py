@@ -176,3 +176,131 @@ def test_cli_dry_run_and_config_file(tiny_dir, rows_path, tmp_path, capsys):
     assert "dry run over 24 inputs" in out and "B/position at k=16" in out and "estimated teacher time" in out
     assert kdcache_cli.main(["cache", "--config", str(cfg)]) == 1  # no --out: a one-line InputError
     assert "no output folder" in capsys.readouterr().err
+
+
+# ---- resume compares every setting that changes the rows; generate-mode accounting (issue 9) ----
+
+class _TeacherDies(RuntimeError):
+    pass
+
+
+class _DyingEngine:
+    """Killed on its first batch: leaves an unfinished cache behind."""
+
+    def score(self, *args, **kwargs):
+        raise _TeacherDies
+
+    generate = score
+
+
+class _NoEngine:
+    """Any use fails the test: the settings must be compared before the teacher runs."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"engine.{name} used before the resume settings were compared")
+
+
+TINY = object()  # stands for the tiny_dir fixture's path
+# setting -> (another value, the key the refusal must name). The base run is generate mode.
+CHANGES = {
+    "temperature": (1.0, "sampling.temperature"), "top_p": (1.0, "sampling.top_p"), "n": (3, "sampling.n"),
+    "max_new_tokens": (8, "sampling.max_new_tokens"), "seed": (1, "sampling.seed"),
+    "max_length": (128, "template.max_length"), "length_policy": ("drop", "template.length_policy"),
+    "k": (4, "codec.k"), "mass": (0.9, "codec.mass"), "mode": ("score", "mode"),
+    "teacher": (TINY, "teacher.name_or_path"), "tokenizer": (TINY, "tokenizer.name_or_path"),
+    "revision": ("v2", "teacher.revision"), "engine": ("vllm", "teacher.engine"), "dtype": ("bfloat16", "teacher.dtype"),
+    "dataset": ("OTHER", "dataset.name"), "split": ("test", "dataset.split"), "sources": (["x"], "dataset.filters.sources"),
+    "fraction": (0.5, "dataset.filters.fraction"), "max_examples": (2, "dataset.filters.max_examples"),
+    "worker_index": (1, "dataset.filters.worker_index"),
+}
+# Settings that do not change the rows (or, where noted, are recorded only where they do).
+NOT_ROWS = {
+    "dataset_revision",  # hub datasets only, recorded as dataset.revision (local files are hashed instead)
+    "streaming", "tensor_parallel_size",  # vLLM only: recorded as teacher.tensor_parallel_size
+    "num_workers",  # tested with worker_index (worker_index must stay below it)
+    "gpu_memory_utilization", "max_num_batched_tokens", "max_model_len", "enforce_eager", "kv_cache_space_gb",
+    "batch_size", "hf_batch_tokens", "out", "shard_max_bytes", "row_group_positions", "resume", "dry_run",
+    "dry_run_tokens_per_s", "progress", "launcher", "ray_address", "gpus_per_worker", "cpus_per_worker", "command",
+}
+
+
+def test_every_setting_is_classified():
+    from cache_teacher.config import FIELDS
+
+    assert set(CHANGES) | NOT_ROWS == FIELDS, "a new setting: add it to CHANGES (it changes the rows) or NOT_ROWS"
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["unfinished", "finished"])
+@pytest.mark.parametrize("setting", sorted(CHANGES))
+def test_resume_with_another_setting_is_refused(setting, finished, smollm2_dir, tiny_dir, tokenizer, rows_path,
+                                                tmp_path):
+    from formats.errors import InputError
+
+    base = dict(teacher=str(smollm2_dir), dataset=str(rows_path), out=str(tmp_path / "c"), mode="generate", n=2,
+                temperature=0.7, top_p=0.9, max_new_tokens=16, seed=0, max_examples=0 if finished else 3, num_workers=2)
+    if finished:
+        run_cache(make_config(**base), engine=_NoEngine(), tokenizer=tokenizer)  # no inputs: finished at once
+        assert (tmp_path / "c" / "manifest.json").exists()
+    else:
+        with pytest.raises(_TeacherDies):
+            run_cache(make_config(**base), engine=_DyingEngine(), tokenizer=tokenizer)
+        assert (tmp_path / "c" / "_progress" / "job.json").exists()
+    value, key = CHANGES[setting]
+    value = {TINY: str(tiny_dir), "OTHER": str(write_jsonl(tmp_path / "other.jsonl", [{"id": "x"}]))}.get(value, value) \
+        if not isinstance(value, list) else value
+    with pytest.raises(InputError) as info:
+        run_cache(make_config(**{**base, setting: value}), engine=_NoEngine(), tokenizer=tokenizer)
+    message = str(info.value)
+    assert f"{key}: " in message and "new folder" in message, message
+
+
+def test_generate_mode_accounts_for_every_sample(tiny_dir, tiny_engine, sample_rows, tmp_path):
+    rows = [sample_rows[0], {"id": "no-messages"}, {**sample_rows[1], "id": "overlong"}]
+    rows[2]["messages"] = [{"role": "user", "content": "word " * 400}]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    config = make_config(teacher=str(tiny_dir), dataset=str(path), out=str(tmp_path / "gen"), mode="generate", n=2,
+                         max_new_tokens=8, max_length=128)
+    summary = run_cache(config, engine=tiny_engine)
+    counts = load_manifest(tmp_path / "gen")["counts"]
+    assert (counts["examples"], counts["rejects"], counts["inputs"]) == (2, 4, 3 * 2)
+    assert sorted(rejects(tmp_path / "gen")) == ["no-messages#s0", "no-messages#s1", "overlong#s0", "overlong#s1"]
+    assert summary.examples + sum(summary.rejects.values()) == 6 and "x n=2" in summary.report()
+    verify_cache(tmp_path / "gen")
+    dry = dry_run(config)
+    assert (dry.examples, sum(dry.rejects.values())) == (2, 4)
+
+
+def test_cli_rerun_into_a_finished_cache_with_other_settings_fails(smollm2_dir, tiny_dir, rows_path, tmp_path, capsys):
+    import kdcache_cli
+
+    out = tmp_path / "c"
+    common = ["cache", "--dataset", str(rows_path), "--out", str(out), "--engine", "hf", "--max-examples", "0",
+              "--no-progress"]
+    assert kdcache_cli.main([*common, "--teacher", str(smollm2_dir), "--k", "64"]) == 0  # finished (no inputs)
+    before = (out / "manifest.json").read_text()
+    assert kdcache_cli.main([*common, "--teacher", str(tiny_dir), "--k", "128"]) == 1
+    err = capsys.readouterr().err
+    assert "codec.k: 64 -> 128" in err and "teacher.name_or_path: " in err and "new folder" in err
+    assert (out / "manifest.json").read_text() == before
+    assert kdcache_cli.main([*common, "--teacher", str(tiny_dir), "--k", "128", "--no-resume"]) == 1
+    assert "already holds a complete cache" in capsys.readouterr().err
+
+
+def test_a_merged_cache_with_other_settings_is_refused_before_the_workers_start(smollm2_dir, tokenizer, rows_path,
+                                                                                tmp_path):
+    from cache_teacher.launch import worker_configs
+    from cache_teacher.run import check_finished_cache
+    from formats.errors import InputError
+
+    base = dict(teacher=str(smollm2_dir), dataset=str(rows_path), out=str(tmp_path / "merged"), max_examples=0,
+                num_workers=2, launcher="ray")
+    worker0 = worker_configs(make_config(**base))[0]
+    run_cache(make_config(**{**worker0.to_dict(), "out": base["out"]}), engine=_NoEngine(), tokenizer=tokenizer)
+    check_finished_cache(base["out"], worker0, tokenizer)  # the same settings: a rerun of a finished job
+    with pytest.raises(InputError, match="codec.k: 8 -> 16"):
+        check_finished_cache(base["out"], worker_configs(make_config(**{**base, "k": 16}))[0], tokenizer)
+    pytest.importorskip("ray")
+    from cache_teacher.launch import launch_ray
+
+    with pytest.raises(InputError, match="codec.k: 8 -> 16"):  # before any worker starts
+        launch_ray(make_config(**{**base, "k": 16}))

@@ -97,3 +97,155 @@ def test_shards_roll_at_the_size_bound(tmp_path, rng):
         groups = [sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
                   for g in range(meta.num_row_groups)]
         assert sum(groups) - groups[-1] < 5000
+
+
+# ---- resume: names, settings, accounting (issue 9) ------------------------------------------
+
+def _rows(path) -> dict:
+    return {ex.id: (ex.input_ids, ex.target_positions, ex.topk_ids, ex.topk_logprobs, ex.target_logprobs,
+                    ex.target_ranks) for ex in CacheReader(path, prefetch=0)}
+
+
+def _assert_same_rows(a, b) -> None:
+    ra, rb = _rows(a), _rows(b)
+    assert sorted(ra) == sorted(rb)
+    for key in ra:
+        for x, y in zip(ra[key], rb[key]):
+            np.testing.assert_array_equal(x, y)
+
+
+def _crash_after_shards(path, examples, shards: int, **kw) -> None:
+    """Write until `shards` shards are published, then drop the writer as a killed process would."""
+    w = CacheWriter(path, codec=CodecConfig(k=8), provenance=PROVENANCE, **kw)
+    for ex in examples:
+        w.write(ex)
+        if len(list(path.glob("*.parquet"))) >= shards:
+            return
+    raise AssertionError("the examples did not fill enough shards")
+
+
+def _resume(path, examples, provenance=PROVENANCE, **kw) -> dict:
+    with CacheWriter(path, codec=CodecConfig(k=8), provenance=provenance, **kw) as w:
+        for ex in examples:
+            if ex.id not in w.done_ids:
+                w.write(ex)
+    return w.manifest
+
+
+def test_a_damaged_middle_shard_is_redone_under_a_new_name(tmp_path):
+    rng = np.random.default_rng(6)
+    examples = [make_example(rng, i, min_len=30, max_len=40) for i in range(30)]
+    kw = dict(row_group_positions=32, shard_max_bytes=3000)
+    path = tmp_path / "c"
+    _crash_after_shards(path, examples, 3, **kw)
+    shard = path / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damaged on disk after it was committed
+    shard.write_bytes(bytes(data))
+    kept = {p.name: p.read_bytes() for p in path.glob("*.parquet") if p != shard}
+    m = _resume(path, examples, **kw)
+    names = [s["file"] for s in m["shards"]]
+    assert len(names) == len(set(names)), f"a shard name is listed twice: {names}"
+    assert all((path / name).read_bytes() == data for name, data in kept.items())  # kept shards untouched
+    verify_cache(path)
+    write_cache(tmp_path / "clean", examples, **kw)
+    _assert_same_rows(path, tmp_path / "clean")
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["unfinished", "finished"])
+def test_resume_with_other_settings_names_what_differs(tmp_path, finished):
+    rng = np.random.default_rng(7)
+    path = tmp_path / "c"
+    sampling = {"n": 2, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 16, "seed": 0}
+    prov = {**PROVENANCE, "mode": "generate", "sampling": sampling, "template": {"max_length": 256}}
+    w = CacheWriter(path, codec=CodecConfig(k=8), provenance=prov)
+    w.write(make_example(rng, 0))
+    if finished:
+        w.finish()
+    changed = {**prov, "sampling": {**sampling, "temperature": 1.0}, "teacher": {**prov["teacher"], "name_or_path": "B"}}
+    with pytest.raises(InputError) as info:
+        CacheWriter(path, codec=CodecConfig(k=16), provenance=changed)
+    message = str(info.value)
+    for key in ("codec.k: 8 -> 16", "sampling.temperature: 0.7 -> 1.0", "teacher.name_or_path: 'unit-teacher' -> 'B'"):
+        assert key in message
+    assert "new folder" in message and "delete" in message
+    assert CacheWriter(path, codec=CodecConfig(k=8), provenance=prov).complete == finished  # the same settings resume
+
+
+def test_no_resume_refuses_an_existing_cache_and_says_so(tmp_path, rng):
+    write_cache(tmp_path / "c", [make_example(rng, 0)])
+    with pytest.raises(InputError, match="already holds a complete cache.*new folder.*delete"):
+        CacheWriter(tmp_path / "c", codec=CodecConfig(k=8), provenance=PROVENANCE, resume=False)
+
+
+def test_a_new_job_refuses_a_folder_with_other_files(tmp_path, rng):
+    path = tmp_path / "data"
+    path.mkdir()
+    (path / "mine.parquet").write_bytes(b"not yours")
+    with pytest.raises(InputError, match="not empty"):
+        CacheWriter(path, codec=CodecConfig(k=8), provenance=PROVENANCE)
+    assert (path / "mine.parquet").read_bytes() == b"not yours"
+
+
+def test_finish_checks_and_records_the_input_count(tmp_path):
+    rng = np.random.default_rng(9)
+    with CacheWriter(tmp_path / "ok", codec=CodecConfig(k=8), provenance=PROVENANCE) as w:
+        w.write(make_example(rng, 0))
+        w.reject("r", "no_assistant_turn: x")
+        w.inputs = 2
+    assert load_manifest(tmp_path / "ok")["counts"]["inputs"] == 2
+    verify_cache(tmp_path / "ok")
+    w = CacheWriter(tmp_path / "lost", codec=CodecConfig(k=8), provenance=PROVENANCE)
+    w.write(make_example(rng, 1))
+    w.inputs = 3  # one input was neither written nor rejected
+    with pytest.raises(InputError, match="1 example.* 0 rejects.* 3 inputs"):
+        w.finish()
+    assert not (tmp_path / "lost" / "manifest.json").exists()
+
+
+def test_verify_checks_the_accounting(tmp_path, rng):
+    from formats.errors import FormatError
+
+    path = tmp_path / "c"
+    with CacheWriter(path, codec=CodecConfig(k=8), provenance=PROVENANCE) as w:
+        w.write(make_example(rng, 0))
+        w.inputs = 1
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["counts"]["inputs"] = 2
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match="manifest.json.*1 examples \\+ 0 rejects.*2 inputs"):
+        verify_cache(path)
+
+
+def test_a_crash_after_the_manifest_leaves_no_progress_folder(tmp_path, rng):
+    examples = [make_example(rng, i) for i in range(5)]
+    write_cache(tmp_path / "c", examples)
+    (tmp_path / "c" / "_progress").mkdir()  # killed between writing the manifest and removing _progress
+    (tmp_path / "c" / "_progress" / "job.json").write_text("{}")
+    (tmp_path / "c" / "rejects.jsonl.tmp").write_text("")
+    _resume(tmp_path / "c", examples)
+    assert not (tmp_path / "c" / "_progress").exists() and not list((tmp_path / "c").glob("*.tmp"))
+
+
+def test_damaged_progress_files_are_redone_or_named(tmp_path):
+    from formats.errors import FormatError
+
+    rng = np.random.default_rng(10)
+    examples = [make_example(rng, i, min_len=30, max_len=40) for i in range(20)]
+    kw = dict(row_group_positions=32, shard_max_bytes=3000)
+    path = tmp_path / "c"
+    _crash_after_shards(path, examples, 2, **kw)
+    (path / "_progress" / "part-00000.parquet.json").write_text('{"file": "part-00000.parquet", "rows"')  # torn
+    (path / "_progress" / "part-00001.parquet.json").write_text("[]")  # not a commit record
+    _resume(path, examples, **kw)  # both shards are redone
+    verify_cache(path)
+    write_cache(tmp_path / "clean", examples, **kw)
+    _assert_same_rows(path, tmp_path / "clean")
+
+    (path / "rejects.jsonl").write_text('{"id": "x", "reason": "r"}\n{"id": \n')
+    with pytest.raises(FormatError, match="rejects.jsonl line 2"):
+        CacheWriter(path, codec=CodecConfig(k=8), provenance=PROVENANCE)
+    _crash_after_shards(tmp_path / "d", examples, 1, **kw)
+    (tmp_path / "d" / "_progress" / "job.json").write_text("{")
+    with pytest.raises(FormatError, match="job.json"):
+        CacheWriter(tmp_path / "d", codec=CodecConfig(k=8), provenance=PROVENANCE)
