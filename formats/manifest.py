@@ -96,6 +96,19 @@ def id_limits(manifest: dict) -> dict:
     return {"topk": topk, "input": (known, f"{known} (the larger of teacher.output_size and tokenizer.vocab_size)")}
 
 
+def check_accounting(manifest: dict, where: str) -> None:
+    """Every input is written or rejected: counts.examples + counts.rejects == counts.inputs (when recorded)."""
+    counts = manifest.get("counts") or {}
+    rejects_file = manifest.get("rejects_file") or {}
+    if "count" in rejects_file and rejects_file["count"] != counts.get("rejects"):
+        raise FormatError(f"{where}: rejects_file.count {rejects_file['count']} != counts.rejects {counts.get('rejects')}")
+    if counts.get("inputs") is None:
+        return
+    if counts.get("examples", 0) + counts.get("rejects", 0) != counts["inputs"]:
+        raise FormatError(f"{where}: {counts.get('examples')} examples + {counts.get('rejects')} rejects != "
+                          f"{counts['inputs']} inputs (counts.inputs): the cache does not account for every input")
+
+
 def check_manifest(manifest, where: str) -> None:
     """Types and bounds of every manifest value kdcache uses; each path a plain name inside the cache.
 

@@ -11,10 +11,9 @@ import pyarrow.parquet as pq
 
 from formats.card import write_card
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError
-from formats.manifest import command_line, id_limits, load_manifest, now_iso, open_cache, sha256_file, write_json_atomic
+from formats.manifest import check_accounting, command_line, id_limits, load_manifest, now_iso, open_cache, sha256_file, write_json_atomic
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, read_shard_metadata
 from formats.shard import decode_table
-from formats.writer import check_accounting
 
 # Caches are compatible when these agree (merge refuses otherwise; the trainer mixes only these).
 COMPAT_KEYS = [("format_version",), ("codec",), ("mode",), ("teacher", "name_or_path"), ("teacher", "revision"),
@@ -308,6 +307,8 @@ def merge_caches(out, caches: list) -> dict:
         "examples": sum(s["rows"] for s in shards), "positions": sum(s["positions"] for s in shards),
         "rejects": len(all_rejects), "rejects_by_reason": by_reason, "bytes": sum(s["bytes"] for s in shards),
     }
+    if all(m["counts"].get("inputs") is not None for m in manifests):  # each worker accounted for its inputs
+        merged["counts"]["inputs"] = sum(m["counts"]["inputs"] for m in manifests)
     merged["counts"]["bytes_per_position"] = merged["counts"]["bytes"] / max(1, merged["counts"]["positions"])
     merged["rejects_file"] = {"file": REJECTS_NAME, "count": len(all_rejects), "sha256": sha256_file(out / REJECTS_NAME)}
     write_card(out, merged)

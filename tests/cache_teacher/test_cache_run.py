@@ -141,6 +141,9 @@ def test_two_workers_and_merge_equal_one_worker(tiny_dir, tiny_engine, rows_path
         parts.append(tmp_path / f"w{i}")
     merge(tmp_path / "merged", parts)
     assert_same_cache(tmp_path / "one", tmp_path / "merged", atol=1e-6)
+    # the workers' input counts add up, so verify checks the merged cache's accounting too
+    assert load_manifest(tmp_path / "merged")["counts"]["inputs"] == load_manifest(tmp_path / "one")["counts"]["inputs"]
+    verify_cache(tmp_path / "merged")
 
 
 def test_generate_mode_and_export(tiny_dir, tiny_engine, rows_path, tmp_path):
