@@ -73,10 +73,14 @@ def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = Tru
     meta["hot_table"] = _hot_table(meta.get("hot_table"), codec.hot, meta["id_bytes"], f"{where}: {key}: hot_table")
     if not check_columns:
         return meta
-    missing = [f.name for f in PLAIN_FIELDS if f.name not in schema.names]
-    missing += [n for n in TARGET_STREAMS + TOPK_STREAMS + code_streams(meta["id_bytes"]) if n not in schema.names]
+    expected = arrow_schema(meta["id_bytes"], {})
+    missing = [name for name in expected.names if name not in schema.names]
     if missing:
         raise FormatError(f"{where}: columns missing from the shard: {', '.join(missing)}")
+    wrong = [f"{f.name} is {schema.field(f.name).type}, expected {f.type}"
+             for f in expected if not schema.field(f.name).type.equals(f.type)]
+    if wrong:  # the decoder reads these buffers as the schema says: another type is not coerced
+        raise FormatError(f"{where}: column types differ from the kdcache schema: {'; '.join(wrong)}")
     return meta
 
 

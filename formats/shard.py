@@ -108,6 +108,9 @@ def decode_table(table: pa.Table, meta: dict, where: str = "shard") -> list[Exam
     offs = input_ids.offsets.to_numpy()
     positions = check_spans(table, np.diff(offs), n_targets, where)
     py = table.select(["id", "source", "finish_reason", "meta"]).to_pylist()
+    empty = [i for i, row in enumerate(py) if not row["id"]]
+    if empty:
+        raise FormatError(f"{where}, row {empty[0]}: empty example id (ids must be non-empty strings)")
     out = []
     start = 0
     for i, row in enumerate(py):
@@ -187,7 +190,7 @@ def _row_meta(row: dict, where: str, i: int) -> dict:
         return {}
     try:
         meta = json.loads(row["meta"])
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, TypeError) as exc:
         raise FormatError(f"{where}, row {i} (id {row['id']!r}): meta is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise FormatError(f"{where}, row {i} (id {row['id']!r}): meta must be a JSON object")

@@ -396,3 +396,40 @@ def test_merge_records_every_workers_provenance(tmp_path, rng):
     assert [w["dataset"]["filters"]["worker_index"] for w in m["merged_from"]] == [0, 1]
     assert all("teacher" in w and "extra" in w and "command" in w for w in m["merged_from"])
     assert m["dataset"]["filters"]["worker_index"] == [0, 1]
+
+
+def _retype(column, arrow_type, convert):
+    """edit_table for rewrite_shard: `column` rewritten with another Arrow type."""
+    import pyarrow as pa
+
+    def edit(table):
+        i = table.schema.get_field_index(column)
+        values = [convert(v) for v in table.column(column).to_pylist()]
+        return table.set_column(i, pa.field(column, arrow_type), pa.array(values, type=arrow_type))
+    return edit
+
+
+@pytest.mark.parametrize("column,arrow_type,convert", [
+    ("id", "int64", lambda v: abs(hash(v)) % 1000),
+    ("meta", "int64", lambda v: 7),
+    ("num_targets", "string", str),
+    ("input_ids", "list<item: double>", lambda v: [float(x) for x in v]),
+    ("topk_count", "large_binary", lambda v: v),
+], ids=["id-int", "meta-int", "num_targets-string", "input_ids-float", "stream-large_binary"])
+def test_a_column_of_another_type_is_refused_by_verify_and_reader(cache, column, arrow_type, convert):
+    """Checksums updated: only the schema check can catch it; nothing is coerced or misread."""
+    import pyarrow as pa
+
+    types = {"int64": pa.int64(), "string": pa.string(), "list<item: double>": pa.list_(pa.float64()),
+             "large_binary": pa.large_binary()}
+    rewrite_shard(cache, 0, edit_table=_retype(column, types[arrow_type], convert))
+    for check in (verify_cache, lambda c: list(CacheReader(c))):
+        with pytest.raises(FormatError, match=f"column types differ.*{column} is"):
+            check(cache)
+
+
+def test_an_empty_example_id_is_refused_by_verify_and_reader(cache):
+    rewrite_shard(cache, 0, edit_table=lambda t: replace_column(t, "id", [""] + t.column("id").to_pylist()[1:]))
+    for check in (verify_cache, lambda c: list(CacheReader(c))):
+        with pytest.raises(FormatError, match="empty example id"):
+            check(cache)
