@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cache_teacher.data import describe, iter_records
 from cache_teacher.template import ChatTemplater, TemplateReject, tokenizer_info
+from formats.manifest import reason_code
 from formats.prefetch import prefetch
 
 # Dry-run assumptions when --dry-run-tokens-per-s is not given: SmolLM2-135M with k=64 on a 2-core CPU
@@ -98,13 +99,13 @@ def engine_info(config) -> dict:
         except importlib.metadata.PackageNotFoundError:
             continue
     info = {"name_or_path": config.teacher, "revision": config.revision, "dtype": config.dtype,
-            "engine": config.engine, "engine_version": version, "output_size": teacher_output_size(config)}
+            "engine": config.engine, "engine_version": version, "output_size": model_output_size(config)}
     if config.engine == "vllm":
         info["tensor_parallel_size"] = config.tensor_parallel_size
     return info
 
 
-def teacher_output_size(config) -> int | None:
+def model_output_size(config) -> int | None:
     """Rows of the teacher's LM head (its config's vocab_size): the range of the ids it can emit, which
     can exceed the tokenizer's vocabulary (padded heads: OLMo 2, Qwen2.5). The writer range-checks ids
     and sizes id codes with it. None when the config cannot be read (the writer then uses 4-byte codes
@@ -245,7 +246,7 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
                     if kind == "reject":
                         for rid, reason, source in value:
                             io.reject(rid, reason, source)
-                            summary.rejects[reason.split(":")[0]] += 1
+                            summary.rejects[reason_code(reason)] += 1
                     else:
                         summary.resumed += 1
                     if bar is not None:
@@ -380,7 +381,7 @@ def dry_run(config, tokenizer=None) -> Summary:
     for record, reject in iter_records(config):
         summary.inputs += 1
         if reject is not None:
-            summary.rejects[reject[1].split(":")[0]] += summary.per_input
+            summary.rejects[reason_code(reject[1])] += summary.per_input
             continue
         try:
             item = templater.score(record) if config.mode == "score" else templater.prompt(record)

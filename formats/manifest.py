@@ -14,7 +14,7 @@ from pathlib import Path
 
 import fsspec
 
-from formats.codec import CodecConfig
+from formats.codec import MAX_TOKEN_ID, CodecConfig
 from formats.errors import FormatError
 from formats.schema import FORMAT_VERSION, MANIFEST_NAME, check_version
 
@@ -70,10 +70,33 @@ def load_manifest(path: str | os.PathLike, storage_options: dict | None = None) 
     return manifest
 
 
+def manifest_get(manifest: dict, path: tuple):
+    """manifest[path[0]][path[1]]...; None where a key is missing or a value on the way is not an object."""
+    value = manifest
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def reason_code(reason: str) -> str:
+    """A reject's reason code: its text before the first ':' (counts.rejects_by_reason is keyed by it)."""
+    return reason.split(":")[0]
+
+
+def tally_reasons(rejects: list[dict]) -> dict[str, int]:
+    """counts.rejects_by_reason of a list of rejects."""
+    tally: dict[str, int] = {}
+    for r in rejects:
+        code = reason_code(r["reason"])
+        tally[code] = tally.get(code, 0) + 1
+    return tally
+
+
 # Bounds on values a manifest can hold: anything beyond them is damage, and must not become an allocation.
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_COUNT = 2**53      # counts, rows, positions, bytes (JSON-safe integers)
-MAX_VOCAB = 2**31 - 1  # token ids are int32
 SIZE_FIELDS = (("tokenizer", "vocab_size"), ("teacher", "output_size"))
 COUNT_FIELDS = ("examples", "positions", "rejects", "bytes", "inputs")
 
@@ -130,7 +153,7 @@ def check_manifest(manifest, where: str) -> None:
     for section, key in SIZE_FIELDS:
         value = (manifest.get(section) or {}).get(key)
         if value is not None:
-            check_int(value, f"{where}: {section}.{key}", 1, MAX_VOCAB)
+            check_int(value, f"{where}: {section}.{key}", 1, MAX_TOKEN_ID)
     for key in COUNT_FIELDS:
         if key in manifest["counts"]:
             check_int(manifest["counts"][key], f"{where}: counts.{key}", 0, MAX_COUNT)

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 
 from formats.card import write_card
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError
-from formats.manifest import check_accounting, command_line, id_limits, load_manifest, now_iso, open_cache, sha256_file, write_json_atomic
+from formats.manifest import (check_accounting, command_line, id_limits, load_manifest, manifest_get, now_iso, open_cache,
+                              sha256_file, tally_reasons, write_json_atomic)
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, read_shard_metadata
 from formats.shard import decode_table
 
@@ -19,12 +20,6 @@ from formats.shard import decode_table
 COMPAT_KEYS = [("format_version",), ("codec",), ("mode",), ("teacher", "name_or_path"), ("teacher", "revision"),
                ("teacher", "dtype"), ("tokenizer", "fingerprint"), ("tokenizer", "chat_template_sha256")]
 MASS_SLACK = 0.02  # quantization (<0.016 nat per entry) can lift a full top-k's mass slightly above 1
-
-
-def _get(d: dict, path: tuple):
-    for key in path:
-        d = (d or {}).get(key)
-    return d
 
 
 # ---- verify ---------------------------------------------------------------------------------
@@ -148,10 +143,7 @@ def _check_rejects(rejects: list[dict], manifest: dict, example_owner: dict, pat
             raise FormatError(f"{path}: rejected record {r['id']!r} is {where}; every input record is written or "
                               "rejected, once")
         seen.add(r["id"])
-    tally: dict[str, int] = {}
-    for r in rejects:
-        key = r["reason"].split(":")[0]
-        tally[key] = tally.get(key, 0) + 1
+    tally = tally_reasons(rejects)
     if "rejects_by_reason" in counts and counts["rejects_by_reason"] != tally:
         raise FormatError(f"{path}: counts.rejects_by_reason {counts['rejects_by_reason']} does not match the rejects "
                           f"file's reasons {tally}")
@@ -238,16 +230,16 @@ PER_WORKER = {("dataset", "filters", "worker_index")}
 def check_compatible(manifests: list[dict], names: list[str]) -> None:
     first = manifests[0]
     for m, name in zip(manifests[1:], names[1:]):
-        diffs = [key for key in COMPAT_KEYS if _get(first, key) != _get(m, key)]
+        diffs = [key for key in COMPAT_KEYS if manifest_get(first, key) != manifest_get(m, key)]
         for key in ROW_SETTINGS:
-            diffs += [d for d in _differences(_get(first, key), _get(m, key), key) if d not in PER_WORKER]
+            diffs += [d for d in _differences(manifest_get(first, key), manifest_get(m, key), key) if d not in PER_WORKER]
         if diffs:
             key = diffs[0]
             raise IncompatibleCachesError(
                 f"{name} does not belong with {names[0]}: {'.'.join(key)} differs "
-                f"({_get(m, key)!r} vs {_get(first, key)!r}); only caches from the same teacher, tokenizer, template, "
+                f"({manifest_get(m, key)!r} vs {manifest_get(first, key)!r}); only caches from the same teacher, tokenizer, template, "
                 "codec, dataset and filters (worker slices of one job) can be merged")
-    workers = [_get(m, ("dataset", "filters", "worker_index")) for m in manifests]
+    workers = [manifest_get(m, ("dataset", "filters", "worker_index")) for m in manifests]
     for i, w in enumerate(workers):
         if w is not None and w in workers[:i]:
             raise IncompatibleCachesError(f"{names[i]} and {names[workers.index(w)]} are both worker {w}: "
@@ -299,10 +291,7 @@ def merge_caches(out, caches: list) -> dict:
             f.write(json.dumps(r) + "\n")
     merged = _merged_manifest(caches, manifests)
     merged["shards"] = shards
-    by_reason: dict[str, int] = {}
-    for m in manifests:
-        for reason, n in (m["counts"].get("rejects_by_reason") or {}).items():
-            by_reason[reason] = by_reason.get(reason, 0) + n
+    by_reason = tally_reasons(all_rejects)  # counted from the rejects themselves, not the inputs' claims
     merged["counts"] = {
         "examples": sum(s["rows"] for s in shards), "positions": sum(s["positions"] for s in shards),
         "rejects": len(all_rejects), "rejects_by_reason": by_reason, "bytes": sum(s["bytes"] for s in shards),
@@ -341,7 +330,7 @@ def _merged_manifest(caches: list, manifests: list[dict]) -> dict:
     worker slices merged, and each input's provenance in `merged_from`."""
     merged = json.loads(json.dumps(manifests[0]))  # a deep copy
     merged.update(created=now_iso(), command=command_line())
-    workers = [_get(m, ("dataset", "filters", "worker_index")) for m in manifests]
+    workers = [manifest_get(m, ("dataset", "filters", "worker_index")) for m in manifests]
     if all(isinstance(w, int) for w in workers):
         merged["dataset"]["filters"]["worker_index"] = sorted(workers)
     merged["merged_from"] = [

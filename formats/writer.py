@@ -34,7 +34,7 @@ from formats import codec as C
 from formats.card import write_card
 from formats.errors import FormatError, InputError
 from formats.example import Example
-from formats.manifest import fsync_dir, load_manifest, new_manifest, sha256_file, write_json_atomic
+from formats.manifest import fsync_dir, load_manifest, new_manifest, sha256_file, tally_reasons, write_json_atomic
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, arrow_schema, shard_metadata
 from formats.shard import check_example, encode_rows
 
@@ -280,10 +280,7 @@ class CacheWriter:
             self._close_shard()
         rejects = [r for s in self._shards for r in s["rejects"]] + self._rejects
         _write_jsonl_atomic(self.root / REJECTS_NAME, rejects)
-        by_reason: dict[str, int] = {}
-        for r in rejects:
-            key = r["reason"].split(":")[0]
-            by_reason[key] = by_reason.get(key, 0) + 1
+        by_reason = tally_reasons(rejects)
         examples = sum(s["rows"] for s in self._shards)
         if self.inputs is not None and examples + len(rejects) != self.inputs:
             raise InputError(f"{self.root}: {examples} examples + {len(rejects)} rejects != {self.inputs} inputs the job "

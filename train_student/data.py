@@ -35,6 +35,7 @@ import torch
 from formats import CacheReader, Example
 from formats.errors import FormatError, IncompatibleCachesError, InputError
 from formats.ids import keep_fraction, record_id
+from formats.manifest import manifest_get
 from formats.shard import check_example as shard_check_example
 from formats.tools import COMPAT_KEYS
 
@@ -125,7 +126,7 @@ def check_same_teacher(manifests: list[dict], paths: list[str], stage: str, *, a
     first = manifests[0]
     for m, path in zip(manifests[1:], paths[1:]):
         for key in TEACHER_KEYS:
-            a, b = _get(first, key), _get(m, key)
+            a, b = manifest_get(first, key), manifest_get(m, key)
             if a == b:
                 continue
             if allow_mixed:
@@ -136,12 +137,6 @@ def check_same_teacher(manifests: list[dict], paths: list[str], stage: str, *, a
                 f"stage {stage}: {path} and {paths[0]} come from different teachers ({'.'.join(key)} {b!r} vs "
                 f"{a!r}); one stage distils one teacher: put them in separate stages, or set "
                 "allow_mixed_teachers: true (--allow-mixed-teachers) to mix them on purpose")
-
-
-def _get(d: dict, key: tuple):
-    for part in key:
-        d = (d or {}).get(part)
-    return d
 
 
 def check_signal(reader: CacheReader, where: str, sample: int = 64) -> dict:

@@ -433,3 +433,29 @@ def test_an_empty_example_id_is_refused_by_verify_and_reader(cache):
     for check in (verify_cache, lambda c: list(CacheReader(c))):
         with pytest.raises(FormatError, match="empty example id"):
             check(cache)
+
+
+def test_merge_of_verifiable_caches_never_crashes_on_odd_sections(tmp_path, rng):
+    """A section of another shape in both inputs (each verifies): a typed answer, not AttributeError."""
+    exs = [make_example(rng, i) for i in range(10)]
+    for name, part in (("a", exs[:5]), ("b", exs[5:])):
+        write_cache(tmp_path / name, part)
+        edit_manifest(tmp_path / name, lambda m: m["dataset"].update(filters="x"))
+        verify_cache(tmp_path / name)
+    try:
+        merge_caches(tmp_path / "m", [tmp_path / "a", tmp_path / "b"])
+    except (FormatError, IncompatibleCachesError):
+        return
+    verify_cache(tmp_path / "m")
+
+
+def test_merge_counts_reasons_from_the_rejects_themselves(tmp_path, rng):
+    """An input without counts.rejects_by_reason (optional; it verifies): the merged cache still verifies."""
+    exs = [make_example(rng, i) for i in range(10)]
+    write_cache(tmp_path / "a", exs[:5], rejects=[("r1", "too long: 9000 > 4096")])
+    write_cache(tmp_path / "b", exs[5:], rejects=[("r2", "no assistant turn")])
+    edit_manifest(tmp_path / "a", lambda m: m["counts"].pop("rejects_by_reason"))
+    verify_cache(tmp_path / "a")
+    merged = merge_caches(tmp_path / "m", [tmp_path / "a", tmp_path / "b"])
+    assert merged["counts"]["rejects_by_reason"] == {"too long": 1, "no assistant turn": 1}
+    verify_cache(tmp_path / "m")
