@@ -29,7 +29,7 @@ from formats.errors import FormatError
 from formats.example import Example
 from formats.manifest import load_manifest, open_cache
 from formats.prefetch import prefetch
-from formats.schema import read_shard_metadata
+from formats.schema import check_shard_header, read_shard_metadata
 from formats.shard import decode_table
 
 log = logging.getLogger("formats")
@@ -81,7 +81,9 @@ class CacheReader:
                 pf = pq.ParquetFile(self.fs.open(where, "rb"))
             except Exception as exc:  # pyarrow raises several types for damaged files
                 raise FormatError(f"{where}: not a readable Parquet file ({exc}); run `kdcache verify` on the cache") from None
-            self._files[i] = (pf, read_shard_metadata(pf.schema_arrow, where), where)
+            meta = read_shard_metadata(pf.schema_arrow, where)
+            check_shard_header(meta, pf.metadata.num_rows, self.manifest["shards"][i], self.manifest["codec"], where)
+            self._files[i] = (pf, meta, where)
         return self._files[i]
 
     def _list_units(self, max_examples: int | None) -> list[Unit]:

@@ -84,6 +84,15 @@ def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = Tru
     return meta
 
 
+def check_shard_header(meta: dict, num_rows: int, entry: dict, manifest_codec: dict, where: str) -> None:
+    """A shard's own header against its manifest entry: the same codec, the rows the manifest lists."""
+    if meta["codec"] != manifest_codec:
+        raise FormatError(f"{where}: the codec in its kdcache metadata ({meta['codec']}) differs from the manifest's "
+                          f"({manifest_codec}); a shard of another cache?")
+    if num_rows != entry["rows"]:
+        raise FormatError(f"{where}: {num_rows} rows, the manifest says {entry['rows']}")
+
+
 def _hot_table(value, hot: int, id_bytes: int, where: str) -> np.ndarray:
     """The base64 hot-id table: at most `hot` distinct int32 ids whose codes fit `id_bytes`."""
     try:

@@ -13,7 +13,7 @@ from formats.card import write_card
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError
 from formats.manifest import (check_accounting, command_line, id_limits, load_manifest, manifest_get, now_iso, open_cache,
                               sha256_file, tally_reasons, write_json_atomic)
-from formats.schema import MANIFEST_NAME, REJECTS_NAME, read_shard_metadata
+from formats.schema import MANIFEST_NAME, REJECTS_NAME, check_shard_header, read_shard_metadata
 from formats.shard import decode_table
 
 # Caches are compatible when these agree (merge refuses otherwise; the trainer mixes only these).
@@ -47,11 +47,7 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
         except Exception as exc:
             raise FormatError(f"{where}: not a readable Parquet file ({exc})") from None
         meta = read_shard_metadata(pf.schema_arrow, where)
-        if meta["codec"] != manifest["codec"]:
-            raise FormatError(f"{where}: the codec in its kdcache metadata ({meta['codec']}) differs from the manifest's "
-                              f"({manifest['codec']}); a shard of another cache?")
-        if pf.metadata.num_rows != shard["rows"]:
-            raise FormatError(f"{where}: {pf.metadata.num_rows} rows, the manifest says {shard['rows']}")
+        check_shard_header(meta, pf.metadata.num_rows, shard, manifest["codec"], where)
         shard_rows = shard_positions = 0
         for g in range(pf.metadata.num_row_groups):
             examples = decode_table(pf.read_row_group(g), meta, f"{where}, row group {g}")

@@ -459,3 +459,22 @@ def test_merge_counts_reasons_from_the_rejects_themselves(tmp_path, rng):
     merged = merge_caches(tmp_path / "m", [tmp_path / "a", tmp_path / "b"])
     assert merged["counts"]["rejects_by_reason"] == {"too long": 1, "no assistant turn": 1}
     verify_cache(tmp_path / "m")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda meta: meta["codec"].update(k=meta["codec"]["k"] * 2), "codec"),
+], ids=["shard-k-larger-than-manifest"])
+def test_reader_checks_each_shard_header_against_the_manifest(cache, edit, match):
+    """An unverified (hf://) cache: a shard whose codec differs from the manifest is refused by the reader too."""
+    def edit_metadata(meta):
+        edit(meta)
+        return meta
+    rewrite_shard(cache, 0, edit_metadata=edit_metadata)
+    with pytest.raises(FormatError, match=match):
+        list(CacheReader(cache))
+
+
+def test_reader_checks_each_shards_rows_against_the_manifest(cache):
+    edit_manifest(cache, lambda m: m["shards"][0].update(rows=m["shards"][0]["rows"] + 1))
+    with pytest.raises(FormatError, match="rows, the manifest says"):
+        list(CacheReader(cache))
