@@ -58,12 +58,13 @@ def load_manifest(path: str | os.PathLike, storage_options: dict | None = None) 
         hint = ("the job that writes it has not finished: rerun the same command to resume it"
                 if partial else "is this a kdcache cache folder?")
         raise FormatError(f"{path}: no {MANIFEST_NAME} ({hint})")
-    if fs.size(mpath) > MAX_MANIFEST_BYTES:
-        raise FormatError(f"{mpath}: {fs.size(mpath)} bytes, more than a manifest can hold ({MAX_MANIFEST_BYTES}); "
+    with fs.open(mpath, "rb") as f:  # read at most the bound (a server need not say the size)
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{mpath}: more than a manifest can hold ({MAX_MANIFEST_BYTES} bytes); "
                           "the manifest is damaged — restore it from the source")
     try:
-        with fs.open(mpath, "r") as f:
-            manifest = json.load(f)
+        manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{mpath}: not valid JSON ({exc}); the manifest is damaged — restore it from the source") from None
     check_manifest(manifest, mpath)

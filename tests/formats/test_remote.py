@@ -50,3 +50,17 @@ def test_memory_filesystem(cache, examples):
     fs = fsspec.filesystem("memory")
     fs.put(str(cache) + "/", "/cache-copy/", recursive=True)
     assert len(list(CacheReader("memory://cache-copy"))) == len(examples)
+
+
+def test_a_store_that_does_not_say_file_sizes(cache, examples, monkeypatch):
+    """HTTP servers may send no Content-Length (fsspec's size() is then None): no TypeError, and
+    verify still decides by the sha256."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from formats.tools import verify_cache
+
+    fs = fsspec.filesystem("memory")
+    fs.put(str(cache) + "/", "/cache-nosize/", recursive=True)
+    monkeypatch.setattr(MemoryFileSystem, "size", lambda self, path: None)
+    verify_cache("memory://cache-nosize")
+    assert len(list(CacheReader("memory://cache-nosize"))) == len(examples)
