@@ -120,6 +120,14 @@ class CacheReader:
                 break
         return plan
 
+    def example_ids(self) -> list[str]:
+        """Every example id of the epoch (all ranks), reading only the id column."""
+        ids = []
+        for unit in self.units:
+            pf, _, _ = self._shard(unit.shard)
+            ids += pf.read_row_group(unit.row_group, columns=["id"]).column("id").to_pylist()[: unit.rows]
+        return ids
+
     def num_examples(self) -> int:
         """Examples this rank reads per epoch (the same on every rank unless drop_remainder=False)."""
         return self.per_rank

@@ -182,13 +182,16 @@ class ExampleStream:
         self._skipped = [0] * len(readers)  # examples filtered out in a row, per reader
 
     def _keep(self, ex: Example) -> bool:
+        return self._keep_id(ex.id)
+
+    def _keep_id(self, example_id: str) -> bool:
         if self.split == "all":
             return True
-        held_out = is_eval(ex.id, self.eval_fraction)
+        held_out = is_eval(example_id, self.eval_fraction)
         if self.split == "eval":
             return held_out
         # the same nested subsample as `kdcache cache --fraction F` (seed 0) takes of the records
-        return not held_out and keep_fraction(record_id(ex.id), self.fraction, 0)
+        return not held_out and keep_fraction(record_id(example_id), self.fraction, 0)
 
     def __iter__(self):
         return self
@@ -215,11 +218,17 @@ class ExampleStream:
         raise StopIteration
 
     def _skip(self, i: int) -> None:
-        """Count a filtered-out example; an endless reader that filters out a whole epoch would spin forever."""
+        """Count a filtered-out example; an endless reader with nothing to keep would spin forever.
+
+        2n - 1 examples in a row hold a whole epoch of this rank's n. Without shuffling every epoch
+        is the same slice, so such a run is an error; with shuffling each epoch deals a new slice, so
+        it is an error only when the whole cache (every rank's share) holds nothing to keep."""
         self._skipped[i] += 1
         reader = self.readers[i]
-        # 2n - 1 examples in a row hold a whole epoch of n (the same ids each epoch)
         if reader.epochs is None and self._skipped[i] >= 2 * max(reader.num_examples(), 1):
+            if reader.shuffle and any(map(self._keep_id, reader.example_ids())):
+                self._skipped[i] = 0  # this epoch's slice had none; a later one will
+                return
             raise InputError(f"{reader.path}: no example of this process's share is in the split {self.split!r} "
                              f"(eval_fraction={self.eval_fraction}, fraction={self.fraction}): a whole epoch was "
                              "filtered out and the stage repeats epochs forever; lower eval_fraction, raise fraction "

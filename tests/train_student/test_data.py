@@ -11,6 +11,7 @@ import torch
 from kd_fixtures import K, VOCAB, make_model, make_tokenizer
 from formats import CacheReader
 from formats.errors import FormatError, InputError
+from formats.ids import keep_fraction, record_id
 from train_student.data import (IGNORE_INDEX, ExampleStream, Packer, check_compatible, check_signal, collate,
                                 is_eval)
 from train_student.model import StudentLoss
@@ -185,6 +186,7 @@ class _ListReader:
 
     def __init__(self, examples, epochs=1):
         self.path, self.examples, self.epochs = "hf://datasets/x/cache", examples, epochs
+        self.shuffle = False  # the same examples every epoch
 
     def __iter__(self):
         epoch = 0
@@ -251,6 +253,25 @@ def test_endless_stream_with_everything_filtered_out_is_an_error(tiny):
             next(mixed)
     # a finite stream simply ends
     assert list(ExampleStream([_ListReader(held)], split="train", eval_fraction=0.5)) == []
+
+
+def test_endless_shuffled_stream_waits_for_an_epoch_that_deals_this_rank_data(tiny):
+    """Shuffling deals each rank a new slice every epoch: one epoch's slice with nothing to keep (a
+    small fraction, many ranks) is no error while the cache holds examples to keep."""
+    ids = [ex.id for ex in CacheReader(tiny["cache"])]
+    fraction = 0.1
+    kept = {i for i in ids if not is_eval(i, 0.0) and keep_fraction(record_id(i), fraction, 0)}
+    assert 0 < len(kept) < len(ids) // 4
+    world = 8
+    for rank in range(world):
+        first_epoch = {ex.id for ex in CacheReader(tiny["cache"], rank=rank, world_size=world, shuffle=True, seed=3)}
+        if not first_epoch & kept:
+            break
+    else:
+        pytest.fail("every rank's first epoch holds a kept example: pick another fraction")
+    reader = CacheReader(tiny["cache"], rank=rank, world_size=world, shuffle=True, seed=3, epochs=None)
+    stream = ExampleStream([reader], split="train", eval_fraction=0.0, fraction=fraction)
+    assert next(stream).id in kept
 
 
 def test_cache_ids_are_compared_with_the_students_output_size(tiny, caplog):
