@@ -132,10 +132,40 @@ def check_output_head(lm: nn.Module, name: str) -> None:
         raise InputError(f"{name}: {type(lm).__name__} has no output embeddings (LM head); need a causal LM")
     if getattr(head, "bias", None) is not None:
         found.append("an output bias (lm_head.bias)")
+    if not found:
+        found += _probe_output_head(lm, head)
     if found:
         raise InputError(f"{name}: the student's output head has {', '.join(found)}; the KD loss computes logits as "
                          "hidden states @ lm_head.weight and would ignore it, so such students are refused "
                          "(use a student without output-head extras)")
+
+
+def _probe_output_head(lm: nn.Module, head: nn.Module) -> list[str]:
+    """What the config does not name (MiniCPM's width scale, Falcon-H1's lm_head_multiplier, ...):
+    run the model's own forward on given final hidden states (the decoder stubbed out, so it costs
+    one small LM-head product) and compare its logits with hidden @ lm_head.weight.T."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    weight = head.weight.detach()
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 3, weight.shape[1], generator=gen).to(weight)
+    plain = (hidden.float() @ weight.float().T)[0]
+    hidden = hidden * (100.0 / plain.abs().max().clamp(min=1e-6))  # large logits: a softcap or scale shows
+    plain = (hidden.float() @ weight.float().T)[0]
+    decoder = lm.get_decoder()
+    decoder.forward = lambda *args, **kwargs: BaseModelOutputWithPast(last_hidden_state=hidden)
+    try:
+        with torch.no_grad():
+            logits = lm(input_ids=torch.zeros(1, 3, dtype=torch.long, device=weight.device), use_cache=False).logits
+    except Exception as exc:  # a forward that needs more than last_hidden_state: the config checks stand alone
+        log.warning("could not probe the student's output head (%s: %s); relying on its config", type(exc).__name__, exc)
+        return []
+    finally:
+        del decoder.forward  # back to the class's forward
+    tol = 1e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    diff = float((logits[0].float() - plain).abs().max())
+    return [f"logits that differ from hidden @ lm_head.weight by up to {diff:.3g} (a transform in the model's forward)"] \
+        if diff > tol * 100.0 else []
 
 
 def prepare_student(lm: nn.Module, *, gradient_checkpointing: bool) -> nn.Module:

@@ -295,6 +295,24 @@ def test_student_with_output_head_extras_is_refused(tmp_path, extra):
         check_output_head(lm, "x")
 
 
+def test_student_whose_forward_transforms_logits_unannounced_is_refused():
+    """A scale no config field names (MiniCPM, Falcon-H1 style): the probe of the forward finds it."""
+    from train_student.model import check_output_head
+
+    class ScaledHead(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.weight = linear.weight
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight) / 4.0
+
+    lm = make_model(seed=0)
+    lm.lm_head = ScaledHead(lm.lm_head)
+    with pytest.raises(InputError, match="logits that differ from hidden @ lm_head.weight"):
+        check_output_head(lm, "x")
+
+
 def test_training_refuses_a_softcapped_student_before_it_starts(tiny, tmp_path):
     lm = make_model(seed=2)
     lm.config.final_logit_softcapping = 30.0
