@@ -34,7 +34,8 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
     """
     fs, root = open_cache(path, storage_options)
     manifest = load_manifest(path, storage_options)
-    check_accounting(manifest, posixpath.join(root, MANIFEST_NAME))
+    mpath = posixpath.join(root, MANIFEST_NAME)  # messages about what the manifest claims name it
+    check_accounting(manifest, mpath)
     limits = id_limits(manifest)
     k = manifest["codec"]["k"]
     owner: dict[str, str] = {}  # example id -> the shard that holds it
@@ -69,20 +70,21 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
             progress(shard["file"])
     counts = manifest["counts"]
     if rows != counts.get("examples") or positions != counts.get("positions"):
-        raise FormatError(f"{path}: shards hold {rows} examples / {positions} positions, the manifest counts "
+        raise FormatError(f"{mpath}: shards hold {rows} examples / {positions} positions, the manifest counts "
                           f"{counts.get('examples')} / {counts.get('positions')}")
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     if counts.get("bytes", total_bytes) != total_bytes:
-        raise FormatError(f"{path}: shards hold {total_bytes} bytes, the manifest's counts.bytes says {counts['bytes']}")
+        raise FormatError(f"{mpath}: shards hold {total_bytes} bytes, the manifest's counts.bytes says {counts['bytes']}")
     rejects = read_rejects(fs, root, manifest)
-    _check_rejects(rejects, manifest, owner, path)
+    rejects_name = (manifest.get("rejects_file") or {}).get("file", REJECTS_NAME)
+    _check_rejects(rejects, manifest, owner, posixpath.join(root, rejects_name))
     return {"shards": len(manifest["shards"]), "examples": rows, "positions": positions, "rejects": len(rejects)}
 
 
 def _check_bytes(fs, where: str, size: int, sha256: str) -> None:
     """The file at `where` has the size and sha256 its manifest recorded."""
     if not fs.exists(where):
-        raise FormatError(f"{where}: missing (listed in the manifest); restore the file or re-run the job that wrote it")
+        raise FormatError(f"{where}: missing (listed in {MANIFEST_NAME}); restore the file or re-run the job that wrote it")
     actual = fs.size(where)
     if actual is not None and actual != size:  # None: the server does not say (the sha256 below still decides)
         raise ChecksumError(f"{where}: {actual} bytes, the manifest says {size} (truncated or replaced); "
@@ -101,7 +103,7 @@ def read_rejects(fs, root: str, manifest: dict) -> list[dict]:
     rej = manifest.get("rejects_file")
     if rej is None:
         if manifest["counts"].get("rejects"):
-            raise FormatError(f"{root}: the manifest counts {manifest['counts']['rejects']} rejects but names no "
+            raise FormatError(f"{posixpath.join(root, MANIFEST_NAME)}: counts {manifest['counts']['rejects']} rejects but names no "
                               "rejects_file")
         return []
     rpath = posixpath.join(root, rej["file"])  # a plain name (load_manifest checked it): inside the cache
