@@ -31,7 +31,7 @@ from formats.errors import ChecksumError, FormatError
 from formats.tools import verify_cache
 
 K = 4
-CRASH_CASES = 200
+CRASH_CASES = int(os.environ.get("KDCACHE_CRASH_CASES", 200))
 
 
 class Killed(BaseException):
@@ -157,7 +157,7 @@ CRASH = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=CRASH_CASES, derandomize=True, database=None, deadline=None,
+@settings(max_examples=CRASH_CASES, database=None, deadline=None,
           phases=[Phase.explicit, Phase.generate, Phase.shrink],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 20), reject_every=st.integers(2, 6), layout=LAYOUTS,
