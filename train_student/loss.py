@@ -19,11 +19,10 @@ import torch
 from torch import Tensor
 
 from train_student import loss_torch
-from train_student.loss_torch import IGNORE_INDEX, KINDS, TAILS
+from train_student.loss_options import IMPLS, KINDS, TAILS
 
-__all__ = ["kd_loss", "IGNORE_INDEX", "KINDS", "TAILS", "IMPLS"]
+__all__ = ["kd_loss"]
 
-IMPLS = ("naive", "chunked", "fused")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

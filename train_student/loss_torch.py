@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from formats.example import IGNORE_INDEX
 # Smallest tail mass taken as real. Student: R = 1 - Q is clamped at it; log R is computed as
 # log(-expm1(log Q)), and in fp32 log Q carries an absolute error of ~1e-7 * |lse|, so smaller
 # tails are not resolvable; the clamp has zero gradient, so a rounding-level tail cannot produce a
@@ -34,9 +34,6 @@ IGNORE_INDEX = -100
 # reverse KL's log P would amplify it (tau = 2 turns a 1e-8 rounding residue into a 1e-4 tail).
 # Reverse KL also floors the teacher tail at it (else KL = inf wherever P = 0 < R).
 TAIL_EPS = 1e-6
-
-KINDS = ("forward_kl", "reverse_kl")
-TAILS = ("renormalize", "bucket")
 
 # (loss [], coef_tau [T], coef_1 [T] | None, coef_sparse [T, K+1]) from (lse_tau, lse_1, s_sparse,
 # argmax): what a fused/chunked implementation needs to run its backward. See `make_terms_fn`.
@@ -56,7 +53,7 @@ class KDSpec:
             (renormalized, or normalized together with the tail bucket); 0 where not valid.
         teacher_log_tail: [T] log P_hat, the teacher's tail at tau (-inf where P = 0); only for
             tail="bucket", else None.
-        trained: [T] bool, labels != -100.
+        trained: [T] bool, labels != IGNORE_INDEX.
         n_tokens: 0-dim int64, trained positions.
         teacher_tail_raw: [T] P = 1 - sum_k exp(l_k) at temperature 1; 0 where below TAIL_EPS.
         teacher_top1: [T] int64, the teacher's first id (a metric).

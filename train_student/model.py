@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from formats.errors import InputError
+from formats.tokenizer_id import load_tokenizer
 
 log = logging.getLogger("train_student")
 
@@ -33,15 +34,6 @@ def load_student(name_or_path: str, *, dtype: str = "float32", attn_implementati
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **kwargs)
     except OSError as exc:
         raise InputError(f"cannot load the student {name_or_path!r}: {exc}") from None
-
-
-def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as exc:
-        raise InputError(f"cannot load a tokenizer from {name_or_path!r}: {exc}") from None
 
 
 def prune_layers(teacher_dir: str, keep_layers: list[int], out_dir: str | Path) -> Path:

@@ -307,3 +307,14 @@ def test_a_merged_cache_with_other_settings_is_refused_before_the_workers_start(
 
     with pytest.raises(InputError, match="codec.k: 8 -> 16"):  # before any worker starts
         launch_ray(make_config(**{**base, "k": 16}))
+
+
+def test_engine_info_records_the_teachers_output_size(tmp_path):
+    """issue 9, item 10: the manifest's teacher.output_size is the teacher's LM-head rows."""
+    from transformers import LlamaConfig
+
+    from cache_teacher.run import engine_info
+
+    LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=1).save_pretrained(tmp_path / "teacher")
+    assert engine_info(make_config(teacher=str(tmp_path / "teacher"), out=str(tmp_path / "out")))["output_size"] == 1024
