@@ -7,7 +7,7 @@ One public entry, `kd_loss(..., impl=...)`, that validates its inputs and dispat
 - "fused":   the Triton kernel in `kernels/sparse_kl_triton.py` (never forms [T, V]; CUDA, or the
              Triton CPU interpreter when TRITON_INTERPRET=1). Triton is imported only here, lazily.
 
-Equations: KD_MATH.md (shared/notes beside the checkout).
+Equations: docs/KD_MATH.md.
 """
 
 from __future__ import annotations

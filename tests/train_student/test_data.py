@@ -111,7 +111,8 @@ def test_tokenizer_mismatch_is_refused(tiny):
 
     manifest = CacheReader(tiny["cache"]).manifest
     same = make_tokenizer()
-    check_cache_fits_student(manifest, "c", fingerprint=tokenizer_fingerprint(same), tokenizer_vocab=VOCAB, output_size=VOCAB)
+    check_cache_fits_student(manifest, "c", fingerprint=tokenizer_fingerprint(same), tokenizer_vocab=VOCAB,
+                             output_size=VOCAB)
     other = make_tokenizer(extra="x")  # same size, one token differs
     with pytest.raises(InputError, match="fingerprints differ"):
         check_cache_fits_student(manifest, "c", fingerprint=tokenizer_fingerprint(other), tokenizer_vocab=VOCAB,
