@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from format_helpers import PROVENANCE, make_example
+from .format_helpers import PROVENANCE, make_example
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 

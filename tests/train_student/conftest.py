@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kd_fixtures import make_model, make_tokenizer, save_model, write_cache
+from .kd_fixtures import make_model, make_tokenizer, save_model, write_cache
 
 
 @pytest.fixture(scope="session")

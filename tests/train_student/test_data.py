@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd_fixtures import K, VOCAB, make_model, make_tokenizer
+from .kd_fixtures import K, VOCAB, make_model, make_tokenizer
 from formats import CacheReader
 from formats.errors import FormatError, InputError
 from formats.ids import is_eval

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from format_helpers import PROVENANCE, edit_manifest, make_example, replace_column, rewrite_shard, write_cache
+from .format_helpers import PROVENANCE, edit_manifest, make_example, replace_column, rewrite_shard, write_cache
 
 from formats import CacheReader, load_manifest
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError

@@ -17,7 +17,7 @@ from cache_teacher.run import dry_run, run_cache
 from formats.manifest import load_manifest
 from formats.tools import verify_cache
 
-from teacher_helpers import REPO, make_config, write_jsonl
+from .teacher_helpers import REPO, make_config, write_jsonl
 
 
 def read(path) -> dict:
@@ -45,11 +45,6 @@ def tiny_engine(tiny_dir):
     from cache_teacher.engines.hf_engine import HFEngine
 
     return HFEngine(make_config(teacher=str(tiny_dir), out="unused"))
-
-
-@pytest.fixture(scope="module")
-def rows_path(sample_rows, tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("rows") / "rows.jsonl", sample_rows[:24])
 
 
 def test_every_input_is_written_or_rejected(tiny_dir, tiny_engine, sample_rows, tmp_path):
@@ -99,6 +94,7 @@ sys.exit(kdcache_cli.main(ARGS))
 """
 
 
+@pytest.mark.multiprocess
 def test_sigkill_then_rerun_equals_uninterrupted(tiny_dir, tiny_engine, sample_rows, tmp_path):
     rows = sample_rows[:40] + [{"id": "bad"}]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -167,18 +163,6 @@ def test_generate_mode_and_export(tiny_dir, tiny_engine, rows_path, tmp_path):
     assert n == len(records) > 0
     for r in records:
         assert validate(r) is None and r["messages"][-1]["role"] == "assistant"
-
-
-def test_cli_dry_run_and_config_file(tiny_dir, rows_path, tmp_path, capsys):
-    import kdcache_cli
-
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"teacher: {tiny_dir}\ndataset: {rows_path}\nk: 16\nmax_length: 128\n")
-    assert kdcache_cli.main(["cache", "--config", str(cfg), "--dry-run", "--max-length", "256"]) == 0
-    out = capsys.readouterr().out
-    assert "dry run over 24 inputs" in out and "B/position at k=16" in out and "estimated teacher time" in out
-    assert kdcache_cli.main(["cache", "--config", str(cfg)]) == 1  # no --out: a one-line InputError
-    assert "no output folder" in capsys.readouterr().err
 
 
 # ---- resume compares every setting that changes the rows; generate-mode accounting (issue 9) ----
@@ -271,22 +255,6 @@ def test_generate_mode_accounts_for_every_sample(tiny_dir, tiny_engine, sample_r
     verify_cache(tmp_path / "gen")
     dry = dry_run(config)
     assert (dry.examples, sum(dry.rejects.values())) == (2, 4)
-
-
-def test_cli_rerun_into_a_finished_cache_with_other_settings_fails(smollm2_dir, tiny_dir, rows_path, tmp_path, capsys):
-    import kdcache_cli
-
-    out = tmp_path / "c"
-    common = ["cache", "--dataset", str(rows_path), "--out", str(out), "--engine", "hf", "--max-examples", "0",
-              "--no-progress"]
-    assert kdcache_cli.main([*common, "--teacher", str(smollm2_dir), "--k", "64"]) == 0  # finished (no inputs)
-    before = (out / "manifest.json").read_text()
-    assert kdcache_cli.main([*common, "--teacher", str(tiny_dir), "--k", "128"]) == 1
-    err = capsys.readouterr().err
-    assert "codec.k: 64 -> 128" in err and "teacher.name_or_path: " in err and "new folder" in err
-    assert (out / "manifest.json").read_text() == before
-    assert kdcache_cli.main([*common, "--teacher", str(tiny_dir), "--k", "128", "--no-resume"]) == 1
-    assert "already holds a complete cache" in capsys.readouterr().err
 
 
 def test_a_merged_cache_with_other_settings_is_refused_before_the_workers_start(smollm2_dir, tokenizer, rows_path,
