@@ -1,4 +1,4 @@
-"""Fixtures for the trainer tests (helpers live in kd_fixtures.py, importable by the tests)."""
+"""Fixtures for the trainer tests (helpers live in kd_fixtures.py: `from .kd_fixtures import ...`)."""
 from __future__ import annotations
 
 import pytest
