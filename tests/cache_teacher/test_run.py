@@ -123,6 +123,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_dir, tiny_engine, sample_r
     assert load_manifest(out)["counts"]["examples"] + load_manifest(out)["counts"]["rejects"] == len(rows)
 
 
+@pytest.mark.slow
 def test_two_workers_and_merge_equal_one_worker(tiny_dir, tiny_engine, rows_path, tmp_path):
     from cache_teacher.launch import merge
 
@@ -142,6 +143,7 @@ def test_two_workers_and_merge_equal_one_worker(tiny_dir, tiny_engine, rows_path
     verify_cache(tmp_path / "merged")
 
 
+@pytest.mark.slow
 def test_generate_mode_and_export(tiny_dir, tiny_engine, rows_path, tmp_path):
     config = make_config(teacher=str(tiny_dir), dataset=str(rows_path), out=str(tmp_path / "gen"), mode="generate",
                          n=2, max_examples=3, temperature=0.8, max_new_tokens=16)

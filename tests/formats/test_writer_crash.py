@@ -157,6 +157,7 @@ CRASH = st.fixed_dictionaries({
 })
 
 
+@pytest.mark.slow
 @settings(max_examples=CRASH_CASES, derandomize=True, database=None, deadline=None,
           phases=[Phase.explicit, Phase.generate, Phase.shrink],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -25,6 +25,7 @@ def _assert_same_weights(a: dict, b: dict, exact: bool = True) -> None:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs")
 
 
+@pytest.mark.slow
 def test_short_run_lowers_heldout_kl(tiny, tmp_path):
     out = tmp_path / "run"
     rc = train_main(train_args(tiny["student"], tiny["cache"], out, steps=30, lr=1e-2, epochs=0, eval_every=15,
