@@ -16,7 +16,7 @@ Alignment: row n of an example's teacher arrays predicts token t = target_positi
 row `offset + t - 1` carries labels = input_ids[t] and the teacher's top-k for t; every other row
 has labels IGNORE_INDEX (-100) and padding (-1 ids, -inf logprobs).
 
-Checks: every example the stream hands out passed `check_example` (target spans inside the
+Checks: every example the stream hands out passed `check_example_fits_student` (target spans inside the
 sequence, sorted, one teacher row each; ids inside the student's embedding and LM head), since a
 cache read over hf:// may never have been verified.
 
@@ -33,7 +33,7 @@ import torch
 
 from formats import IGNORE_INDEX, CacheReader, Example, FormatError, IncompatibleCachesError, InputError
 from formats.ids import is_eval, keep_fraction, record_id
-from formats.shard import check_example as shard_check_example
+from formats.shard import check_example
 from formats.tools import COMPAT_KEYS
 
 log = logging.getLogger("train_student")
@@ -50,7 +50,7 @@ def check_cache_fits_student(manifest: dict, where: str, *, fingerprint: str | N
 
     `output_size` is the student's LM head rows. The cache's tokens (tokenizer.vocab_size) must fit
     it; the teacher's own output size (teacher.output_size, when the manifest records it) may be
-    larger (a padded output layer): then only a warning, and `check_example` refuses an id that is
+    larger (a padded output layer): then only a warning, and `check_example_fits_student` refuses an id that is
     actually out of range. The format version was already checked by `load_manifest`.
     """
     tok = manifest.get("tokenizer") or {}
@@ -77,7 +77,8 @@ def check_cache_fits_student(manifest: dict, where: str, *, fingerprint: str | N
         log.warning("%s: the manifest has no tokenizer fingerprint; cannot check the student's tokenizer", where)
 
 
-def check_example(ex: Example, where: str, *, input_size: int | None = None, output_size: int | None = None) -> None:
+def check_example_fits_student(ex: Example, where: str, *, input_size: int | None = None,
+                               output_size: int | None = None) -> None:
     """Refuse an example the student would misread, before it reaches a batch (cheap: one pass over its ids).
 
     Target spans must lie in 1..L-1, sorted, with one teacher row per position (else a label and a
@@ -87,7 +88,7 @@ def check_example(ex: Example, where: str, *, input_size: int | None = None, out
     """
     where = f"{where}, example {ex.id!r}"
     try:
-        shard_check_example(ex)
+        check_example(ex)
     except ValueError as exc:
         raise FormatError(f"{where}: {exc}; the cache is damaged, run `kdcache verify` on it") from None
     ids, teacher = ex.input_ids, ex.topk_ids
@@ -155,7 +156,7 @@ def check_signal(reader: CacheReader, where: str, sample: int = 64) -> dict:
 class ExampleStream:
     """Examples of one split from one or more readers, mixed round-robin, with an exact cursor.
 
-    Every example handed out passed `check_example` (against the student's sizes when given).
+    Every example handed out passed `check_example_fits_student` (against the student's sizes when given).
     """
 
     def __init__(self, readers: list[CacheReader], *, split: str = "train", eval_fraction: float = 0.0,
@@ -200,7 +201,8 @@ class ExampleStream:
             if self._keep(ex):
                 self._skipped[i] = 0
                 self._turn = (i + 1) % len(self.readers)
-                check_example(ex, self.readers[i].path, input_size=self.input_size, output_size=self.output_size)
+                check_example_fits_student(ex, self.readers[i].path, input_size=self.input_size,
+                                           output_size=self.output_size)
                 return ex
             self._skip(i)
         raise StopIteration

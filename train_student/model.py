@@ -17,7 +17,7 @@ from formats.tokenizer_id import load_tokenizer
 
 log = logging.getLogger("train_student")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16-mixed": torch.float32}  # weights
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16-mixed": torch.float32}  # weights
 
 
 def load_student(name_or_path: str, *, dtype: str = "float32", attn_implementation: str | None = None):
@@ -31,7 +31,7 @@ def load_student(name_or_path: str, *, dtype: str = "float32", attn_implementati
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=TORCH_DTYPES[dtype], **kwargs)
     except OSError as exc:
         raise InputError(f"cannot load the student {name_or_path!r}: {exc}") from None
 

@@ -22,7 +22,7 @@ others' steps with empty micro-batches, and the last, partial step is trained to
 Refused before training: a student whose output head has extras the loss ignores (softcapping,
 logit scales, an output bias), caches whose tokenizer does not match the student, and a stage that
 mixes teachers (unless allow_mixed_teachers). Refused during training: an example whose target
-spans or ids the student would misread (`data.check_example`).
+spans or ids the student would misread (`data.check_example_fits_student`).
 """
 from __future__ import annotations
 
