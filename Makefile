@@ -23,8 +23,9 @@ $(VENV)/.kdcache-$(FLAVOUR): pyproject.toml Makefile
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
+# The edit-test loop (under two minutes on a 2-core CPU): no engines, no model training runs, no subprocesses.
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not multiprocess" tests
 
 # The randomized tests over many seeds (tests/conftest.py): `make test` runs them on one fixed seed.
 # FUZZ_SEEDS=N or N:START; FUZZ_TESTS, FUZZ_ARGS (e.g. -k top1) narrow it. Stops at the first failure,

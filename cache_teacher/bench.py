@@ -29,11 +29,11 @@ def bench_cache(config, repeats: int = 2, hf_rows: int = 16, scratch: str | None
 
     from cache_teacher.data import iter_records
     from cache_teacher.engines.vllm_engine import VLLMEngine
-    from cache_teacher.run import load_tokenizer, run_cache
+    from cache_teacher.run import run_cache, teacher_tokenizer
     from cache_teacher.template import ChatTemplater, TemplateReject
 
     config = dataclasses.replace(config, engine="vllm", progress=False, dry_run=False, launcher="local")
-    tokenizer = load_tokenizer(config)
+    tokenizer = teacher_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     items = []
     for record, _ in iter_records(config):

@@ -19,16 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from formats.errors import InputError
-from formats.ids import keep_fraction, stable_hash  # noqa: F401  (re-exported: engines use stable_hash)
+from formats.ids import input_record_id, keep_fraction, stable_hash, worker_of  # noqa: F401  (engines use stable_hash)
 
 ROLES = ("system", "user", "assistant", "tool")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 Reject = tuple[str, str, str]  # (id, reason, source)
-
-
-def worker_of(record_id: str, num_workers: int) -> int:
-    return stable_hash(record_id, "worker") % num_workers
 
 
 def local_files(dataset: str) -> list[Path] | None:
@@ -132,13 +128,6 @@ def validate(record: Any, require_assistant: bool = True) -> str | None:
     return None
 
 
-def record_id(raw: Any, index: int) -> str:
-    rid = raw.get("id") if isinstance(raw, dict) else None
-    if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip():
-        return str(rid)
-    return f"row-{index:09d}"
-
-
 def iter_records(config) -> Iterator[tuple[dict | None, Reject | None]]:
     """This worker's records: `(record, None)` or `(None, (id, reason, source))`, in input order.
 
@@ -150,7 +139,7 @@ def iter_records(config) -> Iterator[tuple[dict | None, Reject | None]]:
     for index, raw in enumerate(read_raw(config)):
         if config.max_examples is not None and taken >= config.max_examples:
             break
-        rid = record_id(raw, index)
+        rid = input_record_id(raw, index)
         source = raw.get("source") if isinstance(raw, dict) else None
         source = source if isinstance(source, str) else ""
         if sources is not None and source not in sources:

@@ -13,23 +13,18 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from formats.errors import InputError
+from formats import CacheReader, InputError, load_manifest
+from formats.tokenizer_id import load_tokenizer, tokenizer_fingerprint
 
 
 def iter_cache(path) -> Iterator:
     """Every Example of a finished cache, in order."""
-    from formats.reader import CacheReader
-
     yield from CacheReader(path)
 
 
 def export_sft(cache: str | os.PathLike, out: str | os.PathLike, tokenizer: str | None = None,
                keep_length: bool = False) -> int:
     """Write the cache's responses as chat records to `out` (.jsonl); returns how many were written."""
-    from transformers import AutoTokenizer
-
-    from formats.manifest import load_manifest
-
     manifest = load_manifest(cache)
     if manifest.get("mode") != "generate":
         raise InputError(f"{cache} is a {manifest.get('mode')!r}-mode cache; export-sft needs a generate-mode cache "
@@ -37,9 +32,7 @@ def export_sft(cache: str | os.PathLike, out: str | os.PathLike, tokenizer: str 
     name = tokenizer or manifest.get("tokenizer", {}).get("name_or_path")
     if not name:
         raise InputError(f"{cache}: the manifest records no tokenizer; pass --tokenizer")
-    tok = AutoTokenizer.from_pretrained(name)
-    from cache_teacher.template import tokenizer_fingerprint
-
+    tok = load_tokenizer(name)
     want = manifest.get("tokenizer", {}).get("fingerprint")
     if want and tokenizer_fingerprint(tok) != want:
         raise InputError(f"tokenizer {name} is not the one {cache} was made with (fingerprints differ)")

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache_teacher.data import describe, iter_records
-from cache_teacher.template import ChatTemplater, TemplateReject, tokenizer_info
+from cache_teacher.template import ChatTemplater, TemplateReject
+from formats.ids import sample_ids
 from formats.manifest import reason_code
 from formats.prefetch import prefetch
+from formats.tokenizer_id import load_tokenizer, model_output_size, tokenizer_info
 
 # Dry-run assumptions when --dry-run-tokens-per-s is not given: SmolLM2-135M with k=64 on a 2-core CPU
 # (vLLM bf16 measured 790-960 tokens/s, hf fp32 about 150); pass a measured rate for a GPU.
@@ -69,23 +71,9 @@ class Summary:
         return "\n".join(lines)
 
 
-def load_tokenizer(config):
-    import os
-
-    from transformers import AutoTokenizer
-
-    from formats.errors import InputError
-
-    name = config.tokenizer_path
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=config.revision if not config.tokenizer else None)
-    except (OSError, ValueError) as exc:  # a missing folder, no hub access, a typo in the id
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise InputError(
-            f"cannot load the tokenizer of {name!r}: {str(exc).splitlines()[0]} — give a local checkpoint folder "
-            "(`kdcache prepare-teacher smollm2-135m-instruct --out DIR` makes the offline one) or a hub id"
-            + (" (HF_HUB_OFFLINE=1 is set: only locally cached hub models load)" if offline else "")
-        ) from None
+def teacher_tokenizer(config):
+    """--tokenizer, else the teacher's own (at its --revision)."""
+    return load_tokenizer(config.tokenizer_path, revision=config.revision if not config.tokenizer else None)
 
 
 def engine_info(config) -> dict:
@@ -99,26 +87,10 @@ def engine_info(config) -> dict:
         except importlib.metadata.PackageNotFoundError:
             continue
     info = {"name_or_path": config.teacher, "revision": config.revision, "dtype": config.dtype,
-            "engine": config.engine, "engine_version": version, "output_size": model_output_size(config)}
+            "engine": config.engine, "engine_version": version, "output_size": model_output_size(config.teacher, config.revision)}
     if config.engine == "vllm":
         info["tensor_parallel_size"] = config.tensor_parallel_size
     return info
-
-
-def model_output_size(config) -> int | None:
-    """Rows of the teacher's LM head (its config's vocab_size): the range of the ids it can emit, which
-    can exceed the tokenizer's vocabulary (padded heads: OLMo 2, Qwen2.5). The writer range-checks ids
-    and sizes id codes with it. None when the config cannot be read (the writer then uses 4-byte codes
-    and the tokenizer's size)."""
-    from transformers import AutoConfig
-
-    try:
-        model_config = AutoConfig.from_pretrained(config.teacher, revision=config.revision)
-    except (OSError, ValueError):
-        return None
-    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    size = getattr(text_config, "vocab_size", None)
-    return size if isinstance(size, int) and size > 0 else None
 
 
 def _local_or_hub(name: str) -> str:
@@ -145,17 +117,13 @@ def provenance(config, tokenizer, templater) -> dict:
     return prov
 
 
-def _sample_ids(record_id: str, n: int) -> list[str]:
-    return [record_id] if n == 1 else [f"{record_id}#s{j}" for j in range(n)]
-
-
 def _per_input(config) -> int:
     return config.n if config.mode == "generate" else 1
 
 
 def _unit_ids(config, record_id: str) -> list[str]:
     """The ids an input record is written or rejected under: its own (score), its n sample ids (generate)."""
-    return _sample_ids(record_id, _per_input(config))
+    return sample_ids(record_id, _per_input(config))
 
 
 def _examples(config, items, engine, stop_ids):
@@ -174,7 +142,7 @@ def _examples(config, items, engine, stop_ids):
         if len(samples) != config.n:
             raise RuntimeError(f"the engine returned {len(samples)} samples for {item.id!r}, n is {config.n}")
         wanted = item.wanted
-        for j, (sid, g) in enumerate(zip(_sample_ids(item.id, config.n), samples)):
+        for j, (sid, g) in enumerate(zip(sample_ids(item.id, config.n), samples)):
             if wanted is not None and sid not in wanted:
                 continue
             ids = np.concatenate([item.input_ids, g.token_ids]).astype(np.int32)
@@ -196,7 +164,7 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     from formats.writer import CacheWriter
 
     started = time.perf_counter()
-    tokenizer = tokenizer or load_tokenizer(config)
+    tokenizer = tokenizer or teacher_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     stop_ids = templater.eot_ids
     summary = Summary(out=str(config.out), per_input=_per_input(config))
@@ -282,7 +250,7 @@ def check_finished_cache(out, config, tokenizer=None) -> None:
 
     if not (Path(out) / MANIFEST_NAME).exists():
         return
-    tokenizer = tokenizer or load_tokenizer(config)
+    tokenizer = tokenizer or teacher_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     wanted = new_manifest(_codec(config).to_dict(), provenance(config, tokenizer, templater))
     refuse_other_settings(out, resume_settings(load_manifest(out)), wanted, "a complete cache")
@@ -375,7 +343,7 @@ def _progress(config):
 def dry_run(config, tokenizer=None) -> Summary:
     """Template everything, count tokens and positions, and estimate cache size and teacher time."""
     started = time.perf_counter()
-    tokenizer = tokenizer or load_tokenizer(config)
+    tokenizer = tokenizer or teacher_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     summary = Summary(out=str(config.out), per_input=_per_input(config))
     for record, reject in iter_records(config):

@@ -18,8 +18,6 @@ whitespace tokens.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,28 +160,3 @@ class ChatTemplater:
         return Templated(record["id"], np.asarray(ids, np.int32), np.zeros(0, np.int32), record.get("source", ""),
                          messages=prompt_messages)
 
-
-def chat_template_sha256(tokenizer) -> str:
-    template = tokenizer.chat_template
-    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
-    return hashlib.sha256((text or "").encode()).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 over the sorted vocabulary (token, id) and the special tokens: equal iff ids mean the same."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
-    specials = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    digest.update(json.dumps(specials, sort_keys=True, default=str).encode())
-    digest.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
-    return digest.hexdigest()
-
-
-def tokenizer_info(tokenizer, name_or_path: str) -> dict:
-    """The manifest's `tokenizer` entry."""
-    return {
-        "name_or_path": str(name_or_path),
-        "fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": len(tokenizer.get_vocab()),
-        "chat_template_sha256": chat_template_sha256(tokenizer),
-    }

@@ -4,11 +4,11 @@ Importing this package is cheap (numpy, pyarrow, fsspec); nothing here imports t
 """
 from formats.codec import CodecConfig
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError, KDCacheError
-from formats.example import Example
+from formats.example import IGNORE_INDEX, Example
 from formats.manifest import load_manifest
 from formats.reader import CacheReader
 from formats.schema import FORMAT_VERSION
 from formats.writer import CacheWriter
 
 __all__ = ["CacheReader", "CacheWriter", "ChecksumError", "CodecConfig", "Example", "FORMAT_VERSION",
-           "FormatError", "IncompatibleCachesError", "InputError", "KDCacheError", "load_manifest"]
+           "FormatError", "IGNORE_INDEX", "IncompatibleCachesError", "InputError", "KDCacheError", "load_manifest"]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from formats.example import Example
+from formats.example import IGNORE_INDEX, Example
 
 
-def collate(examples: list[Example], as_torch: bool = False) -> dict:
+def pad_batch(examples: list[Example], as_torch: bool = False) -> dict:
     """Pad a list of examples into a batch.
 
     Returns input_ids int32 [B, L] (0-padded), attention_mask bool [B, L], labels int64 [B, L]
-    (-100 where not trained), and the teacher's rows flattened over the batch: target_batch and
+    (IGNORE_INDEX, -100, where not trained), and the teacher's rows flattened over the batch: target_batch and
     target_position int64 [N] (where each row belongs), topk_ids int32 [N, K] (-1 padded),
     topk_logprobs float32 [N, K] (-inf padded), target_logprobs float32 [N], target_ranks int32 [N].
     """
@@ -20,7 +20,7 @@ def collate(examples: list[Example], as_torch: bool = False) -> dict:
     k = max((ex.topk_ids.shape[1] for ex in examples if ex.num_targets), default=1)
     input_ids = np.zeros((b, length), np.int32)
     mask = np.zeros((b, length), bool)
-    labels = np.full((b, length), -100, np.int64)
+    labels = np.full((b, length), IGNORE_INDEX, np.int64)
     n = sum(ex.num_targets for ex in examples)
     topk_ids = np.full((n, k), -1, np.int32)
     topk_lps = np.full((n, k), -np.inf, np.float32)

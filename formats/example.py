@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+IGNORE_INDEX = -100  # the label of a position that is not trained (Hugging Face's convention)
+
 
 @dataclass
 class Example:
@@ -43,7 +45,7 @@ class Example:
 
     @property
     def labels(self) -> np.ndarray:
-        """int64 [L]: input_ids at trained positions, -100 elsewhere (HF convention, unshifted)."""
-        out = np.full(len(self.input_ids), -100, np.int64)
+        """int64 [L]: input_ids at trained positions, IGNORE_INDEX (-100) elsewhere (HF convention, unshifted)."""
+        out = np.full(len(self.input_ids), IGNORE_INDEX, np.int64)
         out[self.target_positions] = self.input_ids[self.target_positions]
         return out

@@ -171,12 +171,12 @@ class CacheReader:
         yield from prefetch(units, self.prefetch) if self.prefetch > 0 else units
 
     def batches(self, batch_size: int, as_torch: bool = False):
-        """Padded batches of `batch_size` examples (formats.batch.collate); the last may be smaller.
+        """Padded batches of `batch_size` examples (formats.batch.pad_batch); the last may be smaller.
 
         The cursor (state_dict) advances per example, so a checkpoint taken between batches resumes
         at the next batch.
         """
-        from formats.batch import collate
+        from formats.batch import pad_batch
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -184,10 +184,10 @@ class CacheReader:
         for ex in self:
             pending.append(ex)
             if len(pending) == batch_size:
-                yield collate(pending, as_torch)
+                yield pad_batch(pending, as_torch)
                 pending = []
         if pending:
-            yield collate(pending, as_torch)
+            yield pad_batch(pending, as_torch)
 
     # ---- cursor -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

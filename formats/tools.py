@@ -225,7 +225,7 @@ ROW_SETTINGS = [("dataset",), ("extra", "template"), ("extra", "sampling"), ("to
 PER_WORKER = {("dataset", "filters", "worker_index")}
 
 
-def check_compatible(manifests: list[dict], names: list[str]) -> None:
+def check_mergeable(manifests: list[dict], names: list[str]) -> None:
     first = manifests[0]
     for m, name in zip(manifests[1:], names[1:]):
         diffs = [key for key in COMPAT_KEYS if manifest_get(first, key) != manifest_get(m, key)]
@@ -254,7 +254,7 @@ def _differences(a, b, prefix: tuple) -> list[tuple]:
 def merge_caches(out, caches: list) -> dict:
     """Combine worker caches into one folder `out` (copies shards; inputs are left untouched).
 
-    Refuses inputs that do not belong together (check_compatible), a cache given twice, duplicate
+    Refuses inputs that do not belong together (check_mergeable), a cache given twice, duplicate
     example or reject ids within or across the inputs, and any shard or rejects file whose sha256
     differs from its manifest. Every worker's provenance is kept in `merged_from`.
     """
@@ -267,7 +267,7 @@ def merge_caches(out, caches: list) -> dict:
     if len(set(names)) != len(names):
         raise IncompatibleCachesError(f"a cache is given twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
     manifests = [load_manifest(c) for c in caches]  # types, paths inside each cache, no duplicate shard entries
-    check_compatible(manifests, names)
+    check_mergeable(manifests, names)
     rejects = [read_rejects(*open_cache(c), m) for c, m in zip(caches, manifests)]  # sha256-checked
     _check_disjoint(caches, manifests, rejects)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ causal mask for sdpa/eager, varlen for flash-attention), so no example sees anot
 Alignment: row n of an example's teacher arrays predicts token t = target_positions[n] from tokens
 < t; the student predicts token t from its hidden state at position t-1. So in the packed sequence
 row `offset + t - 1` carries labels = input_ids[t] and the teacher's top-k for t; every other row
-has labels -100 and padding (-1 ids, -inf logprobs).
+has labels IGNORE_INDEX (-100) and padding (-1 ids, -inf logprobs).
 
-Checks: every example the stream hands out passed `check_example` (target spans inside the
+Checks: every example the stream hands out passed `check_example_fits_student` (target spans inside the
 sequence, sorted, one teacher row each; ids inside the student's embedding and LM head), since a
 cache read over hf:// may never have been verified.
 
@@ -25,47 +25,33 @@ the next batch, so a checkpoint taken between batches loses and repeats nothing.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from formats import CacheReader, Example
-from formats.errors import FormatError, IncompatibleCachesError, InputError
-from formats.ids import keep_fraction, record_id
+from formats import IGNORE_INDEX, CacheReader, Example, FormatError, IncompatibleCachesError, InputError
+from formats.ids import is_eval, keep_fraction, record_id
 from formats.manifest import manifest_get
-from formats.shard import check_example as shard_check_example
+from formats.shard import check_example
 from formats.tools import COMPAT_KEYS
 
 log = logging.getLogger("train_student")
 
-IGNORE_INDEX = -100
 TEACHER_KEYS = [key for key in COMPAT_KEYS if key[0] == "teacher"]  # what makes two caches one teacher's
 MIN_K = 16           # below this many teacher entries per position, the KD signal is thin
 MAX_TAIL_MASS = 0.3  # mean teacher mass outside the cached entries above which we warn
 
 
-# ---- held-out split ------------------------------------------------------------------------------
-def is_eval(example_id: str, eval_fraction: float) -> bool:
-    """Held-out iff the id's hash falls in the first `eval_fraction` of [0, 1): stable across runs,
-    ranks, shard layouts and caches that share ids."""
-    if eval_fraction <= 0:
-        return False
-    # Samples of one prompt (generate mode: `<id>#s<j>`) fall on the same side of the split.
-    h = int.from_bytes(hashlib.blake2b(record_id(example_id).encode(), digest_size=8).digest(), "big")
-    return h / 2**64 < eval_fraction
-
-
 # ---- safety checks -------------------------------------------------------------------------------
-def check_compatible(manifest: dict, where: str, *, fingerprint: str | None, tokenizer_vocab: int | None,
-                     output_size: int) -> None:
+def check_cache_fits_student(manifest: dict, where: str, *, fingerprint: str | None, tokenizer_vocab: int | None,
+                             output_size: int) -> None:
     """Refuse a cache whose token ids would mean something else to the student (InputError).
 
     `output_size` is the student's LM head rows. The cache's tokens (tokenizer.vocab_size) must fit
     it; the teacher's own output size (teacher.output_size, when the manifest records it) may be
-    larger (a padded output layer): then only a warning, and `check_example` refuses an id that is
+    larger (a padded output layer): then only a warning, and `check_example_fits_student` refuses an id that is
     actually out of range. The format version was already checked by `load_manifest`.
     """
     tok = manifest.get("tokenizer") or {}
@@ -92,7 +78,8 @@ def check_compatible(manifest: dict, where: str, *, fingerprint: str | None, tok
         log.warning("%s: the manifest has no tokenizer fingerprint; cannot check the student's tokenizer", where)
 
 
-def check_example(ex: Example, where: str, *, input_size: int | None = None, output_size: int | None = None) -> None:
+def check_example_fits_student(ex: Example, where: str, *, input_size: int | None = None,
+                               output_size: int | None = None) -> None:
     """Refuse an example the student would misread, before it reaches a batch (cheap: one pass over its ids).
 
     Target spans must lie in 1..L-1, sorted, with one teacher row per position (else a label and a
@@ -102,7 +89,7 @@ def check_example(ex: Example, where: str, *, input_size: int | None = None, out
     """
     where = f"{where}, example {ex.id!r}"
     try:
-        shard_check_example(ex)
+        check_example(ex)
     except ValueError as exc:
         raise FormatError(f"{where}: {exc}; the cache is damaged, run `kdcache verify` on it") from None
     ids, teacher = ex.input_ids, ex.topk_ids
@@ -164,7 +151,7 @@ def check_signal(reader: CacheReader, where: str, sample: int = 64) -> dict:
 class ExampleStream:
     """Examples of one split from one or more readers, mixed round-robin, with an exact cursor.
 
-    Every example handed out passed `check_example` (against the student's sizes when given).
+    Every example handed out passed `check_example_fits_student` (against the student's sizes when given).
     """
 
     def __init__(self, readers: list[CacheReader], *, split: str = "train", eval_fraction: float = 0.0,
@@ -212,7 +199,8 @@ class ExampleStream:
             if self._keep(ex):
                 self._skipped[i] = 0
                 self._turn = (i + 1) % len(self.readers)
-                check_example(ex, self.readers[i].path, input_size=self.input_size, output_size=self.output_size)
+                check_example_fits_student(ex, self.readers[i].path, input_size=self.input_size,
+                                           output_size=self.output_size)
                 return ex
             self._skip(i)
         raise StopIteration
@@ -255,7 +243,7 @@ class ExampleStream:
 class PackedBatch:
     """One packed sequence (batch size 1). S tokens, K teacher entries per row.
 
-    input_ids, position_ids: int64 [1, S]; labels: int64 [S] (next token, -100 = not trained);
+    input_ids, position_ids: int64 [1, S]; labels: int64 [S] (next token, IGNORE_INDEX = not trained);
     topk_ids: int64 [S, K] (-1 = none); topk_logprobs: float32 [S, K] (-inf = none).
     """
 
@@ -281,7 +269,7 @@ class PackedBatch:
                            move(self.topk_logprobs), self.n_examples, self.truncated)
 
 
-def collate(examples: list[Example], k: int, max_tokens: int | None = None) -> PackedBatch:
+def pack_batch(examples: list[Example], k: int, max_tokens: int | None = None) -> PackedBatch:
     """Pack `examples` (in order) into one sequence; each is cut to `max_tokens` tokens if longer."""
     ids, pos, labels, tids, tlps = [], [], [], [], []
     truncated = 0
@@ -355,7 +343,7 @@ class Packer:
                 break
             batch.append(ex)
             used += len(ex.input_ids)
-        return collate(batch, self.k, self.max_tokens)
+        return pack_batch(batch, self.k, self.max_tokens)
 
     def state_dict(self) -> dict:
         return self._pending_state if self._pending is not None else self.stream.state_dict()
@@ -401,10 +389,10 @@ def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction:
     for ex in examples:
         n = min(len(ex.input_ids), max_tokens)
         if cur and used + n > max_tokens:
-            out.append(collate(cur, k, max_tokens))
+            out.append(pack_batch(cur, k, max_tokens))
             cur, used = [], 0
         cur.append(ex)
         used += n
     if cur:
-        out.append(collate(cur, k, max_tokens))
+        out.append(pack_batch(cur, k, max_tokens))
     return out

@@ -123,7 +123,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, dataset: str
     from train_student.plot import plot_runs
 
     png = plot_runs([str(out / "kd"), str(out / "sft")], str(out))[0]
-    report = write_report(out, s, steps, data_text, manifest, summary, results, table, timings, png)
+    report = write_demo_report(out, s, steps, data_text, manifest, summary, results, table, timings, png)
     print(f"\nreport: {report}\nplot:   {png}")
     return {"results": results, "report": str(report), "plot": str(png), "timings": timings}
 
@@ -154,7 +154,7 @@ def comparison_table(results: dict, summary, manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, s: DemoSettings, steps: int, data_text: str, manifest: dict, summary, results: dict,
+def write_demo_report(out: Path, s: DemoSettings, steps: int, data_text: str, manifest: dict, summary, results: dict,
                  table: str, timings: dict, png: Path) -> Path:
     kd, sft = results["kd"]["eval_last"], results["sft"]["eval_last"]
     better = "KD" if kd["kl"] < sft["kl"] else "SFT"

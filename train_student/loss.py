@@ -7,7 +7,7 @@ One public entry, `kd_loss(..., impl=...)`, that validates its inputs and dispat
 - "fused":   the Triton kernel in `kernels/sparse_kl_triton.py` (never forms [T, V]; CUDA, or the
              Triton CPU interpreter when TRITON_INTERPRET=1). Triton is imported only here, lazily.
 
-Equations: KD_MATH.md (shared/notes beside the checkout).
+Equations: docs/KD_MATH.md.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import torch
 from torch import Tensor
 
 from train_student import loss_torch
-from train_student.loss_torch import IGNORE_INDEX, KINDS, TAILS
+from train_student.loss_options import IMPLS, KINDS, TAILS
 
-__all__ = ["kd_loss", "IGNORE_INDEX", "KINDS", "TAILS", "IMPLS"]
+__all__ = ["kd_loss"]
 
-IMPLS = ("naive", "chunked", "fused")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

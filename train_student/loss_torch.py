@@ -1,14 +1,14 @@
 """Sparse top-k KD losses over a linear LM head in plain PyTorch: the CPU default and the reference.
 
 Two implementations of the same loss (see `train_student.loss.kd_loss` for the public entry and
-KD_MATH.md (shared/notes beside the checkout) for the equations):
+docs/KD_MATH.md for the equations):
 
 - `naive`: materializes the [T, V] logits and lets autograd do the rest. Simple, O(T*V) memory;
   the reference the other implementations are tested against.
 - `chunked`: a `torch.autograd.Function` that walks the tokens in chunks of `chunk_size`, so the
   largest live tensor is [chunk_size, V]. The forward keeps, per position, only the log-sum-exp
   and the logits at the teacher's ids (and the label); the backward recomputes each chunk's
-  logits and forms dL/dz = a * q + scatter(c) (KD_MATH, "the general shape").
+  logits and forms dL/dz = a * q + scatter(c) (docs/KD_MATH.md, "the general shape").
 
 Both share `KDSpec` (the teacher side, prepared once) and `position_terms` (the loss as a
 function of the per-position log-sum-exp and the gathered logits), so the chunked path and the
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from formats.example import IGNORE_INDEX
 # Smallest tail mass taken as real. Student: R = 1 - Q is clamped at it; log R is computed as
 # log(-expm1(log Q)), and in fp32 log Q carries an absolute error of ~1e-7 * |lse|, so smaller
 # tails are not resolvable; the clamp has zero gradient, so a rounding-level tail cannot produce a
@@ -34,9 +34,6 @@ IGNORE_INDEX = -100
 # reverse KL's log P would amplify it (tau = 2 turns a 1e-8 rounding residue into a 1e-4 tail).
 # Reverse KL also floors the teacher tail at it (else KL = inf wherever P = 0 < R).
 TAIL_EPS = 1e-6
-
-KINDS = ("forward_kl", "reverse_kl")
-TAILS = ("renormalize", "bucket")
 
 # (loss [], coef_tau [T], coef_1 [T] | None, coef_sparse [T, K+1]) from (lse_tau, lse_1, s_sparse,
 # argmax): what a fused/chunked implementation needs to run its backward. See `make_terms_fn`.
@@ -56,7 +53,7 @@ class KDSpec:
             (renormalized, or normalized together with the tail bucket); 0 where not valid.
         teacher_log_tail: [T] log P_hat, the teacher's tail at tau (-inf where P = 0); only for
             tail="bucket", else None.
-        trained: [T] bool, labels != -100.
+        trained: [T] bool, labels != IGNORE_INDEX.
         n_tokens: 0-dim int64, trained positions.
         teacher_tail_raw: [T] P = 1 - sum_k exp(l_k) at temperature 1; 0 where below TAIL_EPS.
         teacher_top1: [T] int64, the teacher's first id (a metric).
@@ -127,7 +124,7 @@ def build_spec(
         log_den = torch.logsumexp(scaled, dim=-1)
         teacher_log_tail = None
     else:
-        # The tail's shape is unknown, so P^(1/tau) is the tail bucket's weight (KD_MATH).
+        # The tail's shape is unknown, so P^(1/tau) is the tail bucket's weight (docs/KD_MATH.md).
         log_tail_scaled = torch.log(teacher_tail_raw) / tau  # -inf where P = 0
         log_den = torch.logaddexp(torch.logsumexp(scaled, dim=-1), log_tail_scaled)
         teacher_log_tail = log_tail_scaled - log_den
@@ -193,7 +190,7 @@ def position_terms(
             p_tail = spec.teacher_log_tail.exp()
             # P log P -> 0 as P -> 0 (xlogy), so a zero teacher tail contributes exactly 0.
             kd = kd + torch.xlogy(p_tail, p_tail) - p_tail * log_r
-    elif spec.tail == "bucket":  # reverse KL with the tail bucket (KD_MATH)
+    elif spec.tail == "bucket":  # reverse KL with the tail bucket (docs/KD_MATH.md)
         q = logq.exp() * valid
         kd = (q * (logq - log_p)).sum(dim=-1)
         # Reverse KL is infinite where the teacher tail is 0 and the student's is not; flooring the
@@ -251,7 +248,7 @@ def summarize(
 
 
 def make_terms_fn(spec: KDSpec, metrics: dict) -> TermsFn:
-    """The per-position coefficients a, c of KD_MATH's general form, for chunked and fused.
+    """The per-position coefficients a, c of the general form in docs/KD_MATH.md, for chunked and fused.
 
     The returned function takes (lse_tau [T], lse_1 [T] | None, s_sparse [T, K+1], argmax [T]),
     differentiates `position_terms` w.r.t. its three inputs on these small tensors, fills
@@ -347,7 +344,7 @@ class _ChunkedLinearKD(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, min(start + chunk_size, hidden.shape[0]))
             s = _chunk_logits(hidden[rows], weight, acc)
-            # g = a * q + scatter(c): every vocab entry gets the a * q part (KD_MATH).
+            # g = a * q + scatter(c): every vocab entry gets the a * q part (docs/KD_MATH.md).
             g = torch.exp((s / tau if tau != 1.0 else s) - lse_tau[rows, None]) * coef_tau[rows, None]
             if coef_1 is not None:
                 g += torch.exp(s - lse_1[rows, None]) * coef_1[rows, None]

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from formats.errors import InputError
+from formats.tokenizer_id import load_tokenizer
 
 log = logging.getLogger("train_student")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16-mixed": torch.float32}  # weights
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16-mixed": torch.float32}  # weights
 
 
 def load_student(name_or_path: str, *, dtype: str = "float32", attn_implementation: str | None = None):
@@ -30,18 +31,9 @@ def load_student(name_or_path: str, *, dtype: str = "float32", attn_implementati
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=TORCH_DTYPES[dtype], **kwargs)
     except OSError as exc:
         raise InputError(f"cannot load the student {name_or_path!r}: {exc}") from None
-
-
-def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as exc:
-        raise InputError(f"cannot load a tokenizer from {name_or_path!r}: {exc}") from None
 
 
 def prune_layers(teacher_dir: str, keep_layers: list[int], out_dir: str | Path) -> Path:

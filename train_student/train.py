@@ -22,7 +22,7 @@ others' steps with empty micro-batches, and the last, partial step is trained to
 Refused before training: a student whose output head has extras the loss ignores (softcapping,
 logit scales, an output bias), caches whose tokenizer does not match the student, and a stage that
 mixes teachers (unless allow_mixed_teachers). Refused during training: an example whose target
-spans or ids the student would misread (`data.check_example`).
+spans or ids the student would misread (`data.check_example_fits_student`).
 """
 from __future__ import annotations
 
@@ -42,12 +42,12 @@ import torch
 import torch.distributed as dist
 
 from formats.errors import InputError
+from formats.tokenizer_id import load_tokenizer, tokenizer_fingerprint, vocab_size
 from train_student import checkpoint
 from train_student.config import Stage, TrainConfig
-from train_student.data import (ExampleStream, Packer, PackedBatch, cache_k, check_compatible, check_same_teacher,
-                                check_signal, eval_batches, open_readers)
-from train_student.model import (StudentLoss, check_output_head, load_student, load_tokenizer, prepare_student,
-                                 prune_layers)
+from train_student.data import (IGNORE_INDEX, ExampleStream, Packer, PackedBatch, cache_k, check_cache_fits_student,
+                                check_same_teacher, check_signal, eval_batches, open_readers)
+from train_student.model import StudentLoss, check_output_head, load_student, prepare_student, prune_layers
 
 log = logging.getLogger("train_student")
 
@@ -161,17 +161,15 @@ class Trainer:
                  self.lm.config.num_hidden_layers)
 
     def _check_caches(self) -> None:
-        from cache_teacher.template import tokenizer_fingerprint
-
         fingerprint = tokenizer_fingerprint(self.tokenizer)
-        vocab = len(self.tokenizer.get_vocab())
+        vocab = vocab_size(self.tokenizer)
         for stage in self.stages:
             manifests = []
             for path in stage.cache:
                 readers = open_readers([path], rank=0, world_size=1, shuffle=False, seed=0, epochs=1,
                                        max_examples=64)
-                check_compatible(readers[0].manifest, path, fingerprint=fingerprint, tokenizer_vocab=vocab,
-                                 output_size=self.output_size)
+                check_cache_fits_student(readers[0].manifest, path, fingerprint=fingerprint, tokenizer_vocab=vocab,
+                                         output_size=self.output_size)
                 if self.main:
                     check_signal(readers[0], path)
                 manifests.append(readers[0].manifest)
@@ -465,7 +463,7 @@ def _dummy_batch() -> PackedBatch:
     """Two untrained tokens: lets a rank out of data (training) or without held-out data (eval) join the
     others' forwards and backwards with no effect on the update."""
     z = torch.zeros(1, 2, dtype=torch.long)
-    return PackedBatch(z, torch.arange(2)[None], torch.full((2,), -100), torch.full((2, 1), -1),
+    return PackedBatch(z, torch.arange(2)[None], torch.full((2,), IGNORE_INDEX), torch.full((2, 1), -1),
                        torch.full((2, 1), -math.inf), 0)
 
 

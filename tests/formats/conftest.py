@@ -1,5 +1,5 @@
 import pytest
-from format_helpers import make_example, write_cache
+from .format_helpers import make_example, write_cache
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Factories for the formats tests (a uniquely named module: every test folder has a conftest.py)."""
+"""Factories for the formats tests (`from .format_helpers import ...`; _write_slowly.py, a script, imports it by path)."""
 import numpy as np
 
 from formats import CacheWriter, CodecConfig, Example

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from format_helpers import make_example
+from .format_helpers import make_example
 
 from formats import CacheReader, CacheWriter, CodecConfig
 

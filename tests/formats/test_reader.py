@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 import pytest
-from format_helpers import make_example, write_cache
+from .format_helpers import make_example, write_cache
 
 from formats import CacheReader, Example
 

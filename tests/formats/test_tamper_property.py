@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from format_helpers import make_example, write_cache
+from .format_helpers import make_example, write_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -165,7 +165,7 @@ def test_any_rewritten_shard_cell_is_refused_or_decodes_soundly(pristine, tmp_pa
     """With checksums updated (only the deeper checks can catch it): verify refuses with a typed
     error naming the shard, or every example the reader yields is sound."""
     import pyarrow as pa
-    from format_helpers import rewrite_shard
+    from .format_helpers import rewrite_shard
 
     cache = tmp_path_factory.mktemp("cell") / "cache"
     shutil.copytree(pristine.path, cache)

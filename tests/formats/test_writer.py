@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from format_helpers import PROVENANCE, make_example, write_cache
+from .format_helpers import PROVENANCE, make_example, write_cache
 
 from formats import CacheReader, CacheWriter, CodecConfig, load_manifest
 from formats.errors import InputError
@@ -26,6 +26,7 @@ def _run_writer(out, seed, kill_after_shards=None):
     assert proc.returncode == (0 if kill_after_shards is None else -signal.SIGKILL)
 
 
+@pytest.mark.multiprocess
 def test_killed_writer_resumes_to_the_same_rows(tmp_path, seed):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     _run_writer(killed, seed, kill_after_shards=2)

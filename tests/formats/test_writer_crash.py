@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from format_helpers import PROVENANCE, make_example
+from .format_helpers import PROVENANCE, make_example
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
@@ -157,6 +157,7 @@ CRASH = st.fixed_dictionaries({
 })
 
 
+@pytest.mark.slow
 @settings(max_examples=CRASH_CASES, database=None, deadline=None,
           phases=[Phase.explicit, Phase.generate, Phase.shrink],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

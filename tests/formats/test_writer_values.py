@@ -2,7 +2,7 @@
 logprobs are finite or -inf (NaN is refused naming example and position; -inf round-trips)."""
 import numpy as np
 import pytest
-from format_helpers import PROVENANCE, make_example, write_cache
+from .format_helpers import PROVENANCE, make_example, write_cache
 
 from formats import CacheReader, CacheWriter, CodecConfig
 from formats.errors import InputError

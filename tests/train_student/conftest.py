@@ -1,9 +1,9 @@
-"""Fixtures for the trainer tests (helpers live in kd_fixtures.py, importable by the tests)."""
+"""Fixtures for the trainer tests (helpers live in kd_fixtures.py: `from .kd_fixtures import ...`)."""
 from __future__ import annotations
 
 import pytest
 
-from kd_fixtures import make_model, make_tokenizer, save_model, write_cache
+from .kd_fixtures import make_model, make_tokenizer, save_model, write_cache
 
 
 @pytest.fixture(scope="session")

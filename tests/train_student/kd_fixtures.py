@@ -56,7 +56,7 @@ def write_cache(teacher, tokenizer, out: Path, *, n: int = 48, seed: int = 0, k:
     """A cache of `n` random sequences scored by `teacher` (its own top-k at every position >= 1)."""
     import torch
 
-    from cache_teacher.template import tokenizer_fingerprint
+    from formats.tokenizer_id import tokenizer_fingerprint
     from formats import CacheWriter, CodecConfig, Example
 
     rng = np.random.default_rng(seed)

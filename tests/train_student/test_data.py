@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from kd_fixtures import K, VOCAB, make_model, make_tokenizer
+from .kd_fixtures import K, VOCAB, make_model, make_tokenizer
 from formats import CacheReader
 from formats.errors import FormatError, InputError
-from formats.ids import keep_fraction, record_id
-from train_student.data import (IGNORE_INDEX, ExampleStream, Packer, check_compatible, check_signal, collate,
-                                is_eval)
+from formats.ids import is_eval, keep_fraction, record_id
+from train_student.data import (IGNORE_INDEX, ExampleStream, Packer, check_cache_fits_student, check_signal,
+                                pack_batch)
 from train_student.model import StudentLoss
 
 LOSS = dict(kd_weight=1.0, ce_weight=0.5, temperature=2.0, kind="forward_kl", tail="bucket", impl="chunked",
@@ -26,7 +26,7 @@ def _examples(cache, n):
 
 def test_alignment_of_teacher_rows_with_shifted_hidden(tiny):
     a, b = _examples(tiny["cache"], 2)
-    batch = collate([a, b], K)
+    batch = pack_batch([a, b], K)
     La = len(a.input_ids)
     assert batch.input_ids.shape == (1, La + len(b.input_ids))
     assert batch.position_ids[0, La].item() == 0 and batch.position_ids[0, La - 1].item() == La - 1
@@ -55,13 +55,13 @@ def test_packed_equals_unpacked_loss_and_gradients(tiny, attn):
         (loss * b.n_targets).backward()
         return (loss * b.n_targets).item(), [p.grad.clone() for p in model.parameters()]
 
-    packed_loss, packed_grads = run(collate(examples, K))
-    parts = [run(collate([ex], K)) for ex in examples]
+    packed_loss, packed_grads = run(pack_batch(examples, K))
+    parts = [run(pack_batch([ex], K)) for ex in examples]
     assert packed_loss == pytest.approx(sum(p[0] for p in parts), rel=1e-10)
     for i, g in enumerate(packed_grads):
         torch.testing.assert_close(g, sum(p[1][i] for p in parts), rtol=1e-8, atol=1e-10)
     # and packing really matters: without restarting positions the loss changes
-    b = collate(examples, K)
+    b = pack_batch(examples, K)
     flat = torch.arange(b.n_tokens)[None]
     with torch.no_grad():
         wrong, _ = model(b.input_ids, flat, b.topk_ids, b.topk_logprobs.double(), b.labels, loss_kwargs=LOSS)
@@ -91,7 +91,7 @@ def test_packer_budget_and_exact_cursor(tiny):
 
 def test_long_example_is_truncated_to_budget(tiny):
     ex = _examples(tiny["cache"], 1)[0]
-    b = collate([ex], K, max_tokens=10)
+    b = pack_batch([ex], K, max_tokens=10)
     assert b.n_tokens == 10 and b.truncated == 1
     assert (b.labels != IGNORE_INDEX).sum().item() == int((ex.target_positions < 10).sum())
 
@@ -107,21 +107,22 @@ def test_eval_split_is_stable_and_disjoint(tiny):
 
 
 def test_tokenizer_mismatch_is_refused(tiny):
-    from cache_teacher.template import tokenizer_fingerprint
+    from formats.tokenizer_id import tokenizer_fingerprint
 
     manifest = CacheReader(tiny["cache"]).manifest
     same = make_tokenizer()
-    check_compatible(manifest, "c", fingerprint=tokenizer_fingerprint(same), tokenizer_vocab=VOCAB, output_size=VOCAB)
+    check_cache_fits_student(manifest, "c", fingerprint=tokenizer_fingerprint(same), tokenizer_vocab=VOCAB,
+                             output_size=VOCAB)
     other = make_tokenizer(extra="x")  # same size, one token differs
     with pytest.raises(InputError, match="fingerprints differ"):
-        check_compatible(manifest, "c", fingerprint=tokenizer_fingerprint(other), tokenizer_vocab=VOCAB,
-                         output_size=VOCAB)
+        check_cache_fits_student(manifest, "c", fingerprint=tokenizer_fingerprint(other), tokenizer_vocab=VOCAB,
+                                 output_size=VOCAB)
     bigger = make_tokenizer(vocab=300)
     with pytest.raises(InputError, match="256 tokens .* has 300"):
-        check_compatible(manifest, "c", fingerprint=tokenizer_fingerprint(bigger), tokenizer_vocab=300,
-                         output_size=300)
+        check_cache_fits_student(manifest, "c", fingerprint=tokenizer_fingerprint(bigger), tokenizer_vocab=300,
+                                 output_size=300)
     with pytest.raises(InputError, match="LM head"):
-        check_compatible(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=100)
+        check_cache_fits_student(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=100)
 
 
 def test_unknown_format_version_is_refused(tiny, tmp_path):
@@ -158,7 +159,7 @@ def test_resuming_with_other_reader_settings_is_refused(tiny):
 def test_fraction_subsamples_are_nested_and_disjoint_from_eval(tmp_path):
     from formats import CacheReader
     from formats.ids import record_id
-    from train_student.data import ExampleStream, is_eval
+    from train_student.data import ExampleStream
     import numpy as np
 
     from formats import CacheWriter, CodecConfig, Example
@@ -278,8 +279,8 @@ def test_cache_ids_are_compared_with_the_students_output_size(tiny, caplog):
     manifest = json.loads(json.dumps(CacheReader(tiny["cache"]).manifest))
     manifest["teacher"]["output_size"] = VOCAB + 64  # a padded output layer (OLMo 2, Qwen2.5)
     with caplog.at_level(logging.WARNING, logger="train_student"):
-        check_compatible(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=VOCAB)
+        check_cache_fits_student(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=VOCAB)
     assert "320 rows" in caplog.text and "256" in caplog.text
-    check_compatible(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=VOCAB + 64)
+    check_cache_fits_student(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=VOCAB + 64)
     with pytest.raises(InputError, match="256 tokens.*only 200 rows"):
-        check_compatible(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=200)
+        check_cache_fits_student(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=200)

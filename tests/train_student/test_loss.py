@@ -1,7 +1,7 @@
 """kd_loss, impl="naive" and "chunked", against a float64 reference written out here.
 
 The reference materializes the logits and spells each loss out per position, straight from
-KD_MATH.md (shared/notes beside the checkout), sharing no code with train_student.loss_torch.
+docs/KD_MATH.md, sharing no code with train_student.loss_torch.
 Values and both gradients (hidden and LM head) are compared by relative norm error. Inputs are
 random from the `gen` fixture (tests/conftest.py): a fixed seed by default, KD_TEST_SEED=random for a
 fresh one (printed; pytest shows it on failure), KD_TEST_SEED=<n> to replay one, `make fuzz` for many.

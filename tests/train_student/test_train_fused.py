@@ -6,7 +6,8 @@ training subprocess only); the run must match impl=chunked step for step.
 import json
 
 import pytest
-from kd_fixtures import python_env, run_train, train_args
+
+from .kd_fixtures import python_env, run_train, train_args
 
 pytest.importorskip("triton")
 
@@ -16,6 +17,7 @@ def _losses(run_dir):
     return [r["loss"] for r in rows if r.get("split") == "train"]
 
 
+@pytest.mark.multiprocess
 def test_trainer_runs_the_fused_kernel(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the training subprocess via python_env()
     assert python_env()["TRITON_INTERPRET"] == "1"

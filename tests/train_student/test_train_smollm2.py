@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_fixtures import REPO, read_metrics
+from .kd_fixtures import REPO, read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """Fused LM head + sparse top-k KD loss in Triton (kd_loss(impl="fused")): no [T, V] tensor.
 
 Any loss L = F(lse, s_{i_1}, ..., s_{i_J}) of the log-sum-exp of the logits s = W h and a few
-gathered logits has dL/ds_v = a * softmax(s)_v + sum_j c_j [v = i_j] (KD_MATH, "the general
+gathered logits has dL/ds_v = a * softmax(s)_v + sum_j c_j [v = i_j] (docs/KD_MATH.md, "the general
 shape"). So, per position, the kernel needs only:
 
   forward   an online log-sum-exp over vocab tiles of s = h W^T (tl.dot of hidden tiles with

@@ -17,7 +17,7 @@ from cache_teacher.run import dry_run, run_cache
 from formats.manifest import load_manifest
 from formats.tools import verify_cache
 
-from teacher_helpers import REPO, make_config, write_jsonl
+from .teacher_helpers import REPO, make_config, write_jsonl
 
 
 def read(path) -> dict:
@@ -45,11 +45,6 @@ def tiny_engine(tiny_dir):
     from cache_teacher.engines.hf_engine import HFEngine
 
     return HFEngine(make_config(teacher=str(tiny_dir), out="unused"))
-
-
-@pytest.fixture(scope="module")
-def rows_path(sample_rows, tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("rows") / "rows.jsonl", sample_rows[:24])
 
 
 def test_every_input_is_written_or_rejected(tiny_dir, tiny_engine, sample_rows, tmp_path):
@@ -99,6 +94,7 @@ sys.exit(kdcache_cli.main(ARGS))
 """
 
 
+@pytest.mark.multiprocess
 def test_sigkill_then_rerun_equals_uninterrupted(tiny_dir, tiny_engine, sample_rows, tmp_path):
     rows = sample_rows[:40] + [{"id": "bad"}]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -127,6 +123,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_dir, tiny_engine, sample_r
     assert load_manifest(out)["counts"]["examples"] + load_manifest(out)["counts"]["rejects"] == len(rows)
 
 
+@pytest.mark.slow
 def test_two_workers_and_merge_equal_one_worker(tiny_dir, tiny_engine, rows_path, tmp_path):
     from cache_teacher.launch import merge
 
@@ -146,6 +143,7 @@ def test_two_workers_and_merge_equal_one_worker(tiny_dir, tiny_engine, rows_path
     verify_cache(tmp_path / "merged")
 
 
+@pytest.mark.slow
 def test_generate_mode_and_export(tiny_dir, tiny_engine, rows_path, tmp_path):
     config = make_config(teacher=str(tiny_dir), dataset=str(rows_path), out=str(tmp_path / "gen"), mode="generate",
                          n=2, max_examples=3, temperature=0.8, max_new_tokens=16)
@@ -167,18 +165,6 @@ def test_generate_mode_and_export(tiny_dir, tiny_engine, rows_path, tmp_path):
     assert n == len(records) > 0
     for r in records:
         assert validate(r) is None and r["messages"][-1]["role"] == "assistant"
-
-
-def test_cli_dry_run_and_config_file(tiny_dir, rows_path, tmp_path, capsys):
-    import kdcache_cli
-
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"teacher: {tiny_dir}\ndataset: {rows_path}\nk: 16\nmax_length: 128\n")
-    assert kdcache_cli.main(["cache", "--config", str(cfg), "--dry-run", "--max-length", "256"]) == 0
-    out = capsys.readouterr().out
-    assert "dry run over 24 inputs" in out and "B/position at k=16" in out and "estimated teacher time" in out
-    assert kdcache_cli.main(["cache", "--config", str(cfg)]) == 1  # no --out: a one-line InputError
-    assert "no output folder" in capsys.readouterr().err
 
 
 # ---- resume compares every setting that changes the rows; generate-mode accounting (issue 9) ----
@@ -273,22 +259,6 @@ def test_generate_mode_accounts_for_every_sample(tiny_dir, tiny_engine, sample_r
     assert (dry.examples, sum(dry.rejects.values())) == (2, 4)
 
 
-def test_cli_rerun_into_a_finished_cache_with_other_settings_fails(smollm2_dir, tiny_dir, rows_path, tmp_path, capsys):
-    import kdcache_cli
-
-    out = tmp_path / "c"
-    common = ["cache", "--dataset", str(rows_path), "--out", str(out), "--engine", "hf", "--max-examples", "0",
-              "--no-progress"]
-    assert kdcache_cli.main([*common, "--teacher", str(smollm2_dir), "--k", "64"]) == 0  # finished (no inputs)
-    before = (out / "manifest.json").read_text()
-    assert kdcache_cli.main([*common, "--teacher", str(tiny_dir), "--k", "128"]) == 1
-    err = capsys.readouterr().err
-    assert "codec.k: 64 -> 128" in err and "teacher.name_or_path: " in err and "new folder" in err
-    assert (out / "manifest.json").read_text() == before
-    assert kdcache_cli.main([*common, "--teacher", str(tiny_dir), "--k", "128", "--no-resume"]) == 1
-    assert "already holds a complete cache" in capsys.readouterr().err
-
-
 def test_a_merged_cache_with_other_settings_is_refused_before_the_workers_start(smollm2_dir, tokenizer, rows_path,
                                                                                 tmp_path):
     from cache_teacher.launch import worker_configs
@@ -307,3 +277,14 @@ def test_a_merged_cache_with_other_settings_is_refused_before_the_workers_start(
 
     with pytest.raises(InputError, match="codec.k: 8 -> 16"):  # before any worker starts
         launch_ray(make_config(**{**base, "k": 16}))
+
+
+def test_engine_info_records_the_teachers_output_size(tmp_path):
+    """issue 9, item 10: the manifest's teacher.output_size is the teacher's LM-head rows."""
+    from transformers import LlamaConfig
+
+    from cache_teacher.run import engine_info
+
+    LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=1).save_pretrained(tmp_path / "teacher")
+    assert engine_info(make_config(teacher=str(tmp_path / "teacher"), out=str(tmp_path / "out")))["output_size"] == 1024

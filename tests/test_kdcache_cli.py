@@ -15,6 +15,7 @@ def kdcache(*args, env=None):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only message")
+@pytest.mark.multiprocess
 def test_fused_without_gpu_says_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-m", "kdcache_cli", "train", "--cache", str(tmp_path / "c"), "--student",
@@ -24,6 +25,7 @@ def test_fused_without_gpu_says_what_to_do(tmp_path):
     assert "--impl chunked" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.multiprocess
 def test_missing_dataset_and_cache(tmp_path):
     r = kdcache("cache", "--teacher", tmp_path / "t", "--dataset", tmp_path / "nope.jsonl", "--out", tmp_path / "c")
     assert r.returncode != 0 and "Traceback" not in r.stderr

@@ -6,7 +6,8 @@ import copy
 import numpy as np
 import pytest
 
-from cache_teacher.template import ChatTemplater, TemplateReject, tokenizer_fingerprint
+from cache_teacher.template import ChatTemplater, TemplateReject
+from formats.tokenizer_id import tokenizer_fingerprint
 
 
 def assistant_runs(item):

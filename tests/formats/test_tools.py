@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from format_helpers import PROVENANCE, edit_manifest, make_example, replace_column, rewrite_shard, write_cache
+from .format_helpers import PROVENANCE, edit_manifest, make_example, replace_column, rewrite_shard, write_cache
 
 from formats import CacheReader, load_manifest
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError
@@ -17,6 +17,7 @@ def kdcache(*args):
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
 
+@pytest.mark.multiprocess
 def test_verify_passes_a_good_cache(cache):
     r = kdcache("verify", cache)
     assert r.returncode == 0, r.stderr
@@ -37,6 +38,7 @@ def test_single_byte_corruption_is_caught_everywhere(cache, rng):
     verify_cache(cache)
 
 
+@pytest.mark.multiprocess
 def test_cli_names_the_bad_shard(cache):
     shard = load_manifest(cache)["shards"][1]["file"]
     with open(cache / shard, "r+b") as f:
@@ -123,6 +125,7 @@ def test_merge_refusals(tmp_path, rng):
     assert r.returncode == 1 and "tokenizer.fingerprint differs" in r.stderr
 
 
+@pytest.mark.multiprocess
 def test_inspect_shows_summary_and_example(cache):
     r = kdcache("inspect", cache, "--example", "ex3", "--top", "3")
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""cache_teacher.data and cache_teacher.config: validation reasons, selection, local formats, settings."""
+"""cache_teacher.data: validation reasons, selection, local formats."""
 from __future__ import annotations
 
 import json
@@ -7,11 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cache_teacher.config import make_config as make_raw_config
 from cache_teacher.data import iter_records, validate
 from formats.errors import InputError
 
-from teacher_helpers import make_config, write_jsonl
+from .teacher_helpers import make_config, write_jsonl
 
 GOOD = {"id": "good", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 BAD = [
@@ -78,46 +77,3 @@ def test_local_formats_json_parquet_folder(sample_rows, tmp_path):
     assert got == [r["id"] for r in rows]
     with pytest.raises(InputError):
         list(iter_records(make_config(dataset=str(tmp_path / "missing.jsonl"), teacher="t", out="o")))
-
-
-def test_config_file_and_flags(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("teacher: t\nout: o\nk: 16\nsources: [a, b]\nmode: generate\n")
-    c = make_raw_config(cfg, k=32, mode=None)
-    assert (c.k, c.mode, c.sources, c.teacher) == (32, "generate", ["a", "b"], "t")
-    cfg.write_text("teacher: t\nbogus: 1\n")
-    with pytest.raises(InputError, match="bogus"):
-        make_raw_config(cfg)
-    with pytest.raises(InputError, match="engine"):
-        make_raw_config(None, teacher="t", out="o", engine="tensorrt")
-
-
-def test_config_files_load():
-    from teacher_helpers import REPO
-
-    files = sorted((REPO / "configs" / "cache").glob("*.yaml"))
-    assert files
-    for f in files:
-        make_raw_config(f)
-
-
-def test_cli_help_documents_every_setting():
-    import argparse
-    import dataclasses
-
-    from cache_teacher.cli import register
-    from cache_teacher.config import CacheConfig
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    cache = parser._subparsers._group_actions[0].choices["cache"]
-    text = cache.format_help()
-    for f in dataclasses.fields(CacheConfig):
-        if f.name != "command":
-            assert "--" + f.name.replace("_", "-") in text, f.name
-    assert all(a.help for a in cache._actions)
-    args = parser.parse_args(["cache", "--teacher", "t", "--out", "o", "--k", "5", "--no-resume"])
-    from cache_teacher.cli import config_from_args
-
-    c = config_from_args(args)
-    assert (c.k, c.resume, c.engine) == (5, False, "vllm")

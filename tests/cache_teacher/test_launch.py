@@ -9,7 +9,7 @@ from cache_teacher.launch import launch_ray, worker_dirs
 from cache_teacher.run import run_cache
 from formats.manifest import load_manifest
 
-from teacher_helpers import make_config, write_jsonl
+from .teacher_helpers import make_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 

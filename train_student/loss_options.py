@@ -1,0 +1,6 @@
+"""The choices `kd_loss` takes, defined once and torch-free, so the settings and the CLI can name
+them without importing torch."""
+
+KINDS = ("forward_kl", "reverse_kl")    # the KD divergence
+TAILS = ("renormalize", "bucket")       # teacher mass outside its top-k: renormalize, or one tail bucket
+IMPLS = ("naive", "chunked", "fused")   # kd_loss implementations (train_student/loss.py)
