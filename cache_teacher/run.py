@@ -40,6 +40,7 @@ class Summary:
     cache_bytes: int = 0
     cache_positions: int = 0  # all positions in the finished cache (including resumed ones)
     out: str = ""
+    teacher: str = ""  # engine and dtype used, and why
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -49,6 +50,7 @@ class Summary:
     def report(self) -> str:
         lines = [
             f"cache   {self.out}",
+            *([f"teacher {self.teacher}"] if self.teacher else []),
             f"inputs  {self.inputs} ({self.examples} written, {sum(self.rejects.values())} rejected, "
             f"{self.resumed} done by an earlier run, {self.truncated} truncated)",
             f"positions {self.positions} written; tokens {self.tokens}",
@@ -160,14 +162,17 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     """
     if config.dry_run:
         return dry_run(config, tokenizer)
+    from cache_teacher.config import resolve_auto
     from formats.codec import CodecConfig
     from formats.writer import CacheWriter
 
+    config = resolve_auto(config)  # engine, dtype: concrete for this machine, before the manifest records them
     started = time.perf_counter()
     tokenizer = tokenizer or load_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     stop_ids = templater.eot_ids
-    summary = Summary(out=str(config.out))
+    summary = Summary(out=str(config.out), teacher=f"{config.engine} engine ({config.engine_reason}), "
+                      f"{config.dtype} ({config.dtype_reason})")
     own_engine = engine is None
     bar = _progress(config)
     pending: list = []
