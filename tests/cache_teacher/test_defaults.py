@@ -83,6 +83,13 @@ def test_defaults_are_auto_and_resolve_per_device(monkeypatch):
 
     import importlib.util
 
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
+    generate = resolve_auto(make_config(teacher="org/model", out="x", engine="auto", mode="generate"), device="cpu")
+    assert generate.engine == "vllm"  # batched decoding
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert resolve_auto(make_config(teacher="org/model", out="x", engine="auto", mode="generate"),
+                        device="cpu").engine == "hf"
+
     fake_cuda(monkeypatch, (9, 0))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
     gpu = resolve_auto(make_config(teacher="org/model", out="x", engine="auto", dtype="auto", enforce_eager=None))
