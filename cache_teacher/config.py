@@ -41,7 +41,7 @@ class CacheConfig:
     teacher: str | None = None  # HF checkpoint folder or hub id (kdcache prepare-teacher makes one)
     tokenizer: str | None = None  # defaults to the teacher's own
     revision: str | None = None  # hub revision of the teacher
-    engine: str = "auto"  # auto (vllm on GPUs, hf on CPUs: see resolve_auto), vllm or hf (transformers)
+    engine: str = "auto"  # auto (vllm where installed; hf for scoring on AVX2-only CPUs: resolve_auto), vllm, hf
     dtype: str = "auto"  # teacher dtype; auto: bfloat16 where the hardware has native bf16, else float32
     k: int = 64  # top-k entries stored per trained position
     mass: float | None = None  # mass-adaptive truncation: keep the fewest entries reaching this mass
@@ -141,7 +141,8 @@ FIELDS = {f.name for f in dataclasses.fields(CacheConfig)} - set(RESOLVED)
 
 def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
     """`config` with engine, dtype and enforce_eager made concrete for the machine this runs on, and
-    `engine_reason` / `dtype_reason` saying why (they go into the manifest and the run's summary).
+    `engine_reason` / `dtype_reason` saying why (the run's summary prints them; the manifest keeps them
+    in its recorded config, `extra.config`, and the concrete engine and dtype in `teacher`).
 
     device: "cuda" or "cpu" (default: cuda when torch sees a GPU). The rules, measured in
     docs/BENCHMARKS.md:
@@ -151,7 +152,8 @@ def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
         in generate mode vLLM decodes all sequences in one batch, the hf engine one prompt at a time
         (over 7x slower on the demo's prompts). No vLLM: the hf engine.
       dtype auto: bfloat16 where the hardware computes it natively, else float32 (formats.hardware).
-      enforce_eager None: eager on CPUs (vLLM's compilation costs ~100 s at start-up there), compiled on GPUs.
+      enforce_eager None: eager on CPUs (compiling cost 87-100 s of start-up there and paid off only past
+        ~125,000 tokens), compiled on GPUs.
     Idempotent: an already resolved config comes back unchanged.
     """
     from formats.hardware import default_device, resolve_dtype
