@@ -20,7 +20,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="../shared/data/tulu3_sft_sample.jsonl", help="chat .jsonl to score")
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--max-length", type=int, default=512, help="tokens per conversation (default 512)")
-    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--max-examples", type=int, default=16,
+                   help="records scored (default 16: 4 engine x dtype pairs x 3 passes x 2 rounds take ~10 min on "
+                   "2 CPU cores; raise it on a GPU)")
     p.add_argument("--engines", default="hf,vllm", help="comma-separated (default hf,vllm)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
     p.add_argument("--repeats", type=int, default=2, help="rounds of plain / top-k / pipeline; the fastest counts")

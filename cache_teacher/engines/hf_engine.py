@@ -3,9 +3,9 @@ is checked against. Same outputs as `VLLMEngine`.
 
 Score mode packs records of similar length into right-padded batches of at most `hf_batch_tokens` padded
 tokens, runs the decoder body, and applies the LM head only at the trained positions, `HEAD_CHUNK` rows
-at a time: top-k, the actual token's logit and its rank on the raw logits, and one logsumexp per row
-turns them into logprobs (no [T, V] log-softmax; the full [B, L, V] logits of a 4k-token batch would be
-800 MB). Generate mode samples with `model.generate`, one prompt (n sequences) at a time, and takes
+at a time: top-k on the raw logits and one logsumexp per row for the logprobs; the actual token's
+logprob and rank come from the chunk shifted by that logsumexp in place (no [T, V] log-softmax; the
+full [B, L, V] logits of a 4k-token batch would be 800 MB). Generate mode samples with `model.generate`, one prompt (n sequences) at a time, and takes
 the top-k from the raw (unprocessed) logits of each step.
 """
 from __future__ import annotations
