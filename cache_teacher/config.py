@@ -135,8 +135,7 @@ class CacheConfig:
         return dataclasses.asdict(self)
 
 
-RESOLVED = ("engine_reason", "dtype_reason")  # fields resolve_auto fills in
-FIELDS = {f.name for f in dataclasses.fields(CacheConfig)} - set(RESOLVED)
+FIELDS = {f.name for f in dataclasses.fields(CacheConfig)}  # with the reasons: a recorded config loads back
 
 
 def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
