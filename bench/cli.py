@@ -6,7 +6,7 @@ import importlib
 # subcommand -> (module in bench/ with main(argv), one-line help)
 BENCHES = {
     "codec": ("bench.codec_bench", "bytes/position, fidelity and decode speed of the cache codec settings"),
-    "cache": ("bench.cache_bench", "teacher caching throughput: bare vLLM vs the whole pipeline vs the hf engine"),
+    "cache": ("bench.cache_bench", "teacher caching throughput: both engines in both dtypes; plain prefill, top-k call, whole pipeline"),
     "train": ("bench.train_bench", "trainer throughput and memory: naive vs chunked loss, reader speed, data wait"),
 }
 

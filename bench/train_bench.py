@@ -10,7 +10,8 @@
    real teacher top-k (bench/data/smollm2_tulu_top128.npz: SmolLM2-135M-Instruct on Tulu 3).
 3. step: a training loop (a random student of SmolLM2's width with --layers layers, AdamW,
    packed sequences of --tokens tokens from that cache, impl=chunked) and the fraction of its
-   time spent waiting for the next batch (target: < 2%).
+   time spent waiting for the next batch (target: < 2%), once per --dtypes choice (float32 and
+   bf16-mixed: the two that `--dtype auto` picks between; the table marks the one it picks here).
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def bench_reader(cache: Path, max_tokens: int, repeats: int = 3) -> list[dict]:
 
 
 # ---- 3. training step --------------------------------------------------------------------------------
-def bench_step(cache: Path, args) -> dict:
+def bench_step(cache: Path, args, dtype: str = "float32") -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -133,7 +134,7 @@ def bench_step(cache: Path, args) -> dict:
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
                       max_position_embeddings=8192, attn_implementation="sdpa")
-    module = StudentLoss(LlamaForCausalLM(cfg))
+    module = StudentLoss(LlamaForCausalLM(cfg), autocast=torch.bfloat16 if dtype == "bf16-mixed" else None)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     reader = CacheReader(cache, shuffle=True, epochs=None)
     packer = Packer(ExampleStream([reader]), max_tokens=args.tokens, k=int(reader.manifest["codec"]["k"]))
@@ -153,7 +154,7 @@ def bench_step(cache: Path, args) -> dict:
         t2 = time.perf_counter()
         if step:  # step 0 warms up
             wait, total, tokens = wait + t1 - t0, total + t2 - t0, tokens + batch.n_tokens
-    return {"layers": args.layers, "tokens_per_step": args.tokens, "s_per_step": total / args.steps,
+    return {"dtype": dtype, "layers": args.layers, "tokens_per_step": args.tokens, "s_per_step": total / args.steps,
             "tokens_per_s": tokens / total, "data_wait_frac": wait / total, "peak_rss_mb": _rss_mb()}
 
 
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=3, help="timed loss iterations after one warm-up (best is reported)")
     p.add_argument("--layers", type=int, default=6, help="decoder layers of the step benchmark's student")
     p.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
+    p.add_argument("--dtypes", default="float32,bf16-mixed", help="step part: student dtypes to compare")
     p.add_argument("--cache", default=None, help="cache for the reader/step parts (default: one made from "
                    "bench/data/smollm2_tulu_top128.npz in a temporary folder)")
     p.add_argument("--_loss-one", dest="loss_one", default=None, help=argparse.SUPPRESS)
@@ -193,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     import torch
 
+    from formats.hardware import auto_dtype, cpu_summary
+
+    auto = "bf16-mixed" if auto_dtype()[0] == "bfloat16" else "float32"
+    print(f"CPU: {cpu_summary()}; load average {os.getloadavg()[0]:.1f}; `--dtype auto` here: {auto}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={args.tokens}, V={args.vocab}, "
           f"D={args.hidden}, K={args.k}\n")
     if "loss" in parts:
@@ -210,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                ("positions_per_s", "positions/s", ",.0f")]) + "\n")
             if "step" in parts:
                 print(f"### training step (random {args.layers}-layer SmolLM2-width student, chunked loss)\n")
-                print(table([bench_step(cache, args)], [("tokens_per_step", "tokens/step", ""),
+                rows = [bench_step(cache, args, dtype) for dtype in args.dtypes.split(",") if dtype]
+                for row in rows:
+                    row["dtype"] += " (auto)" if row["dtype"] == auto else ""
+                print(table(rows, [("dtype", "student dtype", ""), ("tokens_per_step", "tokens/step", ""),
                                                         ("s_per_step", "s / step", ".2f"),
                                                         ("tokens_per_s", "tokens/s", ",.0f"),
                                                         ("data_wait_frac", "waiting for data", ".2%"),

@@ -1,95 +1,176 @@
-"""Teacher-stage benchmark, for `kdcache bench cache`: how close the pipeline runs to the bare engine.
+"""Teacher-stage benchmark, for `kdcache bench cache`: both engines in both dtypes on this machine.
 
     from cache_teacher.bench import bench_cache, format_table
-    print(format_table(bench_cache(config)))      # config: a CacheConfig with engine="vllm"
+    print(format_table(bench_cache(config)))
 
-Measures on the same templated records, in one process and one vLLM engine:
-  (a) the bare `vllm.LLM.generate` call with the same prompt logprobs (no extraction, no writing),
-  (b) the whole pipeline (`run_cache`: templating, engine, extraction, encoding, writing) into a
-      scratch cache,
-  (c) the hf engine's pipeline on the first `hf_rows` records (it is several times slower).
-(a) and (b) alternate for `repeats` rounds and the fastest of each counts (other jobs share the
-machine). Requests with prompt logprobs are recomputed by vLLM (no prefix-cache reuse), so repeats
-do not flatter later rounds. Needs an `if __name__ == "__main__":` guard in the calling script.
+For each (engine, dtype), on the same templated records, in one process and one started engine:
+  plain     the engine's plain prefill without logprobs (vLLM: `generate` with max_tokens=1, prefix
+            caching off so repeats recompute; hf: the decoder body over the same batches, no LM head),
+  bare      the bare engine call with top-k (vLLM: `generate` with prompt_logprobs=k, no extraction;
+            hf: `HFEngine.score`),
+  pipeline  the whole pipeline (`run_cache`: templating, engine, extraction, encoding, writing) into a
+            scratch cache.
+The three alternate for `repeats` rounds and the fastest of each counts (other jobs share the machine).
+Ratios: pipeline / bare time (target <= 1.10) and capture / plain tokens/s (target >= 0.90).
+Needs an `if __name__ == "__main__":` guard in the calling script (vLLM starts processes with spawn).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 
-def bench_cache(config, repeats: int = 2, hf_rows: int = 16, scratch: str | None = None, engine=None) -> dict:
-    """Returns {"tokens", "positions", "engine_start_s", "bare_s", "pipeline_s", "hf_tokens", "hf_s", ...}.
+def machine() -> dict:
+    """Processor, relevant flags, cores and load: the header of every table."""
+    from formats.hardware import REPORTED_CPU_FLAGS, cpu_flags, cpu_model
 
-    `engine`: an already started VLLMEngine to use (else one is started, timed, and closed)."""
-    from vllm import SamplingParams
+    flags = cpu_flags()
+    return {"cpu": cpu_model(), "flags": {f: f in flags for f in REPORTED_CPU_FLAGS}, "cores": os.cpu_count(),
+            "load_before": os.getloadavg()[0]}
 
+
+def templated(config, tokenizer) -> list:
     from cache_teacher.data import iter_records
-    from cache_teacher.engines.vllm_engine import VLLMEngine
-    from cache_teacher.run import run_cache, teacher_tokenizer
     from cache_teacher.template import ChatTemplater, TemplateReject
 
-    config = dataclasses.replace(config, engine="vllm", progress=False, dry_run=False, launcher="local")
-    tokenizer = teacher_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     items = []
-    for record, _ in iter_records(config):
-        if record is None:
-            continue
-        try:
-            items.append(templater.score(record))
-        except TemplateReject:
-            continue
-    tokens = sum(len(item.input_ids) for item in items)
-    root = Path(scratch or tempfile.mkdtemp(prefix="kdcache-bench-"))
-    own = engine is None
+    for record, reject in iter_records(config):
+        if reject is None:
+            try:
+                items.append(templater.score(record))
+            except TemplateReject:
+                continue
+    return items
+
+
+def start_engine(config):
+    """(engine, seconds to start). vLLM without prefix caching: plain prefills of repeated prompts would
+    otherwise reuse the KV cache and look several times faster than they are."""
+    from cache_teacher.engines.hf_engine import HFEngine
+    from cache_teacher.engines.vllm_engine import VLLMEngine
+
     t0 = time.perf_counter()
-    engine = engine or VLLMEngine(config)
-    result = {"records": len(items), "tokens": tokens, "positions": int(sum(len(i.target_positions) for i in items)),
-              "k": config.k, "engine_start_s": time.perf_counter() - t0, "bare_s": [], "pipeline_s": []}
-    params = SamplingParams(max_tokens=1, prompt_logprobs=config.k, flat_logprobs=True, detokenize=False)
+    engine = VLLMEngine(config, enable_prefix_caching=False) if config.engine == "vllm" else HFEngine(config)
+    return engine, time.perf_counter() - t0
+
+
+def _plain_and_bare(engine, config, items):
+    """(plain prefill, bare top-k call) as two callables for `engine`."""
+    if config.engine == "hf":
+        return (lambda: engine.prefill(items, config)), (lambda: engine.score(items, config))
+    from vllm import SamplingParams
+
+    prompts = engine._prompts(items)
+    plain = SamplingParams(max_tokens=1, detokenize=False)
+    topk = SamplingParams(max_tokens=1, prompt_logprobs=config.k, flat_logprobs=True, detokenize=False)
+    return (lambda: engine.llm.generate(prompts, plain, use_tqdm=False),
+            lambda: engine.llm.generate(prompts, topk, use_tqdm=False))
+
+
+def bench_one(config, items, tokenizer, repeats: int, root: Path, engine=None) -> dict:
+    """Plain, bare and pipeline seconds (lists, one per round) of one (engine, dtype) on `items`."""
+    from cache_teacher.run import run_cache
+
+    own = engine is None
+    start_s = None
+    if own:
+        engine, start_s = start_engine(config)
+    run = {"engine": config.engine, "dtype": config.dtype, "start_s": start_s, "plain_s": [], "bare_s": [],
+           "pipeline_s": []}
+    plain, bare = _plain_and_bare(engine, config, items)
     try:
+        _plain_and_bare(engine, config, items[:2])[1]()  # warm-up: allocators, kernels, the engine's first step
         for r in range(repeats):
-            t0 = time.perf_counter()
-            engine.llm.generate(engine._prompts(items), params, use_tqdm=False)
-            result["bare_s"].append(time.perf_counter() - t0)
-            out = root / f"vllm-{r}"
+            for name, call in (("plain_s", plain), ("bare_s", bare)):
+                t0 = time.perf_counter()
+                call()
+                run[name].append(time.perf_counter() - t0)
+            out = root / f"{config.engine}-{config.dtype}-{r}"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
             summary = run_cache(dataclasses.replace(config, out=str(out)), engine=engine, tokenizer=tokenizer)
-            result["pipeline_s"].append(time.perf_counter() - t0)
-            result["bytes_per_position"] = summary.cache_bytes / max(1, summary.cache_positions)
+            run["pipeline_s"].append(time.perf_counter() - t0)
+            run["bytes_per_position"] = summary.cache_bytes / max(1, summary.cache_positions)
     finally:
         if own:
             engine.close()
-    if hf_rows:
-        hf = dataclasses.replace(config, engine="hf", max_examples=hf_rows, out=str(root / "hf"))
-        shutil.rmtree(root / "hf", ignore_errors=True)
-        t0 = time.perf_counter()
-        summary = run_cache(hf, tokenizer=tokenizer)
-        result["hf_s"], result["hf_tokens"] = time.perf_counter() - t0, summary.tokens
-        result["hf_teacher_s"] = summary.teacher_s
-    if scratch is None:
-        shutil.rmtree(root, ignore_errors=True)
+    return run
+
+
+def bench_cache(config, engines=("hf", "vllm"), dtypes=("float32", "bfloat16"), repeats: int = 2,
+                scratch: str | None = None, started: dict | None = None, reserved_cpus: tuple[int, ...] = (),
+                compiled: bool = False) -> dict:
+    """Measure every (engine, dtype) on the records of `config` (see the module docstring).
+
+    started: {(engine, dtype): an already started engine} to use instead of starting one (tests).
+    reserved_cpus: also run vLLM float32 with VLLM_CPU_NUM_OF_RESERVED_CPU set to each of these.
+    compiled: also run vLLM float32 without --enforce-eager (compiled; its start-up includes compiling).
+    Returns {"machine", "records", "tokens", "positions", "k", "runs": [per (engine, dtype)], "auto"}."""
+    from cache_teacher.config import resolve_auto
+    from cache_teacher.run import teacher_tokenizer
+
+    base = dataclasses.replace(config, progress=False, dry_run=False, launcher="local")
+    tokenizer = teacher_tokenizer(base)
+    items = templated(base, tokenizer)
+    auto = resolve_auto(dataclasses.replace(base, engine="auto", dtype="auto", engine_reason=None, dtype_reason=None))
+    result = {"machine": machine(), "records": len(items), "tokens": sum(len(i.input_ids) for i in items),
+              "positions": int(sum(len(i.target_positions) for i in items)), "k": base.k,
+              "max_length": base.max_length, "auto": (auto.engine, auto.dtype), "runs": []}
+    root = Path(scratch or tempfile.mkdtemp(prefix="kdcache-bench-"))
+    try:
+        for engine in engines:
+            for dtype in dtypes:
+                cfg = resolve_auto(dataclasses.replace(base, engine=engine, dtype=dtype, engine_reason=None,
+                                                       dtype_reason=None))
+                given = (started or {}).get((engine, dtype))
+                result["runs"].append(bench_one(cfg, items, tokenizer, repeats, root, engine=given))
+        vllm32 = resolve_auto(dataclasses.replace(base, engine="vllm", dtype="float32", engine_reason=None,
+                                                  dtype_reason=None))
+        for n in reserved_cpus:
+            before = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU")
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(n)
+            try:
+                run = bench_one(vllm32, items, tokenizer, repeats, root)
+            finally:
+                if before is None:
+                    os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU")
+                else:
+                    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = before
+            result["runs"].append({**run, "engine": f"vllm, VLLM_CPU_NUM_OF_RESERVED_CPU={n}"})
+        if compiled:
+            run = bench_one(dataclasses.replace(vllm32, enforce_eager=False), items, tokenizer, repeats, root)
+            result["runs"].append({**run, "engine": "vllm, compiled (no --enforce-eager)"})
+    finally:
+        if scratch is None:
+            shutil.rmtree(root, ignore_errors=True)
+    result["machine"]["load_after"] = os.getloadavg()[0]
     return result
 
 
 def format_table(r: dict) -> str:
-    bare, pipe = min(r["bare_s"]), min(r["pipeline_s"])
-    rows = [("(a) bare vLLM call, prompt_logprobs=%d" % r["k"], r["tokens"], bare),
-            ("(b) whole pipeline (vLLM engine)", r["tokens"], pipe)]
-    if "hf_s" in r:
-        rows.append(("(c) whole pipeline (hf engine)", r["hf_tokens"], r["hf_s"]))
-    lines = [f"{r['records']} records, {r['tokens']} tokens, {r['positions']} trained positions; "
-             f"vLLM engine start {r['engine_start_s']:.1f}s (not counted)",
-             "| run | tokens | seconds | tokens/s |", "|---|---|---|---|"]
-    lines += [f"| {name} | {n} | {s:.1f} | {n / s:.0f} |" for name, n, s in rows]
-    lines.append(f"(b)/(a) time ratio: {pipe / bare:.3f} (target <= 1.10)")
-    if "hf_s" in r:
-        lines.append(f"vLLM pipeline is {(r['tokens'] / pipe) / (r['hf_tokens'] / r['hf_s']):.1f}x the hf engine's tokens/s")
-    if "bytes_per_position" in r:
-        lines.append(f"cache: {r['bytes_per_position']:.1f} bytes/position")
+    m = r["machine"]
+    flags = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in m["flags"].items())
+    tokens = r["tokens"]
+    lines = [f"CPU: {m['cpu']} ({flags}); {m['cores']} cores; load average {m['load_before']:.1f} before, "
+             f"{m.get('load_after', float('nan')):.1f} after",
+             f"{r['records']} records (<= {r['max_length']} tokens), {tokens} tokens, {r['positions']} trained "
+             f"positions, k={r['k']}; fastest of {len(r['runs'][0]['bare_s']) if r['runs'] else 0} rounds; "
+             f"`--engine auto --dtype auto` here: {r['auto'][0]}, {r['auto'][1]}",
+             "",
+             "| engine | dtype | start s | plain prefill tok/s | top-k call tok/s | pipeline tok/s "
+             "| pipeline / top-k call time (<= 1.10) | top-k / plain tok/s (>= 0.90) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        plain, bare, pipe = min(run["plain_s"]), min(run["bare_s"]), min(run["pipeline_s"])
+        start = f"{run['start_s']:.1f}" if run["start_s"] is not None else "(shared)"
+        auto = " (auto)" if (run["engine"], run["dtype"]) == tuple(r["auto"]) else ""
+        lines.append(f"| {run['engine']}{auto} | {run['dtype']} | {start} | {tokens / plain:,.0f} | {tokens / bare:,.0f} "
+                     f"| {tokens / pipe:,.0f} | {pipe / bare:.3f} | {plain / bare:.3f} |")
+    if r["runs"] and "bytes_per_position" in r["runs"][0]:
+        lines.append(f"\ncache: {r['runs'][0]['bytes_per_position']:.1f} bytes/position")
     return "\n".join(lines)

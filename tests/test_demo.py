@@ -25,7 +25,11 @@ def test_quick_demo_end_to_end(tmp_path):
     result = verify_cache(out / "cache")
     assert result["examples"] > 0 and result["positions"] > 0
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
-    assert manifest["mode"] == "generate" and manifest["teacher"]["engine"] == "vllm"
+    from cache_teacher.config import make_config, resolve_auto
+
+    auto = resolve_auto(make_config(teacher=str(out / "teacher"), out="x", mode="generate"))
+    assert manifest["mode"] == "generate"  # the engine and dtype are this machine's defaults, recorded as such
+    assert (manifest["teacher"]["engine"], manifest["teacher"]["dtype"]) == (auto.engine, auto.dtype)
 
     import torch
     from transformers import AutoModelForCausalLM

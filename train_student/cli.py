@@ -34,8 +34,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
          "(saved to OUT/student-init)", metavar="DIR")
     _add(g, "--keep-layers", "with --init-from-teacher: teacher layers to keep, e.g. 0,5,10,15,20,29", metavar="I,J,...")
     _add(g, "--tokenizer", "tokenizer folder or hub id, if not the student's", metavar="ID_OR_DIR")
-    _add(g, "--dtype", "float32; bfloat16 (weights and optimizer state too: least memory); bf16-mixed (fp32 "
-         "weights and optimizer, bf16 compute: autocast, or FSDP2's mixed precision)", choices=DTYPES)
+    _add(g, "--dtype", "auto: bf16-mixed where the device computes bf16 natively (CUDA compute capability >= 8, "
+         "CPUs with amx_bf16 or avx512_bf16), else float32; float32; bfloat16 (weights and optimizer state too: "
+         "least memory); bf16-mixed (fp32 weights and optimizer, bf16 compute: autocast, or FSDP2's mixed "
+         "precision)", choices=DTYPES)
     _add(g, "--gradient-checkpointing", "recompute activations in backward", action=argparse.BooleanOptionalAction)
     _add(g, "--compile", "torch.compile the student's decoder", action=argparse.BooleanOptionalAction)
     _add(g, "--attn-implementation", "attention kernel; packed examples stay apart with each (flash_attention_2 "

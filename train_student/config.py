@@ -21,7 +21,7 @@ from formats.errors import InputError
 KINDS = ("forward_kl", "reverse_kl")
 TAILS = ("renormalize", "bucket")
 IMPLS = ("naive", "chunked", "fused")
-DTYPES = ("float32", "bfloat16", "bf16-mixed")
+DTYPES = ("auto", "float32", "bfloat16", "bf16-mixed")
 
 
 @dataclass
@@ -48,7 +48,8 @@ class TrainConfig:
     init_from_teacher: str | None = None  # teacher folder: the student is a layer-pruned copy of it
     keep_layers: list[int] | None = None  # with init_from_teacher: teacher layer indices to keep
     tokenizer: str | None = None          # defaults to the student's (or the teacher's) folder
-    dtype: str = "float32"                # float32 | bfloat16 (weights too) | bf16-mixed (fp32 weights, bf16 compute)
+    dtype: str = "auto"                   # auto (bf16-mixed where bf16 is native, else float32) | float32 |
+                                          # bfloat16 (weights too) | bf16-mixed (fp32 weights, bf16 compute)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     compile: bool = False                 # torch.compile the student
     attn_implementation: str | None = None  # sdpa (default) | eager | flash_attention_2 (varlen on CUDA)

