@@ -13,7 +13,7 @@ repository root is put on sys.path here, so kdcache need not be installed.
 2. Timing: median fwd+bwd time (triton.testing.do_bench) and peak extra memory (max allocated
    above the inputs; the gradients dH and dW are part of it) over T x V x D x K, bf16.
 3. The target row T=16384, V=128256, D=4096, K=64 bf16: achieved TFLOP/s = 8 T V D / time
-   (the recompute design's FLOPs, KD_MATH), against the H200's ~790 TFLOP/s bf16 peak.
+   (the recompute design's FLOPs, docs/KD_MATH.md), against the H200's ~790 TFLOP/s bf16 peak.
 Output: markdown tables on stdout.
 """
 
@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from train_student.loss_options import IMPLS  # noqa: E402  (torch-free: fine on the GPU machine)
+
 # Defaults: the grid the table sweeps, and the target row.
 GRID_T = (4096, 16384)
 GRID_V = (49152, 128256)
@@ -37,7 +39,6 @@ GRID_D = (576, 2048, 4096)
 GRID_K = (32, 128)
 TARGET = dict(t=16384, v=128256, d=4096, k=64)
 PEAK_TFLOPS = 790.0  # H200 dense bf16, as measured on this kind of machine
-IMPLS = ("naive", "chunked", "fused")
 # Naive holds about this many bytes per logit at peak (bf16 logits, their fp32 copy, exp, grads).
 NAIVE_BYTES_PER_LOGIT = 24
 

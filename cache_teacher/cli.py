@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 
-from cache_teacher.config import DTYPES, ENGINES, LAUNCHERS, LENGTH_POLICIES, MODES, CacheConfig
+from cache_teacher.config import TEACHER_DTYPES, ENGINES, LAUNCHERS, LENGTH_POLICIES, MODES, CacheConfig
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(CacheConfig)}
 
@@ -49,7 +49,7 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
          "(transformers) scores as fast and starts in a second (docs/BENCHMARKS.md); vllm; hf", choices=ENGINES)
     _add(g, "--dtype", "teacher dtype; auto: bfloat16 where the hardware computes it natively (CUDA compute "
          "capability >= 8, CPUs with amx_bf16 or avx512_bf16), else float32 (bf16 is emulated and several times "
-         "slower there); float16 only when asked. The cache records the dtype used", choices=DTYPES)
+         "slower there); float16 only when asked. The cache records the dtype used", choices=TEACHER_DTYPES)
     _add(g, "--k", "top-k entries stored per trained position", type=int)
     _add(g, "--mass", "mass-adaptive truncation: store only the fewest top entries reaching this probability mass "
          "(at most k)", type=float, metavar="P")

@@ -21,7 +21,7 @@ MODES = ("score", "generate")
 ENGINES = ("auto", "vllm", "hf")
 LENGTH_POLICIES = ("truncate", "drop")
 LAUNCHERS = ("local", "ray")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+TEACHER_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -91,7 +91,7 @@ class CacheConfig:
         choose("engine", ENGINES)
         choose("length_policy", LENGTH_POLICIES)
         choose("launcher", LAUNCHERS)
-        choose("dtype", DTYPES)
+        choose("dtype", TEACHER_DTYPES)
         if not self.teacher:
             raise InputError("no teacher: pass --teacher DIR_OR_HUB_ID (kdcache prepare-teacher makes one)")
         if not self.out and not self.dry_run:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from train_student.config import DTYPES, IMPLS, KINDS, TAILS, TrainConfig
+from train_student.config import STUDENT_DTYPES, IMPLS, KINDS, TAILS, TrainConfig
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(TrainConfig)}
 
@@ -37,7 +37,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add(g, "--dtype", "auto: bf16-mixed where the device computes bf16 natively (CUDA compute capability >= 8, "
          "CPUs with amx_bf16 or avx512_bf16), else float32; float32; bfloat16 (weights and optimizer state too: "
          "least memory); bf16-mixed (fp32 weights and optimizer, bf16 compute: autocast, or FSDP2's mixed "
-         "precision)", choices=DTYPES)
+         "precision)", choices=STUDENT_DTYPES)
     _add(g, "--gradient-checkpointing", "recompute activations in backward", action=argparse.BooleanOptionalAction)
     _add(g, "--compile", "torch.compile the student's decoder", action=argparse.BooleanOptionalAction)
     _add(g, "--attn-implementation", "attention kernel; packed examples stay apart with each (flash_attention_2 "

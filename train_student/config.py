@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from formats.errors import InputError
+from train_student.loss_options import IMPLS, KINDS, TAILS  # noqa: F401  (defined once; the CLI imports them here)
 
-KINDS = ("forward_kl", "reverse_kl")
-TAILS = ("renormalize", "bucket")
-IMPLS = ("naive", "chunked", "fused")
-DTYPES = ("auto", "float32", "bfloat16", "bf16-mixed")
+STUDENT_DTYPES = ("auto", "float32", "bfloat16", "bf16-mixed")
 
 
 @dataclass
@@ -111,8 +109,8 @@ class TrainConfig:
             raise InputError("give either --student or --init-from-teacher, not both")
         if self.init_from_teacher and not self.keep_layers:
             raise InputError("--init-from-teacher needs --keep-layers (e.g. 0,5,10,15,20,29)")
-        if self.dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in STUDENT_DTYPES:
+            raise InputError(f"dtype must be one of {STUDENT_DTYPES}, got {self.dtype!r}")
         if self.impl not in IMPLS:
             raise InputError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
