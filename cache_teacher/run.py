@@ -182,7 +182,7 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
         if not pending:
             return
         if engine is None:
-            from cache_teacher.engines.base import load_engine
+            from cache_teacher.engines.factory import load_engine
 
             engine = load_engine(config)
         t0 = time.perf_counter()

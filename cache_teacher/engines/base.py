@@ -1,4 +1,5 @@
-"""What every teacher engine returns, and `load_engine(config)` to pick one.
+"""What every teacher engine is (`Engine`) and returns (`Scored`, `Generated`); `engines.factory`
+picks one.
 
 Both engines take `Templated` records (cache_teacher.template) and return the same structures, so
 run.py writes the same cache from either, up to numerics.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -35,6 +37,29 @@ class Generated:
     token_ids: np.ndarray
     scored: Scored
     finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens)
+
+
+class Engine(Protocol):
+    """A teacher engine (hf_engine.HFEngine, vllm_engine.VLLMEngine). `config` (a CacheConfig) overrides
+    the engine's own for one call (k, sampling); items are `Templated` records, results in item order."""
+
+    name: str
+
+    def info(self) -> dict:
+        """The teacher's provenance for the manifest (name_or_path, revision, dtype, engine, version)."""
+        ...
+
+    def score(self, items, config=None) -> list[Scored]:
+        """Teacher-forced top-k at each item's target positions."""
+        ...
+
+    def generate(self, items, stop_ids, config=None) -> list[list[Generated]]:
+        """Sampled responses per item, each with the teacher's top-k at its generated positions."""
+        ...
+
+    def close(self) -> None:
+        """Free the model (and the engine's processes)."""
+        ...
 
 
 def rank_of(logprobs, actual):
@@ -87,16 +112,3 @@ def engine_start_error(text: str, exc: BaseException) -> EngineStartError:
     fix = next((f for needle, f in _VLLM_FIXES if needle in cause), None)
     fix = fix or "--engine hf (transformers) runs without vLLM; --verbose shows vLLM's full output"
     return EngineStartError(f"vLLM could not start: {cause}", fix=fix, details=text)
-
-
-def load_engine(config):
-    from cache_teacher.config import resolve_auto
-
-    config = resolve_auto(config)
-    if config.engine == "vllm":
-        from cache_teacher.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(config)
-    from cache_teacher.engines.hf_engine import HFEngine
-
-    return HFEngine(config)
