@@ -63,6 +63,40 @@ def lr_lambda(step: int, *, warmup: int, total: int | None, min_ratio: float) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def stage_loss_kwargs(stage: Stage, cfg: TrainConfig) -> tuple[dict, dict]:
+    """The loss arguments of a stage: (training, evaluation). Evaluation scores plain forward KL at
+    tau = 1 with the stage's tail, and CE, both at weight 1."""
+    common = dict(tail=stage.tail, impl=cfg.impl, chunk_size=cfg.chunk_size)
+    train = dict(kd_weight=stage.kd_weight, ce_weight=stage.ce_weight, temperature=stage.temperature,
+                 kind=stage.kind, **common)
+    return train, dict(kd_weight=1.0, ce_weight=1.0, temperature=1.0, kind="forward_kl", **common)
+
+
+class Sums:
+    """Named running sums (float64), all-reduced as one tensor in the fixed order of `keys`."""
+
+    def __init__(self, *keys: str):
+        self.keys = keys
+        self.values = dict.fromkeys(keys, 0.0)
+
+    def add(self, **values) -> None:
+        for key, value in values.items():
+            self.values[key] += float(value)
+
+    def zero(self) -> None:
+        self.values = dict.fromkeys(self.keys, 0.0)
+
+    def reduced(self, all_reduce) -> dict[str, float]:
+        """The sums over every rank: `all_reduce` takes and returns a tensor (Trainer._all_reduce)."""
+        t = all_reduce(torch.tensor([self.values[k] for k in self.keys], dtype=torch.float64))
+        return dict(zip(self.keys, t.tolist()))
+
+
+def _top1(sums: dict[str, float]) -> float:
+    """Top-1 agreement over every scored position of the window (exact counts, not a mean of ratios)."""
+    return sums["n_top1_agree"] / max(sums["n_scored"], 1.0)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -239,21 +273,20 @@ class Trainer:
             if self.data_state is not None:
                 packer.load_state_dict(self.data_state)
                 self.data_state = None
-            loss_kwargs = dict(kd_weight=stage.kd_weight, ce_weight=stage.ce_weight, temperature=stage.temperature,
-                               kind=stage.kind, tail=stage.tail, impl=self.cfg.impl, chunk_size=self.cfg.chunk_size)
+            self.loss_kwargs, self.eval_loss_kwargs = stage_loss_kwargs(stage, self.cfg)
             self.eval_set = eval_batches(stage.cache, rank=self.rank, world_size=self.world,
                                          eval_fraction=self.cfg.eval_fraction, max_tokens=self.cfg.max_tokens,
                                          max_examples=self.cfg.eval_max_examples, input_size=self.input_size,
                                          output_size=self.output_size)
             if self.stage_step == 0:
-                self.evaluate(stage)
-            stopped = self._train_stage(stage, packer, loss_kwargs)
+                self.evaluate()
+            stopped = self._train_stage(stage, packer)
             if stopped:
                 return 0
             self.stage_step = 0
         self.stage_idx = len(self.stages)
         if self._last_eval != self.step:
-            self.evaluate(self.stages[-1])
+            self.evaluate()
         self.save(packer=None)
         self._write_final()
         return 0
@@ -269,11 +302,12 @@ class Trainer:
         os.replace(tmp, final)
         log.info("done: %d steps; student in %s", self.step, final)
 
-    def _train_stage(self, stage: Stage, packer: Packer, loss_kwargs: dict) -> bool:
+    def _train_stage(self, stage: Stage, packer: Packer) -> bool:
         """Optimizer steps until the stage's step count or its data ends. True if stopped by SIGTERM."""
         cfg = self.cfg
         bar = self._progress(stage)
-        window = torch.zeros(6, dtype=torch.float64)  # loss, kd, ce, top1 (token-weighted), tokens, targets
+        # loss, kd, ce weighted by each micro-batch's targets; top-1 as exact counts
+        window = Sums("loss", "kd", "ce", "n_top1_agree", "n_scored", "tokens", "targets")
         wait_s, step_s, t_last = 0.0, 0.0, time.perf_counter()
         while stage.steps is None or self.stage_step < stage.steps:
             # -- data: up to grad_accum packed sequences per rank; the stage ends when every rank has run
@@ -298,15 +332,15 @@ class Trainer:
                 sync = i == len(micro) - 1
                 with self._no_sync(not sync):
                     loss, metrics = self.module(batch.input_ids, batch.position_ids, batch.topk_ids,
-                                                batch.topk_logprobs, batch.labels, loss_kwargs=loss_kwargs)
+                                                batch.topk_logprobs, batch.labels, loss_kwargs=self.loss_kwargs)
                     share = batch.n_targets / global_targets
                     (loss * share * self.world).backward()
                 if not batch.n_examples:  # an empty micro-batch of a rank out of data
                     continue
-                window += torch.tensor([loss.item() * batch.n_targets, metrics["kd"].item() * batch.n_targets,
-                                        metrics["ce"].item() * batch.n_targets,
-                                        metrics["top1_agreement"].item() * batch.n_targets,
-                                        batch.n_tokens, batch.n_targets], dtype=torch.float64)
+                t = batch.n_targets
+                window.add(loss=loss.item() * t, kd=metrics["kd"].item() * t, ce=metrics["ce"].item() * t,
+                           n_top1_agree=metrics["n_top1_agree"].item(), n_scored=metrics["n_scored"].item(),
+                           tokens=batch.n_tokens, targets=t)
             grad_norm = self._clip()
             lr = self.scheduler.get_last_lr()[0]  # the rate of this update
             self.optimizer.step()
@@ -319,21 +353,21 @@ class Trainer:
 
             # -- logging, evaluation, checkpoints, preemption --
             if self.step % cfg.log_every == 0:
-                w = self._all_reduce(window.clone())
-                tok = max(w[5].item(), 1.0)
-                row = {"loss": w[0].item() / tok, "kd": w[1].item() / tok, "ce": w[2].item() / tok,
-                       "top1_agreement": w[3].item() / tok, "lr": lr,
-                       "grad_norm": grad_norm, "tokens_per_s": w[4].item() / max(step_s, 1e-9),
-                       "data_wait_frac": wait_s / max(step_s, 1e-9), "tokens": int(w[4].item())}
+                w = window.reduced(self._all_reduce)
+                tok = max(w["targets"], 1.0)
+                row = {"loss": w["loss"] / tok, "kd": w["kd"] / tok, "ce": w["ce"] / tok,
+                       "top1_agreement": _top1(w), "lr": lr,
+                       "grad_norm": grad_norm, "tokens_per_s": w["tokens"] / max(step_s, 1e-9),
+                       "data_wait_frac": wait_s / max(step_s, 1e-9), "tokens": int(w["tokens"])}
                 self._log("train", row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                window.zero_()
+                window.zero()
                 wait_s = step_s = 0.0
             if bar is not None:
                 bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
-                self.evaluate(stage)
+                self.evaluate()
             stop = self._all_reduce(torch.tensor([float(self._stop_signal)]))[0].item() > 0
             if stop or (cfg.save_every and self.step % cfg.save_every == 0):
                 self.save(packer)
@@ -347,30 +381,28 @@ class Trainer:
 
     # ==== evaluation ==============================================================================
     @torch.no_grad()
-    def evaluate(self, stage: Stage) -> dict | None:
-        """KL(teacher || student) on the teacher's top-k (tail as in training, tau = 1), CE on the
-        dataset's tokens, perplexity and top-1 agreement, on the held-out split."""
-        kwargs = dict(kd_weight=1.0, ce_weight=1.0, temperature=1.0, kind="forward_kl", tail=stage.tail,
-                      impl=self.cfg.impl, chunk_size=self.cfg.chunk_size)
+    def evaluate(self) -> dict | None:
+        """KL(teacher || student) on the teacher's top-k (tail as in the current stage's training,
+        tau = 1), CE on the dataset's tokens, perplexity and top-1 agreement, on the held-out split."""
         n = int(self._all_reduce(torch.tensor([float(len(self.eval_set))]), op="max")[0].item())
         if n == 0:
             return None
         model = self.module.module if (self.distributed and not self.fsdp) else self.module
         model.eval()
-        sums = torch.zeros(5, dtype=torch.float64)  # kd, ce, top1, topk mass (token-weighted), tokens
+        # kd, ce, topk_mass weighted by each batch's targets; top-1 as exact counts
+        sums = Sums("kd", "ce", "topk_mass", "n_top1_agree", "n_scored", "targets")
         for i in range(n):  # same number of forwards on every rank (FSDP needs it)
             batch = self.eval_set[i] if i < len(self.eval_set) else _dummy_batch()
             batch = batch.to(self.device)
             _, m = model(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
-                         loss_kwargs=kwargs)
+                         loss_kwargs=self.eval_loss_kwargs)
             t = batch.n_targets
-            sums += torch.tensor([m["kd"].item() * t, m["ce"].item() * t, m["top1_agreement"].item() * t,
-                                  m["student_topk_mass"].item() * t, t], dtype=torch.float64)
-        sums = self._all_reduce(sums)
-        tok = max(sums[4].item(), 1.0)
-        row = {"kl": sums[0].item() / tok, "ce": sums[1].item() / tok, "ppl": math.exp(min(sums[1].item() / tok, 50)),
-               "top1_agreement": sums[2].item() / tok, "student_topk_mass": sums[3].item() / tok,
-               "targets": int(sums[4].item())}
+            sums.add(kd=m["kd"].item() * t, ce=m["ce"].item() * t, topk_mass=m["student_topk_mass"].item() * t,
+                     n_top1_agree=m["n_top1_agree"].item(), n_scored=m["n_scored"].item(), targets=t)
+        s = sums.reduced(self._all_reduce)
+        tok = max(s["targets"], 1.0)
+        row = {"kl": s["kd"] / tok, "ce": s["ce"] / tok, "ppl": math.exp(min(s["ce"] / tok, 50)),
+               "top1_agreement": _top1(s), "student_topk_mass": s["topk_mass"] / tok, "targets": int(s["targets"])}
         self._log("eval", row)
         self._last_eval = self.step
         return row

@@ -180,6 +180,21 @@ def test_dummy_eval_batch_is_harmless():
     assert b.n_targets == 0 and loss.item() == 0.0 and all(torch.isfinite(v) for v in m.values())
 
 
+def test_top1_agreement_sums_exact_counts_over_batches():
+    """Top-1 agreement of a window is agreeing / scored positions over all its batches: a batch with few
+    scored positions (most without a teacher entry) does not count as much as its trained targets."""
+    from train_student.train import Sums, _top1
+
+    window = Sums("n_top1_agree", "n_scored", "targets")
+    window.add(n_top1_agree=2, n_scored=2, targets=10)  # ratio 1.0 over 2 scored of 10 targets
+    window.add(n_top1_agree=0, n_scored=10, targets=10)  # ratio 0.0 over 10 scored
+    sums = window.reduced(lambda t: t)
+    assert sums == {"n_top1_agree": 2.0, "n_scored": 12.0, "targets": 20.0}
+    assert _top1(sums) == 2 / 12  # the old target-weighted mean of ratios said 0.5
+    window.zero()
+    assert _top1(window.reduced(lambda t: t)) == 0.0
+
+
 class _Crash(Exception):
     pass
 
