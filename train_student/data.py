@@ -1,8 +1,8 @@
 """Cache -> packed training batches: split, stream, pack, align the teacher rows with the student.
 
-    stream = ExampleStream([CacheReader(path, rank=r, world_size=w, shuffle=True)], split="train",
-                           eval_fraction=0.01)
-    for batch in pack(stream, max_tokens=4096):   # PackedBatch
+    readers = [CacheReader(path, rank=r, world_size=w, shuffle=True)]
+    stream = ExampleStream(readers, split="train", eval_fraction=0.01)
+    for batch in Packer(stream, max_tokens=4096, k=cache_k(readers)):   # PackedBatch
         hidden = student(batch.input_ids, batch.position_ids)[0]     # [S, D]
         loss, metrics = kd_loss(hidden, W, batch.topk_ids, batch.topk_logprobs, batch.labels, ...)
 
@@ -25,7 +25,9 @@ the next batch, so a checkpoint taken between batches loses and repeats nothing.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -308,10 +310,11 @@ def pack_batch(examples: list[Example], k: int, max_tokens: int | None = None) -
 class Packer:
     """Greedy packing of a stream into sequences of at most `max_tokens` tokens.
 
+    `stream` is an ExampleStream, or any iterator of examples when no cursor is needed (`eval_batches`).
     `state_dict()` between batches is the stream's cursor before the held-over example.
     """
 
-    def __init__(self, stream: ExampleStream, *, max_tokens: int, k: int):
+    def __init__(self, stream: ExampleStream | Iterator[Example], *, max_tokens: int, k: int):
         self.stream, self.max_tokens, self.k = stream, max_tokens, k
         self._pending: Example | None = None
         self._pending_state: dict | None = None
@@ -334,7 +337,7 @@ class Packer:
             raise StopIteration
         batch, used = [first], min(len(first.input_ids), self.max_tokens)
         while used < self.max_tokens:
-            state = self.stream.state_dict()
+            state = self.stream.state_dict() if isinstance(self.stream, ExampleStream) else None
             ex = self._pull()
             if ex is None:
                 break
@@ -379,20 +382,4 @@ def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction:
                            max_examples=None, drop_remainder=False)  # every held-out example, on any world size
     stream = ExampleStream(readers, split="eval", eval_fraction=eval_fraction, input_size=input_size,
                            output_size=output_size)
-    examples = []
-    for ex in stream:
-        examples.append(ex)
-        if max_examples is not None and len(examples) >= max_examples:
-            break
-    k = cache_k(readers)
-    out, cur, used = [], [], 0
-    for ex in examples:
-        n = min(len(ex.input_ids), max_tokens)
-        if cur and used + n > max_tokens:
-            out.append(pack_batch(cur, k, max_tokens))
-            cur, used = [], 0
-        cur.append(ex)
-        used += n
-    if cur:
-        out.append(pack_batch(cur, k, max_tokens))
-    return out
+    return list(Packer(itertools.islice(stream, max_examples), max_tokens=max_tokens, k=cache_k(readers)))

@@ -13,7 +13,7 @@ from formats import CacheReader
 from formats.errors import FormatError, InputError
 from formats.ids import is_eval, keep_fraction, record_id
 from train_student.data import (IGNORE_INDEX, ExampleStream, Packer, check_cache_fits_student, check_signal,
-                                pack_batch)
+                                eval_batches, pack_batch)
 from train_student.model import StudentLoss
 
 LOSS = dict(kd_weight=1.0, ce_weight=0.5, temperature=2.0, kind="forward_kl", tail="bucket", impl="chunked",
@@ -104,6 +104,21 @@ def test_eval_split_is_stable_and_disjoint(tiny):
     train = {e.id for e in ExampleStream([CacheReader(tiny["cache"])], split="train", eval_fraction=0.25)}
     held = {e.id for e in ExampleStream([CacheReader(tiny["cache"])], split="eval", eval_fraction=0.25)}
     assert train.isdisjoint(held) and len(train | held) == 48 and held
+
+
+@pytest.mark.parametrize("max_examples", [None, 5])
+def test_eval_batches_pack_the_held_out_examples_in_order_greedily(tiny, max_examples):
+    """The first max_examples held-out examples, in stream order, each cut to the budget; a batch closes
+    only when the next example would not fit."""
+    held = list(ExampleStream([CacheReader(tiny["cache"])], split="eval", eval_fraction=0.25))[:max_examples]
+    batches = eval_batches([tiny["cache"]], rank=0, world_size=1, eval_fraction=0.25, max_tokens=40,
+                           max_examples=max_examples)
+    assert sum(b.n_examples for b in batches) == len(held) > 1
+    assert torch.equal(torch.cat([b.input_ids[0] for b in batches]),
+                       torch.cat([torch.tensor(e.input_ids[:40], dtype=torch.long) for e in held]))
+    firsts = np.cumsum([0] + [b.n_examples for b in batches])[1:-1]  # index of each next batch's first example
+    for b, nxt in zip(batches, firsts):
+        assert b.n_tokens <= 40 and b.n_tokens + min(len(held[nxt].input_ids), 40) > 40
 
 
 def test_tokenizer_mismatch_is_refused(tiny):
