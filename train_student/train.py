@@ -54,7 +54,12 @@ log = logging.getLogger("train_student")
 
 
 def lr_lambda(step: int, *, warmup: int, total: int | None, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine to min_ratio at `total` (constant 1 when total is unknown)."""
+    """Linear warmup to 1, then cosine to min_ratio at `total` (constant 1 when total is unknown).
+
+    Written here rather than taken from a library, which would change the rates: transformers'
+    get_cosine_with_min_lr_schedule_with_warmup warms up from 0 (step 0 trains at lr 0, not lr/warmup)
+    and needs a known total; torch's LinearLR + CosineAnnealingLR in a SequentialLR compute the cosine
+    recursively (rates off by an ulp at most steps) and store another scheduler state in checkpoints."""
     if step < warmup:
         return (step + 1) / warmup
     if total is None or total <= warmup:

@@ -195,6 +195,19 @@ def test_top1_agreement_sums_exact_counts_over_batches():
     assert _top1(window.reduced(lambda t: t)) == 0.0
 
 
+def test_lr_schedule_warms_up_from_lr_over_warmup_then_cosine_to_min():
+    """The rate of each update: lr * (s + 1) / warmup while warming up (never 0), 1 at the end of the
+    warmup, min_ratio at the last step, constant once warm when the total is unknown."""
+    from train_student.train import lr_lambda
+
+    f = [lr_lambda(s, warmup=4, total=12, min_ratio=0.1) for s in range(13)]
+    assert f[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert f[8] == pytest.approx(0.1 + 0.9 * 0.5) and f[12] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert [lr_lambda(s, warmup=2, total=None, min_ratio=0.1) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_lambda(0, warmup=0, total=10, min_ratio=0.0) == 1.0
+
+
 class _Crash(Exception):
     pass
 
