@@ -2,11 +2,9 @@
 neither engine)."""
 from __future__ import annotations
 
-from cache_teacher.engines.base import Engine
 
-
-def load_engine(config) -> Engine:
-    """The config's engine ("auto" resolved from the machine), started."""
+def load_engine(config):
+    """The config's engine ("auto" resolved from the machine), started: an `engines.base.Engine`."""
     from cache_teacher.config import resolve_auto
 
     config = resolve_auto(config)
