@@ -1,6 +1,4 @@
 """Caches on object stores: a round trip through a real S3-compatible server (moto) on loopback."""
-import socket
-
 import fsspec
 import numpy as np
 import pytest
@@ -12,17 +10,12 @@ moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3(monkeypatch):
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    # port 0: the server binds a free port itself (no window between choosing a port and binding it)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    _, port = server.get_host_and_port()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
