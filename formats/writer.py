@@ -34,7 +34,8 @@ from formats import codec as C
 from formats.card import write_card
 from formats.errors import FormatError, InputError
 from formats.example import Example
-from formats.manifest import fsync_dir, load_manifest, new_manifest, sha256_file, tally_reasons, write_json_atomic
+from formats.manifest import (fsync_dir, load_manifest, new_manifest, sha256_file, tally_reasons, teacher_output_size,
+                              write_json_atomic)
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, arrow_schema, shard_metadata
 from formats.shard import check_example, encode_rows
 
@@ -82,7 +83,8 @@ class CacheWriter:
         self.vocab_size = vocab_size or self.provenance.get("tokenizer", {}).get("vocab_size")
         # Token ids the teacher can emit: its output layer's rows, which can exceed the tokenizer's
         # vocabulary (padded LM heads); ids are range-checked against it and it sets the id width.
-        self.id_limit = self.provenance.get("teacher", {}).get("output_size") or self.vocab_size
+        self.id_limit = teacher_output_size({"teacher": self.provenance.get("teacher"),
+                                             "tokenizer": {"vocab_size": self.vocab_size}})
         for name, size in (("vocab_size", self.vocab_size), ("output_size", self.id_limit)):
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= C.MAX_TOKEN_ID):
                 raise InputError(f"{name}={size!r} must be an integer in 1..{C.MAX_TOKEN_ID}")
