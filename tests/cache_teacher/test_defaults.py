@@ -57,6 +57,40 @@ def test_float16_and_explicit_dtypes_only_when_asked(monkeypatch):
     assert hardware.auto_dtype("cpu")[0] != "float16"
 
 
+@pytest.mark.parametrize("env, expected", [
+    ({}, "bfloat16"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "float32"),         # oneDNN's matmuls without bf16 instructions
+    ({"DNNL_MAX_CPU_ISA": "avx512_core"}, "float32"),     # AVX-512 but not its bf16 extension
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "bfloat16"),
+    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "bfloat16"),
+    ({"ATEN_CPU_CAPABILITY": "avx2"}, "float32"),         # ATen's kernels limited to AVX2
+    ({"ATEN_CPU_CAPABILITY": "avx512"}, "bfloat16"),
+])
+def test_auto_dtype_follows_the_isa_torch_is_allowed_to_use(monkeypatch, env, expected):
+    """A CPU with avx512_bf16 whose torch is capped below it (the environment variables that emulate an
+    AVX2-only machine: bf16 matmuls then run ~4x slower than float32, docs/BENCHMARKS.md) is not native."""
+    fake_cpu(monkeypatch, AVX512_BF16, "AMD EPYC")
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    dtype, reason = hardware.auto_dtype("cpu")
+    assert dtype == expected
+    if env and expected == "float32":
+        assert next(iter(env)) in reason  # the reason names the setting that rules bf16 out
+
+
+def test_engine_rule_follows_the_isa_torch_is_allowed_to_use(monkeypatch):
+    from cache_teacher.config import _auto_engine
+
+    fake_cpu(monkeypatch, AVX512_BF16)
+    fake_vllm(monkeypatch, installed=True)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert _auto_engine("cpu", "score")[0] == "vllm"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert _auto_engine("cpu", "score")[0] == "hf"
+
+
 def test_cpu_flags_read_from_proc_cpuinfo(monkeypatch, tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {AVX2}\n\nprocessor\t: 1\n")
