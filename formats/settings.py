@@ -147,7 +147,7 @@ def check_choices(obj: Any, where: str = "") -> None:
     """InputError for a setting of dataclass `obj` whose value is not one of its choices."""
     for f in dataclasses.fields(obj):
         allowed, value = f.metadata.get("choices"), getattr(obj, f.name)
-        if allowed and value not in allowed:
+        if allowed and value is not None and value not in allowed:
             raise InputError(f"{where}{f.name}={value!r} is not one of {', '.join(allowed)}")
 
 
