@@ -55,7 +55,7 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", default=None,
                         help="YAML file of settings (keys: the long option names with _ for -); flags override it")
     for cls in classes:
-        hints = typing.get_type_hints(cls)
+        hints = _settings((cls,))
         group: Any = parser
         for f in dataclasses.fields(cls):
             if f.metadata.get("group"):
@@ -72,7 +72,7 @@ def flags_given(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
 
 
 def _flag_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
-    kind, item = _kind(hint)
+    kind, _ = _kind(hint)
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
     kwargs: dict[str, Any] = {"metavar": f.metadata.get("metavar")}
@@ -86,12 +86,11 @@ def _flag_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
 
 
 def _help(f: dataclasses.Field) -> str:
-    default = f.default
+    """The field's help with its default; % escaped (argparse %-formats help strings)."""
+    text, default = f.metadata["help"].replace("%", "%%"), f.default
     if default is dataclasses.MISSING or default is None:  # None, or a list (default_factory)
-        return f.metadata["help"]
-    if isinstance(default, bool):
-        return f"{f.metadata['help']} (default: {'on' if default else 'off'})"
-    return f"{f.metadata['help']} (default: {default})"
+        return text
+    return f"{text} (default: {('on' if default else 'off') if isinstance(default, bool) else default})"
 
 
 class _ExtendSplit(argparse.Action):

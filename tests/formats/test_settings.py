@@ -28,6 +28,7 @@ class Outer:
     mode: str = setting("score", choices=("score", "generate"), help="the mode")
     fast: bool = setting(True, help="go fast")
     eager: bool | None = setting(None, help="eager or not")
+    share: float = setting(0.5, help="a share (50% = 0.5)")
     layers: list[int] | None = setting(None, group="lists", help="layers", metavar="I,J")
     inner: list[Inner] = setting(default_factory=list, flag=False, help="nested")
 
@@ -46,6 +47,7 @@ def test_flags_are_generated_from_the_fields():
         assert flag in text, flag
     assert "--label" not in text and "--inner" not in text  # flag=False
     assert "top k (default: 64)" in text and "go fast (default: on)" in text and "a mass\n" in text
+    assert "(50% = 0.5) (default: 0.5)" in " ".join(text.split())
     titles = [g.title for g in p._action_groups]
     assert {"numbers", "lists", "inner"} <= set(titles)
     assert all(a.help for a in p._actions)
