@@ -112,7 +112,7 @@ def bench_cache(config, engines=("hf", "vllm"), dtypes=("float32", "bfloat16"), 
     compiled: also run vLLM float32 without --enforce-eager (compiled; its start-up includes compiling).
     Returns {"machine", "records", "tokens", "positions", "k", "runs": [per (engine, dtype)], "auto"}."""
     from cache_teacher.config import resolve_auto
-    from cache_teacher.run import teacher_tokenizer
+    from cache_teacher.provenance import teacher_tokenizer
 
     base = dataclasses.replace(config, progress=False, dry_run=False, launcher="local")
     tokenizer = teacher_tokenizer(base)
