@@ -22,7 +22,7 @@ others' steps with empty micro-batches, and the last, partial step is trained to
 Refused before training: a student whose output head has extras the loss ignores (softcapping,
 logit scales, an output bias), caches whose tokenizer does not match the student, and a stage that
 mixes teachers (unless allow_mixed_teachers). Refused during training: an example whose target
-spans or ids the student would misread (`data.check_example_fits_student`).
+spans or ids the student would misread (`checks.check_example_fits_student`).
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ from formats.hardware import native_bf16
 from formats.tokenizer_id import load_tokenizer, tokenizer_fingerprint, vocab_size
 from train_student import checkpoint
 from train_student.config import Stage, TrainConfig
-from train_student.data import (IGNORE_INDEX, ExampleStream, Packer, PackedBatch, cache_k, check_cache_fits_student,
-                                check_same_teacher, check_signal, eval_batches, open_readers)
+from train_student.checks import check_cache_fits_student, check_same_teacher, check_signal
+from train_student.data import IGNORE_INDEX, ExampleStream, Packer, PackedBatch, cache_k, eval_batches, open_readers
 from train_student.model import StudentLoss, check_output_head, load_student, prepare_student, prune_layers
 
 log = logging.getLogger("train_student")
