@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from train_student.config import STUDENT_DTYPES, IMPLS, KINDS, TAILS, TrainConfig
+from train_student.config import CHECKPOINT_FORMATS, STUDENT_DTYPES, IMPLS, KINDS, TAILS, TrainConfig
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(TrainConfig)}
 
@@ -84,6 +84,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add(g, "--progress", "progress bar", action=argparse.BooleanOptionalAction)
     _add(g, "--tensorboard", "TensorBoard events (when installed)", action=argparse.BooleanOptionalAction)
     _add(g, "--fsdp", "shard the student with FSDP2 (under torchrun)", action=argparse.BooleanOptionalAction)
+    _add(g, "--checkpoint-format", "full: rank 0 gathers and writes HF weights + optimizer; sharded: every rank "
+         "writes its shards (torch.distributed.checkpoint); auto: sharded under --fsdp", choices=CHECKPOINT_FORMATS)
     _add(g, "--device", "cpu, cuda (default: cuda when available)", metavar="DEV")
 
 

@@ -20,6 +20,7 @@ from formats.errors import InputError
 from train_student.loss_options import IMPLS, KINDS, TAILS  # noqa: F401  (defined once; the CLI imports them here)
 
 STUDENT_DTYPES = ("auto", "float32", "bfloat16", "bf16-mixed")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")  # train_student/checkpoint.py
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TrainConfig:
     progress: bool = True                # tqdm progress bar (rank 0)
     tensorboard: bool = True             # also write TensorBoard events when it is installed
     fsdp: bool = False                   # shard the student with FSDP2 (under torchrun)
+    checkpoint_format: str = "auto"      # auto: sharded (DCP, no full gather) under FSDP, else full (one file)
     device: str | None = None            # default: cuda when available, else cpu
     # -- single-stage shorthand (ignored when `stages` is given) ---------------------------------
     cache: list[str] = field(default_factory=list)
@@ -111,6 +113,8 @@ class TrainConfig:
             raise InputError("--init-from-teacher needs --keep-layers (e.g. 0,5,10,15,20,29)")
         if self.dtype not in STUDENT_DTYPES:
             raise InputError(f"dtype must be one of {STUDENT_DTYPES}, got {self.dtype!r}")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise InputError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}")
         if self.impl not in IMPLS:
             raise InputError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
