@@ -26,11 +26,13 @@ run killed at any moment leaves only whole checkpoints behind; `latest()` picks 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +182,16 @@ def _save_sharded(path: Path, lm, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(lm, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path, no_dist=not _distributed())
+    with _single_process_is_intended():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path, no_dist=not _distributed())
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns that it assumes a single process when torch.distributed is not initialized: so do we."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _prune(run_dir, keep: int) -> None:
@@ -231,8 +242,9 @@ def _load_sharded(ckpt: Path, state: dict, lm, optimizer) -> None:
     _check_sharded_files(path, state.get("sharded_files"))
     model_sd, optim_sd = get_state_dict(lm, optimizer)
     try:
-        dcp.load({"model": model_sd, "optimizer": optim_sd}, storage_reader=_MetadataSafeReader(path),
-                 no_dist=not _distributed())
+        with _single_process_is_intended():
+            dcp.load({"model": model_sd, "optimizer": optim_sd}, storage_reader=_MetadataSafeReader(path),
+                     no_dist=not _distributed())
     except (CheckpointException, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
         raise FormatError(f"{path}: cannot read this sharded checkpoint ({_first_line(exc)}); it is damaged: "
                           f"delete {ckpt} to resume from the previous checkpoint") from None
