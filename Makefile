@@ -46,7 +46,7 @@ bench-data: setup $(BENCH_DATA)
 
 $(BENCH_DATA):
 	HF_HUB_OFFLINE=1 $(BIN)/kdcache prepare-teacher smollm2-135m-instruct --out runs/teacher
-	HF_HUB_OFFLINE=1 VLLM_LOGGING_LEVEL=WARNING $(BIN)/python -m bench.make_codec_data --teacher runs/teacher \
+	HF_HUB_OFFLINE=1 VLLM_LOGGING_LEVEL=WARNING $(BIN)/kdcache bench codec-data --teacher runs/teacher \
 		--data $(SAMPLE) --out $@
 
 bench: bench-data

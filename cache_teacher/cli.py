@@ -24,18 +24,11 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
 
 
 def cmd_cache(args) -> int:
-    from cache_teacher.config import resolve_auto
-
     config = config_from_args(args)
-    if config.dry_run:
-        from cache_teacher.run import dry_run, dry_run_report
-
-        print(dry_run_report(resolve_auto(config), dry_run(config)))
-        return 0
     from cache_teacher.engines.base import EngineStartError
 
     try:
-        if config.launcher == "ray":
+        if config.launcher == "ray" and not config.dry_run:  # a dry run counts this worker's slice
             from cache_teacher.launch import launch_ray
 
             summary = launch_ray(config)

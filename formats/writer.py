@@ -42,7 +42,7 @@ from formats.shard import check_example, encode_rows
 PROGRESS = "_progress"
 JOB = "job.json"
 # Provenance that must match for a resumed job to continue an earlier one: every setting that changes
-# the rows. Top-level manifest keys, else keys of the manifest's `extra` (cache_teacher.run.provenance
+# the rows. Top-level manifest keys, else keys of the manifest's `extra` (cache_teacher.provenance.provenance
 # puts the chat-template settings and generate mode's sampling settings there).
 RESUME_KEYS = ("codec", "teacher", "tokenizer", "dataset", "mode", "template", "sampling")
 

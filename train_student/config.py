@@ -24,6 +24,7 @@ from formats.settings import check_choices, merge, setting
 from train_student.loss_options import IMPLS, KINDS, TAILS
 
 STUDENT_DTYPES = ("auto", "float32", "bfloat16", "bf16-mixed")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")  # train_student/checkpoint.py
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 SINGLE_STAGE = ("stage (single-stage runs: these flags or top-level keys; for several stages, `stages:` in "
                 "--config, a list of mappings of these keys)")
@@ -104,6 +105,9 @@ class TrainConfig:
     progress: bool = setting(True, help="progress bar (rank 0)")
     tensorboard: bool = setting(True, help="TensorBoard events (when installed)")
     fsdp: bool = setting(False, help="shard the student with FSDP2 (under torchrun)")
+    checkpoint_format: str = setting("auto", choices=CHECKPOINT_FORMATS, help="full: rank 0 gathers and writes "
+                                     "HF weights + optimizer; sharded: every rank writes its shards "
+                                     "(torch.distributed.checkpoint); auto: sharded under --fsdp")
     device: str | None = setting(None, help="cpu, cuda (default: cuda when available)", metavar="DEV")
     stages: list[Stage] = setting(default_factory=list, flag=False, help="the stages of the run, in order "
                                   "(YAML only); without it, the top-level stage settings make one stage")

@@ -22,7 +22,7 @@ others' steps with empty micro-batches, and the last, partial step is trained to
 Refused before training: a student whose output head has extras the loss ignores (softcapping,
 logit scales, an output bias), caches whose tokenizer does not match the student, and a stage that
 mixes teachers (unless allow_mixed_teachers). Refused during training: an example whose target
-spans or ids the student would misread (`data.check_example_fits_student`).
+spans or ids the student would misread (`checks.check_example_fits_student`).
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ from formats.hardware import native_bf16
 from formats.tokenizer_id import load_tokenizer, tokenizer_fingerprint, vocab_size
 from train_student import checkpoint
 from train_student.config import Stage, TrainConfig
-from train_student.data import (IGNORE_INDEX, ExampleStream, Packer, PackedBatch, cache_k, check_cache_fits_student,
-                                check_same_teacher, check_signal, eval_batches, open_readers)
+from train_student.checks import check_cache_fits_student, check_same_teacher, check_signal
+from train_student.data import IGNORE_INDEX, ExampleStream, Packer, PackedBatch, cache_k, eval_batches, open_readers
 from train_student.model import StudentLoss, check_output_head, load_student, prepare_student, prune_layers
 
 log = logging.getLogger("train_student")
@@ -173,7 +173,7 @@ class Trainer:
                 prune_layers(cfg.init_from_teacher, cfg.keep_layers, source)
             self._barrier()
         self.tokenizer = load_tokenizer(cfg.tokenizer or source)
-        lm = load_student(str(ckpt / "model") if ckpt else source, dtype=cfg.dtype,
+        lm = load_student(checkpoint.student_weights(ckpt, source), dtype=cfg.dtype,
                           attn_implementation=cfg.attn_implementation)
         check_output_head(lm, source)
         # what the cached ids must index: checked per example before any batch reaches the loss kernel
@@ -238,7 +238,7 @@ class Trainer:
         if state["world_size"] != self.world:
             raise InputError(f"{ckpt} was written by {state['world_size']} processes, this run has {self.world}; "
                              "resume with the same number of processes (the data cursor is per rank)")
-        checkpoint.load_optimizer(self.lm, self.optimizer, state["optimizer"], fsdp=self.fsdp)
+        checkpoint.load_model_and_optimizer(ckpt, state, self.lm, self.optimizer, fsdp=self.fsdp)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.stage_idx, self.stage_step = state["step"], state["stage_idx"], state["stage_step"]
         mine = state["ranks"][self.rank]
@@ -292,7 +292,7 @@ class Trainer:
         self.stage_idx = len(self.stages)
         if self._last_eval != self.step:
             self.evaluate()
-        self.save(packer=None)
+        self.save(packer=None, last=True)
         self._write_final()
         return 0
 
@@ -413,14 +413,16 @@ class Trainer:
         return row
 
     # ==== checkpoints =============================================================================
-    def save(self, packer: Packer | None) -> None:
-        """Checkpoint the current step (every rank calls it; a step saved already is written again)."""
+    def save(self, packer: Packer | None, last: bool = False) -> None:
+        """Checkpoint the current step (every rank calls it; a step saved already is written again).
+        `last`: the run's final checkpoint, whose weights final/ copies (gathered even when sharded)."""
         trainer_state = {"stage_idx": self.stage_idx, "stage_step": self.stage_step, "world_size": self.world,
                          "config": asdict(self.cfg)}
         rank_state = {"data": packer.state_dict() if packer is not None else None}
         path = checkpoint.save(self.out, step=self.step, lm=self.lm, module=self.module, optimizer=self.optimizer,
                                scheduler=self.scheduler, tokenizer=self.tokenizer, rank_state=rank_state,
-                               trainer_state=trainer_state, keep=self.cfg.keep_checkpoints, fsdp=self.fsdp)
+                               trainer_state=trainer_state, keep=self.cfg.keep_checkpoints, fsdp=self.fsdp,
+                               sharded=checkpoint.use_sharded(self.cfg.checkpoint_format, self.fsdp), last=last)
         if path is not None:
             log.info("checkpoint %s", path)
 

@@ -13,7 +13,8 @@ import pytest
 
 from cache_teacher.data import validate
 from cache_teacher.export_sft import export_sft, iter_cache
-from cache_teacher.run import dry_run, run_cache
+from cache_teacher.dry_run import dry_run
+from cache_teacher.run import run_cache
 from formats.manifest import load_manifest
 from formats.tools import verify_cache
 
@@ -264,7 +265,7 @@ def test_generate_mode_accounts_for_every_sample(tiny_dir, tiny_engine, sample_r
 def test_a_merged_cache_with_other_settings_is_refused_before_the_workers_start(smollm2_dir, tokenizer, rows_path,
                                                                                 tmp_path):
     from cache_teacher.launch import worker_configs
-    from cache_teacher.run import check_finished_cache
+    from cache_teacher.provenance import check_finished_cache
     from formats.errors import InputError
 
     base = dict(teacher=str(smollm2_dir), dataset=str(rows_path), out=str(tmp_path / "merged"), max_examples=0,
@@ -285,7 +286,7 @@ def test_engine_info_records_the_teachers_output_size(tmp_path):
     """issue 9, item 10: the manifest's teacher.output_size is the teacher's LM-head rows."""
     from transformers import LlamaConfig
 
-    from cache_teacher.run import engine_info
+    from cache_teacher.provenance import engine_info
 
     LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                 num_attention_heads=1).save_pretrained(tmp_path / "teacher")

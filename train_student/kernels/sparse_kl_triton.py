@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Tile sizes for CUDA, not yet timed on hardware (bench/kernel_gpu.py is the place to tune them).
-# Chosen from `bench/kernel_gpu.py --compile-only` (sm_90a, bf16, ptxas -v): 128 x 128 tiles keep
+# Tile sizes for CUDA, not yet timed on hardware (train_student/kernels/bench_gpu.py is the place to tune them).
+# Chosen from `kdcache bench kernel-gpu --compile-only` (sm_90a, bf16, ptxas -v): 128 x 128 tiles keep
 # wgmma busy; BLOCK_D=64 made both kernels spill registers (76 and 1392 bytes), 32 does not.
 _GPU_FORWARD = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
 _GPU_BACKWARD = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_D=32, GROUP_T=8, num_warps=8, num_stages=3)

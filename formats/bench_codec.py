@@ -1,7 +1,7 @@
 """`kdcache bench codec`: bytes per position, fidelity and decode speed of each codec setting.
 
 Input: an .npz with `ids` [N, K] integers and `logprobs` [N, K] float32 (a teacher's top-k in rank
-order; bench/make_codec_data.py makes one from the real teacher). For each setting the positions are
+order; `kdcache bench codec-data` makes one from the real teacher). For each setting the positions are
 cut into pseudo-examples, encoded exactly as the writer does, and written as one in-memory Parquet
 file (zstd, the writer's level) holding only the codec streams and the per-shard hot-id table, so
 bytes/position is the file size over positions. Decoding reads that file back and decodes the

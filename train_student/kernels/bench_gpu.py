@@ -1,12 +1,13 @@
 """Benchmark of kd_loss's implementations (naive, chunked, fused) on one GPU.
 
-    bash bench/kernel_gpu.sh                 # one H200: correctness, then the table (< 5 minutes)
-    bash bench/kernel_gpu.sh --quick         # only the target row
-    python bench/kernel_gpu.py --dry-run     # CPU: tiniest shapes under TRITON_INTERPRET=1
-    python bench/kernel_gpu.py --compile-only  # no GPU: compile every kernel for sm_90a, ptxas report
+    bash bench/kernel_gpu.sh                   # one H200: correctness, then the table (< 5 minutes)
+    bash bench/kernel_gpu.sh --quick           # only the target row
+    kdcache bench kernel-gpu --dry-run         # CPU: tiniest shapes under TRITON_INTERPRET=1
+    kdcache bench kernel-gpu --compile-only    # no GPU: compile every kernel for sm_90a, ptxas report
 
-Needs torch and triton only (Liger-Kernel is used if importable, as a CE-only lower bound); the
-repository root is put on sys.path here, so kdcache need not be installed.
+Needs torch and triton only (Liger-Kernel is used if importable, as a CE-only lower bound): importing
+it loads neither transformers nor vLLM nor datasets. Run from the repository root without installing
+kdcache: `python -m train_student.kernels.bench_gpu` (what bench/kernel_gpu.sh does).
 
 1. Correctness at real sizes: fused vs chunked (relative error of loss, dH and dW), fp32 for
    every kind x tail (TF32 off on both sides), then bf16.
@@ -26,11 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from train_student.loss_options import IMPLS  # noqa: E402  (torch-free: fine on the GPU machine)
+from train_student.loss_options import IMPLS, KINDS, TAILS  # torch-free: fine on the GPU machine
 
 # Defaults: the grid the table sweeps, and the target row.
 GRID_T = (4096, 16384)
@@ -44,15 +41,15 @@ NAIVE_BYTES_PER_LOGIT = 24
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="kdcache bench kernel-gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, TRITON_INTERPRET=1, tiniest shapes: checks this script's logic")
     p.add_argument("--compile-only", action="store_true",
                    help="no GPU needed: compile every kernel variant for sm_90a and print ptxas's "
                         "registers / spills / shared memory (Triton internals: may break across versions)")
     p.add_argument("--quick", action="store_true", help="correctness + the target row only")
-    p.add_argument("--kind", default="forward_kl", choices=("forward_kl", "reverse_kl"))
-    p.add_argument("--tail", default="bucket", choices=("renormalize", "bucket"))
+    p.add_argument("--kind", default="forward_kl", choices=KINDS)
+    p.add_argument("--tail", default="bucket", choices=TAILS)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.0)
     p.add_argument("--chunk-size", type=int, default=1024)
@@ -280,10 +277,10 @@ def main(argv=None):
         target = dict(t=16, v=100, d=32, k=4)
     else:
         if not torch.cuda.is_available():
-            sys.exit("kernel_gpu.py: no CUDA device; run with --dry-run to check the script on the CPU")
+            sys.exit("kdcache bench kernel-gpu: no CUDA device; run with --dry-run to check the script on the CPU")
         device = torch.device("cuda")
-        variants = [(kind, tail, tau, ce) for kind in ("forward_kl", "reverse_kl")
-                    for tail in ("renormalize", "bucket") for tau, ce in ((1.0, 0.0), (2.0, 0.5))]
+        variants = [(kind, tail, tau, ce) for kind in KINDS
+                    for tail in TAILS for tau, ce in ((1.0, 0.0), (2.0, 0.5))]
         corr = [(torch.float32, (2048, 128256, 2048, 64), variants),
                 (torch.bfloat16, (4096, 128256, 4096, 64),
                  [("forward_kl", "bucket", 1.0, 0.0), ("reverse_kl", "bucket", 2.0, 0.5)])]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the repository root
 DATA = REPO / "bench" / "data" / "smollm2_tulu_top128.npz"
 
 
@@ -66,7 +66,7 @@ def loss_one(impl: str, T: int, V: int, D: int, K: int, iters: int, chunk: int) 
 def bench_loss(args) -> list[dict]:
     rows = []
     for impl in args.impls:
-        cmd = [sys.executable, "-m", "bench.train_bench", "--_loss-one", impl, "--tokens", str(args.tokens),
+        cmd = [sys.executable, "-m", "train_student.bench", "--_loss-one", impl, "--tokens", str(args.tokens),
                "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--k", str(args.k),
                "--iters", str(args.iters), "--chunk-size", str(args.chunk_size)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ))

@@ -1,6 +1,6 @@
 """Make the codec benchmark's input: a real teacher's top-k over real Tulu 3 rows.
 
-    python -m bench.make_codec_data --teacher DIR --data ../shared/data/tulu3_sft_sample.jsonl \
+    kdcache bench codec-data --teacher DIR --data ../shared/data/tulu3_sft_sample.jsonl \
         --out bench/data/smollm2_tulu_top128.npz
 
 Runs vLLM (prompt_logprobs=k) over every row rendered with the teacher's chat template, truncated
@@ -19,7 +19,7 @@ import numpy as np
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="kdcache bench codec-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="HF checkpoint folder (kdcache prepare-teacher)")
     p.add_argument("--data", required=True, help="Tulu-style .jsonl with `messages`")
     p.add_argument("--out", required=True)

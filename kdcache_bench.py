@@ -1,13 +1,18 @@
-"""`kdcache bench codec | cache | train`: the benchmarks, each a script in bench/ that prints a table."""
+"""`kdcache bench NAME`: the benchmarks, each a module beside what it measures, with `main(argv)` that
+prints a table. Modules load only when their benchmark runs, so `kdcache --help` stays fast."""
 from __future__ import annotations
 
 import importlib
 
-# subcommand -> (module in bench/ with main(argv), one-line help)
+# subcommand -> (module with main(argv), one-line help)
 BENCHES = {
-    "codec": ("bench.codec_bench", "bytes/position, fidelity and decode speed of the cache codec settings"),
-    "cache": ("bench.cache_bench", "teacher caching throughput: both engines in both dtypes; plain prefill, top-k call, whole pipeline"),
-    "train": ("bench.train_bench", "trainer throughput and memory: naive vs chunked loss, reader speed, data wait"),
+    "codec": ("formats.bench_codec", "bytes/position, fidelity and decode speed of the cache codec settings"),
+    "codec-data": ("cache_teacher.bench_codec_data",
+                   "make the codec benchmark's input: the real teacher's top-k over chat rows (vLLM)"),
+    "cache": ("cache_teacher.bench", "teacher caching throughput: both engines in both dtypes; plain prefill, top-k call, whole pipeline"),
+    "train": ("train_student.bench", "trainer throughput and memory: naive vs chunked loss, reader speed, data wait"),
+    "kernel-gpu": ("train_student.kernels.bench_gpu",
+                   "kd_loss naive / chunked / fused on one GPU: correctness, time, memory, TFLOP/s (torch + triton)"),
 }
 
 
