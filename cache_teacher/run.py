@@ -25,6 +25,7 @@ from cache_teacher.template import ChatTemplater, TemplateReject
 from formats.ids import sample_ids
 from formats.manifest import reason_code
 from formats.prefetch import prefetch
+from formats.tokenizer_files import save_tokenizer_files
 from formats.tokenizer_id import load_tokenizer, model_output_size, tokenizer_info
 
 # Dry-run assumptions when --dry-run-tokens-per-s is not given: SmolLM2-135M with k=64 on a 2-core CPU
@@ -109,7 +110,7 @@ def provenance(config, tokenizer, templater) -> dict:
         "mode": config.mode,
         "command": list(config.command) or list(sys.argv),
         "template": {"max_length": config.max_length, "length_policy": config.length_policy,
-                     "end_of_turn_ids": sorted(templater.eot_ids)},
+                     "end_of_turn_ids": sorted(templater.eot_ids), "messages_in_meta": True},
         "config": config.to_dict(),
     }
     if config.mode == "generate":
@@ -128,8 +129,13 @@ def _unit_ids(config, record_id: str) -> list[str]:
     return sample_ids(record_id, _per_input(config))
 
 
-def _examples(config, items, engine, stop_ids):
-    """Run the engine over a batch of templated items; yield (Example, tokens processed)."""
+def _examples(config, items, engine, stop_ids, tokenizer):
+    """Run the engine over a batch of templated items; yield (Example, tokens processed).
+
+    Each example's meta["messages"] is the conversation its tokens render: the record's messages
+    (score mode), or the prompt's plus the generated reply decoded as the assistant turn (generate
+    mode, with meta["prompt_turns"] the prompt's length), so a student with another tokenizer can
+    render the same conversation."""
     import numpy as np
 
     from formats.example import Example
@@ -138,7 +144,8 @@ def _examples(config, items, engine, stop_ids):
         for item, s in zip(items, engine.score(items, config)):
             yield Example(item.id, item.input_ids, item.target_positions, s.topk_ids, s.topk_logprobs,
                           s.target_logprobs, s.target_ranks, source=item.source,
-                          meta={"truncated": True} if item.truncated else {}), len(item.input_ids)
+                          meta={"messages": item.messages, **({"truncated": True} if item.truncated else {})}), \
+                len(item.input_ids)
         return
     for item, samples in zip(items, engine.generate(items, stop_ids, config)):
         if len(samples) != config.n:
@@ -150,7 +157,9 @@ def _examples(config, items, engine, stop_ids):
             ids = np.concatenate([item.input_ids, g.token_ids]).astype(np.int32)
             positions = np.arange(len(item.input_ids), len(ids), dtype=np.int32)
             s = g.scored
-            meta = {"sample": j, "prompt_tokens": int(len(item.input_ids)), "messages": item.messages}
+            reply = {"role": "assistant", "content": tokenizer.decode(np.asarray(g.token_ids).tolist(), skip_special_tokens=True)}
+            meta = {"sample": j, "prompt_tokens": int(len(item.input_ids)), "prompt_turns": len(item.messages),
+                    "messages": [*item.messages, reply]}
             yield Example(sid, ids, positions, s.topk_ids, s.topk_logprobs, s.target_logprobs, s.target_ranks,
                           source=item.source, finish_reason=g.finish_reason, meta=meta), len(ids)
 
@@ -186,7 +195,7 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
 
             engine = load_engine(config)
         t0 = time.perf_counter()
-        results = list(_examples(config, pending, engine, stop_ids))
+        results = list(_examples(config, pending, engine, stop_ids, tokenizer))
         summary.teacher_s += time.perf_counter() - t0
         for example, tokens in results:
             summary.examples += 1
@@ -228,6 +237,8 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
             finally:
                 io.drain()
             writer.inputs = summary.inputs * summary.per_input  # finish() checks examples + rejects == inputs
+            if not writer.complete:  # the teacher's tokenizer travels with the cache (before the manifest)
+                writer.manifest["tokenizer_files"] = save_tokenizer_files(tokenizer, config.out)
         manifest = getattr(writer, "manifest", None) or {}
     finally:
         if bar is not None:
@@ -280,6 +291,8 @@ def _prepared(config, templater, done: set[str]):
             continue
         if config.mode == "generate":
             item.wanted = set(todo)
+        else:
+            item.messages = record["messages"]  # stored in meta (the prompt's, in generate mode)
         yield "item", item
 
 
