@@ -11,8 +11,8 @@ def register(sub) -> None:
                        "--example, one example's text and, at each trained position, the teacher's top tokens.")
     p.add_argument("cache", help="cache folder or fsspec URL (s3://, gs://, hf://, memory://)")
     p.add_argument("--example", metavar="ID", help="show this example (its `id` column)")
-    p.add_argument("--tokenizer", help="tokenizer to decode tokens with (default: the one the manifest names, "
-                   "when it can be loaded offline; else ids are shown)")
+    p.add_argument("--tokenizer", help="tokenizer to decode tokens with (default: the cache's own tokenizer/ files, "
+                   "else the one the manifest names when it can be loaded offline; else ids are shown)")
     p.add_argument("--top", type=int, default=5, help="teacher entries shown per position (default 5)")
     p.add_argument("--positions", type=int, default=40, help="positions shown (default 40)")
     p.set_defaults(func=_inspect)
@@ -61,7 +61,12 @@ def _inspect(args: argparse.Namespace) -> int:
 def _tokenizer(args):
     from formats.manifest import load_manifest
 
-    name = args.tokenizer or (load_manifest(args.cache).get("tokenizer") or {}).get("name_or_path")
+    manifest = load_manifest(args.cache)
+    if not args.tokenizer and manifest.get("tokenizer_files"):  # the cache's own copy (verified when loaded)
+        from formats.tokenizer_files import load_cache_tokenizer
+
+        return load_cache_tokenizer(args.cache)
+    name = args.tokenizer or (manifest.get("tokenizer") or {}).get("name_or_path")
     if not name:
         return None
     try:

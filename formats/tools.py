@@ -174,6 +174,8 @@ def summarize(path) -> str:
         ("mode", m.get("mode")),
         ("teacher", f"{t.get('name_or_path')} ({t.get('engine')} {t.get('engine_version', '')}, {t.get('dtype')})"),
         ("tokenizer", f"{tok.get('name_or_path')} vocab={tok.get('vocab_size')} fingerprint={str(tok.get('fingerprint'))[:16]}"),
+        ("tokenizer files", f"{len(m['tokenizer_files'])} in tokenizer/" if m.get("tokenizer_files") else
+         "none (a student with another tokenizer needs them: kdcache add-tokenizer)"),
         ("dataset", f"{d.get('name')} split={d.get('split')} filters={d.get('filters')}"),
         ("examples", c.get("examples")), ("positions", c.get("positions")),
         ("rejects", f"{c.get('rejects')} {c.get('rejects_by_reason') or ''}"),

@@ -215,3 +215,12 @@ def test_merge_carries_the_tokenizer_files(tmp_path, tokenizer, tokenizer_dir, r
     assert merged["tokenizer_files"] == load_manifest(a)["tokenizer_files"]
     assert verify_cache(tmp_path / "merged")["tokenizer_files"] == len(merged["tokenizer_files"])
     assert load_cache_tokenizer(tmp_path / "merged").get_vocab() == tokenizer.get_vocab()
+
+
+def test_inspect_names_the_tokenizer_files(cache, tmp_path, tokenizer, rng, capsys):
+    from kdcache_cli import main
+
+    assert main(["inspect", str(cache)]) == 0
+    assert f"{len(load_manifest(cache)['tokenizer_files'])} in tokenizer/" in capsys.readouterr().out
+    assert main(["inspect", str(old_cache(tmp_path / "old", tokenizer, rng))]) == 0
+    assert "none (a student with another tokenizer needs them: kdcache add-tokenizer)" in capsys.readouterr().out
