@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 
 from formats.card import write_card
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError
-from formats.manifest import (check_accounting, check_file_bytes, command_line, id_limits, load_manifest, manifest_get, now_iso, open_cache,
-                              sha256_file, tally_reasons, write_json_atomic)
+from formats.manifest import (check_accounting, check_file_bytes, command_line, id_limits, load_manifest, manifest_get,
+                              now_iso, open_cache, sha256_file, tally_reasons, write_json_atomic)
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, check_shard_header, read_shard_metadata
 from formats.shard import decode_table
 from formats.tokenizer_files import copy_tokenizer_files, verify_tokenizer_files
