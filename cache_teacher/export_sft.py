@@ -47,6 +47,7 @@ def export_sft(cache: str | os.PathLike, out: str | os.PathLike, tokenizer: str 
             messages = ex.meta.get("messages")
             if messages is None:
                 raise InputError(f"{cache}: example {ex.id!r} has no prompt messages in its meta")
+            messages = messages[: ex.meta.get("prompt_turns", len(messages))]  # without the reply (older caches: none)
             response = tok.decode(ex.input_ids[ex.target_positions], skip_special_tokens=True).strip()
             if not response:
                 continue

@@ -56,7 +56,7 @@ def provenance(config, tokenizer, templater) -> dict:
         "mode": config.mode,
         "command": list(config.command) or list(sys.argv),
         "template": {"max_length": config.max_length, "length_policy": config.length_policy,
-                     "end_of_turn_ids": sorted(templater.eot_ids)},
+                     "end_of_turn_ids": sorted(templater.eot_ids), "messages_in_meta": True},
         "config": config.to_dict(),
     }
     if config.mode == "generate":

@@ -27,6 +27,7 @@ from cache_teacher.writer_thread import WriterThread
 from formats.ids import sample_ids
 from formats.manifest import reason_code
 from formats.prefetch import prefetch
+from formats.tokenizer_files import save_tokenizer_files
 
 
 def run_cache(config, engine=None, tokenizer=None) -> Summary:
@@ -65,7 +66,7 @@ def _write_cache(config, templater, prov: dict, teacher: "_Teacher", summary: Su
     with CacheWriter(config.out, codec=codec_config(config), provenance=prov, shard_max_bytes=config.shard_max_bytes,
                      row_group_positions=config.row_group_positions, resume=config.resume) as writer:
         io = WriterThread(writer)
-        batches = _Batches(config, teacher, templater.eot_ids, io, summary, progress)
+        batches = _Batches(config, teacher, templater, io, summary, progress)
         try:
             # templating runs ahead in a thread while the engine works on the previous batch
             for kind, value in prefetch(_prepared(config, templater, set(writer.done_ids)), 2 * config.batch_size):
@@ -85,6 +86,8 @@ def _write_cache(config, templater, prov: dict, teacher: "_Teacher", summary: Su
         finally:
             io.drain()
         writer.inputs = summary.inputs * summary.per_input  # finish() checks examples + rejects == inputs
+        if not writer.complete:  # the teacher's tokenizer travels with the cache (before the manifest)
+            writer.manifest["tokenizer_files"] = save_tokenizer_files(templater.tokenizer, config.out)
     return writer.manifest
 
 
@@ -107,6 +110,8 @@ def _prepared(config, templater, done: set[str]):
             continue
         if config.mode == "generate":
             item.wanted = set(todo)
+        else:
+            item.messages = record["messages"]  # stored in meta (the prompt's, in generate mode)
         yield "item", item
 
 
@@ -114,9 +119,9 @@ class _Batches:
     """Templated items collected into batches of `config.batch_size`; `flush` runs the teacher over the
     collected batch and hands its examples to the writer thread."""
 
-    def __init__(self, config, teacher: "_Teacher", stop_ids, io: WriterThread, summary: Summary,
+    def __init__(self, config, teacher: "_Teacher", templater, io: WriterThread, summary: Summary,
                  progress: "_Progress"):
-        self.config, self.teacher, self.stop_ids = config, teacher, stop_ids
+        self.config, self.teacher, self.templater = config, teacher, templater
         self.io, self.summary, self.progress = io, summary, progress
         self.items: list = []
 
@@ -129,7 +134,7 @@ class _Batches:
         if not self.items:
             return
         t0 = time.perf_counter()
-        results = list(_examples(self.config, self.items, self.teacher.engine(), self.stop_ids))
+        results = list(_examples(self.config, self.items, self.teacher.engine(), self.templater))
         self.summary.teacher_s += time.perf_counter() - t0
         for example, tokens in results:
             self.summary.examples += 1
@@ -140,8 +145,13 @@ class _Batches:
         self.items = []
 
 
-def _examples(config, items, engine, stop_ids):
-    """Run the engine over a batch of templated items; yield (Example, tokens processed)."""
+def _examples(config, items, engine, templater):
+    """Run the engine over a batch of templated items; yield (Example, tokens processed).
+
+    Each example's meta["messages"] is the conversation its tokens render: the record's messages
+    (score mode), or the prompt's plus the generated reply decoded as the assistant turn (generate
+    mode, with meta["prompt_turns"] the prompt's length), so a student with another tokenizer can
+    render the same conversation."""
     import numpy as np
 
     from formats.example import Example
@@ -150,9 +160,10 @@ def _examples(config, items, engine, stop_ids):
         for item, s in zip(items, engine.score(items, config)):
             yield Example(item.id, item.input_ids, item.target_positions, s.topk_ids, s.topk_logprobs,
                           s.target_logprobs, s.target_ranks, source=item.source,
-                          meta={"truncated": True} if item.truncated else {}), len(item.input_ids)
+                          meta={"messages": item.messages, **({"truncated": True} if item.truncated else {})}), \
+                len(item.input_ids)
         return
-    for item, samples in zip(items, engine.generate(items, stop_ids, config)):
+    for item, samples in zip(items, engine.generate(items, templater.eot_ids, config)):
         if len(samples) != config.n:
             raise RuntimeError(f"the engine returned {len(samples)} samples for {item.id!r}, n is {config.n}")
         wanted = item.wanted
@@ -162,7 +173,10 @@ def _examples(config, items, engine, stop_ids):
             ids = np.concatenate([item.input_ids, g.token_ids]).astype(np.int32)
             positions = np.arange(len(item.input_ids), len(ids), dtype=np.int32)
             s = g.scored
-            meta = {"sample": j, "prompt_tokens": int(len(item.input_ids)), "messages": item.messages}
+            reply = {"role": "assistant",
+                     "content": templater.tokenizer.decode(np.asarray(g.token_ids).tolist(), skip_special_tokens=True)}
+            meta = {"sample": j, "prompt_tokens": int(len(item.input_ids)), "prompt_turns": len(item.messages),
+                    "messages": [*item.messages, reply]}
             yield Example(sid, ids, positions, s.topk_ids, s.topk_logprobs, s.target_logprobs, s.target_ranks,
                           source=item.source, finish_reason=g.finish_reason, meta=meta), len(ids)
 

@@ -47,7 +47,7 @@ class Templated:
     target_positions: np.ndarray
     source: str = ""
     truncated: bool = False
-    messages: list | None = None  # generate mode: the prompt messages (for export-sft)
+    messages: list | None = None  # the conversation (generate mode: the prompt), stored in meta["messages"]
     wanted: set | None = None  # generate mode: the sample ids still to write (all but resumed ones)
 
 

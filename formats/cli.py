@@ -1,4 +1,4 @@
-"""`kdcache inspect | verify | merge`."""
+"""`kdcache inspect | verify | merge | add-tokenizer`."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,8 @@ def register(sub) -> None:
                        "--example, one example's text and, at each trained position, the teacher's top tokens.")
     p.add_argument("cache", help="cache folder or fsspec URL (s3://, gs://, hf://, memory://)")
     p.add_argument("--example", metavar="ID", help="show this example (its `id` column)")
-    p.add_argument("--tokenizer", help="tokenizer to decode tokens with (default: the one the manifest names, "
-                   "when it can be loaded offline; else ids are shown)")
+    p.add_argument("--tokenizer", help="tokenizer to decode tokens with (default: the cache's own tokenizer/ files, "
+                   "else the one the manifest names when it can be loaded offline; else ids are shown)")
     p.add_argument("--top", type=int, default=5, help="teacher entries shown per position (default 5)")
     p.add_argument("--positions", type=int, default=40, help="positions shown (default 40)")
     p.set_defaults(func=_inspect)
@@ -22,7 +22,8 @@ def register(sub) -> None:
                        "entries), every shard's size and sha256, its schema and metadata, every row's target spans "
                        "(1 <= start < end <= length, sorted, one teacher row per position), unique example ids, "
                        "the values of every row (ids < the teacher's output size, logprobs <= 0 in rank order, "
-                       "top-k mass <= 1), the counts and the rejects file (docs/FORMAT.md lists every check). "
+                       "top-k mass <= 1), the counts, the rejects file and the tokenizer files (docs/FORMAT.md lists "
+                       "every check). "
                        "Exits 1 naming the first bad file, row and field.")
     p.add_argument("cache", help="cache folder or fsspec URL")
     p.add_argument("--checksums-only", action="store_true", help="skip the per-row value checks")
@@ -35,6 +36,16 @@ def register(sub) -> None:
     p.add_argument("out", help="new, empty output folder")
     p.add_argument("caches", nargs="+", help="worker caches (folders or URLs)")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("add-tokenizer", help="store the teacher's tokenizer files in a cache written without them",
+                       description="Caches carry the teacher's tokenizer files (tokenizer/, checksummed in the "
+                       "manifest), which a student with another tokenizer needs. This adds them to a local cache "
+                       "written before they were stored. The tokenizer must be the one the cache was made with: its "
+                       "fingerprint and chat-template hash must equal the manifest's, else nothing is changed.")
+    p.add_argument("cache", help="local cache folder")
+    p.add_argument("--tokenizer", required=True, metavar="DIR_OR_HUB_ID",
+                   help="the teacher's tokenizer (a local folder or a hub id)")
+    p.set_defaults(func=_add_tokenizer)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -50,7 +61,12 @@ def _inspect(args: argparse.Namespace) -> int:
 def _tokenizer(args):
     from formats.manifest import load_manifest
 
-    name = args.tokenizer or (load_manifest(args.cache).get("tokenizer") or {}).get("name_or_path")
+    manifest = load_manifest(args.cache)
+    if not args.tokenizer and manifest.get("tokenizer_files"):  # the cache's own copy (verified when loaded)
+        from formats.tokenizer_files import load_cache_tokenizer
+
+        return load_cache_tokenizer(args.cache)
+    name = args.tokenizer or (manifest.get("tokenizer") or {}).get("name_or_path")
     if not name:
         return None
     try:
@@ -69,7 +85,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     result = verify_cache(args.cache, check_values=not args.checksums_only,
                           progress=lambda name: print(f"ok  {name}", file=sys.stderr))
-    print(f"{args.cache}: OK ({result['shards']} shards, {result['examples']} examples, {result['positions']} positions)")
+    print(f"{args.cache}: OK ({result['shards']} shards, {result['examples']} examples, {result['positions']} positions, "
+          f"{result['tokenizer_files']} tokenizer files)")
     return 0
 
 
@@ -79,4 +96,13 @@ def _merge(args: argparse.Namespace) -> int:
     m = merge_caches(args.out, args.caches)
     print(f"merged {len(args.caches)} caches into {args.out}: {m['counts']['examples']} examples, "
           f"{m['counts']['positions']} positions, {len(m['shards'])} shards")
+    return 0
+
+
+def _add_tokenizer(args: argparse.Namespace) -> int:
+    from formats.tokenizer_files import add_tokenizer
+
+    entries = add_tokenizer(args.cache, args.tokenizer)
+    print(f"{args.cache}: added {len(entries)} tokenizer files ({', '.join(e['file'] for e in entries)}); "
+          f"`kdcache verify {args.cache}` checks them")
     return 0

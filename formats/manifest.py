@@ -15,7 +15,7 @@ from pathlib import Path
 import fsspec
 
 from formats.codec import MAX_TOKEN_ID, CodecConfig
-from formats.errors import FormatError
+from formats.errors import ChecksumError, FormatError
 from formats.schema import FORMAT_VERSION, MANIFEST_NAME, check_version
 
 REQUIRED = ["format_version", "codec", "shards", "counts"]
@@ -29,6 +29,22 @@ def sha256_file(path, fs=None, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_file_bytes(fs, where: str, size: int, sha256: str) -> None:
+    """The file at `where` has the size and sha256 its manifest recorded (FormatError when missing,
+    ChecksumError when it differs). The size is compared first, so a file larger than recorded is
+    refused before it is read."""
+    if not fs.exists(where):
+        raise FormatError(f"{where}: missing (listed in {MANIFEST_NAME}); restore the file or re-run the job that wrote it")
+    actual = fs.size(where)
+    if actual is not None and actual != size:  # None: the server does not say (the sha256 below still decides)
+        raise ChecksumError(f"{where}: {actual} bytes, the manifest says {size} (truncated or replaced); "
+                            "restore it from the source")
+    digest = sha256_file(where, fs)
+    if digest != sha256:
+        raise ChecksumError(f"{where}: sha256 {digest[:16]}... differs from the manifest's {sha256[:16]}... "
+                            "(corrupted); restore it from the source")
 
 
 def now_iso() -> str:
@@ -100,6 +116,8 @@ MAX_MANIFEST_BYTES = 256 << 20
 MAX_COUNT = 2**53      # counts, rows, positions, bytes (JSON-safe integers)
 SIZE_FIELDS = (("tokenizer", "vocab_size"), ("teacher", "output_size"))
 COUNT_FIELDS = ("examples", "positions", "rejects", "bytes", "inputs")
+MAX_TOKENIZER_FILES = 64              # tokenizer.save_pretrained writes 2-6 files
+MAX_TOKENIZER_FILE_BYTES = 512 << 20  # Gemma 3's tokenizer.json, among the largest, is about 33 MB
 
 
 def teacher_output_size(manifest: dict) -> int | None:
@@ -190,6 +208,28 @@ def check_manifest(manifest, where: str) -> None:
         check_file_name(rejects.get("file"), "rejects_file.file", where)
         check_int(rejects.get("count"), f"{where}: rejects_file.count", 0, MAX_COUNT)
         check_sha256(rejects.get("sha256"), f"{where}: rejects_file.sha256")
+    check_tokenizer_files(manifest.get("tokenizer_files"), where)
+
+
+def check_tokenizer_files(entries, where: str) -> None:
+    """`tokenizer_files` (absent in caches written before it): a list of {file, bytes, sha256}, each
+    file a plain name (inside the cache's `tokenizer/` folder), listed once, of a bounded size."""
+    if entries is None:
+        return
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_TOKENIZER_FILES:
+        raise FormatError(f"{where}: tokenizer_files must be a list of 1..{MAX_TOKENIZER_FILES} objects "
+                          "{file, bytes, sha256}; the manifest is damaged")
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        field = f"tokenizer_files[{i}]"
+        if not isinstance(entry, dict):
+            raise FormatError(f"{where}: {field} must be an object with file, bytes, sha256")
+        check_file_name(entry.get("file"), f"{field}.file", where)
+        check_int(entry.get("bytes"), f"{where}: {field}.bytes", 0, MAX_TOKENIZER_FILE_BYTES)
+        check_sha256(entry.get("sha256"), f"{where}: {field}.sha256")
+        if entry["file"] in seen:
+            raise FormatError(f"{where}: {field}.file {entry['file']!r} is listed twice; the manifest is damaged")
+        seen.add(entry["file"])
 
 
 def check_int(value, where: str, lo: int, hi: int) -> int:

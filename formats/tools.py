@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 
 from formats.card import write_card
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError
-from formats.manifest import (check_accounting, command_line, id_limits, load_manifest, manifest_get, now_iso, open_cache,
-                              sha256_file, tally_reasons, write_json_atomic)
+from formats.manifest import (check_accounting, check_file_bytes, command_line, id_limits, load_manifest, manifest_get,
+                              now_iso, open_cache, sha256_file, tally_reasons, write_json_atomic)
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, check_shard_header, read_shard_metadata
 from formats.shard import decode_table
+from formats.tokenizer_files import copy_tokenizer_files, verify_tokenizer_files
 
 # Caches are compatible when these agree (merge refuses otherwise; the trainer mixes only these).
 COMPAT_KEYS = [("format_version",), ("codec",), ("mode",), ("teacher", "name_or_path"), ("teacher", "revision"),
@@ -30,7 +31,7 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
 
     The manifest (types, paths inside the cache, no duplicate shard entries), every shard (size,
     sha256, metadata, codec, rows, positions, target spans), example ids unique across the cache,
-    every value (with check_values), the counts, and the rejects file.
+    every value (with check_values), the counts, the rejects file, and the tokenizer files.
     """
     fs, root = open_cache(path, storage_options)
     manifest = load_manifest(path, storage_options)
@@ -42,7 +43,7 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
     rows = positions = 0
     for shard in manifest["shards"]:
         where = posixpath.join(root, shard["file"])
-        _check_bytes(fs, where, shard["bytes"], shard["sha256"])
+        check_file_bytes(fs, where, shard["bytes"], shard["sha256"])
         try:
             pf = pq.ParquetFile(fs.open(where, "rb"))
         except Exception as exc:
@@ -78,21 +79,9 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
     rejects = read_rejects(fs, root, manifest)
     rejects_name = (manifest.get("rejects_file") or {}).get("file", REJECTS_NAME)
     _check_rejects(rejects, manifest, owner, posixpath.join(root, rejects_name))
-    return {"shards": len(manifest["shards"]), "examples": rows, "positions": positions, "rejects": len(rejects)}
-
-
-def _check_bytes(fs, where: str, size: int, sha256: str) -> None:
-    """The file at `where` has the size and sha256 its manifest recorded."""
-    if not fs.exists(where):
-        raise FormatError(f"{where}: missing (listed in {MANIFEST_NAME}); restore the file or re-run the job that wrote it")
-    actual = fs.size(where)
-    if actual is not None and actual != size:  # None: the server does not say (the sha256 below still decides)
-        raise ChecksumError(f"{where}: {actual} bytes, the manifest says {size} (truncated or replaced); "
-                            "restore it from the source")
-    digest = sha256_file(where, fs)
-    if digest != sha256:
-        raise ChecksumError(f"{where}: sha256 {digest[:16]}... differs from the manifest's {sha256[:16]}... "
-                            "(corrupted); restore it from the source")
+    tokenizer_files = verify_tokenizer_files(fs, root, manifest)
+    return {"shards": len(manifest["shards"]), "examples": rows, "positions": positions, "rejects": len(rejects),
+            "tokenizer_files": tokenizer_files}
 
 
 def read_rejects(fs, root: str, manifest: dict) -> list[dict]:
@@ -185,6 +174,8 @@ def summarize(path) -> str:
         ("mode", m.get("mode")),
         ("teacher", f"{t.get('name_or_path')} ({t.get('engine')} {t.get('engine_version', '')}, {t.get('dtype')})"),
         ("tokenizer", f"{tok.get('name_or_path')} vocab={tok.get('vocab_size')} fingerprint={str(tok.get('fingerprint'))[:16]}"),
+        ("tokenizer files", f"{len(m['tokenizer_files'])} in tokenizer/" if m.get("tokenizer_files") else
+         "none (a student with another tokenizer needs them: kdcache add-tokenizer)"),
         ("dataset", f"{d.get('name')} split={d.get('split')} filters={d.get('filters')}"),
         ("examples", c.get("examples")), ("positions", c.get("positions")),
         ("rejects", f"{c.get('rejects')} {c.get('rejects_by_reason') or ''}"),
@@ -256,7 +247,8 @@ def merge_caches(out, caches: list) -> dict:
 
     Refuses inputs that do not belong together (check_mergeable), a cache given twice, duplicate
     example or reject ids within or across the inputs, and any shard or rejects file whose sha256
-    differs from its manifest. Every worker's provenance is kept in `merged_from`.
+    differs from its manifest. Every worker's provenance is kept in `merged_from`. The teacher's
+    tokenizer files (the same tokenizer in every input) are copied from the first input that has them.
     """
     if not caches:
         raise InputError("merge needs at least one cache")
@@ -289,6 +281,10 @@ def merge_caches(out, caches: list) -> dict:
             f.write(json.dumps(r) + "\n")
     merged = _merged_manifest(caches, manifests)
     merged["shards"] = shards
+    merged.pop("tokenizer_files", None)  # the same tokenizer in every input: carry the first input's files
+    carrier = next(((c, m) for c, m in zip(caches, manifests) if m.get("tokenizer_files")), None)
+    if carrier is not None:
+        merged["tokenizer_files"] = copy_tokenizer_files(*carrier, out)
     by_reason = tally_reasons(all_rejects)  # counted from the rejects themselves, not the inputs' claims
     merged["counts"] = {
         "examples": sum(s["rows"] for s in shards), "positions": sum(s["positions"] for s in shards),

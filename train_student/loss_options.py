@@ -4,3 +4,6 @@ them without importing torch."""
 KINDS = ("forward_kl", "reverse_kl")    # the KD divergence
 TAILS = ("renormalize", "bucket")       # teacher mass outside its top-k: renormalize, or one tail bucket
 IMPLS = ("naive", "chunked", "fused")   # kd_loss implementations (train_student/loss.py)
+# --cross-tokenizer: off (the student shares the teacher's tokenizer), auto (on when the tokenizers
+# differ, off when they are the same), or an alignment loss: exact-map, uld, hybrid (docs/ and issue 12)
+CROSS_TOKENIZER_MODES = ("off", "auto", "exact-map", "uld", "hybrid")

@@ -161,11 +161,39 @@ def test_generate_mode_and_export(tiny_dir, tiny_engine, rows_path, tmp_path):
     assert all(np.array_equal(ex.input_ids, read(tmp_path / "gen2")[key].input_ids) for key, ex in examples.items())
     rerun = run_cache(config, engine=tiny_engine)  # a finished generate-mode cache: nothing to do
     assert rerun.examples == 0 and rerun.resumed == 3
+    for ex in examples.values():  # the conversation as rendered: the prompt, then the reply as the assistant turn
+        turns, messages = ex.meta["prompt_turns"], ex.meta["messages"]
+        assert len(messages) == turns + 1 and messages[-1]["role"] == "assistant"
+        assert messages[-1]["content"] == tokenizer_of(tmp_path / "gen").decode(ex.input_ids[ex.target_positions].tolist(),
+                                                                                 skip_special_tokens=True)
     n = export_sft(tmp_path / "gen", tmp_path / "sft.jsonl", keep_length=True)
     records = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert n == len(records) > 0
     for r in records:
         assert validate(r) is None and r["messages"][-1]["role"] == "assistant"
+
+
+def tokenizer_of(cache):
+    from formats.tokenizer_files import load_cache_tokenizer
+
+    return load_cache_tokenizer(cache)
+
+
+def test_the_cache_carries_the_tokenizer_and_the_conversations(tiny_dir, tiny_engine, sample_rows, tmp_path):
+    rows = sample_rows[:6]
+    config = make_config(teacher=str(tiny_dir), dataset=str(write_jsonl(tmp_path / "rows.jsonl", rows)),
+                         out=str(tmp_path / "c"))
+    run_cache(config, engine=tiny_engine)
+    manifest = load_manifest(tmp_path / "c")
+    assert {e["file"] for e in manifest["tokenizer_files"]} == {p.name for p in (tmp_path / "c" / "tokenizer").iterdir()}
+    assert verify_cache(tmp_path / "c")["tokenizer_files"] == len(manifest["tokenizer_files"])
+    from transformers import AutoTokenizer
+
+    assert tokenizer_of(tmp_path / "c").get_vocab() == AutoTokenizer.from_pretrained(tiny_dir).get_vocab()
+    assert manifest["extra"]["template"]["messages_in_meta"] is True
+    by_id = {r["id"]: [{"role": m["role"], "content": m["content"]} for m in r["messages"]] for r in rows}
+    examples = read(tmp_path / "c")
+    assert examples and all(ex.meta["messages"] == by_id[key] for key, ex in examples.items())
 
 
 # ---- resume compares every setting that changes the rows; generate-mode accounting (issue 9) ----
