@@ -32,11 +32,11 @@ from pathlib import Path
 
 def machine() -> dict:
     """Processor, relevant flags, cores and load: the header of every table."""
-    from formats.hardware import REPORTED_CPU_FLAGS, cpu_flags, cpu_model
+    from formats.hardware import REPORTED_CPU_FLAGS, cpu_flags, cpu_model, usable_cpu_flags
 
     flags = cpu_flags()
     return {"cpu": cpu_model(), "flags": {f: f in flags for f in REPORTED_CPU_FLAGS}, "cores": os.cpu_count(),
-            "load_before": os.getloadavg()[0]}
+            "torch_capped_by": usable_cpu_flags()[1], "load_before": os.getloadavg()[0]}
 
 
 def templated(config, tokenizer) -> list:
@@ -162,7 +162,8 @@ def format_table(r: dict) -> str:
     m = r["machine"]
     flags = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in m["flags"].items())
     tokens = r["tokens"]
-    lines = [f"CPU: {m['cpu']} ({flags}); {m['cores']} cores; load average {m['load_before']:.1f} before, "
+    capped = f"; torch capped by {m['torch_capped_by']}" if m.get("torch_capped_by") else ""
+    lines = [f"CPU: {m['cpu']} ({flags}{capped}); {m['cores']} cores; load average {m['load_before']:.1f} before, "
              f"{m.get('load_after', float('nan')):.1f} after",
              f"{r['records']} records (<= {r['max_length']} tokens), {tokens} tokens, {r['positions']} trained "
              f"positions, k={r['k']}; fastest of {len(r['runs'][0]['bare_s']) if r['runs'] else 0} rounds; "

@@ -82,8 +82,9 @@ def cpu_summary() -> str:
     flags = cpu_flags()
     have = [f for f in REPORTED_CPU_FLAGS if f in flags]
     lack = [f for f in REPORTED_CPU_FLAGS if f not in flags]
+    capped = usable_cpu_flags()[1]
     return f"{cpu_model()} ({', '.join(have) or 'none of ' + ', '.join(REPORTED_CPU_FLAGS)}" + (
-        f"; no {', '.join(lack)})" if have and lack else ")")
+        f"; no {', '.join(lack)}" if have and lack else "") + (f"; torch capped by {capped}" if capped else "") + ")"
 
 
 def default_device() -> str:
