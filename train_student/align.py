@@ -1,0 +1,238 @@
+"""Cross-tokenizer alignment: which teacher distribution, if any, each student position learns from.
+
+The cache holds one conversation tokenized by the teacher, with the teacher's top-k at every
+assistant token. A student with another tokenizer renders the same messages with its own chat
+template (the same rules as the teacher's: `cache_teacher.template.ChatTemplater`, so the student's
+trained positions are its assistant tokens through the end-of-turn token). Then, for each assistant
+turn (GOLD/ULD style; docs/CROSS_TOKENIZER.md):
+
+1. Both sides' trained tokens of the turn are turned into bytes (`vocab_map.token_bytes`), so each
+   token covers a byte range of the turn's text.
+2. The message text (the message's `content`, found in both) is the region both sides spell the
+   same way; the template text before and after it joins the region only where both templates
+   render it byte for byte the same (so an example aligned with itself is the identity, while
+   `<|im_end|>` against `<end_of_turn>` stays unaligned).
+3. Inside the region, a *boundary* is a byte offset where both sides have a token boundary. Tokens
+   between two consecutive common boundaries form a span: m teacher tokens, n student tokens, the
+   same text. A token that ends inside a multi-byte UTF-8 character has a boundary only the other
+   side shares if it splits the same character at the same byte; otherwise it merges into the next
+   span. Tokens that cross the region's edge (a piece that glues message text to template text)
+   are not aligned.
+
+The next-token shift. Teacher row r of the cache is the teacher's distribution for the token at
+position `target_positions[r]` given everything before it; a student's row for its token at
+position s is its hidden state at s - 1. Two rows are comparable when they predict from the same
+text: the teacher's row for the first token of a span and the student's row for the first token of
+that span both condition on exactly the text before the span. So each span pairs its first student
+position with its first teacher row; the other student positions of a span (mid-span contexts no
+teacher row shares) are trained positions without a teacher (CE only). A 1:1 span (one token each
+side) predicts the same string on both sides: the vocabulary map can translate the teacher's top-k.
+
+numpy + the two tokenizers; no torch (this runs in the data pipeline's prefetch thread).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from formats.errors import InputError
+from train_student.vocab_map import token_bytes
+
+__all__ = ["Alignment", "Aligner"]
+
+
+@dataclass
+class Alignment:
+    """One conversation in the student's tokens, and the teacher row paired with each trained position.
+
+    input_ids: int32 [L] the student's rendering; target_positions: int32 [N] its trained positions
+    (assistant tokens, 1 <= s < L, increasing); teacher_row: int32 [N] the row of the cached
+    teacher arrays whose distribution is paired with the student's distribution for the token at
+    target_positions[n] (-1: none); one_to_one: bool [N] the pair comes from a span of one teacher
+    and one student token; spans: every aligned span as (teacher positions, student positions) in
+    the two input_ids.
+    """
+
+    id: str
+    input_ids: np.ndarray
+    target_positions: np.ndarray
+    teacher_row: np.ndarray
+    one_to_one: np.ndarray
+    spans: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def aligned_fraction(self) -> float:
+        """Student trained positions that have a teacher row, over all of them."""
+        return float((self.teacher_row >= 0).mean()) if len(self.teacher_row) else 0.0
+
+
+def _student_templater(tokenizer, template: str | None, max_length: int | None):
+    # The student renders with the teacher-side rules (one home for "which tokens are trained").
+    from cache_teacher.template import ChatTemplater
+
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise InputError("the student's tokenizer has no chat template (base models have none); give one "
+                         "with --student-template (a Jinja template file or a built-in name)")
+    if template is not None:
+        tokenizer = copy.copy(tokenizer)  # the caller's tokenizer keeps its own template
+        tokenizer.chat_template = template
+    return ChatTemplater(tokenizer, max_length=max_length)
+
+
+class Aligner:
+    """Aligns cached teacher examples to one student tokenizer (build once, call `align` per example).
+
+    Args:
+        teacher_tokenizer, student_tokenizer: Hugging Face tokenizers (fast or slow).
+        student_template: a Jinja chat template for the student, overriding its tokenizer's; needed
+            when the student tokenizer has none.
+        max_length: the student's rendering is truncated to this many tokens (None: no limit).
+    """
+
+    def __init__(self, teacher_tokenizer, student_tokenizer, student_template: str | None = None,
+                 max_length: int | None = None):
+        self.teacher_bytes = token_bytes(teacher_tokenizer)
+        self.student_bytes = (self.teacher_bytes if student_tokenizer is teacher_tokenizer
+                              else token_bytes(student_tokenizer))
+        self.templater = _student_templater(student_tokenizer, student_template, max_length)
+
+    def align(self, example_id: str, messages: list[dict], teacher_input_ids: np.ndarray,
+              teacher_target_positions: np.ndarray) -> Alignment:
+        """Render `messages` for the student and pair its trained positions with teacher rows.
+
+        Args:
+            example_id: named in every error.
+            messages: the conversation, [{"role", "content"}], assistant replies included.
+            teacher_input_ids: int [L_t] the cached tokens; teacher_target_positions: int [N_t]
+                the cached trained positions (row r of the teacher arrays predicts the token at
+                teacher_target_positions[r]).
+
+        Raises:
+            InputError (naming the example, the turn and the side) when the student's template
+            cannot render the conversation or drops an assistant message, or when one side's tokens
+            do not spell a message's text (they do not belong to these messages, or the tokenizer
+            normalizes text).
+        """
+        from cache_teacher.template import TemplateReject
+
+        where = f"example {example_id!r}"
+        try:
+            student = self.templater.score({"id": example_id, "messages": messages})
+        except TemplateReject as exc:
+            raise InputError(f"{where}: the student's chat template cannot render the conversation "
+                             f"({exc.reason}); check --student-template") from None
+        contents = [m.get("content") or "" for m in messages if m.get("role") == "assistant"]
+        t_ids = np.asarray(teacher_input_ids, np.int64)
+        t_pos = np.asarray(teacher_target_positions, np.int64)
+        if len(t_ids) and (t_ids.min() < 0 or t_ids.max() >= len(self.teacher_bytes)):
+            raise InputError(f"{where}: teacher token id {int(t_ids.max())} is outside the teacher "
+                             f"tokenizer's {len(self.teacher_bytes)} ids (wrong tokenizer for this cache?)")
+        t_runs = _runs(t_pos)
+        s_pos = student.target_positions.astype(np.int64)
+        s_runs = _runs(s_pos)
+        _check_turn_count(where, "teacher's cached", len(t_runs), len(contents), truncated=True)
+        _check_turn_count(where, "student's", len(s_runs), len(contents), truncated=student.truncated)
+
+        teacher_row = np.full(len(s_pos), -1, np.int32)
+        one_to_one = np.zeros(len(s_pos), bool)
+        spans = []
+        for turn, (t_rows, s_rows) in enumerate(zip(t_runs, s_runs)):
+            t_tok = [self.teacher_bytes[i] for i in t_ids[t_pos[t_rows]].tolist()]
+            s_tok = [self.student_bytes[i] for i in student.input_ids[s_pos[s_rows]].tolist()]
+            content = contents[turn].encode("utf-8")
+            for (ta, tb), (sa, sb) in _align_turn(t_tok, s_tok, content, f"{where}, assistant turn {turn}"):
+                rows_t, rows_s = t_rows[ta:tb], s_rows[sa:sb]
+                teacher_row[rows_s[0]] = rows_t[0]
+                one_to_one[rows_s[0]] = (tb - ta == 1) and (sb - sa == 1)
+                spans.append((tuple(t_pos[rows_t].tolist()), tuple(s_pos[rows_s].tolist())))
+        return Alignment(example_id, student.input_ids, student.target_positions, teacher_row, one_to_one, spans)
+
+
+def _runs(positions: np.ndarray) -> list[np.ndarray]:
+    """Row indices of `positions` cut into runs of consecutive positions (one run per assistant turn)."""
+    if len(positions) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(positions) != 1) + 1
+    return np.split(np.arange(len(positions)), cuts)
+
+
+def _check_turn_count(where: str, side: str, runs: int, messages: int, *, truncated: bool) -> None:
+    if runs > messages or (runs < messages and not truncated):
+        raise InputError(f"{where}: the {side} tokens have {runs} assistant turn(s) but the conversation has "
+                         f"{messages} assistant message(s); a template that drops or merges assistant messages "
+                         "cannot be aligned (check --student-template, and that the cache's messages are "
+                         "the ones it scored)")
+
+
+def _locate(turn: bytes, content: bytes) -> tuple[int, int] | None:
+    """The byte range of the message text in one side's turn: the content, else the content with
+    surrounding whitespace stripped (templates that trim), else a prefix of it that runs to the end
+    of the turn (a turn cut by max_length)."""
+    for text in dict.fromkeys((content, content.strip())):
+        if text and (i := turn.find(text)) >= 0:
+            return i, i + len(text)
+    text = content.strip()
+    probe = text[:16]
+    i = turn.find(probe) if probe else -1
+    while i >= 0:
+        if text.startswith(turn[i:]):
+            return i, len(turn)
+        i = turn.find(probe, i + 1)
+    return None
+
+
+def _align_turn(t_tok: list[bytes], s_tok: list[bytes], content: bytes, where: str):
+    """Spans of one assistant turn as ((teacher token range), (student token range)), run-local."""
+    t_turn, s_turn = b"".join(t_tok), b"".join(s_tok)
+    t_msg, s_msg = _locate(t_turn, content), _locate(s_turn, content)
+    for side, found, turn in (("teacher", t_msg, t_turn), ("student", s_msg, s_turn)):
+        if found is None:
+            raise InputError(
+                f"{where}: the {side}'s tokens of this turn do not spell the assistant message "
+                f"(message starts {content[:40].decode('utf-8', 'replace')!r}, the tokens spell "
+                f"{turn[:60].decode('utf-8', 'replace')!r}); the tokens do not cover the message text: "
+                f"wrong messages for this example, a template that drops the message, or a tokenizer that "
+                f"rewrites text (normalizer, unknown tokens)"
+            )
+    (ta, tb), (sa, sb) = t_msg, s_msg
+    if tb - ta != sb - sa:  # one side cut by max_length: align the text both have
+        tb = ta + min(tb - ta, sb - sa)
+        sb = sa + (tb - ta)
+    if t_turn[:ta] == s_turn[:sa]:  # the same template text before the message joins the region
+        ta = sa = 0
+    if t_turn[tb:] == s_turn[sb:]:  # and after it
+        tb, sb = len(t_turn), len(s_turn)
+    return _spans(_offsets(t_tok), ta, tb, _offsets(s_tok), sa, sb)
+
+
+def _offsets(tokens: list[bytes]) -> np.ndarray:
+    """int64 [n + 1]: token j covers bytes [off[j], off[j + 1]) of the turn."""
+    return np.concatenate([[0], np.cumsum([len(b) for b in tokens], dtype=np.int64)])
+
+
+def _spans(t_off: np.ndarray, ta: int, tb: int, s_off: np.ndarray, sa: int, sb: int):
+    """Token ranges between consecutive boundaries common to both sides inside the region (teacher
+    bytes [ta, tb) spell the same text as student bytes [sa, sb))."""
+    t_in, s_in = _inside(t_off, ta, tb), _inside(s_off, sa, sb)
+    if t_in is None or s_in is None:
+        return []
+    t_bounds = t_off[t_in[0]: t_in[1] + 1] - ta
+    s_bounds = s_off[s_in[0]: s_in[1] + 1] - sa
+    common = np.intersect1d(t_bounds, s_bounds)
+    out = []
+    for c0, c1 in zip(common[:-1].tolist(), common[1:].tolist()):
+        t0 = t_in[0] + int(np.searchsorted(t_bounds, c0, "left"))
+        t1 = t_in[0] + int(np.searchsorted(t_bounds, c1, "left"))
+        s0 = s_in[0] + int(np.searchsorted(s_bounds, c0, "left"))
+        s1 = s_in[0] + int(np.searchsorted(s_bounds, c1, "left"))
+        out.append(((t0, t1), (s0, s1)))
+    return out
+
+
+def _inside(off: np.ndarray, a: int, b: int) -> tuple[int, int] | None:
+    """(first, end) token indices of the tokens lying wholly inside bytes [a, b), or None."""
+    first = int(np.searchsorted(off[:-1], a, "left"))
+    end = int(np.searchsorted(off[1:], b, "right"))
+    return (first, end) if first < end else None
