@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from formats.errors import InputError
-from train_student.vocab_map import token_bytes
+from train_student.vocab_map import map_topk, token_bytes
 
-__all__ = ["Alignment", "Aligner"]
+__all__ = ["Alignment", "Aligner", "StudentTargets", "student_targets"]
 
 
 @dataclass
@@ -236,3 +236,46 @@ def _inside(off: np.ndarray, a: int, b: int) -> tuple[int, int] | None:
     first = int(np.searchsorted(off[:-1], a, "left"))
     end = int(np.searchsorted(off[1:], b, "right"))
     return (first, end) if first < end else None
+
+
+@dataclass
+class StudentTargets:
+    """The teacher's top-k at each student trained position, ready for `loss_xtok.xtok_loss`.
+
+    Per student trained position n (the rows of `Alignment.target_positions`): topk_ids int32 [N, K]
+    student ids where the position is an exact-map target (-1 elsewhere, and for entries without a
+    student twin); topk_logprobs float32 [N, K] the paired teacher row's raw logprobs (-inf padding
+    and where there is no teacher row; entries merged by `vocab_map.map_topk` on exact rows);
+    exact bool [N] (a 1:1 span with at least one mapped entry; never in mode "uld"); aligned bool [N]
+    (a teacher row is paired).
+    """
+
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    exact: np.ndarray
+    aligned: np.ndarray
+
+
+def student_targets(alignment: Alignment, teacher_topk_ids: np.ndarray, teacher_topk_logprobs: np.ndarray,
+                    vmap: np.ndarray, mode: str) -> StudentTargets:
+    """Gather each student position's paired teacher row and, on 1:1 spans, map its ids to the student's
+    vocabulary (modes "exact-map" and "hybrid"; mode "uld" keeps every row vocabulary-free)."""
+    from train_student.loss_options import XTOK_MODES
+
+    if mode not in XTOK_MODES:
+        raise InputError(f"cross-tokenizer mode must be one of {XTOK_MODES}, got {mode!r}")
+    rows = alignment.teacher_row
+    aligned = rows >= 0
+    n, k = len(rows), teacher_topk_ids.shape[1]
+    ids = np.full((n, k), -1, np.int32)
+    logprobs = np.full((n, k), -np.inf, np.float32)
+    ids[aligned] = teacher_topk_ids[rows[aligned]]
+    logprobs[aligned] = teacher_topk_logprobs[rows[aligned]]
+    exact = np.zeros(n, bool)
+    if mode != "uld":
+        candidates = aligned & alignment.one_to_one
+        mapped, merged = map_topk(ids[candidates], logprobs[candidates], vmap)
+        exact[candidates] = (mapped >= 0).any(axis=1)
+        ids[candidates], logprobs[candidates] = mapped, merged
+    ids[~exact] = -1
+    return StudentTargets(ids, logprobs, exact, aligned)

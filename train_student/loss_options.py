@@ -4,3 +4,4 @@ them without importing torch."""
 KINDS = ("forward_kl", "reverse_kl")    # the KD divergence
 TAILS = ("renormalize", "bucket")       # teacher mass outside its top-k: renormalize, or one tail bucket
 IMPLS = ("naive", "chunked", "fused")   # kd_loss implementations (train_student/loss.py)
+XTOK_MODES = ("exact-map", "uld", "hybrid")  # cross-tokenizer KD loss (train_student/loss_xtok.py)
