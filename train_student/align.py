@@ -142,7 +142,10 @@ class Aligner:
             t_tok = [self.teacher_bytes[i] for i in t_ids[t_pos[t_rows]].tolist()]
             s_tok = [self.student_bytes[i] for i in student.input_ids[s_pos[s_rows]].tolist()]
             content = contents[turn].encode("utf-8")
-            for (ta, tb), (sa, sb) in _align_turn(t_tok, s_tok, content, f"{where}, assistant turn {turn}"):
+            last = turn == min(len(t_runs), len(s_runs)) - 1
+            t_cut = last and int(t_pos[t_rows[-1]]) == len(t_ids) - 1  # the cache may have cut it (max_length)
+            s_cut = last and student.truncated
+            for (ta, tb), (sa, sb) in _align_turn(t_tok, s_tok, content, f"{where}, assistant turn {turn}", t_cut, s_cut):
                 rows_t, rows_s = t_rows[ta:tb], s_rows[sa:sb]
                 teacher_row[rows_s[0]] = rows_t[0]
                 one_to_one[rows_s[0]] = (tb - ta == 1) and (sb - sa == 1)
@@ -166,27 +169,27 @@ def _check_turn_count(where: str, side: str, runs: int, messages: int, *, trunca
                          "the ones it scored)")
 
 
-def _locate(turn: bytes, content: bytes) -> tuple[int, int] | None:
+def _locate(turn: bytes, content: bytes, cut: bool) -> tuple[int, int] | None:
     """The byte range of the message text in one side's turn: the content, else the content with
-    surrounding whitespace stripped (templates that trim), else a prefix of it that runs to the end
-    of the turn (a turn cut by max_length)."""
+    surrounding whitespace stripped (templates that trim), else, when the turn was `cut` by
+    max_length, a prefix of it that runs to the end of the turn."""
     for text in dict.fromkeys((content, content.strip())):
         if text and (i := turn.find(text)) >= 0:
             return i, i + len(text)
     text = content.strip()
-    probe = text[:16]
-    i = turn.find(probe) if probe else -1
+    i = turn.find(text[:1]) if text and cut else -1
     while i >= 0:
         if text.startswith(turn[i:]):
             return i, len(turn)
-        i = turn.find(probe, i + 1)
+        i = turn.find(text[:1], i + 1)
     return None
 
 
-def _align_turn(t_tok: list[bytes], s_tok: list[bytes], content: bytes, where: str):
-    """Spans of one assistant turn as ((teacher token range), (student token range)), run-local."""
+def _align_turn(t_tok: list[bytes], s_tok: list[bytes], content: bytes, where: str, t_cut: bool, s_cut: bool):
+    """Spans of one assistant turn as ((teacher token range), (student token range)), run-local.
+    `t_cut`, `s_cut`: the side's turn may have been cut short by max_length."""
     t_turn, s_turn = b"".join(t_tok), b"".join(s_tok)
-    t_msg, s_msg = _locate(t_turn, content), _locate(s_turn, content)
+    t_msg, s_msg = _locate(t_turn, content, t_cut), _locate(s_turn, content, s_cut)
     for side, found, turn in (("teacher", t_msg, t_turn), ("student", s_msg, s_turn)):
         if found is None:
             raise InputError(
