@@ -100,25 +100,39 @@ def build_vocab_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
     """int32 [teacher ids]: the student id that stands for the same bytes, or -1 (UNMAPPED).
 
     Special tokens map only to special tokens with the same text, ordinary tokens only to ordinary
-    ones. Where several student tokens spell the same bytes (a piece and its byte-fallback twin),
-    the one with the lowest id that is not a `<0xNN>` piece wins, so the map is deterministic.
+    ones. A `<0xNN>` byte piece maps to the student's byte piece for that byte and an ordinary piece
+    to an ordinary piece when the student has one (so a tokenizer maps to itself exactly), else to
+    its twin of the other kind (SmolLM2's byte-level `ð` -> Gemma's `<0xF0>`); among several
+    candidates the lowest id wins, so the map is deterministic.
     """
     student_table = token_bytes(student_tokenizer)
     student_special = special_ids(student_tokenizer)
-    byte_pieces = {i for p, i in student_tokenizer.get_vocab().items() if _BYTE_PIECE.match(p)}
-    index: dict[tuple[bool, bytes], int] = {}
+    student_bytes = _byte_piece_ids(student_tokenizer)
+    same_kind: dict[tuple[bool, bool, bytes], int] = {}
+    any_kind: dict[tuple[bool, bytes], int] = {}
     # Byte pieces last, then by id: the first writer of a key keeps it.
-    for i in sorted(range(len(student_table)), key=lambda j: (j in byte_pieces, j)):
+    for i in sorted(range(len(student_table)), key=lambda j: (j in student_bytes, j)):
         if student_table[i]:
-            index.setdefault((i in student_special, student_table[i]), i)
+            special = i in student_special
+            same_kind.setdefault((special, i in student_bytes, student_table[i]), i)
+            any_kind.setdefault((special, student_table[i]), i)
 
     teacher_table = token_bytes(teacher_tokenizer)
     teacher_special = special_ids(teacher_tokenizer)
+    teacher_bytes = _byte_piece_ids(teacher_tokenizer)
     out = np.full(len(teacher_table), UNMAPPED, np.int32)
     for i, b in enumerate(teacher_table):
         if b:
-            out[i] = index.get((i in teacher_special, b), UNMAPPED)
+            special = i in teacher_special
+            out[i] = same_kind.get((special, i in teacher_bytes, b), any_kind.get((special, b), UNMAPPED))
     return out
+
+
+def _byte_piece_ids(tokenizer) -> set[int]:
+    """Ids of the `<0xNN>` byte-fallback pieces (only meaningful with a ByteFallback decoder)."""
+    if "ByteFallback" not in {step.get("type") for step in _decoder_steps(tokenizer)} and _decoder_steps(tokenizer):
+        return set()
+    return {i for piece, i in tokenizer.get_vocab().items() if _BYTE_PIECE.match(piece)}
 
 
 def vocab_map_path(cache_dir: str | os.PathLike, teacher_fingerprint: str, student_fingerprint: str) -> Path:
