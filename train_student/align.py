@@ -33,7 +33,7 @@ numpy + the two tokenizers; no torch (this runs in the data pipeline's prefetch 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,8 +51,9 @@ class Alignment:
     (assistant tokens, 1 <= s < L, increasing); teacher_row: int32 [N] the row of the cached
     teacher arrays whose distribution is paired with the student's distribution for the token at
     target_positions[n] (-1: none); one_to_one: bool [N] the pair comes from a span of one teacher
-    and one student token; spans: every aligned span as (teacher positions, student positions) in
-    the two input_ids.
+    and one student token; teacher_spans, student_spans: int32 [S, 2] every aligned span as
+    half-open position ranges in the teacher's and the student's input_ids (span i is
+    teacher_spans[i] and student_spans[i]).
     """
 
     id: str
@@ -60,7 +61,14 @@ class Alignment:
     target_positions: np.ndarray
     teacher_row: np.ndarray
     one_to_one: np.ndarray
-    spans: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    teacher_spans: np.ndarray
+    student_spans: np.ndarray
+
+    @property
+    def spans(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """The spans as (teacher positions, student positions) tuples (for reading and tests)."""
+        return [(tuple(range(t0, t1)), tuple(range(s0, s1)))
+                for (t0, t1), (s0, s1) in zip(self.teacher_spans.tolist(), self.student_spans.tolist())]
 
     @property
     def aligned_fraction(self) -> float:
@@ -137,7 +145,7 @@ class Aligner:
 
         teacher_row = np.full(len(s_pos), -1, np.int32)
         one_to_one = np.zeros(len(s_pos), bool)
-        spans = []
+        t_spans, s_spans = [], []
         for turn, (t_rows, s_rows) in enumerate(zip(t_runs, s_runs)):
             t_tok = [self.teacher_bytes[i] for i in t_ids[t_pos[t_rows]].tolist()]
             s_tok = [self.student_bytes[i] for i in student.input_ids[s_pos[s_rows]].tolist()]
@@ -145,12 +153,20 @@ class Aligner:
             last = turn == min(len(t_runs), len(s_runs)) - 1
             t_cut = last and int(t_pos[t_rows[-1]]) == len(t_ids) - 1  # the cache may have cut it (max_length)
             s_cut = last and student.truncated
-            for (ta, tb), (sa, sb) in _align_turn(t_tok, s_tok, content, f"{where}, assistant turn {turn}", t_cut, s_cut):
-                rows_t, rows_s = t_rows[ta:tb], s_rows[sa:sb]
-                teacher_row[rows_s[0]] = rows_t[0]
-                one_to_one[rows_s[0]] = (tb - ta == 1) and (sb - sa == 1)
-                spans.append((tuple(t_pos[rows_t].tolist()), tuple(s_pos[rows_s].tolist())))
-        return Alignment(example_id, student.input_ids, student.target_positions, teacher_row, one_to_one, spans)
+            t_cuts, s_cuts = _align_turn(t_tok, s_tok, content, f"{where}, assistant turn {turn}", t_cut, s_cut)
+            if len(t_cuts) < 2:
+                continue
+            first_s = s_rows[s_cuts[:-1]]
+            teacher_row[first_s] = t_rows[t_cuts[:-1]]
+            one_to_one[first_s] = (np.diff(t_cuts) == 1) & (np.diff(s_cuts) == 1)
+            t_spans.append(np.stack([t_pos[t_rows[0]] + t_cuts[:-1], t_pos[t_rows[0]] + t_cuts[1:]], axis=1))
+            s_spans.append(np.stack([s_pos[s_rows[0]] + s_cuts[:-1], s_pos[s_rows[0]] + s_cuts[1:]], axis=1))
+        return Alignment(example_id, student.input_ids, student.target_positions, teacher_row, one_to_one,
+                         _stack(t_spans), _stack(s_spans))
+
+
+def _stack(spans: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(spans).astype(np.int32) if spans else np.zeros((0, 2), np.int32)
 
 
 def _runs(positions: np.ndarray) -> list[np.ndarray]:
@@ -186,7 +202,7 @@ def _locate(turn: bytes, content: bytes, cut: bool) -> tuple[int, int] | None:
 
 
 def _align_turn(t_tok: list[bytes], s_tok: list[bytes], content: bytes, where: str, t_cut: bool, s_cut: bool):
-    """Spans of one assistant turn as ((teacher token range), (student token range)), run-local.
+    """The spans of one assistant turn as (teacher cuts, student cuts), run-local token indices (`_spans`).
     `t_cut`, `s_cut`: the side's turn may have been cut short by max_length."""
     t_turn, s_turn = b"".join(t_tok), b"".join(s_tok)
     t_msg, s_msg = _locate(t_turn, content, t_cut), _locate(s_turn, content, s_cut)
@@ -216,22 +232,21 @@ def _offsets(tokens: list[bytes]) -> np.ndarray:
 
 
 def _spans(t_off: np.ndarray, ta: int, tb: int, s_off: np.ndarray, sa: int, sb: int):
-    """Token ranges between consecutive boundaries common to both sides inside the region (teacher
-    bytes [ta, tb) spell the same text as student bytes [sa, sb))."""
+    """(teacher cuts, student cuts): the token indices at the boundaries common to both sides inside
+    the region (teacher bytes [ta, tb) spell the same text as student bytes [sa, sb)); span i is
+    teacher tokens [t_cuts[i], t_cuts[i+1]) and student tokens [s_cuts[i], s_cuts[i+1])."""
     t_in, s_in = _inside(t_off, ta, tb), _inside(s_off, sa, sb)
     if t_in is None or s_in is None:
-        return []
+        return _NO_SPANS
     t_bounds = t_off[t_in[0]: t_in[1] + 1] - ta
     s_bounds = s_off[s_in[0]: s_in[1] + 1] - sa
     common = np.intersect1d(t_bounds, s_bounds)
-    out = []
-    for c0, c1 in zip(common[:-1].tolist(), common[1:].tolist()):
-        t0 = t_in[0] + int(np.searchsorted(t_bounds, c0, "left"))
-        t1 = t_in[0] + int(np.searchsorted(t_bounds, c1, "left"))
-        s0 = s_in[0] + int(np.searchsorted(s_bounds, c0, "left"))
-        s1 = s_in[0] + int(np.searchsorted(s_bounds, c1, "left"))
-        out.append(((t0, t1), (s0, s1)))
-    return out
+    # "left": a zero-length token at a boundary belongs to the span that starts there.
+    return (t_in[0] + np.searchsorted(t_bounds, common, "left"),
+            s_in[0] + np.searchsorted(s_bounds, common, "left"))
+
+
+_NO_SPANS = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 def _inside(off: np.ndarray, a: int, b: int) -> tuple[int, int] | None:

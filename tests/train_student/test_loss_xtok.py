@@ -40,7 +40,8 @@ def test_identical_tokenizers_give_kd_loss_exactly(t, d, v, k, kind, tail, mode)
     labels[::4] = IGNORE_INDEX  # untrained rows (a packed batch has them)
     trained = (labels != IGNORE_INDEX).numpy()
     alignment = Alignment("x", np.zeros(t + 1, np.int32), np.arange(1, t + 1, dtype=np.int32),
-                          np.where(trained, np.arange(t), -1).astype(np.int32), trained.copy())
+                          np.where(trained, np.arange(t), -1).astype(np.int32), trained.copy(),
+                          np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int32))
     targets = student_targets(alignment, ids, lps, np.arange(v, dtype=np.int32), mode)
     assert targets.exact[trained].all()
 
