@@ -33,14 +33,17 @@ numpy + the two tokenizers; no torch (this runs in the data pipeline's prefetch 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from formats.errors import InputError
+from formats.example import Example
+from formats.prefetch import prefetch
 from train_student.vocab_map import map_topk, token_bytes
 
-__all__ = ["Alignment", "Aligner", "StudentTargets", "student_targets"]
+__all__ = ["Alignment", "Aligner", "StudentTargets", "student_targets", "student_example", "align_stream"]
 
 
 @dataclass
@@ -297,3 +300,50 @@ def student_targets(alignment: Alignment, teacher_topk_ids: np.ndarray, teacher_
         ids[candidates], logprobs[candidates] = mapped, merged
     ids[~exact] = -1
     return StudentTargets(ids, logprobs, exact, aligned)
+
+
+def student_example(example: Example, aligner: Aligner, vmap: np.ndarray, mode: str) -> Example:
+    """A cached teacher example as the student sees it: the student's tokens and trained positions,
+    and at each the paired teacher top-k (`student_targets`) in the arrays `data.pack_batch` packs.
+
+    Rows are told apart by their entries, so a packed batch needs no extra arrays: an exact-map row
+    has at least one id >= 0; any other paired row has ids -1 and the teacher's finite logprobs (the
+    ULD vector); a row without a teacher has -1 / -inf only (`loss_xtok.xtok_loss` derives its
+    `exact` and `aligned` masks this way). target_logprobs is the paired teacher's logprob of the
+    student's own token where it is one of the mapped entries, else NaN; target_ranks is its
+    1-based place in the row there, else 0. meta gains "aligned_fraction" and "teacher_id".
+
+    The conversation comes from `example.meta["messages"]` (caches written since the
+    cross-tokenizer change store it); raises InputError naming the example when it is missing.
+    """
+    messages = example.meta.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"example {example.id!r}: the cache has no conversation messages (meta['messages']); "
+                         "aligning to a student with another tokenizer needs them: re-run `kdcache cache` "
+                         "with this version to write a cache that stores them")
+    alignment = aligner.align(example.id, messages, example.input_ids, example.target_positions)
+    targets = student_targets(alignment, example.topk_ids, example.topk_logprobs, vmap, mode)
+    own = targets.topk_ids == alignment.input_ids[alignment.target_positions][:, None]
+    found = own.any(axis=1)
+    place = own.argmax(axis=1)
+    target_logprobs = np.where(found, targets.topk_logprobs[np.arange(len(place)), place], np.nan).astype(np.float32)
+    return Example(
+        id=example.id,
+        input_ids=alignment.input_ids.astype(np.int32),
+        target_positions=alignment.target_positions.astype(np.int32),
+        topk_ids=targets.topk_ids,
+        topk_logprobs=targets.topk_logprobs,
+        target_logprobs=target_logprobs,
+        target_ranks=np.where(found, place + 1, 0).astype(np.int32),
+        source=example.source,
+        finish_reason=example.finish_reason,
+        meta={**example.meta, "aligned_fraction": alignment.aligned_fraction, "teacher_id": example.id},
+    )
+
+
+def align_stream(examples: Iterable[Example], aligner: Aligner, vmap: np.ndarray, mode: str,
+                 ahead: int = 16) -> Iterator[Example]:
+    """`student_example` over a stream of cached examples, run `ahead` examples in advance in a
+    background thread (`formats.prefetch.prefetch`), so alignment overlaps the training step; errors
+    re-raise in the consumer."""
+    return prefetch((student_example(ex, aligner, vmap, mode) for ex in examples), ahead, name="kdcache-align")

@@ -41,8 +41,8 @@ def xtok_loss(
     topk_ids: Tensor,
     topk_logprobs: Tensor,
     labels: Tensor,
-    exact: Tensor,
-    aligned: Tensor,
+    exact: Tensor | None = None,
+    aligned: Tensor | None = None,
     *,
     mode: str = "hybrid",
     kd_weight: float = 1.0,
@@ -63,7 +63,9 @@ def xtok_loss(
             student twin); ignored on other rows (`align.StudentTargets.topk_ids`).
         topk_logprobs: [T, K] the paired teacher row's raw logprobs at temperature 1 (-inf padding;
             all -inf where no teacher row is paired).
-        exact: [T] bool, the row is an exact-map target. aligned: [T] bool, a teacher row is paired.
+        exact: [T] bool, the row is an exact-map target; None: rows with an id >= 0.
+        aligned: [T] bool, a teacher row is paired; None: rows with a finite logprob. (The defaults
+            read the rows of `align.student_example`'s examples packed by `data.pack_batch`.)
         mode: "exact-map" (exact rows only), "uld" (every aligned row by ULD, exact ignored) or
             "hybrid" (exact rows exact, the other aligned rows ULD).
         uld_weight: weight of the ULD term (finite, >= 0). It is not scaled by tau^2: a distance
@@ -77,6 +79,10 @@ def xtok_loss(
     With one tokenizer on both sides every trained row is exact and every id maps to itself, and
     the result is `kd_loss`'s, loss and gradients (tests/train_student/test_loss_xtok.py).
     """
+    if exact is None and isinstance(topk_ids, Tensor):
+        exact = (topk_ids >= 0).any(dim=-1)
+    if aligned is None and isinstance(topk_logprobs, Tensor):
+        aligned = (topk_logprobs > -math.inf).any(dim=-1)
     _validate(hidden, topk_ids, labels, exact, aligned, mode, uld_weight)
     trained = labels != IGNORE_INDEX
     exact_rows = exact & trained if mode != "uld" else torch.zeros_like(exact)

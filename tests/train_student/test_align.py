@@ -232,3 +232,72 @@ def test_smollm2_to_gemma3_on_tulu():
         aligned += int((a.teacher_row >= 0).sum())
         total += len(a.teacher_row)
     assert aligned / total > 0.9
+
+
+# --- the prefetch hook: cached examples in, student examples out ---
+
+def _teacher_example(teacher, messages, example_id="ex-1", k=2, seed=0, with_messages=True):
+    """A cached Example for `messages`: the teacher's rendering and a made-up top-k per trained token."""
+    from formats.example import Example
+
+    t_ids, t_pos = _cached(teacher, messages, example_id)
+    rng = np.random.default_rng(seed)
+    topk_ids = np.stack([np.r_[t_ids[p], rng.choice(len(teacher), k - 1, replace=False)] for p in t_pos]).astype(np.int32)
+    lps = np.log(np.tile(np.array([0.7] + [0.2 / (k - 1)] * (k - 1), np.float32), (len(t_pos), 1)))
+    meta = {"messages": messages} if with_messages else {}
+    return Example(example_id, t_ids, t_pos, topk_ids, lps, lps[:, 0].copy(), np.ones(len(t_pos), np.int32), meta=meta)
+
+
+def test_student_example_packs_for_xtok_loss(hand):
+    """student_example's rows carry the kinds themselves: packed by data.pack_batch, xtok_loss with
+    the masks it derives equals xtok_loss with the masks from student_targets."""
+    import torch
+
+    from train_student.align import student_example
+    from train_student.data import pack_batch
+    from train_student.loss_xtok import xtok_loss
+
+    teacher, student = hand
+    ex = _teacher_example(teacher, _chat("Hello world!"))
+    vmap = build_vocab_map(teacher, student)
+    aligner = Aligner(teacher, student, GEMMA_STYLE)
+    got = student_example(ex, aligner, vmap, "hybrid")
+    a = aligner.align(ex.id, ex.meta["messages"], ex.input_ids, ex.target_positions)
+    targets = student_targets(a, ex.topk_ids, ex.topk_logprobs, vmap, "hybrid")
+    np.testing.assert_array_equal(got.input_ids, a.input_ids)
+    np.testing.assert_array_equal(got.topk_ids, targets.topk_ids)
+    assert got.meta["aligned_fraction"] == a.aligned_fraction == 0.5
+    assert got.target_ranks.tolist() == [0, 0, 0, 0, 1, 0]  # '!' is its own teacher top-1, mapped
+    assert np.isnan(got.target_logprobs[0]) and got.target_logprobs[4] == pytest.approx(np.log(0.7))
+
+    batch = pack_batch([got], k=2)
+    rows = got.target_positions.astype(np.int64) - 1
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch.input_ids.shape[1], 4, dtype=torch.float64, generator=gen)
+    weight = torch.randn(len(student), 4, dtype=torch.float64, generator=gen)
+    derived, m = xtok_loss(hidden, weight, batch.topk_ids, batch.topk_logprobs.double(), batch.labels, ce_weight=0.1)
+    exact = torch.zeros(len(batch.labels), dtype=torch.bool)
+    aligned = torch.zeros_like(exact)
+    exact[rows], aligned[rows] = torch.from_numpy(targets.exact), torch.from_numpy(targets.aligned)
+    explicit, _ = xtok_loss(hidden, weight, batch.topk_ids, batch.topk_logprobs.double(), batch.labels, exact, aligned,
+                            ce_weight=0.1)
+    assert float(derived) == float(explicit)
+    assert (int(m["n_exact"]), int(m["n_uld"]), int(m["n_aligned"])) == (1, 2, 3)
+
+
+def test_align_stream_runs_ahead_and_reraises(hand):
+    from train_student.align import align_stream, student_example
+
+    teacher, student = hand
+    vmap = build_vocab_map(teacher, student)
+    aligner = Aligner(teacher, student, GEMMA_STYLE)
+    examples = [_teacher_example(teacher, _chat(text), f"ex-{i}", seed=i) for i, text in enumerate(["Hello world!", "Hi!"])]
+    streamed = list(align_stream(examples, aligner, vmap, "hybrid", ahead=1))
+    assert [e.id for e in streamed] == ["ex-0", "ex-1"]
+    for got, ex in zip(streamed, examples):
+        np.testing.assert_array_equal(got.topk_ids, student_example(ex, aligner, vmap, "hybrid").topk_ids)
+    broken = examples[:1] + [_teacher_example(teacher, _chat("Hi!"), "ex-7", with_messages=False)]
+    stream = align_stream(broken, aligner, vmap, "hybrid", ahead=1)
+    assert next(stream).id == "ex-0"
+    with pytest.raises(InputError, match=r"example 'ex-7': the cache has no conversation messages"):
+        next(stream)
