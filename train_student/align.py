@@ -188,15 +188,12 @@ def _check_turn_count(where: str, side: str, runs: int, messages: int, *, trunca
                          "the ones it scored)")
 
 
-def _locate(turn: bytes, content: bytes, cut: bool) -> tuple[int, int] | None:
-    """The byte range of the message text in one side's turn: the content, else the content with
-    surrounding whitespace stripped (templates that trim), else, when the turn was `cut` by
-    max_length, a prefix of it that runs to the end of the turn."""
-    for text in dict.fromkeys((content, content.strip())):
-        if text and (i := turn.find(text)) >= 0:
-            return i, i + len(text)
-    text = content.strip()
-    i = turn.find(text[:1]) if text and cut else -1
+def _locate(turn: bytes, text: bytes, cut: bool) -> tuple[int, int] | None:
+    """The byte range of `text` in one side's turn, else, when the turn was `cut` by max_length, of
+    the prefix of `text` that runs to the end of the turn."""
+    if (i := turn.find(text)) >= 0:
+        return i, i + len(text)
+    i = turn.find(text[:1]) if cut else -1
     while i >= 0:
         if text.startswith(turn[i:]):
             return i, len(turn)
@@ -204,13 +201,17 @@ def _locate(turn: bytes, content: bytes, cut: bool) -> tuple[int, int] | None:
     return None
 
 
-def _align_turn(t_tok: list[bytes], s_tok: list[bytes], content: bytes, where: str, t_cut: bool, s_cut: bool):
-    """The spans of one assistant turn as (teacher cuts, student cuts), run-local token indices (`_spans`).
-    `t_cut`, `s_cut`: the side's turn may have been cut short by max_length."""
-    t_turn, s_turn = b"".join(t_tok), b"".join(s_tok)
-    t_msg, s_msg = _locate(t_turn, content, t_cut), _locate(s_turn, content, s_cut)
-    for side, found, turn in (("teacher", t_msg, t_turn), ("student", s_msg, s_turn)):
-        if found is None:
+def _message_regions(t_turn: bytes, s_turn: bytes, content: bytes, where: str, t_cut: bool, s_cut: bool):
+    """((ta, tb), (sa, sb)): where both sides spell the message, the same bytes on both. The content
+    as it is, else stripped of surrounding whitespace (templates that trim); a side cut by
+    max_length contributes the part it has."""
+    for text in dict.fromkeys((content, content.strip())):
+        if text and (ti := t_turn.find(text)) >= 0 and (si := s_turn.find(text)) >= 0:
+            return (ti, ti + len(text)), (si, si + len(text))
+    text = content.strip()
+    found = [_locate(t_turn, text, t_cut) if text else None, _locate(s_turn, text, s_cut) if text else None]
+    for side, region, turn in zip(("teacher", "student"), found, (t_turn, s_turn)):
+        if region is None:
             raise InputError(
                 f"{where}: the {side}'s tokens of this turn do not spell the assistant message "
                 f"(message starts {content[:40].decode('utf-8', 'replace')!r}, the tokens spell "
@@ -218,14 +219,22 @@ def _align_turn(t_tok: list[bytes], s_tok: list[bytes], content: bytes, where: s
                 f"wrong messages for this example, a template that drops the message, or a tokenizer that "
                 f"rewrites text (normalizer, unknown tokens)"
             )
-    (ta, tb), (sa, sb) = t_msg, s_msg
-    if tb - ta != sb - sa:  # one side cut by max_length: align the text both have
-        tb = ta + min(tb - ta, sb - sa)
-        sb = sa + (tb - ta)
+    (ta, tb), (sa, sb) = found
+    n = min(tb - ta, sb - sa)  # the text both sides have
+    return (ta, ta + n), (sa, sa + n)
+
+
+def _align_turn(t_tok: list[bytes], s_tok: list[bytes], content: bytes, where: str, t_cut: bool, s_cut: bool):
+    """The spans of one assistant turn as (teacher cuts, student cuts), run-local token indices (`_spans`).
+    `t_cut`, `s_cut`: the side's turn may have been cut short by max_length."""
+    t_turn, s_turn = b"".join(t_tok), b"".join(s_tok)
+    (ta, tb), (sa, sb) = _message_regions(t_turn, s_turn, content, where, t_cut, s_cut)
     if t_turn[:ta] == s_turn[:sa]:  # the same template text before the message joins the region
         ta = sa = 0
     if t_turn[tb:] == s_turn[sb:]:  # and after it
         tb, sb = len(t_turn), len(s_turn)
+    if t_turn[ta:tb] != s_turn[sa:sb]:  # internal invariant: a region spells the same bytes on both sides
+        raise AssertionError(f"{where}: aligned regions differ")
     return _spans(_offsets(t_tok), ta, tb, _offsets(s_tok), sa, sb)
 
 

@@ -301,3 +301,18 @@ def test_align_stream_runs_ahead_and_reraises(hand):
     assert next(stream).id == "ex-0"
     with pytest.raises(InputError, match=r"example 'ex-7': the cache has no conversation messages"):
         next(stream)
+
+
+def test_template_that_trims_the_message(hand):
+    """The student's template strips the reply's surrounding whitespace, the teacher's does not: the
+    region is the stripped text on both sides (not the teacher's ' Hello' against the student's 'Hello')."""
+    teacher, student = hand
+    msgs = _chat(" Hello world!\n")
+    t_ids, t_pos = _cached(teacher, msgs)
+    trim = GEMMA_STYLE.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+    a = Aligner(teacher, student, trim).align("ex-5", msgs, t_ids, t_pos)
+    t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
+    assert a.spans
+    for tp, sp in a.spans:
+        assert b"".join(t_bytes[t_ids[p]] for p in tp) == b"".join(s_bytes[a.input_ids[p]] for p in sp)
+    assert b"".join(s_bytes[a.input_ids[p]] for tp, sp in a.spans for p in sp) == b"Hello world!"
