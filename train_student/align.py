@@ -134,7 +134,10 @@ class Aligner:
         except TemplateReject as exc:
             raise InputError(f"{where}: the student's chat template cannot render the conversation "
                              f"({exc.reason}); check --student-template") from None
-        contents = [m.get("content") or "" for m in messages if m.get("role") == "assistant"]
+        contents = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+        if not all(isinstance(c, str) for c in contents):
+            raise InputError(f"{where}: an assistant message's content is not a string; the messages must be "
+                             "[{'role': ..., 'content': str}]")
         t_ids = np.asarray(teacher_input_ids, np.int64)
         t_pos = np.asarray(teacher_target_positions, np.int64)
         if len(t_ids) and (t_ids.min() < 0 or t_ids.max() >= len(self.teacher_bytes)):

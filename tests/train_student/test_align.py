@@ -55,6 +55,7 @@ def test_known_sentence_spans(hand):
     assert a.teacher_row.tolist() == [0, -1, 2, -1, 3, -1]
     assert a.one_to_one.tolist() == [False, False, False, False, True, False]
     assert a.aligned_fraction == pytest.approx(3 / 6)
+    assert student.chat_template is None  # the template was given to a copy
 
 
 def test_multibyte_characters(hand):
@@ -205,6 +206,15 @@ def test_cache_tokens_of_another_conversation(hand):
     two_turns = [5] + t_pos.tolist()  # a second run of trained positions (in the user turn), one message
     with pytest.raises(InputError, match=r"example 'ex-2'.* 2 assistant turn\(s\) but the conversation has 1"):
         Aligner(teacher, student, GEMMA_STYLE).align("ex-2", _chat("Hello world!"), t_ids, np.array(two_turns))
+
+
+def test_message_content_that_is_not_text(hand):
+    teacher, student = hand
+    t_ids, t_pos = _cached(teacher, _chat("Hello world!"))
+    msgs = _chat("Hello world!")
+    msgs[1]["content"] = ["Hello", "world!"]
+    with pytest.raises(InputError, match=r"example 'ex-6'"):
+        Aligner(teacher, student, GEMMA_STYLE).align("ex-6", msgs, t_ids, t_pos)
 
 
 def test_teacher_ids_outside_the_teacher_vocabulary(hand):
