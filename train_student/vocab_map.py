@@ -81,7 +81,7 @@ def token_bytes(tokenizer) -> list[bytes]:
     byte_decoder = _gpt2_byte_decoder() if byte_level else {}
     added = {int(i): tok.content for i, tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()}
 
-    table = [b""] * (max(vocab.values()) + 1 if vocab else 0)
+    table = [b""] * _table_size(tokenizer)
     for piece, i in vocab.items():
         if i in added:
             table[i] = added[i].encode("utf-8")
@@ -94,6 +94,12 @@ def token_bytes(tokenizer) -> list[bytes]:
                 piece = piece.replace(old, new)
             table[i] = piece.encode("utf-8")
     return table
+
+
+def _table_size(tokenizer) -> int:
+    """Entries of `token_bytes`' table: one per id up to the largest."""
+    vocab = tokenizer.get_vocab()
+    return max(vocab.values()) + 1 if vocab else 0
 
 
 def build_vocab_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
@@ -148,7 +154,7 @@ def load_or_build_vocab_map(teacher_tokenizer, student_tokenizer, cache_dir: str
     """
     path = vocab_map_path(cache_dir, tokenizer_fingerprint(teacher_tokenizer), tokenizer_fingerprint(student_tokenizer))
     if path.exists():
-        return _load_checked(path, len(token_bytes(teacher_tokenizer)), len(token_bytes(student_tokenizer)))
+        return _load_checked(path, _table_size(teacher_tokenizer), _table_size(student_tokenizer))
     vmap = build_vocab_map(teacher_tokenizer, student_tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
