@@ -41,7 +41,7 @@ def machine() -> dict:
 
 def templated(config, tokenizer) -> list:
     from cache_teacher.data import iter_records
-    from cache_teacher.template import ChatTemplater, TemplateReject
+    from formats.template import ChatTemplater, TemplateReject
 
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     items = []

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from cache_teacher.data import iter_records
 from cache_teacher.provenance import teacher_tokenizer
 from cache_teacher.summary import Summary, per_input
-from cache_teacher.template import ChatTemplater, TemplateReject
+from formats.template import ChatTemplater, TemplateReject
 from formats.manifest import reason_code
 
 # Dry-run assumptions when --dry-run-tokens-per-s is not given: SmolLM2-135M with k=64 on a 2-core CPU

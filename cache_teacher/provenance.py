@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cache_teacher.data import describe
-from cache_teacher.template import ChatTemplater
+from formats.template import ChatTemplater
 from formats.tokenizer_id import load_tokenizer, model_output_size, tokenizer_info
 
 

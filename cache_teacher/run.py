@@ -22,7 +22,7 @@ from cache_teacher.data import iter_records
 from cache_teacher.dry_run import dry_run
 from cache_teacher.provenance import codec_config, provenance, teacher_tokenizer
 from cache_teacher.summary import Summary, per_input
-from cache_teacher.template import ChatTemplater, TemplateReject
+from formats.template import ChatTemplater, TemplateReject
 from cache_teacher.writer_thread import WriterThread
 from formats.ids import sample_ids
 from formats.manifest import reason_code

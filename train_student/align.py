@@ -2,7 +2,7 @@
 
 The cache holds one conversation tokenized by the teacher, with the teacher's top-k at every
 assistant token. A student with another tokenizer renders the same messages with its own chat
-template (the same rules as the teacher's: `cache_teacher.template.ChatTemplater`, so the student's
+template (the same rules as the teacher's: `formats.template.ChatTemplater`, so the student's
 trained positions are its assistant tokens through the end-of-turn token). Then, for each assistant
 turn (GOLD/ULD style; docs/CROSS_TOKENIZER.md):
 
@@ -81,7 +81,7 @@ class Alignment:
 
 def _student_templater(tokenizer, template: str | None, max_length: int | None):
     # The student renders with the teacher-side rules (one home for "which tokens are trained").
-    from cache_teacher.template import ChatTemplater
+    from formats.template import ChatTemplater
 
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise InputError("the student's tokenizer has no chat template (base models have none); give one "
@@ -126,7 +126,7 @@ class Aligner:
             do not spell a message's text (they do not belong to these messages, or the tokenizer
             normalizes text).
         """
-        from cache_teacher.template import TemplateReject
+        from formats.template import TemplateReject
 
         where = f"example {example_id!r}"
         try:

@@ -8,7 +8,7 @@ A student with another tokenizer than the teacher's renders each cached conversa
 3. else an InputError naming `--student-template` (a base model, e.g. Gemma 3 270M from GGUF).
 
 `render_conversation` gives the token ids, the trained positions (every assistant turn, through its
-end-of-turn token, exactly as the teacher's side: cache_teacher/template.py cuts and tokenizes the
+end-of-turn token, exactly as the teacher's side: formats/template.py cuts and tokenizes the
 rendering the same way) and, per assistant message, the character span of its content in the
 rendered text and the token span of its turn.
 
@@ -119,7 +119,7 @@ def render_conversation(tokenizer, template: StudentTemplate, messages: list[dic
     """Render `messages` with the student's template and tokenizer; `bos_id` (check_student_rendering's
     `bos_token_id`) is prepended when the rendering does not start with it. InputError when the
     template cannot render the conversation or drops an assistant message's text."""
-    from cache_teacher.template import ChatTemplater, TemplateReject, _encode
+    from formats.template import ChatTemplater, TemplateReject, encode_text
 
     templater = ChatTemplater(_with_template(tokenizer, template.text))
     try:
@@ -129,7 +129,7 @@ def render_conversation(tokenizer, template: StudentTemplate, messages: list[dic
     assistants = iter(m["content"] for m in messages if m["role"] == "assistant")
     text, ids, mask, chars, tokens = "", [], [], [], []
     for piece, is_turn in pieces:
-        piece_ids = _encode(tokenizer, piece)
+        piece_ids = encode_text(tokenizer, piece)
         if is_turn:
             content = next(assistants, None)
             at = piece.find(content) if content is not None else -1
@@ -139,7 +139,7 @@ def render_conversation(tokenizer, template: StudentTemplate, messages: list[dic
                                  f"pass {OPTION} with a template that renders every assistant message")
             chars.append((len(text) + at, len(text) + at + len(content)))
             tokens.append((len(ids), len(ids) + len(piece_ids)))
-            mask.extend(templater._turn_mask(piece_ids))
+            mask.extend(templater.turn_mask(piece_ids))
         else:
             mask.extend([False] * len(piece_ids))
         text += piece

@@ -1,7 +1,7 @@
 """What every teacher engine is (`Engine`) and returns (`Scored`, `Generated`); `engines.factory`
 picks one.
 
-Both engines take `Templated` records (cache_teacher.template) and return the same structures, so
+Both engines take `Templated` records (formats.template) and return the same structures, so
 run.py writes the same cache from either, up to numerics.
 """
 from __future__ import annotations

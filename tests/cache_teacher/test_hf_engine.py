@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from cache_teacher.engines.hf_engine import HFEngine
-from cache_teacher.template import ChatTemplater
+from formats.template import ChatTemplater
 
 from .teacher_helpers import make_config
 

@@ -11,7 +11,7 @@ import pytest
 from cache_teacher.data import iter_records, validate
 from cache_teacher.export_sft import export_sft, iter_cache
 from cache_teacher.run import run_cache
-from cache_teacher.template import ChatTemplater, Templated, end_of_turn_ids
+from formats.template import ChatTemplater, Templated, end_of_turn_ids
 from formats.manifest import load_manifest
 
 from .teacher_helpers import make_config, write_jsonl

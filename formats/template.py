@@ -61,7 +61,7 @@ def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     return text
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
@@ -90,7 +90,7 @@ class ChatTemplater:
         self.length_policy = length_policy
         self.eot_ids = end_of_turn_ids(tokenizer)
 
-    def _turn_mask(self, ids: list[int]) -> list[bool]:
+    def turn_mask(self, ids: list[int]) -> list[bool]:
         last = max((j for j, t in enumerate(ids) if t in self.eot_ids), default=None)
         if last is not None:
             return [j <= last for j in range(len(ids))]
@@ -127,9 +127,9 @@ class ChatTemplater:
         ids: list[int] = []
         mask: list[bool] = []
         for text, is_turn in self.pieces(record["messages"]):
-            piece = _encode(self.tokenizer, text)
+            piece = encode_text(self.tokenizer, text)
             ids.extend(piece)
-            mask.extend(self._turn_mask(piece) if is_turn else [False] * len(piece))
+            mask.extend(self.turn_mask(piece) if is_turn else [False] * len(piece))
         truncated = False
         if self.max_length is not None and len(ids) > self.max_length:
             if self.length_policy == "drop":
@@ -154,7 +154,7 @@ class ChatTemplater:
         prompt_messages = messages if (ends_with_user or not assistant) else messages[: assistant[-1]]
         if not any(m["role"] == "user" for m in prompt_messages):
             raise TemplateReject("no_prompt: no user turn before the last assistant turn")
-        ids = _encode(self.tokenizer, _render(self.tokenizer, prompt_messages, add_generation_prompt=True))
+        ids = encode_text(self.tokenizer, _render(self.tokenizer, prompt_messages, add_generation_prompt=True))
         if self.max_length is not None and len(ids) >= self.max_length:
             raise TemplateReject(f"too_long: prompt of {len(ids)} tokens >= max_length {self.max_length}")
         return Templated(record["id"], np.asarray(ids, np.int32), np.zeros(0, np.int32), record.get("source", ""),

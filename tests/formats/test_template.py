@@ -1,4 +1,4 @@
-"""cache_teacher.template: trained positions are exactly the assistant turns (content + end-of-turn)."""
+"""formats.template: trained positions are exactly the assistant turns (content + end-of-turn)."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import pytest
 
-from cache_teacher.template import ChatTemplater, TemplateReject
+from formats.template import ChatTemplater, TemplateReject
 from formats.tokenizer_id import tokenizer_fingerprint
 
 
