@@ -82,6 +82,11 @@ def make_cache(out: Path, k: int, length: int = 512) -> Path:
     """A cache of real teacher top-k rows cut into examples of `length` tokens (inputs = top-1 ids)."""
     from formats import CacheWriter, CodecConfig, Example
 
+    if not DATA.exists():
+        from formats.errors import InputError
+
+        raise InputError(f"{DATA} not found: the reader and step benchmarks read real teacher top-k rows; "
+                         "make them once with `make bench-data`, or give --cache DIR")
     d = np.load(DATA)
     ids, lps = d["ids"][:, :k], d["logprobs"][:, :k]
     n_pos = length - 1
