@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,9 @@ def kdcache_version() -> str:
 
 # --- tasks --------------------------------------------------------------------------------------------
 
+@lru_cache(maxsize=4)
 def task_manager(include_path: Path = LOCAL_TASKS):
+    """lm-eval's task index with configs/eval on its path (built once per process: it reads ~10,000 YAML files)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(include_path))
