@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 # Kept here (not imported from evaluate.py) so that `kdcache --help` imports nothing heavy.
-DEFAULT_TASKS = "ifeval,gsm8k_cot,mmlu,bbh_cot_fewshot,truthfulqa_mc2,drop,minerva_math"
+DEFAULT_TASKS = "ifeval,gsm8k_cot,mmlu,bbh_cot_fewshot,truthfulqa_mc2,drop"
 LOCAL_TASKS = "kdcache_heldout_chat,kdcache_arith_qa"
 
 

@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_TASKS = REPO / "configs" / "eval"
 # The Tulu 3 evaluation's tasks that lm-eval has (docs/EVAL.md says which are missing and why).
-DEFAULT_TASKS = ("ifeval", "gsm8k_cot", "mmlu", "bbh_cot_fewshot", "truthfulqa_mc2", "drop", "minerva_math")
+DEFAULT_TASKS = ("ifeval", "gsm8k_cot", "mmlu", "bbh_cot_fewshot", "truthfulqa_mc2", "drop")
+# Tasks whose scoring code imports packages outside lm-eval's core (lm-eval's extras): checked up front.
+TASK_REQUIREMENTS = {"ifeval": ("ifeval", ("langdetect", "immutabledict", "nltk")),
+                     "minerva_math": ("math", ("math_verify", "sympy"))}
 ENGINES = ("auto", "hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -57,6 +60,7 @@ def evaluate(target: str, tasks: list[str], *, out: str | None = None, batch_siz
     out_dir = Path(out) if out else (run_dir / "eval" if run_dir else None)
     manager = task_manager()
     check_tasks(manager, tasks)
+    check_requirements(tasks)
     device = device or default_device()
     dtype, dtype_reason = resolve_dtype(dtype, device)
     engine, engine_reason = resolve_engine(engine, device, task_output_types(manager, tasks))
@@ -173,6 +177,21 @@ def check_tasks(manager, tasks: list[str]) -> None:
     if unknown:
         raise InputError(f"unknown task(s) {', '.join(unknown)}: lm-eval has no such task or group; local offline "
                          f"tasks ({LOCAL_TASKS}): {', '.join(local_task_names())}; `lm-eval ls tasks` lists the rest")
+
+
+def check_requirements(tasks: list[str]) -> None:
+    """A task whose scoring code needs packages that are not installed: one error naming them and the extra."""
+    import importlib.util
+
+    for task in tasks:
+        prefix = next((p for p in TASK_REQUIREMENTS if task == p or task.startswith(p + "_")), None)
+        if prefix is None:
+            continue
+        extra, modules = TASK_REQUIREMENTS[prefix]
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise InputError(f"task {task} needs the Python package(s) {', '.join(missing)}: "
+                             f"pip install 'lm-eval[{extra}]'")
 
 
 def task_config(manager, name: str) -> dict:

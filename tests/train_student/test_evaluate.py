@@ -102,6 +102,16 @@ def test_default_tasks_exist_in_lm_eval(manager):
     assert set(ev.DEFAULT_TASKS) <= set(manager.task_index)
 
 
+def test_missing_task_requirements_name_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
+    with pytest.raises(InputError, match=r"minerva_math_algebra needs .*math_verify.*lm-eval\[math\]"):
+        ev.check_requirements(["kdcache_arith_qa", "minerva_math_algebra"])
+    ev.check_requirements(["kdcache_arith_qa", "gsm8k"])
+
+
 def test_unknown_task_is_one_line_naming_local_tasks(run_dir, capsys):
     from kdcache_cli import main
 
