@@ -81,7 +81,7 @@ def evaluate(target: str, tasks: list[str], *, out: str | None = None, batch_siz
     if todo:
         raw = run_lm_eval(model_path, todo, manager=manager, engine=engine, dtype=dtype, device=device,
                           batch_size=batch_size, limit=limit, apply_chat_template=chat)
-        results["tasks"].update(task_results(raw, todo))
+        results["tasks"].update(task_results(raw, todo, {t: task_version(manager, t) for t in todo}))
     if out_dir:
         write_results(out_dir / RESULTS, results)
     return results
@@ -177,6 +177,12 @@ def check_tasks(manager, tasks: list[str]) -> None:
     if unknown:
         raise InputError(f"unknown task(s) {', '.join(unknown)}: lm-eval has no such task or group; local offline "
                          f"tasks ({LOCAL_TASKS}): {', '.join(local_task_names())}; `lm-eval ls tasks` lists the rest")
+    from lm_eval.tasks._index import Kind
+
+    for tag in (t for t in tasks if manager.task_index[t].kind == Kind.TAG):
+        members = sorted(n for n, e in manager.task_index.items() if tag in e.tags)
+        raise InputError(f"{tag} is an lm-eval tag (a set of tasks without one score): name its tasks instead: "
+                         f"{','.join(members)}")
 
 
 def check_requirements(tasks: list[str]) -> None:
@@ -282,8 +288,11 @@ def _number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def task_results(raw: dict, tasks: list[str]) -> dict[str, dict]:
-    """lm-eval's output -> {task: {metrics, stderr, version, n_samples, task_config_sha256}} (docs/EVAL.md)."""
+def task_results(raw: dict, tasks: list[str], versions: dict | None = None) -> dict[str, dict]:
+    """lm-eval's output -> {task: {metrics, stderr, version, n_samples, task_config_sha256}} (docs/EVAL.md).
+
+    versions: each task's version from its YAML, where lm-eval reports none (groups)."""
+    versions = versions or {}
     out = {}
     for task in tasks:
         scores = raw["results"][task]
@@ -297,7 +306,7 @@ def task_results(raw: dict, tasks: list[str]) -> dict[str, dict]:
         leaves = _leaf_tasks(raw, task)
         configs = {t: raw["configs"][t] for t in leaves if t in raw.get("configs", {})}
         out[task] = {"metrics": metrics, "stderr": stderr,
-                     "version": raw.get("versions", {}).get(task),
+                     "version": raw.get("versions", {}).get(task, versions.get(task)),
                      "n_samples": sum(int(raw["n-samples"][t]["effective"]) for t in leaves if t in raw["n-samples"]),
                      "task_config_sha256": _sha256_json(configs) if configs else None}
     return out

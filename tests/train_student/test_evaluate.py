@@ -121,6 +121,11 @@ def test_unknown_task_is_one_line_naming_local_tasks(run_dir, capsys):
     assert all(name in err for name in LOCAL)
 
 
+def test_tag_is_refused_with_its_tasks(manager):
+    with pytest.raises(InputError, match="gpqa is an lm-eval tag.*gpqa_main_zeroshot"):
+        ev.check_tasks(manager, ["gpqa"])
+
+
 def test_out_with_several_targets_is_refused(run_dir):
     from kdcache_cli import main
 
@@ -136,11 +141,11 @@ def test_task_results_names_stderr_and_groups():
     for t in ("a", "b"):
         raw["configs"][t] = {"task": t}
         raw["n-samples"][t] = {"original": 5, "effective": 4}
-    out = ev.task_results(raw, ["t", "grp"])
+    out = ev.task_results(raw, ["t", "grp"], {"t": 9, "grp": 2})
     assert out["t"]["metrics"] == {"acc": 0.25, "exact_match,strict-match": 0.5}
     assert out["t"]["stderr"] == {"acc": 0.01, "exact_match,strict-match": None}
     assert out["t"]["version"] == 1.0 and out["t"]["n_samples"] == 7
-    assert out["grp"]["n_samples"] == 8 and out["grp"]["version"] is None
+    assert out["grp"]["n_samples"] == 8 and out["grp"]["version"] == 2  # lm-eval reports none for groups
     assert out["grp"]["task_config_sha256"] != out["t"]["task_config_sha256"]
 
 
