@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--chat-template", default="auto", choices=("auto", "on", "off"),
                    help="render prompts with the model's chat template; auto: where the tokenizer has one")
+    p.add_argument("--include-path", metavar="DIR", help="folder of lm-eval task YAMLs to add (default: the checkout's "
+                   "configs/eval)")
     p.add_argument("--force", action="store_true", help="rerun tasks already in results.json")
     p.add_argument("--out", help="folder for results.json (one MODEL_OR_RUN only; default: RUN/eval for a run folder; "
                    "a plain model without --out is evaluated and printed, not saved)")
@@ -52,6 +54,7 @@ def _eval(args: argparse.Namespace) -> int:
     chat = {"auto": None, "on": True, "off": False}[args.chat_template]
     for target in args.targets:
         results = evaluate(target, tasks, out=args.out, batch_size=batch, dtype=args.dtype, device=args.device,
-                           limit=limit, engine=args.engine, force=args.force, apply_chat_template=chat)
+                           limit=limit, engine=args.engine, force=args.force, apply_chat_template=chat,
+                           include_path=args.include_path)
         print(format_results(results, tasks))
     return 0

