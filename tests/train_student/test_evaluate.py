@@ -309,3 +309,22 @@ def test_vllm_engine_lm_eval_cannot_load_is_a_clear_error(monkeypatch):
 def test_missing_include_path_is_a_clear_error(tmp_path, run_dir):
     with pytest.raises(InputError, match="no such task folder.*--include-path"):
         ev.evaluate(str(run_dir), ["kdcache_arith_qa"], include_path=str(tmp_path / "nowhere"), engine="hf")
+
+
+def test_batch_size_auto_on_cpu_is_fixed(monkeypatch):
+    """Regression: batch_size "auto" on a CPU made lm-eval probe 5 forwards of 64 x the longest request (it
+    looks for the largest batch that does not run out of GPU memory): over 3 minutes for SmolLM2-135M
+    before the first of 12 held-out rows, 20x the task's own work."""
+    calls = {}
+
+    def fake_simple_evaluate(**kwargs):
+        calls.update(kwargs)
+        return _fake_raw(kwargs["tasks"])
+
+    import lm_eval
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
+    for device, asked, expected in (("cpu", "auto", ev.CPU_BATCH_SIZE), ("cuda", "auto", "auto"), ("cpu", 16, 16)):
+        ev.run_lm_eval("m", ["t"], manager=None, engine="hf", dtype="float32", device=device, batch_size=asked,
+                       limit=None, apply_chat_template=False)
+        assert calls["batch_size"] == expected
