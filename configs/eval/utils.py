@@ -12,17 +12,27 @@ DATA = Path(__file__).resolve().parent / "data"
 
 
 def _load_jsonl(name: str, fields: tuple[str, ...]):
+    """{"test": the rows of data/`name`}, each with `id` and `fields` (strings); InputError naming the line else."""
     import datasets
 
+    from formats.errors import InputError
+
     path = DATA / name
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 ({exc}); restore it from the repository") from exc
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        missing = [f for f in fields if not isinstance(row.get(f), str)]
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: line {n}: not JSON ({exc.msg})") from exc
+        missing = [f for f in ("id", *fields) if not isinstance(row, dict) or not isinstance(row.get(f), str)]
         if missing:
-            raise ValueError(f"{path}: line {n}: field(s) {', '.join(missing)} missing or not a string")
+            raise InputError(f"{path}: line {n}: field(s) {', '.join(missing)} missing or not a string")
         rows.append({f: row[f] for f in ("id", *fields)})
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 

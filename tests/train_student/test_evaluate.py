@@ -328,3 +328,37 @@ def test_batch_size_auto_on_cpu_is_fixed(monkeypatch):
         ev.run_lm_eval("m", ["t"], manager=None, engine="hf", dtype="float32", device=device, batch_size=asked,
                        limit=None, apply_chat_template=False)
         assert calls["batch_size"] == expected
+
+
+def _task_utils():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kdcache_eval_task_utils", REPO / "configs/eval/utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_local_task_data_load():
+    utils = _task_utils()
+    chat = utils.load_heldout_chat()["test"]
+    assert len(chat) == 12 and set(chat.column_names) == {"id", "prompt", "response"}
+    plain = utils.load_heldout_chat(chat_template=False)["test"]
+    assert plain[0]["prompt"] == chat[0]["prompt"] + "\n\n" and plain[0]["response"] == chat[0]["response"]
+    assert len(utils.load_arith_qa()["test"]) == 16
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q"\n', r"arith_qa\.jsonl: line 2: not JSON"),
+    ('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q", "answer": 2}\n',
+     r"arith_qa\.jsonl: line 2: field\(s\) answer missing or not a string"),
+    ('["a list"]\n', r"arith_qa\.jsonl: line 1: field\(s\) id, question, answer missing"),
+    (b"\xff\xfe garbage", r"arith_qa\.jsonl: not UTF-8"),
+])
+def test_broken_local_task_data_names_file_and_line(tmp_path, monkeypatch, content, message):
+    utils = _task_utils()
+    monkeypatch.setattr(utils, "DATA", tmp_path)
+    path = tmp_path / "arith_qa.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(InputError, match=message):
+        utils.load_arith_qa()
