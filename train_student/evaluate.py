@@ -126,7 +126,8 @@ def _hub_snapshot(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id)
     except Exception as exc:  # offline and not cached, unknown repo, no network: all one message
-        raise InputError(f"{repo_id}: cannot get the model from the hub or its local cache ({exc})") from exc
+        raise InputError(f"{repo_id}: no such local folder, and no hub model of that name in the local cache or "
+                         f"reachable ({type(exc).__name__}: {exc})") from exc
 
 
 def weights_sha256(model_dir: Path | str) -> str:

@@ -65,6 +65,8 @@ def test_resolve_target_run_model_and_broken(tmp_path, run_dir):
         ev.resolve_target(str(tmp_path / "empty"))
     with pytest.raises(InputError, match="no such model or run folder"):
         ev.resolve_target(str(tmp_path / "missing"))
+    with pytest.raises(InputError, match="runs/missing: no such local folder, and no hub model"):  # offline
+        ev.resolve_target("runs/missing")
 
 
 def test_weights_sha256_follows_the_weights(tmp_path):
