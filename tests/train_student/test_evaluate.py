@@ -351,7 +351,8 @@ def test_local_task_data_load():
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q"\n', r"arith_qa\.jsonl: line 2: not JSON"),
+    ('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q"\n',
+     r"arith_qa\.jsonl: line 2: not JSON"),
     ('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q", "answer": 2}\n',
      r"arith_qa\.jsonl: line 2: field\(s\) answer missing or not a string"),
     ('["a list"]\n', r"arith_qa\.jsonl: line 1: field\(s\) id, question, answer missing"),
