@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache_teacher.template import ChatTemplater
+from formats.template import ChatTemplater
 from formats.errors import InputError
 from train_student.align import Aligner, student_targets
 from train_student.vocab_map import build_vocab_map, token_bytes
