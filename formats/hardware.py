@@ -70,7 +70,7 @@ def usable_cpu_flags() -> tuple[frozenset[str], str]:
     """(the CPU flags torch may use, the environment caps that removed some: "" where none did)."""
     flags, why = cpu_flags(), []
     for name, value, gone in _isa_caps():
-        removed = {f for f in flags if f.startswith(gone)}
+        removed = {f for f in cpu_flags() if f.startswith(gone)}
         if removed:
             flags = flags - removed
             why.append(f"{name}={value}")
