@@ -186,3 +186,34 @@ def test_same_tokenizer_old_cache_still_trains_off(xt, tmp_path):
     out = tmp_path / "run"
     assert train_main(_args(xt["same"], xt["old_cache"], out, steps=1)) == 0
     assert not (out / "cross_tokenizer.json").exists()
+
+
+def test_aligned_stream_resumes_exactly(xt):
+    """AlignedStream reads ahead in a thread; its cursor is the one after the last example handed out,
+    so a stream loaded from it continues with the next example (none skipped or repeated)."""
+    from transformers import AutoTokenizer
+
+    from formats import CacheReader
+    from formats.tokenizer_files import load_cache_tokenizer
+    from train_student.align import Aligner
+    from train_student.data import AlignedStream, ExampleStream
+    from train_student.student_template import resolve_student_template
+    from train_student.vocab_map import build_vocab_map
+
+    teacher = load_cache_tokenizer(xt["cache"])
+    student = AutoTokenizer.from_pretrained(xt["gemma"])
+    aligner = Aligner(teacher, student, resolve_student_template(None, student))
+    vmap = build_vocab_map(teacher, student)
+
+    def stream():
+        return AlignedStream(ExampleStream([CacheReader(xt["cache"], shuffle=True, seed=3)]), aligner, vmap, "hybrid",
+                             ahead=8)
+
+    whole = [ex.id for ex in stream()]
+    first = stream()
+    head = [next(first).id for _ in range(5)]
+    state = first.state_dict()
+    first.close()
+    second = stream()
+    second.load_state_dict(state)
+    assert head + [ex.id for ex in second] == whole and len(whole) == 40
