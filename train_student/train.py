@@ -28,8 +28,10 @@ docs/CROSS_TOKENIZER.md): before training, the teacher's tokenizer is loaded fro
 student's template resolved and checked (`--student-template`), the vocabulary map built or loaded
 (OUT/vocab_maps/); the examples are aligned in the reader's prefetch (`data.AlignedStream`), the loss
 is `loss_xtok.xtok_loss`, and metrics.jsonl gains aligned_fraction and the exact / ULD / no-teacher
-shares. OUT/cross_tokenizer.json records the method, the template and the map's coverage per stage. Refused during training: an example whose target
-spans or ids the student would misread (`checks.check_example_fits_student`).
+shares. OUT/cross_tokenizer.json records the method, the template and the map's coverage per stage.
+
+Refused during training: an example whose target spans or ids the student would misread
+(`checks.check_example_fits_student`, `checks.check_ids_fit_student` once aligned).
 """
 from __future__ import annotations
 
@@ -272,21 +274,20 @@ class Trainer:
         template_record = check_student_rendering(self.tokenizer, template, self.lm.config)
         maps = self.out / "vocab_maps"
         vmap = load_or_build_vocab_map(teacher_tokenizer, self.tokenizer, maps)
-        map_path = vocab_map_path(maps, tokenizer_fingerprint(teacher_tokenizer), fingerprint := tokenizer_fingerprint(
-            self.tokenizer))
+        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        map_path = vocab_map_path(maps, tokenizer_fingerprint(teacher_tokenizer), fingerprint)
         coverage = float((vmap >= 0).mean()) if len(vmap) else 0.0
         record = {"method": method, "cross_tokenizer": self.cfg.cross_tokenizer,
                   "teacher_tokenizer": (manifests[0].get("tokenizer") or {}).get("name_or_path"),
                   "student_tokenizer_fingerprint": fingerprint, "student_template": template_record,
                   "vocab_map": {"path": str(map_path), "coverage": coverage}}
-        log.info("%s: the student's tokenizer is not the teacher's (%s): cross-tokenizer %s; template %s (BOS %s); "
+        log.info("%s: cross-tokenizer %s to the teacher's tokenizer (%s); student template %s (BOS %s); "
                  "vocabulary map %s: %.1f%% of the teacher's ids have a student twin", stage.name,
-                 record["teacher_tokenizer"], method, template.source, template_record["bos"], map_path,
+                 method, record["teacher_tokenizer"], template.source, template_record["bos"], map_path,
                  100 * coverage)
-        if self.cfg.impl == "fused" and method != "exact-map" and not getattr(self, "_said_fused", False):
+        if self.cfg.impl == "fused" and method != "exact-map" and not any(self.xtok):  # said once per run
             log.info("--impl fused: the exact-map rows use the fused kernel; the ULD rows (no shared vocabulary) "
                      "are computed in PyTorch, chunked")
-            self._said_fused = True
         aligner = Aligner(teacher_tokenizer, self.tokenizer, template, bos_id=template_record["bos_token_id"])
         return {"method": method, "aligner": aligner, "vmap": vmap, "record": record}
 
