@@ -217,3 +217,22 @@ def test_aligned_stream_resumes_exactly(xt):
     second = stream()
     second.load_state_dict(state)
     assert head + [ex.id for ex in second] == whole and len(whole) == 40
+
+
+def test_damaged_vocab_map_in_the_run_folder_is_named(xt, tmp_path):
+    """A broken cached vocabulary map (OUT/vocab_maps/) stops the run before training, naming the file."""
+    from transformers import AutoTokenizer
+
+    from formats.errors import FormatError
+    from formats.tokenizer_files import load_cache_tokenizer
+    from formats.tokenizer_id import tokenizer_fingerprint
+    from train_student.vocab_map import vocab_map_path
+
+    out = tmp_path / "run"
+    path = vocab_map_path(out / "vocab_maps", tokenizer_fingerprint(load_cache_tokenizer(xt["cache"])),
+                          tokenizer_fingerprint(AutoTokenizer.from_pretrained(xt["gemma"])))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a numpy file")
+    with pytest.raises(FormatError, match=f"{path.name}.*delete it"):
+        _run(xt["gemma"], xt["cache"], out, steps=1)
+    assert not (out / "metrics.jsonl").exists()
