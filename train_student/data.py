@@ -250,7 +250,8 @@ def pack_batch(examples: list[Example], k: int, max_tokens: int | None = None) -
 class Packer:
     """Greedy packing of a stream into sequences of at most `max_tokens` tokens.
 
-    `stream` is an ExampleStream (or AlignedStream), or any iterator of examples when no cursor is needed (`eval_batches`).
+    `stream` is an ExampleStream (or AlignedStream), or any iterator of examples when no cursor is
+    needed (`eval_batches`).
     `state_dict()` between batches is the stream's cursor before the held-over example.
     """
 
@@ -313,8 +314,8 @@ def cache_k(readers: list[CacheReader]) -> int:
 
 
 def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction: float, max_tokens: int,
-                 max_examples: int | None, input_size: int | None = None,
-                 output_size: int | None = None, align: Callable[[Example], Example] | None = None) -> list[PackedBatch]:
+                 max_examples: int | None, input_size: int | None = None, output_size: int | None = None,
+                 align: Callable[[Example], Example] | None = None) -> list[PackedBatch]:
     """The held-out split of `paths` for this rank, packed once and kept in memory. `align`: a student
     with another tokenizer's `align.student_example` (bound to its aligner), applied to each held-out
     example; the aligned ones are checked against the student's sizes."""
