@@ -32,6 +32,7 @@ numpy + the two tokenizers; no torch (this runs in the data pipeline's prefetch 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -364,8 +365,13 @@ def student_example(example: Example, aligner: Aligner, vmap: np.ndarray, mode: 
 
 
 def align_stream(examples: Iterable[Example], aligner: Aligner, vmap: np.ndarray, mode: str,
-                 ahead: int = 16) -> Iterator[Example]:
+                 ahead: int = 16, cursor=None) -> Iterator:
     """`student_example` over a stream of cached examples, run `ahead` examples in advance in a
     background thread (`formats.prefetch.prefetch`), so alignment overlaps the training step; errors
-    re-raise in the consumer."""
-    return prefetch((student_example(ex, aligner, vmap, mode) for ex in examples), ahead, name="kdcache-align")
+    re-raise in the consumer. `cursor`: a function giving the source's position (`state_dict`); then
+    the items are (example, the source's cursor just after it), taken in the thread right after the
+    example was read (`data.AlignedStream` resumes exactly with them)."""
+    if cursor is None:
+        return prefetch((student_example(ex, aligner, vmap, mode) for ex in examples), ahead, name="kdcache-align")
+    return prefetch(((student_example(ex, aligner, vmap, mode), copy.deepcopy(cursor())) for ex in examples),
+                    ahead, name="kdcache-align")
