@@ -33,6 +33,7 @@ numpy + the two tokenizers; no torch (this runs in the data pipeline's prefetch 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ import numpy as np
 from formats.errors import InputError
 from formats.example import Example
 from formats.prefetch import prefetch
+from train_student.student_template import StudentTemplate, resolve_student_template, with_template
 from train_student.vocab_map import map_topk, token_bytes
 
 __all__ = ["Alignment", "Aligner", "StudentTargets", "student_targets", "student_example", "align_stream"]
@@ -79,35 +81,30 @@ class Alignment:
         return float((self.teacher_row >= 0).mean()) if len(self.teacher_row) else 0.0
 
 
-def _student_templater(tokenizer, template: str | None, max_length: int | None):
-    # The student renders with the teacher-side rules (one home for "which tokens are trained").
-    from formats.template import ChatTemplater
-
-    if template is None and not getattr(tokenizer, "chat_template", None):
-        raise InputError("the student's tokenizer has no chat template (base models have none); give one "
-                         "with --student-template (a Jinja template file or a built-in name)")
-    if template is not None:
-        tokenizer = copy.copy(tokenizer)  # the caller's tokenizer keeps its own template
-        tokenizer.chat_template = template
-    return ChatTemplater(tokenizer, max_length=max_length)
-
-
 class Aligner:
     """Aligns cached teacher examples to one student tokenizer (build once, call `align` per example).
 
     Args:
         teacher_tokenizer, student_tokenizer: Hugging Face tokenizers (fast or slow).
-        student_template: a Jinja chat template for the student, overriding its tokenizer's; needed
-            when the student tokenizer has none.
+        student_template: the resolved template (`student_template.resolve_student_template`: the
+            --student-template option, else the tokenizer's own); None resolves it here without the
+            option (the tokenizer's own, else the InputError naming --student-template).
         max_length: the student's rendering is truncated to this many tokens (None: no limit).
+        bos_id: the BOS the student model needs first (`check_student_rendering`'s "bos_token_id"):
+            prepended when the rendering does not start with it, as `render_conversation` does
+            (record "prepended"); the student's positions shift by one.
     """
 
-    def __init__(self, teacher_tokenizer, student_tokenizer, student_template: str | None = None,
-                 max_length: int | None = None):
+    def __init__(self, teacher_tokenizer, student_tokenizer, student_template: StudentTemplate | None = None,
+                 max_length: int | None = None, bos_id: int | None = None):
+        from formats.template import ChatTemplater
+
         self.teacher_bytes = token_bytes(teacher_tokenizer)
         self.student_bytes = (self.teacher_bytes if student_tokenizer is teacher_tokenizer
                               else token_bytes(student_tokenizer))
-        self.templater = _student_templater(student_tokenizer, student_template, max_length)
+        template = student_template or resolve_student_template(None, student_tokenizer)
+        self.templater = ChatTemplater(with_template(student_tokenizer, template.text), max_length=max_length)
+        self.max_length, self.bos_id = max_length, bos_id
 
     def align(self, example_id: str, messages: list[dict], teacher_input_ids: np.ndarray,
               teacher_target_positions: np.ndarray) -> Alignment:
@@ -134,6 +131,7 @@ class Aligner:
         except TemplateReject as exc:
             raise InputError(f"{where}: the student's chat template cannot render the conversation "
                              f"({exc.reason}); check --student-template") from None
+        student = self._with_bos(student)
         contents = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
         if not all(isinstance(c, str) for c in contents):
             raise InputError(f"{where}: an assistant message's content is not a string; the messages must be "
@@ -169,6 +167,19 @@ class Aligner:
             s_spans.append(np.stack([s_pos[s_rows[0]] + s_cuts[:-1], s_pos[s_rows[0]] + s_cuts[1:]], axis=1))
         return Alignment(example_id, student.input_ids, student.target_positions, teacher_row, one_to_one,
                          _stack(t_spans), _stack(s_spans))
+
+
+    def _with_bos(self, student):
+        """The rendering with the needed BOS in front (positions shifted by one), cut back to max_length."""
+        ids = student.input_ids
+        if self.bos_id is None or (len(ids) and ids[0] == self.bos_id):
+            return student
+        ids = np.concatenate([np.asarray([self.bos_id], ids.dtype), ids])
+        positions = student.target_positions + 1
+        truncated = student.truncated
+        if self.max_length is not None and len(ids) > self.max_length:
+            ids, positions, truncated = ids[:self.max_length], positions[positions < self.max_length], True
+        return dataclasses.replace(student, input_ids=ids, target_positions=positions, truncated=truncated)
 
 
 def _stack(spans: list[np.ndarray]) -> np.ndarray:
@@ -354,8 +365,13 @@ def student_example(example: Example, aligner: Aligner, vmap: np.ndarray, mode: 
 
 
 def align_stream(examples: Iterable[Example], aligner: Aligner, vmap: np.ndarray, mode: str,
-                 ahead: int = 16) -> Iterator[Example]:
+                 ahead: int = 16, cursor=None) -> Iterator:
     """`student_example` over a stream of cached examples, run `ahead` examples in advance in a
     background thread (`formats.prefetch.prefetch`), so alignment overlaps the training step; errors
-    re-raise in the consumer."""
-    return prefetch((student_example(ex, aligner, vmap, mode) for ex in examples), ahead, name="kdcache-align")
+    re-raise in the consumer. `cursor`: a function giving the source's position (`state_dict`); then
+    the items are (example, the source's cursor just after it), taken in the thread right after the
+    example was read (`data.AlignedStream` resumes exactly with them)."""
+    if cursor is None:
+        return prefetch((student_example(ex, aligner, vmap, mode) for ex in examples), ahead, name="kdcache-align")
+    return prefetch(((student_example(ex, aligner, vmap, mode), copy.deepcopy(cursor())) for ex in examples),
+                    ahead, name="kdcache-align")

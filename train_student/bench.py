@@ -12,6 +12,12 @@
    packed sequences of --tokens tokens from that cache, impl=chunked) and the fraction of its
    time spent waiting for the next batch (target: < 2%), once per --dtypes choice (float32 and
    bf16-mixed: the two that `--dtype auto` picks between; the table marks the one it picks here).
+4. xtok (`--parts xtok`): the same loop for a student with another tokenizer (issue 12): a cache of
+   the Tulu 3 sample rendered by a byte-level BPE teacher tokenizer (ChatML), top-k rows from the
+   bench data, the teacher's tokenizer files; a SentencePiece-style Unigram student (byte fallback,
+   a Gemma-style template); both tokenizers trained offline on the sample (--xtok-vocab tokens each).
+   Alignment runs in the reader's prefetch (`data.AlignedStream`) and the loss is `xtok_loss`
+   (hybrid): reported are alignment alone (positions/s) and the step's data wait (target: < 2%).
 """
 from __future__ import annotations
 
@@ -29,6 +35,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
 DATA = REPO / "bench" / "data" / "smollm2_tulu_top128.npz"
+TULU = Path(os.environ.get("KDCACHE_TULU_SAMPLE", REPO.parent / "shared" / "data" / "tulu3_sft_sample.jsonl"))
+# the xtok student's template: Gemma's turn markers (the Unigram student's specials)
+GEMMA_STYLE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+               "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def _rss_mb() -> float:
@@ -163,6 +176,122 @@ def bench_step(cache: Path, args, dtype: str = "float32") -> dict:
             "tokens_per_s": tokens / total, "data_wait_frac": wait / total, "peak_rss_mb": _rss_mb()}
 
 
+# ---- 4. cross-tokenizer step -----------------------------------------------------------------------
+def _offline_tokenizers(texts: list[str], vocab: int):
+    """(teacher, student): a byte-level BPE with ChatML (SmolLM2 style) and a Unigram with `▁` pieces, byte
+    fallback, <bos> and Gemma's turn markers (Gemma style), both trained on `texts` (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, show_progress=False, special_tokens=[
+        "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    teacher = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")
+    teacher.chat_template = CHATML
+    uni = Tokenizer(models.Unigram())
+    uni.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    uni.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab, unk_token="<unk>", show_progress=False,
+                                                           special_tokens=["<unk>", "<bos>", "<start_of_turn>",
+                                                                           "<end_of_turn>"]))
+    uni.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    student = PreTrainedTokenizerFast(tokenizer_object=uni, bos_token="<bos>", eos_token="<end_of_turn>",
+                                      unk_token="<unk>")
+    student.chat_template = GEMMA_STYLE
+    return teacher, student
+
+
+def make_xtok_cache(out: Path, k: int, vocab: int, max_length: int):
+    """A cache of the Tulu sample as `kdcache cache` writes it for the offline teacher tokenizer (its files
+    and the conversations included; top-k rows from the bench data, ids folded into its vocabulary).
+    Returns (cache, the student's tokenizer)."""
+    from formats import CacheWriter, CodecConfig, Example
+    from formats.template import ChatTemplater
+    from formats.tokenizer_files import save_tokenizer_files
+    from formats.tokenizer_id import tokenizer_info
+
+    if not TULU.exists():
+        raise SystemExit(f"{TULU}: the Tulu 3 sample is needed for --parts xtok (set KDCACHE_TULU_SAMPLE)")
+    records = [json.loads(line) for line in TULU.read_text(encoding="utf-8").splitlines() if line.strip()]
+    teacher, student = _offline_tokenizers([m["content"] for r in records for m in r["messages"]], vocab)
+    d = np.load(DATA)
+    ids, lps = d["ids"][:, :k] % len(teacher), d["logprobs"][:, :k]
+    templater = ChatTemplater(teacher, max_length=max_length)
+    prov = {"tokenizer": tokenizer_info(teacher, "bench-bpe"), "teacher": {"name_or_path": "bench"},
+            "template": {"messages_in_meta": True, "end_of_turn_ids": sorted(templater.eot_ids)}}
+    row = 0
+    with CacheWriter(out, codec=CodecConfig(k=k), provenance=prov) as w:
+        for r in records:
+            t = templater.score(r)
+            n = len(t.target_positions)
+            take = np.arange(row, row + n) % len(ids)
+            row += n
+            w.write(Example(id=t.id, input_ids=t.input_ids, target_positions=t.target_positions,
+                            topk_ids=ids[take].astype(np.int32), topk_logprobs=lps[take],
+                            target_logprobs=lps[take, 0].copy(), target_ranks=np.ones(n, np.int32),
+                            meta={"messages": r["messages"]}))
+        w.manifest["tokenizer_files"] = save_tokenizer_files(teacher, out)
+    return out, student
+
+
+def bench_xtok(args) -> list[dict]:
+    """Alignment alone (positions/s), then the training loop of part 3 for the Unigram student (hybrid)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from formats import CacheReader
+    from formats.tokenizer_files import load_cache_tokenizer
+    from train_student.align import Aligner, student_example
+    from train_student.data import AlignedStream, ExampleStream, Packer
+    from train_student.model import StudentLoss
+    from train_student.student_template import check_student_rendering, resolve_student_template
+    from train_student.vocab_map import build_vocab_map
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache, student_tok = make_xtok_cache(Path(tmp) / "cache", args.k, args.xtok_vocab, args.tokens)
+        teacher_tok = load_cache_tokenizer(cache)
+        template = resolve_student_template(None, student_tok)
+        bos = check_student_rendering(student_tok, template)["bos_token_id"]
+        aligner = Aligner(teacher_tok, student_tok, template, bos_id=bos)
+        vmap = build_vocab_map(teacher_tok, student_tok)
+        examples = list(CacheReader(cache))
+        t0 = time.perf_counter()
+        aligned = [student_example(ex, aligner, vmap, "hybrid") for ex in examples]
+        align_s = time.perf_counter() - t0
+        positions = sum(len(ex.target_positions) for ex in aligned)
+        frac = float(np.mean([ex.meta["aligned_fraction"] for ex in aligned]))
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(student_tok), hidden_size=576, intermediate_size=1536,
+                          num_hidden_layers=args.layers, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                          tie_word_embeddings=True, max_position_embeddings=8192, attn_implementation="sdpa")
+        module = StudentLoss(LlamaForCausalLM(cfg))
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+        reader = CacheReader(cache, shuffle=True, epochs=None)
+        stream = AlignedStream(ExampleStream([reader]), aligner, vmap, "hybrid")
+        packer = Packer(stream, max_tokens=args.tokens, k=args.k)
+        kwargs = dict(kd_weight=1.0, ce_weight=0.5, temperature=1.0, kind="forward_kl", tail="renormalize",
+                      impl="chunked", chunk_size=args.chunk_size, cross_tokenizer="hybrid", uld_weight=1.0)
+        wait = total = 0.0
+        for step in range(args.steps + 1):
+            t0 = time.perf_counter()
+            batch = next(packer)
+            t1 = time.perf_counter()
+            loss, _ = module(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
+                             loss_kwargs=kwargs)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t2 = time.perf_counter()
+            if step:  # step 0 warms up (and starts the alignment thread)
+                wait, total = wait + t1 - t0, total + t2 - t0
+        stream.close()
+    return [{"examples": len(examples), "align_positions_per_s": positions / align_s, "aligned_fraction": frac,
+             "vocab": len(student_tok), "tokens_per_step": args.tokens, "s_per_step": total / args.steps,
+             "data_wait_frac": wait / total}]
+
+
 # ---- table -----------------------------------------------------------------------------------------
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     head = "| " + " | ".join(c[1] for c in cols) + " |"
@@ -177,7 +306,9 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kdcache bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="loss,reader,step", help="comma-separated: loss, reader, step")
+    p.add_argument("--parts", default="loss,reader,step", help="comma-separated: loss, reader, step, xtok (a "
+                   "student with another tokenizer: alignment throughput and data wait)")
+    p.add_argument("--xtok-vocab", type=int, default=8192, help="xtok part: tokens of each offline-trained tokenizer")
     p.add_argument("--tokens", type=int, default=4096, help="T: tokens per loss call / packed sequence")
     p.add_argument("--vocab", type=int, default=49152, help="V of the loss benchmark")
     p.add_argument("--hidden", type=int, default=576, help="D of the loss benchmark")
@@ -229,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
                                                         ("tokens_per_s", "tokens/s", ",.0f"),
                                                         ("data_wait_frac", "waiting for data", ".2%"),
                                                         ("peak_rss_mb", "peak RSS (MB)", ",.0f")]) + "\n")
+    if "xtok" in parts:
+        print(f"### a student with another tokenizer (hybrid; random {args.layers}-layer SmolLM2-width student, "
+              "chunked loss)\n")
+        print(table(bench_xtok(args), [("examples", "Tulu examples", ""), ("align_positions_per_s",
+                                        "alignment positions/s", ",.0f"), ("aligned_fraction", "aligned", ".2f"),
+                                       ("vocab", "student vocab", ""), ("tokens_per_step", "tokens/step", ""),
+                                       ("s_per_step", "s / step", ".2f"),
+                                       ("data_wait_frac", "waiting for data", ".2%")]) + "\n")
     return 0
 
 

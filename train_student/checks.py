@@ -25,14 +25,25 @@ MAX_TAIL_MASS = 0.3  # mean teacher mass outside the cached entries above which 
 
 
 def check_cache_fits_student(manifest: dict, where: str, *, fingerprint: str | None, tokenizer_vocab: int | None,
-                             output_size: int) -> None:
+                             output_size: int, cross_tokenizer: bool = False) -> None:
     """Refuse a cache whose token ids would mean something else to the student (InputError).
+
+    `cross_tokenizer`: the student has another tokenizer and trains on aligned examples
+    (`--cross-tokenizer`, train_student/align.py): the cache's ids are the teacher's, so the tokenizer
+    equality checks (vocabulary size, fingerprint) and the teacher's sizes against the student's head
+    do not apply; the student's own tokenizer must fit its LM head (`tokenizer_vocab` <= `output_size`),
+    and every aligned example is checked by `check_example_fits_student` as usual.
 
     `output_size` is the student's LM head rows. The cache's tokens (tokenizer.vocab_size) must fit
     it; the teacher's own output size (teacher.output_size, when the manifest records it) may be
     larger (a padded output layer): then only a warning, and `check_example_fits_student` refuses an id that is
     actually out of range. The format version was already checked by `load_manifest`.
     """
+    if cross_tokenizer:
+        if tokenizer_vocab is not None and int(tokenizer_vocab) > output_size:
+            raise InputError(f"{where}: the student's tokenizer has {tokenizer_vocab} tokens but its LM head only "
+                             f"{output_size} rows; use the student's own tokenizer (--tokenizer)")
+        return
     tok = manifest.get("tokenizer") or {}
     cache_vocab = tok.get("vocab_size")
     if cache_vocab is not None and tokenizer_vocab is not None and int(cache_vocab) != int(tokenizer_vocab):
@@ -71,6 +82,13 @@ def check_example_fits_student(ex: Example, where: str, *, input_size: int | Non
         check_example(ex)
     except ValueError as exc:
         raise FormatError(f"{where}: {exc}; the cache is damaged, run `kdcache verify` on it") from None
+    check_ids_fit_student(ex, where, input_size=input_size, output_size=output_size)
+
+
+def check_ids_fit_student(ex: Example, where: str, *, input_size: int | None, output_size: int | None) -> None:
+    """The id part of `check_example_fits_student`: also what an aligned example (the student's tokens,
+    teacher entries mapped to student ids, NaN target logprobs where the student's token has no
+    teacher entry) is checked with."""
     ids, teacher = ex.input_ids, ex.topk_ids
     if len(ids) and ids.min() < 0:
         raise FormatError(f"{where}: negative token id {int(ids.min())}; run `kdcache verify` on the cache")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from formats.errors import InputError
 from formats.settings import check_choices, merge, setting
-from train_student.loss_options import IMPLS, KINDS, TAILS
+from train_student.loss_options import CROSS_TOKENIZER_MODES, IMPLS, KINDS, TAILS
 
 STUDENT_DTYPES = ("auto", "float32", "bfloat16", "bf16-mixed")
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")  # train_student/checkpoint.py
@@ -49,6 +49,8 @@ class Stage:
                                     "tokens)")
     ce_weight: float = setting(0.0, help="weight of next-token cross-entropy")
     temperature: float = setting(1.0, help="KD temperature tau")
+    uld_weight: float = setting(1.0, help="weight of the ULD term (cross-tokenizer students, modes uld and hybrid: "
+                                "aligned positions without a 1:1 token match; docs/CROSS_TOKENIZER.md)")
     kind: str = setting("forward_kl", choices=KINDS, help="KD divergence")
     tail: str = setting("renormalize", choices=TAILS,
                         help="teacher mass outside its top-k: renormalize the top-k, or one tail bucket")
@@ -74,6 +76,15 @@ class TrainConfig:
     attn_implementation: str | None = setting(None, choices=ATTN_IMPLEMENTATIONS, help="attention kernel "
                                               "(default sdpa); packed examples stay apart with each "
                                               "(flash_attention_2 through its varlen path on CUDA)")
+    cross_tokenizer: str = setting("auto", group="a student with another tokenizer (docs/CROSS_TOKENIZER.md)",
+                                   choices=CROSS_TOKENIZER_MODES, help="auto: align to the cache's teacher "
+                                   "tokenizer when the student's differs (hybrid), plain KD when it is the same; "
+                                   "off: refuse a different tokenizer; exact-map, uld, hybrid: the cross-tokenizer "
+                                   "loss")
+    student_template: str | None = setting(None, metavar="NAME_OR_FILE", help="the student's chat template when "
+                                           "its tokenizer differs from the teacher's: a built-in (tulu3) or a "
+                                           "Jinja file (default: the student tokenizer's own; base models have "
+                                           "none)")
     max_tokens: int = setting(4096, group="data", metavar="N",
                               help="tokens per packed sequence (one micro-batch per process)")
     grad_accum: int = setting(1, help="micro-batches per optimizer step and process", metavar="N")
@@ -150,6 +161,8 @@ def _validate_stage(s: Stage, where: str, last: bool) -> None:
         raise InputError(f"{where}need kd_weight, ce_weight >= 0, not both 0")
     if not 0.0 < s.fraction <= 1.0:
         raise InputError(f"{where}fraction={s.fraction} must be in (0, 1]")
+    if not 0 <= s.uld_weight < float("inf"):
+        raise InputError(f"{where}uld_weight={s.uld_weight} must be finite and >= 0")
     if s.temperature <= 0:
         raise InputError(f"{where}temperature={s.temperature} must be > 0")
     if s.steps is None and not s.epochs:

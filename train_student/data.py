@@ -23,11 +23,16 @@ since a cache read over hf:// may never have been verified.
 
 Exact resume: `stream.state_dict()` is the cursor *before* the example the packer holds over for
 the next batch, so a checkpoint taken between batches loses and repeats nothing.
+
+A student with another tokenizer (`--cross-tokenizer`): `AlignedStream` wraps the stream and turns
+each cached example into the student's (`align.align_stream`, in a background thread ahead of the
+step), keeping the exact cursor; `eval_batches(..., align=...)` aligns the held-out examples the same
+way. Aligned examples are checked against the student's sizes (`checks.check_ids_fit_student`).
 """
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +40,7 @@ import torch
 
 from formats import IGNORE_INDEX, CacheReader, Example, InputError
 from formats.ids import is_eval, keep_fraction, record_id
-from train_student.checks import check_example_fits_student
+from train_student.checks import check_example_fits_student, check_ids_fit_student
 
 
 # ---- streaming -----------------------------------------------------------------------------------
@@ -129,6 +134,52 @@ class ExampleStream:
         self._skipped = [0] * len(self.readers)
 
 
+class AlignedStream:
+    """An ExampleStream whose examples are aligned to a student with another tokenizer.
+
+    `aligner`, `vmap`, `mode` as in `align.student_example`; alignment runs `ahead` examples in advance
+    in a background thread (`align.align_stream`). `state_dict()` is the wrapped stream's cursor just
+    after the last example handed out (taken in that thread with each example), so resuming neither
+    skips nor repeats the examples read ahead. Each aligned example must fit the student's embedding
+    (`input_size`) and LM head (`output_size`).
+    """
+
+    def __init__(self, stream: ExampleStream, aligner, vmap: np.ndarray, mode: str, *,
+                 input_size: int | None = None, output_size: int | None = None, ahead: int = 16):
+        self.stream, self.aligner, self.vmap, self.mode, self.ahead = stream, aligner, vmap, mode, ahead
+        self.input_size, self.output_size = input_size, output_size
+        self._items = None   # the running align_stream
+        self._state = None   # the cursor after the last example handed out (None: the stream's own)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Example:
+        from train_student.align import align_stream
+
+        if self._items is None:
+            self._state = self.stream.state_dict()  # before the thread starts reading
+            self._items = align_stream(self.stream, self.aligner, self.vmap, self.mode, self.ahead,
+                                       cursor=self.stream.state_dict)
+        ex, self._state = next(self._items)
+        check_ids_fit_student(ex, f"example {ex.id!r} aligned to the student", input_size=self.input_size,
+                              output_size=self.output_size)
+        return ex
+
+    def state_dict(self) -> dict:
+        return self._state if self._state is not None else self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.stream.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the alignment thread (it restarts from the cursor on the next example)."""
+        if self._items is not None:
+            self._items.close()
+        self._items, self._state = None, None
+
+
 # ---- packing -------------------------------------------------------------------------------------
 @dataclass
 class PackedBatch:
@@ -199,7 +250,8 @@ def pack_batch(examples: list[Example], k: int, max_tokens: int | None = None) -
 class Packer:
     """Greedy packing of a stream into sequences of at most `max_tokens` tokens.
 
-    `stream` is an ExampleStream, or any iterator of examples when no cursor is needed (`eval_batches`).
+    `stream` is an ExampleStream (or AlignedStream), or any iterator of examples when no cursor is
+    needed (`eval_batches`).
     `state_dict()` between batches is the stream's cursor before the held-over example.
     """
 
@@ -226,7 +278,7 @@ class Packer:
             raise StopIteration
         batch, used = [first], min(len(first.input_ids), self.max_tokens)
         while used < self.max_tokens:
-            state = self.stream.state_dict() if isinstance(self.stream, ExampleStream) else None
+            state = self.stream.state_dict() if hasattr(self.stream, "state_dict") else None
             ex = self._pull()
             if ex is None:
                 break
@@ -262,13 +314,24 @@ def cache_k(readers: list[CacheReader]) -> int:
 
 
 def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction: float, max_tokens: int,
-                 max_examples: int | None, input_size: int | None = None,
-                 output_size: int | None = None) -> list[PackedBatch]:
-    """The held-out split of `paths` for this rank, packed once and kept in memory."""
+                 max_examples: int | None, input_size: int | None = None, output_size: int | None = None,
+                 align: Callable[[Example], Example] | None = None) -> list[PackedBatch]:
+    """The held-out split of `paths` for this rank, packed once and kept in memory. `align`: a student
+    with another tokenizer's `align.student_example` (bound to its aligner), applied to each held-out
+    example; the aligned ones are checked against the student's sizes."""
     if eval_fraction <= 0:
         return []
     readers = open_readers(paths, rank=rank, world_size=world_size, shuffle=False, seed=0, epochs=1,
                            max_examples=None, drop_remainder=False)  # every held-out example, on any world size
-    stream = ExampleStream(readers, split="eval", eval_fraction=eval_fraction, input_size=input_size,
-                           output_size=output_size)
-    return list(Packer(itertools.islice(stream, max_examples), max_tokens=max_tokens, k=cache_k(readers)))
+    sizes = dict(input_size=input_size, output_size=output_size)
+    stream = ExampleStream(readers, split="eval", eval_fraction=eval_fraction, **({} if align else sizes))
+    examples = itertools.islice(stream, max_examples)
+    if align is not None:
+        examples = (_checked(align(ex), **sizes) for ex in examples)
+    return list(Packer(examples, max_tokens=max_tokens, k=cache_k(readers)))
+
+
+def _checked(ex: Example, *, input_size: int | None, output_size: int | None) -> Example:
+    check_ids_fit_student(ex, f"held-out example {ex.id!r} aligned to the student", input_size=input_size,
+                          output_size=output_size)
+    return ex

@@ -121,7 +121,7 @@ def render_conversation(tokenizer, template: StudentTemplate, messages: list[dic
     template cannot render the conversation or drops an assistant message's text."""
     from formats.template import ChatTemplater, TemplateReject, encode_text
 
-    templater = ChatTemplater(_with_template(tokenizer, template.text))
+    templater = ChatTemplater(with_template(tokenizer, template.text))
     try:
         pieces = templater.pieces(messages)
     except TemplateReject as exc:
@@ -158,8 +158,9 @@ def render_conversation(tokenizer, template: StudentTemplate, messages: list[dic
     return Rendering(text, np.asarray(ids, np.int32), positions[positions >= 1], chars, tokens, prepend)
 
 
-def _with_template(tokenizer, template_text: str):
-    """A shallow copy of the tokenizer whose chat_template is the student's (the caller's is left as it is)."""
+def with_template(tokenizer, template_text: str):
+    """A shallow copy of the tokenizer whose chat_template is the student's (the caller's is left as it
+    is); `align.Aligner` renders through it too."""
     clone = copy.copy(tokenizer)
     clone.chat_template = template_text
     return clone

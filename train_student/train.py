@@ -20,9 +20,18 @@ that runs out of data ends when every rank has: a rank with fewer packed sequenc
 others' steps with empty micro-batches, and the last, partial step is trained too.
 
 Refused before training: a student whose output head has extras the loss ignores (softcapping,
-logit scales, an output bias), caches whose tokenizer does not match the student, and a stage that
-mixes teachers (unless allow_mixed_teachers). Refused during training: an example whose target
-spans or ids the student would misread (`checks.check_example_fits_student`).
+logit scales, an output bias), caches whose tokenizer does not match the student (unless
+--cross-tokenizer allows it), and a stage that mixes teachers (unless allow_mixed_teachers).
+
+A student with another tokenizer than the cache's teacher (`--cross-tokenizer`, auto by default;
+docs/CROSS_TOKENIZER.md): before training, the teacher's tokenizer is loaded from the cache, the
+student's template resolved and checked (`--student-template`), the vocabulary map built or loaded
+(OUT/vocab_maps/); the examples are aligned in the reader's prefetch (`data.AlignedStream`), the loss
+is `loss_xtok.xtok_loss`, and metrics.jsonl gains aligned_fraction and the exact / ULD / no-teacher
+shares. OUT/cross_tokenizer.json records the method, the template and the map's coverage per stage.
+
+Refused during training: an example whose target spans or ids the student would misread
+(`checks.check_example_fits_student`, `checks.check_ids_fit_student` once aligned).
 """
 from __future__ import annotations
 
@@ -43,11 +52,14 @@ import torch.distributed as dist
 
 from formats.errors import InputError
 from formats.hardware import native_bf16
+from formats.tokenizer_files import load_cache_tokenizer
 from formats.tokenizer_id import load_tokenizer, tokenizer_fingerprint, vocab_size
 from train_student import checkpoint
 from train_student.config import Stage, TrainConfig
 from train_student.checks import check_cache_fits_student, check_same_teacher, check_signal
-from train_student.data import IGNORE_INDEX, ExampleStream, Packer, PackedBatch, cache_k, eval_batches, open_readers
+from train_student.data import (IGNORE_INDEX, AlignedStream, ExampleStream, Packer, PackedBatch, cache_k, eval_batches,
+                                open_readers)
+from train_student.student_check import check_student_tokenizer
 from train_student.model import StudentLoss, check_output_head, load_student, prepare_student, prune_layers
 
 log = logging.getLogger("train_student")
@@ -68,13 +80,18 @@ def lr_lambda(step: int, *, warmup: int, total: int | None, min_ratio: float) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def stage_loss_kwargs(stage: Stage, cfg: TrainConfig) -> tuple[dict, dict]:
+def stage_loss_kwargs(stage: Stage, cfg: TrainConfig, cross_tokenizer: str = "off") -> tuple[dict, dict]:
     """The loss arguments of a stage: (training, evaluation). Evaluation scores plain forward KL at
-    tau = 1 with the stage's tail, and CE, both at weight 1."""
+    tau = 1 with the stage's tail, and CE, both at weight 1. `cross_tokenizer`: the stage's method
+    ("off": kd_loss; else xtok_loss in that mode, with the stage's uld_weight, 1 in evaluation)."""
     common = dict(tail=stage.tail, impl=cfg.impl, chunk_size=cfg.chunk_size)
     train = dict(kd_weight=stage.kd_weight, ce_weight=stage.ce_weight, temperature=stage.temperature,
                  kind=stage.kind, **common)
-    return train, dict(kd_weight=1.0, ce_weight=1.0, temperature=1.0, kind="forward_kl", **common)
+    evaluate = dict(kd_weight=1.0, ce_weight=1.0, temperature=1.0, kind="forward_kl", **common)
+    if cross_tokenizer != "off":
+        train.update(cross_tokenizer=cross_tokenizer, uld_weight=stage.uld_weight)
+        evaluate.update(cross_tokenizer=cross_tokenizer, uld_weight=1.0)
+    return train, evaluate
 
 
 class Sums:
@@ -102,6 +119,17 @@ def _top1(sums: dict[str, float]) -> float:
     return sums["n_top1_agree"] / max(sums["n_scored"], 1.0)
 
 
+XTOK_COUNTS = ("n_aligned", "n_exact", "n_uld")  # xtok_loss's per-batch row counts, summed over a window
+
+
+def _xtok_shares(sums: dict[str, float]) -> dict[str, float]:
+    """Shares of the trained positions: aligned (a teacher row paired), exact-map, ULD, no teacher (CE only)."""
+    tok = max(sums["targets"], 1.0)
+    aligned = sums["n_aligned"] / tok
+    return {"aligned_fraction": aligned, "exact_share": sums["n_exact"] / tok, "uld_share": sums["n_uld"] / tok,
+            "no_teacher_share": 1.0 - aligned}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -115,6 +143,7 @@ class Trainer:
         self._last_eval = -1       # step of the latest evaluation
         self._old_sigterm = None
         self.tb = None
+        self.xtok: list[dict | None] = []  # per stage: None (same tokenizer) or its cross-tokenizer setup
 
     # ==== setup ===================================================================================
     def setup(self) -> None:
@@ -207,17 +236,60 @@ class Trainer:
     def _check_caches(self) -> None:
         fingerprint = tokenizer_fingerprint(self.tokenizer)
         vocab = vocab_size(self.tokenizer)
+        self.xtok = []
         for stage in self.stages:
-            manifests = []
+            manifests, methods = [], []
             for path in stage.cache:
                 readers = open_readers([path], rank=0, world_size=1, shuffle=False, seed=0, epochs=1,
                                        max_examples=64)
+                method = check_student_tokenizer(readers[0].manifest, self.tokenizer, self.cfg.cross_tokenizer, path)
                 check_cache_fits_student(readers[0].manifest, path, fingerprint=fingerprint, tokenizer_vocab=vocab,
-                                         output_size=self.output_size)
+                                         output_size=self.output_size, cross_tokenizer=method != "off")
                 if self.main:
                     check_signal(readers[0], path)
                 manifests.append(readers[0].manifest)
+                methods.append(method)
             check_same_teacher(manifests, stage.cache, stage.name, allow_mixed=self.cfg.allow_mixed_teachers)
+            if len(set(methods)) > 1:
+                raise InputError(f"stage {stage.name}: its caches need different paths for this student "
+                                 f"({', '.join(f'{p}: {m}' for p, m in zip(stage.cache, methods))}; off = the "
+                                 "student's own tokenizer); put them in separate stages")
+            self.xtok.append(None if methods[0] == "off" else self._setup_cross_tokenizer(stage, methods[0], manifests))
+
+    def _setup_cross_tokenizer(self, stage: Stage, method: str, manifests: list[dict]) -> dict:
+        """Before training: the teacher's tokenizer (from the cache), the student's template (resolved and
+        checked, BOS rule included), the vocabulary map (OUT/vocab_maps/, built once per tokenizer pair),
+        the Aligner. Returns the stage's setup; its "record" goes to OUT/cross_tokenizer.json."""
+        from train_student.align import Aligner
+        from train_student.student_template import check_student_rendering, resolve_student_template
+        from train_student.vocab_map import load_or_build_vocab_map, vocab_map_path
+
+        fingerprints = {(m.get("tokenizer") or {}).get("fingerprint") for m in manifests}
+        if len(fingerprints) > 1:
+            raise InputError(f"stage {stage.name}: its caches come from teachers with different tokenizers; a "
+                             "student with another tokenizer aligns to one teacher tokenizer per stage: put them "
+                             "in separate stages")
+        teacher_tokenizer = load_cache_tokenizer(stage.cache[0])
+        template = resolve_student_template(self.cfg.student_template, self.tokenizer)
+        template_record = check_student_rendering(self.tokenizer, template, self.lm.config)
+        maps = self.out / "vocab_maps"
+        vmap = load_or_build_vocab_map(teacher_tokenizer, self.tokenizer, maps)
+        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        map_path = vocab_map_path(maps, tokenizer_fingerprint(teacher_tokenizer), fingerprint)
+        coverage = float((vmap >= 0).mean()) if len(vmap) else 0.0
+        record = {"method": method, "cross_tokenizer": self.cfg.cross_tokenizer,
+                  "teacher_tokenizer": (manifests[0].get("tokenizer") or {}).get("name_or_path"),
+                  "student_tokenizer_fingerprint": fingerprint, "student_template": template_record,
+                  "vocab_map": {"path": str(map_path), "coverage": coverage}}
+        log.info("%s: cross-tokenizer %s to the teacher's tokenizer (%s); student template %s (BOS %s); "
+                 "vocabulary map %s: %.1f%% of the teacher's ids have a student twin", stage.name,
+                 method, record["teacher_tokenizer"], template.source, template_record["bos"], map_path,
+                 100 * coverage)
+        if self.cfg.impl == "fused" and method != "exact-map" and not any(self.xtok):  # said once per run
+            log.info("--impl fused: the exact-map rows use the fused kernel; the ULD rows (no shared vocabulary) "
+                     "are computed in PyTorch, chunked")
+        aligner = Aligner(teacher_tokenizer, self.tokenizer, template, bos_id=template_record["bos_token_id"])
+        return {"method": method, "aligner": aligner, "vmap": vmap, "record": record}
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -256,6 +328,9 @@ class Trainer:
         if self.step == 0 and (self.out / "metrics.jsonl").exists():  # a fresh run: no stale lines
             (self.out / "metrics.jsonl").unlink()
         (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        records = {stage.name: x["record"] for stage, x in zip(self.stages, self.xtok) if x is not None}
+        if records:  # a student with another tokenizer: how each stage aligned it
+            (self.out / "cross_tokenizer.json").write_text(json.dumps(records, indent=2) + "\n")
         if self.cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -278,11 +353,13 @@ class Trainer:
             if self.data_state is not None:
                 packer.load_state_dict(self.data_state)
                 self.data_state = None
-            self.loss_kwargs, self.eval_loss_kwargs = stage_loss_kwargs(stage, self.cfg)
+            xtok = self.xtok[self.stage_idx]
+            self.loss_kwargs, self.eval_loss_kwargs = stage_loss_kwargs(stage, self.cfg,
+                                                                        xtok["method"] if xtok else "off")
             self.eval_set = eval_batches(stage.cache, rank=self.rank, world_size=self.world,
                                          eval_fraction=self.cfg.eval_fraction, max_tokens=self.cfg.max_tokens,
                                          max_examples=self.cfg.eval_max_examples, input_size=self.input_size,
-                                         output_size=self.output_size)
+                                         output_size=self.output_size, align=_align_fn(xtok))
             if self.stage_step == 0:
                 self.evaluate()
             stopped = self._train_stage(stage, packer)
@@ -312,7 +389,8 @@ class Trainer:
         cfg = self.cfg
         bar = self._progress(stage)
         # loss, kd, ce weighted by each micro-batch's targets; top-1 as exact counts
-        window = Sums("loss", "kd", "ce", "n_top1_agree", "n_scored", "tokens", "targets")
+        window = Sums("loss", "kd", "ce", "n_top1_agree", "n_scored", "tokens", "targets", *XTOK_COUNTS)
+        xtok = self.xtok[self.stage_idx] is not None
         wait_s, step_s, t_last = 0.0, 0.0, time.perf_counter()
         while stage.steps is None or self.stage_step < stage.steps:
             # -- data: up to grad_accum packed sequences per rank; the stage ends when every rank has run
@@ -346,6 +424,8 @@ class Trainer:
                 window.add(loss=loss.item() * t, kd=metrics["kd"].item() * t, ce=metrics["ce"].item() * t,
                            n_top1_agree=metrics["n_top1_agree"].item(), n_scored=metrics["n_scored"].item(),
                            tokens=batch.n_tokens, targets=t)
+                if xtok:
+                    window.add(**{key: metrics[key].item() for key in XTOK_COUNTS})
             grad_norm = self._clip()
             lr = self.scheduler.get_last_lr()[0]  # the rate of this update
             self.optimizer.step()
@@ -364,6 +444,8 @@ class Trainer:
                        "top1_agreement": _top1(w), "lr": lr,
                        "grad_norm": grad_norm, "tokens_per_s": w["tokens"] / max(step_s, 1e-9),
                        "data_wait_frac": wait_s / max(step_s, 1e-9), "tokens": int(w["tokens"])}
+                if xtok:
+                    row.update(_xtok_shares(w))
                 self._log("train", row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -395,7 +477,8 @@ class Trainer:
         model = self.module.module if (self.distributed and not self.fsdp) else self.module
         model.eval()
         # kd, ce, topk_mass weighted by each batch's targets; top-1 as exact counts
-        sums = Sums("kd", "ce", "topk_mass", "n_top1_agree", "n_scored", "targets")
+        sums = Sums("kd", "ce", "topk_mass", "n_top1_agree", "n_scored", "targets", "uld", *XTOK_COUNTS)
+        xtok = self.xtok[min(self.stage_idx, len(self.stages) - 1)] is not None
         for i in range(n):  # same number of forwards on every rank (FSDP needs it)
             batch = self.eval_set[i] if i < len(self.eval_set) else _dummy_batch()
             batch = batch.to(self.device)
@@ -404,10 +487,14 @@ class Trainer:
             t = batch.n_targets
             sums.add(kd=m["kd"].item() * t, ce=m["ce"].item() * t, topk_mass=m["student_topk_mass"].item() * t,
                      n_top1_agree=m["n_top1_agree"].item(), n_scored=m["n_scored"].item(), targets=t)
+            if xtok and batch.n_examples:  # uld: a mean over ULD rows, summed back
+                sums.add(uld=m["uld"].item() * m["n_uld"].item(), **{key: m[key].item() for key in XTOK_COUNTS})
         s = sums.reduced(self._all_reduce)
         tok = max(s["targets"], 1.0)
         row = {"kl": s["kd"] / tok, "ce": s["ce"] / tok, "ppl": math.exp(min(s["ce"] / tok, 50)),
                "top1_agreement": _top1(s), "student_topk_mass": s["topk_mass"] / tok, "targets": int(s["targets"])}
+        if xtok:  # kl: the exact-map rows' KL averaged over every trained position (0 on the others)
+            row.update(_xtok_shares(s), uld=s["uld"] / max(s["n_uld"], 1.0))
         self._log("eval", row)
         self._last_eval = self.step
         return row
@@ -431,8 +518,12 @@ class Trainer:
         readers = open_readers(stage.cache, rank=self.rank, world_size=self.world, shuffle=self.cfg.shuffle,
                                seed=self.cfg.seed + self.stage_idx, epochs=stage.epochs or None,
                                max_examples=stage.max_examples)
+        sizes = dict(input_size=self.input_size, output_size=self.output_size)
+        xtok = self.xtok[self.stage_idx]
         stream = ExampleStream(readers, split="train", eval_fraction=self.cfg.eval_fraction, fraction=stage.fraction,
-                               input_size=self.input_size, output_size=self.output_size)
+                               **({} if xtok else sizes))  # cached ids are the teacher's: checked once aligned
+        if xtok:
+            stream = AlignedStream(stream, xtok["aligner"], xtok["vmap"], xtok["method"], **sizes)
         return Packer(stream, max_tokens=self.cfg.max_tokens, k=cache_k(readers))
 
     def _no_sync(self, skip_sync: bool):
@@ -501,6 +592,15 @@ class Trainer:
             signal.signal(signal.SIGTERM, self._old_sigterm)
         if getattr(self, "distributed", False) and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _align_fn(xtok: dict | None):
+    """The held-out examples' alignment for `eval_batches` (None: a student with the teacher's tokenizer)."""
+    if xtok is None:
+        return None
+    from train_student.align import student_example
+
+    return lambda ex: student_example(ex, xtok["aligner"], xtok["vmap"], xtok["method"])
 
 
 def _dummy_batch() -> PackedBatch:

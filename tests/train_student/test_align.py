@@ -3,12 +3,15 @@ multi-byte characters, special tokens, self-alignment, hostile inputs; one slow 
 SmolLM2 -> Gemma 3 pair."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from formats.template import ChatTemplater
 from formats.errors import InputError
 from train_student.align import Aligner, student_targets
+from train_student.student_template import StudentTemplate
 from train_student.vocab_map import build_vocab_map, token_bytes
 
 from .xtok_fixtures import GEMMA_STYLE, SAMPLE, hand_student, hand_teacher, real_pair, trained_pair, tulu_rows
@@ -32,6 +35,11 @@ def _cached(teacher, messages, example_id="ex-1"):
     return t.input_ids, t.target_positions
 
 
+def _t(text: str) -> StudentTemplate:
+    """A template as the trainer hands it to the Aligner (resolved)."""
+    return StudentTemplate(text, "test")
+
+
 def _chat(reply: str) -> list[dict]:
     return [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]
 
@@ -42,7 +50,7 @@ def test_known_sentence_spans(hand):
     ▁wor ld), (! | !); the two end-of-turn tokens are different template text: unaligned."""
     teacher, student = hand
     t_ids, t_pos = _cached(teacher, _chat("Hello world!"))
-    a = Aligner(teacher, student, GEMMA_STYLE).align("ex-1", _chat("Hello world!"), t_ids, t_pos)
+    a = Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-1", _chat("Hello world!"), t_ids, t_pos)
 
     def toks(tok, ids, positions):
         return [tok.convert_ids_to_tokens(int(ids[p])) for p in positions]
@@ -65,7 +73,7 @@ def test_multibyte_characters(hand):
     teacher, student = hand
     msgs = _chat("😀日本!")
     t_ids, t_pos = _cached(teacher, msgs)
-    a = Aligner(teacher, student, GEMMA_STYLE).align("ex-1", msgs, t_ids, t_pos)
+    a = Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-1", msgs, t_ids, t_pos)
     t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
     shapes = [(len(tp), len(sp)) for tp, sp in a.spans]
     assert shapes == [(2, 1), (6, 1), (1, 1)]
@@ -80,7 +88,7 @@ def test_same_split_inside_a_character_is_a_boundary(trained):
     teacher, student = trained
     msgs = _chat("ok 😀")
     t_ids, t_pos = _cached(teacher, msgs)
-    a = Aligner(teacher, student, GEMMA_STYLE).align("ex-1", msgs, t_ids, t_pos)
+    a = Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-1", msgs, t_ids, t_pos)
     t_bytes = token_bytes(teacher)
     emoji_spans = [(tp, sp) for tp, sp in a.spans if (t_bytes[t_ids[tp[0]]][:1] or b" ")[0] >= 0x80]
     assert [(len(tp), len(sp)) for tp, sp in emoji_spans] == [(1, 1)] * 4
@@ -108,7 +116,7 @@ def test_trained_pair_on_tulu_rows(trained):
     """Another tokenizer on real text: most student positions aligned; every span spells the same
     bytes; spans are disjoint and increasing."""
     teacher, student = trained
-    aligner = Aligner(teacher, student, GEMMA_STYLE)
+    aligner = Aligner(teacher, student, _t(GEMMA_STYLE))
     t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
     fractions = []
     for row in tulu_rows(12):
@@ -128,8 +136,8 @@ def test_truncated_student_aligns_what_it_has(hand):
     teacher, student = hand
     msgs = _chat("Hello world!")
     t_ids, t_pos = _cached(teacher, msgs)
-    full = Aligner(teacher, student, GEMMA_STYLE).align("ex-1", msgs, t_ids, t_pos)
-    cut = Aligner(teacher, student, GEMMA_STYLE, max_length=int(full.target_positions[2]) + 1).align(
+    full = Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-1", msgs, t_ids, t_pos)
+    cut = Aligner(teacher, student, _t(GEMMA_STYLE), max_length=int(full.target_positions[2]) + 1).align(
         "ex-1", msgs, t_ids, t_pos)
     assert cut.spans == full.spans[:1] and cut.teacher_row.tolist() == [0, -1, -1]
 
@@ -140,7 +148,7 @@ def test_student_targets_map_one_to_one_rows(hand):
     teacher, student = hand
     msgs = _chat("Hello world!")
     t_ids, t_pos = _cached(teacher, msgs)
-    a = Aligner(teacher, student, GEMMA_STYLE).align("ex-1", msgs, t_ids, t_pos)
+    a = Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-1", msgs, t_ids, t_pos)
     vocab_t = teacher.get_vocab()
     topk_ids = np.array([[vocab_t["Hell"], vocab_t["He"]], [vocab_t["o"], -1], [vocab_t["Ġworld"], vocab_t["!"]],
                          [vocab_t["!"], vocab_t["Ġworld"]], [vocab_t["<|im_end|>"], vocab_t["!"]]], np.int32)
@@ -174,10 +182,10 @@ def test_template_that_drops_the_assistant_message(hand):
     t_ids, t_pos = _cached(teacher, msgs)
     drop_turn = "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}"
     with pytest.raises(InputError, match=r"example 'ex-1'.*cannot render"):
-        Aligner(teacher, student, drop_turn).align("ex-1", msgs, t_ids, t_pos)
+        Aligner(teacher, student, _t(drop_turn)).align("ex-1", msgs, t_ids, t_pos)
     drop_content = GEMMA_STYLE.replace("{{ m['content'] }}", "{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}")
     with pytest.raises(InputError, match=r"example 'ex-1', assistant turn 0: the student's tokens .* do not spell"):
-        Aligner(teacher, student, drop_content).align("ex-1", msgs, t_ids, t_pos)
+        Aligner(teacher, student, _t(drop_content)).align("ex-1", msgs, t_ids, t_pos)
 
 
 def test_tokens_that_do_not_cover_the_text(hand):
@@ -186,7 +194,7 @@ def test_tokens_that_do_not_cover_the_text(hand):
     msgs = _chat("Hello ß world!")
     t_ids, t_pos = _cached(teacher, msgs)
     with pytest.raises(InputError, match=r"example 'ex-9', assistant turn 0: the student's tokens"):
-        Aligner(teacher, hand_student(byte_fallback=False), GEMMA_STYLE).align("ex-9", msgs, t_ids, t_pos)
+        Aligner(teacher, hand_student(byte_fallback=False), _t(GEMMA_STYLE)).align("ex-9", msgs, t_ids, t_pos)
 
 
 def test_teacher_turn_that_ends_like_the_message_begins(hand):
@@ -195,17 +203,17 @@ def test_teacher_turn_that_ends_like_the_message_begins(hand):
     teacher, student = hand
     t_ids, t_pos = _cached(teacher, _chat("Hello world!H"))
     with pytest.raises(InputError, match=r"example 'ex-4', assistant turn 0: the teacher's tokens"):
-        Aligner(teacher, student, GEMMA_STYLE).align("ex-4", _chat("Hello there"), t_ids, t_pos[:-1])
+        Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-4", _chat("Hello there"), t_ids, t_pos[:-1])
 
 
 def test_cache_tokens_of_another_conversation(hand):
     teacher, student = hand
     t_ids, t_pos = _cached(teacher, _chat("Hello world!"))
     with pytest.raises(InputError, match=r"example 'ex-2', assistant turn 0: the teacher's tokens"):
-        Aligner(teacher, student, GEMMA_STYLE).align("ex-2", _chat("Goodbye!"), t_ids, t_pos)
+        Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-2", _chat("Goodbye!"), t_ids, t_pos)
     two_turns = [5] + t_pos.tolist()  # a second run of trained positions (in the user turn), one message
     with pytest.raises(InputError, match=r"example 'ex-2'.* 2 assistant turn\(s\) but the conversation has 1"):
-        Aligner(teacher, student, GEMMA_STYLE).align("ex-2", _chat("Hello world!"), t_ids, np.array(two_turns))
+        Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-2", _chat("Hello world!"), t_ids, np.array(two_turns))
 
 
 def test_message_content_that_is_not_text(hand):
@@ -214,7 +222,7 @@ def test_message_content_that_is_not_text(hand):
     msgs = _chat("Hello world!")
     msgs[1]["content"] = ["Hello", "world!"]
     with pytest.raises(InputError, match=r"example 'ex-6'"):
-        Aligner(teacher, student, GEMMA_STYLE).align("ex-6", msgs, t_ids, t_pos)
+        Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-6", msgs, t_ids, t_pos)
 
 
 def test_teacher_ids_outside_the_teacher_vocabulary(hand):
@@ -223,7 +231,7 @@ def test_teacher_ids_outside_the_teacher_vocabulary(hand):
     bad = t_ids.copy()
     bad[t_pos[0]] = 10**6
     with pytest.raises(InputError, match=r"example 'ex-3': teacher token id 1000000 is outside"):
-        Aligner(teacher, student, GEMMA_STYLE).align("ex-3", _chat("Hello world!"), bad, t_pos)
+        Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-3", _chat("Hello world!"), bad, t_pos)
 
 
 # --- the real pair (slow: the Gemma 3 tokenizer takes ~30 s to load from its GGUF) ---
@@ -233,7 +241,7 @@ def test_smollm2_to_gemma3_on_tulu():
     """SmolLM2's byte-level BPE (the cache) against Gemma 3's SentencePiece vocabulary (the student),
     on 40 Tulu rows: measured 2026-11-30 a pooled aligned fraction 0.962 (min per example 0.76)."""
     teacher, student, template = real_pair()
-    aligner = Aligner(teacher, student, template)
+    aligner = Aligner(teacher, student, _t(template))
     aligned = total = 0
     for row in tulu_rows(40):
         t_ids, t_pos = _cached(teacher, row["messages"], row["id"])
@@ -270,7 +278,7 @@ def test_student_example_packs_for_xtok_loss(hand):
     teacher, student = hand
     ex = _teacher_example(teacher, _chat("Hello world!"))
     vmap = build_vocab_map(teacher, student)
-    aligner = Aligner(teacher, student, GEMMA_STYLE)
+    aligner = Aligner(teacher, student, _t(GEMMA_STYLE))
     got = student_example(ex, aligner, vmap, "hybrid")
     a = aligner.align(ex.id, ex.meta["messages"], ex.input_ids, ex.target_positions)
     targets = student_targets(a, ex.topk_ids, ex.topk_logprobs, vmap, "hybrid")
@@ -300,7 +308,7 @@ def test_align_stream_runs_ahead_and_reraises(hand):
 
     teacher, student = hand
     vmap = build_vocab_map(teacher, student)
-    aligner = Aligner(teacher, student, GEMMA_STYLE)
+    aligner = Aligner(teacher, student, _t(GEMMA_STYLE))
     examples = [_teacher_example(teacher, _chat(text), f"ex-{i}", seed=i) for i, text in enumerate(["Hello world!", "Hi!"])]
     streamed = list(align_stream(examples, aligner, vmap, "hybrid", ahead=1))
     assert [e.id for e in streamed] == ["ex-0", "ex-1"]
@@ -320,9 +328,34 @@ def test_template_that_trims_the_message(hand):
     msgs = _chat(" Hello world!\n")
     t_ids, t_pos = _cached(teacher, msgs)
     trim = GEMMA_STYLE.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
-    a = Aligner(teacher, student, trim).align("ex-5", msgs, t_ids, t_pos)
+    a = Aligner(teacher, student, _t(trim)).align("ex-5", msgs, t_ids, t_pos)
     t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
     assert a.spans
     for tp, sp in a.spans:
         assert b"".join(t_bytes[t_ids[p]] for p in tp) == b"".join(s_bytes[a.input_ids[p]] for p in sp)
     assert b"".join(s_bytes[a.input_ids[p]] for tp, sp in a.spans for p in sp) == b"Hello world!"
+
+
+def test_aligner_renders_what_check_student_rendering_decided(hand):
+    """The Aligner takes the resolved template and the BOS rule of check_student_rendering: a template
+    without `{{ bos_token }}` for a student whose model needs <bos> gets it prepended, positions shifted
+    by one, the same ids render_conversation gives; the teacher rows paired are unchanged."""
+    from train_student.student_template import check_student_rendering, render_conversation
+
+    teacher, student = hand
+    msgs = _chat("Hello world!")
+    t_ids, t_pos = _cached(teacher, msgs)
+    no_bos = _t(GEMMA_STYLE.replace("{{ bos_token }}", ""))
+    record = check_student_rendering(student, no_bos, SimpleNamespace(bos_token_id=student.bos_token_id))
+    assert record["bos"] == "prepended"
+    plain = Aligner(teacher, student, no_bos).align("ex-1", msgs, t_ids, t_pos)
+    shifted = Aligner(teacher, student, no_bos, bos_id=record["bos_token_id"]).align("ex-1", msgs, t_ids, t_pos)
+    assert shifted.input_ids[0] == student.bos_token_id and plain.input_ids[0] != student.bos_token_id
+    assert shifted.input_ids[1:].tolist() == plain.input_ids.tolist()
+    assert shifted.target_positions.tolist() == (plain.target_positions + 1).tolist()
+    assert shifted.teacher_row.tolist() == plain.teacher_row.tolist()
+    assert shifted.input_ids.tolist() == render_conversation(student, no_bos, msgs, bos_id=record["bos_token_id"]
+                                                             ).input_ids.tolist()
+    # a rendering that already starts with the BOS gets none added
+    rendered = Aligner(teacher, student, _t(GEMMA_STYLE), bos_id=student.bos_token_id).align("ex-1", msgs, t_ids, t_pos)
+    assert rendered.input_ids.tolist() == shifted.input_ids.tolist()
