@@ -56,9 +56,13 @@ def test_packed_equals_unpacked_loss_and_gradients(tiny, attn):
 
     packed_loss, packed_grads = run(pack_batch(examples, K))
     parts = [run(pack_batch([ex], K)) for ex in examples]
-    assert packed_loss == pytest.approx(sum(p[0] for p in parts), rel=1e-10)
+    # sdpa runs in float64 throughout; HF's eager attention takes its softmax in float32 even in a float64
+    # model, so there packed and unpacked agree to float32 rounding (with one thread a gradient element
+    # differed by 1.4e-7 relative), still far below what attention across examples would change
+    rel, atol = {"sdpa": (1e-10, 1e-10), "eager": (1e-5, 1e-8)}[attn]
+    assert packed_loss == pytest.approx(sum(p[0] for p in parts), rel=rel)
     for i, g in enumerate(packed_grads):
-        torch.testing.assert_close(g, sum(p[1][i] for p in parts), rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(g, sum(p[1][i] for p in parts), rtol=max(rel, 1e-8), atol=atol)
     # and packing really matters: without restarting positions the loss changes
     b = pack_batch(examples, K)
     flat = torch.arange(b.n_tokens)[None]
