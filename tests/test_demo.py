@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "kdcache_cli", "demo", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "kdcache.cli", "demo", "--quick", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def kdcache(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "kdcache_cli", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
 
 
@@ -18,7 +18,7 @@ def kdcache(*args, env=None):
 @pytest.mark.multiprocess
 def test_fused_without_gpu_says_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "kdcache_cli", "train", "--cache", str(tmp_path / "c"), "--student",
+    r = subprocess.run([sys.executable, "-m", "kdcache.cli", "train", "--cache", str(tmp_path / "c"), "--student",
                         str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--impl", "fused", "--device", "cpu"],
                        cwd=ROOT, capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert r.returncode == 1

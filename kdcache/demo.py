@@ -52,7 +52,7 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 def choose_dataset(dataset: str | None, out: Path, s: DemoSettings) -> tuple[str, str, str]:
     """(dataset for `kdcache cache`, mode, a sentence for the report)."""
-    from cache_teacher.prompts import write_prompts
+    from kdcache.demo_prompts import write_prompts
 
     if dataset:
         return dataset, "score", f"`{dataset}` (first {s.max_examples} valid rows, teacher-forced on its responses)"

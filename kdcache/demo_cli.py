@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from train_student.demo import run_demo
+    from kdcache.demo import run_demo
 
     run_demo(args.out, quick=args.quick, dataset=args.dataset, steps=args.steps)
     return 0

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Order is the order of `kdcache --help`: the data flow, then tools.
-_PACKAGES = ("cache_teacher.cli", "formats.cli", "train_student.cli", "train_student.demo_cli", "bench.cli")
+_PACKAGES = ("cache_teacher.cli", "formats.cli", "train_student.cli", "kdcache.demo_cli", "bench.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
