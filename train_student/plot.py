@@ -48,28 +48,36 @@ def study_figure(study: dict):
     metrics = study["metrics"]
     cols = min(len(metrics), 3) or 1
     rows = -(-len(metrics) // cols) or 1
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.6), squeeze=False, layout="constrained")
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
+    # a colour per line (loss and series: teacher, stages, ...), a line style per loss: KD solid, SFT dashed
+    keys = dict.fromkeys((g["loss"], series_label(g["series"]) if g["series"] else "") for g in study["groups"])
+    colours = {key: f"C{i % 10}" for i, key in enumerate(keys)}
+    styles = {"KD": "-", "SFT": "--"}
+    legend: dict[str, object] = {}
     for ax, m in zip(axes.flat, metrics):
-        lines: dict[str, list[tuple]] = {}
+        lines: dict[tuple, list[tuple]] = {}
         for g in study["groups"]:
             if m in g["metrics"]:
-                label = g["loss"] + (f" ({series_label(g['series'])})" if g["series"] else "")
                 st = g["metrics"][m]
-                lines.setdefault(label, []).append((g["data_fraction"], st["mean"], st["std"] or 0.0))
-        for label, pts in lines.items():
+                key = (g["loss"], series_label(g["series"]) if g["series"] else "")
+                lines.setdefault(key, []).append((g["data_fraction"], st["mean"], st["std"] or 0.0))
+        for (loss, series), pts in lines.items():
             xs, ys, es = zip(*sorted(pts))
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+            label = f"{loss} ({series})" if series else loss
+            bar = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label, linestyle=styles.get(loss, ":"),
+                              color=colours[loss, series])
+            legend.setdefault(label, bar)
         ax.set_xscale("log")
         fractions = sorted({x for pts in lines.values() for x, _, _ in pts})
         ax.set_xticks(fractions, [f"{x:g}" for x in fractions])  # the ladder's own fractions, not 10^k
         ax.minorticks_off()
         ax.set_title(metric_name(m), fontsize=10)
         ax.set_xlabel("training-data fraction (log)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.grid(alpha=0.3)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", fontsize=7,
+               ncol=2 if len(legend) > 2 and max(map(len, legend)) < 60 else 1)
     return fig
 
 
