@@ -36,7 +36,7 @@ def cmd_cache(args) -> int:
             from cache_teacher.run import run_cache
 
             summary = run_cache(config)
-    except EngineStartError as exc:  # one line (kdcache_cli prints it); --verbose adds everything behind it
+    except EngineStartError as exc:  # one line (kdcache.cli prints it); --verbose adds everything behind it
         if config.verbose:
             import traceback
 

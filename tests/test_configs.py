@@ -53,7 +53,7 @@ def test_paper_scripts_flags_exist_and_build_their_configs():
     """The flags the launch scripts pass (generated from the dataclasses) exist, and build configs."""
     import re
 
-    import kdcache_cli
+    import kdcache.cli as kdcache_cli
     from cache_teacher.cli import config_from_args as cache_config
     from train_student.cli import config_from_args as train_config
 

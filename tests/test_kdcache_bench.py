@@ -1,4 +1,4 @@
-"""kdcache_bench: every benchmark lives beside what it measures and runs as `kdcache bench NAME`."""
+"""kdcache/bench.py: every benchmark lives beside what it measures and runs as `kdcache bench NAME`."""
 from __future__ import annotations
 
 import importlib
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import kdcache_bench
-import kdcache_cli
+from kdcache import bench as kdcache_bench
+from kdcache import cli as kdcache_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_no_top_level_bench_package_is_installed():
     """issue 10: benchmark code stays out of the installed top-level namespace (`bench` collides easily)."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    top_level = {name.split(".")[0] for name in setuptools["packages"]} | set(setuptools["py-modules"])
-    assert top_level == {"formats", "cache_teacher", "train_student", "kdcache_cli", "kdcache_bench"}
+    top_level = {name.split(".")[0] for name in setuptools["packages"]} | set(setuptools.get("py-modules", []))
+    assert top_level == {"formats", "cache_teacher", "train_student", "kdcache"}
     assert not list((ROOT / "bench").glob("*.py"))  # bench/ keeps only the GPU script and data
 
 
@@ -57,8 +57,8 @@ def test_the_gpu_kernel_benchmark_imports_with_torch_and_triton_only():
 
 @pytest.mark.multiprocess
 def test_kdcache_help_imports_no_benchmark():
-    code = ("import sys, kdcache_cli; kdcache_cli.build_parser().format_help(); "
+    code = ("import sys, kdcache.cli; kdcache.cli.build_parser().format_help(); "
             "print(sorted(m for m in sys.modules if 'bench' in m or m in ('torch', 'transformers', 'vllm')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['kdcache_bench']"
+    assert out.stdout.strip() == "['kdcache.bench']"

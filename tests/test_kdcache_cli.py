@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def kdcache(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "kdcache_cli", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
 
 
@@ -18,7 +18,7 @@ def kdcache(*args, env=None):
 @pytest.mark.multiprocess
 def test_fused_without_gpu_says_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "kdcache_cli", "train", "--cache", str(tmp_path / "c"), "--student",
+    r = subprocess.run([sys.executable, "-m", "kdcache.cli", "train", "--cache", str(tmp_path / "c"), "--student",
                         str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--impl", "fused", "--device", "cpu"],
                        cwd=ROOT, capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert r.returncode == 1
@@ -32,3 +32,32 @@ def test_missing_dataset_and_cache(tmp_path):
     assert "nope.jsonl" in r.stderr
     r = kdcache("verify", tmp_path / "missing-cache")
     assert r.returncode == 1 and "no manifest.json" in r.stderr
+
+
+def test_the_entry_point_and_the_package_layout():
+    """`kdcache` is kdcache.cli:main, the package ships its demo data, and the stages stay apart: only
+    kdcache/ (the demo, the CLI) imports both cache_teacher and train_student."""
+    import ast
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    module, func = project["project"]["scripts"]["kdcache"].split(":")
+    assert callable(getattr(importlib.import_module(module), func))
+    assert "kdcache" in project["tool"]["setuptools"]["packages"]
+    assert project["tool"]["setuptools"]["package-data"]["kdcache"] == ["demo_data/*"]
+    data = ROOT / "kdcache" / "demo_data"
+    assert (data / "tulu3_sft_sample.jsonl").exists() and "ODC-BY-1.0" in (data / "README.md").read_text()
+
+    def imported(package: str) -> set[str]:
+        names = set()
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names.add(node.module.split(".")[0])
+                elif isinstance(node, ast.Import):
+                    names.update(a.name.split(".")[0] for a in node.names)
+        return names
+
+    assert "cache_teacher" not in imported("train_student")
+    assert "train_student" not in imported("cache_teacher")

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     from train_student.cli import register
 
     register(sub)
-    from kdcache_cli import dispatch
+    from kdcache.cli import dispatch
 
     return dispatch(parser, parser.parse_args(argv), "train_student")
 

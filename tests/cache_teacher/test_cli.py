@@ -1,7 +1,7 @@
 """cache_teacher.cli: `kdcache cache` flags, --help, dry run, and one-line errors."""
 from __future__ import annotations
 
-import kdcache_cli
+import kdcache.cli as kdcache_cli
 
 
 def test_cli_help_documents_every_setting():

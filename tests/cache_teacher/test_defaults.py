@@ -232,7 +232,7 @@ def test_root_cause_of_a_captured_vllm_failure():
 
 def kdcache(*args):
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # teacher_helpers sets it
-    return subprocess.run([sys.executable, "-m", "kdcache_cli", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=600)
 
 

@@ -82,7 +82,7 @@ def test_every_input_is_written_or_rejected(tiny_dir, tiny_engine, sample_rows, 
 _KILL_AFTER_SHARDS = """
 import os, signal, sys
 from formats.writer import CacheWriter
-import kdcache_cli
+import kdcache.cli as kdcache_cli
 AT, ARGS, published = int(sys.argv[1]), sys.argv[2:], []
 close = CacheWriter._close_shard
 def close_then_die(self):
@@ -103,7 +103,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_dir, tiny_engine, sample_r
               "--k", "8", "--max-length", "256", "--batch-size", "4", "--row-group-positions", "100",
               "--shard-max-bytes", "1", "--no-progress"]
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "kdcache_cli", "cache", *common, "--out", str(out)]
+    cmd = [sys.executable, "-m", "kdcache.cli", "cache", *common, "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     # The same command, SIGKILLed by itself right after its third shard is published: a crash at a
     # known point, not at whatever point a polling loop happens to notice.

@@ -193,7 +193,7 @@ def test_add_tokenizer_refuses_another_tokenizer(tmp_path, tokenizer, rng):
 
 
 def test_add_tokenizer_cli_then_verify(tmp_path, tokenizer, tokenizer_dir, rng, capsys):
-    from kdcache_cli import main
+    from kdcache.cli import main
 
     path = old_cache(tmp_path / "old", tokenizer, rng)
     assert main(["add-tokenizer", str(path), "--tokenizer", str(tokenizer_dir)]) == 0
@@ -218,7 +218,7 @@ def test_merge_carries_the_tokenizer_files(tmp_path, tokenizer, tokenizer_dir, r
 
 
 def test_inspect_names_the_tokenizer_files(cache, tmp_path, tokenizer, rng, capsys):
-    from kdcache_cli import main
+    from kdcache.cli import main
 
     assert main(["inspect", str(cache)]) == 0
     assert f"{len(load_manifest(cache)['tokenizer_files'])} in tokenizer/" in capsys.readouterr().out

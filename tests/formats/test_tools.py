@@ -13,7 +13,7 @@ from formats.tools import merge_caches, verify_cache
 
 
 def kdcache(*args):
-    return subprocess.run([sys.executable, "-m", "kdcache_cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
 

@@ -49,7 +49,7 @@ def test_flags_make_the_single_stage():
 def test_cli_help_and_bad_config(tmp_path, capsys):
     import subprocess
 
-    out = subprocess.run([PYTHON, str(REPO / "kdcache_cli.py"), "train", "--help"], env=python_env(),
+    out = subprocess.run([PYTHON, "-m", "kdcache.cli", "train", "--help"], env=python_env(),
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "--init-from-teacher" in out.stdout and "--kd-weight" in out.stdout
     bad = tmp_path / "bad.yaml"

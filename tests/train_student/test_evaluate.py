@@ -115,7 +115,7 @@ def test_missing_task_requirements_name_the_extra(monkeypatch):
 
 
 def test_unknown_task_is_one_line_naming_local_tasks(run_dir, capsys):
-    from kdcache_cli import main
+    from kdcache.cli import main
 
     assert main(["eval", str(run_dir), "--tasks", "kdcache_heldout_chat,no_such_task"]) == 1
     err = capsys.readouterr().err.strip()
@@ -129,7 +129,7 @@ def test_tag_is_refused_with_its_tasks(manager):
 
 
 def test_out_with_several_targets_is_refused(run_dir):
-    from kdcache_cli import main
+    from kdcache.cli import main
 
     assert main(["eval", str(run_dir), str(run_dir), "--tasks", "kdcache_arith_qa", "--out", "x"]) == 1
 
@@ -247,7 +247,7 @@ def _mean_response_loglikelihood(model_dir: Path, chat: bool, limit: int | None 
 
 @pytest.mark.slow
 def test_kdcache_eval_end_to_end_offline(run_dir, monkeypatch, capsys):
-    from kdcache_cli import main
+    from kdcache.cli import main
 
     args = ["eval", str(run_dir), "--tasks", ",".join(LOCAL), "--batch-size", "4", "--engine", "hf",
             "--dtype", "float32", "--device", "cpu"]

@@ -27,7 +27,7 @@ def smollm2_cache(tmp_path_factory):
         teacher = prepare_teacher("smollm2-135m-instruct", TEACHER)
     except InputError as exc:
         pytest.skip(str(exc))
-    import kdcache_cli
+    import kdcache.cli as kdcache_cli
 
     out = tmp_path_factory.mktemp("smollm2") / "cache"
     rc = kdcache_cli.main(["cache", "--teacher", str(teacher), "--engine", "hf", "--dtype", "float32",

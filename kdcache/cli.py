@@ -10,8 +10,8 @@ import importlib
 import sys
 
 # Order is the order of `kdcache --help`: the data flow, then tools.
-_PACKAGES = ("cache_teacher.cli", "formats.cli", "train_student.cli", "train_student.eval_cli", "train_student.demo_cli",
-             "kdcache_bench")
+_PACKAGES = ("cache_teacher.cli", "formats.cli", "train_student.cli", "train_student.eval_cli", "kdcache.demo_cli",
+             "kdcache.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
