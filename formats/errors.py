@@ -1,6 +1,8 @@
 """Typed errors. Every message says what went wrong, where, and what to do about it."""
 from __future__ import annotations
 
+import sys
+
 
 class KDCacheError(Exception):
     """Base of every error kdcache reports to a user (the CLI prints these without a traceback)."""
@@ -20,3 +22,16 @@ class IncompatibleCachesError(KDCacheError):
 
 class InputError(KDCacheError, ValueError):
     """Bad user input: a missing file, an unknown option value, a wrong tokenizer."""
+
+
+def run_command(parser, args, prog: str) -> int:
+    """Run the subcommand argparse chose (`args.func`); a KDCacheError prints one line (what, where, how
+    to fix), not a traceback. The entry points `kdcache` and `python -m train_student` share it."""
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KDCacheError as exc:
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from formats.errors import run_command
+
 # Order is the order of `kdcache --help`: the data flow, then tools.
 _PACKAGES = ("cache_teacher.cli", "formats.cli", "train_student.cli", "train_student.eval_cli", "kdcache.demo_cli",
              "kdcache.bench")
@@ -40,21 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         args.args = list(getattr(args, "args", [])) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return dispatch(parser, args, "kdcache")
-
-
-def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, prog: str) -> int:
-    """Run the chosen subcommand; user errors (KDCacheError) print one line, not a traceback."""
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    from formats.errors import KDCacheError
-
-    try:
-        return int(args.func(args) or 0)
-    except KDCacheError as exc:
-        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    return run_command(parser, args, "kdcache")
 
 
 if __name__ == "__main__":

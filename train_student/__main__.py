@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     from train_student.cli import register
 
     register(sub)
-    from kdcache.cli import dispatch
+    from formats.errors import run_command
 
-    return dispatch(parser, parser.parse_args(argv), "train_student")
+    return run_command(parser, parser.parse_args(argv), "train_student")
 
 
 if __name__ == "__main__":
