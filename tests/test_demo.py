@@ -48,8 +48,9 @@ def test_quick_demo_end_to_end(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(run / "final")  # saved in HF format, loads back
         assert model.config.num_hidden_layers == 3
         finals[name] = model.state_dict()["model.layers.1.mlp.down_proj.weight"]
-        cfg = json.loads((run / "config.json").read_text())
-        assert cfg["fraction"] == (0.5 if "f0.5" in name else 1.0) and cfg["kd_weight"] == (1.0 if "kd" in name else 0.0)
+        (stage,) = json.loads((run / "config.json").read_text())["stages"]
+        assert stage["fraction"] == (0.5 if "f0.5" in name else 1.0)
+        assert stage["kd_weight"] == (1.0 if "kd" in name else 0.0)
     assert not torch.equal(finals["kd-f1-s0"], finals["sft-f1-s0"])  # different trainings happened
     # the nested subsample: half the data gives fewer steps (1 epoch each)
     assert last_eval(runs["kd-f0.5-s0"])["step"] < last_eval(runs["kd-f1-s0"])["step"]

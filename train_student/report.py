@@ -22,6 +22,7 @@ silently missing run would report wrong means.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -30,6 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from formats.errors import KDCacheError, InputError
+from train_student.config import Stage
 from train_student.plot import plot_runs, plot_study, read_metrics
 
 # Settings that do not change what a run learns (or are the replication itself).
@@ -37,8 +39,7 @@ NOT_FACTORS = {"seed", "out", "resume", "progress", "tensorboard", "log_every", 
                "device", "eval_every"}
 # Stage settings that the teacher / stages / loss / data factors already describe.
 STAGE_DESCRIBED = {"cache", "kd_weight", "ce_weight", "fraction", "max_examples", "name"}
-STAGE_FIELDS = ("cache", "steps", "epochs", "max_examples", "fraction", "kd_weight", "ce_weight", "temperature",
-                "kind", "tail", "name")
+STAGE_FIELDS = tuple(f.name for f in dataclasses.fields(Stage))  # a stage's settings (train_student/config.py)
 TRAIN_METRICS = {"ce": "held-out CE", "kl": "held-out KL(teacher‖student)", "top1_agreement": "top-1 agreement"}
 
 

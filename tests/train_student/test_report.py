@@ -12,7 +12,7 @@ import pytest
 
 from formats.errors import InputError
 from tests.formats.format_helpers import PROVENANCE, make_example, write_cache
-from train_student.config import TrainConfig
+from train_student.config import make_config
 from train_student.report import study, describe_run, write_report
 
 FRACTIONS = (0.25, 1.0)
@@ -38,8 +38,11 @@ def fake_run(root, name, cache, *, loss="KD", frac=1.0, seed=0, ce=3.0, kl=None,
     run = root / name
     run.mkdir(parents=True)
     kd = 1.0 if loss == "KD" else 0.0
-    cfg = TrainConfig(student="s", cache=[str(cache)], kd_weight=kd, ce_weight=1.0 - kd, fraction=frac, seed=seed,
-                      out=str(run), max_examples=max_examples, stages=stages or [])
+    if stages:
+        cfg = make_config(student="s", seed=seed, out=str(run), stages=stages)
+    else:
+        cfg = make_config(student="s", cache=[str(cache)], kd_weight=kd, ce_weight=1.0 - kd, fraction=frac,
+                          seed=seed, out=str(run), max_examples=max_examples)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     rows = [{"step": 5, "stage": "stage0", "split": "train", "loss": 1.0, "tokens": 100, "tokens_per_s": 50.0},
             {"step": 5, "stage": "stage0", "split": "eval", "kl": ce - 2.5 if kl is None else kl, "ce": ce,
