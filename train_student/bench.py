@@ -140,6 +140,26 @@ def bench_reader(cache: Path, max_tokens: int, repeats: int = 3) -> list[dict]:
 
 
 # ---- 3. training step --------------------------------------------------------------------------------
+def timed_steps(module, opt, packer, loss_kwargs: dict, steps: int) -> tuple[float, float, int]:
+    """Run 1 + `steps` optimizer steps on `packer`'s batches; (seconds waiting for batches, seconds in all,
+    tokens) over the last `steps` (the first warms up)."""
+    wait = total = 0.0
+    tokens = 0
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        batch = next(packer)
+        t1 = time.perf_counter()
+        loss, _ = module(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
+                         loss_kwargs=loss_kwargs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if step:
+            wait, total, tokens = wait + t1 - t0, total + t2 - t0, tokens + batch.n_tokens
+    return wait, total, tokens
+
+
 def bench_step(cache: Path, args, dtype: str = "float32") -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -158,20 +178,7 @@ def bench_step(cache: Path, args, dtype: str = "float32") -> dict:
     packer = Packer(ExampleStream([reader]), max_tokens=args.tokens, k=int(reader.manifest["codec"]["k"]))
     kwargs = dict(kd_weight=1.0, ce_weight=0.5, temperature=1.0, kind="forward_kl", tail="renormalize",
                   impl="chunked", chunk_size=args.chunk_size)
-    wait = total = 0.0
-    tokens = 0
-    for step in range(args.steps + 1):
-        t0 = time.perf_counter()
-        batch = next(packer)
-        t1 = time.perf_counter()
-        loss, _ = module(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
-                         loss_kwargs=kwargs)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t2 = time.perf_counter()
-        if step:  # step 0 warms up
-            wait, total, tokens = wait + t1 - t0, total + t2 - t0, tokens + batch.n_tokens
+    wait, total, tokens = timed_steps(module, opt, packer, kwargs, args.steps)
     return {"dtype": dtype, "layers": args.layers, "tokens_per_step": args.tokens, "s_per_step": total / args.steps,
             "tokens_per_s": tokens / total, "data_wait_frac": wait / total, "peak_rss_mb": _rss_mb()}
 
@@ -273,19 +280,7 @@ def bench_xtok(args) -> list[dict]:
         packer = Packer(stream, max_tokens=args.tokens, k=args.k)
         kwargs = dict(kd_weight=1.0, ce_weight=0.5, temperature=1.0, kind="forward_kl", tail="renormalize",
                       impl="chunked", chunk_size=args.chunk_size, cross_tokenizer="hybrid", uld_weight=1.0)
-        wait = total = 0.0
-        for step in range(args.steps + 1):
-            t0 = time.perf_counter()
-            batch = next(packer)
-            t1 = time.perf_counter()
-            loss, _ = module(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
-                             loss_kwargs=kwargs)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            t2 = time.perf_counter()
-            if step:  # step 0 warms up (and starts the alignment thread)
-                wait, total = wait + t1 - t0, total + t2 - t0
+        wait, total, _ = timed_steps(module, opt, packer, kwargs, args.steps)  # step 0 also starts the alignment thread
         stream.close()
     return [{"examples": len(examples), "align_positions_per_s": positions / align_s, "aligned_fraction": frac,
              "vocab": len(student_tok), "tokens_per_step": args.tokens, "s_per_step": total / args.steps,
