@@ -214,7 +214,7 @@ def make_xtok_cache(out: Path, k: int, vocab: int, max_length: int):
     and the conversations included; top-k rows from the bench data, ids folded into its vocabulary).
     Returns (cache, the student's tokenizer)."""
     from formats import CacheWriter, CodecConfig, Example
-    from formats.template import ChatTemplater
+    from formats.template import ChatTemplater, TemplateReject
     from formats.tokenizer_files import save_tokenizer_files
     from formats.tokenizer_id import tokenizer_info
 
@@ -230,7 +230,11 @@ def make_xtok_cache(out: Path, k: int, vocab: int, max_length: int):
     row = 0
     with CacheWriter(out, codec=CodecConfig(k=k), provenance=prov) as w:
         for r in records:
-            t = templater.score(r)
+            try:
+                t = templater.score(r)
+            except TemplateReject as exc:  # e.g. no assistant token within --tokens: kept as a reject
+                w.reject(r["id"], exc.reason, r.get("source") or "")
+                continue
             n = len(t.target_positions)
             take = np.arange(row, row + n) % len(ids)
             row += n
