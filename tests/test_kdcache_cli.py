@@ -61,3 +61,7 @@ def test_the_entry_point_and_the_package_layout():
 
     assert "cache_teacher" not in imported("train_student")
     assert "train_student" not in imported("cache_teacher")
+    # the packages form a DAG: formats <- the two stages <- kdcache (the CLI and the demo)
+    for package in ("formats", "cache_teacher", "train_student"):
+        assert "kdcache" not in imported(package), package
+    assert not {"cache_teacher", "train_student"} & imported("formats")
