@@ -41,7 +41,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings(prompts=36, n=2, max_examples=100, max_new_tokens=160, max_length=384, k=64,
-                    keep_layers=[0, 6, 12, 18, 24, 29], fractions=(0.25, 1.0), seeds=(0, 1), epochs=2,
+                    keep_layers=[0, 6, 12, 18, 24, 29], fractions=(0.25, 1.0), seeds=(0, 1), epochs=1,
                     max_tokens=1024, eval_every=20, lr=3e-4)
 QUICK = DemoSettings(prompts=10, n=2, max_examples=16, max_new_tokens=40, max_length=256, k=16,
                      keep_layers=[0, 15, 29], fractions=(0.5, 1.0), seeds=(0,), epochs=1, max_tokens=256,
