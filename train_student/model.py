@@ -171,16 +171,3 @@ def prepare_student(lm: nn.Module, *, gradient_checkpointing: bool) -> nn.Module
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
     return lm
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The HF model inside DDP / torch.compile / StudentLoss wrappers."""
-    while True:
-        if hasattr(module, "module"):        # DDP
-            module = module.module
-        elif hasattr(module, "_orig_mod"):   # torch.compile
-            module = module._orig_mod
-        elif isinstance(module, StudentLoss):
-            module = module.lm
-        else:
-            return module
