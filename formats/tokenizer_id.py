@@ -30,7 +30,11 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
 
 def chat_template_sha256(tokenizer) -> str:
     template = tokenizer.chat_template
-    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return template_text_sha256(template if isinstance(template, str) else json.dumps(template, sort_keys=True))
+
+
+def template_text_sha256(text: str | None) -> str:
+    """The identity of a chat template's Jinja source (the teacher's in the manifest, the student's in a run)."""
     return hashlib.sha256((text or "").encode()).hexdigest()
 
 

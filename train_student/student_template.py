@@ -29,13 +29,13 @@ rendered text and the token span of its turn.
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from formats.errors import InputError
+from formats.tokenizer_id import template_text_sha256
 
 # The Tulu 3 chat template, character for character: `CHAT_TEMPLATES["tulu"]` in allenai/open-instruct,
 # open_instruct/dataset_transformation.py (commit 29e5ad1), the template of allenai/Llama-3.1-Tulu-3-8B.
@@ -78,7 +78,7 @@ class StudentTemplate:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        return template_text_sha256(self.text)
 
 
 def resolve_student_template(option: str | None, tokenizer) -> StudentTemplate:
