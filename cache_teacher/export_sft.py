@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from formats import CacheReader, InputError, load_manifest
-from formats.tokenizer_id import load_tokenizer, tokenizer_fingerprint
+from formats.tokenizer_id import fingerprint_matches, load_tokenizer
 
 
 def iter_cache(path) -> Iterator:
@@ -33,8 +33,7 @@ def export_sft(cache: str | os.PathLike, out: str | os.PathLike, tokenizer: str 
     if not name:
         raise InputError(f"{cache}: the manifest records no tokenizer; pass --tokenizer")
     tok = load_tokenizer(name)
-    want = manifest.get("tokenizer", {}).get("fingerprint")
-    if want and tokenizer_fingerprint(tok) != want:
+    if manifest.get("tokenizer", {}).get("fingerprint") and not fingerprint_matches(tok, manifest["tokenizer"]):
         raise InputError(f"tokenizer {name} is not the one {cache} was made with (fingerprints differ)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,9 @@ def check_cache_fits_student(manifest: dict, where: str, *, fingerprint: str | N
                              output_size: int, cross_tokenizer: bool = False) -> None:
     """Refuse a cache whose token ids would mean something else to the student (InputError).
 
+    `fingerprint`: the student tokenizer's at the version the manifest records
+    (`formats.tokenizer_id.manifest_fingerprint(tokenizer, manifest["tokenizer"])`), None to skip the check.
+
     `cross_tokenizer`: the student has another tokenizer and trains on aligned examples
     (`--cross-tokenizer`, train_student/align.py): the cache's ids are the teacher's, so the tokenizer
     equality checks (vocabulary size, fingerprint) and the teacher's sizes against the student's head

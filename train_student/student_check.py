@@ -19,7 +19,7 @@ from __future__ import annotations
 from formats.errors import InputError
 from formats.manifest import manifest_get
 from formats.tokenizer_files import add_tokenizer_command
-from formats.tokenizer_id import tokenizer_fingerprint
+from formats.tokenizer_id import fingerprint_matches
 from train_student.loss_options import CROSS_TOKENIZER_MODES
 
 AUTO_METHOD = "hybrid"  # what `auto` turns on: exact-map where token strings map, ULD for the rest
@@ -31,7 +31,7 @@ def check_student_tokenizer(manifest: dict, student_tokenizer, cross_tokenizer: 
     if cross_tokenizer not in CROSS_TOKENIZER_MODES:
         raise InputError(f"{OPTION} {cross_tokenizer!r}: must be one of {', '.join(CROSS_TOKENIZER_MODES)}")
     recorded = manifest_get(manifest, ("tokenizer", "fingerprint"))
-    same = recorded is None or tokenizer_fingerprint(student_tokenizer) == recorded  # None: older checks decide
+    same = recorded is None or fingerprint_matches(student_tokenizer, manifest.get("tokenizer"))  # None: older checks decide
     mode = ("off" if same else AUTO_METHOD) if cross_tokenizer == "auto" else cross_tokenizer
     if mode == "off":
         if not same:

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from formats.errors import InputError
 from formats.hardware import native_bf16
 from formats.tokenizer_files import load_cache_tokenizer
-from formats.tokenizer_id import load_tokenizer, tokenizer_fingerprint, vocab_size
+from formats.tokenizer_id import fingerprint_matches, load_tokenizer, manifest_fingerprint, tokenizer_fingerprint, vocab_size
 from train_student import checkpoint
 from train_student.config import Stage, TrainConfig
 from train_student.checks import check_cache_fits_student, check_same_teacher, check_signal
@@ -234,7 +234,6 @@ class Trainer:
                  self.lm.config.num_hidden_layers)
 
     def _check_caches(self) -> None:
-        fingerprint = tokenizer_fingerprint(self.tokenizer)
         vocab = vocab_size(self.tokenizer)
         self.xtok = []
         for stage in self.stages:
@@ -243,6 +242,7 @@ class Trainer:
                 readers = open_readers([path], rank=0, world_size=1, shuffle=False, seed=0, epochs=1,
                                        max_examples=64)
                 method = check_student_tokenizer(readers[0].manifest, self.tokenizer, self.cfg.cross_tokenizer, path)
+                fingerprint = manifest_fingerprint(self.tokenizer, readers[0].manifest.get("tokenizer"))  # v1 or v2
                 check_cache_fits_student(readers[0].manifest, path, fingerprint=fingerprint, tokenizer_vocab=vocab,
                                          output_size=self.output_size, cross_tokenizer=method != "off")
                 if self.main:
@@ -264,12 +264,11 @@ class Trainer:
         from train_student.student_template import check_student_rendering, resolve_student_template
         from train_student.vocab_map import load_or_build_vocab_map, vocab_map_path
 
-        fingerprints = {(m.get("tokenizer") or {}).get("fingerprint") for m in manifests}
-        if len(fingerprints) > 1:
+        teacher_tokenizer = load_cache_tokenizer(stage.cache[0])  # checked against its manifest's fingerprint
+        if not all(fingerprint_matches(teacher_tokenizer, m.get("tokenizer")) for m in manifests[1:]):
             raise InputError(f"stage {stage.name}: its caches come from teachers with different tokenizers; a "
                              "student with another tokenizer aligns to one teacher tokenizer per stage: put them "
                              "in separate stages")
-        teacher_tokenizer = load_cache_tokenizer(stage.cache[0])
         template = resolve_student_template(self.cfg.student_template, self.tokenizer)
         template_record = check_student_rendering(self.tokenizer, template, self.lm.config)
         maps = self.out / "vocab_maps"

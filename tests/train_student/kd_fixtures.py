@@ -56,12 +56,12 @@ def write_cache(teacher, tokenizer, out: Path, *, n: int = 48, seed: int = 0, k:
     """A cache of `n` random sequences scored by `teacher` (its own top-k at every position >= 1)."""
     import torch
 
-    from formats.tokenizer_id import tokenizer_fingerprint
+    from formats.tokenizer_id import FINGERPRINT_VERSION, tokenizer_fingerprint
     from formats import CacheWriter, CodecConfig, Example
 
     rng = np.random.default_rng(seed)
-    provenance = {"tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": VOCAB,
-                                "name_or_path": "tiny-wordlevel"},
+    provenance = {"tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "fingerprint_version": FINGERPRINT_VERSION,
+                                "vocab_size": VOCAB, "name_or_path": "tiny-wordlevel"},
                   "teacher": {"name_or_path": "tiny-teacher"}}
     with CacheWriter(out, codec=CodecConfig(k=k, hot=64), provenance=provenance,
                      row_group_positions=row_group_positions) as w:
