@@ -60,8 +60,7 @@ class CodecConfig:
             raise ValueError(f"hot must be >= 0, got {self.hot}")
 
     def to_dict(self) -> dict:
-        return {"name": CODEC_NAME, **asdict(self), "logprob_step": 1 / STEPS_PER_NAT,
-                "top1_step": 1 / TOP1_STEPS_PER_NAT, "target_logprob_step": 1 / TARGET_STEPS_PER_NAT}
+        return {"name": CODEC_NAME, **asdict(self), **CONSTANTS}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "codec") -> "CodecConfig":
@@ -70,6 +69,13 @@ class CodecConfig:
             raise FormatError(f"{where}: must be a JSON object, got {type(d).__name__}")
         if d.get("name") != CODEC_NAME:
             raise FormatError(f"{where}: unknown codec {d.get('name')!r} (this kdcache reads {CODEC_NAME}); upgrade kdcache")
+        unknown = sorted(set(d) - set(CODEC_KEYS))
+        if unknown:
+            raise FormatError(f"{where}: keys this kdcache does not know: {unknown!r:.200}; upgrade kdcache")
+        for name, value in CONSTANTS.items():
+            if name in d and (type(d[name]) is not float or d[name] != value):
+                raise FormatError(f"{where}: {name} is {d[name]!r:.40}, codec {CODEC_NAME} is defined with {value}; "
+                                  "this kdcache cannot decode another step")
         k, mass, hot = d.get("k"), d.get("mass"), d.get("hot", 0)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (k, hot)) or not (
                 mass is None or (isinstance(mass, (int, float)) and not isinstance(mass, bool))):
@@ -78,6 +84,11 @@ class CodecConfig:
             return cls(k=k, mass=mass, hot=hot)
         except ValueError as exc:
             raise FormatError(f"{where}: {exc}") from None
+
+
+CONSTANTS = {"logprob_step": 1 / STEPS_PER_NAT, "top1_step": 1 / TOP1_STEPS_PER_NAT,
+             "target_logprob_step": 1 / TARGET_STEPS_PER_NAT}
+CODEC_KEYS = ("name", "k", "mass", "hot", *CONSTANTS)
 
 
 # ---- id codes -------------------------------------------------------------------------------
@@ -232,15 +243,21 @@ DECODE_CHUNK = 1 << 17  # entries decoded at a time: keeps the temporaries in ca
 MAX_DECODE_RATIO = 256
 
 
-def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None = None):
+def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None = None, *, trim: bool = False):
     """Inverse of encode_topk. Returns (ids int32 [N, k], logprobs float32 [N, k], counts int64 [N]).
 
     `streams` maps stream names to bytes-like objects. Rows with fewer than k entries are padded
-    with id -1 and logprob -inf.
+    with id -1 and logprob -inf. With `trim`, k is the most entries any position of the block keeps
+    (<= cfg.k): a mass-adaptive block decodes no wider than its widest position.
     """
     k = cfg.k if k is None else k
     counts = _frombuffer(streams["topk_count"], count_dtype(cfg), "topk_count")
     n = len(counts)
+    if trim and n:
+        widest = int(counts.max())
+        if widest > cfg.k:
+            raise FormatError(f"topk_count: a position keeps {widest} entries, k is {cfg.k}")
+        k = max(1, widest)
     stored = len(streams.get("topk_code_b0") or b"")
     if n * k > max(MAX_DECODE_RATIO * stored, 1 << 28):
         raise FormatError(f"topk_count: {n} positions x k={k} entries would be decoded from {stored} stored entries; "

@@ -5,46 +5,25 @@ It is written last and atomically, so its presence means the cache is complete.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import posixpath
 import sys
 import time
 from pathlib import Path
 
-import fsspec
-
 from formats.codec import MAX_TOKEN_ID, CodecConfig
-from formats.errors import ChecksumError, FormatError
-from formats.schema import FORMAT_VERSION, MANIFEST_NAME, check_version
+from formats.errors import FormatError
+from formats.schema import CARD_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_SUFFIX, check_version
+from formats.trust import CacheFiles, check_name, exact_int, loads, printable
 
 REQUIRED = ["format_version", "codec", "shards", "counts"]
 
 
-def sha256_file(path, fs=None, chunk: int = 8 << 20) -> str:
-    """sha256 of a file, read in chunks; `fs` is an fsspec filesystem (default: the local one)."""
-    fs = fs or fsspec.filesystem("file")
+def sha256_file(path, chunk: int = 8 << 20) -> str:
+    """sha256 of a local file kdcache itself wrote (a cache's files are hashed by formats.trust as read)."""
     h = hashlib.sha256()
-    with fs.open(str(path), "rb") as f:
+    with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def check_file_bytes(fs, where: str, size: int, sha256: str) -> None:
-    """The file at `where` has the size and sha256 its manifest recorded (FormatError when missing,
-    ChecksumError when it differs). The size is compared first, so a file larger than recorded is
-    refused before it is read."""
-    if not fs.exists(where):
-        raise FormatError(f"{where}: missing (listed in {MANIFEST_NAME}); restore the file or re-run the job that wrote it")
-    actual = fs.size(where)
-    if actual is not None and actual != size:  # None: the server does not say (the sha256 below still decides)
-        raise ChecksumError(f"{where}: {actual} bytes, the manifest says {size} (truncated or replaced); "
-                            "restore it from the source")
-    digest = sha256_file(where, fs)
-    if digest != sha256:
-        raise ChecksumError(f"{where}: sha256 {digest[:16]}... differs from the manifest's {sha256[:16]}... "
-                            "(corrupted); restore it from the source")
 
 
 def now_iso() -> str:
@@ -55,35 +34,28 @@ def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
 
 
-def open_cache(path: str | os.PathLike, storage_options: dict | None = None):
-    """(filesystem, root path) for a local folder or an fsspec URL (s3://, gs://, hf://, memory://).
+def open_cache(path, storage_options: dict | None = None) -> CacheFiles:
+    """The cache at a local folder or fsspec URL (s3://, gs://, hf://, memory://, https://), whose files are
+    read only through the returned formats.trust.CacheFiles. storage_options go to the fsspec filesystem
+    (e.g. {"endpoint_url": ...} for an S3-compatible store). A CacheFiles is returned as it is."""
+    if isinstance(path, CacheFiles):
+        return path
+    return CacheFiles(path, storage_options)
 
-    storage_options go to the fsspec filesystem (e.g. {"endpoint_url": ...} for an S3-compatible store).
-    """
-    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    return fs, root.rstrip("/")
 
-
-def load_manifest(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
-    """Read and check a cache's manifest.json (see check_manifest): a hostile or damaged manifest
-    is a FormatError naming the field, never a KeyError or TypeError later."""
-    fs, root = open_cache(path, storage_options)
-    mpath = posixpath.join(root, MANIFEST_NAME)
-    if not fs.exists(mpath):
-        partial = fs.exists(posixpath.join(root, "_progress"))
+def load_manifest(path, storage_options: dict | None = None) -> dict:
+    """Read and check a cache's manifest.json (strict JSON, see check_manifest): a hostile or damaged
+    manifest is a FormatError naming the field, never a KeyError or TypeError later."""
+    files = open_cache(path, storage_options)
+    mpath = files.where(MANIFEST_NAME)
+    if not files.exists(MANIFEST_NAME):
+        partial = files.exists("_progress")
         hint = ("the job that writes it has not finished: rerun the same command to resume it"
                 if partial else "is this a kdcache cache folder?")
-        raise FormatError(f"{path}: no {MANIFEST_NAME} ({hint})")
-    with fs.open(mpath, "rb") as f:  # read at most the bound (a server need not say the size)
-        raw = f.read(MAX_MANIFEST_BYTES + 1)
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise FormatError(f"{mpath}: more than a manifest can hold ({MAX_MANIFEST_BYTES} bytes); "
-                          "the manifest is damaged — restore it from the source")
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{mpath}: not valid JSON ({exc}); the manifest is damaged — restore it from the source") from None
-    check_manifest(manifest, mpath)
+        raise FormatError(f"{printable(files.path)}: no {MANIFEST_NAME} ({hint})")
+    raw = files.read_bytes(MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES, listed_in="the cache")
+    manifest = loads(raw, mpath, max_bytes=MAX_MANIFEST_BYTES, what="the manifest")
+    check_manifest(manifest, printable(mpath))
     return manifest
 
 
@@ -112,7 +84,7 @@ def tally_reasons(rejects: list[dict]) -> dict[str, int]:
 
 
 # Bounds on values a manifest can hold: anything beyond them is damage, and must not become an allocation.
-MAX_MANIFEST_BYTES = 256 << 20
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest of 100k shards is ~20 MB
 MAX_COUNT = 2**53      # counts, rows, positions, bytes (JSON-safe integers)
 SIZE_FIELDS = (("tokenizer", "vocab_size"), ("teacher", "output_size"))
 COUNT_FIELDS = ("examples", "positions", "rejects", "bytes", "inputs")
@@ -164,8 +136,10 @@ def check_manifest(manifest, where: str) -> None:
         raise FormatError(f"{where}: missing keys {missing}")
     check_version(manifest["format_version"], where)
     codec = CodecConfig.from_dict(manifest["codec"], f"{where}: codec")
-    if manifest.get("k", codec.k) != codec.k:
-        raise FormatError(f"{where}: k is {manifest['k']!r} but codec.k is {codec.k}")
+    if "k" in manifest and not (exact_int(manifest["k"]) and manifest["k"] == codec.k):
+        raise FormatError(f"{where}: k is {printable(repr(manifest['k']))} but codec.k is {codec.k}")
+    if manifest.get("mode", "score") not in MODES:
+        raise FormatError(f"{where}: mode is {printable(repr(manifest['mode']))}, must be one of {MODES}")
     for key in ("teacher", "tokenizer", "dataset", "extra", "counts"):
         if not isinstance(manifest.get(key, {}), dict):
             raise FormatError(f"{where}: {key} must be a JSON object, got {type(manifest[key]).__name__}")
@@ -180,7 +154,7 @@ def check_manifest(manifest, where: str) -> None:
     if isinstance(per_position, bool) or not isinstance(per_position, (int, float)):
         raise FormatError(f"{where}: counts.bytes_per_position is {per_position!r}, must be a number")
     by_reason = manifest["counts"].get("rejects_by_reason", {})
-    if not isinstance(by_reason, dict) or not all(isinstance(n, int) for n in by_reason.values()):
+    if not isinstance(by_reason, dict) or not all(exact_int(n) and 0 <= n <= MAX_COUNT for n in by_reason.values()):
         raise FormatError(f"{where}: counts.rejects_by_reason must map reasons to integers")
     shards = manifest["shards"]
     if not isinstance(shards, list):
@@ -191,7 +165,10 @@ def check_manifest(manifest, where: str) -> None:
         field = f"shards[{i}]"
         if not isinstance(shard, dict):
             raise FormatError(f"{where}: {field} must be an object with file, rows, positions, bytes, sha256")
-        check_file_name(shard.get("file"), f"{field}.file", where)
+        check_name(shard.get("file"), f"{field}.file", where)
+        if not shard["file"].endswith(SHARD_SUFFIX):
+            raise FormatError(f"{where}: {field}.file {printable(shard['file'])!r} must end with {SHARD_SUFFIX} "
+                              "(what the cache's card and ordinary Parquet tools load)")
         for key in ("rows", "positions", "bytes"):
             check_int(shard.get(key), f"{where}: {field}.{key}", 0, MAX_COUNT)
         check_sha256(shard.get("sha256"), f"{where}: {field}.sha256")
@@ -205,10 +182,13 @@ def check_manifest(manifest, where: str) -> None:
     if rejects is not None:
         if not isinstance(rejects, dict):
             raise FormatError(f"{where}: rejects_file must be an object with file, count, sha256")
-        check_file_name(rejects.get("file"), "rejects_file.file", where)
+        check_name(rejects.get("file"), "rejects_file.file", where)
+        if rejects["file"].endswith(SHARD_SUFFIX) or rejects["file"] in (MANIFEST_NAME, CARD_NAME):
+            raise FormatError(f"{where}: rejects_file.file {rejects['file']!r} names a shard, the manifest or the card")
         check_int(rejects.get("count"), f"{where}: rejects_file.count", 0, MAX_COUNT)
         check_sha256(rejects.get("sha256"), f"{where}: rejects_file.sha256")
     check_tokenizer_files(manifest.get("tokenizer_files"), where)
+    row_limits(manifest)
 
 
 def check_tokenizer_files(entries, where: str) -> None:
@@ -224,7 +204,7 @@ def check_tokenizer_files(entries, where: str) -> None:
         field = f"tokenizer_files[{i}]"
         if not isinstance(entry, dict):
             raise FormatError(f"{where}: {field} must be an object with file, bytes, sha256")
-        check_file_name(entry.get("file"), f"{field}.file", where)
+        check_name(entry.get("file"), f"{field}.file", where)
         check_int(entry.get("bytes"), f"{where}: {field}.bytes", 0, MAX_TOKENIZER_FILE_BYTES)
         check_sha256(entry.get("sha256"), f"{where}: {field}.sha256")
         if entry["file"] in seen:
@@ -234,42 +214,39 @@ def check_tokenizer_files(entries, where: str) -> None:
 
 def check_int(value, where: str, lo: int, hi: int) -> int:
     """`value` as an int in lo..hi (JSON true/false and floats are not ints), else FormatError."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise FormatError(f"{where} is {value!r}: must be an integer in {lo}..{hi}; the manifest is damaged")
+    if not exact_int(value) or not lo <= value <= hi:
+        raise FormatError(f"{where} is {printable(repr(value))[:80]}: must be an integer in {lo}..{hi}; "
+                          "the manifest is damaged")
     return value
 
 
 def check_sha256(value, where: str) -> None:
     if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
-        raise FormatError(f"{where} is {value!r}: must be 64 lowercase hex digits; the manifest is damaged")
+        raise FormatError(f"{where} is {printable(repr(value))[:80]}: must be 64 lowercase hex digits; "
+                          "the manifest is damaged")
 
 
-def check_file_name(name, field: str, where: str) -> None:
-    """A file named in a manifest is a plain file name inside the cache folder (or URL prefix):
-    no paths, no '..', no URL, no absolute path."""
-    if (not isinstance(name, str) or not name or any(c in name for c in "/\\:\0")
-            or name in (".", "..") or name.startswith("..")):
-        raise FormatError(f"{where}: {field} {name!r} points outside the cache folder (a file in the manifest must be "
-                          "a plain file name in the cache folder); refusing to read it")
+def row_limits(manifest: dict) -> dict:
+    """What every row of a cache must satisfy, from its manifest (formats.shard.decode_table checks it):
+    {"mode", "max_tokens" (None: not recorded), "finish_reasons" (allowed values of finish_reason)}.
+    A score-mode row is at most extra.template.max_length tokens and has no finish_reason; a generated
+    one adds at most extra.sampling.max_new_tokens and finished with "stop" or "length"."""
+    mode = manifest.get("mode", "score")
+    template = manifest_get(manifest, ("extra", "template"))
+    sampling = manifest_get(manifest, ("extra", "sampling"))
+    max_length = template.get("max_length") if isinstance(template, dict) else None
+    new_tokens = sampling.get("max_new_tokens") if isinstance(sampling, dict) else None
+    for value, name in ((max_length, "extra.template.max_length"), (new_tokens, "extra.sampling.max_new_tokens")):
+        if value is not None:
+            check_int(value, f"manifest.json: {name}", 1, MAX_TOKEN_ID)
+    max_tokens = max_length
+    if mode == "generate":
+        max_tokens = None if max_length is None or new_tokens is None else max_length + new_tokens
+    return {"mode": mode, "max_tokens": max_tokens,
+            "finish_reasons": {None} if mode == "score" else {"stop", "length"}}
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+MODES = ("score", "generate")
 
 
 def new_manifest(codec: dict, provenance: dict) -> dict:

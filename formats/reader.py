@@ -19,18 +19,14 @@ uneven) the first N mod W ranks read one example more and none is left over.
 from __future__ import annotations
 
 import logging
-import posixpath
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from formats.errors import FormatError
 from formats.example import Example
-from formats.manifest import load_manifest, open_cache
+from formats.manifest import load_manifest, open_cache, row_limits
 from formats.prefetch import prefetch
-from formats.schema import check_shard_header, read_shard_metadata
-from formats.shard import decode_table
+from formats.shard import ShardFile
 
 log = logging.getLogger("formats")
 STATE_VERSION = 2  # 2: balanced by examples, cursor = (epoch, position in this rank's slice)
@@ -46,16 +42,18 @@ class Unit:
 class CacheReader:
     def __init__(self, path, *, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0,
                  epochs: int | None = 1, max_examples: int | None = None, prefetch: int = 2,
-                 drop_remainder: bool = True, storage_options: dict | None = None):
+                 drop_remainder: bool = True, storage_options: dict | None = None, verify: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         self.path = str(path)
-        self.fs, self.root = open_cache(path, storage_options)
-        self.manifest = load_manifest(path, storage_options)
+        self.files = open_cache(path, storage_options)  # every file is read through formats.trust
+        self.manifest = load_manifest(self.files)
+        self.verify = verify
+        self._limits = row_limits(self.manifest)
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.epochs = shuffle, seed, epochs
         self.prefetch = prefetch
-        self._files: dict[int, tuple] = {}
+        self._files: dict[int, ShardFile] = {}
         self.units = self._list_units(max_examples)
         self.total = sum(u.rows for u in self.units)        # examples per epoch, all ranks
         base, extra = divmod(self.total, world_size)
@@ -70,28 +68,17 @@ class CacheReader:
                         self.path, self.leftover, self.total, world_size, self.per_rank, self.leftover)
 
     # ---- layout -----------------------------------------------------------------------------
-    def _shard(self, i: int):
+    def _shard(self, i: int) -> ShardFile:
         if i not in self._files:
-            name = self.manifest["shards"][i]["file"]
-            where = posixpath.join(self.root, name)
-            if not self.fs.exists(where):
-                raise FormatError(f"{self.path}: shard {name} listed in the manifest is missing; "
-                                  "restore it (or re-run the job that wrote it)")
-            try:
-                pf = pq.ParquetFile(self.fs.open(where, "rb"))
-            except Exception as exc:  # pyarrow raises several types for damaged files
-                raise FormatError(f"{where}: not a readable Parquet file ({exc}); run `kdcache verify` on the cache") from None
-            meta = read_shard_metadata(pf.schema_arrow, where)
-            check_shard_header(meta, pf.metadata.num_rows, self.manifest["shards"][i], self.manifest["codec"], where)
-            self._files[i] = (pf, meta, where)
+            self._files[i] = ShardFile(self.files, self.manifest, i, verify=self.verify, limits=self._limits)
         return self._files[i]
 
     def _list_units(self, max_examples: int | None) -> list[Unit]:
         units, total = [], 0
         for i, shard in enumerate(self.manifest["shards"]):
-            pf, _, _ = self._shard(i)
-            for g in range(pf.metadata.num_row_groups):
-                rows = pf.metadata.row_group(g).num_rows
+            shard = self._shard(i)
+            for g in range(shard.num_row_groups):
+                rows = shard.rows(g)
                 if max_examples is not None:
                     rows = min(rows, max_examples - total)
                     if rows <= 0:
@@ -124,8 +111,7 @@ class CacheReader:
         """Every example id of the epoch (all ranks), reading only the id column."""
         ids = []
         for unit in self.units:
-            pf, _, _ = self._shard(unit.shard)
-            ids += pf.read_row_group(unit.row_group, columns=["id"]).column("id").to_pylist()[: unit.rows]
+            ids += self._shard(unit.shard).read(unit.row_group, columns=["id"]).column("id").to_pylist()[: unit.rows]
         return ids
 
     def num_examples(self) -> int:
@@ -133,14 +119,7 @@ class CacheReader:
         return self.per_rank
 
     def load_unit(self, unit: Unit) -> list[Example]:
-        pf, meta, where = self._shard(unit.shard)
-        try:
-            table = pf.read_row_group(unit.row_group)
-        except Exception as exc:
-            raise FormatError(f"{where}, row group {unit.row_group}: cannot be read ({exc}); run `kdcache verify`") from None
-        if unit.rows < table.num_rows:
-            table = table.slice(0, unit.rows)
-        return decode_table(table, meta, f"{where}, row group {unit.row_group}")
+        return self._shard(unit.shard).examples(unit.row_group, unit.rows)
 
     # ---- iteration --------------------------------------------------------------------------
     def __iter__(self):

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from formats.codec import CodecConfig
 from formats.errors import FormatError
+from formats.trust import exact_int, loads, printable
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -51,7 +52,9 @@ def shard_metadata(codec: dict, id_bytes: int, hot_table: np.ndarray) -> dict:
     }
 
 
-ID_BYTES = (2, 4)  # bytes per id code the writer uses (formats.codec.code_bytes)
+ID_BYTES = (2, 4)
+SHARD_METADATA_KEYS = ("format_version", "codec", "id_bytes", "hot_table")
+MAX_SHARD_METADATA_BYTES = 1 << 20  # a hot table of 65535 ids is 350 KB of base64  # bytes per id code the writer uses (formats.codec.code_bytes)
 
 
 def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = True) -> dict:
@@ -60,16 +63,17 @@ def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = Tru
     if raw is None:
         raise FormatError(f"{where}: not a kdcache shard (no '{METADATA_KEY.decode()}' key in the Parquet metadata)")
     key = f"the '{METADATA_KEY.decode()}' metadata"
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{where}: {key} is not valid JSON ({exc})") from None
+    meta = loads(raw, where, max_bytes=MAX_SHARD_METADATA_BYTES, what=key)
     if not isinstance(meta, dict):
         raise FormatError(f"{where}: {key} must be a JSON object, got {type(meta).__name__}")
+    unknown = sorted(set(meta) - set(SHARD_METADATA_KEYS))
+    if unknown:
+        raise FormatError(f"{where}: {key} has keys this kdcache does not know: {printable(unknown)[:200]}; "
+                          "upgrade kdcache, or the shard is not kdcache's")
     check_version(meta.get("format_version"), where)
     codec = CodecConfig.from_dict(meta.get("codec"), f"{where}: {key}, codec")
-    if meta.get("id_bytes") not in ID_BYTES or isinstance(meta.get("id_bytes"), bool):
-        raise FormatError(f"{where}: {key}: id_bytes is {meta.get('id_bytes')!r}, must be one of {ID_BYTES}")
+    if not exact_int(meta.get("id_bytes")) or meta["id_bytes"] not in ID_BYTES:
+        raise FormatError(f"{where}: {key}: id_bytes is {printable(repr(meta.get('id_bytes')))[:40]}, must be one of {ID_BYTES}")
     meta["hot_table"] = _hot_table(meta.get("hot_table"), codec.hot, meta["id_bytes"], f"{where}: {key}: hot_table")
     if not check_columns:
         return meta
@@ -77,6 +81,10 @@ def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = Tru
     missing = [name for name in expected.names if name not in schema.names]
     if missing:
         raise FormatError(f"{where}: columns missing from the shard: {', '.join(missing)}")
+    extra = [name for name in schema.names if name not in expected.names]
+    if extra or len(schema.names) != len(expected.names):
+        raise FormatError(f"{where}: columns the kdcache schema does not have: {printable(extra)[:200]} "
+                          "(or a column twice); a shard holds exactly the schema's columns")
     wrong = [f"{f.name} is {schema.field(f.name).type}, expected {f.type}"
              for f in expected if not schema.field(f.name).type.equals(f.type)]
     if wrong:  # the decoder reads these buffers as the schema says: another type is not coerced
@@ -110,8 +118,8 @@ def _hot_table(value, hot: int, id_bytes: int, where: str) -> np.ndarray:
 
 
 def check_version(version, where: str) -> None:
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # JSON true and 1.0 equal 1 in Python
         raise FormatError(
-            f"{where}: format version {version!r} is not supported by this kdcache (it reads version "
+            f"{where}: format version {printable(repr(version))[:40]} is not supported by this kdcache (it reads version "
             f"{FORMAT_VERSION}); upgrade kdcache, or re-create the cache with this version"
         )

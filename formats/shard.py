@@ -9,7 +9,9 @@ import pyarrow as pa
 from formats import codec as C
 from formats.errors import FormatError, InputError
 from formats.example import Example
-from formats.schema import PLAIN_FIELDS, TARGET_STREAMS, TOPK_STREAMS, arrow_schema, code_streams
+from formats.trust import loads
+from formats.schema import (PLAIN_FIELDS, TARGET_STREAMS, TOPK_STREAMS, arrow_schema, check_shard_header, code_streams,
+                            read_shard_metadata)
 
 
 def spans(positions: np.ndarray) -> tuple[list[int], list[int]]:
@@ -84,11 +86,13 @@ def column_bytes(table: pa.Table, name: str) -> memoryview:
     return memoryview(data)[offsets[0] : offsets[-1]]
 
 
-def decode_table(table: pa.Table, meta: dict, where: str = "shard") -> list[Example]:
+def decode_table(table: pa.Table, meta: dict, where: str = "shard", limits: dict | None = None) -> list[Example]:
     """Decode every row of a shard table (one row group, typically) into Examples.
 
     Every row's target spans are checked (check_spans), so each Example is sound: trained
-    positions in 1..L-1, strictly increasing, one teacher row each.
+    positions in 1..L-1, strictly increasing, one teacher row each. `limits` (the manifest's
+    formats.manifest.row_limits) bounds each row's tokens and its finish_reason; ids, sources and
+    meta cells are bounded in size and meta is strict JSON (formats.trust.loads).
     """
     cfg = C.CodecConfig.from_dict(meta["codec"], f"{where}: codec")
     codes = meta.get("_codes") or C.IdCodes(meta["hot_table"])
@@ -96,7 +100,7 @@ def decode_table(table: pa.Table, meta: dict, where: str = "shard") -> list[Exam
     _check_not_null(table, where)
     streams = {n: column_bytes(table, n) for n in TOPK_STREAMS + code_streams(meta["id_bytes"])}
     try:
-        ids, lps, _ = C.decode_topk(streams, cfg, codes)
+        ids, lps, _ = C.decode_topk(streams, cfg, codes, trim=True)
         tlp, trank = C.decode_target({n: column_bytes(table, n) for n in TARGET_STREAMS})
     except FormatError as exc:
         raise FormatError(f"{where}: {exc}") from None
@@ -106,11 +110,18 @@ def decode_table(table: pa.Table, meta: dict, where: str = "shard") -> list[Exam
     input_ids = table.column("input_ids").combine_chunks()
     flat_ids = input_ids.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     offs = input_ids.offsets.to_numpy()
-    positions = check_spans(table, np.diff(offs), n_targets, where)
+    lengths = np.diff(offs)
+    if limits is not None:
+        _check_row_limits(table, lengths, limits, where)
+    positions = check_spans(table, lengths, n_targets, where)
     py = table.select(["id", "source", "finish_reason", "meta"]).to_pylist()
-    empty = [i for i, row in enumerate(py) if not row["id"]]
-    if empty:
-        raise FormatError(f"{where}, row {empty[0]}: empty example id (ids must be non-empty strings)")
+    for i, row in enumerate(py):
+        if not row["id"]:
+            raise FormatError(f"{where}, row {i}: empty example id (ids must be non-empty strings)")
+        for name, cap in (("id", MAX_ID_CHARS), ("source", MAX_ID_CHARS), ("meta", MAX_META_BYTES)):
+            if row[name] is not None and len(row[name]) > cap:
+                raise FormatError(f"{where}, row {i}: {name} of {len(row[name])} characters, more than the {cap} "
+                                  "a row may hold")
     out = []
     start = 0
     for i, row in enumerate(py):
@@ -123,6 +134,25 @@ def decode_table(table: pa.Table, meta: dict, where: str = "shard") -> list[Exam
         ))
         start = sl.stop
     return out
+
+
+MAX_ID_CHARS = 4096          # example ids and sources (Tulu's are under 100)
+MAX_META_BYTES = 64 << 20    # one row's meta (the conversation it renders)
+
+
+def _check_row_limits(table: pa.Table, lengths: np.ndarray, limits: dict, where: str) -> None:
+    """Each row as long as the manifest's settings allow, with the finish_reason its mode writes."""
+    cap = limits["max_tokens"]
+    if cap is not None and len(lengths) and lengths.max() > cap:
+        row = int(np.argmax(lengths))
+        _bad_row(table, row, where, f"{int(lengths[row])} tokens, more than the {cap} the manifest's settings allow "
+                 "(extra.template.max_length; a shard of another cache?)")
+    allowed = limits["finish_reasons"]
+    reasons = table.column("finish_reason").to_pylist()
+    for row, reason in enumerate(reasons):
+        if reason not in allowed:
+            _bad_row(table, row, where, f"finish_reason {reason!r:.40} in a {limits['mode']}-mode cache (allowed: "
+                     f"{sorted(map(str, allowed))})")
 
 
 def check_spans(table: pa.Table, lengths: np.ndarray, n_targets: np.ndarray, where: str) -> np.ndarray:
@@ -181,17 +211,106 @@ def _check_not_null(table: pa.Table, where: str) -> None:
 
 
 def _bad_row(table: pa.Table, row: int, where: str, what: str):
-    raise FormatError(f"{where}, row {row} (id {table.column('id')[row].as_py()!r}): {what}; "
+    raise FormatError(f"{where}, row {row} (id {table.column('id')[row].as_py()!r:.200}): {what}; "
                       "run `kdcache verify` on the cache, and restore or re-create it")
 
 
 def _row_meta(row: dict, where: str, i: int) -> dict:
     if not row["meta"]:
         return {}
-    try:
-        meta = json.loads(row["meta"])
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise FormatError(f"{where}, row {i} (id {row['id']!r}): meta is not valid JSON ({exc})") from None
+    meta = loads(row["meta"], f"{where}, row {i} (id {row['id']!r:.200})", max_bytes=MAX_META_BYTES, what="meta")
     if not isinstance(meta, dict):
         raise FormatError(f"{where}, row {i} (id {row['id']!r}): meta must be a JSON object")
     return meta
+
+
+# ---- a listed shard, opened through the trust boundary ----------------------------------------
+
+class ShardFile:
+    """Shard `index` of a cache: a regular file of the manifest's size, a Parquet footer whose kdcache
+    metadata matches the manifest, row groups read only after the file's sha256 was checked (with
+    `verify`; without, every bound but the hash still holds) and only when the sizes its footer
+    declares fit what the manifest's counts allow (a decompression bomb is refused before it expands).
+
+        shard = ShardFile(files, manifest, 0)
+        for g in range(shard.num_row_groups):
+            examples = shard.examples(g)
+    """
+
+    def __init__(self, files, manifest: dict, index: int, *, verify: bool = True, limits: dict | None = None,
+                 hash_first: bool = False):
+        from formats.manifest import row_limits
+
+        self.entry = manifest["shards"][index]
+        self.name = self.entry["file"]
+        self.where = files.where(self.name)
+        self.limits = limits or row_limits(manifest)
+        self.k = manifest["codec"]["k"]
+        self._codec = manifest["codec"]
+        self.file = files.open(self.name, size=self.entry["bytes"], sha256=self.entry["sha256"] if verify else None)
+        if hash_first:  # verify, merge: a changed byte is a ChecksumError before the footer is parsed
+            self.file.verify()
+        self.pf = self._parquet()
+        self.meta = read_shard_metadata(self.pf.schema_arrow, self.where)
+        check_shard_header(self.meta, self.pf.metadata.num_rows, self.entry, self._codec, self.where)
+        self.num_row_groups = self.pf.metadata.num_row_groups
+
+    def _parquet(self):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(self.file)
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise FormatError(f"{self.where}: not a readable Parquet file ({str(exc)[:200]!r}); "
+                              "run `kdcache verify` on the cache") from None
+
+    def verify(self) -> None:
+        """Hash the file (once); a remote file's footer is read again from the verified bytes."""
+        if self.file.verified:
+            return
+        self.file.verify()
+        if not self.file.local:
+            before = self.pf.metadata
+            self.pf = self._parquet()
+            if not self.pf.metadata.equals(before):
+                raise FormatError(f"{self.where}: the server sent another footer than the file's; restore it")
+
+    def rows(self, g: int) -> int:
+        return self.pf.metadata.row_group(g).num_rows
+
+    def read(self, g: int, columns: list[str] | None = None) -> pa.Table:
+        """Row group `g` (verified, bounded) as an Arrow table."""
+        self.verify()
+        self._check_budget(g)
+        try:
+            return self.pf.read_row_group(g, columns=columns)
+        except Exception as exc:
+            raise FormatError(f"{self.where}, row group {g}: cannot be read ({str(exc)[:200]!r}); "
+                              "run `kdcache verify` on the cache") from None
+
+    def examples(self, g: int, rows: int | None = None) -> list[Example]:
+        table = self.read(g)
+        if rows is not None and rows < table.num_rows:
+            table = table.slice(0, rows)
+        return decode_table(table, self.meta, f"{self.where}, row group {g}", self.limits)
+
+    def _check_budget(self, g: int) -> None:
+        """The row group's uncompressed size (as its footer declares it) within what its rows and the
+        shard's positions can take: rows x (tokens, id, source, meta) + positions x k entries."""
+        rg = self.pf.metadata.row_group(g)
+        declared = sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns))
+        tokens = self.limits["max_tokens"] or MAX_TOKENS_UNRECORDED
+        per_row = 2 * MAX_ID_CHARS + ROW_META_ALLOWANCE + 16 * tokens + 256
+        per_position = self.k * (self.meta["id_bytes"] + 3) + 32
+        budget = 2 * (rg.num_rows * per_row + self.entry["positions"] * per_position) + (1 << 20)
+        if declared > budget:
+            raise FormatError(f"{self.where}, row group {g}: declares {declared} bytes uncompressed, more than its "
+                              f"{rg.num_rows} rows and the shard's {self.entry['positions']} positions can take "
+                              f"({budget}); a decompression bomb or a damaged footer: refused")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+MAX_TOKENS_UNRECORDED = 1 << 16   # tokens per row (on average) where the manifest records no max_length
+ROW_META_ALLOWANCE = 1 << 20      # meta bytes per row, on average over a row group

@@ -4,8 +4,9 @@ like the shards, so a student with another tokenizer can align its tokens to the
 downloading the teacher.
 
     entries = save_tokenizer_files(tokenizer, cache_dir)   # the cache job, before its manifest
-    verify_tokenizer_files(fs, root, manifest)             # `kdcache verify`
+    verify_tokenizer_files(cache, manifest)                # `kdcache verify`
     tokenizer = load_cache_tokenizer(cache)                # the trainer (verifies first)
+    check_tokenizer_identity(cache, manifest)              # `kdcache verify`, after the file checks
     add_tokenizer(cache, "DIR_OR_HUB_ID")                  # `kdcache add-tokenizer`, for older caches
 
 Every value read from a manifest is untrusted: names must be plain file names (check_manifest),
@@ -15,14 +16,14 @@ imported lazily.
 from __future__ import annotations
 
 import os
-import posixpath
 import shutil
 import tempfile
 from pathlib import Path
 
 from formats.errors import FormatError, IncompatibleCachesError, InputError
-from formats.manifest import (check_file_bytes, check_tokenizer_files, fsync_dir, load_manifest, open_cache,
-                              sha256_file, write_json_atomic)
+from formats.manifest import check_tokenizer_files, load_manifest, open_cache, sha256_file
+from formats.safe_write import AtomicFile, fsync_dir, write_json_atomic
+from formats.trust import printable
 from formats.schema import MANIFEST_NAME
 
 TOKENIZER_DIR = "tokenizer"
@@ -65,101 +66,121 @@ def save_tokenizer_files(tokenizer, cache_dir) -> list[dict]:
 
 
 def copy_tokenizer_files(cache, manifest: dict, out) -> list[dict]:
-    """Copy a cache's tokenizer files into the new cache folder `out` (kdcache merge); the copies are
-    verified against `manifest` (the source's) before the entries are returned for the new manifest."""
-    fs, root = open_cache(cache)
-    out = Path(out)
+    """Copy a cache's tokenizer files into the new cache folder `out` (kdcache merge), each hashed as
+    it streams against `manifest` (the source's) before the entries are returned for the new manifest."""
+    files, out = open_cache(cache), Path(out)
+    _check_folder(files, manifest["tokenizer_files"])
     partial = out / PARTIAL_DIR
-    partial.mkdir()
-    for entry in manifest["tokenizer_files"]:  # plain names (load_manifest checked them)
-        fs.get(posixpath.join(root, TOKENIZER_DIR, entry["file"]), str(partial / entry["file"]))
+    partial.mkdir()  # a new folder (merge writes into an empty one): nothing planted there to follow
+    for entry in manifest["tokenizer_files"]:
+        with AtomicFile(partial, entry["file"]) as f:
+            files.copy_to((TOKENIZER_DIR, entry["file"]), f, size=entry["bytes"], sha256=entry["sha256"])
     os.replace(partial, out / TOKENIZER_DIR)
-    try:
-        verify_tokenizer_files(*open_cache(out), manifest)
-    except FormatError as exc:
-        shutil.rmtree(out / TOKENIZER_DIR)
-        raise FormatError(f"{cache}: its tokenizer files do not match its manifest ({exc}); run `kdcache verify {cache}`") from None
+    fsync_dir(out)
     return [dict(e) for e in manifest["tokenizer_files"]]
 
 
 # ---- checking ---------------------------------------------------------------------------------
 
-def verify_tokenizer_files(fs, root: str, manifest: dict) -> int:
-    """The cache's `tokenizer/` folder holds exactly the files `tokenizer_files` lists, each of the
-    recorded size and sha256, none a symlink (FormatError / ChecksumError naming the file). A cache
+def verify_tokenizer_files(cache, manifest: dict) -> int:
+    """The cache's `tokenizer/` folder holds exactly the files `tokenizer_files` lists, each a plain
+    file of the recorded size and sha256 (FormatError / ChecksumError naming the file). A cache
     without `tokenizer_files` must have no such folder. Returns the number of files checked."""
+    files = open_cache(cache)
     entries = manifest.get("tokenizer_files")
-    folder = posixpath.join(root, TOKENIZER_DIR)
     if entries is None:
-        if fs.exists(folder):
-            raise FormatError(f"{folder}: the manifest lists no tokenizer_files, yet the folder exists (left by an "
-                              "interrupted `kdcache add-tokenizer`?); remove it, or run add-tokenizer again")
+        if files.exists(TOKENIZER_DIR):
+            raise FormatError(f"{files.where(TOKENIZER_DIR)}: the manifest lists no tokenizer_files, yet the folder "
+                              "exists (left by an interrupted `kdcache add-tokenizer`?); remove it, or run add-tokenizer again")
         return 0
-    if not fs.exists(folder):
-        raise FormatError(f"{folder}: missing (the manifest lists {len(entries)} tokenizer files); restore it, or "
-                          "remove `tokenizer_files` from the manifest and run `kdcache add-tokenizer`")
-    if _is_link(fs, folder) or not fs.isdir(folder):
-        raise FormatError(f"{folder}: a symlink or not a folder; the tokenizer files must be plain files in the cache")
-    listed = {e["file"] for e in entries}
-    for info in fs.ls(folder, detail=True):
-        name = posixpath.basename(info["name"].rstrip("/"))
-        where = posixpath.join(folder, name)
-        if name not in listed:
-            raise FormatError(f"{where}: not listed in the manifest's tokenizer_files (an extra file); remove it")
-        if info.get("islink") or info.get("type") != "file":
-            raise FormatError(f"{where}: a symlink or not a plain file; the tokenizer files must be plain files in the cache")
+    _check_folder(files, entries)
     for entry in entries:
-        check_file_bytes(fs, posixpath.join(folder, entry["file"]), entry["bytes"], entry["sha256"])
+        with files.open(TOKENIZER_DIR, entry["file"], size=entry["bytes"], sha256=entry["sha256"]) as f:
+            f.verify()
     return len(entries)
 
 
-def _is_link(fs, path: str) -> bool:
-    try:
-        return bool(fs.info(path).get("islink"))
-    except FileNotFoundError:
-        return False
+def _check_folder(files, entries: list[dict]) -> None:
+    """`tokenizer/` is a real folder holding plain files, each listed in `entries`."""
+    folder = files.where(TOKENIZER_DIR)
+    kind = files.kind(TOKENIZER_DIR)
+    if kind is None:
+        raise FormatError(f"{folder}: missing (the manifest lists {len(entries)} tokenizer files); restore it, or "
+                          "remove `tokenizer_files` from the manifest and run `kdcache add-tokenizer`")
+    if kind != "dir":
+        raise FormatError(f"{folder}: a symlink or not a folder; the tokenizer files must be plain files in the cache")
+    listed = {e["file"] for e in entries}
+    for rel, kind in files.walk(TOKENIZER_DIR):
+        where = printable(files.where(TOKENIZER_DIR, rel))
+        if rel not in listed:
+            raise FormatError(f"{where}: not listed in the manifest's tokenizer_files (an extra file); remove it")
+        if kind != "file":
+            raise FormatError(f"{where}: a symlink or not a plain file; the tokenizer files must be plain files in the cache")
 
 
 # ---- loading ----------------------------------------------------------------------------------
 
 def load_cache_tokenizer(cache, storage_options: dict | None = None):
     """The teacher's tokenizer from the cache's own files: verified (sizes, sha256, no extra files),
-    loaded with AutoTokenizer, and checked to have the manifest's fingerprint. A remote cache's files
+    loaded with AutoTokenizer (a load error is a FormatError), and checked to be the manifest's
+    tokenizer (fingerprint, chat-template hash, vocabulary size). A remote cache's files
     are copied to a temporary folder and verified there. A cache written before tokenizer files were
     stored gets an InputError with the `kdcache add-tokenizer` command that adds them."""
-    manifest = load_manifest(cache, storage_options)
+    files = open_cache(cache, storage_options)
+    manifest = load_manifest(files)
     if manifest.get("tokenizer_files") is None:
         raise InputError(f"{cache} carries no tokenizer files (it was written before caches stored the teacher's "
                          f"tokenizer); a student with another tokenizer needs them: `{add_tokenizer_command(cache, manifest)}`")
-    fs, root = open_cache(cache, storage_options)
-    if "file" in _protocols(fs):
-        verify_tokenizer_files(fs, root, manifest)
-        return _load_checked(posixpath.join(root, TOKENIZER_DIR), manifest, cache)
+    _check_folder(files, manifest["tokenizer_files"])
+    # Loaded from a private copy of the verified bytes: what transformers parses is what was hashed.
     with tempfile.TemporaryDirectory(prefix="kdcache-tokenizer-") as tmp:
-        local = Path(tmp) / TOKENIZER_DIR
-        local.mkdir()
-        for entry in manifest["tokenizer_files"]:  # plain names (load_manifest checked them)
-            fs.get(posixpath.join(root, TOKENIZER_DIR, entry["file"]), str(local / entry["file"]))
-        local_fs, local_root = open_cache(tmp)
-        verify_tokenizer_files(local_fs, local_root, manifest)
-        return _load_checked(str(local), manifest, cache)
+        for entry in manifest["tokenizer_files"]:
+            with open(Path(tmp) / entry["file"], "xb") as f:
+                files.copy_to((TOKENIZER_DIR, entry["file"]), f, size=entry["bytes"], sha256=entry["sha256"])
+        return _load_checked(tmp, manifest, cache)
 
 
-def _protocols(fs) -> set[str]:
-    protocol = fs.protocol
-    return {protocol} if isinstance(protocol, str) else set(protocol)
+def check_tokenizer_identity(cache, manifest: dict, storage_options: dict | None = None) -> None:
+    """`kdcache verify`, after the file checks: the tokenizer a cache's `tokenizer/` files load is the
+    one its manifest records (fingerprint, chat-template hash, vocabulary size), so files whose sizes
+    and sha256 were fixed up in the manifest are still refused (FormatError). It loads the tokenizer
+    as `load_cache_tokenizer` does; a cache without `tokenizer_files` has nothing to check."""
+    if manifest.get("tokenizer_files") is not None:
+        load_cache_tokenizer(cache, storage_options)
+
+
+def _identity_difference(field: str, tokenizer, entry: dict) -> str:
+    """What the loaded tokenizer has instead of the manifest's `tokenizer.<field>`."""
+    from formats.tokenizer_id import fingerprint_version
+
+    if field == "fingerprint":
+        covers = "vocabulary, special tokens" + (", normalizer, pre-tokenizer, decoder, added tokens, merges"
+                                                 if fingerprint_version(entry) >= 2 else "")
+        return f"another fingerprint than tokenizer.fingerprint (v{fingerprint_version(entry)}: {covers})"
+    if field == "chat_template_sha256":
+        return "another chat template than tokenizer.chat_template_sha256"
+    return f"{len(tokenizer.get_vocab())} tokens, not tokenizer.vocab_size {entry['vocab_size']}"
 
 
 def _load_checked(folder: str, manifest: dict, cache):
+    """Load the verified files and check the tokenizer is the manifest's (FormatError when not)."""
     from transformers import AutoTokenizer
 
-    from formats.tokenizer_id import tokenizer_fingerprint
+    from formats.tokenizer_id import identity_differences
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    want = (manifest.get("tokenizer") or {}).get("fingerprint")
-    if want and tokenizer_fingerprint(tokenizer) != want:
-        raise FormatError(f"{cache}/{TOKENIZER_DIR}: the tokenizer these files load has another fingerprint than the "
-                          "manifest's tokenizer.fingerprint; the files do not belong to this cache")
+    where = f"{cache}/{TOKENIZER_DIR}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # tokenizers raises bare Exception for a bad tokenizer.json (a merge of unknown tokens)
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FormatError(f"{where}: the tokenizer files do not load ({type(exc).__name__}: {cause}); "
+                          "restore tokenizer/ from the source") from None
+    entry = manifest.get("tokenizer") or {}
+    differ = identity_differences(tokenizer, entry)
+    if differ:
+        raise FormatError(f"{where}: the tokenizer these files load has "
+                          f"{'; '.join(_identity_difference(field, tokenizer, entry) for field in differ)}: the files do not "
+                          "belong to this cache; restore tokenizer/ from the source")
     return tokenizer
 
 
@@ -172,19 +193,21 @@ def add_tokenizer(cache, tokenizer_name: str) -> list[dict]:
     template hash, else IncompatibleCachesError; a cache that already carries tokenizer files is left
     as it is (InputError). The files are written first, then the manifest, atomically."""
     from formats.card import write_card
-    from formats.tokenizer_id import chat_template_sha256, load_tokenizer, tokenizer_fingerprint
+    from formats.tokenizer_id import chat_template_sha256, load_tokenizer, manifest_fingerprint
 
-    fs, root = open_cache(cache)
-    if "file" not in _protocols(fs):
+    files = open_cache(cache)
+    root = files.root
+    if not files.local:
         raise InputError(f"{cache}: add-tokenizer writes into a local cache folder; download the cache, add the "
                          "tokenizer there, and upload the folder again")
-    manifest = load_manifest(cache)
+    manifest = load_manifest(files)
     if manifest.get("tokenizer_files") is not None:
         raise InputError(f"{cache} already carries its tokenizer files ({len(manifest['tokenizer_files'])} files); "
                          "`kdcache verify` checks them")
     recorded = manifest.get("tokenizer") or {}
     tokenizer = load_tokenizer(tokenizer_name)
-    checks = [("fingerprint", tokenizer_fingerprint(tokenizer)), ("chat_template_sha256", chat_template_sha256(tokenizer))]
+    checks = [("fingerprint", manifest_fingerprint(tokenizer, recorded)),
+              ("chat_template_sha256", chat_template_sha256(tokenizer))]
     for key, value in checks:
         if not recorded.get(key):
             raise IncompatibleCachesError(f"{cache}: the manifest records no tokenizer.{key}, so no tokenizer can be "

@@ -1,21 +1,22 @@
 """verify, inspect, merge: what people run on a cache they were handed."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import posixpath
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from formats.card import write_card
-from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError
-from formats.manifest import (check_accounting, check_file_bytes, command_line, id_limits, load_manifest, manifest_get,
-                              now_iso, open_cache, sha256_file, tally_reasons, write_json_atomic)
-from formats.schema import MANIFEST_NAME, REJECTS_NAME, check_shard_header, read_shard_metadata
-from formats.shard import decode_table
-from formats.tokenizer_files import copy_tokenizer_files, verify_tokenizer_files
+from formats.errors import FormatError, IncompatibleCachesError, InputError
+from formats.manifest import (check_accounting, command_line, id_limits, load_manifest, manifest_get, now_iso,
+                              open_cache, tally_reasons)
+from formats.safe_write import AtomicFile, make_folder, write_json_atomic
+from formats.schema import CARD_NAME, MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX
+from formats.shard import ShardFile
+from formats.tokenizer_files import TOKENIZER_DIR, check_tokenizer_identity, copy_tokenizer_files, verify_tokenizer_files
+from formats.trust import loads, printable
 
 # Caches are compatible when these agree (merge refuses otherwise; the trainer mixes only these).
 COMPAT_KEYS = [("format_version",), ("codec",), ("mode",), ("teacher", "name_or_path"), ("teacher", "revision"),
@@ -29,46 +30,45 @@ MASS_SLACK = 0.02  # quantization (<0.016 nat per entry) can lift a full top-k's
 def verify_cache(path, *, check_values: bool = True, progress=None, storage_options: dict | None = None) -> dict:
     """Check a cache end to end; raises FormatError / ChecksumError naming the file, row and field.
 
-    The manifest (types, paths inside the cache, no duplicate shard entries), every shard (size,
-    sha256, metadata, codec, rows, positions, target spans), example ids unique across the cache,
-    every value (with check_values), the counts, the rejects file, and the tokenizer files.
+    What the folder holds (only plain files, no links, FIFOs or devices; no unlisted shard), the
+    manifest (types, names, no duplicate shard entries), every shard (size, sha256, metadata, codec,
+    settings, rows, positions, target spans), example ids unique across the cache, every value (with
+    check_values), the counts, the rejects file, the tokenizer files and the tokenizer they load.
+    Returns counts and `unlisted`: files the manifest does not list that no kdcache reader opens.
     """
-    fs, root = open_cache(path, storage_options)
-    manifest = load_manifest(path, storage_options)
-    mpath = posixpath.join(root, MANIFEST_NAME)  # messages about what the manifest claims name it
+    files = open_cache(path, storage_options)
+    manifest = load_manifest(files)
+    mpath = files.where(MANIFEST_NAME)  # messages about what the manifest claims name it
     check_accounting(manifest, mpath)
+    unlisted = check_contents(files, manifest)
     limits = id_limits(manifest)
     k = manifest["codec"]["k"]
     owner: dict[str, str] = {}  # example id -> the shard that holds it
     rows = positions = 0
-    for shard in manifest["shards"]:
-        where = posixpath.join(root, shard["file"])
-        check_file_bytes(fs, where, shard["bytes"], shard["sha256"])
+    for i, entry in enumerate(manifest["shards"]):
+        shard = ShardFile(files, manifest, i, hash_first=True)
         try:
-            pf = pq.ParquetFile(fs.open(where, "rb"))
-        except Exception as exc:
-            raise FormatError(f"{where}: not a readable Parquet file ({exc})") from None
-        meta = read_shard_metadata(pf.schema_arrow, where)
-        check_shard_header(meta, pf.metadata.num_rows, shard, manifest["codec"], where)
-        shard_rows = shard_positions = 0
-        for g in range(pf.metadata.num_row_groups):
-            examples = decode_table(pf.read_row_group(g), meta, f"{where}, row group {g}")
-            for i, ex in enumerate(examples):
-                row = f"{where}, row {shard_rows + i} (id {ex.id!r})"
-                if ex.id in owner:
-                    raise FormatError(f"{row}: example id {ex.id!r} is also in {owner[ex.id]}; every example must be "
-                                      "in a cache once (a duplicated or copied shard?)")
-                owner[ex.id] = shard["file"]
-                if check_values:
-                    _check_values(ex, limits, k, row)
-                shard_positions += ex.num_targets
-            shard_rows += len(examples)
-        if shard_positions != shard["positions"]:
-            raise FormatError(f"{where}: {shard_positions} positions, the manifest says {shard['positions']}")
+            shard_rows = shard_positions = 0
+            for g in range(shard.num_row_groups):
+                examples = shard.examples(g)
+                for j, ex in enumerate(examples):
+                    row = f"{shard.where}, row {shard_rows + j} (id {ex.id!r:.200})"
+                    if ex.id in owner:
+                        raise FormatError(f"{row}: example id {ex.id!r:.200} is also in {owner[ex.id]}; every example "
+                                          "must be in a cache once (a duplicated or copied shard?)")
+                    owner[ex.id] = entry["file"]
+                    if check_values:
+                        _check_values(ex, limits, k, row)
+                    shard_positions += ex.num_targets
+                shard_rows += len(examples)
+        finally:
+            shard.close()
+        if shard_positions != entry["positions"]:
+            raise FormatError(f"{shard.where}: {shard_positions} positions, the manifest says {entry['positions']}")
         rows += shard_rows
         positions += shard_positions
         if progress:
-            progress(shard["file"])
+            progress(entry["file"])
     counts = manifest["counts"]
     if rows != counts.get("examples") or positions != counts.get("positions"):
         raise FormatError(f"{mpath}: shards hold {rows} examples / {positions} positions, the manifest counts "
@@ -76,44 +76,77 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     if counts.get("bytes", total_bytes) != total_bytes:
         raise FormatError(f"{mpath}: shards hold {total_bytes} bytes, the manifest's counts.bytes says {counts['bytes']}")
-    rejects = read_rejects(fs, root, manifest)
+    rejects = read_rejects(files, manifest)
     rejects_name = (manifest.get("rejects_file") or {}).get("file", REJECTS_NAME)
-    _check_rejects(rejects, manifest, owner, posixpath.join(root, rejects_name))
-    tokenizer_files = verify_tokenizer_files(fs, root, manifest)
+    _check_rejects(rejects, manifest, owner, files.where(rejects_name))
+    tokenizer_files = verify_tokenizer_files(files, manifest)
+    if tokenizer_files:
+        check_tokenizer_identity(files, manifest)
     return {"shards": len(manifest["shards"]), "examples": rows, "positions": positions, "rejects": len(rejects),
-            "tokenizer_files": tokenizer_files}
+            "tokenizer_files": tokenizer_files, "unlisted": unlisted}
 
 
-def read_rejects(fs, root: str, manifest: dict) -> list[dict]:
+# Files a cache folder may hold that its manifest does not list (nothing kdcache reads opens them):
+# the card, and what a hub download leaves (.gitattributes, huggingface_hub's .cache/ folder).
+KNOWN_UNLISTED = {CARD_NAME, ".gitattributes"}
+KNOWN_UNLISTED_DIRS = (".cache/",)
+
+
+def check_contents(files, manifest: dict) -> list[str]:
+    """Every entry of the cache folder is a plain file or folder (FormatError naming a symlink, FIFO,
+    device or socket anywhere in it), and every `*.parquet` file is a listed shard (an unlisted one
+    would be loaded by the card's `data_files: "*.parquet"` and by ordinary Parquet tools). Returns
+    the other files the manifest does not list (outside the card, .gitattributes and .cache/)."""
+    listed = {MANIFEST_NAME} | {s["file"] for s in manifest["shards"]}
+    if manifest.get("rejects_file"):
+        listed.add(manifest["rejects_file"]["file"])
+    listed |= {f"{TOKENIZER_DIR}/{e['file']}" for e in manifest.get("tokenizer_files") or []}
+    unlisted = []
+    for rel, kind in files.walk():
+        if kind not in ("file", "dir"):
+            raise FormatError(f"{printable(files.where(rel))}: a {'symlink' if kind == 'link' else 'FIFO, device or socket'} "
+                              "inside the cache; a cache holds only plain files and folders: remove it (or restore the "
+                              "cache from its source)")
+        if kind == "dir" or rel in listed:
+            continue
+        if rel.endswith(SHARD_SUFFIX) and not rel.startswith(KNOWN_UNLISTED_DIRS):
+            raise FormatError(f"{printable(files.where(rel))}: a Parquet file the manifest does not list; ordinary "
+                              "tools (and the card's data_files) would load its rows with the cache's: remove it, or "
+                              "merge it properly (`kdcache merge`)")
+        if rel not in KNOWN_UNLISTED and not rel.startswith(KNOWN_UNLISTED_DIRS):
+            unlisted.append(rel)
+    return unlisted
+
+
+MAX_REJECTS_BYTES = 4 << 30   # the rejects file (a reject line is ~100 bytes)
+MAX_REJECT_LINE = 1 << 16
+
+
+def read_rejects(files, manifest: dict) -> list[dict]:
     """The records of a cache's rejects file, after checking its sha256; [] for a cache without one.
 
-    Each line must be a JSON object with a string `id` and `reason`; FormatError names the line.
+    Each line must be a strict-JSON object with a string `id` and `reason`; FormatError names the line.
     """
+    files = open_cache(files)
     rej = manifest.get("rejects_file")
     if rej is None:
         if manifest["counts"].get("rejects"):
-            raise FormatError(f"{posixpath.join(root, MANIFEST_NAME)}: counts {manifest['counts']['rejects']} rejects but names no "
-                              "rejects_file")
+            raise FormatError(f"{files.where(MANIFEST_NAME)}: counts {manifest['counts']['rejects']} rejects but names "
+                              "no rejects_file")
         return []
-    rpath = posixpath.join(root, rej["file"])  # a plain name (load_manifest checked it): inside the cache
-    if not fs.exists(rpath):
-        raise FormatError(f"{rpath}: missing (rejects_file in the manifest); restore it from the source")
-    digest = sha256_file(rpath, fs)
-    if digest != rej["sha256"]:
-        raise ChecksumError(f"{rpath}: sha256 {digest[:16]}... differs from the manifest's rejects_file.sha256 "
-                            f"{rej['sha256'][:16]}... (edited or corrupted); restore it from the source")
+    rpath = files.where(rej["file"])
+    cap = min(MAX_REJECTS_BYTES, (rej["count"] + 1) * MAX_REJECT_LINE)
+    data = files.read_bytes(rej["file"], max_bytes=cap, sha256=rej["sha256"], listed_in="rejects_file in the manifest")
     records = []
-    with fs.open(rpath, "r") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{rpath}, line {n}: not valid JSON ({exc})") from None
-            if not (isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("reason"), str)):
-                raise FormatError(f"{rpath}, line {n}: a reject is an object with string id and reason")
-            records.append(r)
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        if len(records) >= rej["count"]:
+            raise FormatError(f"{rpath}, line {n}: more rejects than the manifest's rejects_file.count {rej['count']}")
+        r = loads(line, f"{rpath}, line {n}", max_bytes=MAX_REJECT_LINE, what="a reject")
+        if not (isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("reason"), str)):
+            raise FormatError(f"{rpath}, line {n}: a reject is an object with string id and reason")
+        records.append(r)
     return records
 
 
@@ -184,7 +217,7 @@ def summarize(path) -> str:
         ("created", m.get("created")), ("command", m.get("command")),
     ]
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    return "\n".join(f"{name:<{width}}  {printable(value)}" for name, value in rows)  # a cache's text is escaped
 
 
 def show_example(path, example_id: str, tokenizer=None, top: int = 5, max_positions: int = 40) -> str:
@@ -194,10 +227,11 @@ def show_example(path, example_id: str, tokenizer=None, top: int = 5, max_positi
         if ex.id == example_id:
             break
     else:
-        raise InputError(f"no example with id {example_id!r} in {path}")
+        raise InputError(f"no example with id {example_id!r} in {printable(str(path))}")
     dec = (lambda ids: tokenizer.decode(ids)) if tokenizer else (lambda ids: " ".join(map(str, ids)))
-    lines = [f"id {ex.id}  source {ex.source}  tokens {len(ex.input_ids)}  trained positions {ex.num_targets}"
-             + (f"  finish {ex.finish_reason}" if ex.finish_reason else ""), "", dec(ex.input_ids.tolist()), "",
+    lines = [printable(f"id {ex.id}  source {ex.source}  tokens {len(ex.input_ids)}  trained positions {ex.num_targets}"
+                       + (f"  finish {ex.finish_reason}" if ex.finish_reason else "")),
+             "", printable(dec(ex.input_ids.tolist()), newlines=True), "",
              f"{'pos':>5}  {'token':<16} {'logp':>7} {'rank':>5}  teacher top-{top}"]
     for n, t in enumerate(ex.target_positions[:max_positions]):
         tops = ", ".join(f"{dec([int(i)])!r}:{np.exp(lp):.2f}" for i, lp in zip(ex.topk_ids[n, :top], ex.topk_logprobs[n, :top]) if i >= 0)
@@ -249,40 +283,39 @@ def merge_caches(out, caches: list) -> dict:
     example or reject ids within or across the inputs, and any shard or rejects file whose sha256
     differs from its manifest. Every worker's provenance is kept in `merged_from`. The teacher's
     tokenizer files (the same tokenizer in every input) are copied from the first input that has them.
+    Every input is read through formats.trust; every file is written through formats.safe_write.
     """
     if not caches:
         raise InputError("merge needs at least one cache")
     out = Path(out)
-    if (out / MANIFEST_NAME).exists() or (out.exists() and any(out.iterdir())):
-        raise InputError(f"{out} exists and is not empty; merge writes a new folder")
+    if os.path.lexists(out) and (not out.is_dir() or out.is_symlink() or any(out.iterdir())):
+        raise InputError(f"{printable(str(out))} exists and is not empty (or not a folder); merge writes a new folder")
     names = [str(c) for c in caches]
     if len(set(names)) != len(names):
         raise IncompatibleCachesError(f"a cache is given twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
-    manifests = [load_manifest(c) for c in caches]  # types, paths inside each cache, no duplicate shard entries
+    inputs = [open_cache(c) for c in caches]
+    manifests = [load_manifest(f) for f in inputs]  # types, names inside each cache, no duplicate shard entries
     check_mergeable(manifests, names)
-    rejects = [read_rejects(*open_cache(c), m) for c, m in zip(caches, manifests)]  # sha256-checked
-    _check_disjoint(caches, manifests, rejects)
-    out.mkdir(parents=True, exist_ok=True)
+    for f, m in zip(inputs, manifests):
+        check_contents(f, m)
+    rejects = [read_rejects(f, m) for f, m in zip(inputs, manifests)]  # sha256-checked
+    _check_disjoint(inputs, manifests, rejects)
+    make_folder(out)
     shards = []
-    for w, (c, m) in enumerate(zip(caches, manifests)):
-        fs, root = open_cache(c)
+    for w, (files, m) in enumerate(zip(inputs, manifests)):
         for shard in m["shards"]:
             name = f"w{w:03d}-{shard['file']}"
-            tmp = out / f".{name}.tmp"
-            fs.get(posixpath.join(root, shard["file"]), str(tmp))
-            if sha256_file(tmp) != shard["sha256"]:
-                tmp.unlink()
-                raise ChecksumError(f"{c}/{shard['file']}: sha256 differs from its manifest; run `kdcache verify {c}`")
-            os.replace(tmp, out / name)
+            with AtomicFile(out, name) as f:  # hashed as it streams; a wrong sha256 leaves nothing
+                files.copy_to((shard["file"],), f, size=shard["bytes"], sha256=shard["sha256"])
             shards.append({**shard, "file": name})
     all_rejects = [r for part in rejects for r in part]
-    with open(out / REJECTS_NAME, "w") as f:
-        for r in all_rejects:
-            f.write(json.dumps(r) + "\n")
+    rejects_bytes = "".join(json.dumps(r) + "\n" for r in all_rejects).encode()
+    with AtomicFile(out, REJECTS_NAME) as f:
+        f.write(rejects_bytes)
     merged = _merged_manifest(caches, manifests)
     merged["shards"] = shards
     merged.pop("tokenizer_files", None)  # the same tokenizer in every input: carry the first input's files
-    carrier = next(((c, m) for c, m in zip(caches, manifests) if m.get("tokenizer_files")), None)
+    carrier = next(((f, m) for f, m in zip(inputs, manifests) if m.get("tokenizer_files")), None)
     if carrier is not None:
         merged["tokenizer_files"] = copy_tokenizer_files(*carrier, out)
     by_reason = tally_reasons(all_rejects)  # counted from the rejects themselves, not the inputs' claims
@@ -293,30 +326,32 @@ def merge_caches(out, caches: list) -> dict:
     if all(m["counts"].get("inputs") is not None for m in manifests):  # each worker accounted for its inputs
         merged["counts"]["inputs"] = sum(m["counts"]["inputs"] for m in manifests)
     merged["counts"]["bytes_per_position"] = merged["counts"]["bytes"] / max(1, merged["counts"]["positions"])
-    merged["rejects_file"] = {"file": REJECTS_NAME, "count": len(all_rejects), "sha256": sha256_file(out / REJECTS_NAME)}
+    merged["rejects_file"] = {"file": REJECTS_NAME, "count": len(all_rejects),
+                              "sha256": hashlib.sha256(rejects_bytes).hexdigest()}
     write_card(out, merged)
     write_json_atomic(out / MANIFEST_NAME, merged)
     return merged
 
 
-def _check_disjoint(caches: list, manifests: list[dict], rejects: list[list[dict]]) -> None:
+def _check_disjoint(inputs: list, manifests: list[dict], rejects: list[list[dict]]) -> None:
     """No example or reject id twice, within one input or across inputs (reads only the id column)."""
     seen: dict[str, str] = {}
-    for c, m, rej in zip(caches, manifests, rejects):
-        fs, root = open_cache(c)
+    for files, m, rej in zip(inputs, manifests, rejects):
         ids = []
-        for shard in m["shards"]:
-            where = posixpath.join(root, shard["file"])
+        for i in range(len(m["shards"])):
+            shard = ShardFile(files, m, i, hash_first=True)
             try:
-                ids += pq.ParquetFile(fs.open(where, "rb")).read(columns=["id"]).column("id").to_pylist()
-            except Exception as exc:
-                raise FormatError(f"{where}: cannot read its id column ({exc}); run `kdcache verify {c}`") from None
+                for g in range(shard.num_row_groups):
+                    ids += shard.read(g, columns=["id"]).column("id").to_pylist()
+            finally:
+                shard.close()
         for ex_id in ids + [r["id"] for r in rej]:
             if ex_id in seen:
                 raise IncompatibleCachesError(
-                    f"record {ex_id!r} is in both {seen[ex_id]} and {c}: these caches overlap (the same worker slice "
-                    "twice?) or one holds it twice (run `kdcache verify`); merge disjoint, verified caches only")
-            seen[ex_id] = str(c)
+                    f"record {ex_id!r:.200} is in both {printable(seen[ex_id])} and {printable(files.path)}: these caches "
+                    "overlap (the same worker slice twice?) or one holds it twice (run `kdcache verify`); merge "
+                    "disjoint, verified caches only")
+            seen[ex_id] = files.path
 
 
 def _merged_manifest(caches: list, manifests: list[dict]) -> dict:

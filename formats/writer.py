@@ -34,8 +34,8 @@ from formats import codec as C
 from formats.card import write_card
 from formats.errors import FormatError, InputError
 from formats.example import Example
-from formats.manifest import (fsync_dir, load_manifest, new_manifest, sha256_file, tally_reasons, teacher_output_size,
-                              write_json_atomic)
+from formats.manifest import load_manifest, new_manifest, sha256_file, tally_reasons, teacher_output_size
+from formats.safe_write import fsync_dir, write_json_atomic, write_text_atomic
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, arrow_schema, shard_metadata
 from formats.shard import check_example, encode_rows
 
@@ -386,13 +386,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _rmtree(path: Path) -> None:

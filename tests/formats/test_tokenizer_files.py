@@ -32,8 +32,8 @@ def tokenizer_dir(tokenizer, tmp_path_factory) -> Path:
 
 def old_cache(path, tokenizer, rng, n=6, **kw):
     """A cache as written before tokenizer files were stored: the manifest records the tokenizer's identity only."""
-    tok = {**tokenizer_info(tokenizer, "tiny"), "vocab_size": 1000}  # the examples' ids go up to 1000
-    write_cache(path, [make_example(rng, i, **kw) for i in range(n)], provenance={**PROVENANCE, "tokenizer": tok})
+    write_cache(path, [make_example(rng, i, **kw) for i in range(n)], output_size=1000,  # the examples' ids go up to 1000
+                provenance={**PROVENANCE, "tokenizer": tokenizer_info(tokenizer, "tiny")})
     return path
 
 
@@ -91,7 +91,7 @@ TAMPERS = {  # name -> (edit of the cache's tokenizer/ folder, error type, text 
     "missing": (lambda f: (f / "tokenizer_config.json").unlink(), FormatError, "tokenizer_config.json: missing"),
     "extra": (lambda f: (f / "added_tokens.json").write_text("{}"), FormatError, "added_tokens.json: not listed"),
     "symlinked file": (_symlink_file, FormatError, "tokenizer_config.json: a symlink"),
-    "symlinked folder": (_symlink_folder, FormatError, "a symlink or not a folder"),
+    "symlinked folder": (_symlink_folder, FormatError, "tokenizer: a symlink"),
     "folder removed": (lambda f: [p.unlink() for p in f.iterdir()] and f.rmdir(), FormatError, "tokenizer: missing"),
 }
 
@@ -153,9 +153,10 @@ def test_files_of_another_tokenizer_are_refused_by_their_fingerprint(cache):
     other = tiny_tokenizer(extra_specials=("<other>",))
     entries = save_tokenizer_files(other, cache)  # consistent checksums, wrong tokenizer
     edit_manifest(cache, lambda m: m.update(tokenizer_files=entries))
-    verify_cache(cache)  # the files are what the manifest lists...
-    with pytest.raises(FormatError, match="another fingerprint"):
-        load_cache_tokenizer(cache)  # ...but not the tokenizer the cache was made with
+    # the files are what the manifest lists, but not the tokenizer the cache was made with
+    for action in (verify_cache, load_cache_tokenizer):
+        with pytest.raises(FormatError, match="another fingerprint"):
+            action(cache)
 
 
 def test_remote_cache(cache, tokenizer):
@@ -207,7 +208,7 @@ def test_add_tokenizer_cli_then_verify(tmp_path, tokenizer, tokenizer_dir, rng, 
 def test_merge_carries_the_tokenizer_files(tmp_path, tokenizer, tokenizer_dir, rng):
     a = old_cache(tmp_path / "a", tokenizer, rng, n=3)
     b = tmp_path / "b"
-    write_cache(b, [make_example(rng, i, prefix="b") for i in range(3)],
+    write_cache(b, [make_example(rng, i, prefix="b") for i in range(3)], output_size=1000,
                 provenance={**PROVENANCE, "tokenizer": load_manifest(a)["tokenizer"]})
     add_tokenizer(a, str(tokenizer_dir))
     add_tokenizer(b, str(tokenizer_dir))

@@ -1,0 +1,103 @@
+"""Writing into a cache folder without following links: the other half of formats/trust.py.
+
+Everything kdcache writes into a cache (manifest, card, rejects, copied shards and tokenizer files)
+goes through here. A file is written to a fresh temporary name in the target folder, created with
+O_CREAT | O_EXCL | O_NOFOLLOW relative to the folder's descriptor (so a planted symlink is never
+opened, let alone written through), fsynced, then renamed over the final name (a rename replaces a
+symlink there instead of writing to its target), and the folder is fsynced. Names must be plain
+names (formats.trust.SAFE_NAME): nothing lands outside the folder it was told to write.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from formats.errors import InputError
+from formats.trust import SAFE_NAME, printable
+
+
+def _folder_fd(folder) -> int:
+    """An fd of `folder` (which the caller named: it may itself be a link the user chose)."""
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _plain(name: str) -> str:
+    if not SAFE_NAME.fullmatch(name):
+        raise InputError(f"{printable(name)!r}: kdcache writes only plain file names (letters, digits, '.', '_', '-')")
+    return name
+
+
+class AtomicFile:
+    """`with AtomicFile(folder, name) as f: f.write(...)`: the file appears under `name` complete, or not at
+    all (an exception discards it)."""
+
+    def __init__(self, folder, name: str, mode: int = 0o644):
+        self.folder, self.name = Path(folder), _plain(name)
+        self._dir = _folder_fd(self.folder)
+        self.tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=self._dir)
+        except BaseException:
+            os.close(self._dir)
+            raise
+        self._f = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> int:
+        return self._f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+                os.replace(self.tmp, self.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+                os.fsync(self._dir)
+            else:
+                self._f.close()
+                os.unlink(self.tmp, dir_fd=self._dir)
+        finally:
+            os.close(self._dir)
+        return False
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    path = Path(path)
+    with AtomicFile(path.parent, path.name) as f:
+        f.write(data)
+
+
+def write_text_atomic(path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def make_folder(path) -> Path:
+    """Create `path` (and its parents) as real folders; an existing symlink or file there is refused."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    if not stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{printable(str(path))}: exists and is not a folder (a file or a symbolic link); "
+                         "give a new folder")
+    return path
+
+
+def fsync_dir(path) -> None:
+    fd = _folder_fd(path)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
