@@ -52,10 +52,11 @@ of **{data.get('name', '?')}** (split `{data.get('split', '?')}`), mode `{manife
 | tokenizer fingerprint | `{tok.get('fingerprint', '?')}` (vocab {tok.get('vocab_size', '?')}) |
 | created | {_text(manifest.get('created'))} |
 
-Load the rows with any Parquet reader (`datasets.load_dataset("parquet", data_files="*.parquet")`,
-`pyarrow.dataset.dataset(folder)`): `id`, `source`, `input_ids`, `target_starts`/`target_ends` (the
-trained positions) are plain columns; the teacher's entries are codec streams, decoded by
-`formats.CacheReader` (pip install kdcache) or by the reference decoder in kdcache's docs/FORMAT.md.
+Load the rows with any Parquet reader after `kdcache verify` (this card's `data_files` lists exactly the
+shards the manifest lists; `datasets.load_dataset` on this folder reads them): `id`, `source`, `input_ids`,
+`target_starts`/`target_ends` (the trained positions) are plain columns; the teacher's entries are codec
+streams, decoded by `formats.CacheReader` (pip install kdcache) or by the reference decoder in kdcache's
+docs/FORMAT.md.
 `manifest.json` holds the full provenance and a sha256 per shard; `kdcache verify` checks them.
 
 Command: `{_text(manifest.get('command', ''))}`

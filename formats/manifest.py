@@ -189,6 +189,12 @@ def check_manifest(manifest, where: str) -> None:
         check_sha256(rejects.get("sha256"), f"{where}: rejects_file.sha256")
     check_tokenizer_files(manifest.get("tokenizer_files"), where)
     row_limits(manifest)
+    counts = manifest["counts"]
+    for key, total in (("examples", "rows"), ("positions", "positions"), ("bytes", "bytes")):
+        listed = sum(s[total] for s in shards)
+        if key in counts and counts[key] != listed:  # every reader relies on these (epoch sizes, progress)
+            raise FormatError(f"{where}: the shards list {listed} {key} (shards[].{total}), counts.{key} says "
+                              f"{counts[key]}; the manifest is damaged: restore it from the source")
 
 
 def check_tokenizer_files(entries, where: str) -> None:
@@ -228,7 +234,8 @@ def check_sha256(value, where: str) -> None:
 
 def row_limits(manifest: dict) -> dict:
     """What every row of a cache must satisfy, from its manifest (formats.shard.decode_table checks it):
-    {"mode", "max_tokens" (None: not recorded), "finish_reasons" (allowed values of finish_reason)}.
+    {"mode", "max_tokens" (None: not recorded), "finish_reasons" (allowed values of finish_reason),
+    "ids" (id_limits)}.
     A score-mode row is at most extra.template.max_length tokens and has no finish_reason; a generated
     one adds at most extra.sampling.max_new_tokens and finished with "stop" or "length"."""
     mode = manifest.get("mode", "score")
@@ -243,7 +250,7 @@ def row_limits(manifest: dict) -> dict:
     if mode == "generate":
         max_tokens = None if max_length is None or new_tokens is None else max_length + new_tokens
     return {"mode": mode, "max_tokens": max_tokens,
-            "finish_reasons": {None} if mode == "score" else {"stop", "length"}}
+            "finish_reasons": {None} if mode == "score" else {"stop", "length"}, "ids": id_limits(manifest)}
 
 
 MODES = ("score", "generate")

@@ -114,6 +114,8 @@ def decode_table(table: pa.Table, meta: dict, where: str = "shard", limits: dict
     if limits is not None:
         _check_row_limits(table, lengths, limits, where)
     positions = check_spans(table, lengths, n_targets, where)
+    if limits is not None:
+        _check_values(table, flat_ids, offs, n_targets, ids, lps, trank, limits["ids"], where)
     py = table.select(["id", "source", "finish_reason", "meta"]).to_pylist()
     for i, row in enumerate(py):
         if not row["id"]:
@@ -134,6 +136,35 @@ def decode_table(table: pa.Table, meta: dict, where: str = "shard", limits: dict
         ))
         start = sl.stop
     return out
+
+
+MASS_SLACK = 0.02  # quantization (<0.016 nat per entry) can lift a full top-k's mass slightly above 1
+
+
+def _check_values(table, flat_ids, offs, n_targets, ids, lps, ranks, id_limits: dict, where: str) -> None:
+    """The values a trainer relies on, vectorized over the row group: teacher ids below the teacher's
+    output size, input ids in range, top-k mass <= 1 (+ quantization slack), actual-token ranks >= 1.
+    (Logprobs <= 0 in rank order hold by the codec's construction.)"""
+    def bad_position(mask, what):
+        p = int(np.flatnonzero(mask)[0])
+        row = int(np.searchsorted(np.cumsum(n_targets), p, side="right"))
+        _bad_row(table, row, where, what)
+
+    limit, text = id_limits["topk"]
+    if limit is not None and ids.size and int(ids.max()) >= limit:
+        bad_position(ids.max(axis=1) >= limit, f"teacher token id {int(ids.max())} >= {text}")
+    limit, text = id_limits["input"]
+    if len(flat_ids) and (flat_ids.min() < 0 or (limit is not None and flat_ids.max() >= limit)):
+        bad = (flat_ids < 0) | (flat_ids >= (limit if limit is not None else np.iinfo(np.int32).max))
+        row = int(np.searchsorted(offs[1:], int(np.flatnonzero(bad)[0]), side="right"))
+        _bad_row(table, row, where, f"input_ids outside 0..{text}")
+    if len(lps):
+        mass = np.exp(lps).sum(axis=1, dtype=np.float64)
+        if (mass > 1 + MASS_SLACK).any():
+            bad_position(mass > 1 + MASS_SLACK, f"top-k mass {float(mass.max()):.4f} > 1 (the teacher's probabilities "
+                         "cannot add up to more than 1)")
+    if len(ranks) and ranks.min() < 1:
+        bad_position(ranks < 1, f"actual-token rank {int(ranks.min())} < 1")
 
 
 MAX_ID_CHARS = 4096          # example ids and sources (Tulu's are under 100)

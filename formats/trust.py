@@ -136,6 +136,14 @@ def _check_depth(value, where: str, what: str) -> None:
             stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
 
 
+def load_json_file(path, *, max_bytes: int, what: str = "JSON"):
+    """A local JSON file (a run's config or results: `kdcache report`, `eval`) parsed with `loads`,
+    reading at most `max_bytes` of it."""
+    with open(path, "rb") as f:
+        raw = f.read(max_bytes + 1)
+    return loads(raw, str(path), max_bytes=max_bytes, what=what)
+
+
 def exact_int(value) -> bool:
     """A JSON integer: not a bool (True == 1 in Python), not a float (1.0 == 1)."""
     return type(value) is int

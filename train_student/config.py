@@ -93,6 +93,8 @@ class TrainConfig:
     eval_max_examples: int | None = setting(256, metavar="N", help="held-out examples evaluated per process "
                                             "(null in YAML: all)")
     shuffle: bool = setting(True, help="shuffle row groups and rows each epoch (seeded)")
+    verify: bool = setting(True, help="check each shard's sha256 as it is read (--no-verify skips only the hash: "
+                           "sizes, bounds and values are always checked)")
     allow_mixed_teachers: bool = setting(False, help="let one stage mix caches of different teachers (refused "
                                          "by default)")
     seed: int = setting(0, help="seed of shuffling and initialization")

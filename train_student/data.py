@@ -298,12 +298,16 @@ class Packer:
 
 
 def open_readers(paths: list[str], *, rank: int, world_size: int, shuffle: bool, seed: int,
-                 epochs: int | None, max_examples: int | None, drop_remainder: bool = True) -> list[CacheReader]:
+                 epochs: int | None, max_examples: int | None, drop_remainder: bool = True,
+                 verify: bool = True) -> list[CacheReader]:
+    """CacheReaders over `paths`; each shard's size and sha256 are checked as it is read (verify=False
+    skips the hash, never the bounds and value checks every reader applies)."""
     readers = []
     for p in paths:
         try:
             readers.append(CacheReader(p, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed,
-                                       epochs=epochs, max_examples=max_examples, drop_remainder=drop_remainder))
+                                       epochs=epochs, max_examples=max_examples, drop_remainder=drop_remainder,
+                                       verify=verify))
         except FileNotFoundError as exc:
             raise InputError(f"cache {p} not found ({exc})") from None
     return readers
@@ -315,14 +319,14 @@ def cache_k(readers: list[CacheReader]) -> int:
 
 def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction: float, max_tokens: int,
                  max_examples: int | None, input_size: int | None = None, output_size: int | None = None,
-                 align: Callable[[Example], Example] | None = None) -> list[PackedBatch]:
+                 align: Callable[[Example], Example] | None = None, verify: bool = True) -> list[PackedBatch]:
     """The held-out split of `paths` for this rank, packed once and kept in memory. `align`: a student
     with another tokenizer's `align.student_example` (bound to its aligner), applied to each held-out
     example; the aligned ones are checked against the student's sizes."""
     if eval_fraction <= 0:
         return []
     readers = open_readers(paths, rank=rank, world_size=world_size, shuffle=False, seed=0, epochs=1,
-                           max_examples=None, drop_remainder=False)  # every held-out example, on any world size
+                           max_examples=None, drop_remainder=False, verify=verify)  # every held-out example
     sizes = dict(input_size=input_size, output_size=output_size)
     stream = ExampleStream(readers, split="eval", eval_fraction=eval_fraction, **({} if align else sizes))
     examples = itertools.islice(stream, max_examples)

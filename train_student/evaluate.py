@@ -31,6 +31,7 @@ from typing import Any
 from formats.errors import FormatError, InputError
 from formats.hardware import auto_engine
 from formats.manifest import sha256_file
+from formats.trust import load_json_file
 
 log = logging.getLogger(__name__)
 
@@ -369,9 +370,9 @@ def read_results(path: str | Path) -> dict:
     """A results.json, checked (FormatError naming the file and field if it is not one)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc}); delete it or rerun `kdcache eval --force`") from exc
+        data = load_json_file(path, max_bytes=64 << 20)
+    except FormatError as exc:
+        raise FormatError(f"{exc}; delete it or rerun `kdcache eval --force`") from None
     return validate_results(data, str(path))
 
 

@@ -1,10 +1,12 @@
 """`kdcache plot RUN_DIR...`: loss curves from runs' metrics.jsonl as PNG (matplotlib, Agg)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from formats.errors import InputError
+from formats.errors import FormatError, InputError
+from formats.trust import loads
+
+MAX_METRICS_LINE = 1 << 20
 
 PANELS = [("train", "loss", "train loss"), ("eval", "kl", "held-out KL(teacher || student)"),
           ("eval", "ce", "held-out CE (nats/token)"), ("eval", "top1_agreement", "held-out top-1 agreement")]
@@ -19,10 +21,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: line {i} is not valid JSON ({exc.msg}); the file is damaged: rerun the "
-                             "training (or drop the run)") from None
+            row = loads(line, f"{path}: line {i}", max_bytes=MAX_METRICS_LINE, what="a metrics row")
+        except FormatError as exc:
+            raise InputError(f"{exc}; the file is damaged: rerun the training (or drop the run)") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             raise InputError(f"{path}: line {i} is not a metrics row (a JSON object with an integer `step`)")
         rows.append(row)

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from formats.errors import KDCacheError, InputError
+from formats.errors import FormatError, KDCacheError, InputError
+from formats.trust import load_json_file
 from train_student.config import Stage
 from train_student.plot import plot_runs, plot_study, read_metrics
 
@@ -54,13 +55,16 @@ class Run:
 
 
 # ==== reading one run ==============================================================================
+MAX_RUN_FILE_BYTES = 64 << 20  # a run's config.json or results.json
+
+
 def read_json(path: Path, what: str) -> dict:
     if not path.exists():
         raise InputError(f"{path}: missing; {what}")
     try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}); rerun what wrote it or remove the run from the report") from None
+        value = load_json_file(path, max_bytes=MAX_RUN_FILE_BYTES)
+    except FormatError as exc:  # not JSON, or beyond the strict parser's bounds (depth, numbers, duplicate keys)
+        raise InputError(f"{exc}; rerun what wrote it or remove the run from the report") from None
     if not isinstance(value, dict):
         raise InputError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value

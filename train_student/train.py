@@ -358,7 +358,7 @@ class Trainer:
             self.eval_set = eval_batches(stage.cache, rank=self.rank, world_size=self.world,
                                          eval_fraction=self.cfg.eval_fraction, max_tokens=self.cfg.max_tokens,
                                          max_examples=self.cfg.eval_max_examples, input_size=self.input_size,
-                                         output_size=self.output_size, align=_align_fn(xtok))
+                                         output_size=self.output_size, align=_align_fn(xtok), verify=self.cfg.verify)
             if self.stage_step == 0:
                 self.evaluate()
             stopped = self._train_stage(stage, packer)
@@ -516,7 +516,7 @@ class Trainer:
     def _packer(self, stage: Stage) -> Packer:
         readers = open_readers(stage.cache, rank=self.rank, world_size=self.world, shuffle=self.cfg.shuffle,
                                seed=self.cfg.seed + self.stage_idx, epochs=stage.epochs or None,
-                               max_examples=stage.max_examples)
+                               max_examples=stage.max_examples, verify=self.cfg.verify)
         sizes = dict(input_size=self.input_size, output_size=self.output_size)
         xtok = self.xtok[self.stage_idx]
         stream = ExampleStream(readers, split="train", eval_fraction=self.cfg.eval_fraction, fraction=stage.fraction,

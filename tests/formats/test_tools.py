@@ -478,6 +478,12 @@ def test_reader_checks_each_shard_header_against_the_manifest(cache, edit, match
 
 
 def test_reader_checks_each_shards_rows_against_the_manifest(cache):
-    edit_manifest(cache, lambda m: m["shards"][0].update(rows=m["shards"][0]["rows"] + 1))
+    def one_more_row(m):  # counts kept consistent: only the shard's own row count can catch it
+        m["shards"][0]["rows"] += 1
+        m["counts"]["examples"] += 1
+    edit_manifest(cache, one_more_row)
     with pytest.raises(FormatError, match="rows, the manifest says"):
         list(CacheReader(cache))
+    edit_manifest(cache, lambda m: m["shards"][0].update(rows=m["shards"][0]["rows"] - 1))
+    with pytest.raises(FormatError, match="counts.examples says"):
+        CacheReader(cache)
