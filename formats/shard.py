@@ -261,7 +261,8 @@ class ShardFile:
     """Shard `index` of a cache: a regular file of the manifest's size, a Parquet footer whose kdcache
     metadata matches the manifest, row groups read only after the file's sha256 was checked (with
     `verify`; without, every bound but the hash still holds) and only when the sizes its footer
-    declares fit what the manifest's counts allow (a decompression bomb is refused before it expands).
+    declares are a plausible expansion of what it stores (a decompression bomb is refused before it
+    expands).
 
         shard = ShardFile(files, manifest, 0)
         for g in range(shard.num_row_groups):
@@ -326,22 +327,21 @@ class ShardFile:
         return decode_table(table, self.meta, f"{self.where}, row group {g}", self.limits)
 
     def _check_budget(self, g: int) -> None:
-        """The row group's uncompressed size (as its footer declares it) within what its rows and the
-        shard's positions can take: rows x (tokens, id, source, meta) + positions x k entries."""
+        """The row group's uncompressed size, as its footer declares it, at most MAX_EXPANSION times its
+        compressed size (or MAX_ROW_GROUP_FLOOR): kdcache's streams expand 2-4x, a decompression bomb
+        thousands of times. The bound is the file's own size, not a count the manifest claims."""
         rg = self.pf.metadata.row_group(g)
         declared = sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns))
-        tokens = self.limits["max_tokens"] or MAX_TOKENS_UNRECORDED
-        per_row = 2 * MAX_ID_CHARS + ROW_META_ALLOWANCE + 16 * tokens + 256
-        per_position = self.k * (self.meta["id_bytes"] + 3) + 32
-        budget = 2 * (rg.num_rows * per_row + self.entry["positions"] * per_position) + (1 << 20)
+        stored = sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+        budget = max(MAX_EXPANSION * stored, MAX_ROW_GROUP_FLOOR)
         if declared > budget:
-            raise FormatError(f"{self.where}, row group {g}: declares {declared} bytes uncompressed, more than its "
-                              f"{rg.num_rows} rows and the shard's {self.entry['positions']} positions can take "
-                              f"({budget}); a decompression bomb or a damaged footer: refused")
+            raise FormatError(f"{self.where}, row group {g}: declares {declared} bytes uncompressed from {stored} stored "
+                              f"(more than {MAX_EXPANSION}x, and above {MAX_ROW_GROUP_FLOOR >> 20} MiB); a decompression "
+                              "bomb or a damaged footer: refused")
 
     def close(self) -> None:
         self.file.close()
 
 
-MAX_TOKENS_UNRECORDED = 1 << 16   # tokens per row (on average) where the manifest records no max_length
-ROW_META_ALLOWANCE = 1 << 20      # meta bytes per row, on average over a row group
+MAX_EXPANSION = 64               # uncompressed / compressed of a row group (kdcache writes 2-4x)
+MAX_ROW_GROUP_FLOOR = 64 << 20   # below this a row group is never refused for its expansion

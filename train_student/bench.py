@@ -119,14 +119,16 @@ def bench_reader(cache: Path, max_tokens: int, repeats: int = 3) -> list[dict]:
     from train_student.data import ExampleStream, Packer
 
     rows = []
-    best = None
-    for _ in range(repeats):
-        t0, n, pos = time.perf_counter(), 0, 0
-        for ex in CacheReader(cache):
-            n, pos = n + 1, pos + ex.num_targets
-        dt = time.perf_counter() - t0
-        best = min(best or dt, dt)
-    rows.append({"what": "CacheReader (decode)", "examples_per_s": n / best, "positions_per_s": pos / best})
+    best = {True: None, False: None}
+    for _ in range(repeats):  # interleaved: the sha256 every reader checks (verify) vs --no-verify
+        for verify in (True, False):
+            t0, n, pos = time.perf_counter(), 0, 0
+            for ex in CacheReader(cache, verify=verify):
+                n, pos = n + 1, pos + ex.num_targets
+            dt = time.perf_counter() - t0
+            best[verify] = min(best[verify] or dt, dt)
+    for verify, what in ((True, "CacheReader (decode, sha256 checked)"), (False, "CacheReader --no-verify (no sha256)")):
+        rows.append({"what": what, "examples_per_s": n / best[verify], "positions_per_s": pos / best[verify]})
     best = None
     for _ in range(repeats):
         t0, toks, m = time.perf_counter(), 0, 0

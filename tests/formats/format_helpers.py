@@ -54,7 +54,7 @@ def edit_manifest(cache, edit):
     return manifest
 
 
-def rewrite_shard(cache, index, edit_table=None, edit_metadata=None):
+def rewrite_shard(cache, index, edit_table=None, edit_metadata=None, **write_options):
     """Rewrite shard `index` of a cache with `edit_table(pa.Table) -> pa.Table` and/or
     `edit_metadata(dict) -> dict` (the shard's kdcache key-value metadata), then update the
     manifest's size and sha256 of that shard, and counts.bytes (the other counts are left as they were)."""
@@ -75,7 +75,7 @@ def rewrite_shard(cache, index, edit_table=None, edit_metadata=None):
     if edit_metadata is not None:
         raw = edit_metadata(raw)
     table = table.replace_schema_metadata({b"kdcache": raw if isinstance(raw, bytes) else json.dumps(raw).encode()})
-    pq.write_table(table, path, row_group_size=max(1, table.num_rows))
+    pq.write_table(table, path, row_group_size=max(1, table.num_rows), **write_options)
     size = path.stat().st_size
     if "bytes" in manifest.get("counts", {}):
         manifest["counts"]["bytes"] += size - manifest["shards"][index]["bytes"]
