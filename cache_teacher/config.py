@@ -125,6 +125,13 @@ class CacheConfig:
             if _looks_local(name) and not Path(name).expanduser().exists():
                 raise InputError(f"{what} {name!r} does not exist: give an existing local "
                                  f"{'file or folder' if what == 'dataset' else 'checkpoint folder'} or a hub id")
+        out = str(self.out or "")
+        if "://" in out:
+            raise InputError(f"--out {out!r}: the cache job writes a local folder (its shards are fsynced and renamed "
+                             "into place, which object stores cannot do); write to a local folder, then upload it "
+                             "(e.g. `aws s3 sync`, `huggingface-cli upload`)")
+        if out and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+            raise InputError(f"--out {out!r} is a file; give a folder (new, or a cache to resume)")
         if self.k < 1:
             raise InputError(f"k={self.k} must be >= 1")
         if self.mass is not None and not 0.0 < self.mass <= 1.0:

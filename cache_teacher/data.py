@@ -13,12 +13,12 @@ one; a reason reads `code: detail` (the summary groups by code).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from formats.errors import InputError
+from formats.errors import FormatError, InputError
+from formats.trust import loads
 from formats.ids import input_record_id, keep_fraction, stable_hash, worker_of  # noqa: F401  (engines use stable_hash)
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -44,28 +44,82 @@ def local_files(dataset: str) -> list[Path] | None:
     return None
 
 
+MAX_RECORD_BYTES = 256 << 20  # one .jsonl line (a record beyond it is a reject, read no further)
+BOM = b"\xef\xbb\xbf"
+
+
+def check_local_files(files: list[Path]) -> None:
+    """Refuse, before any work, a local file that cannot be read at all (InputError naming it and the fix):
+    a `.parquet` that is not Parquet, a `.json` that is not UTF-8 JSON holding a list of records."""
+    for path in files:
+        if path.suffix == ".parquet":
+            _parquet(path)
+        elif path.suffix == ".json":
+            _json_records(path)
+
+
+def _parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise InputError(f"{path}: not a readable Parquet file ({str(exc)[:160]}); convert it to .jsonl or .parquet, "
+                         "or remove it from the dataset folder") from None
+
+
+def _json_records(path: Path) -> list:
+    raw = path.read_bytes()
+    try:
+        data = loads(raw[len(BOM):] if raw.startswith(BOM) else raw, str(path), max_bytes=len(raw), what="the file")
+    except FormatError as exc:
+        hint = ("re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)" if "not UTF-8" in str(exc) else
+                "fix it, or write one record per line as .jsonl (a bad line is then one reject)")
+        raise InputError(f"{exc}: a .json dataset is one JSON document; {hint}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise InputError(f"{path}: a .json dataset must be a list of records (or {{'data': [...]}})")
+    return data
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) of each non-empty line; bytes None for a line longer than MAX_RECORD_BYTES
+    (skipped without being held in memory)."""
+    with path.open("rb") as fh:
+        lineno = 0
+        while True:
+            line = fh.readline(MAX_RECORD_BYTES + 1)
+            if not line:
+                return
+            lineno += 1
+            if lineno == 1 and line.startswith(BOM):
+                line = line[len(BOM):]
+            if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
+                while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                yield lineno, None
+                continue
+            if line.strip():
+                yield lineno, line
+
+
 def _read_local(files: list[Path]) -> Iterator[Any]:
+    check_local_files(files)
     for path in files:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        yield _BadJSON(f"invalid_json: {path.name} line {lineno}: {exc.msg}")
+            for lineno, line in _jsonl_lines(path):
+                if line is None:
+                    yield _BadJSON(f"record_too_large: {path.name} line {lineno}: more than {MAX_RECORD_BYTES} bytes")
+                    continue
+                try:
+                    yield loads(line, f"{path.name} line {lineno}", max_bytes=MAX_RECORD_BYTES, what="the record")
+                except FormatError as exc:  # not UTF-8, not JSON, nested too deep, a 5,000-digit number, ...
+                    yield _BadJSON(f"invalid_json: {exc}")
         elif path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list):
-                raise InputError(f"{path}: a .json dataset must be a list of records (or {{'data': [...]}})")
-            yield from data
+            yield from _json_records(path)
         else:
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for batch in _parquet(path).iter_batches(batch_size=1024):
                 yield from batch.to_pylist()
 
 
@@ -85,9 +139,20 @@ def _read_hub(config) -> Iterator[Any]:
         ds = datasets.load_dataset(
             config.dataset, split=config.split, streaming=config.streaming, revision=config.dataset_revision
         )
-    except (FileNotFoundError, ValueError) as exc:
-        raise InputError(f"cannot load dataset {config.dataset!r} split {config.split!r}: {exc}") from exc
-    yield from ds
+        rows = iter(ds)
+        first = next(rows, None)  # a streamed dataset connects here: its errors are the dataset's too
+    except Exception as exc:  # ConnectionError, DatasetNotFoundError, offline mode, a typo in the id or split
+        import os
+
+        offline = " (HF_HUB_OFFLINE=1 is set: only datasets in the local hub cache load)" if os.environ.get(
+            "HF_HUB_OFFLINE") == "1" else ""
+        cause = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"cannot load dataset {config.dataset!r} split {config.split!r}: {type(exc).__name__}: "
+                         f"{cause}{offline}; give a local .jsonl/.json/.parquet file or folder, or check the id, "
+                         "split and network") from None
+    if first is not None:
+        yield first
+        yield from rows
 
 
 def read_raw(config) -> Iterator[Any]:
@@ -119,6 +184,10 @@ def validate(record: Any, require_assistant: bool = True) -> str | None:
         content = m.get("content")
         if not isinstance(content, str):
             return f"non_string_content: message {i} ({role}) has content of type {type(content).__name__}"
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\\ud800" in JSON): no tokenizer can encode it
+            return f"invalid_text: message {i} ({role}) holds {content[exc.start]!r} at character {exc.start}, not text"
         if role == "assistant":
             n_assistant += 1
             if not content.strip():
@@ -136,6 +205,7 @@ def iter_records(config) -> Iterator[tuple[dict | None, Reject | None]]:
     sources = set(config.sources) if config.sources else None
     seen: set[str] = set()
     taken = 0
+    index = -1
     for index, raw in enumerate(read_raw(config)):
         if config.max_examples is not None and taken >= config.max_examples:
             break
@@ -149,19 +219,27 @@ def iter_records(config) -> Iterator[tuple[dict | None, Reject | None]]:
         taken += 1
         if worker_of(rid, config.num_workers) != config.worker_index:
             continue
+        if rid in seen:  # its reject gets an id no record has had (nor will: a later record with it is a duplicate)
+            dup = f"{rid}#dup{index}"
+            while dup in seen:
+                dup += "+"
+            seen.add(dup)
+            yield None, (dup, f"duplicate_id: id {rid!r} appeared before, or was given to a duplicate (row {index})",
+                         source)
+            continue
+        seen.add(rid)
         if isinstance(raw, _BadJSON):
             yield None, (rid, raw.reason, "")
             continue
-        if rid in seen:
-            yield None, (f"{rid}#dup{index}", f"duplicate_id: id {rid!r} appeared before (row {index})", source)
-            continue
-        seen.add(rid)
         reason = validate(raw, require_assistant=config.mode != "generate")
         if reason is not None:
             yield None, (rid, reason, source)
             continue
         messages = [{"role": m["role"], "content": m["content"]} for m in raw["messages"]]
         yield {"id": rid, "messages": messages, "source": source}, None
+    if index < 0:
+        raise InputError(f"{config.dataset}: the dataset holds no records; nothing to cache (an empty file, or the "
+                         "wrong file or split?)")
 
 
 def expected_inputs(config) -> int | None:

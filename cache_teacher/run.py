@@ -61,15 +61,21 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
 
 def _write_cache(config, templater, prov: dict, teacher: "_Teacher", summary: Summary, progress: "_Progress") -> dict:
     """Every input record not done yet, written or rejected; returns the finished cache's manifest."""
+    import itertools
+
     from formats.writer import CacheWriter
 
+    records = iter_records(config)
+    first = next(records, None)  # opens the input: a dataset that cannot be read stops here, before any output
+    records = itertools.chain([first] if first is not None else [], records)
     with CacheWriter(config.out, codec=codec_config(config), provenance=prov, shard_max_bytes=config.shard_max_bytes,
                      row_group_positions=config.row_group_positions, resume=config.resume) as writer:
         io = WriterThread(writer)
         batches = _Batches(config, teacher, templater, io, summary, progress)
         try:
             # templating runs ahead in a thread while the engine works on the previous batch
-            for kind, value in prefetch(_prepared(config, templater, set(writer.done_ids)), 2 * config.batch_size):
+            for kind, value in prefetch(_prepared(config, templater, set(writer.done_ids), records),
+                                        2 * config.batch_size):
                 summary.inputs += 1
                 if kind == "item":
                     summary.truncated += int(value.truncated)
@@ -91,10 +97,11 @@ def _write_cache(config, templater, prov: dict, teacher: "_Teacher", summary: Su
     return writer.manifest
 
 
-def _prepared(config, templater, done: set[str]):
-    """Each input record as ("item", Templated), ("reject", [(id, reason, source), ...]) (one per unit id not
-    yet done) or ("resumed", id). A record's unit ids: its own (score), its n sample ids (generate)."""
-    for record, reject in iter_records(config):
+def _prepared(config, templater, done: set[str], records):
+    """Each input record (of `records`, cache_teacher.data.iter_records) as ("item", Templated), ("reject",
+    [(id, reason, source), ...]) (one per unit id not yet done) or ("resumed", id). A record's unit ids: its
+    own (score), its n sample ids (generate)."""
+    for record, reject in records:
         rid = reject[0] if reject is not None else record["id"]
         todo = [uid for uid in sample_ids(rid, per_input(config)) if uid not in done]
         if not todo:
@@ -108,10 +115,12 @@ def _prepared(config, templater, done: set[str]):
         except TemplateReject as exc:
             yield "reject", [(uid, exc.reason, record["source"]) for uid in todo]
             continue
+        except (TypeError, ValueError, UnicodeError) as exc:  # the tokenizer on text it cannot encode: one record
+            reason = f"tokenizer_error: {type(exc).__name__}: {str(exc)[:200]}"
+            yield "reject", [(uid, reason, record["source"]) for uid in todo]
+            continue
         if config.mode == "generate":
-            item.wanted = set(todo)
-        else:
-            item.messages = record["messages"]  # stored in meta (the prompt's, in generate mode)
+            item.wanted = set(todo)  # item.messages: the prompt's; score mode: the (bounded) conversation rendered
         yield "item", item
 
 

@@ -60,7 +60,10 @@ class AtomicFile:
                 os.replace(self.tmp, self.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
                 os.fsync(self._dir)
             else:
-                self._f.close()
+                try:
+                    self._f.close()  # flushing may fail again (a full disk): the temporary goes all the same
+                except OSError:
+                    pass
                 os.unlink(self.tmp, dir_fd=self._dir)
         finally:
             os.close(self._dir)
@@ -101,3 +104,39 @@ def fsync_dir(path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+LOCK_NAME = ".kdcache-lock"
+
+
+class FolderLock:
+    """An exclusive lock on a folder one job writes (`kdcache cache --out`): a second job on the same folder
+    stops at once with the holder's pid, host and start time. The kernel releases the lock when its process
+    dies (a killed job leaves no stale lock to clean up); the file is removed when the job ends well."""
+
+    def __init__(self, folder):
+        import fcntl
+        import socket
+        import time
+
+        self.path = make_folder(folder) / LOCK_NAME
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise InputError(f"{printable(str(folder))} is being written by {printable(holder)}; wait for that job to "
+                             "finish (a rerun then resumes or finds the cache complete), or write to another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+        self._fd = fd
+
+    def release(self, remove: bool = False) -> None:
+        if self._fd is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None

@@ -22,6 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Work per record is bounded by max_length: a conversation's text beyond max_length x CHARS_PER_TOKEN
+# characters (and messages beyond max_length: each renders to a token at least) cannot reach its first
+# max_length tokens at the 3-5 characters per token of real text, so it is cut before templating. A record
+# the cut changed but whose tokens did not then exceed max_length is rejected (too_long) rather than
+# trained with a turn the cut ended early. Without max_length, a record is bounded by what one cache row
+# stores (formats.shard.MAX_META_BYTES).
+CHARS_PER_TOKEN = 16
+MAX_MESSAGES = 4096           # per record without max_length (templating is quadratic in turns)
+MAX_CHARS = 16 << 20          # per record without max_length (its conversation is stored in the row's meta)
+
 # Special tokens that end a turn in common templates, besides the tokenizer's eos.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>")
 
@@ -122,15 +132,39 @@ class ChatTemplater:
             raise AssertionError("template pieces do not reassemble to the full rendering")
         return [(text, trained) for text, trained in pieces if text]
 
+    def bounded(self, messages: list[dict]) -> tuple[list[dict], bool]:
+        """(the messages that can reach the first max_length tokens, whether anything was cut); see
+        CHARS_PER_TOKEN. Raises TemplateReject for a record too large to template without max_length."""
+        if self.max_length is None:
+            chars = sum(len(m["content"]) for m in messages)
+            if len(messages) > MAX_MESSAGES or chars > MAX_CHARS:
+                raise TemplateReject(f"too_large: {len(messages)} messages, {chars} characters (at most {MAX_MESSAGES} "
+                                     f"and {MAX_CHARS} without --max-length); set --max-length to cut long records")
+            return messages, False
+        budget, kept = self.max_length * CHARS_PER_TOKEN, []
+        for m in messages[: self.max_length]:
+            if budget <= 0:
+                break
+            kept.append(m if len(m["content"]) <= budget else {**m, "content": m["content"][:budget]})
+            budget -= len(kept[-1]["content"])
+        cut = len(kept) < len(messages) or (bool(kept) and kept[-1] is not messages[len(kept) - 1])
+        return kept, cut
+
     def score(self, record: dict) -> Templated:
         """Token ids of the whole conversation and its assistant positions (raises TemplateReject)."""
         ids: list[int] = []
         mask: list[bool] = []
-        for text, is_turn in self.pieces(record["messages"]):
+        messages, cut = self.bounded(record["messages"])
+        if cut and not any(m["role"] == "assistant" for m in messages):
+            raise TemplateReject(f"no_trained_tokens: no assistant turn within max_length {self.max_length}")
+        for text, is_turn in self.pieces(messages):
             piece = encode_text(self.tokenizer, text)
             ids.extend(piece)
             mask.extend(self.turn_mask(piece) if is_turn else [False] * len(piece))
         truncated = False
+        if cut and len(ids) <= self.max_length:  # the cut reached into the first max_length tokens: do not guess
+            raise TemplateReject(f"too_long: more than {self.max_length * CHARS_PER_TOKEN} characters (max_length x "
+                                 f"{CHARS_PER_TOKEN}) or {self.max_length} messages, yet at most {self.max_length} tokens")
         if self.max_length is not None and len(ids) > self.max_length:
             if self.length_policy == "drop":
                 raise TemplateReject(f"too_long: {len(ids)} tokens > max_length {self.max_length}")
@@ -143,7 +177,8 @@ class ChatTemplater:
                 if truncated
                 else "no_trained_tokens: the template left no assistant token"
             )
-        return Templated(record["id"], np.asarray(ids, np.int32), positions, record.get("source", ""), truncated)
+        return Templated(record["id"], np.asarray(ids, np.int32), positions, record.get("source", ""), truncated,
+                         messages=messages)
 
     def prompt(self, record: dict) -> Templated:
         """Generate mode: the conversation before its last assistant turn (all of it when it has none, or
@@ -154,6 +189,9 @@ class ChatTemplater:
         prompt_messages = messages if (ends_with_user or not assistant) else messages[: assistant[-1]]
         if not any(m["role"] == "user" for m in prompt_messages):
             raise TemplateReject("no_prompt: no user turn before the last assistant turn")
+        if self.bounded(prompt_messages)[1]:  # a prompt is kept whole or not at all
+            raise TemplateReject(f"too_long: prompt of more than {self.max_length * CHARS_PER_TOKEN} characters or "
+                                 f"{self.max_length} messages (max_length {self.max_length})")
         ids = encode_text(self.tokenizer, _render(self.tokenizer, prompt_messages, add_generation_prompt=True))
         if self.max_length is not None and len(ids) >= self.max_length:
             raise TemplateReject(f"too_long: prompt of {len(ids)} tokens >= max_length {self.max_length}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -281,36 +282,43 @@ def merge_caches(out, caches: list) -> dict:
         check_contents(f, m)
     rejects = [read_rejects(f, m) for f, m in zip(inputs, manifests)]  # sha256-checked
     _check_disjoint(inputs, manifests, rejects)
+    existed = out.exists()
     make_folder(out)
-    shards = []
-    for w, (files, m) in enumerate(zip(inputs, manifests)):
-        for shard in m["shards"]:
-            name = f"w{w:03d}-{shard['file']}"
-            with AtomicFile(out, name) as f:  # hashed as it streams; a wrong sha256 leaves nothing
-                files.copy_to((shard["file"],), f, size=shard["bytes"], sha256=shard["sha256"])
-            shards.append({**shard, "file": name})
-    all_rejects = [r for part in rejects for r in part]
-    rejects_bytes = "".join(json.dumps(r) + "\n" for r in all_rejects).encode()
-    with AtomicFile(out, REJECTS_NAME) as f:
-        f.write(rejects_bytes)
-    merged = _merged_manifest(caches, manifests)
-    merged["shards"] = shards
-    merged.pop("tokenizer_files", None)  # the same tokenizer in every input: carry the first input's files
-    carrier = next(((f, m) for f, m in zip(inputs, manifests) if m.get("tokenizer_files")), None)
-    if carrier is not None:
-        merged["tokenizer_files"] = copy_tokenizer_files(*carrier, out)
-    by_reason = tally_reasons(all_rejects)  # counted from the rejects themselves, not the inputs' claims
-    merged["counts"] = {
-        "examples": sum(s["rows"] for s in shards), "positions": sum(s["positions"] for s in shards),
-        "rejects": len(all_rejects), "rejects_by_reason": by_reason, "bytes": sum(s["bytes"] for s in shards),
-    }
-    if all(m["counts"].get("inputs") is not None for m in manifests):  # each worker accounted for its inputs
-        merged["counts"]["inputs"] = sum(m["counts"]["inputs"] for m in manifests)
-    merged["counts"]["bytes_per_position"] = merged["counts"]["bytes"] / max(1, merged["counts"]["positions"])
-    merged["rejects_file"] = {"file": REJECTS_NAME, "count": len(all_rejects),
-                              "sha256": hashlib.sha256(rejects_bytes).hexdigest()}
-    write_card(out, merged)
-    write_json_atomic(out / MANIFEST_NAME, merged)
+    try:
+        shards = []
+        for w, (files, m) in enumerate(zip(inputs, manifests)):
+            for shard in m["shards"]:
+                name = f"w{w:03d}-{shard['file']}"
+                with AtomicFile(out, name) as f:  # hashed as it streams; a wrong sha256 leaves nothing
+                    files.copy_to((shard["file"],), f, size=shard["bytes"], sha256=shard["sha256"])
+                shards.append({**shard, "file": name})
+        all_rejects = [r for part in rejects for r in part]
+        rejects_bytes = "".join(json.dumps(r) + "\n" for r in all_rejects).encode()
+        with AtomicFile(out, REJECTS_NAME) as f:
+            f.write(rejects_bytes)
+        merged = _merged_manifest(caches, manifests)
+        merged["shards"] = shards
+        merged.pop("tokenizer_files", None)  # the same tokenizer in every input: carry the first input's files
+        carrier = next(((f, m) for f, m in zip(inputs, manifests) if m.get("tokenizer_files")), None)
+        if carrier is not None:
+            merged["tokenizer_files"] = copy_tokenizer_files(*carrier, out)
+        by_reason = tally_reasons(all_rejects)  # counted from the rejects themselves, not the inputs' claims
+        merged["counts"] = {
+            "examples": sum(s["rows"] for s in shards), "positions": sum(s["positions"] for s in shards),
+            "rejects": len(all_rejects), "rejects_by_reason": by_reason, "bytes": sum(s["bytes"] for s in shards),
+        }
+        if all(m["counts"].get("inputs") is not None for m in manifests):  # each worker accounted for its inputs
+            merged["counts"]["inputs"] = sum(m["counts"]["inputs"] for m in manifests)
+        merged["counts"]["bytes_per_position"] = merged["counts"]["bytes"] / max(1, merged["counts"]["positions"])
+        merged["rejects_file"] = {"file": REJECTS_NAME, "count": len(all_rejects),
+                                  "sha256": hashlib.sha256(rejects_bytes).hexdigest()}
+        write_card(out, merged)
+        write_json_atomic(out / MANIFEST_NAME, merged)
+    except BaseException:  # a full disk, a file size limit, a bad input shard: leave the folder as it was
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:
+            out.mkdir()
+        raise
     return merged
 
 

@@ -35,7 +35,7 @@ from formats.card import write_card
 from formats.errors import FormatError, InputError
 from formats.example import Example
 from formats.manifest import load_manifest, new_manifest, sha256_file, tally_reasons, teacher_output_size
-from formats.safe_write import fsync_dir, write_json_atomic, write_text_atomic
+from formats.safe_write import LOCK_NAME, FolderLock, fsync_dir, write_json_atomic, write_text_atomic
 from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, arrow_schema, shard_metadata
 from formats.shard import check_example, encode_rows
 
@@ -102,7 +102,12 @@ class CacheWriter:
         self._buffer_positions = 0
         self._rejects: list[dict] = []  # not yet committed
         self._open: _OpenShard | None = None  # the shard being written
-        self._prepare(resume)
+        self._lock = FolderLock(self.root)  # one job per folder: a second stops here, naming the first
+        try:
+            self._prepare(resume)
+        except BaseException:
+            self._lock.release()
+            raise
 
     # ---- setup and resume ---------------------------------------------------------------------
     def _prepare(self, resume: bool) -> None:
@@ -116,7 +121,7 @@ class CacheWriter:
         if job_path.exists():
             refuse_other_settings(self.root, _read_json(job_path), self.manifest, "an unfinished cache")
         else:
-            others = sorted(p.name for p in self.root.iterdir() if p.name != PROGRESS) if self.root.exists() else []
+            others = sorted(p.name for p in self.root.iterdir() if p.name not in (PROGRESS, LOCK_NAME)) if self.root.exists() else []
             if others:
                 raise InputError(f"{self.root} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
                                  "and holds no kdcache job; write the cache to a new or empty folder")
@@ -181,7 +186,10 @@ class CacheWriter:
         if exc_type is None:
             self.finish()
         else:
-            self._save_pending_rejects()  # keep what is accounted for; shards in flight are redone
+            try:
+                self._save_pending_rejects()  # keep what is accounted for; shards in flight are redone
+            finally:
+                self._lock.release()
 
     def write(self, example: Example) -> None:
         if self.complete:
@@ -276,6 +284,7 @@ class CacheWriter:
     def finish(self) -> dict:
         """Flush, publish the last shard, write rejects, the dataset card and (last) the manifest."""
         if self.complete:
+            self._lock.release(remove=True)
             return self.manifest
         self._flush_row_group()
         if self._open is not None:
@@ -304,6 +313,7 @@ class CacheWriter:
         write_json_atomic(self.root / MANIFEST_NAME, m)
         _rmtree(self.root / PROGRESS)
         self.complete = True
+        self._lock.release(remove=True)
         return m
 
 
