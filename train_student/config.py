@@ -23,6 +23,8 @@ from formats.errors import InputError
 from formats.settings import check_choices, merge, setting
 from train_student.loss_options import CROSS_TOKENIZER_MODES, IMPLS, KINDS, TAILS
 
+LONG_EXAMPLES = ("truncate", "skip")  # what the packer does with an example longer than max_tokens
+
 STUDENT_DTYPES = ("auto", "float32", "bfloat16", "bf16-mixed")
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")  # train_student/checkpoint.py
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -87,6 +89,9 @@ class TrainConfig:
                                            "none)")
     max_tokens: int = setting(4096, group="data", metavar="N",
                               help="tokens per packed sequence (one micro-batch per process)")
+    long_examples: str = setting("truncate", choices=LONG_EXAMPLES, help="an example longer than --max-tokens: "
+                                 "truncate (train its first max-tokens tokens; the positions cut are counted) or "
+                                 "skip it; one with nothing to train within max-tokens is always skipped (counted)")
     grad_accum: int = setting(1, help="micro-batches per optimizer step and process", metavar="N")
     eval_fraction: float = setting(0.01, metavar="F",
                                    help="share of example ids held out for evaluation (by hash of the id)")

@@ -41,6 +41,7 @@ import torch
 from formats import IGNORE_INDEX, CacheReader, Example, InputError
 from formats.ids import is_eval, keep_fraction, record_id
 from train_student.checks import check_example_fits_student, check_ids_fit_student
+from train_student.config import LONG_EXAMPLES
 
 
 # ---- streaming -----------------------------------------------------------------------------------
@@ -196,6 +197,8 @@ class PackedBatch:
     topk_logprobs: torch.Tensor
     n_examples: int
     truncated: int = 0  # examples cut to max_tokens
+    dropped: int = 0    # trained positions past max_tokens in those (not trained)
+    skipped: int = 0    # examples pulled before this batch that had nothing to train within max_tokens
 
     @property
     def n_tokens(self) -> int:
@@ -208,13 +211,13 @@ class PackedBatch:
     def to(self, device) -> "PackedBatch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.topk_ids),
-                           move(self.topk_logprobs), self.n_examples, self.truncated)
+                           move(self.topk_logprobs), self.n_examples, self.truncated, self.dropped, self.skipped)
 
 
 def pack_batch(examples: list[Example], k: int, max_tokens: int | None = None) -> PackedBatch:
     """Pack `examples` (in order) into one sequence; each is cut to `max_tokens` tokens if longer."""
     ids, pos, labels, tids, tlps = [], [], [], [], []
-    truncated = 0
+    truncated = dropped = 0
     for ex in examples:
         L = len(ex.input_ids)
         tp = ex.target_positions.astype(np.int64)
@@ -222,6 +225,7 @@ def pack_batch(examples: list[Example], k: int, max_tokens: int | None = None) -
         if max_tokens is not None and L > max_tokens:
             L, truncated = max_tokens, truncated + 1
             keep = tp < L
+            dropped += int((~keep).sum())
             tp, t_ids, t_lps = tp[keep], t_ids[keep], t_lps[keep]
         lab = np.full(L, IGNORE_INDEX, np.int64)
         row_ids = np.full((L, k), -1, np.int64)
@@ -244,6 +248,7 @@ def pack_batch(examples: list[Example], k: int, max_tokens: int | None = None) -
         topk_logprobs=torch.from_numpy(np.concatenate(tlps)),
         n_examples=len(examples),
         truncated=truncated,
+        dropped=dropped,
     )
 
 
@@ -253,12 +258,21 @@ class Packer:
     `stream` is an ExampleStream (or AlignedStream), or any iterator of examples when no cursor is
     needed (`eval_batches`).
     `state_dict()` between batches is the stream's cursor before the held-over example.
+
+    An example longer than `max_tokens` is cut to its first max_tokens tokens (`long_examples="truncate"`:
+    its trained positions past the cut are dropped and counted in PackedBatch.dropped) or skipped
+    (`"skip"`). An example with no trained position within max_tokens is always skipped (counted in
+    PackedBatch.skipped), so no sequence trains nothing.
     """
 
-    def __init__(self, stream: ExampleStream | Iterator[Example], *, max_tokens: int, k: int):
-        self.stream, self.max_tokens, self.k = stream, max_tokens, k
+    def __init__(self, stream: ExampleStream | Iterator[Example], *, max_tokens: int, k: int,
+                 long_examples: str = "truncate"):
+        if long_examples not in LONG_EXAMPLES:
+            raise InputError(f"long_examples={long_examples!r}: one of {', '.join(LONG_EXAMPLES)}")
+        self.stream, self.max_tokens, self.k, self.long_examples = stream, max_tokens, k, long_examples
         self._pending: Example | None = None
         self._pending_state: dict | None = None
+        self._skipped = 0
 
     def __iter__(self):
         return self
@@ -267,10 +281,16 @@ class Packer:
         if self._pending is not None:
             ex, self._pending, self._pending_state = self._pending, None, None
             return ex
-        try:
-            return next(self.stream)
-        except StopIteration:
-            return None
+        while True:
+            try:
+                ex = next(self.stream)
+            except StopIteration:
+                return None
+            long = len(ex.input_ids) > self.max_tokens
+            if ex.num_targets and not (long and (self.long_examples == "skip"
+                                                 or ex.target_positions[0] >= self.max_tokens)):
+                return ex
+            self._skipped += 1  # nothing it could train fits: never an empty sequence
 
     def __next__(self) -> PackedBatch:
         first = self._pull()
@@ -287,7 +307,9 @@ class Packer:
                 break
             batch.append(ex)
             used += len(ex.input_ids)
-        return pack_batch(batch, self.k, self.max_tokens)
+        packed = pack_batch(batch, self.k, self.max_tokens)
+        packed.skipped, self._skipped = self._skipped, 0
+        return packed
 
     def state_dict(self) -> dict:
         return self._pending_state if self._pending is not None else self.stream.state_dict()
@@ -319,7 +341,8 @@ def cache_k(readers: list[CacheReader]) -> int:
 
 def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction: float, max_tokens: int,
                  max_examples: int | None, input_size: int | None = None, output_size: int | None = None,
-                 align: Callable[[Example], Example] | None = None, verify: bool = True) -> list[PackedBatch]:
+                 align: Callable[[Example], Example] | None = None, verify: bool = True,
+                 long_examples: str = "truncate") -> list[PackedBatch]:
     """The held-out split of `paths` for this rank, packed once and kept in memory. `align`: a student
     with another tokenizer's `align.student_example` (bound to its aligner), applied to each held-out
     example; the aligned ones are checked against the student's sizes."""
@@ -332,7 +355,7 @@ def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction:
     examples = itertools.islice(stream, max_examples)
     if align is not None:
         examples = (_checked(align(ex), **sizes) for ex in examples)
-    return list(Packer(examples, max_tokens=max_tokens, k=cache_k(readers)))
+    return list(Packer(examples, max_tokens=max_tokens, k=cache_k(readers), long_examples=long_examples))
 
 
 def _checked(ex: Example, *, input_size: int | None, output_size: int | None) -> Example:

@@ -21,7 +21,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            row = loads(line, f"{path}: line {i}", max_bytes=MAX_METRICS_LINE, what="a metrics row")
+            row = loads(line, str(path), max_bytes=MAX_METRICS_LINE, what=f"line {i}")
         except FormatError as exc:
             raise InputError(f"{exc}; the file is damaged: rerun the training (or drop the run)") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):

@@ -53,6 +53,8 @@ import torch.distributed as dist
 from formats.errors import InputError
 from formats.hardware import native_bf16
 from formats.tokenizer_files import load_cache_tokenizer
+from formats.safe_write import write_json_atomic
+from formats.trust import load_json_file
 from formats.tokenizer_id import fingerprint_matches, load_tokenizer, manifest_fingerprint, tokenizer_fingerprint, vocab_size
 from train_student import checkpoint
 from train_student.config import Stage, TrainConfig
@@ -63,6 +65,21 @@ from train_student.student_check import check_student_tokenizer
 from train_student.model import StudentLoss, check_output_head, load_student, prepare_student, prune_layers
 
 log = logging.getLogger("train_student")
+
+
+def check_bf16_updates(matrices: list[torch.Tensor], lr: float) -> None:
+    """Pure bf16 keeps bf16 weights and no fp32 master copy: an AdamW update (about lr per weight) smaller
+    than half a weight's bf16 spacing rounds away. Refuse a run where that holds for most matrix weights."""
+    lost = total = 0
+    for p in matrices:
+        w = p.detach().float().abs()
+        spacing = torch.exp2(torch.floor(torch.log2(w.clamp_min(1e-30))) - 7)  # bf16: 8 significant bits
+        lost += int((lr < spacing / 2).sum())
+        total += w.numel()
+    if total and lost / total > 0.5:
+        raise InputError(f"--dtype bfloat16 keeps bf16 weights with no fp32 master copy: at --lr {lr:g}, an update "
+                         f"is below the bf16 rounding of {100 * lost / total:.0f}% of the matrix weights, so they would "
+                         "not train; use --dtype bf16-mixed (fp32 weights, bf16 compute)")
 
 
 def lr_lambda(step: int, *, warmup: int, total: int | None, min_ratio: float) -> float:
@@ -119,6 +136,7 @@ def _top1(sums: dict[str, float]) -> float:
     return sums["n_top1_agree"] / max(sums["n_scored"], 1.0)
 
 
+CUT_COUNTS = ("truncated_examples", "dropped_positions", "skipped_examples")  # what --max-tokens cost, per window
 XTOK_COUNTS = ("n_aligned", "n_exact", "n_uld")  # xtok_loss's per-batch row counts, summed over a window
 
 
@@ -300,6 +318,12 @@ class Trainer:
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         steps = [s.steps for s in self.stages]
         self.total_steps = None if None in steps else sum(steps)
+        if self.total_steps is not None and cfg.warmup_steps >= self.total_steps:
+            log.warning("--warmup-steps %d >= the run's %d steps: the learning rate never reaches --lr %g (it ends "
+                        "at %.3g); lower --warmup-steps", cfg.warmup_steps, self.total_steps, cfg.lr,
+                        cfg.lr * self.total_steps / max(cfg.warmup_steps, 1))
+        if cfg.dtype == "bfloat16":
+            check_bf16_updates(decay, cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, warmup=cfg.warmup_steps, total=self.total_steps,
                                                 min_ratio=cfg.min_lr_ratio))
@@ -358,7 +382,9 @@ class Trainer:
             self.eval_set = eval_batches(stage.cache, rank=self.rank, world_size=self.world,
                                          eval_fraction=self.cfg.eval_fraction, max_tokens=self.cfg.max_tokens,
                                          max_examples=self.cfg.eval_max_examples, input_size=self.input_size,
-                                         output_size=self.output_size, align=_align_fn(xtok), verify=self.cfg.verify)
+                                         output_size=self.output_size, align=_align_fn(xtok), verify=self.cfg.verify,
+                                         long_examples=self.cfg.long_examples)
+            self._note_eval_split(stage)
             if self.stage_step == 0:
                 self.evaluate()
             stopped = self._train_stage(stage, packer)
@@ -366,6 +392,9 @@ class Trainer:
                 return 0
             self.stage_step = 0
         self.stage_idx = len(self.stages)
+        if self.step == 0:  # never an untrained final/ that looks like a result
+            raise InputError(f"no optimizer step was taken: the stages' caches yielded no trainable example "
+                             f"(after the held-out split, --fraction, --max-tokens); nothing written to {self.out}/final")
         if self._last_eval != self.step:
             self.evaluate()
         self.save(packer=None, last=True)
@@ -388,7 +417,8 @@ class Trainer:
         cfg = self.cfg
         bar = self._progress(stage)
         # loss, kd, ce weighted by each micro-batch's targets; top-1 as exact counts
-        window = Sums("loss", "kd", "ce", "n_top1_agree", "n_scored", "tokens", "targets", *XTOK_COUNTS)
+        window = Sums("loss", "kd", "ce", "n_top1_agree", "n_scored", "tokens", "targets", *XTOK_COUNTS, *CUT_COUNTS)
+        cut = Sums(*CUT_COUNTS)  # the whole stage's, for its closing line
         xtok = self.xtok[self.stage_idx] is not None
         wait_s, step_s, t_last = 0.0, 0.0, time.perf_counter()
         while stage.steps is None or self.stage_step < stage.steps:
@@ -419,6 +449,10 @@ class Trainer:
                     (loss * share * self.world).backward()
                 if not batch.n_examples:  # an empty micro-batch of a rank out of data
                     continue
+                counts = dict(truncated_examples=batch.truncated, dropped_positions=batch.dropped,
+                              skipped_examples=batch.skipped)
+                window.add(**counts)
+                cut.add(**counts)
                 t = batch.n_targets
                 window.add(loss=loss.item() * t, kd=metrics["kd"].item() * t, ce=metrics["ce"].item() * t,
                            n_top1_agree=metrics["n_top1_agree"].item(), n_scored=metrics["n_scored"].item(),
@@ -445,6 +479,7 @@ class Trainer:
                        "data_wait_frac": wait_s / max(step_s, 1e-9), "tokens": int(w["tokens"])}
                 if xtok:
                     row.update(_xtok_shares(w))
+                row.update({key: int(w[key]) for key in CUT_COUNTS})
                 self._log("train", row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -463,9 +498,30 @@ class Trainer:
             t_last = time.perf_counter()  # exclude eval/checkpoint time from tokens/s
         if bar is not None:
             bar.close()
+        c = cut.reduced(self._all_reduce)
+        if any(c.values()):
+            log.warning("%s: %d examples longer than --max-tokens %d were cut (%d trained positions dropped), %d "
+                        "skipped (--long-examples %s, or nothing to train within max-tokens); raise --max-tokens to "
+                        "train them whole", stage.name, c["truncated_examples"], cfg.max_tokens,
+                        c["dropped_positions"], c["skipped_examples"], cfg.long_examples)
         return False
 
     # ==== evaluation ==============================================================================
+    def _note_eval_split(self, stage: Stage) -> None:
+        """Say at the stage's start when its held-out split is empty (no evaluation will happen), and record
+        every stage's held-out size in OUT/held_out.json (kdcache report reads the evaluations it makes)."""
+        n = int(self._all_reduce(torch.tensor([float(sum(b.n_examples for b in self.eval_set))]))[0].item())
+        if n == 0 and self.cfg.eval_fraction > 0:
+            log.warning("%s: the held-out split is empty (--eval-fraction %g of these caches' example ids selects "
+                        "none): no evaluation happens; raise --eval-fraction, or evaluate with `kdcache eval`",
+                        stage.name, self.cfg.eval_fraction)
+        if self.main:
+            path = self.out / "held_out.json"
+            record = load_json_file(path, max_bytes=1 << 20) if path.exists() else {}
+            record[stage.name] = {"examples": n, "eval_fraction": self.cfg.eval_fraction,
+                                  "eval_max_examples": self.cfg.eval_max_examples}
+            write_json_atomic(path, record)
+
     @torch.no_grad()
     def evaluate(self) -> dict | None:
         """KL(teacher || student) on the teacher's top-k (tail as in the current stage's training,
@@ -523,7 +579,10 @@ class Trainer:
                                **({} if xtok else sizes))  # cached ids are the teacher's: checked once aligned
         if xtok:
             stream = AlignedStream(stream, xtok["aligner"], xtok["vmap"], xtok["method"], **sizes)
-        return Packer(stream, max_tokens=self.cfg.max_tokens, k=cache_k(readers))
+        if not sum(r.num_examples() for r in readers):
+            raise InputError(f"stage {stage.name}: its caches hold no examples for this process "
+                             f"({', '.join(map(str, stage.cache))}); nothing to train: check --cache")
+        return Packer(stream, max_tokens=self.cfg.max_tokens, k=cache_k(readers), long_examples=self.cfg.long_examples)
 
     def _no_sync(self, skip_sync: bool):
         if skip_sync and self.distributed and not self.fsdp:
