@@ -14,7 +14,7 @@ from formats import CacheReader, CacheWriter, CodecConfig
 from formats.errors import InputError
 from train_student.config import make_config
 from train_student.data import ExampleStream, Packer
-from train_student.train import check_bf16_updates, run
+from train_student.train import run
 
 from .kd_fixtures import K, final_weights
 
@@ -46,6 +46,8 @@ def test_pure_bf16_that_would_not_train_is_refused_naming_bf16_mixed(tiny, tmp_p
     with pytest.raises(InputError, match="bf16-mixed"):
         run(config(tiny, tmp_path / "run", dtype="bfloat16"))
     assert not (tmp_path / "run" / "final").exists()
+    from train_student.train import check_bf16_updates
+
     big = torch.nn.Linear(64, 64).weight.to(torch.bfloat16)
     check_bf16_updates([big], lr=1e-1)  # a large enough step moves bf16 weights: allowed
     with pytest.raises(InputError, match="would not train"):
