@@ -109,10 +109,15 @@ def fsync_dir(path) -> None:
 LOCK_NAME = ".kdcache-lock"
 
 
+_HELD: dict[str, "FolderLock"] = {}  # this process's locks, by folder
+
+
 class FolderLock:
     """An exclusive lock on a folder one job writes (`kdcache cache --out`): a second job on the same folder
     stops at once with the holder's pid, host and start time. The kernel releases the lock when its process
-    dies (a killed job leaves no stale lock to clean up); the file is removed when the job ends well."""
+    dies (a killed job leaves no stale lock to clean up); the file is removed when the job ends well.
+    Within one process, a new lock on a folder takes over from an earlier one (a writer the process
+    abandoned, as a crash would: one process writes a folder through one writer at a time)."""
 
     def __init__(self, folder):
         import fcntl
@@ -120,6 +125,9 @@ class FolderLock:
         import time
 
         self.path = make_folder(folder) / LOCK_NAME
+        key = os.path.realpath(self.path)
+        if key in _HELD:
+            _HELD.pop(key).release()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -131,12 +139,17 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                      f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
-        self._fd = fd
+        self._fd, self._key = fd, key
+        _HELD[key] = self
 
     def release(self, remove: bool = False) -> None:
         if self._fd is None:
             return
-        if remove:
-            self.path.unlink(missing_ok=True)
-        os.close(self._fd)  # closing the descriptor releases the flock
-        self._fd = None
+        try:
+            if remove:
+                self.path.unlink(missing_ok=True)
+        finally:  # whatever happens, the lock goes with the descriptor
+            os.close(self._fd)
+            self._fd = None
+            if _HELD.get(self._key) is self:
+                del _HELD[self._key]

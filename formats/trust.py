@@ -63,10 +63,12 @@ def check_name(name, field: str, where: str) -> str:
 
 # ---- strict JSON ------------------------------------------------------------------------------
 
-def loads(raw: bytes | str, where: str, *, max_bytes: int, what: str = "JSON"):
+def loads(raw: bytes | str, where: str, *, max_bytes: int, what: str | None = None):
     """Parse untrusted JSON: at most `max_bytes`, UTF-8, nesting <= MAX_JSON_DEPTH, at most
     MAX_JSON_CONTAINERS objects and arrays, numbers of at most MAX_JSON_NUMBER_CHARS characters, no
-    NaN/Infinity, no key twice in an object. FormatError naming `where` otherwise."""
+    NaN/Infinity, no key twice in an object. FormatError naming `where` (and `what`, e.g. "meta") otherwise."""
+    subject = f"{where}: {what} is" if what else f"{where}:"
+    what = what or "the JSON"
     if len(raw) > max_bytes:
         raise FormatError(f"{where}: {what} of {len(raw)} bytes, more than the {max_bytes} it may hold; "
                           "the file is damaged or hostile")
@@ -74,7 +76,7 @@ def loads(raw: bytes | str, where: str, *, max_bytes: int, what: str = "JSON"):
         try:
             raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise FormatError(f"{where}: {what} is not UTF-8 ({exc})") from None
+            raise FormatError(f"{subject} not valid JSON: not UTF-8 ({exc})") from None
     containers = raw.count("{") + raw.count("[")  # an upper bound (brackets inside strings count too)
     if containers > MAX_JSON_CONTAINERS:
         raise FormatError(f"{where}: {what} holds {containers} objects/arrays, more than {MAX_JSON_CONTAINERS}")
@@ -86,7 +88,7 @@ def loads(raw: bytes | str, where: str, *, max_bytes: int, what: str = "JSON"):
     except _JSONRefused as exc:
         raise FormatError(f"{where}: {what}: {exc}") from None
     except (json.JSONDecodeError, ValueError) as exc:
-        raise FormatError(f"{where}: {what} is not valid JSON ({printable(exc)})") from None
+        raise FormatError(f"{subject} not valid JSON ({printable(exc)})") from None
     _check_depth(value, where, what)
     return value
 
@@ -136,7 +138,7 @@ def _check_depth(value, where: str, what: str) -> None:
             stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
 
 
-def load_json_file(path, *, max_bytes: int, what: str = "JSON"):
+def load_json_file(path, *, max_bytes: int, what: str | None = None):
     """A local JSON file (a run's config or results: `kdcache report`, `eval`) parsed with `loads`,
     reading at most `max_bytes` of it."""
     with open(path, "rb") as f:

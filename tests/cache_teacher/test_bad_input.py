@@ -97,14 +97,20 @@ def test_work_per_record_is_bounded_by_max_length(tiny_dir, tiny_engine, tmp_pat
 
 
 def test_two_jobs_on_one_folder(tiny_dir, tiny_engine, tmp_path):
-    from formats.safe_write import FolderLock
-
+    """A second job on a folder another process is writing stops at once, naming the holder; once the
+    holder is gone (it ended, or was killed: the kernel drops its lock) the folder is free."""
     path = write_jsonl(tmp_path / "in.jsonl", [{"id": "x", "messages": GOOD}])
-    lock = FolderLock(tmp_path / "c")
-    with pytest.raises(InputError, match=rf"is being written by pid {os.getpid()} on "):
-        cache_of(tiny_dir, tiny_engine, path, tmp_path / "c")
-    lock.release()
-    cache_of(tiny_dir, tiny_engine, path, tmp_path / "c")  # a released (or dead) holder does not block
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from formats.safe_write import FolderLock; "
+                               f"lock = FolderLock({str(tmp_path / 'c')!r}); print('locked', flush=True); sys.stdin.read()"],
+                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match=rf"is being written by pid {holder.pid} on "):
+            cache_of(tiny_dir, tiny_engine, path, tmp_path / "c")
+    finally:
+        holder.kill()
+        holder.wait()
+    cache_of(tiny_dir, tiny_engine, path, tmp_path / "c")  # a killed holder leaves no stale lock
     assert not (tmp_path / "c" / ".kdcache-lock").exists()
     assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.suffix == ".parquet") == ["part-00000.parquet"]
 
