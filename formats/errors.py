@@ -56,4 +56,5 @@ OS_ERROR_HINTS = {
     errno.EPERM: "the operation is not permitted there: write to a folder you own (--out)",
     errno.EISDIR: "a folder is where a file was expected: give a file path, or remove the folder",
     errno.ENOTDIR: "a file is where a folder was expected: give a folder path, or remove the file",
+    errno.EEXIST: "something already exists there (a file where a folder should be?): give a new path",
 }

@@ -151,6 +151,15 @@ def test_an_unlisted_parquet_file_is_refused_and_the_card_names_only_listed_shar
     assert "*.parquet" not in card and f"- {first}" in card and "part-00099" not in card
 
 
+def test_a_manifest_entry_naming_a_folder_is_refused(cache):
+    name = load_manifest(cache)["shards"][0]["file"]
+    (cache / name).unlink()
+    (cache / name).mkdir()
+    for action in (verify_cache, lambda c: list(CacheReader(c))):
+        with pytest.raises(FormatError, match=f"{name}: a folder, not a plain file"):
+            action(cache)
+
+
 def test_unlisted_other_files_are_reported(cache):
     (cache / "notes.txt").write_text("hi")
     assert verify_cache(cache)["unlisted"] == ["notes.txt"]
