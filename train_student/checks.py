@@ -32,7 +32,7 @@ def check_cache_fits_student(manifest: dict, where: str, *, fingerprint: str | N
     (`formats.tokenizer_id.manifest_fingerprint(tokenizer, manifest["tokenizer"])`), None to skip the check.
 
     `cross_tokenizer`: the student has another tokenizer and trains on aligned examples
-    (`--cross-tokenizer`, train_student/align.py): the cache's ids are the teacher's, so the tokenizer
+    (`--cross-tokenizer`, train_student/xtok/align.py): the cache's ids are the teacher's, so the tokenizer
     equality checks (vocabulary size, fingerprint) and the teacher's sizes against the student's head
     do not apply; the student's own tokenizer must fit its LM head (`tokenizer_vocab` <= `output_size`),
     and every aligned example is checked by `check_example_fits_student` as usual.

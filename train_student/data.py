@@ -156,7 +156,7 @@ class AlignedStream:
         return self
 
     def __next__(self) -> Example:
-        from train_student.align import align_stream
+        from train_student.xtok.align import align_stream
 
         if self._items is None:
             self._state = self.stream.state_dict()  # before the thread starts reading

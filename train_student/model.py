@@ -100,7 +100,7 @@ class StudentLoss(nn.Module):
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         mode = loss_kwargs.get("cross_tokenizer", "off")  # a student with another tokenizer: xtok_loss
         if mode != "off":
-            from train_student.loss_xtok import xtok_loss
+            from train_student.xtok.loss import xtok_loss
 
             kwargs = {k: v for k, v in loss_kwargs.items() if k != "cross_tokenizer"}
             return xtok_loss(hidden, weight, topk_ids, topk_logprobs, labels, mode=mode, **kwargs)

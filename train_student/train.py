@@ -61,7 +61,7 @@ from train_student.config import Stage, TrainConfig
 from train_student.checks import check_cache_fits_student, check_same_teacher, check_signal
 from train_student.data import (IGNORE_INDEX, AlignedStream, ExampleStream, Packer, PackedBatch, cache_k, eval_batches,
                                 open_readers)
-from train_student.student_check import check_student_tokenizer
+from train_student.xtok.check import check_student_tokenizer
 from train_student.model import StudentLoss, check_output_head, load_student, prepare_student, prune_layers
 
 log = logging.getLogger("train_student")
@@ -278,9 +278,9 @@ class Trainer:
         """Before training: the teacher's tokenizer (from the cache), the student's template (resolved and
         checked, BOS rule included), the vocabulary map (OUT/vocab_maps/, built once per tokenizer pair),
         the Aligner. Returns the stage's setup; its "record" goes to OUT/cross_tokenizer.json."""
-        from train_student.align import Aligner
-        from train_student.student_template import check_student_rendering, resolve_student_template
-        from train_student.vocab_map import load_or_build_vocab_map, vocab_map_path
+        from train_student.xtok.align import Aligner
+        from train_student.xtok.template import check_student_rendering, resolve_student_template
+        from train_student.xtok.vocab_map import load_or_build_vocab_map, vocab_map_path
 
         teacher_tokenizer = load_cache_tokenizer(stage.cache[0])  # checked against its manifest's fingerprint
         if not all(fingerprint_matches(teacher_tokenizer, m.get("tokenizer")) for m in manifests[1:]):
@@ -656,7 +656,7 @@ def _align_fn(xtok: dict | None):
     """The held-out examples' alignment for `eval_batches` (None: a student with the teacher's tokenizer)."""
     if xtok is None:
         return None
-    from train_student.align import student_example
+    from train_student.xtok.align import student_example
 
     return lambda ex: student_example(ex, xtok["aligner"], xtok["vmap"], xtok["method"])
 

@@ -195,10 +195,10 @@ def test_aligned_stream_resumes_exactly(xt):
 
     from formats import CacheReader
     from formats.tokenizer_files import load_cache_tokenizer
-    from train_student.align import Aligner
+    from train_student.xtok.align import Aligner
     from train_student.data import AlignedStream, ExampleStream
-    from train_student.student_template import resolve_student_template
-    from train_student.vocab_map import build_vocab_map
+    from train_student.xtok.template import resolve_student_template
+    from train_student.xtok.vocab_map import build_vocab_map
 
     teacher = load_cache_tokenizer(xt["cache"])
     student = AutoTokenizer.from_pretrained(xt["gemma"])
@@ -226,7 +226,7 @@ def test_damaged_vocab_map_in_the_run_folder_is_named(xt, tmp_path):
     from formats.errors import FormatError
     from formats.tokenizer_files import load_cache_tokenizer
     from formats.tokenizer_id import tokenizer_fingerprint
-    from train_student.vocab_map import vocab_map_path
+    from train_student.xtok.vocab_map import vocab_map_path
 
     out = tmp_path / "run"
     path = vocab_map_path(out / "vocab_maps", tokenizer_fingerprint(load_cache_tokenizer(xt["cache"])),

@@ -1,4 +1,4 @@
-"""The teacher -> student vocabulary map (train_student/vocab_map.py): token bytes of byte-level BPE
+"""The teacher -> student vocabulary map (train_student/xtok/vocab_map.py): token bytes of byte-level BPE
 and SentencePiece-style tokenizers, the map, its on-disk cache (and broken cache files), and
 `map_topk` on cached top-k rows."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 
 from formats.errors import FormatError
 from formats.tokenizer_id import tokenizer_fingerprint
-from train_student import vocab_map as vm
-from train_student.vocab_map import build_vocab_map, load_or_build_vocab_map, map_topk, token_bytes
+from train_student.xtok import vocab_map as vm
+from train_student.xtok.vocab_map import build_vocab_map, load_or_build_vocab_map, map_topk, token_bytes
 
-from .xtok_fixtures import SAMPLE, hand_student, hand_teacher, real_pair, trained_pair
+from ..xtok_fixtures import SAMPLE, hand_student, hand_teacher, real_pair, trained_pair
 
 
 @pytest.fixture(scope="module")

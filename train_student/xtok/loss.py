@@ -1,8 +1,8 @@
 """Cross-tokenizer KD loss: the teacher's top-k from a cache made with another tokenizer.
 
-One public function, `xtok_loss`. Its inputs come from `train_student.align` (which student
+One public function, `xtok_loss`. Its inputs come from `train_student.xtok.align` (which student
 position is paired with which teacher row, and whether the pair is a 1:1 span) and
-`train_student.vocab_map` (teacher ids translated to student ids). Per trained student position:
+`train_student.xtok.vocab_map` (teacher ids translated to student ids). Per trained student position:
 
 - exact rows (1:1 span, at least one teacher entry with a student twin; modes exact-map, hybrid):
   the mapped entries are sparse targets in the student's vocabulary, exactly today's sparse KD

@@ -12,7 +12,7 @@ the cross-tokenizer method ("exact-map", "uld", "hybrid").
   recorded as `extra.template.messages_in_meta`; caches written before must be made again, since
   score mode did not keep them).
 
-The student's chat template is checked by train_student/student_template.py.
+The student's chat template is checked by train_student/xtok/template.py.
 """
 from __future__ import annotations
 

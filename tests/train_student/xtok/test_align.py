@@ -1,4 +1,4 @@
-"""Cross-tokenizer alignment (train_student/align.py) on tokenizers built offline: hand-checked spans,
+"""Cross-tokenizer alignment (train_student/xtok/align.py) on tokenizers built offline: hand-checked spans,
 multi-byte characters, special tokens, self-alignment, hostile inputs; one slow test on the real
 SmolLM2 -> Gemma 3 pair."""
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 
 from formats.template import ChatTemplater
 from formats.errors import InputError
-from train_student.align import Aligner, student_targets
-from train_student.student_template import StudentTemplate
-from train_student.vocab_map import build_vocab_map, token_bytes
+from train_student.xtok.align import Aligner, student_targets
+from train_student.xtok.template import StudentTemplate
+from train_student.xtok.vocab_map import build_vocab_map, token_bytes
 
-from .xtok_fixtures import GEMMA_STYLE, SAMPLE, hand_student, hand_teacher, real_pair, trained_pair, tulu_rows
+from ..xtok_fixtures import GEMMA_STYLE, SAMPLE, hand_student, hand_teacher, real_pair, trained_pair, tulu_rows
 
 
 @pytest.fixture(scope="module")
@@ -271,9 +271,9 @@ def test_student_example_packs_for_xtok_loss(hand):
     the masks it derives equals xtok_loss with the masks from student_targets."""
     import torch
 
-    from train_student.align import student_example
+    from train_student.xtok.align import student_example
     from train_student.data import pack_batch
-    from train_student.loss_xtok import xtok_loss
+    from train_student.xtok.loss import xtok_loss
 
     teacher, student = hand
     ex = _teacher_example(teacher, _chat("Hello world!"))
@@ -304,7 +304,7 @@ def test_student_example_packs_for_xtok_loss(hand):
 
 
 def test_align_stream_runs_ahead_and_reraises(hand):
-    from train_student.align import align_stream, student_example
+    from train_student.xtok.align import align_stream, student_example
 
     teacher, student = hand
     vmap = build_vocab_map(teacher, student)
@@ -340,7 +340,7 @@ def test_aligner_renders_what_check_student_rendering_decided(hand):
     """The Aligner takes the resolved template and the BOS rule of check_student_rendering: a template
     without `{{ bos_token }}` for a student whose model needs <bos> gets it prepended, positions shifted
     by one, the same ids render_conversation gives; the teacher rows paired are unchanged."""
-    from train_student.student_template import check_student_rendering, render_conversation
+    from train_student.xtok.template import check_student_rendering, render_conversation
 
     teacher, student = hand
     msgs = _chat("Hello world!")

@@ -1,4 +1,4 @@
-"""The student's chat template (train_student/student_template.py): the Tulu 3 built-in, resolution
+"""The student's chat template (train_student/xtok/template.py): the Tulu 3 built-in, resolution
 order, rendering spans, the BOS a base model needs, and templates that drop assistant messages."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 
 from formats.errors import InputError
-from train_student.student_template import (TULU3, StudentTemplate, check_student_rendering, render_conversation,
+from train_student.xtok.template import (TULU3, StudentTemplate, check_student_rendering, render_conversation,
                                             resolve_student_template)
 
-from ..tokenizer_helpers import tiny_tokenizer
+from ...tokenizer_helpers import tiny_tokenizer
 
 CONVERSATION = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "Two plus two is four."},
                 {"role": "user", "content": "Thank you!"}, {"role": "assistant", "content": "I am fine, thank you."}]

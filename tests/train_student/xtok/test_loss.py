@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from formats.example import IGNORE_INDEX
-from train_student.align import Alignment, student_targets
+from train_student.xtok.align import Alignment, student_targets
 from train_student.loss import kd_loss
-from train_student.loss_xtok import xtok_loss
+from train_student.xtok.loss import xtok_loss
 
 
 def _cached_rows(seed: int, t: int, k: int, v: int, *, pad_every: int = 0):

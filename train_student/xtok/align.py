@@ -42,8 +42,8 @@ import numpy as np
 from formats.errors import InputError
 from formats.example import Example
 from formats.prefetch import prefetch
-from train_student.student_template import StudentTemplate, resolve_student_template, with_template
-from train_student.vocab_map import map_topk, token_bytes
+from train_student.xtok.template import StudentTemplate, resolve_student_template, with_template
+from train_student.xtok.vocab_map import map_topk, token_bytes
 
 __all__ = ["Alignment", "Aligner", "StudentTargets", "student_targets", "student_example", "align_stream"]
 

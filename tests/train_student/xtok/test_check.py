@@ -1,4 +1,4 @@
-"""The student check (train_student/student_check.py): which path a student's tokenizer takes."""
+"""The student check (train_student/xtok/check.py): which path a student's tokenizer takes."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +6,9 @@ import pytest
 from formats.errors import InputError
 from formats.tokenizer_id import tokenizer_info
 from train_student.loss_options import CROSS_TOKENIZER_MODES
-from train_student.student_check import AUTO_METHOD, check_student_tokenizer
+from train_student.xtok.check import AUTO_METHOD, check_student_tokenizer
 
-from ..tokenizer_helpers import tiny_tokenizer
+from ...tokenizer_helpers import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
