@@ -12,7 +12,7 @@ import sys
 from formats.errors import run_command
 
 # Order is the order of `kdcache --help`: the data flow, then tools.
-_PACKAGES = ("cache_teacher.cli", "formats.cli", "train_student.cli", "train_student.eval_cli", "kdcache.demo_cli",
+_PACKAGES = ("cache_teacher.cli", "formats.cli", "train_student.cli", "kdcache.study.cli", "kdcache.demo_cli",
              "kdcache.bench")
 
 

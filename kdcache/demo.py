@@ -72,7 +72,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, dataset: str
     from cache_teacher.run import run_cache
     from formats.tools import verify_cache
     from train_student.model import prune_layers
-    from train_student.report import write_report
+    from kdcache.study.report import write_report
 
     s = QUICK if quick else FULL
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the demo's own output is the point
@@ -129,7 +129,7 @@ def train_one(out: Path, student: Path, s: DemoSettings, frac: float, loss: tupl
     """One rung of the ladder: `steps` given -> that many steps (data repeated), else `s.epochs` epochs."""
     from train_student import train
     from train_student.config import make_config as train_config
-    from train_student.plot import read_metrics
+    from kdcache.study.plot import read_metrics
 
     name, kd, ce = loss
     run_dir = out / "runs" / f"{name}-f{frac:g}-s{seed}"
@@ -148,7 +148,7 @@ def train_one(out: Path, student: Path, s: DemoSettings, frac: float, loss: tupl
 
 def evaluate_runs(runs: list[Path]) -> str:
     """`kdcache eval` of every run on the local held-out chat task (configs/eval/)."""
-    from train_student.evaluate import evaluate
+    from kdcache.study.evaluate import evaluate
 
     for run in runs:
         evaluate(str(run), [HELDOUT_TASK])
@@ -157,7 +157,7 @@ def evaluate_runs(runs: list[Path]) -> str:
 
 def read_evals(runs: list[Path]) -> list[list[dict]]:
     """Each run's held-out evaluations, in order (the first: step 0, the student before training)."""
-    from train_student.plot import read_metrics
+    from kdcache.study.plot import read_metrics
 
     return [[r for r in read_metrics(run) if r.get("split") == "eval"] for run in runs]
 
@@ -183,7 +183,7 @@ def verdict(study: dict, metric: str = "ce") -> list[str]:
 
 def write_demo_report(out: Path, s: DemoSettings, steps: int | None, data_text: str, manifest: dict, study: dict,
                       evals: list[list[dict]], eval_text: str, timings: dict) -> Path:
-    from train_student.report import study_markdown
+    from kdcache.study.report import study_markdown
 
     counts = manifest["counts"]
     length = f"{steps} steps each (data repeated)" if steps else f"{s.epochs} epoch(s) over its subsample"

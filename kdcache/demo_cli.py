@@ -1,4 +1,4 @@
-"""`kdcache demo` and `kdcache report`: the study in miniature, and the study's report over finished runs."""
+"""`kdcache demo`: the study in miniature."""
 from __future__ import annotations
 
 import argparse
@@ -22,29 +22,9 @@ def register(sub) -> None:
                    "--quick: 1)")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("report", help="the study's report over finished runs: grouped table, KD − SFT, figure",
-                       description="Read finished `kdcache train` runs (config.json, metrics.jsonl, eval/results.json "
-                       "of `kdcache eval`, and their caches' manifests), group them by what differs (teacher, "
-                       "stages, loss, training-data fraction, other settings; seeds are replicates) and write "
-                       "report.md (mean ± std over seeds of every metric, KD − SFT per data fraction with its "
-                       "standard error), report.json (the same numbers), study.png (metric vs training-data "
-                       "fraction, log x, a line per loss and teacher, error bars = std over seeds) and "
-                       "loss_curves.png. A run folder that cannot be read stops it with an error naming the file.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
-    p.add_argument("--out", default="runs/report", help="folder for the report (default runs/report)")
-    p.set_defaults(func=_report)
-
 
 def _demo(args: argparse.Namespace) -> int:
     from kdcache.demo import run_demo
 
     run_demo(args.out, quick=args.quick, dataset=args.dataset, generate=args.generate, steps=args.steps)
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from train_student.report import write_report
-
-    path = write_report(args.runs, args.out)
-    print(path.read_text())
     return 0

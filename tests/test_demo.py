@@ -93,7 +93,7 @@ def test_two_stage_and_two_teachers_end_to_end(tmp_path):
     from kdcache.cli import main
     from kdcache.demo import DEMO_DATA
     from kdcache.demo_prompts import write_prompts
-    from train_student.plot import study_figure
+    from kdcache.study.plot import study_figure
 
     try:
         teacher = prepare_teacher("smollm2-135m-instruct", TEACHER)

@@ -1,4 +1,4 @@
-"""`python -m train_student [train|plot] ...`: the same commands as `kdcache train`, for torchrun.
+"""`python -m train_student [train] ...`: the same command as `kdcache train`, for torchrun (`kdcache plot` draws runs).
 
     torchrun --nproc-per-node 2 -m train_student train --student S --cache C --out runs/ddp
 A bare flag list (no subcommand) means `train`.
@@ -11,7 +11,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "plot", "-h", "--help"):
+    if not argv or argv[0] not in ("train", "-h", "--help"):
         argv = ["train", *argv]
     parser = argparse.ArgumentParser(prog="python -m train_student")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,4 +1,4 @@
-"""`kdcache train` and `kdcache plot`.
+"""`kdcache train`.
 
 The `train` flags are generated from the fields of `train_student.config.TrainConfig` and its `Stage`
 (formats.settings; the stage flags make a single-stage run's one stage); they default to None so the
@@ -29,14 +29,6 @@ def _train(args: argparse.Namespace) -> int:
     return run(config_from_args(args))
 
 
-def _plot(args: argparse.Namespace) -> int:
-    from train_student.plot import plot_runs
-
-    for path in plot_runs(args.runs, out=args.out):
-        print(path)
-    return 0
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a student from teacher caches (KD, SFT, multi-stage; DDP/FSDP under torchrun)",
@@ -44,11 +36,3 @@ def register(subparsers) -> None:
                     "(`torchrun --nproc-per-node N -m train_student train ...`) it runs DDP, or FSDP2 with --fsdp.")
     add_train_arguments(p)
     p.set_defaults(func=_train)
-
-    p = subparsers.add_parser("plot", help="loss curves of training runs as PNG",
-                              description="Plot train loss and held-out KL/CE of one or more runs (their "
-                                          "metrics.jsonl) into PNG files.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with metrics.jsonl)")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="folder for the PNGs (default: the first run folder)")
-    p.set_defaults(func=_plot)

@@ -1,4 +1,4 @@
-"""`kdcache eval` (train_student/evaluate.py, eval_cli.py): lm-eval on a tiny student, offline, on the local
+"""`kdcache eval` (kdcache/study/evaluate.py, eval_cli.py): lm-eval on a tiny student, offline, on the local
 tasks of configs/eval; results.json merged, reruns skipped, hostile files refused or set aside."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from formats.errors import FormatError, InputError
-from train_student import evaluate as ev
+from kdcache.study import evaluate as ev
 
 from .kd_fixtures import REPO, make_model, make_tokenizer, save_model
 
@@ -98,7 +98,7 @@ def test_local_tasks_are_known(manager):
 
 
 def test_default_tasks_exist_in_lm_eval(manager):
-    from train_student.eval_cli import DEFAULT_TASKS
+    from kdcache.study.cli import DEFAULT_TASKS
 
     assert DEFAULT_TASKS.split(",") == list(ev.DEFAULT_TASKS)
     assert set(ev.DEFAULT_TASKS) <= set(manager.task_index)

@@ -1,4 +1,4 @@
-"""train_student.report: `kdcache report` over run folders with known metrics -> the known means, stds,
+"""kdcache.study.report: `kdcache report` over run folders with known metrics -> the known means, stds,
 KD − SFT differences and the paper's figure; broken run folders -> an error naming the file."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from formats.errors import InputError
 from tests.formats.format_helpers import PROVENANCE, make_example, write_cache
 from train_student.config import make_config
-from train_student.report import study, describe_run, write_report
+from kdcache.study.report import study, describe_run, write_report
 
 FRACTIONS = (0.25, 1.0)
 SEEDS = (0, 1, 2)
@@ -125,7 +125,7 @@ def test_eval_task_metrics_are_reported_per_group(tmp_path):
 
 
 def test_teachers_are_told_apart_and_the_figure_has_a_line_per_loss_and_teacher(tmp_path):
-    from train_student.plot import study_figure
+    from kdcache.study.plot import study_figure
 
     caches = [make_cache(tmp_path / "bf16", dtype="bfloat16"), make_cache(tmp_path / "fp32", dtype="float32", k=4)]
     runs = [fake_run(tmp_path / "runs", f"t{t}-{loss}-{frac}-s{seed}", caches[t], loss=loss, frac=frac, seed=seed,

@@ -41,7 +41,7 @@ def test_short_run_lowers_heldout_kl(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "final")  # loads like any checkpoint
-    from train_student.plot import plot_runs
+    from kdcache.study.plot import plot_runs
 
     png = plot_runs([str(out)], out=str(tmp_path / "plots"))[0]
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"

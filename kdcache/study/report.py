@@ -33,7 +33,7 @@ from pathlib import Path
 from formats.errors import FormatError, KDCacheError, InputError
 from formats.trust import load_json_file
 from train_student.config import Stage
-from train_student.plot import plot_runs, plot_study, read_metrics
+from kdcache.study.plot import TRAIN_METRICS, metric_name, plot_runs, plot_study, read_metrics, series_label
 
 # Settings that do not change what a run learns (or are the replication itself).
 NOT_FACTORS = {"seed", "out", "resume", "progress", "tensorboard", "log_every", "save_every", "keep_checkpoints",
@@ -41,7 +41,6 @@ NOT_FACTORS = {"seed", "out", "resume", "progress", "tensorboard", "log_every", 
 # Stage settings that the teacher / stages / loss / data factors already describe.
 STAGE_DESCRIBED = {"cache", "kd_weight", "ce_weight", "fraction", "max_examples", "name"}
 STAGE_FIELDS = tuple(f.name for f in dataclasses.fields(Stage))  # a stage's settings (train_student/config.py)
-TRAIN_METRICS = {"ce": "held-out CE", "kl": "held-out KL(teacher‖student)", "top1_agreement": "top-1 agreement"}
 
 
 @dataclass
@@ -218,14 +217,6 @@ def differences(groups: list[dict], metrics: list[str]) -> list[dict]:
 # ==== markdown ====================================================================================
 def fmt(x: float | None, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
-
-
-def metric_name(m: str) -> str:
-    return TRAIN_METRICS.get(m, m)
-
-
-def series_label(series: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in series.items()) or "all runs"
 
 
 def study_markdown(s: dict, figure: str | None) -> str:

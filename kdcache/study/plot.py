@@ -7,6 +7,15 @@ from formats.errors import FormatError, InputError
 from formats.trust import loads
 
 MAX_METRICS_LINE = 1 << 20
+TRAIN_METRICS = {"ce": "held-out CE", "kl": "held-out KL(teacher‖student)", "top1_agreement": "top-1 agreement"}
+
+
+def metric_name(m: str) -> str:
+    return TRAIN_METRICS.get(m, m)
+
+
+def series_label(series: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in series.items()) or "all runs"
 
 PANELS = [("train", "loss", "train loss"), ("eval", "kl", "held-out KL(teacher || student)"),
           ("eval", "ce", "held-out CE (nats/token)"), ("eval", "top1_agreement", "held-out top-1 agreement")]
@@ -40,10 +49,9 @@ def _pyplot():
 
 
 def study_figure(study: dict):
-    """The paper's figure from a `train_student.report.study` summary: one panel per metric, metric vs
+    """The paper's figure from a `kdcache.study.report.study` summary: one panel per metric, metric vs
     training-data fraction (log x), one line per loss (KD, SFT) and series (teacher, stages, ...), error
     bars = std over seeds. Returns the matplotlib Figure (one errorbar container per line)."""
-    from train_student.report import metric_name, series_label
 
     plt = _pyplot()
     metrics = study["metrics"]

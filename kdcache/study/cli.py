@@ -1,4 +1,5 @@
-"""`kdcache eval`: students (run folders) or any model on lm-evaluation-harness tasks (train_student/evaluate.py)."""
+"""`kdcache eval`, `kdcache report`, `kdcache plot`: the study tools (evaluate.py, report.py, plot.py), above both
+stages: they read run folders (and, for the report, the runs' caches' manifests)."""
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,33 @@ def register(sub) -> None:
                    "a plain model without --out is evaluated and printed, not saved)")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("report", help="the study's report over finished runs: grouped table, KD − SFT, figure",
+                       description="Read finished `kdcache train` runs (config.json, metrics.jsonl, eval/results.json "
+                       "of `kdcache eval`, and their caches' manifests), group them by what differs (teacher, "
+                       "stages, loss, training-data fraction, other settings; seeds are replicates) and write "
+                       "report.md (mean ± std over seeds of every metric, KD − SFT per data fraction with its "
+                       "standard error), report.json (the same numbers), study.png (metric vs training-data "
+                       "fraction, log x, a line per loss and teacher, error bars = std over seeds) and "
+                       "loss_curves.png. A run folder that cannot be read stops it with an error naming the file.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
+    p.add_argument("--out", default="runs/report", help="folder for the report (default runs/report)")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("plot", help="loss curves of training runs as PNG",
+                       description="Plot train loss and held-out KL/CE of one or more runs (their "
+                                   "metrics.jsonl) into PNG files.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with metrics.jsonl)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for the PNGs (default: the first run folder)")
+    p.set_defaults(func=_plot)
+
+
 
 def _eval(args: argparse.Namespace) -> int:
     import logging
 
     from formats.errors import InputError
-    from train_student.evaluate import evaluate, format_results
+    from kdcache.study.evaluate import evaluate, format_results
 
     if args.out and len(args.targets) > 1:
         raise InputError("--out takes one MODEL_OR_RUN; several run folders each keep their own RUN/eval/results.json")
@@ -59,4 +81,20 @@ def _eval(args: argparse.Namespace) -> int:
                            limit=limit, engine=args.engine, force=args.force, apply_chat_template=chat,
                            include_path=args.include_path)
         print(format_results(results, tasks))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from kdcache.study.report import write_report
+
+    path = write_report(args.runs, args.out)
+    print(path.read_text())
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from kdcache.study.plot import plot_runs
+
+    for path in plot_runs(args.runs, out=args.out):
+        print(path)
     return 0

@@ -1,6 +1,6 @@
 """`kdcache eval`: students (or any causal LM) on lm-evaluation-harness, results kept beside the run.
 
-    from train_student.evaluate import evaluate
+    from kdcache.study.evaluate import evaluate
     results = evaluate("runs/kd", ["kdcache_heldout_chat", "gsm8k"])   # -> runs/kd/eval/results.json
 
 `target` is a model folder, a hub id, or a kdcache run folder (its `final/` student is evaluated). Results
@@ -35,7 +35,7 @@ from formats.trust import load_json_file
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # kdcache/study/evaluate.py -> the checkout
 LOCAL_TASKS = REPO / "configs" / "eval"
 # The Tulu 3 evaluation's tasks that lm-eval has (docs/EVAL.md says which are missing and why).
 DEFAULT_TASKS = ("ifeval", "gsm8k_cot", "mmlu", "bbh_cot_fewshot", "truthfulqa_mc2", "drop")
