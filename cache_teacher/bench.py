@@ -32,7 +32,7 @@ from pathlib import Path
 
 def machine() -> dict:
     """Processor, relevant flags, cores and load: the header of every table."""
-    from formats.hardware import REPORTED_CPU_FLAGS, cpu_flags, cpu_model, usable_cpu_flags
+    from formats.common.hardware import REPORTED_CPU_FLAGS, cpu_flags, cpu_model, usable_cpu_flags
 
     flags = cpu_flags()
     return {"cpu": cpu_model(), "flags": {f: f in flags for f in REPORTED_CPU_FLAGS}, "cores": os.cpu_count(),

@@ -1,7 +1,7 @@
 """`kdcache cache`, `kdcache prepare-teacher` and `kdcache export-sft`.
 
 The `cache` flags are generated from the fields of `cache_teacher.config.CacheConfig`
-(formats.settings); they default to None so that the value comes from --config FILE.yaml, else from
+(formats.common.settings); they default to None so that the value comes from --config FILE.yaml, else from
 the dataclass default. Handlers import vLLM/transformers lazily.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from cache_teacher.config import CacheConfig
-from formats.settings import add_flags, flags_given
+from formats.common.settings import add_flags, flags_given
 
 
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:

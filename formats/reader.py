@@ -25,7 +25,7 @@ import numpy as np
 
 from formats.example import Example
 from formats.manifest import load_manifest, open_cache, row_limits
-from formats.prefetch import prefetch
+from formats.common.prefetch import prefetch
 from formats.shard import ShardFile
 
 log = logging.getLogger("formats")

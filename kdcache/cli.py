@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from formats.errors import run_command
+from formats.common.cli import run_command
 
 # Order is the order of `kdcache --help`: the data flow, then tools.
 _PACKAGES = ("cache_teacher.cli", "formats.cli", "train_student.cli", "kdcache.study.cli", "kdcache.demo_cli",

@@ -65,3 +65,12 @@ def test_the_entry_point_and_the_package_layout():
     for package in ("formats", "cache_teacher", "train_student"):
         assert "kdcache" not in imported(package), package
     assert not {"cache_teacher", "train_student"} & imported("formats")
+    # formats/common/ is the bottom of the bottom: the shared utilities import no module of the contract but its errors
+    common = set()
+    for path in (ROOT / "formats" / "common").glob("*.py"):
+        common |= {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.module}
+    assert {m for m in common if m.startswith("formats")} <= {"formats.errors", "formats.common.hardware"}, common
+    # every package folder ships (a wing left out of pyproject.toml would be missing from the wheel)
+    folders = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in ROOT.glob("*/**/__init__.py")
+               if p.relative_to(ROOT).parts[0] in ("formats", "cache_teacher", "train_student", "kdcache")}
+    assert folders <= set(project["tool"]["setuptools"]["packages"]), folders - set(project["tool"]["setuptools"]["packages"])

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     from train_student.cli import register
 
     register(sub)
-    from formats.errors import run_command
+    from formats.common.cli import run_command
 
     return run_command(parser, parser.parse_args(argv), "train_student")
 

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     import torch
 
-    from formats.hardware import auto_dtype, cpu_summary
+    from formats.common.hardware import auto_dtype, cpu_summary
 
     auto = "bf16-mixed" if auto_dtype()[0] == "bfloat16" else "float32"
     print(f"CPU: {cpu_summary()}; load average {os.getloadavg()[0]:.1f}; `--dtype auto` here: {auto}")

@@ -1,7 +1,7 @@
 """`kdcache train`.
 
 The `train` flags are generated from the fields of `train_student.config.TrainConfig` and its `Stage`
-(formats.settings; the stage flags make a single-stage run's one stage); they default to None so the
+(formats.common.settings; the stage flags make a single-stage run's one stage); they default to None so the
 value comes from --config FILE.yaml, else from the dataclass default. Handlers import
 torch/transformers lazily.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from formats.settings import add_flags, flags_given
+from formats.common.settings import add_flags, flags_given
 from train_student.config import Stage, TrainConfig
 
 

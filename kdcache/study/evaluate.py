@@ -12,7 +12,7 @@ silently dropped).
 
 The engine and dtype follow the rest of kdcache: lm-eval's vLLM backend where kdcache's teacher engine
 rule picks vLLM (cache_teacher.config, docs/BENCHMARKS.md), transformers ("hf") otherwise; dtype from
-formats.hardware (bfloat16 where the hardware computes it natively, else float32). configs/eval/ is on
+formats.common.hardware (bfloat16 where the hardware computes it natively, else float32). configs/eval/ is on
 lm-eval's task path, so its offline tasks (kdcache_heldout_chat, kdcache_arith_qa) are known by name.
 lm-eval is imported only here, lazily.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from formats.errors import FormatError, InputError
-from formats.hardware import auto_engine
+from cache_teacher.engines.factory import auto_engine
 from formats.manifest import sha256_file
 from formats.trust import load_json_file
 
@@ -61,7 +61,7 @@ def evaluate(target: str, tasks: list[str], *, out: str | None = None, batch_siz
     apply_chat_template: None = where the tokenizer has a chat template (post-trained students do).
     include_path: a folder of lm-eval task YAMLs (default: this checkout's configs/eval).
     """
-    from formats.hardware import default_device, resolve_dtype
+    from formats.common.hardware import default_device, resolve_dtype
 
     model_path, run_dir = resolve_target(target)
     out_dir = Path(out) if out else (run_dir / "eval" if run_dir else None)
@@ -231,7 +231,7 @@ def task_output_types(manager, tasks: list[str]) -> set[str]:
 
 
 def resolve_engine(engine: str, device: str, output_types: set[str]) -> tuple[str, str]:
-    """(engine, why): kdcache's engine rule (formats.hardware.auto_engine; tasks that only score text are its
+    """(engine, why): kdcache's engine rule (cache_teacher.engines.factory.auto_engine; tasks that only score text are its
     "score" mode, others "generate"), then hf where lm-eval's vLLM backend cannot load."""
     problem = lm_eval_vllm_problem()
     if engine == "vllm" and problem:

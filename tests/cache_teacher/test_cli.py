@@ -5,7 +5,7 @@ import kdcache.cli as kdcache_cli
 
 
 def test_cli_help_documents_every_setting():
-    """Guards the generator (formats.settings.add_flags): every CacheConfig field is a documented flag."""
+    """Guards the generator (formats.common.settings.add_flags): every CacheConfig field is a documented flag."""
     import argparse
     import dataclasses
 

@@ -12,7 +12,7 @@ import pytest
 
 from cache_teacher.config import CacheConfig, resolve_auto
 from cache_teacher.engines.base import EngineStartError, engine_start_error, root_cause
-from formats import hardware
+from formats.common import hardware
 
 from .teacher_helpers import REPO, make_config, write_jsonl
 
@@ -82,7 +82,7 @@ def test_auto_dtype_follows_the_isa_torch_is_allowed_to_use(monkeypatch, env, ex
 
 
 def test_engine_rule_follows_the_isa_torch_is_allowed_to_use(monkeypatch):
-    from formats.hardware import auto_engine
+    from cache_teacher.engines.factory import auto_engine
 
     fake_cpu(monkeypatch, AVX512_BF16)
     fake_vllm(monkeypatch, installed=True)

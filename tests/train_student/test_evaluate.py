@@ -79,7 +79,7 @@ def test_weights_sha256_follows_the_weights(tmp_path):
 
 
 def test_engine_follows_kdcache_rule(monkeypatch):
-    from formats.hardware import auto_engine
+    from cache_teacher.engines.factory import auto_engine
 
     monkeypatch.setattr(ev, "lm_eval_vllm_problem", lambda: None)  # as on a machine with the `vllm` package
 

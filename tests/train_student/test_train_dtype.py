@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from formats import hardware
+from formats.common import hardware
 from train_student.config import TrainConfig, make_config
 from train_student.train import run
 

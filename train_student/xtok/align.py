@@ -41,7 +41,7 @@ import numpy as np
 
 from formats.errors import InputError
 from formats.example import Example
-from formats.prefetch import prefetch
+from formats.common.prefetch import prefetch
 from train_student.xtok.template import StudentTemplate, resolve_student_template, with_template
 from train_student.xtok.vocab_map import map_topk, token_bytes
 
@@ -367,7 +367,7 @@ def student_example(example: Example, aligner: Aligner, vmap: np.ndarray, mode: 
 def align_stream(examples: Iterable[Example], aligner: Aligner, vmap: np.ndarray, mode: str,
                  ahead: int = 16, cursor=None) -> Iterator:
     """`student_example` over a stream of cached examples, run `ahead` examples in advance in a
-    background thread (`formats.prefetch.prefetch`), so alignment overlaps the training step; errors
+    background thread (`formats.common.prefetch.prefetch`), so alignment overlaps the training step; errors
     re-raise in the consumer. `cursor`: a function giving the source's position (`state_dict`); then
     the items are (example, the source's cursor just after it), taken in the thread right after the
     example was read (`data.AlignedStream` resumes exactly with them)."""

