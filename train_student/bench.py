@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train_student.loss_options import LossSpec
+
 REPO = Path(__file__).resolve().parents[1]  # the repository root
 DATA = REPO / "bench" / "data" / "smollm2_tulu_top128.npz"
 TULU = Path(os.environ.get("KDCACHE_TULU_SAMPLE", REPO.parent / "shared" / "data" / "tulu3_sft_sample.jsonl"))
@@ -142,7 +144,7 @@ def bench_reader(cache: Path, max_tokens: int, repeats: int = 3) -> list[dict]:
 
 
 # ---- 3. training step --------------------------------------------------------------------------------
-def timed_steps(module, opt, packer, loss_kwargs: dict, steps: int) -> tuple[float, float, int]:
+def timed_steps(module, opt, packer, spec: LossSpec, steps: int) -> tuple[float, float, int]:
     """Run 1 + `steps` optimizer steps on `packer`'s batches; (seconds waiting for batches, seconds in all,
     tokens) over the last `steps` (the first warms up)."""
     wait = total = 0.0
@@ -152,7 +154,7 @@ def timed_steps(module, opt, packer, loss_kwargs: dict, steps: int) -> tuple[flo
         batch = next(packer)
         t1 = time.perf_counter()
         loss, _ = module(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
-                         loss_kwargs=loss_kwargs)
+                         spec=spec)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -178,9 +180,8 @@ def bench_step(cache: Path, args, dtype: str = "float32") -> dict:
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     reader = CacheReader(cache, shuffle=True, epochs=None)
     packer = Packer(ExampleStream([reader]), max_tokens=args.tokens, k=int(reader.manifest["codec"]["k"]))
-    kwargs = dict(kd_weight=1.0, ce_weight=0.5, temperature=1.0, kind="forward_kl", tail="renormalize",
-                  impl="chunked", chunk_size=args.chunk_size)
-    wait, total, tokens = timed_steps(module, opt, packer, kwargs, args.steps)
+    spec = LossSpec(kd_weight=1.0, ce_weight=0.5, chunk_size=args.chunk_size)
+    wait, total, tokens = timed_steps(module, opt, packer, spec, args.steps)
     return {"dtype": dtype, "layers": args.layers, "tokens_per_step": args.tokens, "s_per_step": total / args.steps,
             "tokens_per_s": tokens / total, "data_wait_frac": wait / total, "peak_rss_mb": _rss_mb()}
 
@@ -284,9 +285,8 @@ def bench_xtok(args) -> list[dict]:
         reader = CacheReader(cache, shuffle=True, epochs=None)
         stream = AlignedStream(ExampleStream([reader]), aligner, vmap, "hybrid")
         packer = Packer(stream, max_tokens=args.tokens, k=args.k)
-        kwargs = dict(kd_weight=1.0, ce_weight=0.5, temperature=1.0, kind="forward_kl", tail="renormalize",
-                      impl="chunked", chunk_size=args.chunk_size, cross_tokenizer="hybrid", uld_weight=1.0)
-        wait, total, _ = timed_steps(module, opt, packer, kwargs, args.steps)  # step 0 also starts the alignment thread
+        spec = LossSpec(kd_weight=1.0, ce_weight=0.5, chunk_size=args.chunk_size, cross_tokenizer="hybrid")
+        wait, total, _ = timed_steps(module, opt, packer, spec, args.steps)  # step 0 also starts the alignment thread
         stream.close()
     return [{"examples": len(examples), "align_positions_per_s": positions / align_s, "aligned_fraction": frac,
              "vocab": len(student_tok), "tokens_per_step": args.tokens, "s_per_step": total / args.steps,

@@ -5,7 +5,7 @@
     loss_fn = StudentLoss(student)                                     # train_student.model
     for batch in Packer(stream, max_tokens=4096, k=cache_k(readers)):  # PackedBatch
         loss, metrics = loss_fn(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs,
-                                batch.labels, loss_kwargs={"kd_weight": 1.0, "temperature": 1.0})
+                                batch.labels, spec=LossSpec(kd_weight=1.0))  # train_student.loss_options
 
 Packing: examples are concatenated into one sequence of at most `max_tokens` tokens, with
 position ids restarting at 0 for each example. transformers (>= 4.53) reads restarting position

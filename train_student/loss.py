@@ -19,12 +19,24 @@ import torch
 from torch import Tensor
 
 from train_student import loss_torch
-from train_student.loss_options import IMPLS, KINDS, TAILS
+from train_student.loss_options import IMPLS, KINDS, TAILS, LossSpec
 
-__all__ = ["kd_loss"]
+__all__ = ["kd_loss", "student_loss"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def student_loss(spec: LossSpec, hidden: Tensor, lm_head_weight: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
+                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss a `LossSpec` describes: `kd_loss` for a student with the teacher's tokenizer, `xtok_loss`
+    (train_student/xtok/loss.py) in the spec's mode for one with another tokenizer. Arguments as kd_loss's."""
+    if spec.cross_tokenizer == "off":
+        return kd_loss(hidden, lm_head_weight, topk_ids, topk_logprobs, labels, **spec.kd_kwargs())
+    from train_student.xtok.loss import xtok_loss
+
+    return xtok_loss(hidden, lm_head_weight, topk_ids, topk_logprobs, labels, mode=spec.cross_tokenizer,
+                     uld_weight=spec.uld_weight, **spec.kd_kwargs())
 
 
 def kd_loss(

@@ -14,6 +14,7 @@ from torch import nn
 
 from formats.errors import InputError
 from formats.tokenizer_id import load_tokenizer
+from train_student.loss_options import LossSpec
 
 log = logging.getLogger("train_student")
 
@@ -86,8 +87,10 @@ class StudentLoss(nn.Module):
         self.lm = lm
         self.autocast = autocast
 
-    def forward(self, input_ids, position_ids, topk_ids, topk_logprobs, labels, *, loss_kwargs: dict):
-        from train_student.loss import kd_loss
+    def forward(self, input_ids, position_ids, topk_ids, topk_logprobs, labels, *, spec: LossSpec):
+        """The decoder to the final hidden states, then the loss `spec` describes (train_student.loss.student_loss)
+        on the LM head's weight: never the full [T, V] logits."""
+        from train_student.loss import student_loss
 
         device = input_ids.device.type
         with torch.autocast(device, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
@@ -98,13 +101,7 @@ class StudentLoss(nn.Module):
         if hidden.dtype != weight.dtype or self.autocast is not None:
             dtype = self.autocast or weight.dtype
             hidden, weight = hidden.to(dtype), weight.to(dtype)
-        mode = loss_kwargs.get("cross_tokenizer", "off")  # a student with another tokenizer: xtok_loss
-        if mode != "off":
-            from train_student.xtok.loss import xtok_loss
-
-            kwargs = {k: v for k, v in loss_kwargs.items() if k != "cross_tokenizer"}
-            return xtok_loss(hidden, weight, topk_ids, topk_logprobs, labels, mode=mode, **kwargs)
-        return kd_loss(hidden, weight, topk_ids, topk_logprobs, labels, **loss_kwargs)
+        return student_loss(spec, hidden, weight, topk_ids, topk_logprobs, labels)
 
 
 # Output-head extras the loss does not apply (it computes logits as hidden @ lm_head.weight):

@@ -59,6 +59,7 @@ from formats.tokenizer_id import fingerprint_matches, load_tokenizer, manifest_f
 from train_student import checkpoint
 from train_student.config import Stage, TrainConfig
 from train_student.checks import check_cache_fits_student, check_same_teacher, check_signal
+from train_student.loss_options import LossSpec
 from train_student.data import (IGNORE_INDEX, AlignedStream, ExampleStream, Packer, PackedBatch, cache_k, eval_batches,
                                 open_readers)
 from train_student.xtok.check import check_student_tokenizer
@@ -95,20 +96,6 @@ def lr_lambda(step: int, *, warmup: int, total: int | None, min_ratio: float) ->
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def stage_loss_kwargs(stage: Stage, cfg: TrainConfig, cross_tokenizer: str = "off") -> tuple[dict, dict]:
-    """The loss arguments of a stage: (training, evaluation). Evaluation scores plain forward KL at
-    tau = 1 with the stage's tail, and CE, both at weight 1. `cross_tokenizer`: the stage's method
-    ("off": kd_loss; else xtok_loss in that mode, with the stage's uld_weight, 1 in evaluation)."""
-    common = dict(tail=stage.tail, impl=cfg.impl, chunk_size=cfg.chunk_size)
-    train = dict(kd_weight=stage.kd_weight, ce_weight=stage.ce_weight, temperature=stage.temperature,
-                 kind=stage.kind, **common)
-    evaluate = dict(kd_weight=1.0, ce_weight=1.0, temperature=1.0, kind="forward_kl", **common)
-    if cross_tokenizer != "off":
-        train.update(cross_tokenizer=cross_tokenizer, uld_weight=stage.uld_weight)
-        evaluate.update(cross_tokenizer=cross_tokenizer, uld_weight=1.0)
-    return train, evaluate
 
 
 class Sums:
@@ -377,8 +364,8 @@ class Trainer:
                 packer.load_state_dict(self.data_state)
                 self.data_state = None
             xtok = self.xtok[self.stage_idx]
-            self.loss_kwargs, self.eval_loss_kwargs = stage_loss_kwargs(stage, self.cfg,
-                                                                        xtok["method"] if xtok else "off")
+            self.loss_spec = LossSpec.for_stage(stage, self.cfg, xtok["method"] if xtok else "off")
+            self.eval_spec = self.loss_spec.for_evaluation()
             self.eval_set = eval_batches(stage.cache, rank=self.rank, world_size=self.world,
                                          eval_fraction=self.cfg.eval_fraction, max_tokens=self.cfg.max_tokens,
                                          max_examples=self.cfg.eval_max_examples, input_size=self.input_size,
@@ -444,7 +431,7 @@ class Trainer:
                 sync = i == len(micro) - 1
                 with self._no_sync(not sync):
                     loss, metrics = self.module(batch.input_ids, batch.position_ids, batch.topk_ids,
-                                                batch.topk_logprobs, batch.labels, loss_kwargs=self.loss_kwargs)
+                                                batch.topk_logprobs, batch.labels, spec=self.loss_spec)
                     share = batch.n_targets / global_targets
                     (loss * share * self.world).backward()
                 if not batch.n_examples:  # an empty micro-batch of a rank out of data
@@ -538,7 +525,7 @@ class Trainer:
             batch = self.eval_set[i] if i < len(self.eval_set) else _dummy_batch()
             batch = batch.to(self.device)
             _, m = model(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
-                         loss_kwargs=self.eval_loss_kwargs)
+                         spec=self.eval_spec)
             t = batch.n_targets
             sums.add(kd=m["kd"].item() * t, ce=m["ce"].item() * t, topk_mass=m["student_topk_mass"].item() * t,
                      n_top1_agree=m["n_top1_agree"].item(), n_scored=m["n_scored"].item(), targets=t)

@@ -13,10 +13,11 @@ from formats import CacheReader
 from formats.errors import FormatError, InputError
 from formats.ids import is_eval, keep_fraction, record_id
 from train_student.data import IGNORE_INDEX, ExampleStream, Packer, eval_batches, pack_batch
+from train_student.loss_options import LossSpec
 from train_student.model import StudentLoss
 
-LOSS = dict(kd_weight=1.0, ce_weight=0.5, temperature=2.0, kind="forward_kl", tail="bucket", impl="chunked",
-            chunk_size=16)
+LOSS = LossSpec(kd_weight=1.0, ce_weight=0.5, temperature=2.0, kind="forward_kl", tail="bucket", impl="chunked",
+                chunk_size=16)
 
 
 def _examples(cache, n):
@@ -50,7 +51,7 @@ def test_packed_equals_unpacked_loss_and_gradients(tiny, attn):
     def run(batch):
         model.zero_grad()
         b = batch
-        loss, m = model(b.input_ids, b.position_ids, b.topk_ids, b.topk_logprobs.double(), b.labels, loss_kwargs=LOSS)
+        loss, m = model(b.input_ids, b.position_ids, b.topk_ids, b.topk_logprobs.double(), b.labels, spec=LOSS)
         (loss * b.n_targets).backward()
         return (loss * b.n_targets).item(), [p.grad.clone() for p in model.parameters()]
 
@@ -67,7 +68,7 @@ def test_packed_equals_unpacked_loss_and_gradients(tiny, attn):
     b = pack_batch(examples, K)
     flat = torch.arange(b.n_tokens)[None]
     with torch.no_grad():
-        wrong, _ = model(b.input_ids, flat, b.topk_ids, b.topk_logprobs.double(), b.labels, loss_kwargs=LOSS)
+        wrong, _ = model(b.input_ids, flat, b.topk_ids, b.topk_logprobs.double(), b.labels, spec=LOSS)
     assert abs(wrong.item() * b.n_targets - packed_loss) > 1e-6
 
 
@@ -273,7 +274,7 @@ def test_the_module_docstrings_example_runs(tiny):
 
     example = "\n".join(line[4:] for line in data.__doc__.splitlines() if line.startswith("    "))
     seen = {}
-    namespace = {**vars(data), "StudentLoss": StudentLoss, "cache": str(tiny["cache"]),
+    namespace = {**vars(data), "StudentLoss": StudentLoss, "LossSpec": LossSpec, "cache": str(tiny["cache"]),
                  "student": make_model(seed=1)}
     exec(compile(example + "\n    seen[len(seen)] = loss.item()", "data.__doc__", "exec"), {**namespace, "seen": seen})
     assert seen and all(np.isfinite(v) for v in seen.values())

@@ -177,12 +177,13 @@ def test_bf16_gradient_checkpointing_naive_impl_runs(tiny, tmp_path, dtype, save
 
 def test_dummy_eval_batch_is_harmless():
     """Ranks without held-out data run this batch to keep FSDP's collectives in step: zero tokens, no NaN."""
+    from train_student.loss_options import LossSpec
     from train_student.model import StudentLoss
     from train_student.train import _dummy_batch
 
     b = _dummy_batch()
     loss, m = StudentLoss(make_model(seed=0))(b.input_ids, b.position_ids, b.topk_ids, b.topk_logprobs, b.labels,
-                                              loss_kwargs=dict(kd_weight=1.0, ce_weight=1.0, impl="chunked"))
+                                              spec=LossSpec(kd_weight=1.0, ce_weight=1.0, impl="chunked"))
     assert b.n_targets == 0 and loss.item() == 0.0 and all(torch.isfinite(v) for v in m.values())
 
 
