@@ -295,15 +295,15 @@ def _open_local(root: str, names: tuple[str, ...]) -> int:
     without blocking (a FIFO); fstat must say a regular file."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for name in names[:-1]:
-            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
         try:
+            for name in names[:-1]:  # a folder below the cache folder that is a symlink: ELOOP / ENOTDIR
+                nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
             file_fd = os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
         except OSError as exc:
-            raise FormatError(f"{printable(posixpath.join(root, *names))}: cannot be opened as a plain file "
-                              f"({exc.strerror}); a cache holds only plain files") from None
+            raise FormatError(f"{printable(posixpath.join(root, *names))}: cannot be opened as a plain file in a real "
+                              f"folder ({exc.strerror}); a cache holds only plain files and folders") from None
     finally:
         os.close(fd)
     if not stat.S_ISREG(os.fstat(file_fd).st_mode):
