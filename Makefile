@@ -38,10 +38,19 @@ test-gemma: setup
 # The randomized tests over many seeds (tests/conftest.py): `make test` runs them on one fixed seed.
 # FUZZ_SEEDS=N or N:START; FUZZ_TESTS, FUZZ_ARGS (e.g. -k top1) narrow it. Stops at the first failure,
 # whose test id names the seed (replay: KD_TEST_SEED=<n> pytest ...).
+# Then the cache mutation fuzzer (issue 19, tests/formats/test_fuzz_cache.py): its regression cases and
+# FUZZ_CASES random mutations of FUZZ_SEED (N or N:START; FUZZ_SEED=random for a fresh one), every
+# failure listed (replay: python -m tests.formats.cache_mutations SEED:INDEX); FUZZ_CACHE_ARGS narrows it.
 FUZZ_SEEDS ?= 500
 FUZZ_TESTS ?= tests/train_student/test_loss.py tests/train_student/test_kernel_triton.py tests/formats
+FUZZ_CASES ?= 10000
+FUZZ_SEED  ?= 1
 fuzz: setup
-	KD_FUZZ_SEEDS=$(FUZZ_SEEDS) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -x -p no:cacheprovider $(FUZZ_TESTS) $(FUZZ_ARGS)
+	KD_FUZZ_SEEDS=$(FUZZ_SEEDS) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -x -p no:cacheprovider $(FUZZ_TESTS) $(FUZZ_ARGS); \
+	status=$$?; \
+	FUZZ_CASES=$(FUZZ_CASES) FUZZ_SEED=$(FUZZ_SEED) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/formats/test_fuzz_cache.py $(FUZZ_CACHE_ARGS) || status=1; \
+	exit $$status
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/kdcache demo --out runs/demo

@@ -189,6 +189,7 @@ def check_manifest(manifest, where: str) -> None:
         check_sha256(rejects.get("sha256"), f"{where}: rejects_file.sha256")
     check_tokenizer_files(manifest.get("tokenizer_files"), where)
     row_limits(manifest)
+    check_accounting(manifest, where)
     counts = manifest["counts"]
     for key, total in (("examples", "rows"), ("positions", "positions"), ("bytes", "bytes")):
         listed = sum(s[total] for s in shards)

@@ -247,7 +247,7 @@ def _bad_row(table: pa.Table, row: int, where: str, what: str):
 
 
 def _row_meta(row: dict, where: str, i: int) -> dict:
-    if not row["meta"]:
+    if row["meta"] is None:  # the writer stores an empty meta as null; "" is not JSON
         return {}
     meta = loads(row["meta"], f"{where}, row {i} (id {row['id']!r:.200})", max_bytes=MAX_META_BYTES, what="meta")
     if not isinstance(meta, dict):

@@ -11,7 +11,7 @@ import numpy as np
 
 from formats.card import write_card
 from formats.errors import FormatError, IncompatibleCachesError, InputError
-from formats.manifest import (check_accounting, command_line, load_manifest, manifest_get, now_iso,
+from formats.manifest import (command_line, load_manifest, manifest_get, now_iso,
                               open_cache, tally_reasons)
 from formats.safe_write import AtomicFile, make_folder, write_json_atomic
 from formats.schema import CARD_NAME, MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX
@@ -39,7 +39,6 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
     files = open_cache(path, storage_options)
     manifest = load_manifest(files)
     mpath = files.where(MANIFEST_NAME)  # messages about what the manifest claims name it
-    check_accounting(manifest, mpath)
     unlisted = check_contents(files, manifest)
     owner: dict[str, str] = {}  # example id -> the shard that holds it
     rows = positions = 0
@@ -261,9 +260,9 @@ def _differences(a, b, prefix: tuple) -> list[tuple]:
 def merge_caches(out, caches: list) -> dict:
     """Combine worker caches into one folder `out` (copies shards; inputs are left untouched).
 
-    Refuses inputs that do not belong together (check_mergeable), a cache given twice, duplicate
-    example or reject ids within or across the inputs, and any shard or rejects file whose sha256
-    differs from its manifest. Every worker's provenance is kept in `merged_from`. The teacher's
+    Refuses inputs that do not belong together (check_mergeable), a cache given twice, an input that
+    fails `verify_cache` (every input is verified first, rows decoded), duplicate example or reject ids
+    across the inputs, and any shard whose bytes change while they are copied (hashed as they stream). Every worker's provenance is kept in `merged_from`. The teacher's
     tokenizer files (the same tokenizer in every input) are copied from the first input that has them.
     Every input is read through formats.trust; every file is written through formats.safe_write.
     """
@@ -278,8 +277,8 @@ def merge_caches(out, caches: list) -> dict:
     inputs = [open_cache(c) for c in caches]
     manifests = [load_manifest(f) for f in inputs]  # types, names inside each cache, no duplicate shard entries
     check_mergeable(manifests, names)
-    for f, m in zip(inputs, manifests):
-        check_contents(f, m)
+    for f in inputs:  # every check verify makes (each row decoded): merge never copies what a reader refuses
+        verify_cache(f)
     rejects = [read_rejects(f, m) for f, m in zip(inputs, manifests)]  # sha256-checked
     _check_disjoint(inputs, manifests, rejects)
     existed = out.exists()

@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-TIME_BOUND = float(os.environ.get("FUZZ_TIMEOUT", 20))     # seconds per operation
-MEM_BOUND_MB = int(os.environ.get("FUZZ_MEM_MB", 1536))     # above the worker's baseline
+TIME_BOUND = float(os.environ.get("FUZZ_TIMEOUT", "20"))     # seconds per operation
+MEM_BOUND_MB = int(os.environ.get("FUZZ_MEM_MB", "1536"))     # above the worker's baseline
 MAX_SHOWN = 300                                             # characters of a message kept in a report
 
 OPS = ("verify", "verify_checksums", "read", "merge", "summarize", "tokenizer")
@@ -164,6 +164,12 @@ def dump(obj) -> str:
     for i, raw in enumerate(raws):
         text = text.replace(f'"@@RAW{i}@@"', raw, 1)
     return text
+
+
+def clip(text: str, limit: int = MAX_SHOWN) -> str:
+    """A message as plain text, control characters escaped, cut to `limit` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return text if len(text) <= limit else text[: limit - 12] + f"...<{len(text)}>"
 
 
 def show(value, limit: int = 80) -> str:
@@ -361,6 +367,8 @@ def m_shard_swap(ctx: Ctx):
         path, _ = ctx.compatible_donor(m["shards"][i]["rows"])
     else:
         own = [(str(ctx.cache / e["file"]), e) for j, e in enumerate(m["shards"]) if j != i]
+        if source == "own_cache" and not own:  # a one-shard cache: another cache's
+            source = ctx.params["from"] = "any_cache"
         pool = own if source == "own_cache" else ctx.donors(exclude=str(Path(ctx.bases[ctx.base]) / m["shards"][i]["file"]))
         pool = [p for p in pool if p[1]["rows"] != m["shards"][i]["rows"]] or pool
         path = pool[ctx.randint("donor_index", 0, len(pool) - 1)][0]
@@ -564,7 +572,9 @@ def _set_shard_codecs(ctx: Ctx, codec: dict):
 HOSTILE_NAMES = ["../x.parquet", "%2e%2e%2fx.parquet", "a/b", "\x1b[31mred.parquet", "ABSOLUTE", "", ".", "..",
                  "..\\x.parquet", "x\x00.parquet", "C:x.parquet", "~/x.parquet", "part-00000.parquet ", "é.parquet",
                  "s3://bucket/x.parquet", "file:///etc/passwd", "y" * 300 + ".parquet", "part-00000.txt", ".hidden.parquet",
-                 "-rf.parquet"]
+                 "part-00000.parquet\n", "-" * 201 + ".parquet"]
+# What docs/FORMAT.md allows a manifest to name (a name like this is a legitimate rename, not an attack).
+SAFE_NAME = __import__("re").compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 
 
 def m_manifest_name(ctx: Ctx):
@@ -573,7 +583,8 @@ def m_manifest_name(ctx: Ctx):
     m = ctx.manifest()
     roles = ["shard", "rejects"] + (["tokenizer"] if m.get("tokenizer_files") else [])
     role = ctx.pick("role", roles, [3, 1, 1][: len(roles)])
-    name = ctx.pick("name", HOSTILE_NAMES)
+    name = ctx.pick("name", [n for n in HOSTILE_NAMES if not SAFE_NAME.fullmatch(n)
+                             or (role == "shard" and not n.endswith(".parquet"))])
     if name == "ABSOLUTE":
         name = str(ctx.case_dir / "abs.parquet")
     if role == "shard":
@@ -712,7 +723,6 @@ META_BOMBS = {
     "null_text": "null",
     "invalid": '{"messages": [',
     "empty": "",
-    "lone_surrogate": '{"messages": "\\ud800"}',
     "containers_3M": '{"a": [' + "[]," * 3_000_000 + "[]]}",
 }
 
@@ -740,17 +750,17 @@ def m_shard_rewrite(ctx: Ctx):
     k = m["codec"]["k"]
     ctx.touch(m["shards"][i]["file"])
     what = ctx.pick("rewrite", [
-        "extra_column", "drop_column", "retype_column", "duplicate_column", "meta_bomb", "meta_huge_60MiB",
+        "extra_column", "drop_column", "retype_column", "duplicate_column", "meta_bomb", "meta_over_64MiB",
         "finish_reason", "too_long", "mass_gt_1", "count_zero", "count_over_k", "stream_short", "stream_long",
         "span_start_zero", "span_end_past_L", "span_overlap", "num_targets_off", "rank_zero", "id_empty", "id_5000_chars",
         "input_id_out_of_range", "input_id_negative", "hot_table", "metadata"],
         [2, 2, 2, 1, 4, 0.3, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4])
     edit_table = edit_metadata = None
     if what == "extra_column":
-        edit_table = lambda t: t.append_column("evil", pa.array([1] * t.num_rows, pa.int64()))  # noqa: E731
+        edit_table = lambda t: t.append_column("evil", pa.array([1] * t.num_rows, pa.int64()))
     elif what == "drop_column":
         col = ctx.pick("column", ["meta", "source", "topk_step_escape", "target_rank", "id", "finish_reason", "topk_code_b1"])
-        edit_table = lambda t: t.drop_columns([col])  # noqa: E731
+        edit_table = lambda t: t.drop_columns([col])
     elif what == "retype_column":
         col, typ = ctx.pick("column", [["input_ids", "list<int64>"], ["id", "large_string"], ["topk_count", "large_binary"],
                                        ["num_targets", "int64"], ["meta", "binary"], ["target_starts", "list<uint32>"]])
@@ -761,10 +771,10 @@ def m_shard_rewrite(ctx: Ctx):
             j = t.schema.get_field_index(col)
             return t.set_column(j, pa.field(col, types[typ]), t.column(col).cast(types[typ]))
     elif what == "duplicate_column":
-        edit_table = lambda t: t.append_column(t.schema.field("id"), t.column("id"))  # noqa: E731
-    elif what in ("meta_bomb", "meta_huge_60MiB"):
+        edit_table = lambda t: t.append_column(t.schema.field("id"), t.column("id"))
+    elif what in ("meta_bomb", "meta_over_64MiB"):
         bomb = ctx.pick("bomb", sorted(META_BOMBS)) if what == "meta_bomb" else None
-        text = META_BOMBS[bomb] if bomb else '{"pad": "' + "a" * (60 << 20) + '"}'
+        text = META_BOMBS[bomb] if bomb else '{"pad": "' + "a" * (64 << 20) + '"}'  # one row's meta beyond the 64 MiB cap (FORMAT.md check 4)
         edit_table = _cell_edit(ctx, "meta", lambda v, r, t: text)
     elif what == "finish_reason":
         value = ctx.pick("finish", ["stop", "length"] if m["mode"] == "score" else ["bogus", None, "", "\x1b[2J"])
@@ -988,7 +998,7 @@ def m_rejects_edit(ctx: Ctx):
     lines = path.read_bytes().splitlines()
     how = ctx.pick("line", ["deep_array_100k", "deep_object_100k", "huge_int", "NaN", "dup_key", "not_object", "missing_id",
                             "id_not_string", "reason_not_string", "example_id", "dup_id", "long_line_70KiB", "invalid_utf8",
-                            "lone_surrogate", "extra_line", "missing_line", "reason_tally", "crlf", "blank_lines",
+                            "extra_line", "missing_line", "reason_tally", "crlf", "blank_lines",
                             "containers_100k", "huge_file"])
     j = ctx.randint("row", 0, len(lines) - 1)
     r = json.loads(lines[j])
@@ -1007,7 +1017,6 @@ def m_rejects_edit(ctx: Ctx):
         "dup_id": json.dumps({**r, "id": json.loads(lines[(j + 1) % len(lines)])["id"]}).encode(),
         "long_line_70KiB": json.dumps({**r, "source": "s" * (70 << 10)}).encode(),
         "invalid_utf8": json.dumps(r).encode().replace(b'"tulu"', b'"\xff\xfe"') + b"\xff",
-        "lone_surrogate": json.dumps(r)[:-1].encode() + b', "x": "\\udc00"}',
         "containers_100k": b'{"id": "%s", "reason": "x", "d": [' % r["id"].encode() + b"[]," * 100_000 + b"[]]}",
     }.get(how)
     if new is not None:
@@ -1135,7 +1144,7 @@ REGRESSION = {
     "rewrite-meta-deep": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "meta_bomb", "bomb": "deep_array_100k", "row": 2}),
     "rewrite-meta-huge-int": ("gen", "shard_rewrite", {"shard": 0, "rewrite": "meta_bomb", "bomb": "huge_int", "row": 0}),
     "rewrite-meta-dup-key": ("plain", "shard_rewrite", {"shard": 2, "rewrite": "meta_bomb", "bomb": "dup_key", "row": 1}),
-    "rewrite-meta-60MiB": ("plain", "shard_rewrite", {"shard": 1, "rewrite": "meta_huge_60MiB", "row": 0}),
+    "rewrite-meta-over-64MiB": ("plain", "shard_rewrite", {"shard": 1, "rewrite": "meta_over_64MiB", "row": 0}),
     "rewrite-finish-stop-in-score": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "finish_reason", "finish": "stop",
                                                                 "row": 3}),
     "rewrite-finish-bogus-in-generate": ("gen", "shard_rewrite", {"shard": 0, "rewrite": "finish_reason", "finish": "bogus",
@@ -1191,11 +1200,16 @@ REGRESSION = {
     "rejects-invalid-utf8": ("plain", "rejects_edit", {"line": "invalid_utf8", "row": 0, "fixup": "sha256"}),
     "rejects-huge-file": ("plain", "rejects_edit", {"line": "huge_file", "row": 0, "fixup": "sha256"}),
     "rejects-tally": ("gen", "rejects_edit", {"line": "reason_tally", "row": 1, "fixup": "sha256"}),
+    "rejects-count-2**31": ("gen", "manifest_value", {"path": ["rejects_file", "count"], "action": "set", "value": "2**31"}),
+    "manifest-mode-deleted": ("gen", "manifest_value", {"path": ["mode"], "action": "delete"}),
+    "rewrite-meta-empty-string": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "meta_bomb", "bomb": "empty", "row": 0}),
     "rejects-extra-line-no-fixup": ("plain", "rejects_edit", {"line": "extra_line", "row": 0, "fixup": "none"}),
 }
 
 
 def case_key(case: dict) -> str:
+    if "selftest" in case:
+        return f"selftest-{case['selftest']}"
     return case["name"] if "name" in case else f"{case['seed']}:{case['index']}"
 
 
@@ -1220,6 +1234,10 @@ def plan_case(case: dict) -> tuple[str, str, dict, random.Random]:
 
 def apply_case(case: dict, bases: dict, case_dir: Path) -> dict:
     """Copy the case's base cache to case_dir/cache and mutate it; returns the case's description."""
+    if "selftest" in case:  # the harness's own checks: an operation that misbehaves on purpose
+        return {"key": case_key(case), "base": "plain", "kind": "selftest", "variant": case["selftest"],
+                "desc": f"selftest {case['selftest']}", "names": [], "lie_ok": False, "cache": bases["plain"],
+                "ops": ["read"], "selftest": case["selftest"]}
     base, kind, forced, rng = plan_case(case)
     if case_dir.exists():
         shutil.rmtree(case_dir)
@@ -1276,8 +1294,7 @@ def read_examples(path) -> list:
 
 def read_rejects(path) -> list[dict]:
     """The rejects as the trust boundary reads them (formats.tools.read_rejects)."""
-    from formats import load_manifest
-    from formats import tools
+    from formats import load_manifest, tools
 
     return tools.read_rejects(str(path), load_manifest(str(path)))
 
@@ -1394,10 +1411,15 @@ class Expected:
             self.examples[base] = sorted(canon(ex) for ex in read_examples(bases[base]))
             self.rejects[base] = canon_rejects(read_rejects(bases[base]))
             self.manifests[base] = json.loads((Path(bases[base]) / "manifest.json").read_text())
-        from formats.tokenizer_files import load_cache_tokenizer
+        self._tok_cache = bases["tok"]
 
-        tok = load_cache_tokenizer(bases["tok"])
-        self.tokenizers["tok"] = (tok.get_vocab(), tok.chat_template)
+    def tokenizer(self, base: str):
+        if base not in self.tokenizers:  # transformers is imported only when needed
+            from formats.tokenizer_files import load_cache_tokenizer
+
+            tok = load_cache_tokenizer(self._tok_cache)
+            self.tokenizers[base] = (tok.get_vocab(), tok.chat_template)
+        return self.tokenizers[base]
 
 
 def _bad_chars(text: str) -> list[str]:
@@ -1409,7 +1431,7 @@ def judge_exception(exc: BaseException, info: dict, op: str, merged: str | None 
     from formats.errors import KDCacheError
 
     msg = str(exc)
-    out = {"exc": type(exc).__name__, "message": show(msg, MAX_SHOWN)}
+    out = {"exc": type(exc).__name__, "message": clip(msg)}
     if isinstance(exc, MemoryError):
         return {**out, "status": "fail", "kind": "memory (MemoryError)"}
     if isinstance(exc, RecursionError):
@@ -1447,13 +1469,15 @@ def run_op(op: str, info: dict, expected: Expected, scratch: Path) -> dict:
     from formats.tools import merge_caches, summarize, verify_cache
 
     path = info["cache"]
+    if info.get("selftest"):
+        return _selftest(info["selftest"])
     if op == "tokenizer":
         from formats.tokenizer_files import load_cache_tokenizer
         try:
             tok = load_cache_tokenizer(path)
         except BaseException as exc:  # noqa: BLE001 - judged
             return judge_exception(exc, info, op)
-        if (tok.get_vocab(), tok.chat_template) != expected.tokenizers[info["base"]]:
+        if (tok.get_vocab(), tok.chat_template) != expected.tokenizer(info["base"]):
             return {"status": "fail", "kind": "silent: different data accepted", "detail": "another tokenizer loaded"}
         return {"status": "ok", "kind": "same data"}
     if op == "summarize":
@@ -1477,7 +1501,7 @@ def run_op(op: str, info: dict, expected: Expected, scratch: Path) -> dict:
             return compare_read_back(out, info, expected, what="merged output: ")
         except BaseException as exc:  # noqa: BLE001 - our own merged output must read back
             return {"status": "fail", "kind": "merge output unreadable", "exc": type(exc).__name__,
-                    "message": show(str(exc), MAX_SHOWN)}
+                    "message": clip(str(exc))}
     try:
         if op == "read":
             examples = read_examples(path)
@@ -1497,6 +1521,23 @@ def run_op(op: str, info: dict, expected: Expected, scratch: Path) -> dict:
         return result
     except BaseException as exc:  # noqa: BLE001
         return judge_exception(exc, info, op)
+
+
+def _selftest(what: str) -> dict:
+    """What the harness must catch: a hang, a memory bomb, a crash, an untyped error, silent data."""
+    if what == "hang":
+        time.sleep(3600)
+    if what == "memory":
+        hog = bytearray(8 << 30)  # above RLIMIT_AS: MemoryError
+        return {"status": "ok", "kind": f"allocated {len(hog)}"}
+    if what == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if what == "untyped":
+        try:
+            {}["shards"]
+        except KeyError as exc:
+            return judge_exception(exc, {"cache": "", "names": []}, "read")
+    raise ValueError(f"unknown selftest {what!r}")
 
 
 # ==== the worker (one long-lived subprocess; the parent enforces the time bound) ===================
@@ -1522,8 +1563,8 @@ def worker_main(bases_file: str, scratch: str) -> None:
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever kdcache or a library prints goes to stderr, not into the protocol
 
-    def emit(kind, **data):
-        out.write("@@" + json.dumps({"type": kind, **data}, default=repr) + "\n")
+    def emit(message_type, **data):
+        out.write("@@" + json.dumps({**data, "type": message_type}, default=repr) + "\n")
         out.flush()
 
     bases = json.loads(Path(bases_file).read_text())
@@ -1531,7 +1572,7 @@ def worker_main(bases_file: str, scratch: str) -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     os.chdir(scratch)
     expected = Expected(bases)
-    for base in BASES:  # warm every code path before the baseline (imports, thread pools, caches)
+    for base in () if os.environ.get("FUZZ_LIGHT") else BASES:  # warm every path before the baseline (imports, pools)
         info = {"base": base, "cache": bases[base], "names": [], "lie_ok": False}
         for op in ops_for(base):
             r = run_op(op, info, expected, scratch)
@@ -1547,9 +1588,11 @@ def worker_main(bases_file: str, scratch: str) -> None:
         try:
             info = apply_case(job["case"], bases, case_dir)
         except BaseException as exc:  # noqa: BLE001 - a harness bug, reported as such
-            emit("case", info={"key": case_key(job["case"]), "desc": "(mutation failed)", "ops": []})
+            planned = plan_case(job["case"]) if "selftest" not in job["case"] else ("plain", "selftest")
+            emit("case", info={"key": case_key(job["case"]), "base": planned[0], "kind": planned[1],
+                               "desc": f"{planned[1]} on {planned[0]} (the mutation failed)", "ops": []})
             emit("result", op="mutate", status="fail", kind="harness: the mutation raised", exc=type(exc).__name__,
-                 message=show(str(exc), MAX_SHOWN), trace=traceback.format_exc()[-1500:])
+                 message=clip(str(exc)), trace=traceback.format_exc()[-1500:])
             emit("done")
             continue
         emit("case", info=info)
@@ -1563,7 +1606,7 @@ def worker_main(bases_file: str, scratch: str) -> None:
                 result = run_op(op, info, expected, case_dir)
             except BaseException as exc:  # noqa: BLE001 - e.g. MemoryError inside the judging
                 result = {"status": "fail", "kind": "memory (MemoryError)" if isinstance(exc, MemoryError) else "harness",
-                          "exc": type(exc).__name__, "message": show(str(exc), MAX_SHOWN)}
+                          "exc": type(exc).__name__, "message": clip(str(exc))}
             seconds = time.monotonic() - t0
             peak_mb = (_status_kb("VmHWM") - baseline_rss) // 1024
             if peak_mb > MEM_BOUND_MB:
@@ -1576,14 +1619,16 @@ def worker_main(bases_file: str, scratch: str) -> None:
 # ==== the parent: a pool of workers, each case's operations timed ==================================
 
 class _Worker:
-    def __init__(self, pool: "Pool", n: int):
+    def __init__(self, pool: Pool, n: int):
         self.pool, self.n = pool, n
         self.scratch = Path(pool.scratch) / f"w{n}"
         self.stderr_path = Path(pool.scratch) / f"w{n}.stderr"
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "MALLOC_ARENA_MAX": "2",
                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                "FUZZ_TIMEOUT": str(pool.timeout), "FUZZ_MEM_MB": str(pool.mem_mb)}
-        self.stderr = open(self.stderr_path, "ab")
+        if pool.light:
+            env["FUZZ_LIGHT"] = "1"
+        self.stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - open for the worker's lifetime
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.formats.cache_mutations", "--worker", pool.bases_file,
                                       str(self.scratch)], cwd=REPO, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True)
@@ -1621,12 +1666,13 @@ class Pool:
     goes on with its remaining operations in the new worker."""
 
     def __init__(self, bases: dict, *, workers: int = 2, timeout: float = TIME_BOUND, mem_mb: int = MEM_BOUND_MB,
-                 scratch: str | None = None, start_timeout: float = 180.0):
+                 scratch: str | None = None, start_timeout: float = 180.0, light: bool = False):
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.scratch = scratch or tempfile.mkdtemp(prefix="kdcache-fuzz-", dir=shm)
         self.bases_file = str(Path(self.scratch) / "bases.json")
         Path(self.bases_file).write_text(json.dumps(bases))
         self.n_workers, self.timeout, self.mem_mb, self.start_timeout = workers, timeout, mem_mb, start_timeout
+        self.light = light  # no warm-up (the harness's self-tests)
         self.harness_errors: list[str] = []
         self.workers: list[_Worker] = []
 
@@ -1666,17 +1712,19 @@ class Pool:
                 if w.proc.stdout in readable:
                     chunk = os.read(w.proc.stdout.fileno(), 1 << 16)
                     if not chunk:
+                        if not w.ready:
+                            raise RuntimeError(f"a fuzz worker died while starting (exit {w.proc.wait()}): "
+                                               f"{w.stderr_tail()}")
                         done += self._lost(w, records, pending, "crash",
                                            f"the worker died (exit {w.proc.wait()}): {w.stderr_tail()}")
                         continue
                     w.buf += chunk
                     while b"\n" in w.buf:
                         line, w.buf = w.buf.split(b"\n", 1)
-                        if line.startswith(b"@@"):
-                            if self._message(w, json.loads(line[2:]), records):
-                                done += 1
-                                if progress:
-                                    progress(done, len(cases))
+                        if line.startswith(b"@@") and self._message(w, json.loads(line[2:]), records):
+                            done += 1
+                            if progress:
+                                progress(done, len(cases))
                 elif now >= w.deadline:
                     if not w.ready:
                         raise RuntimeError(f"a fuzz worker did not start in {self.start_timeout} s: {w.stderr_tail()}")
@@ -1715,17 +1763,21 @@ class Pool:
             return 0
         rec = records[case_key(job["case"])]
         op = w.op or ("mutate" if w.info is None else None)
-        if op is None:  # between operations: nothing lost but the worker
+        losses = job.get("losses", 0) + 1
+        if op is None:  # between operations: nothing lost but the worker (give up after 3 such losses)
             ran = {r["op"] for r in rec["results"]}
-            pending.appendleft({"case": job["case"], "skip": sorted(ran)})
+            if losses >= 3:
+                rec["results"].append({"op": "between-ops", "status": "fail", "kind": kind, "detail": clip(detail)})
+                return 1
+            pending.appendleft({"case": job["case"], "skip": sorted(ran), "losses": losses})
             return 0
-        rec["results"].append({"op": op, "status": "fail", "kind": kind, "detail": show(detail, MAX_SHOWN)})
+        rec["results"].append({"op": op, "status": "fail", "kind": kind, "detail": clip(detail)})
         if op == "mutate":
             return 1
         ran = {r["op"] for r in rec["results"]}
         remaining = [o for o in (w.info or {}).get("ops", []) if o not in ran]
         if remaining:
-            pending.appendleft({"case": job["case"], "skip": sorted(ran)})
+            pending.appendleft({"case": job["case"], "skip": sorted(ran), "losses": losses})
             return 0
         return 1
 
@@ -1753,7 +1805,7 @@ def describe(rec: dict, r: dict) -> str:
     info = rec["info"] or {}
     tail = r.get("message") or r.get("detail") or ""
     exc = f"{r.get('exc')}: " if r.get("exc") else ""
-    return (f"[{case_key(rec['case'])}] {info.get('desc', '?')} | op {r['op']} -> {r['kind']}: {exc}{show(tail, 220)}"
+    return (f"[{case_key(rec['case'])}] {info.get('desc', '?')} | op {r['op']} -> {r['kind']}: {exc}{clip(tail, 220)}"
             f"\n    repro: {repro(rec, r)}")
 
 
@@ -1761,8 +1813,8 @@ def report(records: list[dict], limit: int = 20) -> str:
     fails = failures(records)
     groups = collections.Counter(group_of(rec, r) for rec, r in fails)
     lies = sum(1 for rec in records for r in rec["results"] if r["kind"].endswith("valid data)"))
-    lines = [f"{len({case_key(rec['case']) for rec, _ in fails})} of {len(records)} cases fail ({len(fails)} operations; "
-             f"{lies} operations read a consistent lie, accepted)"]
+    lines = [(f"{len({case_key(rec['case']) for rec, _ in fails})} of {len(records)} cases fail ({len(fails)} operations; "
+              f"{lies} operations read a consistent lie, accepted)")]
     if fails:
         lines.append("failures by (mutation, operation, outcome):")
         lines += [f"  {n:5d}  {k:<17} {op:<17} {what}" for (k, op, what), n in groups.most_common()]
@@ -1780,6 +1832,9 @@ def _run_inline(case: dict, op_filter: str | None, keep: str | None) -> int:
         expected = Expected(bases)
         case_dir = Path(keep) if keep else Path(tmp) / "case"
         info = apply_case(case, bases, case_dir)
+        expected.tokenizer("tok")  # imported before the memory bound, as a worker does
+        limit = (_status_kb("VmSize") + MEM_BOUND_MB * 1024) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
         print(f"case {info['key']}: {info['desc']}\n  offending names {info['names']}, lie_ok {info['lie_ok']}\n"
               f"  mutated cache: {info['cache']}")
         failed = 0
@@ -1787,7 +1842,7 @@ def _run_inline(case: dict, op_filter: str | None, keep: str | None) -> int:
             if op_filter and op != op_filter:
                 continue
 
-            def expire(*_):
+            def expire(*_, op=op):
                 raise TimeoutError(f"{op}: no result after {TIME_BOUND} s (a hang)")
             signal.signal(signal.SIGALRM, expire)
             signal.alarm(int(TIME_BOUND))
@@ -1834,11 +1889,13 @@ def main(argv=None) -> int:
             bases = build_caches(tmp)
             t0 = time.monotonic()
             with Pool(bases, workers=a.workers) as pool:
-                records = pool.run(cases, progress=lambda d, n: print(f"\r{d}/{n}", end="", file=sys.stderr))
+                records = pool.run(cases, progress=lambda d, n: d % 100 or print(f"{d}/{n}", file=sys.stderr))
             print(f"\n{len(cases)} cases in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         if a.json:
             Path(a.json).write_text(json.dumps(records, default=repr))
         print(report(records, a.show))
+        for error in pool.harness_errors:
+            print(f"HARNESS: {error}")
         return 1 if failures(records) or pool.harness_errors else 0
     if not a.case:
         p.error("give a case (SEED:INDEX or a regression name), --summary N[:SEED] or --regressions")
