@@ -12,6 +12,7 @@ from pathlib import Path
 from formats.codec import MAX_TOKEN_ID, CodecConfig
 from formats.errors import FormatError
 from formats.schema import CARD_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_SUFFIX, check_version
+from formats.tokenizer_id import fingerprint_version
 from formats.trust import CacheFiles, check_name, exact_int, loads, printable
 
 REQUIRED = ["format_version", "codec", "shards", "counts"]
@@ -190,6 +191,10 @@ def check_manifest(manifest, where: str) -> None:
     check_tokenizer_files(manifest.get("tokenizer_files"), where)
     row_limits(manifest)
     check_accounting(manifest, where)
+    try:
+        fingerprint_version(manifest.get("tokenizer"))
+    except FormatError as exc:
+        raise FormatError(f"{where}: {exc}") from None
     counts = manifest["counts"]
     for key, total in (("examples", "rows"), ("positions", "positions"), ("bytes", "bytes")):
         listed = sum(s[total] for s in shards)
