@@ -424,16 +424,6 @@ INTERESTING_PATHS = [
 ]
 
 
-def _paths(obj, prefix=()):
-    yield prefix
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _paths(value, (*prefix, key))
-    elif isinstance(obj, list):
-        for i, value in enumerate(obj):
-            yield from _paths(value, (*prefix, i))
-
-
 def _get(obj, path):
     for key in path:
         obj = obj[key]
@@ -452,7 +442,9 @@ def m_manifest_value(ctx: Ctx):
     """One manifest field (or object) rewritten with a hostile value, or deleted."""
     m = ctx.manifest()
     interesting = [list(p) for p in INTERESTING_PATHS if _exists(m, p)]
-    every = [list(p) for p in _paths(m) if p]
+    from .format_helpers import json_paths
+
+    every = [list(p) for p in json_paths(m) if p]
     path = ctx.pick("path", interesting if ctx.rng.random() < 0.7 or "path" in ctx.forced else every)
     path = [int(k) if isinstance(k, str) and k.isdigit() and isinstance(_get(m, path[: path.index(k)]), list) else k
             for k in path]

@@ -39,6 +39,17 @@ def write_cache(path, examples, *, k=8, rejects=(), provenance=PROVENANCE, **kw)
 
 
 
+def json_paths(obj, prefix=()):
+    """Every key path of a JSON value (containers and leaves)."""
+    yield prefix
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from json_paths(value, (*prefix, key))
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            yield from json_paths(value, (*prefix, i))
+
+
 # ---- hostile edits: change one thing and keep every checksum consistent, so that only the check
 # under test can catch it ------------------------------------------------------------------------
 

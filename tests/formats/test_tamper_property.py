@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from .format_helpers import make_example, write_cache
+from .format_helpers import json_paths, make_example, write_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,17 +26,6 @@ JSON_VALUES = st.recursive(
     max_leaves=5)
 
 
-def _paths(obj, prefix=()):
-    """Every key path of a JSON value (containers and leaves)."""
-    yield prefix
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _paths(value, (*prefix, key))
-    elif isinstance(obj, list):
-        for i, value in enumerate(obj):
-            yield from _paths(value, (*prefix, i))
-
-
 def _edit_manifest(m, data):
     kind = data.draw(st.sampled_from(["set", "delete", "duplicate_shard", "swap_shards", "drop_shard"]), "kind")
     shards = m["shards"]
@@ -50,7 +39,7 @@ def _edit_manifest(m, data):
     if kind == "drop_shard":
         shards.pop(data.draw(st.integers(0, len(shards) - 1)))
         return kind
-    path = data.draw(st.sampled_from(sorted((p for p in _paths(m) if p), key=str)), "path")
+    path = data.draw(st.sampled_from(sorted((p for p in json_paths(m) if p), key=str)), "path")
     parent = m
     for key in path[:-1]:
         parent = parent[key]
