@@ -5,7 +5,6 @@ one line."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess

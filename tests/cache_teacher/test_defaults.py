@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from cache_teacher.config import CacheConfig, resolve_auto
-from cache_teacher.engines.base import EngineStartError, engine_start_error, root_cause
+from cache_teacher.engines.base import engine_start_error, root_cause
 from formats.common import hardware
 
 from .teacher_helpers import REPO, make_config, write_jsonl

@@ -749,10 +749,14 @@ def m_shard_rewrite(ctx: Ctx):
         [2, 2, 2, 1, 4, 0.3, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4])
     edit_table = edit_metadata = None
     if what == "extra_column":
-        edit_table = lambda t: t.append_column("evil", pa.array([1] * t.num_rows, pa.int64()))
+
+        def edit_table(t):
+            return t.append_column("evil", pa.array([1] * t.num_rows, pa.int64()))
     elif what == "drop_column":
         col = ctx.pick("column", ["meta", "source", "topk_step_escape", "target_rank", "id", "finish_reason", "topk_code_b1"])
-        edit_table = lambda t: t.drop_columns([col])
+
+        def edit_table(t):
+            return t.drop_columns([col])
     elif what == "retype_column":
         col, typ = ctx.pick("column", [["input_ids", "list<int64>"], ["id", "large_string"], ["topk_count", "large_binary"],
                                        ["num_targets", "int64"], ["meta", "binary"], ["target_starts", "list<uint32>"]])
@@ -763,7 +767,9 @@ def m_shard_rewrite(ctx: Ctx):
             j = t.schema.get_field_index(col)
             return t.set_column(j, pa.field(col, types[typ]), t.column(col).cast(types[typ]))
     elif what == "duplicate_column":
-        edit_table = lambda t: t.append_column(t.schema.field("id"), t.column("id"))
+
+        def edit_table(t):
+            return t.append_column(t.schema.field("id"), t.column("id"))
     elif what in ("meta_bomb", "meta_over_64MiB"):
         bomb = ctx.pick("bomb", sorted(META_BOMBS)) if what == "meta_bomb" else None
         text = META_BOMBS[bomb] if bomb else '{"pad": "' + "a" * (64 << 20) + '"}'  # one row's meta beyond the 64 MiB cap (FORMAT.md check 4)

@@ -19,7 +19,11 @@ from formats.tokenizer_id import (FINGERPRINT_VERSION, _canonical, fingerprint_m
 
 from ..tokenizer_helpers import tiny_tokenizer
 from .format_helpers import edit_manifest
-from .test_tokenizer_files import cache, old_cache, tokenizer, tokenizer_dir  # noqa: F401 (fixtures)
+from . import test_tokenizer_files as files
+
+# The tokenizer-file tests' fixtures, shared (pytest finds fixtures by module attribute).
+tokenizer, tokenizer_dir, cache = files.tokenizer, files.tokenizer_dir, files.cache
+old_cache = files.old_cache
 
 
 def fix_up(cache: Path) -> None:

@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from .format_helpers import PROVENANCE, edit_manifest, make_example, replace_column, rewrite_shard, write_cache
 

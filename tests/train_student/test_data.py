@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
 import torch
 
-from .kd_fixtures import K, VOCAB, make_model, make_tokenizer
+from .kd_fixtures import K, VOCAB, make_model
 from formats import CacheReader
 from formats.errors import FormatError, InputError
 from formats.ids import is_eval, keep_fraction, record_id

@@ -42,14 +42,14 @@ def reference_loss(hidden, weight, topk_ids, topk_logprobs, labels, *, kind, tai
         keep = [k for k in range(topk_ids.shape[1])
                 if int(topk_ids[t, k]) >= 0 and float(topk_logprobs[t, k]) > -math.inf]
         ids = topk_ids[t, keep].long()
-        l = topk_logprobs[t, keep].double()
-        p_raw_tail = 1.0 - float(l.exp().sum())
+        lp = topk_logprobs[t, keep].double()
+        p_raw_tail = 1.0 - float(lp.exp().sum())
         p_raw_tail = 0.0 if p_raw_tail < TAIL_EPS else p_raw_tail  # rounding-level tails are 0
         if tail == "renormalize":
-            p_hat = torch.softmax(l / tau, dim=0)
+            p_hat = torch.softmax(lp / tau, dim=0)
             p_tail = 0.0
         else:
-            w = (l / tau).exp()
+            w = (lp / tau).exp()
             w_tail = p_raw_tail ** (1.0 / tau)
             den = w.sum() + w_tail
             p_hat, p_tail = w / den, float(w_tail / den)
