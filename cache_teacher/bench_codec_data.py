@@ -7,6 +7,7 @@ Runs vLLM (prompt_logprobs=k) over every row rendered with the teacher's chat te
 to --max-length tokens, and keeps every predicted position. Writes `ids` [N, k] int32 and
 `logprobs` [N, k] float32 in rank order (the input format of `kdcache bench codec`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,9 @@ import numpy as np
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="kdcache bench codec-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="kdcache bench codec-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--teacher", required=True, help="HF checkpoint folder (kdcache prepare-teacher)")
     p.add_argument("--data", required=True, help="Tulu-style .jsonl with `messages`")
     p.add_argument("--out", required=True)
@@ -44,9 +47,16 @@ def main(argv=None) -> None:
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         prompts.append(TokensPrompt(prompt_token_ids=list(ids)[: args.max_length]))
-    llm = LLM(args.teacher, dtype="bfloat16", max_logprobs=args.k, enforce_eager=True,
-              gpu_memory_utilization=0.3, max_model_len=args.max_length + 8, seed=0,
-              enable_prefix_caching=False)
+    llm = LLM(
+        args.teacher,
+        dtype="bfloat16",
+        max_logprobs=args.k,
+        enforce_eager=True,
+        gpu_memory_utilization=0.3,
+        max_model_len=args.max_length + 8,
+        seed=0,
+        enable_prefix_caching=False,
+    )
     sp = SamplingParams(max_tokens=1, prompt_logprobs=args.k, flat_logprobs=True, detokenize=False)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, sp)

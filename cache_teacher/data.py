@@ -10,6 +10,7 @@ the order workers run in:
 `iter_records` yields `(record, None)` for a good record and `(None, (id, reason, source))` for a bad
 one; a reason reads `code: detail` (the summary groups by code).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,17 +65,22 @@ def _parquet(path: Path):
     try:
         return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
-        raise InputError(f"{path}: not a readable Parquet file ({str(exc)[:160]}); convert it to .jsonl or .parquet, "
-                         "or remove it from the dataset folder") from None
+        raise InputError(
+            f"{path}: not a readable Parquet file ({str(exc)[:160]}); convert it to .jsonl or .parquet, "
+            "or remove it from the dataset folder"
+        ) from None
 
 
 def _json_records(path: Path) -> list:
     raw = path.read_bytes()
     try:
-        data = loads(raw[len(BOM):] if raw.startswith(BOM) else raw, str(path), max_bytes=len(raw), what="the file")
+        data = loads(raw[len(BOM) :] if raw.startswith(BOM) else raw, str(path), max_bytes=len(raw), what="the file")
     except FormatError as exc:
-        hint = ("re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)" if "not UTF-8" in str(exc) else
-                "fix it, or write one record per line as .jsonl (a bad line is then one reject)")
+        hint = (
+            "re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+            if "not UTF-8" in str(exc)
+            else "fix it, or write one record per line as .jsonl (a bad line is then one reject)"
+        )
         raise InputError(f"{exc}: a .json dataset is one JSON document; {hint}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
@@ -94,7 +100,7 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
                 return
             lineno += 1
             if lineno == 1 and line.startswith(BOM):
-                line = line[len(BOM):]
+                line = line[len(BOM) :]
             if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
                 while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
                     pass
@@ -132,8 +138,10 @@ def _read_hub(config) -> Iterator[Any]:
     try:
         import datasets
     except ModuleNotFoundError:
-        raise InputError(f"{config.dataset!r} is not a local file or folder, and reading hub datasets needs the "
-                         "`datasets` package (pip install datasets)") from None
+        raise InputError(
+            f"{config.dataset!r} is not a local file or folder, and reading hub datasets needs the "
+            "`datasets` package (pip install datasets)"
+        ) from None
 
     try:
         ds = datasets.load_dataset(
@@ -144,12 +152,17 @@ def _read_hub(config) -> Iterator[Any]:
     except Exception as exc:  # ConnectionError, DatasetNotFoundError, offline mode, a typo in the id or split
         import os
 
-        offline = " (HF_HUB_OFFLINE=1 is set: only datasets in the local hub cache load)" if os.environ.get(
-            "HF_HUB_OFFLINE") == "1" else ""
+        offline = (
+            " (HF_HUB_OFFLINE=1 is set: only datasets in the local hub cache load)"
+            if os.environ.get("HF_HUB_OFFLINE") == "1"
+            else ""
+        )
         cause = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise InputError(f"cannot load dataset {config.dataset!r} split {config.split!r}: {type(exc).__name__}: "
-                         f"{cause}{offline}; give a local .jsonl/.json/.parquet file or folder, or check the id, "
-                         "split and network") from None
+        raise InputError(
+            f"cannot load dataset {config.dataset!r} split {config.split!r}: {type(exc).__name__}: "
+            f"{cause}{offline}; give a local .jsonl/.json/.parquet file or folder, or check the id, "
+            "split and network"
+        ) from None
     if first is not None:
         yield first
         yield from rows
@@ -224,8 +237,10 @@ def iter_records(config) -> Iterator[tuple[dict | None, Reject | None]]:
             while dup in seen:
                 dup += "+"
             seen.add(dup)
-            yield None, (dup, f"duplicate_id: id {rid!r} appeared before, or was given to a duplicate (row {index})",
-                         source)
+            yield (
+                None,
+                (dup, f"duplicate_id: id {rid!r} appeared before, or was given to a duplicate (row {index})", source),
+            )
             continue
         seen.add(rid)
         if isinstance(raw, _BadJSON):
@@ -238,8 +253,10 @@ def iter_records(config) -> Iterator[tuple[dict | None, Reject | None]]:
         messages = [{"role": m["role"], "content": m["content"]} for m in raw["messages"]]
         yield {"id": rid, "messages": messages, "source": source}, None
     if index < 0:
-        raise InputError(f"{config.dataset}: the dataset holds no records; nothing to cache (an empty file, or the "
-                         "wrong file or split?)")
+        raise InputError(
+            f"{config.dataset}: the dataset holds no records; nothing to cache (an empty file, or the "
+            "wrong file or split?)"
+        )
 
 
 def expected_inputs(config) -> int | None:

@@ -1,5 +1,6 @@
 """`kdcache cache --dry-run`: template every record, count tokens and positions, and estimate the cache's
 size and the teacher's time, without starting the teacher."""
+
 from __future__ import annotations
 
 import time
@@ -31,16 +32,18 @@ class DryRun(Summary):
         bytes_per_position = 2 * self.k + 5
         est_bytes = self.positions * bytes_per_position
         est_s = self.tokens / self.tokens_per_s
-        return "\n".join([
-            f"dry run over {self.inputs} inputs ({self.mode} mode, worker {self.worker})",
-            f"examples {self.examples}, rejects {sum(self.rejects.values())} {dict(self.rejects)}, "
-            f"truncated {self.truncated}",
-            f"tokens {self.tokens}, trained positions {self.positions}"
-            + (" (upper bound: full-length responses)" if self.mode == "generate" else ""),
-            f"estimated cache size <= {_human(est_bytes)} (~{bytes_per_position} B/position at k={self.k})",
-            f"estimated teacher time {est_s / 3600:.2f} h at {self.tokens_per_s:.0f} tokens/s per worker "
-            f"(pass --dry-run-tokens-per-s with a measured rate)",
-        ])
+        return "\n".join(
+            [
+                f"dry run over {self.inputs} inputs ({self.mode} mode, worker {self.worker})",
+                f"examples {self.examples}, rejects {sum(self.rejects.values())} {dict(self.rejects)}, "
+                f"truncated {self.truncated}",
+                f"tokens {self.tokens}, trained positions {self.positions}"
+                + (" (upper bound: full-length responses)" if self.mode == "generate" else ""),
+                f"estimated cache size <= {_human(est_bytes)} (~{bytes_per_position} B/position at k={self.k})",
+                f"estimated teacher time {est_s / 3600:.2f} h at {self.tokens_per_s:.0f} tokens/s per worker "
+                f"(pass --dry-run-tokens-per-s with a measured rate)",
+            ]
+        )
 
 
 def dry_run(config, tokenizer=None) -> DryRun:
@@ -51,9 +54,14 @@ def dry_run(config, tokenizer=None) -> DryRun:
     started = time.perf_counter()
     tokenizer = tokenizer or teacher_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
-    summary = DryRun(out=str(config.out), per_input=per_input(config), mode=config.mode, k=config.k,
-                     worker=f"{config.worker_index}/{config.num_workers}",
-                     tokens_per_s=config.dry_run_tokens_per_s or DEFAULT_TOKENS_PER_S[config.engine])
+    summary = DryRun(
+        out=str(config.out),
+        per_input=per_input(config),
+        mode=config.mode,
+        k=config.k,
+        worker=f"{config.worker_index}/{config.num_workers}",
+        tokens_per_s=config.dry_run_tokens_per_s or DEFAULT_TOKENS_PER_S[config.engine],
+    )
     for record, reject in iter_records(config):
         summary.inputs += 1
         if reject is not None:

@@ -6,6 +6,7 @@ manifest records (special tokens such as the end-of-turn token dropped) and appe
 turn: one `{"id", "messages", "source"}` line per response, the input format of `kdcache cache` and of
 the student trainer.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,16 @@ def iter_cache(path) -> Iterator:
     yield from CacheReader(path)
 
 
-def export_sft(cache: str | os.PathLike, out: str | os.PathLike, tokenizer: str | None = None,
-               keep_length: bool = False) -> int:
+def export_sft(
+    cache: str | os.PathLike, out: str | os.PathLike, tokenizer: str | None = None, keep_length: bool = False
+) -> int:
     """Write the cache's responses as chat records to `out` (.jsonl); returns how many were written."""
     manifest = load_manifest(cache)
     if manifest.get("mode") != "generate":
-        raise InputError(f"{cache} is a {manifest.get('mode')!r}-mode cache; export-sft needs a generate-mode cache "
-                         "(kdcache cache --mode generate)")
+        raise InputError(
+            f"{cache} is a {manifest.get('mode')!r}-mode cache; export-sft needs a generate-mode cache "
+            "(kdcache cache --mode generate)"
+        )
     name = tokenizer or manifest.get("tokenizer", {}).get("name_or_path")
     if not name:
         raise InputError(f"{cache}: the manifest records no tokenizer; pass --tokenizer")
@@ -50,8 +54,12 @@ def export_sft(cache: str | os.PathLike, out: str | os.PathLike, tokenizer: str 
             response = tok.decode(ex.input_ids[ex.target_positions], skip_special_tokens=True).strip()
             if not response:
                 continue
-            record = {"id": ex.id, "messages": messages + [{"role": "assistant", "content": response}],
-                      "source": ex.source, "finish_reason": ex.finish_reason}
+            record = {
+                "id": ex.id,
+                "messages": messages + [{"role": "assistant", "content": response}],
+                "source": ex.source,
+                "finish_reason": ex.finish_reason,
+            }
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
             n += 1
     os.replace(tmp, out)

@@ -12,6 +12,7 @@ Without Ray (e.g. SLURM array jobs): run one process per slice with the local la
 
 then `kdcache merge runs/cache/x runs/cache/x.workers/*` once all have finished.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,10 @@ def worker_dirs(config) -> list[Path]:
 
 def worker_configs(config) -> list:
     """One config per slice: same settings, its own worker_index and output folder, no progress bar."""
-    return [dataclasses.replace(config, worker_index=i, out=str(d), launcher="local", progress=False)
-            for i, d in enumerate(worker_dirs(config))]
+    return [
+        dataclasses.replace(config, worker_index=i, out=str(d), launcher="local", progress=False)
+        for i, d in enumerate(worker_dirs(config))
+    ]
 
 
 def _run_worker(config_dict: dict) -> dict:
@@ -58,16 +61,23 @@ def launch_ray(config) -> Summary:
 
     check_finished_cache(config.out, worker_configs(config)[0])  # a merged cache of other settings: refuse now
     started = time.perf_counter()
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-                        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-                        "TOKENIZERS_PARALLELISM": "false"}}
+    env = {
+        "env_vars": {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    }
     own = not ray.is_initialized()
     if own:
         if config.ray_address:
             ray.init(address=config.ray_address, runtime_env=env)
         else:
-            ray.init(num_cpus=max(2, int(config.cpus_per_worker * config.num_workers)), runtime_env=env,
-                     include_dashboard=False)
+            ray.init(
+                num_cpus=max(2, int(config.cpus_per_worker * config.num_workers)),
+                runtime_env=env,
+                include_dashboard=False,
+            )
     try:
         task = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker, max_retries=2)(_run_worker)
         refs = [task.remote(dataclasses.asdict(c)) for c in worker_configs(config)]

@@ -5,6 +5,7 @@ can load GGUF but refuses to `save_pretrained` such a model, so the weights are 
 strictly into a fresh model built from the same config, and saved as an ordinary checkpoint that
 both transformers and vLLM load directly.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,6 +1,7 @@
 """What a cache's manifest records about how it was made (teacher, tokenizer, dataset, template,
 sampling, config), known before the teacher starts; and the check that a finished cache was made with
 the same row-changing settings."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -34,8 +35,14 @@ def engine_info(config) -> dict:
             break
         except importlib.metadata.PackageNotFoundError:
             continue
-    info = {"name_or_path": config.teacher, "revision": config.revision, "dtype": config.dtype,
-            "engine": config.engine, "engine_version": version, "output_size": model_output_size(config.teacher, config.revision)}
+    info = {
+        "name_or_path": config.teacher,
+        "revision": config.revision,
+        "dtype": config.dtype,
+        "engine": config.engine,
+        "engine_version": version,
+        "output_size": model_output_size(config.teacher, config.revision),
+    }
     if config.engine == "vllm":
         info["tensor_parallel_size"] = config.tensor_parallel_size
     return info
@@ -55,14 +62,23 @@ def provenance(config, tokenizer, templater) -> dict:
         "dataset": describe(config),
         "mode": config.mode,
         "command": list(config.command) or list(sys.argv),
-        "template": {"max_length": config.max_length, "length_policy": config.length_policy,
-                     "end_of_turn_ids": sorted(templater.eot_ids), "messages_in_meta": True},
+        "template": {
+            "max_length": config.max_length,
+            "length_policy": config.length_policy,
+            "end_of_turn_ids": sorted(templater.eot_ids),
+            "messages_in_meta": True,
+        },
         "config": config.to_dict(),
     }
     if config.mode == "generate":
-        prov["sampling"] = {"n": config.n, "temperature": config.temperature, "top_p": config.top_p,
-                            "max_new_tokens": config.max_new_tokens, "seed": config.seed,
-                            "stop_token_ids": sorted(templater.eot_ids)}
+        prov["sampling"] = {
+            "n": config.n,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_new_tokens": config.max_new_tokens,
+            "seed": config.seed,
+            "stop_token_ids": sorted(templater.eot_ids),
+        }
     return prov
 
 

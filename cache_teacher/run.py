@@ -14,6 +14,7 @@ uninterrupted one.
 The summary lives in summary.py, the manifest's provenance in provenance.py, the dry run in dry_run.py
 and the background writer in writer_thread.py.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,13 +45,15 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     started = time.perf_counter()
     tokenizer = tokenizer or teacher_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
-    summary = Summary(out=str(config.out), per_input=per_input(config),
-                      teacher=f"{config.engine} engine ({config.engine_reason}), {config.dtype} ({config.dtype_reason})")
+    summary = Summary(
+        out=str(config.out),
+        per_input=per_input(config),
+        teacher=f"{config.engine} engine ({config.engine_reason}), {config.dtype} ({config.dtype_reason})",
+    )
     teacher = _Teacher(config, engine)
     progress = _Progress(config, summary, started)
     try:
-        manifest = _write_cache(config, templater, provenance(config, tokenizer, templater), teacher, summary,
-                                progress)
+        manifest = _write_cache(config, templater, provenance(config, tokenizer, templater), teacher, summary, progress)
     finally:
         progress.close()
         teacher.close()
@@ -68,14 +71,21 @@ def _write_cache(config, templater, prov: dict, teacher: "_Teacher", summary: Su
     records = iter_records(config)
     first = next(records, None)  # opens the input: a dataset that cannot be read stops here, before any output
     records = itertools.chain([first] if first is not None else [], records)
-    with CacheWriter(config.out, codec=codec_config(config), provenance=prov, shard_max_bytes=config.shard_max_bytes,
-                     row_group_positions=config.row_group_positions, resume=config.resume) as writer:
+    with CacheWriter(
+        config.out,
+        codec=codec_config(config),
+        provenance=prov,
+        shard_max_bytes=config.shard_max_bytes,
+        row_group_positions=config.row_group_positions,
+        resume=config.resume,
+    ) as writer:
         io = WriterThread(writer)
         batches = _Batches(config, teacher, templater, io, summary, progress)
         try:
             # templating runs ahead in a thread while the engine works on the previous batch
-            for kind, value in prefetch(_prepared(config, templater, set(writer.done_ids), records),
-                                        2 * config.batch_size):
+            for kind, value in prefetch(
+                _prepared(config, templater, set(writer.done_ids), records), 2 * config.batch_size
+            ):
                 summary.inputs += 1
                 if kind == "item":
                     summary.truncated += int(value.truncated)
@@ -128,8 +138,9 @@ class _Batches:
     """Templated items collected into batches of `config.batch_size`; `flush` runs the teacher over the
     collected batch and hands its examples to the writer thread."""
 
-    def __init__(self, config, teacher: "_Teacher", templater, io: WriterThread, summary: Summary,
-                 progress: "_Progress"):
+    def __init__(
+        self, config, teacher: "_Teacher", templater, io: WriterThread, summary: Summary, progress: "_Progress"
+    ):
         self.config, self.teacher, self.templater = config, teacher, templater
         self.io, self.summary, self.progress = io, summary, progress
         self.items: list = []
@@ -167,10 +178,20 @@ def _examples(config, items, engine, templater):
 
     if config.mode == "score":
         for item, s in zip(items, engine.score(items, config)):
-            yield Example(item.id, item.input_ids, item.target_positions, s.topk_ids, s.topk_logprobs,
-                          s.target_logprobs, s.target_ranks, source=item.source,
-                          meta={"messages": item.messages, **({"truncated": True} if item.truncated else {})}), \
-                len(item.input_ids)
+            yield (
+                Example(
+                    item.id,
+                    item.input_ids,
+                    item.target_positions,
+                    s.topk_ids,
+                    s.topk_logprobs,
+                    s.target_logprobs,
+                    s.target_ranks,
+                    source=item.source,
+                    meta={"messages": item.messages, **({"truncated": True} if item.truncated else {})},
+                ),
+                len(item.input_ids),
+            )
         return
     for item, samples in zip(items, engine.generate(items, templater.eot_ids, config)):
         if len(samples) != config.n:
@@ -182,12 +203,31 @@ def _examples(config, items, engine, templater):
             ids = np.concatenate([item.input_ids, g.token_ids]).astype(np.int32)
             positions = np.arange(len(item.input_ids), len(ids), dtype=np.int32)
             s = g.scored
-            reply = {"role": "assistant",
-                     "content": templater.tokenizer.decode(np.asarray(g.token_ids).tolist(), skip_special_tokens=True)}
-            meta = {"sample": j, "prompt_tokens": int(len(item.input_ids)), "prompt_turns": len(item.messages),
-                    "messages": [*item.messages, reply]}
-            yield Example(sid, ids, positions, s.topk_ids, s.topk_logprobs, s.target_logprobs, s.target_ranks,
-                          source=item.source, finish_reason=g.finish_reason, meta=meta), len(ids)
+            reply = {
+                "role": "assistant",
+                "content": templater.tokenizer.decode(np.asarray(g.token_ids).tolist(), skip_special_tokens=True),
+            }
+            meta = {
+                "sample": j,
+                "prompt_tokens": int(len(item.input_ids)),
+                "prompt_turns": len(item.messages),
+                "messages": [*item.messages, reply],
+            }
+            yield (
+                Example(
+                    sid,
+                    ids,
+                    positions,
+                    s.topk_ids,
+                    s.topk_logprobs,
+                    s.target_logprobs,
+                    s.target_ranks,
+                    source=item.source,
+                    finish_reason=g.finish_reason,
+                    meta=meta,
+                ),
+                len(ids),
+            )
 
 
 class _Teacher:
@@ -220,8 +260,7 @@ class _Progress:
 
             from cache_teacher.data import expected_inputs
 
-            self.bar = tqdm(total=expected_inputs(config), unit="ex", desc=f"teacher {config.mode}",
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=expected_inputs(config), unit="ex", desc=f"teacher {config.mode}", dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         if self.bar is None:

@@ -1,4 +1,5 @@
 """What a teacher run did: counts, rejects by reason, timings and the finished cache's size."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -49,8 +50,10 @@ class Summary:
         for reason, count in sorted(self.rejects.items(), key=lambda kv: -kv[1]):
             lines.append(f"  reject {reason}: {count}")
         if self.cache_positions:
-            lines.append(f"bytes/position {self.cache_bytes / self.cache_positions:.1f} "
-                         f"({self.cache_bytes / 2**20:.1f} MiB for {self.cache_positions} positions)")
+            lines.append(
+                f"bytes/position {self.cache_bytes / self.cache_positions:.1f} "
+                f"({self.cache_bytes / 2**20:.1f} MiB for {self.cache_positions} positions)"
+            )
         rate = self.tokens / self.wall_s if self.wall_s else 0.0
         lines.append(f"wall {self.wall_s:.1f}s (teacher {self.teacher_s:.1f}s); {rate:.0f} tokens/s overall")
         return "\n".join(lines)

@@ -1,4 +1,5 @@
 """The cache writer's calls, run in one background thread so writing overlaps the teacher's work."""
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor

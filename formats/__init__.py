@@ -2,6 +2,7 @@
 
 Importing this package is cheap (numpy, pyarrow, fsspec); nothing here imports torch or vLLM.
 """
+
 from formats.codec import CodecConfig
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError, KDCacheError
 from formats.example import IGNORE_INDEX, Example
@@ -10,5 +11,17 @@ from formats.reader import CacheReader
 from formats.schema import FORMAT_VERSION
 from formats.writer import CacheWriter
 
-__all__ = ["CacheReader", "CacheWriter", "ChecksumError", "CodecConfig", "Example", "FORMAT_VERSION",
-           "FormatError", "IGNORE_INDEX", "IncompatibleCachesError", "InputError", "KDCacheError", "load_manifest"]
+__all__ = [
+    "CacheReader",
+    "CacheWriter",
+    "ChecksumError",
+    "CodecConfig",
+    "Example",
+    "FORMAT_VERSION",
+    "FormatError",
+    "IGNORE_INDEX",
+    "IncompatibleCachesError",
+    "InputError",
+    "KDCacheError",
+    "load_manifest",
+]

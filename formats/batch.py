@@ -1,5 +1,6 @@
 """Examples -> one padded batch of numpy arrays (or torch tensors): for users of the reader who do
 not want train_student's packing."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,9 +39,18 @@ def pad_batch(examples: list[Example], as_torch: bool = False) -> dict:
         tb[sl], tp[sl] = i, ex.target_positions
         tlp[sl], trank[sl] = ex.target_logprobs, ex.target_ranks
         row += m
-    batch = {"ids": [ex.id for ex in examples], "input_ids": input_ids, "attention_mask": mask, "labels": labels,
-             "target_batch": tb, "target_position": tp, "topk_ids": topk_ids, "topk_logprobs": topk_lps,
-             "target_logprobs": tlp, "target_ranks": trank}
+    batch = {
+        "ids": [ex.id for ex in examples],
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "target_batch": tb,
+        "target_position": tp,
+        "topk_ids": topk_ids,
+        "topk_logprobs": topk_lps,
+        "target_logprobs": tlp,
+        "target_ranks": trank,
+    }
     if as_torch:
         import torch
 

@@ -13,6 +13,7 @@ mean over positions of KL(p || p_hat) between the top-k distribution with a tail
 after coding (both over the coded entries plus one bucket for everything else); `dropped_mass`
 is the mean teacher probability that mass-adaptive truncation moved into the tail.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,17 @@ from formats import codec as C
 from formats.schema import TOPK_STREAMS, code_streams, read_shard_metadata, shard_metadata
 from formats.shard import column_bytes
 
-SETTINGS = [("k=32", 32, None), ("k=64", 64, None), ("k=128", 128, None),
-            ("k=128,mass=0.95", 128, 0.95), ("k=64,mass=0.9", 64, 0.9)]
+SETTINGS = [
+    ("k=32", 32, None),
+    ("k=64", 64, None),
+    ("k=128", 128, None),
+    ("k=128,mass=0.95", 128, 0.95),
+    ("k=64,mass=0.9", 64, 0.9),
+]
 
 
 def encode_file(ids: np.ndarray, lps: np.ndarray, cfg: C.CodecConfig, rows_per_example: int, level: int) -> bytes:
-    hot = C.build_hot_table(ids[: 65536, : cfg.k], cfg.hot)  # the writer builds it from a shard's first row group
+    hot = C.build_hot_table(ids[:65536, : cfg.k], cfg.hot)  # the writer builds it from a shard's first row group
     codes = C.IdCodes(hot)
     id_bytes = C.code_bytes(int(ids.max()) + len(hot))
     names = TOPK_STREAMS[:2] + code_streams(id_bytes) + TOPK_STREAMS[2:]
@@ -43,10 +49,13 @@ def encode_file(ids: np.ndarray, lps: np.ndarray, cfg: C.CodecConfig, rows_per_e
         for n in names:
             cols[n].append(enc[n])
     meta = shard_metadata(cfg.to_dict(), id_bytes, hot)
-    table = pa.table({n: pa.array(cols[n], pa.binary()) for n in names},
-                     metadata={b"kdcache": json.dumps(meta).encode()})
+    table = pa.table(
+        {n: pa.array(cols[n], pa.binary()) for n in names}, metadata={b"kdcache": json.dumps(meta).encode()}
+    )
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", compression_level=level, row_group_size=max(1, 65536 // rows_per_example))
+    pq.write_table(
+        table, buf, compression="zstd", compression_level=level, row_group_size=max(1, 65536 // rows_per_example)
+    )
     return buf.getvalue()
 
 
@@ -102,25 +111,41 @@ def run(path: str, level: int = 9, rows_per_example: int = 370, repeats: int = 3
         kept = dec_ids >= 0
         assert np.array_equal(dec_ids[kept], ids_all[:, :k][kept]), "ids must round-trip exactly"
         max_err, mean_kl, dropped = fidelity(lps_all, dec_lps, k)
-        records.append({"setting": name, "k": k, "mass": mass, "bytes_per_position": len(blob) / n,
-                        "max_abs_logprob_error": max_err, "mean_kl": mean_kl, "dropped_mass": dropped,
-                        "mean_entries": float(kept.sum(1).mean()), "decode_positions_per_s": n / best,
-                        "codec_decode_positions_per_s": n / best_codec})
+        records.append(
+            {
+                "setting": name,
+                "k": k,
+                "mass": mass,
+                "bytes_per_position": len(blob) / n,
+                "max_abs_logprob_error": max_err,
+                "mean_kl": mean_kl,
+                "dropped_mass": dropped,
+                "mean_entries": float(kept.sum(1).mean()),
+                "decode_positions_per_s": n / best,
+                "codec_decode_positions_per_s": n / best_codec,
+            }
+        )
     return records
 
 
 def table(records: list[dict], n_positions: int | None = None) -> str:
-    head = ("| setting | bytes/position | max abs logprob error (>= -10) | mean KL (nat/position) | dropped mass "
-            "| entries/position | decode positions/s (Parquet + codec) | codec alone |")
+    head = (
+        "| setting | bytes/position | max abs logprob error (>= -10) | mean KL (nat/position) | dropped mass "
+        "| entries/position | decode positions/s (Parquet + codec) | codec alone |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['setting']} | {r['bytes_per_position']:.1f} | {r['max_abs_logprob_error']:.4f} | "
-                     f"{r['mean_kl']:.2e} | {r['dropped_mass']:.4f} | {r['mean_entries']:.1f} | {r['decode_positions_per_s']:,.0f} | {r['codec_decode_positions_per_s']:,.0f} |")
+        lines.append(
+            f"| {r['setting']} | {r['bytes_per_position']:.1f} | {r['max_abs_logprob_error']:.4f} | "
+            f"{r['mean_kl']:.2e} | {r['dropped_mass']:.4f} | {r['mean_entries']:.1f} | {r['decode_positions_per_s']:,.0f} | {r['codec_decode_positions_per_s']:,.0f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="kdcache bench codec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="kdcache bench codec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(p)
     return run_cli(p.parse_args(argv))
 

@@ -1,4 +1,5 @@
 """The dataset card (README.md) that lets a cache folder be uploaded to a dataset hub unchanged."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,12 @@ def _text(value) -> str:
 def write_card(root: Path, manifest: dict) -> None:
     """Write the card through formats.safe_write (a README.md symlink is replaced, never followed); every
     value from the manifest is escaped (a teacher name cannot add lines to the card)."""
-    t, tok, data, counts = manifest.get("teacher", {}), manifest.get("tokenizer", {}), manifest.get("dataset", {}), manifest["counts"]
+    t, tok, data, counts = (
+        manifest.get("teacher", {}),
+        manifest.get("tokenizer", {}),
+        manifest.get("dataset", {}),
+        manifest["counts"],
+    )
     t, tok, data = ({key: _text(value) for key, value in section.items()} for section in (t, tok, data))
     codec = manifest["codec"]
     # the listed shards by name (not a glob: a file the manifest does not list is never loaded with them)
@@ -36,21 +42,21 @@ tags:
 - knowledge-distillation
 - kdcache
 ---
-# Teacher top-k cache (kdcache format v{manifest['format_version']})
+# Teacher top-k cache (kdcache format v{manifest["format_version"]})
 
-Top-{codec['k']} next-token log-probabilities of the teacher **{t.get('name_or_path', '?')}**
-({t.get('engine', '?')} {t.get('engine_version', '')}, {t.get('dtype', '?')}) at every assistant token
-of **{data.get('name', '?')}** (split `{data.get('split', '?')}`), mode `{manifest.get('mode', 'score')}`.
+Top-{codec["k"]} next-token log-probabilities of the teacher **{t.get("name_or_path", "?")}**
+({t.get("engine", "?")} {t.get("engine_version", "")}, {t.get("dtype", "?")}) at every assistant token
+of **{data.get("name", "?")}** (split `{data.get("split", "?")}`), mode `{manifest.get("mode", "score")}`.
 
 | | |
 |---|---|
-| examples | {counts.get('examples')} |
-| trained positions | {counts.get('positions')} |
-| rejected input records | {counts.get('rejects')} (see `rejects.jsonl`) |
-| bytes per position | {counts.get('bytes_per_position', 0):.1f} |
-| codec | `{codec['name']}` k={codec['k']} mass={codec.get('mass')} |
-| tokenizer fingerprint | `{tok.get('fingerprint', '?')}` (vocab {tok.get('vocab_size', '?')}) |
-| created | {_text(manifest.get('created'))} |
+| examples | {counts.get("examples")} |
+| trained positions | {counts.get("positions")} |
+| rejected input records | {counts.get("rejects")} (see `rejects.jsonl`) |
+| bytes per position | {counts.get("bytes_per_position", 0):.1f} |
+| codec | `{codec["name"]}` k={codec["k"]} mass={codec.get("mass")} |
+| tokenizer fingerprint | `{tok.get("fingerprint", "?")}` (vocab {tok.get("vocab_size", "?")}) |
+| created | {_text(manifest.get("created"))} |
 
 Load the rows with any Parquet reader after `kdcache verify` (this card's `data_files` lists exactly the
 shards the manifest lists; `datasets.load_dataset` on this folder reads them): `id`, `source`, `input_ids`,
@@ -59,7 +65,7 @@ streams, decoded by `formats.CacheReader` (pip install kdcache) or by the refere
 docs/FORMAT.md.
 `manifest.json` holds the full provenance and a sha256 per shard; `kdcache verify` checks them.
 
-Command: `{_text(manifest.get('command', ''))}`
+Command: `{_text(manifest.get("command", ""))}`
 
 Provenance:
 ```json

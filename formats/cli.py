@@ -1,4 +1,5 @@
 """`kdcache inspect | verify | merge | add-tokenizer`."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,46 +7,68 @@ import sys
 
 
 def register(sub) -> None:
-    p = sub.add_parser("inspect", help="summarize a cache, or show one example with the teacher's top tokens",
-                       description="Print a cache's summary table (teacher, tokenizer, dataset, counts, size); with "
-                       "--example, one example's text and, at each trained position, the teacher's top tokens.")
+    p = sub.add_parser(
+        "inspect",
+        help="summarize a cache, or show one example with the teacher's top tokens",
+        description="Print a cache's summary table (teacher, tokenizer, dataset, counts, size); with "
+        "--example, one example's text and, at each trained position, the teacher's top tokens.",
+    )
     p.add_argument("cache", help="cache folder or fsspec URL (s3://, gs://, hf://, memory://)")
     p.add_argument("--example", metavar="ID", help="show this example (its `id` column)")
-    p.add_argument("--tokenizer", help="tokenizer to decode tokens with (default: the cache's own tokenizer/ files, "
-                   "else the one the manifest names when it can be loaded offline; else ids are shown)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer to decode tokens with (default: the cache's own tokenizer/ files, "
+        "else the one the manifest names when it can be loaded offline; else ids are shown)",
+    )
     p.add_argument("--top", type=int, default=5, help="teacher entries shown per position (default 5)")
     p.add_argument("--positions", type=int, default=40, help="positions shown (default 40)")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("verify", help="check checksums, schema and values of a cache",
-                       description="Check the manifest (types, file names inside the cache, no duplicate shard "
-                       "entries), every shard's size and sha256, its schema and metadata, every row's target spans "
-                       "(1 <= start < end <= length, sorted, one teacher row per position), unique example ids, "
-                       "the values of every row (ids < the teacher's output size, logprobs <= 0 in rank order, "
-                       "top-k mass <= 1), the counts, the rejects file and the tokenizer files (docs/FORMAT.md lists "
-                       "every check). "
-                       "Exits 1 naming the first bad file, row and field.")
+    p = sub.add_parser(
+        "verify",
+        help="check checksums, schema and values of a cache",
+        description="Check the manifest (types, file names inside the cache, no duplicate shard "
+        "entries), every shard's size and sha256, its schema and metadata, every row's target spans "
+        "(1 <= start < end <= length, sorted, one teacher row per position), unique example ids, "
+        "the values of every row (ids < the teacher's output size, logprobs <= 0 in rank order, "
+        "top-k mass <= 1), the counts, the rejects file and the tokenizer files (docs/FORMAT.md lists "
+        "every check). "
+        "Exits 1 naming the first bad file, row and field.",
+    )
     p.add_argument("cache", help="cache folder or fsspec URL")
-    p.add_argument("--checksums-only", action="store_true", help="skip the per-row duplicate-id scan (every "
-                   "bound and value check that all readers apply still runs)")
+    p.add_argument(
+        "--checksums-only",
+        action="store_true",
+        help="skip the per-row duplicate-id scan (every bound and value check that all readers apply still runs)",
+    )
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("merge", help="combine caches written by several workers",
-                       description="Copy the shards of several compatible caches (same teacher, tokenizer, chat "
-                       "template, codec and mode; disjoint example ids) into a new cache folder with one manifest. "
-                       "Refuses caches that do not belong together. The inputs are left untouched.")
+    p = sub.add_parser(
+        "merge",
+        help="combine caches written by several workers",
+        description="Copy the shards of several compatible caches (same teacher, tokenizer, chat "
+        "template, codec and mode; disjoint example ids) into a new cache folder with one manifest. "
+        "Refuses caches that do not belong together. The inputs are left untouched.",
+    )
     p.add_argument("out", help="new, empty output folder")
     p.add_argument("caches", nargs="+", help="worker caches (folders or URLs)")
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("add-tokenizer", help="store the teacher's tokenizer files in a cache written without them",
-                       description="Caches carry the teacher's tokenizer files (tokenizer/, checksummed in the "
-                       "manifest), which a student with another tokenizer needs. This adds them to a local cache "
-                       "written before they were stored. The tokenizer must be the one the cache was made with: its "
-                       "fingerprint and chat-template hash must equal the manifest's, else nothing is changed.")
+    p = sub.add_parser(
+        "add-tokenizer",
+        help="store the teacher's tokenizer files in a cache written without them",
+        description="Caches carry the teacher's tokenizer files (tokenizer/, checksummed in the "
+        "manifest), which a student with another tokenizer needs. This adds them to a local cache "
+        "written before they were stored. The tokenizer must be the one the cache was made with: its "
+        "fingerprint and chat-template hash must equal the manifest's, else nothing is changed.",
+    )
     p.add_argument("cache", help="local cache folder")
-    p.add_argument("--tokenizer", required=True, metavar="DIR_OR_HUB_ID",
-                   help="the teacher's tokenizer (a local folder or a hub id)")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="DIR_OR_HUB_ID",
+        help="the teacher's tokenizer (a local folder or a hub id)",
+    )
     p.set_defaults(func=_add_tokenizer)
 
 
@@ -76,8 +99,10 @@ def _tokenizer(args):
         # The manifest's tokenizer is tried from local files only: inspect must not hang on a hub.
         return AutoTokenizer.from_pretrained(name, local_files_only=not args.tokenizer)
     except Exception as exc:  # no transformers, no hub access: show ids instead
-        print(f"(tokenizer {name!r} not loadable: {type(exc).__name__}; showing token ids; pass --tokenizer PATH)",
-              file=sys.stderr)
+        print(
+            f"(tokenizer {name!r} not loadable: {type(exc).__name__}; showing token ids; pass --tokenizer PATH)",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -85,12 +110,15 @@ def _verify(args: argparse.Namespace) -> int:
     from formats.tools import verify_cache
     from formats.trust import printable
 
-    result = verify_cache(args.cache, check_values=not args.checksums_only,
-                          progress=lambda name: print(f"ok  {name}", file=sys.stderr))
+    result = verify_cache(
+        args.cache, check_values=not args.checksums_only, progress=lambda name: print(f"ok  {name}", file=sys.stderr)
+    )
     for name in result["unlisted"]:
         print(f"note: {printable(name)} is not listed in the manifest (no kdcache reader opens it)", file=sys.stderr)
-    print(f"{args.cache}: OK ({result['shards']} shards, {result['examples']} examples, {result['positions']} positions, "
-          f"{result['tokenizer_files']} tokenizer files)")
+    print(
+        f"{args.cache}: OK ({result['shards']} shards, {result['examples']} examples, {result['positions']} positions, "
+        f"{result['tokenizer_files']} tokenizer files)"
+    )
     return 0
 
 
@@ -98,8 +126,10 @@ def _merge(args: argparse.Namespace) -> int:
     from formats.tools import merge_caches
 
     m = merge_caches(args.out, args.caches)
-    print(f"merged {len(args.caches)} caches into {args.out}: {m['counts']['examples']} examples, "
-          f"{m['counts']['positions']} positions, {len(m['shards'])} shards")
+    print(
+        f"merged {len(args.caches)} caches into {args.out}: {m['counts']['examples']} examples, "
+        f"{m['counts']['positions']} positions, {len(m['shards'])} shards"
+    )
     return 0
 
 
@@ -107,6 +137,8 @@ def _add_tokenizer(args: argparse.Namespace) -> int:
     from formats.tokenizer_files import add_tokenizer
 
     entries = add_tokenizer(args.cache, args.tokenizer)
-    print(f"{args.cache}: added {len(entries)} tokenizer files ({', '.join(e['file'] for e in entries)}); "
-          f"`kdcache verify {args.cache}` checks them")
+    print(
+        f"{args.cache}: added {len(entries)} tokenizer files ({', '.join(e['file'] for e in entries)}); "
+        f"`kdcache verify {args.cache}` checks them"
+    )
     return 0

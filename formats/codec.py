@@ -19,6 +19,7 @@ write separate streams (each its own Parquet column, so zstd sees one kind of da
 Rank order is kept exactly. Streams concatenate across positions and rows, so a whole Parquet
 column decodes in one vectorized pass. Layout chosen by measurement: see docs/FORMAT.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -68,17 +69,22 @@ class CodecConfig:
         if not isinstance(d, dict):
             raise FormatError(f"{where}: must be a JSON object, got {type(d).__name__}")
         if d.get("name") != CODEC_NAME:
-            raise FormatError(f"{where}: unknown codec {d.get('name')!r} (this kdcache reads {CODEC_NAME}); upgrade kdcache")
+            raise FormatError(
+                f"{where}: unknown codec {d.get('name')!r} (this kdcache reads {CODEC_NAME}); upgrade kdcache"
+            )
         unknown = sorted(set(d) - set(CODEC_KEYS))
         if unknown:
             raise FormatError(f"{where}: keys this kdcache does not know: {unknown!r:.200}; upgrade kdcache")
         for name, value in CONSTANTS.items():
             if name in d and (type(d[name]) is not float or d[name] != value):
-                raise FormatError(f"{where}: {name} is {d[name]!r:.40}, codec {CODEC_NAME} is defined with {value}; "
-                                  "this kdcache cannot decode another step")
+                raise FormatError(
+                    f"{where}: {name} is {d[name]!r:.40}, codec {CODEC_NAME} is defined with {value}; "
+                    "this kdcache cannot decode another step"
+                )
         k, mass, hot = d.get("k"), d.get("mass"), d.get("hot", 0)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (k, hot)) or not (
-                mass is None or (isinstance(mass, (int, float)) and not isinstance(mass, bool))):
+            mass is None or (isinstance(mass, (int, float)) and not isinstance(mass, bool))
+        ):
             raise FormatError(f"{where}: k={k!r}, hot={hot!r} must be integers and mass={mass!r} a number or null")
         try:
             return cls(k=k, mass=mass, hot=hot)
@@ -86,12 +92,16 @@ class CodecConfig:
             raise FormatError(f"{where}: {exc}") from None
 
 
-CONSTANTS = {"logprob_step": 1 / STEPS_PER_NAT, "top1_step": 1 / TOP1_STEPS_PER_NAT,
-             "target_logprob_step": 1 / TARGET_STEPS_PER_NAT}
+CONSTANTS = {
+    "logprob_step": 1 / STEPS_PER_NAT,
+    "top1_step": 1 / TOP1_STEPS_PER_NAT,
+    "target_logprob_step": 1 / TARGET_STEPS_PER_NAT,
+}
 CODEC_KEYS = ("name", "k", "mass", "hot", *CONSTANTS)
 
 
 # ---- id codes -------------------------------------------------------------------------------
+
 
 def build_hot_table(ids: np.ndarray, hot: int) -> np.ndarray:
     """The `hot` most frequent ids in `ids` (any shape, -1 = padding), most frequent first. uint32."""
@@ -144,6 +154,7 @@ class IdCodes:
 
 # ---- entries -------------------------------------------------------------------------------
 
+
 def kept_counts(topk_ids: np.ndarray, topk_logprobs: np.ndarray, cfg: CodecConfig) -> np.ndarray:
     """Entries kept per position: valid ones (id >= 0, finite logprob) up to k, cut at `mass`."""
     k = min(cfg.k, topk_ids.shape[1])
@@ -187,8 +198,9 @@ def code_bytes(max_code: int) -> int:
     return 2 if max_code < (1 << 16) else 4
 
 
-def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, cfg: CodecConfig, codes: IdCodes,
-                id_bytes: int = 2) -> dict[str, bytes]:
+def encode_topk(
+    topk_ids: np.ndarray, topk_logprobs: np.ndarray, cfg: CodecConfig, codes: IdCodes, id_bytes: int = 2
+) -> dict[str, bytes]:
     """Encode [N, K] rank-ordered entries (padding: id -1 / logprob -inf) into byte streams."""
     topk_ids = np.asarray(topk_ids)
     topk_logprobs = np.asarray(topk_logprobs, np.float32)
@@ -207,8 +219,10 @@ def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, cfg: CodecConfi
         raise ValueError(f"token id {int(ids[keep].max())} does not fit {id_bytes}-byte codes; use id_bytes=4")
     if n and not (lps[:, 0] >= -MAX_TOP1_NAT).all():
         row = int(np.argmin(lps[:, 0]))
-        raise ValueError(f"position {row}: top-1 logprob {lps[row, 0]} < -{MAX_TOP1_NAT} nat cannot be a distribution's "
-                         "most likely token (was the input log-softmaxed?)")
+        raise ValueError(
+            f"position {row}: top-1 logprob {lps[row, 0]} < -{MAX_TOP1_NAT} nat cannot be a distribution's "
+            "most likely token (was the input log-softmaxed?)"
+        )
     top1 = np.clip(np.round(-lps[:, 0] * TOP1_STEPS_PER_NAT), 0, 0xFFFF) if n else np.zeros(0)
     top1_hat = -top1 / TOP1_STEPS_PER_NAT
     with np.errstate(invalid="ignore", over="ignore"):
@@ -260,8 +274,10 @@ def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None =
         k = max(1, widest)
     stored = len(streams.get("topk_code_b0") or b"")
     if n * k > max(MAX_DECODE_RATIO * stored, 1 << 28):
-        raise FormatError(f"topk_count: {n} positions x k={k} entries would be decoded from {stored} stored entries; "
-                          "refusing to allocate that (a damaged shard, or k does not match the data)")
+        raise FormatError(
+            f"topk_count: {n} positions x k={k} entries would be decoded from {stored} stored entries; "
+            "refusing to allocate that (a damaged shard, or k does not match the data)"
+        )
     chunk = max(1, DECODE_CHUNK // k)
     if n <= chunk:
         return _decode_block(streams, cfg, codes, k)
@@ -286,8 +302,7 @@ def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None =
         d0, d1 = e0 - a, e1 - b
         m0, m1 = np.searchsorted(markers, [d0, d1])
         sub = {name: arr[e0:e1] for name, arr in arrays.items() if name.startswith("topk_code_b")}
-        sub.update(topk_count=counts[a:b], topk_top1=top1[a:b], topk_step=step8[d0:d1],
-                   topk_step_escape=escapes[m0:m1])
+        sub.update(topk_count=counts[a:b], topk_top1=top1[a:b], topk_step=step8[d0:d1], topk_step_escape=escapes[m0:m1])
         out_ids[a:b], out_lps[a:b], _ = _decode_block(sub, cfg, codes, k)
     return out_ids, out_lps, counts.astype(np.int64)
 
@@ -384,6 +399,7 @@ def _subtract_row_base(q: np.ndarray) -> None:
 
 # ---- the actual token's logprob and rank ---------------------------------------------------
 
+
 def encode_target(logprobs: np.ndarray, ranks: np.ndarray) -> dict[str, bytes]:
     """The actual token's logprob (steps of 1/256 nat, clamped at -255.996) and 1-based rank."""
     logprobs = np.asarray(logprobs, np.float64)
@@ -398,8 +414,9 @@ def _refuse_nan(values: np.ndarray, name: str) -> None:
     bad = np.isnan(values)
     if bad.any():
         row = int(np.nonzero(bad)[0][0])
-        raise ValueError(f"position {row}: {name} holds NaN (a teacher overflow or a bug upstream); "
-                         "a NaN cannot be stored")
+        raise ValueError(
+            f"position {row}: {name} holds NaN (a teacher overflow or a bug upstream); a NaN cannot be stored"
+        )
 
 
 def decode_target(streams: dict[str, bytes]):

@@ -1,6 +1,6 @@
 """Typed errors. Every message says what went wrong, where, and what to do about it."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 
 class KDCacheError(Exception):

@@ -1,4 +1,5 @@
 """One cached example, decoded: what writers take and readers give back."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

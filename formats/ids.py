@@ -3,6 +3,7 @@ samples of one record (`<record id>#s<j>`), and the stable hashes of record ids 
 selection in kdcache (worker slices, --fraction subsamples, the held-out split). Each is a function
 of the id alone, so it does not depend on order, workers, ranks or shard layout, and the teacher
 and student stages agree on it."""
+
 from __future__ import annotations
 
 import hashlib

@@ -2,6 +2,7 @@
 
 It is written last and atomically, so its presence means the cache is complete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,11 @@ def load_manifest(path, storage_options: dict | None = None) -> dict:
     mpath = files.where(MANIFEST_NAME)
     if not files.exists(MANIFEST_NAME):
         partial = files.exists("_progress")
-        hint = ("the job that writes it has not finished: rerun the same command to resume it"
-                if partial else "is this a kdcache cache folder?")
+        hint = (
+            "the job that writes it has not finished: rerun the same command to resume it"
+            if partial
+            else "is this a kdcache cache folder?"
+        )
         raise FormatError(f"{printable(files.path)}: no {MANIFEST_NAME} ({hint})")
     raw = files.read_bytes(MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES, listed_in="the cache")
     manifest = loads(raw, mpath, max_bytes=MAX_MANIFEST_BYTES, what="the manifest")
@@ -86,10 +90,10 @@ def tally_reasons(rejects: list[dict]) -> dict[str, int]:
 
 # Bounds on values a manifest can hold: anything beyond them is damage, and must not become an allocation.
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest of 100k shards is ~20 MB
-MAX_COUNT = 2**53      # counts, rows, positions, bytes (JSON-safe integers)
+MAX_COUNT = 2**53  # counts, rows, positions, bytes (JSON-safe integers)
 SIZE_FIELDS = (("tokenizer", "vocab_size"), ("teacher", "output_size"))
 COUNT_FIELDS = ("examples", "positions", "rejects", "bytes", "inputs")
-MAX_TOKENIZER_FILES = 64              # tokenizer.save_pretrained writes 2-6 files
+MAX_TOKENIZER_FILES = 64  # tokenizer.save_pretrained writes 2-6 files
 MAX_TOKENIZER_FILE_BYTES = 512 << 20  # Gemma 3's tokenizer.json, among the largest, is about 33 MB
 
 
@@ -105,8 +109,12 @@ def id_limits(manifest: dict) -> dict:
     input_ids (a tokenizer's, or in generate mode sampled by the teacher), and how to name them in
     a message; bound None when the manifest records no size."""
     out, vocab = (manifest.get("teacher") or {}).get("output_size"), (manifest.get("tokenizer") or {}).get("vocab_size")
-    topk = (teacher_output_size(manifest), f"the teacher's output size {out} (teacher.output_size)" if out else
-            f"the vocab size {vocab} (tokenizer.vocab_size; the manifest records no teacher.output_size)")
+    topk = (
+        teacher_output_size(manifest),
+        f"the teacher's output size {out} (teacher.output_size)"
+        if out
+        else f"the vocab size {vocab} (tokenizer.vocab_size; the manifest records no teacher.output_size)",
+    )
     known = max([v for v in (out, vocab) if v], default=None)
     return {"topk": topk, "input": (known, f"{known} (the larger of teacher.output_size and tokenizer.vocab_size)")}
 
@@ -116,12 +124,16 @@ def check_accounting(manifest: dict, where: str) -> None:
     counts = manifest.get("counts") or {}
     rejects_file = manifest.get("rejects_file") or {}
     if "count" in rejects_file and rejects_file["count"] != counts.get("rejects"):
-        raise FormatError(f"{where}: rejects_file.count {rejects_file['count']} != counts.rejects {counts.get('rejects')}")
+        raise FormatError(
+            f"{where}: rejects_file.count {rejects_file['count']} != counts.rejects {counts.get('rejects')}"
+        )
     if counts.get("inputs") is None:
         return
     if counts.get("examples", 0) + counts.get("rejects", 0) != counts["inputs"]:
-        raise FormatError(f"{where}: {counts.get('examples')} examples + {counts.get('rejects')} rejects != "
-                          f"{counts['inputs']} inputs (counts.inputs): the cache does not account for every input")
+        raise FormatError(
+            f"{where}: {counts.get('examples')} examples + {counts.get('rejects')} rejects != "
+            f"{counts['inputs']} inputs (counts.inputs): the cache does not account for every input"
+        )
 
 
 def check_manifest(manifest, where: str) -> None:
@@ -131,7 +143,7 @@ def check_manifest(manifest, where: str) -> None:
     sha256 under two names) are refused here: they would make a reader yield rows twice.
     """
     if not isinstance(manifest, dict):
-        raise FormatError(f"{where}: not a JSON object (a manifest is {{\"format_version\": ..., \"shards\": [...]}})")
+        raise FormatError(f'{where}: not a JSON object (a manifest is {{"format_version": ..., "shards": [...]}})')
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise FormatError(f"{where}: missing keys {missing}")
@@ -168,16 +180,20 @@ def check_manifest(manifest, where: str) -> None:
             raise FormatError(f"{where}: {field} must be an object with file, rows, positions, bytes, sha256")
         check_name(shard.get("file"), f"{field}.file", where)
         if not shard["file"].endswith(SHARD_SUFFIX):
-            raise FormatError(f"{where}: {field}.file {printable(shard['file'])!r} must end with {SHARD_SUFFIX} "
-                              "(what the cache's card and ordinary Parquet tools load)")
+            raise FormatError(
+                f"{where}: {field}.file {printable(shard['file'])!r} must end with {SHARD_SUFFIX} "
+                "(what the cache's card and ordinary Parquet tools load)"
+            )
         for key in ("rows", "positions", "bytes"):
             check_int(shard.get(key), f"{where}: {field}.{key}", 0, MAX_COUNT)
         check_sha256(shard.get("sha256"), f"{where}: {field}.sha256")
         for seen, key, what in ((names, "file", "listed twice"), (digests, "sha256", "the same sha256")):
             if shard[key] in seen:
                 j = seen[shard[key]]
-                raise FormatError(f"{where}: shards[{j}] ({shards[j]['file']}) and {field} ({shard['file']}): {what}, "
-                                  "so their rows would be read twice; remove the duplicate entry (and file)")
+                raise FormatError(
+                    f"{where}: shards[{j}] ({shards[j]['file']}) and {field} ({shard['file']}): {what}, "
+                    "so their rows would be read twice; remove the duplicate entry (and file)"
+                )
             seen[shard[key]] = i
     rejects = manifest.get("rejects_file")
     if rejects is not None:
@@ -199,8 +215,10 @@ def check_manifest(manifest, where: str) -> None:
     for key, total in (("examples", "rows"), ("positions", "positions"), ("bytes", "bytes")):
         listed = sum(s[total] for s in shards)
         if key in counts and counts[key] != listed:  # every reader relies on these (epoch sizes, progress)
-            raise FormatError(f"{where}: the shards list {listed} {key} (shards[].{total}), counts.{key} says "
-                              f"{counts[key]}; the manifest is damaged: restore it from the source")
+            raise FormatError(
+                f"{where}: the shards list {listed} {key} (shards[].{total}), counts.{key} says "
+                f"{counts[key]}; the manifest is damaged: restore it from the source"
+            )
 
 
 def check_tokenizer_files(entries, where: str) -> None:
@@ -209,8 +227,10 @@ def check_tokenizer_files(entries, where: str) -> None:
     if entries is None:
         return
     if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_TOKENIZER_FILES:
-        raise FormatError(f"{where}: tokenizer_files must be a list of 1..{MAX_TOKENIZER_FILES} objects "
-                          "{file, bytes, sha256}; the manifest is damaged")
+        raise FormatError(
+            f"{where}: tokenizer_files must be a list of 1..{MAX_TOKENIZER_FILES} objects "
+            "{file, bytes, sha256}; the manifest is damaged"
+        )
     seen: set[str] = set()
     for i, entry in enumerate(entries):
         field = f"tokenizer_files[{i}]"
@@ -227,15 +247,17 @@ def check_tokenizer_files(entries, where: str) -> None:
 def check_int(value, where: str, lo: int, hi: int) -> int:
     """`value` as an int in lo..hi (JSON true/false and floats are not ints), else FormatError."""
     if not exact_int(value) or not lo <= value <= hi:
-        raise FormatError(f"{where} is {printable(repr(value))[:80]}: must be an integer in {lo}..{hi}; "
-                          "the manifest is damaged")
+        raise FormatError(
+            f"{where} is {printable(repr(value))[:80]}: must be an integer in {lo}..{hi}; the manifest is damaged"
+        )
     return value
 
 
 def check_sha256(value, where: str) -> None:
     if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
-        raise FormatError(f"{where} is {printable(repr(value))[:80]}: must be 64 lowercase hex digits; "
-                          "the manifest is damaged")
+        raise FormatError(
+            f"{where} is {printable(repr(value))[:80]}: must be 64 lowercase hex digits; the manifest is damaged"
+        )
 
 
 def row_limits(manifest: dict) -> dict:
@@ -255,8 +277,12 @@ def row_limits(manifest: dict) -> dict:
     max_tokens = max_length
     if mode == "generate":
         max_tokens = None if max_length is None or new_tokens is None else max_length + new_tokens
-    return {"mode": mode, "max_tokens": max_tokens,
-            "finish_reasons": {None} if mode == "score" else {"stop", "length"}, "ids": id_limits(manifest)}
+    return {
+        "mode": mode,
+        "max_tokens": max_tokens,
+        "finish_reasons": {None} if mode == "score" else {"stop", "length"},
+        "ids": id_limits(manifest),
+    }
 
 
 MODES = ("score", "generate")
@@ -273,7 +299,9 @@ def new_manifest(codec: dict, provenance: dict) -> dict:
         "teacher": provenance.get("teacher", {}),
         "tokenizer": provenance.get("tokenizer", {}),
         "dataset": provenance.get("dataset", {}),
-        "extra": {k: v for k, v in provenance.items() if k not in ("command", "mode", "teacher", "tokenizer", "dataset")},
+        "extra": {
+            k: v for k, v in provenance.items() if k not in ("command", "mode", "teacher", "tokenizer", "dataset")
+        },
         "counts": {},
         "shards": [],
     }

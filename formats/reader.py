@@ -16,6 +16,7 @@ N mod W < W examples of each epoch's order are read by no rank; rank 0 logs a wa
 their count. With drop_remainder=False (evaluation, where every example counts and ranks may run
 uneven) the first N mod W ranks read one example more and none is left over.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,15 +35,27 @@ STATE_VERSION = 2  # 2: balanced by examples, cursor = (epoch, position in this 
 
 @dataclass(frozen=True)
 class Unit:
-    shard: int      # index into manifest["shards"]
+    shard: int  # index into manifest["shards"]
     row_group: int
-    rows: int       # rows read from the row group (a prefix, when max_examples cuts it)
+    rows: int  # rows read from the row group (a prefix, when max_examples cuts it)
 
 
 class CacheReader:
-    def __init__(self, path, *, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0,
-                 epochs: int | None = 1, max_examples: int | None = None, prefetch: int = 2,
-                 drop_remainder: bool = True, storage_options: dict | None = None, verify: bool = True):
+    def __init__(
+        self,
+        path,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        epochs: int | None = 1,
+        max_examples: int | None = None,
+        prefetch: int = 2,
+        drop_remainder: bool = True,
+        storage_options: dict | None = None,
+        verify: bool = True,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         self.path = str(path)
@@ -55,17 +68,24 @@ class CacheReader:
         self.prefetch = prefetch
         self._files: dict[int, ShardFile] = {}
         self.units = self._list_units(max_examples)
-        self.total = sum(u.rows for u in self.units)        # examples per epoch, all ranks
+        self.total = sum(u.rows for u in self.units)  # examples per epoch, all ranks
         base, extra = divmod(self.total, world_size)
         if drop_remainder:  # equal counts (training: DDP needs equal steps); `extra` left over
             self.lo, self.per_rank, self.leftover = rank * base, base, extra
         else:  # every example (evaluation): the first `extra` ranks read one more
             self.lo, self.per_rank, self.leftover = rank * base + min(rank, extra), base + (rank < extra), 0
-        self._epoch, self._pos = 0, 0                       # cursor: examples of this epoch read
+        self._epoch, self._pos = 0, 0  # cursor: examples of this epoch read
         if self.leftover and rank == 0:
-            log.warning("%s: %d of %d examples per epoch are left over (read by no rank): %d ranks read %d each; "
-                        "the last %d of each epoch's order are skipped (a different set each epoch when shuffling)",
-                        self.path, self.leftover, self.total, world_size, self.per_rank, self.leftover)
+            log.warning(
+                "%s: %d of %d examples per epoch are left over (read by no rank): %d ranks read %d each; "
+                "the last %d of each epoch's order are skipped (a different set each epoch when shuffling)",
+                self.path,
+                self.leftover,
+                self.total,
+                world_size,
+                self.per_rank,
+                self.leftover,
+            )
 
     # ---- layout -----------------------------------------------------------------------------
     def _shard(self, i: int) -> ShardFile:
@@ -101,7 +121,7 @@ class CacheReader:
                 rows = np.arange(unit.rows)
                 if self.shuffle:
                     rows = np.random.default_rng([self.seed, epoch, unit.shard, unit.row_group]).permutation(unit.rows)
-                plan.append((unit, rows[max(lo - start, 0):min(hi, end) - start]))
+                plan.append((unit, rows[max(lo - start, 0) : min(hi, end) - start]))
             start = end
             if start >= hi:
                 break
@@ -170,21 +190,34 @@ class CacheReader:
 
     # ---- cursor -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self._epoch, "position": self._pos, "seed": self.seed,
-                "shuffle": self.shuffle, "rank": self.rank, "world_size": self.world_size, "units": len(self.units),
-                "examples": self.total}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "position": self._pos,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "units": len(self.units),
+            "examples": self.total,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"reader state of version {state.get('version')!r} (an older kdcache, which split the "
-                             f"data over ranks differently); this reader needs version {STATE_VERSION}: "
-                             "start the run over (a new --out)")
+            raise ValueError(
+                f"reader state of version {state.get('version')!r} (an older kdcache, which split the "
+                f"data over ranks differently); this reader needs version {STATE_VERSION}: "
+                "start the run over (a new --out)"
+            )
         for key in ("seed", "shuffle", "rank", "world_size", "units", "examples"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:
-                raise ValueError(f"reader state was saved with {key}={state.get(key)!r}, this reader has {mine!r}; "
-                                 "resume with the same cache and settings")
+                raise ValueError(
+                    f"reader state was saved with {key}={state.get(key)!r}, this reader has {mine!r}; "
+                    "resume with the same cache and settings"
+                )
         if not 0 <= state["position"] <= self.per_rank:
-            raise ValueError(f"reader state position {state['position']} is outside this rank's "
-                             f"{self.per_rank} examples per epoch")
+            raise ValueError(
+                f"reader state position {state['position']} is outside this rank's {self.per_rank} examples per epoch"
+            )
         self._epoch, self._pos = state["epoch"], state["position"]

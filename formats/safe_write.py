@@ -7,6 +7,7 @@ opened, let alone written through), fsynced, then renamed over the final name (a
 symlink there instead of writing to its target), and the folder is fsynced. Names must be plain
 names (formats.trust.SAFE_NAME): nothing lands outside the folder it was told to write.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,9 @@ def make_folder(path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     if not stat.S_ISDIR(st.st_mode):
-        raise InputError(f"{printable(str(path))}: exists and is not a folder (a file or a symbolic link); "
-                         "give a new folder")
+        raise InputError(
+            f"{printable(str(path))}: exists and is not a folder (a file or a symbolic link); give a new folder"
+        )
     return path
 
 
@@ -134,11 +136,16 @@ class FolderLock:
         except BlockingIOError:
             holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            raise InputError(f"{printable(str(folder))} is being written by {printable(holder)}; wait for that job to "
-                             "finish (a rerun then resumes or finds the cache complete), or write to another --out") from None
+            raise InputError(
+                f"{printable(str(folder))} is being written by {printable(holder)}; wait for that job to "
+                "finish (a rerun then resumes or finds the cache complete), or write to another --out"
+            ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+        os.write(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(),
+        )
         self._fd, self._key = fd, key
         _HELD[key] = self
 

@@ -1,4 +1,5 @@
 """Shard schema v1: one Parquet row per example. docs/FORMAT.md is the full specification."""
+
 from __future__ import annotations
 
 import base64
@@ -54,7 +55,9 @@ def shard_metadata(codec: dict, id_bytes: int, hot_table: np.ndarray) -> dict:
 
 ID_BYTES = (2, 4)
 SHARD_METADATA_KEYS = ("format_version", "codec", "id_bytes", "hot_table")
-MAX_SHARD_METADATA_BYTES = 1 << 20  # a hot table of 65535 ids is 350 KB of base64  # bytes per id code the writer uses (formats.codec.code_bytes)
+MAX_SHARD_METADATA_BYTES = (
+    1 << 20
+)  # a hot table of 65535 ids is 350 KB of base64  # bytes per id code the writer uses (formats.codec.code_bytes)
 
 
 def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = True) -> dict:
@@ -68,12 +71,16 @@ def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = Tru
         raise FormatError(f"{where}: {key} must be a JSON object, got {type(meta).__name__}")
     unknown = sorted(set(meta) - set(SHARD_METADATA_KEYS))
     if unknown:
-        raise FormatError(f"{where}: {key} has keys this kdcache does not know: {printable(unknown)[:200]}; "
-                          "upgrade kdcache, or the shard is not kdcache's")
+        raise FormatError(
+            f"{where}: {key} has keys this kdcache does not know: {printable(unknown)[:200]}; "
+            "upgrade kdcache, or the shard is not kdcache's"
+        )
     check_version(meta.get("format_version"), where)
     codec = CodecConfig.from_dict(meta.get("codec"), f"{where}: {key}, codec")
     if not exact_int(meta.get("id_bytes")) or meta["id_bytes"] not in ID_BYTES:
-        raise FormatError(f"{where}: {key}: id_bytes is {printable(repr(meta.get('id_bytes')))[:40]}, must be one of {ID_BYTES}")
+        raise FormatError(
+            f"{where}: {key}: id_bytes is {printable(repr(meta.get('id_bytes')))[:40]}, must be one of {ID_BYTES}"
+        )
     meta["hot_table"] = _hot_table(meta.get("hot_table"), codec.hot, meta["id_bytes"], f"{where}: {key}: hot_table")
     if not check_columns:
         return meta
@@ -83,10 +90,15 @@ def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = Tru
         raise FormatError(f"{where}: columns missing from the shard: {', '.join(missing)}")
     extra = [name for name in schema.names if name not in expected.names]
     if extra or len(schema.names) != len(expected.names):
-        raise FormatError(f"{where}: columns the kdcache schema does not have: {printable(extra)[:200]} "
-                          "(or a column twice); a shard holds exactly the schema's columns")
-    wrong = [f"{f.name} is {schema.field(f.name).type}, expected {f.type}"
-             for f in expected if not schema.field(f.name).type.equals(f.type)]
+        raise FormatError(
+            f"{where}: columns the kdcache schema does not have: {printable(extra)[:200]} "
+            "(or a column twice); a shard holds exactly the schema's columns"
+        )
+    wrong = [
+        f"{f.name} is {schema.field(f.name).type}, expected {f.type}"
+        for f in expected
+        if not schema.field(f.name).type.equals(f.type)
+    ]
     if wrong:  # the decoder reads these buffers as the schema says: another type is not coerced
         raise FormatError(f"{where}: column types differ from the kdcache schema: {'; '.join(wrong)}")
     return meta
@@ -95,8 +107,10 @@ def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = Tru
 def check_shard_header(meta: dict, num_rows: int, entry: dict, manifest_codec: dict, where: str) -> None:
     """A shard's own header against its manifest entry: the same codec, the rows the manifest lists."""
     if meta["codec"] != manifest_codec:
-        raise FormatError(f"{where}: the codec in its kdcache metadata ({meta['codec']}) differs from the manifest's "
-                          f"({manifest_codec}); a shard of another cache?")
+        raise FormatError(
+            f"{where}: the codec in its kdcache metadata ({meta['codec']}) differs from the manifest's "
+            f"({manifest_codec}); a shard of another cache?"
+        )
     if num_rows != entry["rows"]:
         raise FormatError(f"{where}: {num_rows} rows, the manifest says {entry['rows']}")
 
@@ -111,7 +125,9 @@ def _hot_table(value, hot: int, id_bytes: int, where: str) -> np.ndarray:
         raise FormatError(f"{where}: {len(data)} bytes, not a whole number of uint32 ids")
     table = np.frombuffer(data, "<u4")
     if len(table) > hot or len(table) >= 1 << (8 * id_bytes):
-        raise FormatError(f"{where}: {len(table)} ids, more than the codec's hot={hot} (or than {id_bytes}-byte codes hold)")
+        raise FormatError(
+            f"{where}: {len(table)} ids, more than the codec's hot={hot} (or than {id_bytes}-byte codes hold)"
+        )
     if len(table) and (table.max() >= 2**31 or len(np.unique(table)) != len(table)):
         raise FormatError(f"{where}: ids must be distinct and below 2**31")
     return table

@@ -1,4 +1,5 @@
 """Examples <-> Arrow tables of one shard (the codec applied row by row, decoded column-wise)."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,15 @@ from formats import codec as C
 from formats.errors import FormatError, InputError
 from formats.example import Example
 from formats.trust import loads
-from formats.schema import (PLAIN_FIELDS, TARGET_STREAMS, TOPK_STREAMS, arrow_schema, check_shard_header, code_streams,
-                            read_shard_metadata)
+from formats.schema import (
+    PLAIN_FIELDS,
+    TARGET_STREAMS,
+    TOPK_STREAMS,
+    arrow_schema,
+    check_shard_header,
+    code_streams,
+    read_shard_metadata,
+)
 
 
 def spans(positions: np.ndarray) -> tuple[list[int], list[int]]:
@@ -46,12 +54,16 @@ def check_example(ex: Example) -> None:
         bad = np.isnan(getattr(ex, name)) | np.isposinf(getattr(ex, name))
         if bad.any():
             row = int(np.nonzero(bad)[0][0])
-            raise InputError(f"{where}, position {int(ex.target_positions[row])} (teacher row {row}): {name} holds "
-                             f"{getattr(ex, name)[bad][0]} — not a logprob (a teacher overflow upstream?); "
-                             "a NaN would be stored as a wrong number, so it is refused")
+            raise InputError(
+                f"{where}, position {int(ex.target_positions[row])} (teacher row {row}): {name} holds "
+                f"{getattr(ex, name)[bad][0]} — not a logprob (a teacher overflow upstream?); "
+                "a NaN would be stored as a wrong number, so it is refused"
+            )
 
 
-def encode_rows(examples: list[Example], cfg: C.CodecConfig, codes: C.IdCodes, id_bytes: int, metadata: dict) -> pa.Table:
+def encode_rows(
+    examples: list[Example], cfg: C.CodecConfig, codes: C.IdCodes, id_bytes: int, metadata: dict
+) -> pa.Table:
     cols: dict[str, list] = {f.name: [] for f in PLAIN_FIELDS}
     streams: dict[str, list] = {n: [] for n in TARGET_STREAMS + TOPK_STREAMS + code_streams(id_bytes)}
     for ex in examples:
@@ -70,7 +82,7 @@ def encode_rows(examples: list[Example], cfg: C.CodecConfig, codes: C.IdCodes, i
             streams[name].append(value)
     schema = arrow_schema(id_bytes, metadata)
     arrays = [pa.array(cols[f.name], type=f.type) for f in PLAIN_FIELDS]
-    arrays += [pa.array(streams[name], type=pa.binary()) for name in schema.names[len(PLAIN_FIELDS):]]
+    arrays += [pa.array(streams[name], type=pa.binary()) for name in schema.names[len(PLAIN_FIELDS) :]]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -106,7 +118,9 @@ def decode_table(table: pa.Table, meta: dict, where: str = "shard", limits: dict
         raise FormatError(f"{where}: {exc}") from None
     n_targets = table.column("num_targets").to_numpy().astype(np.int64)
     if int(n_targets.sum()) != len(ids) or len(tlp) != len(ids):
-        raise FormatError(f"{where}: num_targets add up to {int(n_targets.sum())} but the streams hold {len(ids)} positions")
+        raise FormatError(
+            f"{where}: num_targets add up to {int(n_targets.sum())} but the streams hold {len(ids)} positions"
+        )
     input_ids = table.column("input_ids").combine_chunks()
     flat_ids = input_ids.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     offs = input_ids.offsets.to_numpy()
@@ -122,18 +136,27 @@ def decode_table(table: pa.Table, meta: dict, where: str = "shard", limits: dict
             raise FormatError(f"{where}, row {i}: empty example id (ids must be non-empty strings)")
         for name, cap in (("id", MAX_ID_CHARS), ("source", MAX_ID_CHARS), ("meta", MAX_META_BYTES)):
             if row[name] is not None and len(row[name]) > cap:
-                raise FormatError(f"{where}, row {i}: {name} of {len(row[name])} characters, more than the {cap} "
-                                  "a row may hold")
+                raise FormatError(
+                    f"{where}, row {i}: {name} of {len(row[name])} characters, more than the {cap} a row may hold"
+                )
     out = []
     start = 0
     for i, row in enumerate(py):
         sl = slice(start, start + int(n_targets[i]))
-        out.append(Example(
-            id=row["id"], source=row["source"] or "",
-            input_ids=flat_ids[offs[i] : offs[i + 1]], target_positions=positions[sl],
-            topk_ids=ids[sl], topk_logprobs=lps[sl], target_logprobs=tlp[sl], target_ranks=trank[sl],
-            finish_reason=row["finish_reason"], meta=_row_meta(row, where, i),
-        ))
+        out.append(
+            Example(
+                id=row["id"],
+                source=row["source"] or "",
+                input_ids=flat_ids[offs[i] : offs[i + 1]],
+                target_positions=positions[sl],
+                topk_ids=ids[sl],
+                topk_logprobs=lps[sl],
+                target_logprobs=tlp[sl],
+                target_ranks=trank[sl],
+                finish_reason=row["finish_reason"],
+                meta=_row_meta(row, where, i),
+            )
+        )
         start = sl.stop
     return out
 
@@ -145,6 +168,7 @@ def _check_values(table, flat_ids, offs, n_targets, ids, lps, ranks, id_limits: 
     """The values a trainer relies on, vectorized over the row group: teacher ids below the teacher's
     output size, input ids in range, top-k mass <= 1 (+ quantization slack), actual-token ranks >= 1.
     (Logprobs <= 0 in rank order hold by the codec's construction.)"""
+
     def bad_position(mask, what):
         p = int(np.flatnonzero(mask)[0])
         row = int(np.searchsorted(np.cumsum(n_targets), p, side="right"))
@@ -161,14 +185,16 @@ def _check_values(table, flat_ids, offs, n_targets, ids, lps, ranks, id_limits: 
     if len(lps):
         mass = np.exp(lps).sum(axis=1, dtype=np.float64)
         if (mass > 1 + MASS_SLACK).any():
-            bad_position(mass > 1 + MASS_SLACK, f"top-k mass {float(mass.max()):.4f} > 1 (the teacher's probabilities "
-                         "cannot add up to more than 1)")
+            bad_position(
+                mass > 1 + MASS_SLACK,
+                f"top-k mass {float(mass.max()):.4f} > 1 (the teacher's probabilities cannot add up to more than 1)",
+            )
     if len(ranks) and ranks.min() < 1:
         bad_position(ranks < 1, f"actual-token rank {int(ranks.min())} < 1")
 
 
-MAX_ID_CHARS = 4096          # example ids and sources (Tulu's are under 100)
-MAX_META_BYTES = 64 << 20    # one row's meta (the conversation it renders)
+MAX_ID_CHARS = 4096  # example ids and sources (Tulu's are under 100)
+MAX_META_BYTES = 64 << 20  # one row's meta (the conversation it renders)
 
 
 def _check_row_limits(table: pa.Table, lengths: np.ndarray, limits: dict, where: str) -> None:
@@ -176,14 +202,23 @@ def _check_row_limits(table: pa.Table, lengths: np.ndarray, limits: dict, where:
     cap = limits["max_tokens"]
     if cap is not None and len(lengths) and lengths.max() > cap:
         row = int(np.argmax(lengths))
-        _bad_row(table, row, where, f"{int(lengths[row])} tokens, more than the {cap} the manifest's settings allow "
-                 "(extra.template.max_length; a shard of another cache?)")
+        _bad_row(
+            table,
+            row,
+            where,
+            f"{int(lengths[row])} tokens, more than the {cap} the manifest's settings allow "
+            "(extra.template.max_length; a shard of another cache?)",
+        )
     allowed = limits["finish_reasons"]
     reasons = table.column("finish_reason").to_pylist()
     for row, reason in enumerate(reasons):
         if reason not in allowed:
-            _bad_row(table, row, where, f"finish_reason {reason!r:.40} in a {limits['mode']}-mode cache (allowed: "
-                     f"{sorted(map(str, allowed))})")
+            _bad_row(
+                table,
+                row,
+                where,
+                f"finish_reason {reason!r:.40} in a {limits['mode']}-mode cache (allowed: {sorted(map(str, allowed))})",
+            )
 
 
 def check_spans(table: pa.Table, lengths: np.ndarray, n_targets: np.ndarray, where: str) -> np.ndarray:
@@ -213,8 +248,12 @@ def check_spans(table: pa.Table, lengths: np.ndarray, n_targets: np.ndarray, whe
     for bad, what in checks:
         if bad.any():
             j = int(np.flatnonzero(bad)[0])
-            _bad_row(table, int(span_row[j]), where,
-                     f"target span [{starts[j]}, {ends[j]}) {what}; the sequence has {length[j]} tokens")
+            _bad_row(
+                table,
+                int(span_row[j]),
+                where,
+                f"target span [{starts[j]}, {ends[j]}) {what}; the sequence has {length[j]} tokens",
+            )
     sizes = ends - starts
     covered = np.bincount(span_row, weights=sizes, minlength=len(per_row)).astype(np.int64)
     if not np.array_equal(covered, n_targets):
@@ -242,8 +281,10 @@ def _check_not_null(table: pa.Table, where: str) -> None:
 
 
 def _bad_row(table: pa.Table, row: int, where: str, what: str):
-    raise FormatError(f"{where}, row {row} (id {table.column('id')[row].as_py()!r:.200}): {what}; "
-                      "run `kdcache verify` on the cache, and restore or re-create it")
+    raise FormatError(
+        f"{where}, row {row} (id {table.column('id')[row].as_py()!r:.200}): {what}; "
+        "run `kdcache verify` on the cache, and restore or re-create it"
+    )
 
 
 def _row_meta(row: dict, where: str, i: int) -> dict:
@@ -257,6 +298,7 @@ def _row_meta(row: dict, where: str, i: int) -> dict:
 
 # ---- a listed shard, opened through the trust boundary ----------------------------------------
 
+
 class ShardFile:
     """Shard `index` of a cache: a regular file of the manifest's size, a Parquet footer whose kdcache
     metadata matches the manifest, row groups read only after the file's sha256 was checked (with
@@ -269,8 +311,16 @@ class ShardFile:
             examples = shard.examples(g)
     """
 
-    def __init__(self, files, manifest: dict, index: int, *, verify: bool = True, limits: dict | None = None,
-                 hash_first: bool = False):
+    def __init__(
+        self,
+        files,
+        manifest: dict,
+        index: int,
+        *,
+        verify: bool = True,
+        limits: dict | None = None,
+        hash_first: bool = False,
+    ):
         from formats.manifest import row_limits
 
         self.entry = manifest["shards"][index]
@@ -293,8 +343,9 @@ class ShardFile:
         try:
             return pq.ParquetFile(self.file)
         except Exception as exc:  # pyarrow raises several types for damaged files
-            raise FormatError(f"{self.where}: not a readable Parquet file ({str(exc)[:200]!r}); "
-                              "run `kdcache verify` on the cache") from None
+            raise FormatError(
+                f"{self.where}: not a readable Parquet file ({str(exc)[:200]!r}); run `kdcache verify` on the cache"
+            ) from None
 
     def verify(self) -> None:
         """Hash the file (once); a remote file's footer is read again from the verified bytes."""
@@ -317,8 +368,9 @@ class ShardFile:
         try:
             return self.pf.read_row_group(g, columns=columns)
         except Exception as exc:
-            raise FormatError(f"{self.where}, row group {g}: cannot be read ({str(exc)[:200]!r}); "
-                              "run `kdcache verify` on the cache") from None
+            raise FormatError(
+                f"{self.where}, row group {g}: cannot be read ({str(exc)[:200]!r}); run `kdcache verify` on the cache"
+            ) from None
 
     def examples(self, g: int, rows: int | None = None) -> list[Example]:
         table = self.read(g)
@@ -335,13 +387,15 @@ class ShardFile:
         stored = sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
         budget = max(MAX_EXPANSION * stored, MAX_ROW_GROUP_FLOOR)
         if declared > budget:
-            raise FormatError(f"{self.where}, row group {g}: declares {declared} bytes uncompressed from {stored} stored "
-                              f"(more than {MAX_EXPANSION}x, and above {MAX_ROW_GROUP_FLOOR >> 20} MiB); a decompression "
-                              "bomb or a damaged footer: refused")
+            raise FormatError(
+                f"{self.where}, row group {g}: declares {declared} bytes uncompressed from {stored} stored "
+                f"(more than {MAX_EXPANSION}x, and above {MAX_ROW_GROUP_FLOOR >> 20} MiB); a decompression "
+                "bomb or a damaged footer: refused"
+            )
 
     def close(self) -> None:
         self.file.close()
 
 
-MAX_EXPANSION = 64               # uncompressed / compressed of a row group (kdcache writes 2-4x)
-MAX_ROW_GROUP_FLOOR = 64 << 20   # below this a row group is never refused for its expansion
+MAX_EXPANSION = 64  # uncompressed / compressed of a row group (kdcache writes 2-4x)
+MAX_ROW_GROUP_FLOOR = 64 << 20  # below this a row group is never refused for its expansion

@@ -16,6 +16,7 @@ at the last end-of-turn token (eos, `<|im_end|>`, `<|eot_id|>`, ...); text the t
 it (a newline) is not trained. A template without such a token trains the piece minus trailing
 whitespace tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,8 @@ import numpy as np
 # trained with a turn the cut ended early. Without max_length, a record is bounded by what one cache row
 # stores (formats.shard.MAX_META_BYTES).
 CHARS_PER_TOKEN = 16
-MAX_MESSAGES = 4096           # per record without max_length (templating is quadratic in turns)
-MAX_CHARS = 16 << 20          # per record without max_length (its conversation is stored in the row's meta)
+MAX_MESSAGES = 4096  # per record without max_length (templating is quadratic in turns)
+MAX_CHARS = 16 << 20  # per record without max_length (its conversation is stored in the row's meta)
 
 # Special tokens that end a turn in common templates, besides the tokenizer's eos.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>")
@@ -138,8 +139,10 @@ class ChatTemplater:
         if self.max_length is None:
             chars = sum(len(m["content"]) for m in messages)
             if len(messages) > MAX_MESSAGES or chars > MAX_CHARS:
-                raise TemplateReject(f"too_large: {len(messages)} messages, {chars} characters (at most {MAX_MESSAGES} "
-                                     f"and {MAX_CHARS} without --max-length); set --max-length to cut long records")
+                raise TemplateReject(
+                    f"too_large: {len(messages)} messages, {chars} characters (at most {MAX_MESSAGES} "
+                    f"and {MAX_CHARS} without --max-length); set --max-length to cut long records"
+                )
             return messages, False
         budget, kept = self.max_length * CHARS_PER_TOKEN, []
         for m in messages[: self.max_length]:
@@ -163,8 +166,10 @@ class ChatTemplater:
             mask.extend(self.turn_mask(piece) if is_turn else [False] * len(piece))
         truncated = False
         if cut and len(ids) <= self.max_length:  # the cut reached into the first max_length tokens: do not guess
-            raise TemplateReject(f"too_long: more than {self.max_length * CHARS_PER_TOKEN} characters (max_length x "
-                                 f"{CHARS_PER_TOKEN}) or {self.max_length} messages, yet at most {self.max_length} tokens")
+            raise TemplateReject(
+                f"too_long: more than {self.max_length * CHARS_PER_TOKEN} characters (max_length x "
+                f"{CHARS_PER_TOKEN}) or {self.max_length} messages, yet at most {self.max_length} tokens"
+            )
         if self.max_length is not None and len(ids) > self.max_length:
             if self.length_policy == "drop":
                 raise TemplateReject(f"too_long: {len(ids)} tokens > max_length {self.max_length}")
@@ -177,8 +182,9 @@ class ChatTemplater:
                 if truncated
                 else "no_trained_tokens: the template left no assistant token"
             )
-        return Templated(record["id"], np.asarray(ids, np.int32), positions, record.get("source", ""), truncated,
-                         messages=messages)
+        return Templated(
+            record["id"], np.asarray(ids, np.int32), positions, record.get("source", ""), truncated, messages=messages
+        )
 
     def prompt(self, record: dict) -> Templated:
         """Generate mode: the conversation before its last assistant turn (all of it when it has none, or
@@ -190,11 +196,17 @@ class ChatTemplater:
         if not any(m["role"] == "user" for m in prompt_messages):
             raise TemplateReject("no_prompt: no user turn before the last assistant turn")
         if self.bounded(prompt_messages)[1]:  # a prompt is kept whole or not at all
-            raise TemplateReject(f"too_long: prompt of more than {self.max_length * CHARS_PER_TOKEN} characters or "
-                                 f"{self.max_length} messages (max_length {self.max_length})")
+            raise TemplateReject(
+                f"too_long: prompt of more than {self.max_length * CHARS_PER_TOKEN} characters or "
+                f"{self.max_length} messages (max_length {self.max_length})"
+            )
         ids = encode_text(self.tokenizer, _render(self.tokenizer, prompt_messages, add_generation_prompt=True))
         if self.max_length is not None and len(ids) >= self.max_length:
             raise TemplateReject(f"too_long: prompt of {len(ids)} tokens >= max_length {self.max_length}")
-        return Templated(record["id"], np.asarray(ids, np.int32), np.zeros(0, np.int32), record.get("source", ""),
-                         messages=prompt_messages)
-
+        return Templated(
+            record["id"],
+            np.asarray(ids, np.int32),
+            np.zeros(0, np.int32),
+            record.get("source", ""),
+            messages=prompt_messages,
+        )

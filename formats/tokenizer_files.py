@@ -13,6 +13,7 @@ Every value read from a manifest is untrusted: names must be plain file names (c
 sizes are bounded, a symlink or a file the manifest does not list is refused. Transformers is
 imported lazily.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,6 +39,7 @@ def add_tokenizer_command(cache, manifest: dict) -> str:
 
 # ---- writing ----------------------------------------------------------------------------------
 
+
 def save_tokenizer_files(tokenizer, cache_dir) -> list[dict]:
     """Write `tokenizer.save_pretrained` into `cache_dir/tokenizer/` (replacing what a killed job left
     there) and return the manifest's `tokenizer_files` entries. The folder is written under a hidden
@@ -53,8 +55,10 @@ def save_tokenizer_files(tokenizer, cache_dir) -> list[dict]:
     entries = []
     for path in sorted(partial.iterdir()):
         if path.is_symlink() or not path.is_file():
-            raise InputError(f"{path}: tokenizer.save_pretrained wrote something other than a plain file; "
-                             "kdcache stores only flat tokenizer folders")
+            raise InputError(
+                f"{path}: tokenizer.save_pretrained wrote something other than a plain file; "
+                "kdcache stores only flat tokenizer folders"
+            )
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         entries.append({"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
@@ -82,6 +86,7 @@ def copy_tokenizer_files(cache, manifest: dict, out) -> list[dict]:
 
 # ---- checking ---------------------------------------------------------------------------------
 
+
 def verify_tokenizer_files(cache, manifest: dict) -> int:
     """The cache's `tokenizer/` folder holds exactly the files `tokenizer_files` lists, each a plain
     file of the recorded size and sha256 (FormatError / ChecksumError naming the file). A cache
@@ -90,8 +95,10 @@ def verify_tokenizer_files(cache, manifest: dict) -> int:
     entries = manifest.get("tokenizer_files")
     if entries is None:
         if files.exists(TOKENIZER_DIR):
-            raise FormatError(f"{files.where(TOKENIZER_DIR)}: the manifest lists no tokenizer_files, yet the folder "
-                              "exists (left by an interrupted `kdcache add-tokenizer`?); remove it, or run add-tokenizer again")
+            raise FormatError(
+                f"{files.where(TOKENIZER_DIR)}: the manifest lists no tokenizer_files, yet the folder "
+                "exists (left by an interrupted `kdcache add-tokenizer`?); remove it, or run add-tokenizer again"
+            )
         return 0
     _check_folder(files, entries)
     for entry in entries:
@@ -105,8 +112,10 @@ def _check_folder(files, entries: list[dict]) -> None:
     folder = files.where(TOKENIZER_DIR)
     kind = files.kind(TOKENIZER_DIR)
     if kind is None:
-        raise FormatError(f"{folder}: missing (the manifest lists {len(entries)} tokenizer files); restore it, or "
-                          "remove `tokenizer_files` from the manifest and run `kdcache add-tokenizer`")
+        raise FormatError(
+            f"{folder}: missing (the manifest lists {len(entries)} tokenizer files); restore it, or "
+            "remove `tokenizer_files` from the manifest and run `kdcache add-tokenizer`"
+        )
     if kind != "dir":
         raise FormatError(f"{folder}: a symlink or not a folder; the tokenizer files must be plain files in the cache")
     listed = {e["file"] for e in entries}
@@ -115,10 +124,13 @@ def _check_folder(files, entries: list[dict]) -> None:
         if rel not in listed:
             raise FormatError(f"{where}: not listed in the manifest's tokenizer_files (an extra file); remove it")
         if kind != "file":
-            raise FormatError(f"{where}: a symlink or not a plain file; the tokenizer files must be plain files in the cache")
+            raise FormatError(
+                f"{where}: a symlink or not a plain file; the tokenizer files must be plain files in the cache"
+            )
 
 
 # ---- loading ----------------------------------------------------------------------------------
+
 
 def load_cache_tokenizer(cache, storage_options: dict | None = None):
     """The teacher's tokenizer from the cache's own files: verified (sizes, sha256, no extra files),
@@ -129,8 +141,10 @@ def load_cache_tokenizer(cache, storage_options: dict | None = None):
     files = open_cache(cache, storage_options)
     manifest = load_manifest(files)
     if manifest.get("tokenizer_files") is None:
-        raise InputError(f"{cache} carries no tokenizer files (it was written before caches stored the teacher's "
-                         f"tokenizer); a student with another tokenizer needs them: `{add_tokenizer_command(cache, manifest)}`")
+        raise InputError(
+            f"{cache} carries no tokenizer files (it was written before caches stored the teacher's "
+            f"tokenizer); a student with another tokenizer needs them: `{add_tokenizer_command(cache, manifest)}`"
+        )
     _check_folder(files, manifest["tokenizer_files"])
     # Loaded from a private copy of the verified bytes: what transformers parses is what was hashed.
     with tempfile.TemporaryDirectory(prefix="kdcache-tokenizer-") as tmp:
@@ -154,8 +168,9 @@ def _identity_difference(field: str, tokenizer, entry: dict) -> str:
     from formats.tokenizer_id import fingerprint_version
 
     if field == "fingerprint":
-        covers = "vocabulary, special tokens" + (", normalizer, pre-tokenizer, decoder, added tokens, merges"
-                                                 if fingerprint_version(entry) >= 2 else "")
+        covers = "vocabulary, special tokens" + (
+            ", normalizer, pre-tokenizer, decoder, added tokens, merges" if fingerprint_version(entry) >= 2 else ""
+        )
         return f"another fingerprint than tokenizer.fingerprint (v{fingerprint_version(entry)}: {covers})"
     if field == "chat_template_sha256":
         return "another chat template than tokenizer.chat_template_sha256"
@@ -173,18 +188,23 @@ def _load_checked(folder: str, manifest: dict, cache):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # tokenizers raises bare Exception for a bad tokenizer.json (a merge of unknown tokens)
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise FormatError(f"{where}: the tokenizer files do not load ({type(exc).__name__}: {cause}); "
-                          "restore tokenizer/ from the source") from None
+        raise FormatError(
+            f"{where}: the tokenizer files do not load ({type(exc).__name__}: {cause}); "
+            "restore tokenizer/ from the source"
+        ) from None
     entry = manifest.get("tokenizer") or {}
     differ = identity_differences(tokenizer, entry)
     if differ:
-        raise FormatError(f"{where}: the tokenizer these files load has "
-                          f"{'; '.join(_identity_difference(field, tokenizer, entry) for field in differ)}: the files do not "
-                          "belong to this cache; restore tokenizer/ from the source")
+        raise FormatError(
+            f"{where}: the tokenizer these files load has "
+            f"{'; '.join(_identity_difference(field, tokenizer, entry) for field in differ)}: the files do not "
+            "belong to this cache; restore tokenizer/ from the source"
+        )
     return tokenizer
 
 
 # ---- adding to an older cache -----------------------------------------------------------------
+
 
 def add_tokenizer(cache, tokenizer_name: str) -> list[dict]:
     """Add the teacher's tokenizer files to a local cache written without them (`kdcache add-tokenizer`).
@@ -198,25 +218,34 @@ def add_tokenizer(cache, tokenizer_name: str) -> list[dict]:
     files = open_cache(cache)
     root = files.root
     if not files.local:
-        raise InputError(f"{cache}: add-tokenizer writes into a local cache folder; download the cache, add the "
-                         "tokenizer there, and upload the folder again")
+        raise InputError(
+            f"{cache}: add-tokenizer writes into a local cache folder; download the cache, add the "
+            "tokenizer there, and upload the folder again"
+        )
     manifest = load_manifest(files)
     if manifest.get("tokenizer_files") is not None:
-        raise InputError(f"{cache} already carries its tokenizer files ({len(manifest['tokenizer_files'])} files); "
-                         "`kdcache verify` checks them")
+        raise InputError(
+            f"{cache} already carries its tokenizer files ({len(manifest['tokenizer_files'])} files); "
+            "`kdcache verify` checks them"
+        )
     recorded = manifest.get("tokenizer") or {}
     tokenizer = load_tokenizer(tokenizer_name)
-    checks = [("fingerprint", manifest_fingerprint(tokenizer, recorded)),
-              ("chat_template_sha256", chat_template_sha256(tokenizer))]
+    checks = [
+        ("fingerprint", manifest_fingerprint(tokenizer, recorded)),
+        ("chat_template_sha256", chat_template_sha256(tokenizer)),
+    ]
     for key, value in checks:
         if not recorded.get(key):
-            raise IncompatibleCachesError(f"{cache}: the manifest records no tokenizer.{key}, so no tokenizer can be "
-                                          "shown to be the one the cache was made with; re-create the cache")
+            raise IncompatibleCachesError(
+                f"{cache}: the manifest records no tokenizer.{key}, so no tokenizer can be "
+                "shown to be the one the cache was made with; re-create the cache"
+            )
         if value != recorded[key]:
             raise IncompatibleCachesError(
                 f"{tokenizer_name} is not the tokenizer {cache} was made with: its {key} {value[:12]}... differs from "
                 f"the manifest's tokenizer.{key} {recorded[key][:12]}... (made with {recorded.get('name_or_path')}); "
-                "pass the teacher's own tokenizer")
+                "pass the teacher's own tokenizer"
+            )
     manifest["tokenizer_files"] = save_tokenizer_files(tokenizer, root)
     write_card(Path(root), manifest)
     write_json_atomic(Path(root) / MANIFEST_NAME, manifest)

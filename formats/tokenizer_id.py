@@ -4,6 +4,7 @@ them and the student trained on them (the manifest's `tokenizer` entry and `teac
 Both stages use this module: the teacher records the identity, the student compares against it.
 Transformers is imported lazily, only by the functions that load something.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,9 @@ def tokenizer_fingerprint(tokenizer, version: int = FINGERPRINT_VERSION) -> str:
                 digest.update(sp_model.serialized_model_proto())
             ranks = getattr(tokenizer, "bpe_ranks", None)
             if isinstance(ranks, dict):
-                digest.update(json.dumps(sorted([list(pair), rank] for pair, rank in ranks.items()),
-                                         ensure_ascii=False).encode())
+                digest.update(
+                    json.dumps(sorted([list(pair), rank] for pair, rank in ranks.items()), ensure_ascii=False).encode()
+                )
     return digest.hexdigest()
 
 
@@ -98,8 +100,10 @@ def fingerprint_version(entry: dict | None) -> int:
     """The fingerprint version a manifest's `tokenizer` entry records (1 when it records none)."""
     version = (entry or {}).get("fingerprint_version", 1)
     if type(version) is not int or version not in FINGERPRINT_VERSIONS:
-        raise FormatError(f"tokenizer.fingerprint_version {version!r}: this kdcache knows versions "
-                          f"{', '.join(map(str, FINGERPRINT_VERSIONS))}; upgrade kdcache to read this cache")
+        raise FormatError(
+            f"tokenizer.fingerprint_version {version!r}: this kdcache knows versions "
+            f"{', '.join(map(str, FINGERPRINT_VERSIONS))}; upgrade kdcache to read this cache"
+        )
     return version
 
 

@@ -1,4 +1,5 @@
 """verify, inspect, merge: what people run on a cache they were handed."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,21 +12,34 @@ import numpy as np
 
 from formats.card import write_card
 from formats.errors import FormatError, IncompatibleCachesError, InputError
-from formats.manifest import (command_line, load_manifest, manifest_get, now_iso,
-                              open_cache, tally_reasons)
+from formats.manifest import command_line, load_manifest, manifest_get, now_iso, open_cache, tally_reasons
 from formats.safe_write import AtomicFile, make_folder, write_json_atomic
 from formats.schema import CARD_NAME, MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX
 from formats.shard import ShardFile
-from formats.tokenizer_files import TOKENIZER_DIR, check_tokenizer_identity, copy_tokenizer_files, verify_tokenizer_files
+from formats.tokenizer_files import (
+    TOKENIZER_DIR,
+    check_tokenizer_identity,
+    copy_tokenizer_files,
+    verify_tokenizer_files,
+)
 from formats.trust import loads, printable
 
 # Caches are compatible when these agree (merge refuses otherwise; the trainer mixes only these).
-COMPAT_KEYS = [("format_version",), ("codec",), ("mode",), ("teacher", "name_or_path"), ("teacher", "revision"),
-               ("teacher", "dtype"), ("tokenizer", "fingerprint"), ("tokenizer", "chat_template_sha256")]
+COMPAT_KEYS = [
+    ("format_version",),
+    ("codec",),
+    ("mode",),
+    ("teacher", "name_or_path"),
+    ("teacher", "revision"),
+    ("teacher", "dtype"),
+    ("tokenizer", "fingerprint"),
+    ("tokenizer", "chat_template_sha256"),
+]
 
 
 # ---- verify ---------------------------------------------------------------------------------
 # docs/FORMAT.md ("What `kdcache verify` checks") lists these checks; keep the two in sync.
+
 
 def verify_cache(path, *, check_values: bool = True, progress=None, storage_options: dict | None = None) -> dict:
     """Check a cache end to end; raises FormatError / ChecksumError naming the file, row and field.
@@ -51,8 +65,10 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
                 for j, ex in enumerate(examples):
                     row = f"{shard.where}, row {shard_rows + j} (id {ex.id!r:.200})"
                     if ex.id in owner:
-                        raise FormatError(f"{row}: example id {ex.id!r:.200} is also in {owner[ex.id]}; every example "
-                                          "must be in a cache once (a duplicated or copied shard?)")
+                        raise FormatError(
+                            f"{row}: example id {ex.id!r:.200} is also in {owner[ex.id]}; every example "
+                            "must be in a cache once (a duplicated or copied shard?)"
+                        )
                     owner[ex.id] = entry["file"]
                     if check_values:
                         _check_values(ex, row)
@@ -68,19 +84,29 @@ def verify_cache(path, *, check_values: bool = True, progress=None, storage_opti
             progress(entry["file"])
     counts = manifest["counts"]
     if rows != counts.get("examples") or positions != counts.get("positions"):
-        raise FormatError(f"{mpath}: shards hold {rows} examples / {positions} positions, the manifest counts "
-                          f"{counts.get('examples')} / {counts.get('positions')}")
+        raise FormatError(
+            f"{mpath}: shards hold {rows} examples / {positions} positions, the manifest counts "
+            f"{counts.get('examples')} / {counts.get('positions')}"
+        )
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     if counts.get("bytes", total_bytes) != total_bytes:
-        raise FormatError(f"{mpath}: shards hold {total_bytes} bytes, the manifest's counts.bytes says {counts['bytes']}")
+        raise FormatError(
+            f"{mpath}: shards hold {total_bytes} bytes, the manifest's counts.bytes says {counts['bytes']}"
+        )
     rejects = read_rejects(files, manifest)
     rejects_name = (manifest.get("rejects_file") or {}).get("file", REJECTS_NAME)
     _check_rejects(rejects, manifest, owner, files.where(rejects_name))
     tokenizer_files = verify_tokenizer_files(files, manifest)
     if tokenizer_files:
         check_tokenizer_identity(files, manifest)
-    return {"shards": len(manifest["shards"]), "examples": rows, "positions": positions, "rejects": len(rejects),
-            "tokenizer_files": tokenizer_files, "unlisted": unlisted}
+    return {
+        "shards": len(manifest["shards"]),
+        "examples": rows,
+        "positions": positions,
+        "rejects": len(rejects),
+        "tokenizer_files": tokenizer_files,
+        "unlisted": unlisted,
+    }
 
 
 # Files a cache folder may hold that its manifest does not list (nothing kdcache reads opens them):
@@ -101,21 +127,25 @@ def check_contents(files, manifest: dict) -> list[str]:
     unlisted = []
     for rel, kind in files.walk():
         if kind not in ("file", "dir"):
-            raise FormatError(f"{printable(files.where(rel))}: a {'symlink' if kind == 'link' else 'FIFO, device or socket'} "
-                              "inside the cache; a cache holds only plain files and folders: remove it (or restore the "
-                              "cache from its source)")
+            raise FormatError(
+                f"{printable(files.where(rel))}: a {'symlink' if kind == 'link' else 'FIFO, device or socket'} "
+                "inside the cache; a cache holds only plain files and folders: remove it (or restore the "
+                "cache from its source)"
+            )
         if kind == "dir" or rel in listed:
             continue
         if rel.endswith(SHARD_SUFFIX) and not rel.startswith(KNOWN_UNLISTED_DIRS):
-            raise FormatError(f"{printable(files.where(rel))}: a Parquet file the manifest does not list; ordinary "
-                              "tools (and the card's data_files) would load its rows with the cache's: remove it, or "
-                              "merge it properly (`kdcache merge`)")
+            raise FormatError(
+                f"{printable(files.where(rel))}: a Parquet file the manifest does not list; ordinary "
+                "tools (and the card's data_files) would load its rows with the cache's: remove it, or "
+                "merge it properly (`kdcache merge`)"
+            )
         if rel not in KNOWN_UNLISTED and not rel.startswith(KNOWN_UNLISTED_DIRS):
             unlisted.append(rel)
     return unlisted
 
 
-MAX_REJECTS_BYTES = 4 << 30   # the rejects file (a reject line is ~100 bytes)
+MAX_REJECTS_BYTES = 4 << 30  # the rejects file (a reject line is ~100 bytes)
 MAX_REJECT_LINE = 1 << 16
 
 
@@ -128,8 +158,10 @@ def read_rejects(files, manifest: dict) -> list[dict]:
     rej = manifest.get("rejects_file")
     if rej is None:
         if manifest["counts"].get("rejects"):
-            raise FormatError(f"{files.where(MANIFEST_NAME)}: counts {manifest['counts']['rejects']} rejects but names "
-                              "no rejects_file")
+            raise FormatError(
+                f"{files.where(MANIFEST_NAME)}: counts {manifest['counts']['rejects']} rejects but names "
+                "no rejects_file"
+            )
         return []
     rpath = files.where(rej["file"])
     cap = min(MAX_REJECTS_BYTES, (rej["count"] + 1) * MAX_REJECT_LINE)
@@ -151,19 +183,24 @@ def _check_rejects(rejects: list[dict], manifest: dict, example_owner: dict, pat
     """Rejects: as many as counted, ids unique and never also an example, reasons as tallied."""
     counts, declared = manifest["counts"], (manifest.get("rejects_file") or {}).get("count", len(rejects))
     if not len(rejects) == declared == counts.get("rejects", len(rejects)):
-        raise FormatError(f"{path}: the rejects file holds {len(rejects)} rejects, the manifest says "
-                          f"{declared} (rejects_file.count) and {counts.get('rejects')} (counts.rejects)")
+        raise FormatError(
+            f"{path}: the rejects file holds {len(rejects)} rejects, the manifest says "
+            f"{declared} (rejects_file.count) and {counts.get('rejects')} (counts.rejects)"
+        )
     seen: set[str] = set()
     for r in rejects:
         if r["id"] in seen or r["id"] in example_owner:
             where = "twice in the rejects" if r["id"] in seen else f"also an example (in {example_owner[r['id']]})"
-            raise FormatError(f"{path}: rejected record {r['id']!r} is {where}; every input record is written or "
-                              "rejected, once")
+            raise FormatError(
+                f"{path}: rejected record {r['id']!r} is {where}; every input record is written or rejected, once"
+            )
         seen.add(r["id"])
     tally = tally_reasons(rejects)
     if "rejects_by_reason" in counts and counts["rejects_by_reason"] != tally:
-        raise FormatError(f"{path}: counts.rejects_by_reason {counts['rejects_by_reason']} does not match the rejects "
-                          f"file's reasons {tally}")
+        raise FormatError(
+            f"{path}: counts.rejects_by_reason {counts['rejects_by_reason']} does not match the rejects "
+            f"file's reasons {tally}"
+        )
 
 
 def _check_values(ex, where: str) -> None:
@@ -175,27 +212,43 @@ def _check_values(ex, where: str) -> None:
         dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
         if dup.any():
             r = int(np.flatnonzero(dup.any(axis=1))[0])
-            raise FormatError(f"{where}, position {int(ex.target_positions[r])}: a token id is listed twice in the top-k")
+            raise FormatError(
+                f"{where}, position {int(ex.target_positions[r])}: a token id is listed twice in the top-k"
+            )
 
 
 # ---- inspect --------------------------------------------------------------------------------
+
 
 def summarize(path) -> str:
     m = load_manifest(path)
     c, t, tok, d = m["counts"], m.get("teacher", {}), m.get("tokenizer", {}), m.get("dataset", {})
     rows = [
-        ("format", f"v{m['format_version']}, codec {m['codec']['name']} k={m['codec']['k']} mass={m['codec'].get('mass')}"),
+        (
+            "format",
+            f"v{m['format_version']}, codec {m['codec']['name']} k={m['codec']['k']} mass={m['codec'].get('mass')}",
+        ),
         ("mode", m.get("mode")),
         ("teacher", f"{t.get('name_or_path')} ({t.get('engine')} {t.get('engine_version', '')}, {t.get('dtype')})"),
-        ("tokenizer", f"{tok.get('name_or_path')} vocab={tok.get('vocab_size')} fingerprint={str(tok.get('fingerprint'))[:16]}"),
-        ("tokenizer files", f"{len(m['tokenizer_files'])} in tokenizer/" if m.get("tokenizer_files") else
-         "none (a student with another tokenizer needs them: kdcache add-tokenizer)"),
+        (
+            "tokenizer",
+            f"{tok.get('name_or_path')} vocab={tok.get('vocab_size')} fingerprint={str(tok.get('fingerprint'))[:16]}",
+        ),
+        (
+            "tokenizer files",
+            f"{len(m['tokenizer_files'])} in tokenizer/"
+            if m.get("tokenizer_files")
+            else "none (a student with another tokenizer needs them: kdcache add-tokenizer)",
+        ),
         ("dataset", f"{d.get('name')} split={d.get('split')} filters={d.get('filters')}"),
-        ("examples", c.get("examples")), ("positions", c.get("positions")),
+        ("examples", c.get("examples")),
+        ("positions", c.get("positions")),
         ("rejects", f"{c.get('rejects')} {c.get('rejects_by_reason') or ''}"),
-        ("shards", len(m["shards"])), ("bytes", c.get("bytes")),
+        ("shards", len(m["shards"])),
+        ("bytes", c.get("bytes")),
         ("bytes/position", f"{c.get('bytes_per_position', 0):.1f}"),
-        ("created", m.get("created")), ("command", m.get("command")),
+        ("created", m.get("created")),
+        ("command", m.get("command")),
     ]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {printable(value)}" for name, value in rows)  # a cache's text is escaped
@@ -210,13 +263,25 @@ def show_example(path, example_id: str, tokenizer=None, top: int = 5, max_positi
     else:
         raise InputError(f"no example with id {example_id!r} in {printable(str(path))}")
     dec = (lambda ids: tokenizer.decode(ids)) if tokenizer else (lambda ids: " ".join(map(str, ids)))
-    lines = [printable(f"id {ex.id}  source {ex.source}  tokens {len(ex.input_ids)}  trained positions {ex.num_targets}"
-                       + (f"  finish {ex.finish_reason}" if ex.finish_reason else "")),
-             "", printable(dec(ex.input_ids.tolist()), newlines=True), "",
-             f"{'pos':>5}  {'token':<16} {'logp':>7} {'rank':>5}  teacher top-{top}"]
+    lines = [
+        printable(
+            f"id {ex.id}  source {ex.source}  tokens {len(ex.input_ids)}  trained positions {ex.num_targets}"
+            + (f"  finish {ex.finish_reason}" if ex.finish_reason else "")
+        ),
+        "",
+        printable(dec(ex.input_ids.tolist()), newlines=True),
+        "",
+        f"{'pos':>5}  {'token':<16} {'logp':>7} {'rank':>5}  teacher top-{top}",
+    ]
     for n, t in enumerate(ex.target_positions[:max_positions]):
-        tops = ", ".join(f"{dec([int(i)])!r}:{np.exp(lp):.2f}" for i, lp in zip(ex.topk_ids[n, :top], ex.topk_logprobs[n, :top]) if i >= 0)
-        lines.append(f"{int(t):>5}  {dec([int(ex.input_ids[t])])!r:<16} {ex.target_logprobs[n]:>7.2f} {int(ex.target_ranks[n]):>5}  {tops}")
+        tops = ", ".join(
+            f"{dec([int(i)])!r}:{np.exp(lp):.2f}"
+            for i, lp in zip(ex.topk_ids[n, :top], ex.topk_logprobs[n, :top])
+            if i >= 0
+        )
+        lines.append(
+            f"{int(t):>5}  {dec([int(ex.input_ids[t])])!r:<16} {ex.target_logprobs[n]:>7.2f} {int(ex.target_ranks[n]):>5}  {tops}"
+        )
     if ex.num_targets > max_positions:
         lines.append(f"... {ex.num_targets - max_positions} more positions")
     return "\n".join(lines)
@@ -226,8 +291,13 @@ def show_example(path, example_id: str, tokenizer=None, top: int = 5, max_positi
 
 # Besides COMPAT_KEYS, worker caches of one job agree on every setting that changes their rows: the
 # dataset and its filters (all but the worker's own slice), templating and sampling, the sizes.
-ROW_SETTINGS = [("dataset",), ("extra", "template"), ("extra", "sampling"), ("tokenizer", "vocab_size"),
-                ("teacher", "output_size")]
+ROW_SETTINGS = [
+    ("dataset",),
+    ("extra", "template"),
+    ("extra", "sampling"),
+    ("tokenizer", "vocab_size"),
+    ("teacher", "output_size"),
+]
 PER_WORKER = {("dataset", "filters", "worker_index")}
 
 
@@ -236,18 +306,23 @@ def check_mergeable(manifests: list[dict], names: list[str]) -> None:
     for m, name in zip(manifests[1:], names[1:]):
         diffs = [key for key in COMPAT_KEYS if manifest_get(first, key) != manifest_get(m, key)]
         for key in ROW_SETTINGS:
-            diffs += [d for d in _differences(manifest_get(first, key), manifest_get(m, key), key) if d not in PER_WORKER]
+            diffs += [
+                d for d in _differences(manifest_get(first, key), manifest_get(m, key), key) if d not in PER_WORKER
+            ]
         if diffs:
             key = diffs[0]
             raise IncompatibleCachesError(
                 f"{name} does not belong with {names[0]}: {'.'.join(key)} differs "
                 f"({manifest_get(m, key)!r} vs {manifest_get(first, key)!r}); only caches from the same teacher, tokenizer, template, "
-                "codec, dataset and filters (worker slices of one job) can be merged")
+                "codec, dataset and filters (worker slices of one job) can be merged"
+            )
     workers = [manifest_get(m, ("dataset", "filters", "worker_index")) for m in manifests]
     for i, w in enumerate(workers):
         if w is not None and w in workers[:i]:
-            raise IncompatibleCachesError(f"{names[i]} and {names[workers.index(w)]} are both worker {w}: "
-                                          "the same slice twice; merge each worker's cache once")
+            raise IncompatibleCachesError(
+                f"{names[i]} and {names[workers.index(w)]} are both worker {w}: "
+                "the same slice twice; merge each worker's cache once"
+            )
 
 
 def _differences(a, b, prefix: tuple) -> list[tuple]:
@@ -303,14 +378,20 @@ def merge_caches(out, caches: list) -> dict:
             merged["tokenizer_files"] = copy_tokenizer_files(*carrier, out)
         by_reason = tally_reasons(all_rejects)  # counted from the rejects themselves, not the inputs' claims
         merged["counts"] = {
-            "examples": sum(s["rows"] for s in shards), "positions": sum(s["positions"] for s in shards),
-            "rejects": len(all_rejects), "rejects_by_reason": by_reason, "bytes": sum(s["bytes"] for s in shards),
+            "examples": sum(s["rows"] for s in shards),
+            "positions": sum(s["positions"] for s in shards),
+            "rejects": len(all_rejects),
+            "rejects_by_reason": by_reason,
+            "bytes": sum(s["bytes"] for s in shards),
         }
         if all(m["counts"].get("inputs") is not None for m in manifests):  # each worker accounted for its inputs
             merged["counts"]["inputs"] = sum(m["counts"]["inputs"] for m in manifests)
         merged["counts"]["bytes_per_position"] = merged["counts"]["bytes"] / max(1, merged["counts"]["positions"])
-        merged["rejects_file"] = {"file": REJECTS_NAME, "count": len(all_rejects),
-                                  "sha256": hashlib.sha256(rejects_bytes).hexdigest()}
+        merged["rejects_file"] = {
+            "file": REJECTS_NAME,
+            "count": len(all_rejects),
+            "sha256": hashlib.sha256(rejects_bytes).hexdigest(),
+        }
         write_card(out, merged)
         write_json_atomic(out / MANIFEST_NAME, merged)
     except BaseException:  # a full disk, a file size limit, a bad input shard: leave the folder as it was
@@ -338,7 +419,8 @@ def _check_disjoint(inputs: list, manifests: list[dict], rejects: list[list[dict
                 raise IncompatibleCachesError(
                     f"record {ex_id!r:.200} is in both {printable(seen[ex_id])} and {printable(files.path)}: these caches "
                     "overlap (the same worker slice twice?) or one holds it twice (run `kdcache verify`); merge "
-                    "disjoint, verified caches only")
+                    "disjoint, verified caches only"
+                )
             seen[ex_id] = files.path
 
 
@@ -351,7 +433,24 @@ def _merged_manifest(caches: list, manifests: list[dict]) -> dict:
     if all(isinstance(w, int) for w in workers):
         merged["dataset"]["filters"]["worker_index"] = sorted(workers)
     merged["merged_from"] = [
-        {"path": str(c), **{key: m.get(key) for key in ("created", "command", "mode", "teacher", "tokenizer", "dataset",
-                                                        "extra", "counts", "merged_from") if key in m}}
-        for c, m in zip(caches, manifests)]
+        {
+            "path": str(c),
+            **{
+                key: m.get(key)
+                for key in (
+                    "created",
+                    "command",
+                    "mode",
+                    "teacher",
+                    "tokenizer",
+                    "dataset",
+                    "extra",
+                    "counts",
+                    "merged_from",
+                )
+                if key in m
+            },
+        }
+        for c, m in zip(caches, manifests)
+    ]
     return merged

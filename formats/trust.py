@@ -19,6 +19,7 @@ that guarantees. In short:
 
 Writing is the other half: formats/safe_write.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,8 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 CHUNK = 8 << 20  # bytes hashed (and copied) at a time
 
 # JSON bounds: far above anything kdcache writes, far below what would exhaust a machine.
-MAX_JSON_DEPTH = 64           # a manifest nests ~5 deep (merged_from adds 3 per level of merging)
-MAX_JSON_NUMBER_CHARS = 40    # 2**63 has 19 digits; a float's repr at most 24 characters
+MAX_JSON_DEPTH = 64  # a manifest nests ~5 deep (merged_from adds 3 per level of merging)
+MAX_JSON_NUMBER_CHARS = 40  # 2**63 has 19 digits; a float's repr at most 24 characters
 MAX_JSON_CONTAINERS = 1 << 21  # objects + arrays in one document (a manifest has ~1 per shard)
 
 
@@ -48,20 +49,24 @@ def printable(value, *, newlines: bool = False) -> str:
     text = value if isinstance(value, str) else str(value)
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or (newlines and c == "\n") else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
+    return "".join(
+        c if c.isprintable() or (newlines and c == "\n") else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 def check_name(name, field: str, where: str) -> str:
     """A file named in a manifest is a plain, safe file name in the cache folder (or URL prefix)."""
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
         shown = printable(repr(name))[:120]
-        raise FormatError(f"{where}: {field} {shown} points outside the cache folder or is not a plain file name "
-                          "(letters, digits, '.', '_' and '-': all kdcache writes); refusing to read it")
+        raise FormatError(
+            f"{where}: {field} {shown} points outside the cache folder or is not a plain file name "
+            "(letters, digits, '.', '_' and '-': all kdcache writes); refusing to read it"
+        )
     return name
 
 
 # ---- strict JSON ------------------------------------------------------------------------------
+
 
 def loads(raw: bytes | str, where: str, *, max_bytes: int, what: str | None = None):
     """Parse untrusted JSON: at most `max_bytes`, UTF-8, nesting <= MAX_JSON_DEPTH, at most
@@ -70,8 +75,10 @@ def loads(raw: bytes | str, where: str, *, max_bytes: int, what: str | None = No
     subject = f"{where}: {what} is" if what else f"{where}:"
     what = what or "the JSON"
     if len(raw) > max_bytes:
-        raise FormatError(f"{where}: {what} of {len(raw)} bytes, more than the {max_bytes} it may hold; "
-                          "the file is damaged or hostile")
+        raise FormatError(
+            f"{where}: {what} of {len(raw)} bytes, more than the {max_bytes} it may hold; "
+            "the file is damaged or hostile"
+        )
     if isinstance(raw, (bytes, bytearray, memoryview)):
         try:
             raw = bytes(raw).decode("utf-8")
@@ -81,8 +88,9 @@ def loads(raw: bytes | str, where: str, *, max_bytes: int, what: str | None = No
     if containers > MAX_JSON_CONTAINERS:
         raise FormatError(f"{where}: {what} holds {containers} objects/arrays, more than {MAX_JSON_CONTAINERS}")
     try:
-        value = json.loads(raw, object_pairs_hook=_unique_keys, parse_int=_int, parse_float=_float,
-                           parse_constant=_constant)
+        value = json.loads(
+            raw, object_pairs_hook=_unique_keys, parse_int=_int, parse_float=_float, parse_constant=_constant
+        )
     except RecursionError:
         raise FormatError(f"{where}: {what} nests deeper than this parser allows (> {MAX_JSON_DEPTH})") from None
     except _JSONRefused as exc:
@@ -101,8 +109,10 @@ def _unique_keys(pairs):
     out = {}
     for key, value in pairs:
         if key in out:
-            raise _JSONRefused(f"key {printable(repr(key))[:80]} appears twice in one object (which one counts "
-                               "would depend on the parser)")
+            raise _JSONRefused(
+                f"key {printable(repr(key))[:80]} appears twice in one object (which one counts "
+                "would depend on the parser)"
+            )
         out[key] = value
     return out
 
@@ -153,13 +163,14 @@ def exact_int(value) -> bool:
 
 # ---- files ------------------------------------------------------------------------------------
 
+
 class CacheFiles:
     """A cache folder (local path or fsspec URL) whose files are opened only through this object.
 
-        files = CacheFiles("s3://bucket/cache")
-        raw = files.read_bytes("manifest.json", max_bytes=...)      # bounded, regular file only
-        with files.open("part-00000.parquet", size=..., sha256=...) as f:
-            f.verify()                                              # hash; then read verified bytes
+    files = CacheFiles("s3://bucket/cache")
+    raw = files.read_bytes("manifest.json", max_bytes=...)      # bounded, regular file only
+    with files.open("part-00000.parquet", size=..., sha256=...) as f:
+        f.verify()                                              # hash; then read verified bytes
     """
 
     def __init__(self, path, storage_options: dict | None = None):
@@ -186,8 +197,15 @@ class CacheFiles:
                 return None
             except NotADirectoryError:
                 return None
-            return ("link" if stat.S_ISLNK(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
-                    else "dir" if stat.S_ISDIR(st.st_mode) else "other")
+            return (
+                "link"
+                if stat.S_ISLNK(st.st_mode)
+                else "file"
+                if stat.S_ISREG(st.st_mode)
+                else "dir"
+                if stat.S_ISDIR(st.st_mode)
+                else "other"
+            )
         try:
             info = self.fs.info(where)
         except (FileNotFoundError, OSError):
@@ -214,7 +232,11 @@ class CacheFiles:
         for full, info in sorted(self.fs.find(top_dir, withdirs=True, detail=True).items()):
             rel = posixpath.relpath(full.rstrip("/"), top_dir)
             if rel != ".":
-                kind = "link" if info.get("islink") else {"file": "file", "directory": "dir"}.get(info.get("type"), "other")
+                kind = (
+                    "link"
+                    if info.get("islink")
+                    else {"file": "file", "directory": "dir"}.get(info.get("type"), "other")
+                )
                 out.append((rel, kind))
         return out
 
@@ -224,17 +246,22 @@ class CacheFiles:
         where = self.where(*names)
         kind = self.kind(*names)
         if kind is None:
-            raise FormatError(f"{printable(where)}: missing (listed in {listed_in}); restore the file or re-run the "
-                              "job that wrote it")
+            raise FormatError(
+                f"{printable(where)}: missing (listed in {listed_in}); restore the file or re-run the job that wrote it"
+            )
         if kind != "file":
-            raise FormatError(f"{printable(where)}: a {_KIND_TEXT[kind]}, not a plain file; a cache holds only "
-                              "plain files (restore the file from the source)")
+            raise FormatError(
+                f"{printable(where)}: a {_KIND_TEXT[kind]}, not a plain file; a cache holds only "
+                "plain files (restore the file from the source)"
+            )
         actual = os.lstat(where).st_size if self.local else self.fs.info(where).get("size")
         if actual is None:
             return -1
         if size is not None and actual != size:
-            raise ChecksumError(f"{printable(where)}: {actual} bytes, the manifest says {size} (truncated or "
-                                "replaced); restore it from the source")
+            raise ChecksumError(
+                f"{printable(where)}: {actual} bytes, the manifest says {size} (truncated or "
+                "replaced); restore it from the source"
+            )
         return actual
 
     # -- reading ---------------------------------------------------------------------------------
@@ -247,15 +274,23 @@ class CacheFiles:
             return VerifiedFile(where, _open_local(self.root, names), size, sha256, local=True)
         return VerifiedFile(where, self.fs.open(where, "rb"), size, sha256, local=False)
 
-    def read_bytes(self, *names: str, max_bytes: int, size: int | None = None, sha256: str | None = None,
-                   listed_in: str = "the manifest") -> bytes:
+    def read_bytes(
+        self,
+        *names: str,
+        max_bytes: int,
+        size: int | None = None,
+        sha256: str | None = None,
+        listed_in: str = "the manifest",
+    ) -> bytes:
         """A whole regular file, at most `max_bytes` (FormatError past it, read no further), of the given
         size and sha256 when those are given (ChecksumError)."""
         actual = self.require_file(*names, size=size, listed_in=listed_in)
         where = self.where(*names)
         if actual > max_bytes:
-            raise FormatError(f"{printable(where)}: {actual} bytes, more than the {max_bytes} such a file may hold; "
-                              "the file is damaged or hostile")
+            raise FormatError(
+                f"{printable(where)}: {actual} bytes, more than the {max_bytes} such a file may hold; "
+                "the file is damaged or hostile"
+            )
         if self.local:
             with os.fdopen(_open_local(self.root, names), "rb") as f:
                 data = f.read(max_bytes + 1)
@@ -263,8 +298,10 @@ class CacheFiles:
             with self.fs.open(where, "rb") as f:
                 data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise FormatError(f"{printable(where)}: more than the {max_bytes} bytes such a file may hold; "
-                              "the file is damaged or hostile")
+            raise FormatError(
+                f"{printable(where)}: more than the {max_bytes} bytes such a file may hold; "
+                "the file is damaged or hostile"
+            )
         if size is not None and len(data) != size:
             raise ChecksumError(f"{printable(where)}: {len(data)} bytes read, the manifest says {size}; restore it")
         if sha256 is not None:
@@ -302,22 +339,28 @@ def _open_local(root: str, names: tuple[str, ...]) -> int:
                 fd = nxt
             file_fd = os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
         except OSError as exc:
-            raise FormatError(f"{printable(posixpath.join(root, *names))}: cannot be opened as a plain file in a real "
-                              f"folder ({exc.strerror}); a cache holds only plain files and folders") from None
+            raise FormatError(
+                f"{printable(posixpath.join(root, *names))}: cannot be opened as a plain file in a real "
+                f"folder ({exc.strerror}); a cache holds only plain files and folders"
+            ) from None
     finally:
         os.close(fd)
     if not stat.S_ISREG(os.fstat(file_fd).st_mode):
         os.close(file_fd)
-        raise FormatError(f"{printable(posixpath.join(root, *names))}: not a plain file; a cache holds only plain files")
+        raise FormatError(
+            f"{printable(posixpath.join(root, *names))}: not a plain file; a cache holds only plain files"
+        )
     os.set_blocking(file_fd, True)
     return file_fd
 
 
 def check_digest(actual: str, expected: str, where: str) -> None:
     if actual != expected:
-        raise ChecksumError(f"{printable(where)}: sha256 {actual[:16]}... differs from the manifest's "
-                            f"{expected[:16]}... (changed after the manifest was written, or corrupted); "
-                            "restore it from the source")
+        raise ChecksumError(
+            f"{printable(where)}: sha256 {actual[:16]}... differs from the manifest's "
+            f"{expected[:16]}... (changed after the manifest was written, or corrupted); "
+            "restore it from the source"
+        )
 
 
 class VerifiedFile:

@@ -19,6 +19,7 @@ that change the rows (RESUME_KEYS) is refused with the settings that differ. Whe
 `inputs` (how many input records the job was given, times n in generate mode), finish() checks
 `examples + rejects == inputs` and records `counts.inputs` (check_accounting checks it again).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,10 +51,10 @@ RESUME_KEYS = ("codec", "teacher", "tokenizer", "dataset", "mode", "template", "
 @dataclass
 class _OpenShard:
     writer: pq.ParquetWriter
-    tmp: Path          # hidden name while writing
-    name: str          # published name
-    codes: C.IdCodes   # this shard's id codes (hot table from its first row group)
-    meta: dict         # the shard's Parquet key-value metadata
+    tmp: Path  # hidden name while writing
+    name: str  # published name
+    codes: C.IdCodes  # this shard's id codes (hot table from its first row group)
+    meta: dict  # the shard's Parquet key-value metadata
     ids: list[str] = field(default_factory=list)
     positions: int = 0
 
@@ -83,10 +84,13 @@ class CacheWriter:
         self.vocab_size = vocab_size or self.provenance.get("tokenizer", {}).get("vocab_size")
         # Token ids the teacher can emit: its output layer's rows, which can exceed the tokenizer's
         # vocabulary (padded LM heads); ids are range-checked against it and it sets the id width.
-        self.id_limit = teacher_output_size({"teacher": self.provenance.get("teacher"),
-                                             "tokenizer": {"vocab_size": self.vocab_size}})
+        self.id_limit = teacher_output_size(
+            {"teacher": self.provenance.get("teacher"), "tokenizer": {"vocab_size": self.vocab_size}}
+        )
         for name, size in (("vocab_size", self.vocab_size), ("output_size", self.id_limit)):
-            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= C.MAX_TOKEN_ID):
+            if size is not None and (
+                isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= C.MAX_TOKEN_ID
+            ):
                 raise InputError(f"{name}={size!r} must be an integer in 1..{C.MAX_TOKEN_ID}")
         self.shard_max_bytes = shard_max_bytes
         self.row_group_positions = row_group_positions
@@ -97,7 +101,7 @@ class CacheWriter:
         self.complete = False
         self.inputs: int | None = None  # input records (x n in generate mode) the job was given; checked by finish()
         self._next_index = 0  # of the next shard name
-        self._shards: list[dict] = []   # committed shards (sidecar contents)
+        self._shards: list[dict] = []  # committed shards (sidecar contents)
         self._buffer: list[Example] = []
         self._buffer_positions = 0
         self._rejects: list[dict] = []  # not yet committed
@@ -121,17 +125,30 @@ class CacheWriter:
         if job_path.exists():
             refuse_other_settings(self.root, _read_json(job_path), self.manifest, "an unfinished cache")
         else:
-            others = sorted(p.name for p in self.root.iterdir() if p.name not in (PROGRESS, LOCK_NAME)) if self.root.exists() else []
+            others = (
+                sorted(p.name for p in self.root.iterdir() if p.name not in (PROGRESS, LOCK_NAME))
+                if self.root.exists()
+                else []
+            )
             if others:
-                raise InputError(f"{self.root} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
-                                 "and holds no kdcache job; write the cache to a new or empty folder")
+                raise InputError(
+                    f"{self.root} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+                    "and holds no kdcache job; write the cache to a new or empty folder"
+                )
             progress.mkdir(parents=True, exist_ok=True)
             write_json_atomic(job_path, resume_settings(self.manifest))
-        for tmp in {*self.root.glob("*.tmp"), *self.root.glob(".*.tmp"), *progress.glob("*.tmp"), *progress.glob("*.tmp2")}:
+        for tmp in {
+            *self.root.glob("*.tmp"),
+            *self.root.glob(".*.tmp"),
+            *progress.glob("*.tmp"),
+            *progress.glob("*.tmp2"),
+        }:
             tmp.unlink()  # files being written when the job stopped
         sidecars = {p.name[: -len(".json")]: p for p in progress.glob(f"*{SHARD_SUFFIX}.json")}
         shards = sorted(self.root.glob(f"*{SHARD_SUFFIX}"))
-        self._next_index = 1 + max((self._shard_index(n) for n in [p.name for p in shards] + list(sidecars)), default=-1)
+        self._next_index = 1 + max(
+            (self._shard_index(n) for n in [p.name for p in shards] + list(sidecars)), default=-1
+        )
         for shard in shards:
             side = sidecars.pop(shard.name, None)
             info = _read_sidecar(side) if side else None
@@ -155,8 +172,9 @@ class CacheWriter:
     def _reopen_complete(self, resume: bool) -> None:
         """A finished cache: nothing to write, but only when it was made with these settings."""
         if not resume:
-            raise InputError(f"{self.root} already holds a complete cache; write to a new folder, "
-                             "or delete this one to start over")
+            raise InputError(
+                f"{self.root} already holds a complete cache; write to a new folder, or delete this one to start over"
+            )
         manifest = load_manifest(self.root)
         refuse_other_settings(self.root, resume_settings(manifest), self.manifest, "a complete cache")
         self.manifest = manifest
@@ -210,13 +228,17 @@ class CacheWriter:
         too_big = example.topk_ids >= self.id_limit
         if too_big.any():
             row = int(np.nonzero(too_big)[0][0])
-            size = ("the teacher's output size (teacher.output_size)" if self.provenance.get("teacher", {}).get("output_size")
-                    else "the vocab size (tokenizer.vocab_size; no teacher output size was given)")
+            size = (
+                "the teacher's output size (teacher.output_size)"
+                if self.provenance.get("teacher", {}).get("output_size")
+                else "the vocab size (tokenizer.vocab_size; no teacher output size was given)"
+            )
             raise InputError(
                 f"example {example.id!r}, position {int(example.target_positions[row])}: token id "
                 f"{int(example.topk_ids[too_big].max())} >= {size} {self.id_limit}; a teacher whose output layer is "
                 "padded past the tokenizer emits such ids: give CacheWriter output_size= the number of rows of its "
-                "LM head (config.vocab_size)")
+                "LM head (config.vocab_size)"
+            )
 
     def reject(self, record_id: str, reason: str, source: str = "") -> None:
         """Account for an input record that is not written (with a specific reason)."""
@@ -247,14 +269,21 @@ class CacheWriter:
         self._next_index += 1
         tmp = self.root / f".{name}.tmp"
         # The hot-id table comes from the shard's first row group: ids are Zipf-like and stable.
-        hot = C.build_hot_table(np.concatenate([ex.topk_ids[:, : self.codec.k].ravel() for ex in self._buffer]), self.codec.hot)
+        hot = C.build_hot_table(
+            np.concatenate([ex.topk_ids[:, : self.codec.k].ravel() for ex in self._buffer]), self.codec.hot
+        )
         # The id width must fit every id any later row group can hold: without a known size, 4 bytes.
         max_id = self.id_limit - 1 if self.id_limit else C.MAX_TOKEN_ID
         id_bytes = C.code_bytes(max_id + len(hot))
         meta = shard_metadata(self.codec.to_dict(), id_bytes, hot)
-        writer = pq.ParquetWriter(tmp, arrow_schema(id_bytes, meta), compression="zstd",
-                                  compression_level=self.compression_level, use_dictionary=["id", "source", "finish_reason"],
-                                  write_statistics=["id", "num_targets"])
+        writer = pq.ParquetWriter(
+            tmp,
+            arrow_schema(id_bytes, meta),
+            compression="zstd",
+            compression_level=self.compression_level,
+            use_dictionary=["id", "source", "finish_reason"],
+            write_statistics=["id", "num_targets"],
+        )
         self._open = _OpenShard(writer, tmp, name, C.IdCodes(hot), meta)
 
     def _close_shard(self) -> None:
@@ -263,8 +292,15 @@ class CacheWriter:
         shard.writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        info = {"file": name, "rows": len(ids), "positions": shard.positions, "bytes": tmp.stat().st_size,
-                "sha256": sha256_file(tmp), "ids": ids, "rejects": self._rejects}
+        info = {
+            "file": name,
+            "rows": len(ids),
+            "positions": shard.positions,
+            "bytes": tmp.stat().st_size,
+            "sha256": sha256_file(tmp),
+            "ids": ids,
+            "rejects": self._rejects,
+        }
         write_json_atomic(self.root / PROGRESS / f"{name}.json.tmp2", info)  # fsynced, hidden name
         os.replace(tmp, self.root / name)
         os.replace(self.root / PROGRESS / f"{name}.json.tmp2", self.root / PROGRESS / f"{name}.json")
@@ -294,8 +330,10 @@ class CacheWriter:
         by_reason = tally_reasons(rejects)
         examples = sum(s["rows"] for s in self._shards)
         if self.inputs is not None and examples + len(rejects) != self.inputs:
-            raise InputError(f"{self.root}: {examples} examples + {len(rejects)} rejects != {self.inputs} inputs the job "
-                             "was given: some input was neither written nor rejected (a bug); the cache is left unfinished")
+            raise InputError(
+                f"{self.root}: {examples} examples + {len(rejects)} rejects != {self.inputs} inputs the job "
+                "was given: some input was neither written nor rejected (a bug); the cache is left unfinished"
+            )
         m = self.manifest
         m["shards"] = [{k: s[k] for k in ("file", "rows", "positions", "bytes", "sha256")} for s in self._shards]
         m["counts"] = {
@@ -308,7 +346,11 @@ class CacheWriter:
         m["counts"]["bytes_per_position"] = m["counts"]["bytes"] / max(1, m["counts"]["positions"])
         if self.inputs is not None:
             m["counts"]["inputs"] = self.inputs
-        m["rejects_file"] = {"file": REJECTS_NAME, "count": len(rejects), "sha256": sha256_file(self.root / REJECTS_NAME)}
+        m["rejects_file"] = {
+            "file": REJECTS_NAME,
+            "count": len(rejects),
+            "sha256": sha256_file(self.root / REJECTS_NAME),
+        }
         write_card(self.root, m)
         write_json_atomic(self.root / MANIFEST_NAME, m)
         _rmtree(self.root / PROGRESS)
@@ -337,8 +379,11 @@ def refuse_other_settings(root, old: dict, manifest: dict, what: str) -> None:
 def settings_diff(old: dict, new: dict) -> list[str]:
     """`key.sub: old -> new` for every leaf setting that differs."""
     a, b = _leaves(old), _leaves(new)
-    return [f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}" for key in sorted(set(a) | set(b))
-            if _canon(a.get(key)) != _canon(b.get(key))]
+    return [
+        f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}"
+        for key in sorted(set(a) | set(b))
+        if _canon(a.get(key)) != _canon(b.get(key))
+    ]
 
 
 def _leaves(obj, prefix: str = "") -> dict:
@@ -390,7 +435,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             raise FormatError(f"{path} line {lineno}: not valid JSON ({exc.msg}); the file is damaged") from None
         if row is not None:
             if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-                raise FormatError(f"{path} line {lineno}: not a {{\"id\", \"reason\"}} record")
+                raise FormatError(f'{path} line {lineno}: not a {{"id", "reason"}} record')
             rows.append(row)
     return rows
 

@@ -1,4 +1,5 @@
 """`python -m kdcache ...` = the `kdcache` command."""
+
 import sys
 
 from kdcache.cli import main

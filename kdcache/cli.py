@@ -3,6 +3,7 @@
 Each package owns a `cli.py` with `register(subparsers)`; handlers import their heavy
 dependencies (vLLM, transformers, torch) lazily so `kdcache --help` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,14 @@ import sys
 from formats.common.cli import run_command
 
 # Order is the order of `kdcache --help`: the data flow, then tools.
-_PACKAGES = ("cache_teacher.cli", "formats.cli", "train_student.cli", "kdcache.study.cli", "kdcache.demo_cli",
-             "kdcache.bench")
+_PACKAGES = (
+    "cache_teacher.cli",
+    "formats.cli",
+    "train_student.cli",
+    "kdcache.study.cli",
+    "kdcache.demo_cli",
+    "kdcache.bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

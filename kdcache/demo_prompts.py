@@ -4,6 +4,7 @@ Written for this project: varied tasks (explanation, math, code, writing, advice
 other languages), short enough for a CPU teacher. In `generate` mode the teacher writes the
 responses, which makes a small synthetic teacher-labelled dataset (the first stage of two-stage KD).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,6 +57,14 @@ def write_prompts(path: str | Path, limit: int | None = None) -> Path:
     rows = PROMPTS[:limit] if limit else PROMPTS
     with open(path, "w") as f:
         for i, text in enumerate(rows):
-            f.write(json.dumps({"id": f"kdcache-demo-{i:03d}", "source": "kdcache-demo",
-                                "messages": [{"role": "user", "content": text}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"kdcache-demo-{i:03d}",
+                        "source": "kdcache-demo",
+                        "messages": [{"role": "user", "content": text}],
+                    }
+                )
+                + "\n"
+            )
     return path

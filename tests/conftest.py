@@ -9,6 +9,7 @@ derandomized (the "ci" profile). Random mode is one variable away:
     KD_FUZZ_SEEDS=<n>[:<a>] run only the randomized tests, each over seeds a .. a+n-1 (default a = 0),
                             and hypothesis with fresh random examples (`make fuzz`)
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ from hypothesis import HealthCheck, settings
 DEFAULT_SEED = 20261130
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
-settings.register_profile("fuzz", derandomize=False, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "fuzz", derandomize=False, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def _fuzz_seeds() -> list[int] | None:

@@ -1,4 +1,5 @@
 """Every YAML under configs/ maps onto its dataclass (config files mirror the code)."""
+
 from pathlib import Path
 
 import pytest
@@ -64,11 +65,42 @@ def test_paper_scripts_flags_exist_and_build_their_configs():
     text = "\n".join((ROOT / "configs" / "paper" / name).read_text() for name in scripts)
     text = re.sub(r"(?m)^\s*#.*$|torchrun --nproc-per-node", "", text)  # comments, torchrun's own flag
     assert set(re.findall(r"\s(--[a-z][a-z0-9-]*)", text)) <= known
-    train = train_config(parser.parse_args(["train", "--config", "configs/paper/train_base.yaml", "--cache", "c",
-                                            "--fraction", "0.1", "--kd-weight", "0", "--ce-weight", "1",
-                                            "--out", "runs/x"]))
-    assert [(s.cache, s.fraction, s.kd_weight, s.ce_weight, s.tail) for s in train.stages] == \
-        [(["c"], 0.1, 0.0, 1.0, "bucket")]
-    cache = cache_config(parser.parse_args(["cache", "--config", "configs/paper/cache_tulu3_llama8b.yaml", "--out",
-                                            "runs/w3", "--num-workers", "8", "--worker-index", "3", "--no-progress"]))
+    train = train_config(
+        parser.parse_args(
+            [
+                "train",
+                "--config",
+                "configs/paper/train_base.yaml",
+                "--cache",
+                "c",
+                "--fraction",
+                "0.1",
+                "--kd-weight",
+                "0",
+                "--ce-weight",
+                "1",
+                "--out",
+                "runs/x",
+            ]
+        )
+    )
+    assert [(s.cache, s.fraction, s.kd_weight, s.ce_weight, s.tail) for s in train.stages] == [
+        (["c"], 0.1, 0.0, 1.0, "bucket")
+    ]
+    cache = cache_config(
+        parser.parse_args(
+            [
+                "cache",
+                "--config",
+                "configs/paper/cache_tulu3_llama8b.yaml",
+                "--out",
+                "runs/w3",
+                "--num-workers",
+                "8",
+                "--worker-index",
+                "3",
+                "--no-progress",
+            ]
+        )
+    )
     assert (cache.num_workers, cache.worker_index, cache.progress) == (8, 3, False)

@@ -1,6 +1,7 @@
 """The study end to end: `kdcache demo --quick` (real teacher, real vLLM on the CPU, a real ladder of
 trainings, the report), and at tiny scale two-stage KD (a generate-mode cache, then a score-mode cache,
 in one `kdcache train`) and two teachers' caches reported side by side by `kdcache report`."""
+
 import json
 import os
 import subprocess
@@ -23,8 +24,14 @@ def last_eval(run: Path) -> dict:
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "kdcache.cli", "demo", "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdcache.cli", "demo", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     from formats.tools import verify_cache
@@ -77,9 +84,19 @@ def tiny_student(teacher: Path, out: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(teacher)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
@@ -101,39 +118,118 @@ def test_two_stage_and_two_teachers_end_to_end(tmp_path):
         pytest.skip(str(exc))
     common = ["--teacher", str(teacher), "--engine", "hf", "--k", "8", "--max-length", "128", "--no-progress"]
     gen = tmp_path / "gen"  # stage 1 data: the teacher answers prompts (generate mode)
-    assert main(["cache", *common, "--dtype", "float32", "--mode", "generate", "--n", "1", "--max-new-tokens", "12",
-                 "--dataset", str(write_prompts(tmp_path / "prompts.jsonl", 8)), "--out", str(gen)]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                *common,
+                "--dtype",
+                "float32",
+                "--mode",
+                "generate",
+                "--n",
+                "1",
+                "--max-new-tokens",
+                "12",
+                "--dataset",
+                str(write_prompts(tmp_path / "prompts.jsonl", 8)),
+                "--out",
+                str(gen),
+            ]
+        )
+        == 0
+    )
     score = {}  # stage 2 data, and the two "teachers": the same model scoring in float32 and in bfloat16
     for dtype in ("float32", "bfloat16"):
         score[dtype] = tmp_path / f"score-{dtype}"
-        assert main(["cache", *common, "--dtype", dtype, "--dataset", str(DEMO_DATA), "--max-examples", "12",
-                     "--out", str(score[dtype])]) == 0
+        assert (
+            main(
+                [
+                    "cache",
+                    *common,
+                    "--dtype",
+                    dtype,
+                    "--dataset",
+                    str(DEMO_DATA),
+                    "--max-examples",
+                    "12",
+                    "--out",
+                    str(score[dtype]),
+                ]
+            )
+            == 0
+        )
     student = tiny_student(teacher, tmp_path / "student")
-    train = ["--student", str(student), "--max-tokens", "128", "--lr", "3e-3", "--warmup-steps", "1",
-             "--eval-fraction", "0.25", "--eval-every", "0", "--save-every", "0", "--log-every", "1",
-             "--dtype", "float32", "--no-progress", "--no-tensorboard"]
+    train = [
+        "--student",
+        str(student),
+        "--max-tokens",
+        "128",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "1",
+        "--eval-fraction",
+        "0.25",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--log-every",
+        "1",
+        "--dtype",
+        "float32",
+        "--no-progress",
+        "--no-tensorboard",
+    ]
 
     two = tmp_path / "runs" / "two-stage"
     cfg = tmp_path / "two_stage.yaml"
     cfg.write_text(f"""stages:
   - {{name: synthetic, cache: [{gen}], steps: 3, epochs: 0, kd_weight: 1.0}}
-  - {{name: human, cache: [{score['float32']}], steps: 3, epochs: 0, kd_weight: 1.0}}
+  - {{name: human, cache: [{score["float32"]}], steps: 3, epochs: 0, kd_weight: 1.0}}
 """)
     assert main(["train", "--config", str(cfg), *train, "--out", str(two)]) == 0
     rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in rows if r["split"] == "train"] == [
-        ("synthetic", 1), ("synthetic", 2), ("synthetic", 3), ("human", 4), ("human", 5), ("human", 6)]
+        ("synthetic", 1),
+        ("synthetic", 2),
+        ("synthetic", 3),
+        ("human", 4),
+        ("human", 5),
+        ("human", 6),
+    ]
     assert (two / "final" / "config.json").exists()
 
     singles = {}
     for dtype, cache in score.items():
         for loss, kd in (("kd", "1"), ("sft", "0")):
             run = singles[dtype, loss] = tmp_path / "runs" / f"{loss}-{dtype}"
-            assert main(["train", *train, "--cache", str(cache), "--steps", "4", "--epochs", "0", "--kd-weight", kd,
-                         "--ce-weight", str(1 - int(kd)), "--out", str(run)]) == 0
+            assert (
+                main(
+                    [
+                        "train",
+                        *train,
+                        "--cache",
+                        str(cache),
+                        "--steps",
+                        "4",
+                        "--epochs",
+                        "0",
+                        "--kd-weight",
+                        kd,
+                        "--ce-weight",
+                        str(1 - int(kd)),
+                        "--out",
+                        str(run),
+                    ]
+                )
+                == 0
+            )
     # SFT never reads the teacher's top-k: the same tokens give the same student whichever teacher's cache
-    assert last_eval(singles["float32", "sft"])["ce"] == pytest.approx(last_eval(singles["bfloat16", "sft"])["ce"],
-                                                                        abs=1e-5)
+    assert last_eval(singles["float32", "sft"])["ce"] == pytest.approx(
+        last_eval(singles["bfloat16", "sft"])["ce"], abs=1e-5
+    )
 
     rep = tmp_path / "report"
     assert main(["report", str(two), *map(str, singles.values()), "--out", str(rep)]) == 0
@@ -149,8 +245,9 @@ def test_two_stage_and_two_teachers_end_to_end(tmp_path):
     assert g["series"]["teacher"] == f"{label['float32']} → {label['float32']}"
     diffs = {d["series"]["teacher"]: d["kd_minus_sft"] for d in study["differences"] if d["metric"] == "kl"}
     for dtype in score:  # side by side: one KD − SFT per teacher
-        assert diffs[label[dtype]] == pytest.approx(last_eval(singles[dtype, "kd"])["kl"]
-                                                    - last_eval(singles[dtype, "sft"])["kl"])
+        assert diffs[label[dtype]] == pytest.approx(
+            last_eval(singles[dtype, "kd"])["kl"] - last_eval(singles[dtype, "sft"])["kl"]
+        )
     fig = study_figure(study)
     assert all(len(ax.containers) == 5 for ax in fig.axes if ax.get_visible())  # {KD, SFT} x 2 teachers + two-stage
     assert "bfloat16 k=8" in (rep / "report.md").read_text()

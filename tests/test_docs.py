@@ -1,5 +1,6 @@
 """Every path and command the README and docs/ cite exists (issue 20, item 12): a doc that names a config
 that is not there, or a subcommand or flag the CLI does not have, fails here; the cheap commands run."""
+
 from __future__ import annotations
 
 import re
@@ -11,7 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted(REPO.glob("*/README.md"))]
-PATH = re.compile(r"(?<![\w./-])((?:configs|docs|bench|tests|formats|train_student|cache_teacher|kdcache)/[A-Za-z0-9_./-]+)")
+PATH = re.compile(
+    r"(?<![\w./-])((?:configs|docs|bench|tests|formats|train_student|cache_teacher|kdcache)/[A-Za-z0-9_./-]+)"
+)
 GENERATED = ("bench/data/",)  # made by `make bench-data`; ignored by git
 COMMAND = re.compile(r"(?<![\w/.-])kdcache ([a-z][a-z-]+)")
 CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)  # fenced blocks and inline code: where commands are
@@ -56,6 +59,7 @@ def test_every_cited_command_answers_help():
     """The cheap run: `kdcache <command> --help` for every command the docs cite."""
     cited = sorted({cmd for doc in DOCS for cmd in commands(doc)} & subcommands())
     for cmd in cited:
-        r = subprocess.run([sys.executable, "-m", "kdcache.cli", cmd, "--help"], capture_output=True, text=True,
-                           cwd=REPO, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "kdcache.cli", cmd, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+        )
         assert r.returncode == 0, f"kdcache {cmd} --help: {r.stderr[-500:]}"

@@ -1,4 +1,5 @@
 """kdcache/bench.py: every benchmark lives beside what it measures and runs as `kdcache bench NAME`."""
+
 from __future__ import annotations
 
 import importlib
@@ -48,8 +49,10 @@ def test_bench_help_reaches_the_benchmarks_own_parser(name, capsys):
 def test_the_gpu_kernel_benchmark_imports_with_torch_and_triton_only():
     """issue 10: `kdcache bench kernel-gpu` and bench/kernel_gpu.sh load no transformers, vLLM or datasets."""
     pytest.importorskip("triton")
-    code = ("import sys, train_student.kernels.bench_gpu; "
-            "print(sorted({'transformers', 'vllm', 'datasets'} & set(sys.modules)))")
+    code = (
+        "import sys, train_student.kernels.bench_gpu; "
+        "print(sorted({'transformers', 'vllm', 'datasets'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -57,8 +60,10 @@ def test_the_gpu_kernel_benchmark_imports_with_torch_and_triton_only():
 
 @pytest.mark.multiprocess
 def test_kdcache_help_imports_no_benchmark():
-    code = ("import sys, kdcache.cli; kdcache.cli.build_parser().format_help(); "
-            "print(sorted(m for m in sys.modules if 'bench' in m or m in ('torch', 'transformers', 'vllm')))")
+    code = (
+        "import sys, kdcache.cli; kdcache.cli.build_parser().format_help(); "
+        "print(sorted(m for m in sys.modules if 'bench' in m or m in ('torch', 'transformers', 'vllm')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['kdcache.bench']"

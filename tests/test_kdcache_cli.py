@@ -1,4 +1,5 @@
 """Errors a new user is likely to hit come out as one clear line, not a traceback."""
+
 import os
 import subprocess
 import sys
@@ -10,17 +11,43 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def kdcache(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "kdcache.cli", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        timeout=300,
+    )
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only message")
 @pytest.mark.multiprocess
 def test_fused_without_gpu_says_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "kdcache.cli", "train", "--cache", str(tmp_path / "c"), "--student",
-                        str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--impl", "fused", "--device", "cpu"],
-                       cwd=ROOT, capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdcache.cli",
+            "train",
+            "--cache",
+            str(tmp_path / "c"),
+            "--student",
+            str(tmp_path / "s"),
+            "--out",
+            str(tmp_path / "o"),
+            "--impl",
+            "fused",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert r.returncode == 1
     assert "--impl chunked" in r.stderr and "Traceback" not in r.stderr
 
@@ -68,9 +95,16 @@ def test_the_entry_point_and_the_package_layout():
     # formats/common/ is the bottom of the bottom: the shared utilities import no module of the contract but its errors
     common = set()
     for path in (ROOT / "formats" / "common").glob("*.py"):
-        common |= {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.module}
+        common |= {
+            n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.module
+        }
     assert {m for m in common if m.startswith("formats")} <= {"formats.errors", "formats.common.hardware"}, common
     # every package folder ships (a wing left out of pyproject.toml would be missing from the wheel)
-    folders = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in ROOT.glob("*/**/__init__.py")
-               if p.relative_to(ROOT).parts[0] in ("formats", "cache_teacher", "train_student", "kdcache")}
-    assert folders <= set(project["tool"]["setuptools"]["packages"]), folders - set(project["tool"]["setuptools"]["packages"])
+    folders = {
+        p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+        for p in ROOT.glob("*/**/__init__.py")
+        if p.relative_to(ROOT).parts[0] in ("formats", "cache_teacher", "train_student", "kdcache")
+    }
+    assert folders <= set(project["tool"]["setuptools"]["packages"]), folders - set(
+        project["tool"]["setuptools"]["packages"]
+    )

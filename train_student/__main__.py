@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 -m train_student train --student S --cache C --out runs/ddp
 A bare flag list (no subcommand) means `train`.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -19,6 +19,7 @@
    Alignment runs in the reader's prefetch (`data.AlignedStream`) and the loss is `xtok_loss`
    (hybrid): reported are alignment alone (positions/s) and the step's data wait (target: < 2%).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,15 @@ REPO = Path(__file__).resolve().parents[1]  # the repository root
 DATA = REPO / "bench" / "data" / "smollm2_tulu_top128.npz"
 TULU = Path(os.environ.get("KDCACHE_TULU_SAMPLE", REPO.parent / "shared" / "data" / "tulu3_sft_sample.jsonl"))
 # the xtok student's template: Gemma's turn markers (the Unigram student's specials)
-GEMMA_STYLE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
-               "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+GEMMA_STYLE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+    "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _rss_mb() -> float:
@@ -74,16 +79,31 @@ def loss_one(impl: str, T: int, V: int, D: int, K: int, iters: int, chunk: int) 
         if i:  # the first iteration warms up allocators and kernels
             times.append(time.perf_counter() - t0)
     best = min(times)  # best of `iters`: the machine may be shared, the minimum is the least disturbed
-    return {"impl": impl, "s_per_step": best, "tokens_per_s": T / best,
-            "peak_extra_mb": _rss_mb() - base}
+    return {"impl": impl, "s_per_step": best, "tokens_per_s": T / best, "peak_extra_mb": _rss_mb() - base}
 
 
 def bench_loss(args) -> list[dict]:
     rows = []
     for impl in args.impls:
-        cmd = [sys.executable, "-m", "train_student.bench", "--_loss-one", impl, "--tokens", str(args.tokens),
-               "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--k", str(args.k),
-               "--iters", str(args.iters), "--chunk-size", str(args.chunk_size)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "train_student.bench",
+            "--_loss-one",
+            impl,
+            "--tokens",
+            str(args.tokens),
+            "--vocab",
+            str(args.vocab),
+            "--hidden",
+            str(args.hidden),
+            "--k",
+            str(args.k),
+            "--iters",
+            str(args.iters),
+            "--chunk-size",
+            str(args.chunk_size),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ))
         if out.returncode != 0:
             rows.append({"impl": impl, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"})
@@ -100,8 +120,10 @@ def make_cache(out: Path, k: int, length: int = 512) -> Path:
     if not DATA.exists():
         from formats.errors import InputError
 
-        raise InputError(f"{DATA} not found: the reader and step benchmarks read real teacher top-k rows; "
-                         "make them once with `make bench-data`, or give --cache DIR")
+        raise InputError(
+            f"{DATA} not found: the reader and step benchmarks read real teacher top-k rows; "
+            "make them once with `make bench-data`, or give --cache DIR"
+        )
     d = np.load(DATA)
     ids, lps = d["ids"][:, :k], d["logprobs"][:, :k]
     n_pos = length - 1
@@ -110,9 +132,17 @@ def make_cache(out: Path, k: int, length: int = 512) -> Path:
         for e, start in enumerate(range(0, len(ids) - n_pos + 1, n_pos)):
             rows = slice(start, start + n_pos)
             tokens = np.concatenate([[1], ids[rows, 0]]).astype(np.int32)
-            w.write(Example(id=f"b{e:05d}", input_ids=tokens, target_positions=np.arange(1, length, dtype=np.int32),
-                            topk_ids=ids[rows], topk_logprobs=lps[rows], target_logprobs=lps[rows, 0].copy(),
-                            target_ranks=np.ones(n_pos, np.int32)))
+            w.write(
+                Example(
+                    id=f"b{e:05d}",
+                    input_ids=tokens,
+                    target_positions=np.arange(1, length, dtype=np.int32),
+                    topk_ids=ids[rows],
+                    topk_logprobs=lps[rows],
+                    target_logprobs=lps[rows, 0].copy(),
+                    target_ranks=np.ones(n_pos, np.int32),
+                )
+            )
     return out
 
 
@@ -129,17 +159,23 @@ def bench_reader(cache: Path, max_tokens: int, repeats: int = 3) -> list[dict]:
                 n, pos = n + 1, pos + ex.num_targets
             dt = time.perf_counter() - t0
             best[verify] = min(best[verify] or dt, dt)
-    for verify, what in ((True, "CacheReader (decode, sha256 checked)"), (False, "CacheReader --no-verify (no sha256)")):
+    for verify, what in (
+        (True, "CacheReader (decode, sha256 checked)"),
+        (False, "CacheReader --no-verify (no sha256)"),
+    ):
         rows.append({"what": what, "examples_per_s": n / best[verify], "positions_per_s": pos / best[verify]})
     best = None
     for _ in range(repeats):
         t0, toks, m = time.perf_counter(), 0, 0
-        for b in Packer(ExampleStream([CacheReader(cache)]), max_tokens=max_tokens, k=int(CacheReader(cache).manifest["codec"]["k"])):
+        for b in Packer(
+            ExampleStream([CacheReader(cache)]), max_tokens=max_tokens, k=int(CacheReader(cache).manifest["codec"]["k"])
+        ):
             toks, m = toks + b.n_tokens, m + b.n_examples
         dt = time.perf_counter() - t0
         best = min(best or dt, dt)
-    rows.append({"what": f"reader + packing ({max_tokens} tokens)", "examples_per_s": m / best,
-                 "positions_per_s": toks / best})
+    rows.append(
+        {"what": f"reader + packing ({max_tokens} tokens)", "examples_per_s": m / best, "positions_per_s": toks / best}
+    )
     return rows
 
 
@@ -153,8 +189,9 @@ def timed_steps(module, opt, packer, spec: LossSpec, steps: int) -> tuple[float,
         t0 = time.perf_counter()
         batch = next(packer)
         t1 = time.perf_counter()
-        loss, _ = module(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
-                         spec=spec)
+        loss, _ = module(
+            batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels, spec=spec
+        )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -173,17 +210,33 @@ def bench_step(cache: Path, args, dtype: str = "float32") -> dict:
     from train_student.model import StudentLoss
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-                      max_position_embeddings=8192, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=args.layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        attn_implementation="sdpa",
+    )
     module = StudentLoss(LlamaForCausalLM(cfg), autocast=torch.bfloat16 if dtype == "bf16-mixed" else None)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     reader = CacheReader(cache, shuffle=True, epochs=None)
     packer = Packer(ExampleStream([reader]), max_tokens=args.tokens, k=int(reader.manifest["codec"]["k"]))
     spec = LossSpec(kd_weight=1.0, ce_weight=0.5, chunk_size=args.chunk_size)
     wait, total, tokens = timed_steps(module, opt, packer, spec, args.steps)
-    return {"dtype": dtype, "layers": args.layers, "tokens_per_step": args.tokens, "s_per_step": total / args.steps,
-            "tokens_per_s": tokens / total, "data_wait_frac": wait / total, "peak_rss_mb": _rss_mb()}
+    return {
+        "dtype": dtype,
+        "layers": args.layers,
+        "tokens_per_step": args.tokens,
+        "s_per_step": total / args.steps,
+        "tokens_per_s": tokens / total,
+        "data_wait_frac": wait / total,
+        "peak_rss_mb": _rss_mb(),
+    }
 
 
 # ---- 4. cross-tokenizer step -----------------------------------------------------------------------
@@ -196,18 +249,32 @@ def _offline_tokenizers(texts: list[str], vocab: int):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, show_progress=False, special_tokens=[
-        "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab,
+            show_progress=False,
+            special_tokens=["<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     teacher = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")
     teacher.chat_template = CHATML
     uni = Tokenizer(models.Unigram())
     uni.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
-    uni.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab, unk_token="<unk>", show_progress=False,
-                                                           special_tokens=["<unk>", "<bos>", "<start_of_turn>",
-                                                                           "<end_of_turn>"]))
+    uni.train_from_iterator(
+        texts,
+        trainers.UnigramTrainer(
+            vocab_size=vocab,
+            unk_token="<unk>",
+            show_progress=False,
+            special_tokens=["<unk>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        ),
+    )
     uni.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    student = PreTrainedTokenizerFast(tokenizer_object=uni, bos_token="<bos>", eos_token="<end_of_turn>",
-                                      unk_token="<unk>")
+    student = PreTrainedTokenizerFast(
+        tokenizer_object=uni, bos_token="<bos>", eos_token="<end_of_turn>", unk_token="<unk>"
+    )
     student.chat_template = GEMMA_STYLE
     return teacher, student
 
@@ -228,8 +295,11 @@ def make_xtok_cache(out: Path, k: int, vocab: int, max_length: int):
     d = np.load(DATA)
     ids, lps = d["ids"][:, :k] % len(teacher), d["logprobs"][:, :k]
     templater = ChatTemplater(teacher, max_length=max_length)
-    prov = {"tokenizer": tokenizer_info(teacher, "bench-bpe"), "teacher": {"name_or_path": "bench"},
-            "template": {"messages_in_meta": True, "end_of_turn_ids": sorted(templater.eot_ids)}}
+    prov = {
+        "tokenizer": tokenizer_info(teacher, "bench-bpe"),
+        "teacher": {"name_or_path": "bench"},
+        "template": {"messages_in_meta": True, "end_of_turn_ids": sorted(templater.eot_ids)},
+    }
     row = 0
     with CacheWriter(out, codec=CodecConfig(k=k), provenance=prov) as w:
         for r in records:
@@ -241,10 +311,18 @@ def make_xtok_cache(out: Path, k: int, vocab: int, max_length: int):
             n = len(t.target_positions)
             take = np.arange(row, row + n) % len(ids)
             row += n
-            w.write(Example(id=t.id, input_ids=t.input_ids, target_positions=t.target_positions,
-                            topk_ids=ids[take].astype(np.int32), topk_logprobs=lps[take],
-                            target_logprobs=lps[take, 0].copy(), target_ranks=np.ones(n, np.int32),
-                            meta={"messages": r["messages"]}))
+            w.write(
+                Example(
+                    id=t.id,
+                    input_ids=t.input_ids,
+                    target_positions=t.target_positions,
+                    topk_ids=ids[take].astype(np.int32),
+                    topk_logprobs=lps[take],
+                    target_logprobs=lps[take, 0].copy(),
+                    target_ranks=np.ones(n, np.int32),
+                    meta={"messages": r["messages"]},
+                )
+            )
         w.manifest["tokenizer_files"] = save_tokenizer_files(teacher, out)
     return out, student
 
@@ -277,9 +355,18 @@ def bench_xtok(args) -> list[dict]:
         frac = float(np.mean([ex.meta["aligned_fraction"] for ex in aligned]))
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(student_tok), hidden_size=576, intermediate_size=1536,
-                          num_hidden_layers=args.layers, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                          tie_word_embeddings=True, max_position_embeddings=8192, attn_implementation="sdpa")
+        cfg = LlamaConfig(
+            vocab_size=len(student_tok),
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=args.layers,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            tie_word_embeddings=True,
+            max_position_embeddings=8192,
+            attn_implementation="sdpa",
+        )
         module = StudentLoss(LlamaForCausalLM(cfg))
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
         reader = CacheReader(cache, shuffle=True, epochs=None)
@@ -288,9 +375,17 @@ def bench_xtok(args) -> list[dict]:
         spec = LossSpec(kd_weight=1.0, ce_weight=0.5, chunk_size=args.chunk_size, cross_tokenizer="hybrid")
         wait, total, _ = timed_steps(module, opt, packer, spec, args.steps)  # step 0 also starts the alignment thread
         stream.close()
-    return [{"examples": len(examples), "align_positions_per_s": positions / align_s, "aligned_fraction": frac,
-             "vocab": len(student_tok), "tokens_per_step": args.tokens, "s_per_step": total / args.steps,
-             "data_wait_frac": wait / total}]
+    return [
+        {
+            "examples": len(examples),
+            "align_positions_per_s": positions / align_s,
+            "aligned_fraction": frac,
+            "vocab": len(student_tok),
+            "tokens_per_step": args.tokens,
+            "s_per_step": total / args.steps,
+            "data_wait_frac": wait / total,
+        }
+    ]
 
 
 # ---- table -----------------------------------------------------------------------------------------
@@ -299,16 +394,24 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     sep = "|" + "|".join("---" for _ in cols) + "|"
     body = []
     for r in rows:
-        body.append("| " + " | ".join(("{:" + c[2] + "}").format(r[c[0]]) if c[0] in r else str(r.get("error", "-"))
-                                      for c in cols) + " |")
+        body.append(
+            "| "
+            + " | ".join(("{:" + c[2] + "}").format(r[c[0]]) if c[0] in r else str(r.get("error", "-")) for c in cols)
+            + " |"
+        )
     return "\n".join([head, sep, *body])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kdcache bench train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="loss,reader,step", help="comma-separated: loss, reader, step, xtok (a "
-                   "student with another tokenizer: alignment throughput and data wait)")
+    p = argparse.ArgumentParser(
+        prog="kdcache bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--parts",
+        default="loss,reader,step",
+        help="comma-separated: loss, reader, step, xtok (a "
+        "student with another tokenizer: alignment throughput and data wait)",
+    )
     p.add_argument("--xtok-vocab", type=int, default=8192, help="xtok part: tokens of each offline-trained tokenizer")
     p.add_argument("--tokens", type=int, default=4096, help="T: tokens per loss call / packed sequence")
     p.add_argument("--vocab", type=int, default=49152, help="V of the loss benchmark")
@@ -320,14 +423,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=6, help="decoder layers of the step benchmark's student")
     p.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
     p.add_argument("--dtypes", default="float32,bf16-mixed", help="step part: student dtypes to compare")
-    p.add_argument("--cache", default=None, help="cache for the reader/step parts (default: one made from "
-                   "bench/data/smollm2_tulu_top128.npz in a temporary folder)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="cache for the reader/step parts (default: one made from "
+        "bench/data/smollm2_tulu_top128.npz in a temporary folder)",
+    )
     p.add_argument("--_loss-one", dest="loss_one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.impls = [x for x in args.impls.split(",") if x]
     if args.loss_one:
-        print(json.dumps(loss_one(args.loss_one, args.tokens, args.vocab, args.hidden, args.k, args.iters,
-                                  args.chunk_size)))
+        print(
+            json.dumps(
+                loss_one(args.loss_one, args.tokens, args.vocab, args.hidden, args.k, args.iters, args.chunk_size)
+            )
+        )
         return 0
     parts = set(args.parts.split(","))
     import torch
@@ -336,39 +446,79 @@ def main(argv: list[str] | None = None) -> int:
 
     auto = "bf16-mixed" if auto_dtype()[0] == "bfloat16" else "float32"
     print(f"CPU: {cpu_summary()}; load average {os.getloadavg()[0]:.1f}; `--dtype auto` here: {auto}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={args.tokens}, V={args.vocab}, "
-          f"D={args.hidden}, K={args.k}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={args.tokens}, V={args.vocab}, "
+        f"D={args.hidden}, K={args.k}\n"
+    )
     if "loss" in parts:
         print(f"### kd_loss forward + backward (best of {args.iters})\n")
-        print(table(bench_loss(args), [("impl", "impl", ""), ("s_per_step", "s / step", ".2f"),
-                                       ("tokens_per_s", "tokens/s", ",.0f"),
-                                       ("peak_extra_mb", "peak extra memory (MB)", ",.0f")]) + "\n")
+        print(
+            table(
+                bench_loss(args),
+                [
+                    ("impl", "impl", ""),
+                    ("s_per_step", "s / step", ".2f"),
+                    ("tokens_per_s", "tokens/s", ",.0f"),
+                    ("peak_extra_mb", "peak extra memory (MB)", ",.0f"),
+                ],
+            )
+            + "\n"
+        )
     if parts & {"reader", "step"}:
         with tempfile.TemporaryDirectory() as tmp:
             cache = Path(args.cache) if args.cache else make_cache(Path(tmp) / "cache", args.k)
             if "reader" in parts:
                 print("### reader\n")
-                print(table(bench_reader(cache, args.tokens), [("what", "path", ""),
-                                                               ("examples_per_s", "examples/s", ",.0f"),
-                                                               ("positions_per_s", "positions/s", ",.0f")]) + "\n")
+                print(
+                    table(
+                        bench_reader(cache, args.tokens),
+                        [
+                            ("what", "path", ""),
+                            ("examples_per_s", "examples/s", ",.0f"),
+                            ("positions_per_s", "positions/s", ",.0f"),
+                        ],
+                    )
+                    + "\n"
+                )
             if "step" in parts:
                 print(f"### training step (random {args.layers}-layer SmolLM2-width student, chunked loss)\n")
                 rows = [bench_step(cache, args, dtype) for dtype in args.dtypes.split(",") if dtype]
                 for row in rows:
                     row["dtype"] += " (auto)" if row["dtype"] == auto else ""
-                print(table(rows, [("dtype", "student dtype", ""), ("tokens_per_step", "tokens/step", ""),
-                                                        ("s_per_step", "s / step", ".2f"),
-                                                        ("tokens_per_s", "tokens/s", ",.0f"),
-                                                        ("data_wait_frac", "waiting for data", ".2%"),
-                                                        ("peak_rss_mb", "peak RSS (MB)", ",.0f")]) + "\n")
+                print(
+                    table(
+                        rows,
+                        [
+                            ("dtype", "student dtype", ""),
+                            ("tokens_per_step", "tokens/step", ""),
+                            ("s_per_step", "s / step", ".2f"),
+                            ("tokens_per_s", "tokens/s", ",.0f"),
+                            ("data_wait_frac", "waiting for data", ".2%"),
+                            ("peak_rss_mb", "peak RSS (MB)", ",.0f"),
+                        ],
+                    )
+                    + "\n"
+                )
     if "xtok" in parts:
-        print(f"### a student with another tokenizer (hybrid; random {args.layers}-layer SmolLM2-width student, "
-              "chunked loss)\n")
-        print(table(bench_xtok(args), [("examples", "Tulu examples", ""), ("align_positions_per_s",
-                                        "alignment positions/s", ",.0f"), ("aligned_fraction", "aligned", ".2f"),
-                                       ("vocab", "student vocab", ""), ("tokens_per_step", "tokens/step", ""),
-                                       ("s_per_step", "s / step", ".2f"),
-                                       ("data_wait_frac", "waiting for data", ".2%")]) + "\n")
+        print(
+            f"### a student with another tokenizer (hybrid; random {args.layers}-layer SmolLM2-width student, "
+            "chunked loss)\n"
+        )
+        print(
+            table(
+                bench_xtok(args),
+                [
+                    ("examples", "Tulu examples", ""),
+                    ("align_positions_per_s", "alignment positions/s", ",.0f"),
+                    ("aligned_fraction", "aligned", ".2f"),
+                    ("vocab", "student vocab", ""),
+                    ("tokens_per_step", "tokens/step", ""),
+                    ("s_per_step", "s / step", ".2f"),
+                    ("data_wait_frac", "waiting for data", ".2%"),
+                ],
+            )
+            + "\n"
+        )
     return 0
 
 

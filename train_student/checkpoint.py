@@ -24,6 +24,7 @@ Sharded checkpoints need a filesystem every rank sees (as torchrun across nodes 
 A checkpoint is written under a hidden temporary name and renamed into place when complete, so a
 run killed at any moment leaves only whole checkpoints behind; `latest()` picks the newest.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,13 @@ def latest(run_dir: str | Path) -> Path | None:
 def rng_state() -> dict:
     """Every RNG the run draws from, as tensors and plain types (a weights_only load accepts them)."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {"name": name, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                   "gauss": float(gauss)}
+    numpy_state = {
+        "name": name,
+        "key": key.tolist(),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -120,9 +126,22 @@ def full_optimizer_state(lm, optimizer, *, fsdp: bool) -> dict:
     return get_optimizer_state_dict(lm, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save(run_dir: str | Path, *, step: int, lm, module, optimizer, scheduler, tokenizer, rank_state: dict,
-         trainer_state: dict, keep: int, fsdp: bool = False, sharded: bool = False,
-         last: bool = True) -> Path | None:
+def save(
+    run_dir: str | Path,
+    *,
+    step: int,
+    lm,
+    module,
+    optimizer,
+    scheduler,
+    tokenizer,
+    rank_state: dict,
+    trainer_state: dict,
+    keep: int,
+    fsdp: bool = False,
+    sharded: bool = False,
+    last: bool = True,
+) -> Path | None:
     """Write checkpoint `step` (collective: call on every rank). Returns its folder on rank 0.
 
     sharded: each rank writes its part of model and optimizer (DCP); the model's HF weights are then
@@ -209,8 +228,10 @@ def load_trainer_state(ckpt: Path) -> dict:
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         what = f"a {found.group(1)} object" if found else "objects other than tensors and plain types"
-        raise InputError(f"{path}: holds {what}, refused (loading it could run code); resume only from "
-                         "checkpoints this version of kdcache wrote") from None
+        raise InputError(
+            f"{path}: holds {what}, refused (loading it could run code); resume only from "
+            "checkpoints this version of kdcache wrote"
+        ) from None
 
 
 def load_model_and_optimizer(ckpt: Path, state: dict, lm, optimizer, *, fsdp: bool) -> None:
@@ -243,26 +264,35 @@ def _load_sharded(ckpt: Path, state: dict, lm, optimizer) -> None:
     model_sd, optim_sd = get_state_dict(lm, optimizer)
     try:
         with _single_process_is_intended():
-            dcp.load({"model": model_sd, "optimizer": optim_sd}, storage_reader=_MetadataSafeReader(path),
-                     no_dist=not _distributed())
+            dcp.load(
+                {"model": model_sd, "optimizer": optim_sd},
+                storage_reader=_MetadataSafeReader(path),
+                no_dist=not _distributed(),
+            )
     except (CheckpointException, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
-        raise FormatError(f"{path}: cannot read this sharded checkpoint ({_first_line(exc)}); it is damaged: "
-                          f"delete {ckpt} to resume from the previous checkpoint") from None
+        raise FormatError(
+            f"{path}: cannot read this sharded checkpoint ({_first_line(exc)}); it is damaged: "
+            f"delete {ckpt} to resume from the previous checkpoint"
+        ) from None
     set_state_dict(lm, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
 def _check_sharded_files(path: Path, recorded: dict | None) -> None:
     """Every file the checkpoint recorded is there with its size (a missing or truncated shard: FormatError)."""
     if not recorded:
-        raise FormatError(f"{path.parent}/trainer.pt lists no sharded files; the checkpoint is incomplete: "
-                          f"delete {path.parent} to resume from the previous checkpoint")
+        raise FormatError(
+            f"{path.parent}/trainer.pt lists no sharded files; the checkpoint is incomplete: "
+            f"delete {path.parent} to resume from the previous checkpoint"
+        )
     for name, size in sorted(recorded.items()):
         f = path / name
         got = f.stat().st_size if f.is_file() else None
         if got != size:
             what = "is missing" if got is None else f"has {got} bytes, the checkpoint recorded {size}"
-            raise FormatError(f"{f} {what}: the sharded checkpoint {path.parent} is damaged; delete it to "
-                              "resume from the previous checkpoint")
+            raise FormatError(
+                f"{f} {what}: the sharded checkpoint {path.parent} is damaged; delete it to "
+                "resume from the previous checkpoint"
+            )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -278,8 +308,13 @@ class _SafeMetadataUnpickler(pickle.Unpickler):
     """DCP's .metadata without running code: only DCP's metadata classes, torch dtypes and sizes."""
 
     MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-             ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+    NAMES = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module in self.MODULES and not name.startswith("__")) or (module, name) in self.NAMES:
@@ -293,8 +328,11 @@ class _MetadataSafeReader(FileSystemReader):
     """DCP's FileSystemReader, reading .metadata with `_SafeMetadataUnpickler` instead of pickle.load."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        path = Path(self.path) / f"__{kwargs['rank']}.metadata" if kwargs.get("rank") is not None else \
-            Path(self.path) / ".metadata"
+        path = (
+            Path(self.path) / f"__{kwargs['rank']}.metadata"
+            if kwargs.get("rank") is not None
+            else Path(self.path) / ".metadata"
+        )
         with open(path, "rb") as f:
             metadata = _SafeMetadataUnpickler(f).load()
         if not isinstance(metadata, Metadata):

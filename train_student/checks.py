@@ -6,6 +6,7 @@ teacher signal is thin.
 - `check_same_teacher`: one stage distils one teacher.
 - `check_signal`: a warning for small k or much teacher mass outside the cached entries.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,12 +21,19 @@ from formats.tools import COMPAT_KEYS
 log = logging.getLogger("train_student")
 
 TEACHER_KEYS = [key for key in COMPAT_KEYS if key[0] == "teacher"]  # what makes two caches one teacher's
-MIN_K = 16           # below this many teacher entries per position, the KD signal is thin
+MIN_K = 16  # below this many teacher entries per position, the KD signal is thin
 MAX_TAIL_MASS = 0.3  # mean teacher mass outside the cached entries above which we warn
 
 
-def check_cache_fits_student(manifest: dict, where: str, *, fingerprint: str | None, tokenizer_vocab: int | None,
-                             output_size: int, cross_tokenizer: bool = False) -> None:
+def check_cache_fits_student(
+    manifest: dict,
+    where: str,
+    *,
+    fingerprint: str | None,
+    tokenizer_vocab: int | None,
+    output_size: int,
+    cross_tokenizer: bool = False,
+) -> None:
     """Refuse a cache whose token ids would mean something else to the student (InputError).
 
     `fingerprint`: the student tokenizer's at the version the manifest records
@@ -44,8 +52,10 @@ def check_cache_fits_student(manifest: dict, where: str, *, fingerprint: str | N
     """
     if cross_tokenizer:
         if tokenizer_vocab is not None and int(tokenizer_vocab) > output_size:
-            raise InputError(f"{where}: the student's tokenizer has {tokenizer_vocab} tokens but its LM head only "
-                             f"{output_size} rows; use the student's own tokenizer (--tokenizer)")
+            raise InputError(
+                f"{where}: the student's tokenizer has {tokenizer_vocab} tokens but its LM head only "
+                f"{output_size} rows; use the student's own tokenizer (--tokenizer)"
+            )
         return
     tok = manifest.get("tokenizer") or {}
     cache_vocab = tok.get("vocab_size")
@@ -53,26 +63,37 @@ def check_cache_fits_student(manifest: dict, where: str, *, fingerprint: str | N
         raise InputError(
             f"{where}: the cache was made with a tokenizer of {cache_vocab} tokens "
             f"({tok.get('name_or_path', '?')}), the student's tokenizer has {tokenizer_vocab}; "
-            "train a student that shares the teacher's tokenizer")
+            "train a student that shares the teacher's tokenizer"
+        )
     if cache_vocab is not None and int(cache_vocab) > output_size:
-        raise InputError(f"{where}: the cache's vocabulary has {cache_vocab} tokens but the student's LM head "
-                         f"has only {output_size} rows")
+        raise InputError(
+            f"{where}: the cache's vocabulary has {cache_vocab} tokens but the student's LM head "
+            f"has only {output_size} rows"
+        )
     teacher_out = (manifest.get("teacher") or {}).get("output_size")
     if teacher_out is not None and int(teacher_out) > output_size:
-        log.warning("%s: the teacher's output layer has %d rows, the student's %d: a cached teacher id >= %d "
-                    "(padding rows past the tokenizer's %s tokens) stops training with an error",
-                    where, int(teacher_out), output_size, output_size, cache_vocab)
+        log.warning(
+            "%s: the teacher's output layer has %d rows, the student's %d: a cached teacher id >= %d "
+            "(padding rows past the tokenizer's %s tokens) stops training with an error",
+            where,
+            int(teacher_out),
+            output_size,
+            output_size,
+            cache_vocab,
+        )
     if tok.get("fingerprint") and fingerprint and tok["fingerprint"] != fingerprint:
         raise InputError(
             f"{where}: tokenizer fingerprints differ (cache {tok['fingerprint'][:12]}… from "
             f"{tok.get('name_or_path', '?')}, student {fingerprint[:12]}…): same vocabulary size "
-            "but different tokens or special tokens; use the teacher's tokenizer")
+            "but different tokens or special tokens; use the teacher's tokenizer"
+        )
     if not tok.get("fingerprint"):
         log.warning("%s: the manifest has no tokenizer fingerprint; cannot check the student's tokenizer", where)
 
 
-def check_example_fits_student(ex: Example, where: str, *, input_size: int | None = None,
-                               output_size: int | None = None) -> None:
+def check_example_fits_student(
+    ex: Example, where: str, *, input_size: int | None = None, output_size: int | None = None
+) -> None:
     """Refuse an example the student would misread, before it reaches a batch (cheap: one pass over its ids).
 
     Target spans must lie in 1..L-1, sorted, with one teacher row per position (else a label and a
@@ -104,8 +125,10 @@ def check_ids_fit_student(ex: Example, where: str, *, input_size: int | None, ou
         if len(labels) and labels.max() >= output_size:
             raise InputError(f"{where}: label token id {int(labels.max())} >= the student's {output_size} LM head rows")
         if teacher.size and teacher.max() >= output_size:
-            raise InputError(f"{where}: teacher id {int(teacher.max())} >= the student's {output_size} LM head rows; "
-                             "the cache's teacher has a larger output layer than the student")
+            raise InputError(
+                f"{where}: teacher id {int(teacher.max())} >= the student's {output_size} LM head rows; "
+                "the cache's teacher has a larger output layer than the student"
+            )
 
 
 def check_same_teacher(manifests: list[dict], paths: list[str], stage: str, *, allow_mixed: bool) -> None:
@@ -117,13 +140,21 @@ def check_same_teacher(manifests: list[dict], paths: list[str], stage: str, *, a
             if a == b:
                 continue
             if allow_mixed:
-                log.warning("stage %s mixes teachers: %s has %s=%r, %s has %r (allow_mixed_teachers)", stage,
-                            path, ".".join(key), b, paths[0], a)
+                log.warning(
+                    "stage %s mixes teachers: %s has %s=%r, %s has %r (allow_mixed_teachers)",
+                    stage,
+                    path,
+                    ".".join(key),
+                    b,
+                    paths[0],
+                    a,
+                )
                 continue
             raise IncompatibleCachesError(
                 f"stage {stage}: {path} and {paths[0]} come from different teachers ({'.'.join(key)} {b!r} vs "
                 f"{a!r}); one stage distils one teacher: put them in separate stages, or set "
-                "allow_mixed_teachers: true (--allow-mixed-teachers) to mix them on purpose")
+                "allow_mixed_teachers: true (--allow-mixed-teachers) to mix them on purpose"
+            )
 
 
 def check_signal(reader: CacheReader, where: str, sample: int = 64) -> dict:
@@ -132,8 +163,9 @@ def check_signal(reader: CacheReader, where: str, sample: int = 64) -> dict:
     Returns {"k", "mean_tail_mass"} (tail mass over the first `sample` examples)."""
     k = int(reader.manifest["codec"]["k"])
     if k < MIN_K:
-        log.warning("%s: the cache keeps only k=%d teacher entries per position (< %d): the KD signal is thin",
-                    where, k, MIN_K)
+        log.warning(
+            "%s: the cache keeps only k=%d teacher entries per position (< %d): the KD signal is thin", where, k, MIN_K
+        )
     tails = []
     for i, ex in enumerate(reader):
         if ex.num_targets:
@@ -142,6 +174,12 @@ def check_signal(reader: CacheReader, where: str, sample: int = 64) -> dict:
             break
     tail = float(np.concatenate(tails).mean()) if tails else 0.0
     if tail > MAX_TAIL_MASS:
-        log.warning("%s: the teacher's top-%d misses %.0f%% of its probability mass on average (> %.0f%%); "
-                    "consider tail='bucket' or a cache with larger k", where, k, 100 * tail, 100 * MAX_TAIL_MASS)
+        log.warning(
+            "%s: the teacher's top-%d misses %.0f%% of its probability mass on average (> %.0f%%); "
+            "consider tail='bucket' or a cache with larger k",
+            where,
+            k,
+            100 * tail,
+            100 * MAX_TAIL_MASS,
+        )
     return {"k": k, "mean_tail_mass": tail}

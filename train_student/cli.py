@@ -5,6 +5,7 @@ The `train` flags are generated from the fields of `train_student.config.TrainCo
 value comes from --config FILE.yaml, else from the dataclass default. Handlers import
 torch/transformers lazily.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train a student from teacher caches (KD, SFT, multi-stage; DDP/FSDP under torchrun)",
+        "train",
+        help="train a student from teacher caches (KD, SFT, multi-stage; DDP/FSDP under torchrun)",
         description="Train a student LM from cached teacher top-k logprobs. Under torchrun "
-                    "(`torchrun --nproc-per-node N -m train_student train ...`) it runs DDP, or FSDP2 with --fsdp.")
+        "(`torchrun --nproc-per-node N -m train_student train ...`) it runs DDP, or FSDP2 with --fsdp.",
+    )
     add_train_arguments(p)
     p.set_defaults(func=_train)

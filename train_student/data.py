@@ -29,6 +29,7 @@ each cached example into the student's (`align.align_stream`, in a background th
 step), keeping the exact cursor; `eval_batches(..., align=...)` aligns the held-out examples the same
 way. Aligned examples are checked against the student's sizes (`checks.check_ids_fit_student`).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -51,8 +52,16 @@ class ExampleStream:
     Every example handed out passed `check_example_fits_student` (against the student's sizes when given).
     """
 
-    def __init__(self, readers: list[CacheReader], *, split: str = "train", eval_fraction: float = 0.0,
-                 fraction: float = 1.0, input_size: int | None = None, output_size: int | None = None):
+    def __init__(
+        self,
+        readers: list[CacheReader],
+        *,
+        split: str = "train",
+        eval_fraction: float = 0.0,
+        fraction: float = 1.0,
+        input_size: int | None = None,
+        output_size: int | None = None,
+    ):
         if split not in ("train", "eval", "all"):
             raise ValueError(f"split must be train, eval or all, got {split!r}")
         if not 0.0 < fraction <= 1.0:
@@ -96,8 +105,9 @@ class ExampleStream:
             if self._keep(ex):
                 self._skipped[i] = 0
                 self._turn = (i + 1) % len(self.readers)
-                check_example_fits_student(ex, self.readers[i].path, input_size=self.input_size,
-                                           output_size=self.output_size)
+                check_example_fits_student(
+                    ex, self.readers[i].path, input_size=self.input_size, output_size=self.output_size
+                )
                 return ex
             self._skip(i)
         raise StopIteration
@@ -114,18 +124,22 @@ class ExampleStream:
             if reader.shuffle and any(map(self._keep_id, reader.example_ids())):
                 self._skipped[i] = 0  # this epoch's slice had none; a later one will
                 return
-            raise InputError(f"{reader.path}: no example of this process's share is in the split {self.split!r} "
-                             f"(eval_fraction={self.eval_fraction}, fraction={self.fraction}): a whole epoch was "
-                             "filtered out and the stage repeats epochs forever; lower eval_fraction, raise fraction "
-                             "or drop the cache from the stage")
+            raise InputError(
+                f"{reader.path}: no example of this process's share is in the split {self.split!r} "
+                f"(eval_fraction={self.eval_fraction}, fraction={self.fraction}): a whole epoch was "
+                "filtered out and the stage repeats epochs forever; lower eval_fraction, raise fraction "
+                "or drop the cache from the stage"
+            )
 
     def state_dict(self) -> dict:
         return {"readers": [r.state_dict() for r in self.readers], "turn": self._turn, "done": list(self._done)}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["readers"]) != len(self.readers):
-            raise InputError(f"checkpoint was made with {len(state['readers'])} caches in this stage, "
-                             f"the config has {len(self.readers)}; resume with the same caches")
+            raise InputError(
+                f"checkpoint was made with {len(state['readers'])} caches in this stage, "
+                f"the config has {len(self.readers)}; resume with the same caches"
+            )
         for reader, s in zip(self.readers, state["readers"]):
             try:
                 reader.load_state_dict(s)
@@ -145,12 +159,21 @@ class AlignedStream:
     (`input_size`) and LM head (`output_size`).
     """
 
-    def __init__(self, stream: ExampleStream, aligner, vmap: np.ndarray, mode: str, *,
-                 input_size: int | None = None, output_size: int | None = None, ahead: int = 16):
+    def __init__(
+        self,
+        stream: ExampleStream,
+        aligner,
+        vmap: np.ndarray,
+        mode: str,
+        *,
+        input_size: int | None = None,
+        output_size: int | None = None,
+        ahead: int = 16,
+    ):
         self.stream, self.aligner, self.vmap, self.mode, self.ahead = stream, aligner, vmap, mode, ahead
         self.input_size, self.output_size = input_size, output_size
-        self._items = None   # the running align_stream
-        self._state = None   # the cursor after the last example handed out (None: the stream's own)
+        self._items = None  # the running align_stream
+        self._state = None  # the cursor after the last example handed out (None: the stream's own)
 
     def __iter__(self):
         return self
@@ -160,11 +183,13 @@ class AlignedStream:
 
         if self._items is None:
             self._state = self.stream.state_dict()  # before the thread starts reading
-            self._items = align_stream(self.stream, self.aligner, self.vmap, self.mode, self.ahead,
-                                       cursor=self.stream.state_dict)
+            self._items = align_stream(
+                self.stream, self.aligner, self.vmap, self.mode, self.ahead, cursor=self.stream.state_dict
+            )
         ex, self._state = next(self._items)
-        check_ids_fit_student(ex, f"example {ex.id!r} aligned to the student", input_size=self.input_size,
-                              output_size=self.output_size)
+        check_ids_fit_student(
+            ex, f"example {ex.id!r} aligned to the student", input_size=self.input_size, output_size=self.output_size
+        )
         return ex
 
     def state_dict(self) -> dict:
@@ -197,8 +222,8 @@ class PackedBatch:
     topk_logprobs: torch.Tensor
     n_examples: int
     truncated: int = 0  # examples cut to max_tokens
-    dropped: int = 0    # trained positions past max_tokens in those (not trained)
-    skipped: int = 0    # examples pulled before this batch that had nothing to train within max_tokens
+    dropped: int = 0  # trained positions past max_tokens in those (not trained)
+    skipped: int = 0  # examples pulled before this batch that had nothing to train within max_tokens
 
     @property
     def n_tokens(self) -> int:
@@ -210,8 +235,17 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.topk_ids),
-                           move(self.topk_logprobs), self.n_examples, self.truncated, self.dropped, self.skipped)
+        return PackedBatch(
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.labels),
+            move(self.topk_ids),
+            move(self.topk_logprobs),
+            self.n_examples,
+            self.truncated,
+            self.dropped,
+            self.skipped,
+        )
 
 
 def pack_batch(examples: list[Example], k: int, max_tokens: int | None = None) -> PackedBatch:
@@ -265,8 +299,9 @@ class Packer:
     PackedBatch.skipped), so no sequence trains nothing.
     """
 
-    def __init__(self, stream: ExampleStream | Iterator[Example], *, max_tokens: int, k: int,
-                 long_examples: str = "truncate"):
+    def __init__(
+        self, stream: ExampleStream | Iterator[Example], *, max_tokens: int, k: int, long_examples: str = "truncate"
+    ):
         if long_examples not in LONG_EXAMPLES:
             raise InputError(f"long_examples={long_examples!r}: one of {', '.join(LONG_EXAMPLES)}")
         self.stream, self.max_tokens, self.k, self.long_examples = stream, max_tokens, k, long_examples
@@ -287,8 +322,9 @@ class Packer:
             except StopIteration:
                 return None
             long = len(ex.input_ids) > self.max_tokens
-            if ex.num_targets and not (long and (self.long_examples == "skip"
-                                                 or ex.target_positions[0] >= self.max_tokens)):
+            if ex.num_targets and not (
+                long and (self.long_examples == "skip" or ex.target_positions[0] >= self.max_tokens)
+            ):
                 return ex
             self._skipped += 1  # nothing it could train fits: never an empty sequence
 
@@ -319,17 +355,36 @@ class Packer:
         self.stream.load_state_dict(state)
 
 
-def open_readers(paths: list[str], *, rank: int, world_size: int, shuffle: bool, seed: int,
-                 epochs: int | None, max_examples: int | None, drop_remainder: bool = True,
-                 verify: bool = True) -> list[CacheReader]:
+def open_readers(
+    paths: list[str],
+    *,
+    rank: int,
+    world_size: int,
+    shuffle: bool,
+    seed: int,
+    epochs: int | None,
+    max_examples: int | None,
+    drop_remainder: bool = True,
+    verify: bool = True,
+) -> list[CacheReader]:
     """CacheReaders over `paths`; each shard's size and sha256 are checked as it is read (verify=False
     skips the hash, never the bounds and value checks every reader applies)."""
     readers = []
     for p in paths:
         try:
-            readers.append(CacheReader(p, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed,
-                                       epochs=epochs, max_examples=max_examples, drop_remainder=drop_remainder,
-                                       verify=verify))
+            readers.append(
+                CacheReader(
+                    p,
+                    rank=rank,
+                    world_size=world_size,
+                    shuffle=shuffle,
+                    seed=seed,
+                    epochs=epochs,
+                    max_examples=max_examples,
+                    drop_remainder=drop_remainder,
+                    verify=verify,
+                )
+            )
         except FileNotFoundError as exc:
             raise InputError(f"cache {p} not found ({exc})") from None
     return readers
@@ -339,17 +394,36 @@ def cache_k(readers: list[CacheReader]) -> int:
     return max(int(r.manifest["codec"]["k"]) for r in readers)
 
 
-def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction: float, max_tokens: int,
-                 max_examples: int | None, input_size: int | None = None, output_size: int | None = None,
-                 align: Callable[[Example], Example] | None = None, verify: bool = True,
-                 long_examples: str = "truncate") -> list[PackedBatch]:
+def eval_batches(
+    paths: list[str],
+    *,
+    rank: int,
+    world_size: int,
+    eval_fraction: float,
+    max_tokens: int,
+    max_examples: int | None,
+    input_size: int | None = None,
+    output_size: int | None = None,
+    align: Callable[[Example], Example] | None = None,
+    verify: bool = True,
+    long_examples: str = "truncate",
+) -> list[PackedBatch]:
     """The held-out split of `paths` for this rank, packed once and kept in memory. `align`: a student
     with another tokenizer's `align.student_example` (bound to its aligner), applied to each held-out
     example; the aligned ones are checked against the student's sizes."""
     if eval_fraction <= 0:
         return []
-    readers = open_readers(paths, rank=rank, world_size=world_size, shuffle=False, seed=0, epochs=1,
-                           max_examples=None, drop_remainder=False, verify=verify)  # every held-out example
+    readers = open_readers(
+        paths,
+        rank=rank,
+        world_size=world_size,
+        shuffle=False,
+        seed=0,
+        epochs=1,
+        max_examples=None,
+        drop_remainder=False,
+        verify=verify,
+    )  # every held-out example
     sizes = dict(input_size=input_size, output_size=output_size)
     stream = ExampleStream(readers, split="eval", eval_fraction=eval_fraction, **({} if align else sizes))
     examples = itertools.islice(stream, max_examples)
@@ -359,6 +433,7 @@ def eval_batches(paths: list[str], *, rank: int, world_size: int, eval_fraction:
 
 
 def _checked(ex: Example, *, input_size: int | None, output_size: int | None) -> Example:
-    check_ids_fit_student(ex, f"held-out example {ex.id!r} aligned to the student", input_size=input_size,
-                          output_size=output_size)
+    check_ids_fit_student(
+        ex, f"held-out example {ex.id!r} aligned to the student", input_size=input_size, output_size=output_size
+    )
     return ex

@@ -27,16 +27,25 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def student_loss(spec: LossSpec, hidden: Tensor, lm_head_weight: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
-                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def student_loss(
+    spec: LossSpec, hidden: Tensor, lm_head_weight: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, labels: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss a `LossSpec` describes: `kd_loss` for a student with the teacher's tokenizer, `xtok_loss`
     (train_student/xtok/loss.py) in the spec's mode for one with another tokenizer. Arguments as kd_loss's."""
     if spec.cross_tokenizer == "off":
         return kd_loss(hidden, lm_head_weight, topk_ids, topk_logprobs, labels, **spec.kd_kwargs())
     from train_student.xtok.loss import xtok_loss
 
-    return xtok_loss(hidden, lm_head_weight, topk_ids, topk_logprobs, labels, mode=spec.cross_tokenizer,
-                     uld_weight=spec.uld_weight, **spec.kd_kwargs())
+    return xtok_loss(
+        hidden,
+        lm_head_weight,
+        topk_ids,
+        topk_logprobs,
+        labels,
+        mode=spec.cross_tokenizer,
+        uld_weight=spec.uld_weight,
+        **spec.kd_kwargs(),
+    )
 
 
 def kd_loss(
@@ -90,14 +99,32 @@ def kd_loss(
     Ids are not range-checked (that would need a host sync): they must lie in [-1, V), labels in
     [0, V) or be -100.
     """
-    _validate(hidden, lm_head_weight, topk_ids, topk_logprobs, labels, kd_weight, ce_weight,
-              temperature, kind, tail, impl, chunk_size)
+    _validate(
+        hidden,
+        lm_head_weight,
+        topk_ids,
+        topk_logprobs,
+        labels,
+        kd_weight,
+        ce_weight,
+        temperature,
+        kind,
+        tail,
+        impl,
+        chunk_size,
+    )
     if impl == "fused":
         _check_fused_device(hidden)
 
     spec = loss_torch.build_spec(
-        topk_ids, topk_logprobs, labels, kind=kind, tail=tail, temperature=temperature,
-        kd_weight=kd_weight, ce_weight=ce_weight,
+        topk_ids,
+        topk_logprobs,
+        labels,
+        kind=kind,
+        tail=tail,
+        temperature=temperature,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
         dtype=loss_torch.accumulation_dtype(hidden.dtype),
     )
     if impl == "naive":
@@ -109,14 +136,20 @@ def kd_loss(
 
     metrics: dict[str, Tensor] = {}
     loss = sparse_kl_triton.fused_linear_sparse_loss(
-        hidden, lm_head_weight, spec.sparse_ids, loss_torch.make_terms_fn(spec, metrics),
-        temperature=spec.temperature, need_lse1=spec.need_lse1, need_coef_1=spec.ce_weight != 0.0,
+        hidden,
+        lm_head_weight,
+        spec.sparse_ids,
+        loss_torch.make_terms_fn(spec, metrics),
+        temperature=spec.temperature,
+        need_lse1=spec.need_lse1,
+        need_coef_1=spec.ce_weight != 0.0,
     )
     return loss, metrics
 
 
-def _validate(hidden, weight, topk_ids, topk_logprobs, labels, kd_weight, ce_weight, temperature,
-              kind, tail, impl, chunk_size) -> None:
+def _validate(
+    hidden, weight, topk_ids, topk_logprobs, labels, kd_weight, ce_weight, temperature, kind, tail, impl, chunk_size
+) -> None:
     """Raise ValueError naming the argument, what was expected and what came."""
     if kind not in KINDS:
         raise ValueError(f"kd_loss: kind must be one of {KINDS}, got {kind!r}")
@@ -124,8 +157,13 @@ def _validate(hidden, weight, topk_ids, topk_logprobs, labels, kd_weight, ce_wei
         raise ValueError(f"kd_loss: tail must be one of {TAILS}, got {tail!r}")
     if impl not in IMPLS:
         raise ValueError(f"kd_loss: impl must be one of {IMPLS}, got {impl!r}")
-    for name, t in (("hidden", hidden), ("lm_head_weight", weight), ("topk_ids", topk_ids),
-                    ("topk_logprobs", topk_logprobs), ("labels", labels)):
+    for name, t in (
+        ("hidden", hidden),
+        ("lm_head_weight", weight),
+        ("topk_ids", topk_ids),
+        ("topk_logprobs", topk_logprobs),
+        ("labels", labels),
+    ):
         if not isinstance(t, Tensor):
             raise ValueError(f"kd_loss: {name} must be a torch.Tensor, got {type(t).__name__}")
 
@@ -134,25 +172,26 @@ def _validate(hidden, weight, topk_ids, topk_logprobs, labels, kd_weight, ce_wei
     t, d = hidden.shape
     if weight.dim() != 2 or weight.shape[1] != d:
         raise ValueError(
-            f"kd_loss: lm_head_weight must be [V, D] with D = {d} (hidden's last dim), "
-            f"got shape {tuple(weight.shape)}"
+            f"kd_loss: lm_head_weight must be [V, D] with D = {d} (hidden's last dim), got shape {tuple(weight.shape)}"
         )
     if weight.shape[0] < 1:
         raise ValueError("kd_loss: lm_head_weight has an empty vocabulary (V = 0)")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != t or topk_ids.shape[1] < 1:
-        raise ValueError(f"kd_loss: topk_ids must be [T, K] with T = {t} and K >= 1, "
-                         f"got shape {tuple(topk_ids.shape)}")
+        raise ValueError(f"kd_loss: topk_ids must be [T, K] with T = {t} and K >= 1, got shape {tuple(topk_ids.shape)}")
     if topk_logprobs.shape != topk_ids.shape:
-        raise ValueError(f"kd_loss: topk_logprobs must have topk_ids' shape {tuple(topk_ids.shape)}, "
-                         f"got {tuple(topk_logprobs.shape)}")
+        raise ValueError(
+            f"kd_loss: topk_logprobs must have topk_ids' shape {tuple(topk_ids.shape)}, "
+            f"got {tuple(topk_logprobs.shape)}"
+        )
     if labels.shape != (t,):
         raise ValueError(f"kd_loss: labels must be [T] with T = {t}, got shape {tuple(labels.shape)}")
 
     if hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"kd_loss: hidden must be one of {_FLOAT_DTYPES}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
-        raise ValueError(f"kd_loss: lm_head_weight dtype {weight.dtype} differs from hidden's "
-                         f"{hidden.dtype}; cast one of them")
+        raise ValueError(
+            f"kd_loss: lm_head_weight dtype {weight.dtype} differs from hidden's {hidden.dtype}; cast one of them"
+        )
     if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
         raise ValueError(f"kd_loss: topk_ids must be an integer tensor (int32/int64), got {topk_ids.dtype}")
     if not topk_logprobs.dtype.is_floating_point:
@@ -160,8 +199,9 @@ def _validate(hidden, weight, topk_ids, topk_logprobs, labels, kd_weight, ce_wei
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"kd_loss: labels must be int64 (or int32), got {labels.dtype}")
     if impl == "fused" and hidden.dtype not in _FUSED_DTYPES:
-        raise ValueError(f"kd_loss: impl='fused' supports {_FUSED_DTYPES}, got {hidden.dtype}; "
-                         "use impl='chunked' for float64")
+        raise ValueError(
+            f"kd_loss: impl='fused' supports {_FUSED_DTYPES}, got {hidden.dtype}; use impl='chunked' for float64"
+        )
 
     devices = {x.device for x in (hidden, weight, topk_ids, topk_logprobs, labels)}
     if len(devices) != 1:

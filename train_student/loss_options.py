@@ -1,9 +1,9 @@
 """The choices `kd_loss` takes, defined once and torch-free, so the settings and the CLI can name
 them without importing torch."""
 
-KINDS = ("forward_kl", "reverse_kl")    # the KD divergence
-TAILS = ("renormalize", "bucket")       # teacher mass outside its top-k: renormalize, or one tail bucket
-IMPLS = ("naive", "chunked", "fused")   # kd_loss implementations (train_student/loss.py)
+KINDS = ("forward_kl", "reverse_kl")  # the KD divergence
+TAILS = ("renormalize", "bucket")  # teacher mass outside its top-k: renormalize, or one tail bucket
+IMPLS = ("naive", "chunked", "fused")  # kd_loss implementations (train_student/loss.py)
 XTOK_MODES = ("exact-map", "uld", "hybrid")  # the cross-tokenizer KD losses (train_student/xtok/loss.py)
 # --cross-tokenizer: off (the student shares the teacher's tokenizer), auto (on when the tokenizers
 # differ, off when they are the same), or one of XTOK_MODES (docs/CROSS_TOKENIZER.md)
@@ -34,9 +34,12 @@ class LossSpec:
     uld_weight: float = 1.0
 
     def __post_init__(self):
-        for name, value, choices in (("kind", self.kind, KINDS), ("tail", self.tail, TAILS),
-                                     ("impl", self.impl, IMPLS), ("cross_tokenizer", self.cross_tokenizer,
-                                                                  ("off", *XTOK_MODES))):
+        for name, value, choices in (
+            ("kind", self.kind, KINDS),
+            ("tail", self.tail, TAILS),
+            ("impl", self.impl, IMPLS),
+            ("cross_tokenizer", self.cross_tokenizer, ("off", *XTOK_MODES)),
+        ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: one of {', '.join(choices)}")
         for name in ("kd_weight", "ce_weight", "uld_weight"):
@@ -51,9 +54,17 @@ class LossSpec:
     @classmethod
     def for_stage(cls, stage, cfg, cross_tokenizer: str = "off") -> "LossSpec":
         """A stage's training loss: its weights, temperature, kind and tail; the run's impl and chunk size."""
-        return cls(kd_weight=stage.kd_weight, ce_weight=stage.ce_weight, temperature=stage.temperature,
-                   kind=stage.kind, tail=stage.tail, impl=cfg.impl, chunk_size=cfg.chunk_size,
-                   cross_tokenizer=cross_tokenizer, uld_weight=stage.uld_weight)
+        return cls(
+            kd_weight=stage.kd_weight,
+            ce_weight=stage.ce_weight,
+            temperature=stage.temperature,
+            kind=stage.kind,
+            tail=stage.tail,
+            impl=cfg.impl,
+            chunk_size=cfg.chunk_size,
+            cross_tokenizer=cross_tokenizer,
+            uld_weight=stage.uld_weight,
+        )
 
     def for_evaluation(self) -> "LossSpec":
         """What held-out evaluation scores: forward KL at tau = 1 with the stage's tail, and CE, each at
@@ -62,5 +73,12 @@ class LossSpec:
 
     def kd_kwargs(self) -> dict:
         """The keywords kd_loss takes (xtok_loss takes these and uld_weight, mode)."""
-        return dict(kd_weight=self.kd_weight, ce_weight=self.ce_weight, temperature=self.temperature, kind=self.kind,
-                    tail=self.tail, impl=self.impl, chunk_size=self.chunk_size)
+        return dict(
+            kd_weight=self.kd_weight,
+            ce_weight=self.ce_weight,
+            temperature=self.temperature,
+            kind=self.kind,
+            tail=self.tail,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+        )

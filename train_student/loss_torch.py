@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from formats.example import IGNORE_INDEX
+
 # Smallest tail mass taken as real. Student: R = 1 - Q is clamped at it; log R is computed as
 # log(-expm1(log Q)), and in fp32 log Q carries an absolute error of ~1e-7 * |lse|, so smaller
 # tails are not resolvable; the clamp has zero gradient, so a rounding-level tail cannot produce a
@@ -217,9 +218,7 @@ def position_terms(
     return loss, kd, ce, log_q_mass
 
 
-def summarize(
-    spec: KDSpec, kd: Tensor, ce: Tensor, log_q_mass: Tensor, argmax: Tensor
-) -> dict[str, Tensor]:
+def summarize(spec: KDSpec, kd: Tensor, ce: Tensor, log_q_mass: Tensor, argmax: Tensor) -> dict[str, Tensor]:
     """Per-batch metrics as detached 0-dim tensors (no host sync; call float() to log them).
 
     kd and ce are means over trained positions (kd without kd_weight and tau^2); top1_agreement is
@@ -358,9 +357,7 @@ class _ChunkedLinearKD(torch.autograd.Function):
         return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None
 
 
-def chunked(
-    hidden: Tensor, weight: Tensor, spec: KDSpec, chunk_size: int = 1024
-) -> tuple[Tensor, dict[str, Tensor]]:
+def chunked(hidden: Tensor, weight: Tensor, spec: KDSpec, chunk_size: int = 1024) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss with O(chunk_size * V) extra memory: recompute-in-backward over token chunks.
 
     Args:

@@ -4,6 +4,7 @@
 weight inside one `forward`, so DDP and FSDP2 see the whole computation (FSDP2 gathers the head's
 weight for the loss) and the [T, V] logits are never formed (except with impl="naive").
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,7 +55,9 @@ def prune_layers(teacher_dir: str, keep_layers: list[int], out_dir: str | Path) 
     n = len(layers)
     bad = [i for i in keep_layers if not 0 <= i < n]
     if bad or len(set(keep_layers)) != len(keep_layers) or not keep_layers:
-        raise InputError(f"--keep-layers {keep_layers}: need distinct indices in 0..{n - 1} (the teacher has {n} layers)")
+        raise InputError(
+            f"--keep-layers {keep_layers}: need distinct indices in 0..{n - 1} (the teacher has {n} layers)"
+        )
     decoder.layers = nn.ModuleList([layers[i] for i in keep_layers])
     for new_idx, layer in enumerate(decoder.layers):
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
@@ -94,10 +97,11 @@ class StudentLoss(nn.Module):
 
         device = input_ids.device.type
         with torch.autocast(device, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
-                                        use_cache=False)
-        hidden = out.last_hidden_state[0]                     # [S, D]
-        weight = self.lm.get_output_embeddings().weight       # [V, D]
+            out = self.lm.get_decoder()(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False
+            )
+        hidden = out.last_hidden_state[0]  # [S, D]
+        weight = self.lm.get_output_embeddings().weight  # [V, D]
         if hidden.dtype != weight.dtype or self.autocast is not None:
             dtype = self.autocast or weight.dtype
             hidden, weight = hidden.to(dtype), weight.to(dtype)
@@ -130,9 +134,11 @@ def check_output_head(lm: nn.Module, name: str) -> None:
     if not found:
         found += _probe_output_head(lm, head)
     if found:
-        raise InputError(f"{name}: the student's output head has {', '.join(found)}; the KD loss computes logits as "
-                         "hidden states @ lm_head.weight and would ignore it, so such students are refused "
-                         "(use a student without output-head extras)")
+        raise InputError(
+            f"{name}: the student's output head has {', '.join(found)}; the KD loss computes logits as "
+            "hidden states @ lm_head.weight and would ignore it, so such students are refused "
+            "(use a student without output-head extras)"
+        )
 
 
 def _probe_output_head(lm: nn.Module, head: nn.Module) -> list[str]:
@@ -153,14 +159,19 @@ def _probe_output_head(lm: nn.Module, head: nn.Module) -> list[str]:
         with torch.no_grad():
             logits = lm(input_ids=torch.zeros(1, 3, dtype=torch.long, device=weight.device), use_cache=False).logits
     except Exception as exc:  # a forward that needs more than last_hidden_state: the config checks stand alone
-        log.warning("could not probe the student's output head (%s: %s); relying on its config", type(exc).__name__, exc)
+        log.warning(
+            "could not probe the student's output head (%s: %s); relying on its config", type(exc).__name__, exc
+        )
         return []
     finally:
         del decoder.forward  # back to the class's forward
     tol = 1e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-4
     diff = float((logits[0].float() - plain).abs().max())
-    return [f"logits that differ from hidden @ lm_head.weight by up to {diff:.3g} (a transform in the model's forward)"] \
-        if diff > tol * 100.0 else []
+    return (
+        [f"logits that differ from hidden @ lm_head.weight by up to {diff:.3g} (a transform in the model's forward)"]
+        if diff > tol * 100.0
+        else []
+    )
 
 
 def prepare_student(lm: nn.Module, *, gradient_checkpointing: bool) -> nn.Module:

@@ -33,6 +33,7 @@ shares. OUT/cross_tokenizer.json records the method, the template and the map's 
 Refused during training: an example whose target spans or ids the student would misread
 (`checks.check_example_fits_student`, `checks.check_ids_fit_student` once aligned).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,13 +56,27 @@ from formats.common.hardware import native_bf16
 from formats.tokenizer_files import load_cache_tokenizer
 from formats.safe_write import write_json_atomic
 from formats.trust import load_json_file
-from formats.tokenizer_id import fingerprint_matches, load_tokenizer, manifest_fingerprint, tokenizer_fingerprint, vocab_size
+from formats.tokenizer_id import (
+    fingerprint_matches,
+    load_tokenizer,
+    manifest_fingerprint,
+    tokenizer_fingerprint,
+    vocab_size,
+)
 from train_student import checkpoint
 from train_student.config import Stage, TrainConfig
 from train_student.checks import check_cache_fits_student, check_same_teacher, check_signal
 from train_student.loss_options import LossSpec
-from train_student.data import (IGNORE_INDEX, AlignedStream, ExampleStream, Packer, PackedBatch, cache_k, eval_batches,
-                                open_readers)
+from train_student.data import (
+    IGNORE_INDEX,
+    AlignedStream,
+    ExampleStream,
+    Packer,
+    PackedBatch,
+    cache_k,
+    eval_batches,
+    open_readers,
+)
 from train_student.xtok.check import check_student_tokenizer
 from train_student.model import StudentLoss, check_output_head, load_student, prepare_student, prune_layers
 
@@ -78,9 +93,11 @@ def check_bf16_updates(matrices: list[torch.Tensor], lr: float) -> None:
         lost += int((lr < spacing / 2).sum())
         total += w.numel()
     if total and lost / total > 0.5:
-        raise InputError(f"--dtype bfloat16 keeps bf16 weights with no fp32 master copy: at --lr {lr:g}, an update "
-                         f"is below the bf16 rounding of {100 * lost / total:.0f}% of the matrix weights, so they would "
-                         "not train; use --dtype bf16-mixed (fp32 weights, bf16 compute)")
+        raise InputError(
+            f"--dtype bfloat16 keeps bf16 weights with no fp32 master copy: at --lr {lr:g}, an update "
+            f"is below the bf16 rounding of {100 * lost / total:.0f}% of the matrix weights, so they would "
+            "not train; use --dtype bf16-mixed (fp32 weights, bf16 compute)"
+        )
 
 
 def lr_lambda(step: int, *, warmup: int, total: int | None, min_ratio: float) -> float:
@@ -131,8 +148,12 @@ def _xtok_shares(sums: dict[str, float]) -> dict[str, float]:
     """Shares of the trained positions: aligned (a teacher row paired), exact-map, ULD, no teacher (CE only)."""
     tok = max(sums["targets"], 1.0)
     aligned = sums["n_aligned"] / tok
-    return {"aligned_fraction": aligned, "exact_share": sums["n_exact"] / tok, "uld_share": sums["n_uld"] / tok,
-            "no_teacher_share": 1.0 - aligned}
+    return {
+        "aligned_fraction": aligned,
+        "exact_share": sums["n_exact"] / tok,
+        "uld_share": sums["n_uld"] / tok,
+        "no_teacher_share": 1.0 - aligned,
+    }
 
 
 class Trainer:
@@ -140,12 +161,12 @@ class Trainer:
         self.cfg = cfg
         self.stages: list[Stage] = cfg.resolved_stages()
         self.out = Path(cfg.out)
-        self.step = 0              # optimizer steps over the whole run
+        self.step = 0  # optimizer steps over the whole run
         self.stage_idx = 0
-        self.stage_step = 0        # optimizer steps in the current stage
-        self.data_state = None     # per-rank packer cursor to resume from
+        self.stage_step = 0  # optimizer steps in the current stage
+        self.data_state = None  # per-rank packer cursor to resume from
         self._stop_signal = False
-        self._last_eval = -1       # step of the latest evaluation
+        self._last_eval = -1  # step of the latest evaluation
         self._old_sigterm = None
         self.tb = None
         self.xtok: list[dict | None] = []  # per stage: None (same tokenizer) or its cross-tokenizer setup
@@ -175,9 +196,11 @@ class Trainer:
         else:
             self.device = torch.device(device)
         if self.cfg.impl == "fused" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise InputError(f"--impl fused is the Triton GPU kernel and this run is on {self.device} "
-                             f"(CUDA available: {torch.cuda.is_available()}); use --impl chunked (the same loss in "
-                             "PyTorch, the CPU default)")
+            raise InputError(
+                f"--impl fused is the Triton GPU kernel and this run is on {self.device} "
+                f"(CUDA available: {torch.cuda.is_available()}); use --impl chunked (the same loss in "
+                "PyTorch, the CPU default)"
+            )
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.cfg.fsdp and not self.distributed:
@@ -188,8 +211,10 @@ class Trainer:
     def _find_checkpoint(self) -> Path | None:
         ckpt = checkpoint.latest(self.out)
         if ckpt is not None and not self.cfg.resume:
-            raise InputError(f"{self.out} already holds checkpoints (newest {ckpt.name}); "
-                             "pass --resume to continue that run, or choose another --out")
+            raise InputError(
+                f"{self.out} already holds checkpoints (newest {ckpt.name}); "
+                "pass --resume to continue that run, or choose another --out"
+            )
         if ckpt is None and self.cfg.resume:
             log.info("--resume: no checkpoint in %s, starting from scratch", self.out)
         return ckpt
@@ -207,8 +232,9 @@ class Trainer:
                 prune_layers(cfg.init_from_teacher, cfg.keep_layers, source)
             self._barrier()
         self.tokenizer = load_tokenizer(cfg.tokenizer or source)
-        lm = load_student(checkpoint.student_weights(ckpt, source), dtype=cfg.dtype,
-                          attn_implementation=cfg.attn_implementation)
+        lm = load_student(
+            checkpoint.student_weights(ckpt, source), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
+        )
         check_output_head(lm, source)
         # what the cached ids must index: checked per example before any batch reaches the loss kernel
         self.input_size = lm.get_input_embeddings().weight.shape[0]
@@ -231,12 +257,18 @@ class Trainer:
         elif self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                         broadcast_buffers=False)
+            module = DDP(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False
+            )
         self.module = module
         n_params = sum(p.numel() for p in self.lm.parameters())
-        log.info("student: %s (%.1fM parameters, %s, %d layers)", source, n_params / 1e6, cfg.dtype,
-                 self.lm.config.num_hidden_layers)
+        log.info(
+            "student: %s (%.1fM parameters, %s, %d layers)",
+            source,
+            n_params / 1e6,
+            cfg.dtype,
+            self.lm.config.num_hidden_layers,
+        )
 
     def _check_caches(self) -> None:
         vocab = vocab_size(self.tokenizer)
@@ -244,21 +276,28 @@ class Trainer:
         for stage in self.stages:
             manifests, methods = [], []
             for path in stage.cache:
-                readers = open_readers([path], rank=0, world_size=1, shuffle=False, seed=0, epochs=1,
-                                       max_examples=64)
+                readers = open_readers([path], rank=0, world_size=1, shuffle=False, seed=0, epochs=1, max_examples=64)
                 method = check_student_tokenizer(readers[0].manifest, self.tokenizer, self.cfg.cross_tokenizer, path)
                 fingerprint = manifest_fingerprint(self.tokenizer, readers[0].manifest.get("tokenizer"))  # v1 or v2
-                check_cache_fits_student(readers[0].manifest, path, fingerprint=fingerprint, tokenizer_vocab=vocab,
-                                         output_size=self.output_size, cross_tokenizer=method != "off")
+                check_cache_fits_student(
+                    readers[0].manifest,
+                    path,
+                    fingerprint=fingerprint,
+                    tokenizer_vocab=vocab,
+                    output_size=self.output_size,
+                    cross_tokenizer=method != "off",
+                )
                 if self.main:
                     check_signal(readers[0], path)
                 manifests.append(readers[0].manifest)
                 methods.append(method)
             check_same_teacher(manifests, stage.cache, stage.name, allow_mixed=self.cfg.allow_mixed_teachers)
             if len(set(methods)) > 1:
-                raise InputError(f"stage {stage.name}: its caches need different paths for this student "
-                                 f"({', '.join(f'{p}: {m}' for p, m in zip(stage.cache, methods))}; off = the "
-                                 "student's own tokenizer); put them in separate stages")
+                raise InputError(
+                    f"stage {stage.name}: its caches need different paths for this student "
+                    f"({', '.join(f'{p}: {m}' for p, m in zip(stage.cache, methods))}; off = the "
+                    "student's own tokenizer); put them in separate stages"
+                )
             self.xtok.append(None if methods[0] == "off" else self._setup_cross_tokenizer(stage, methods[0], manifests))
 
     def _setup_cross_tokenizer(self, stage: Stage, method: str, manifests: list[dict]) -> dict:
@@ -271,9 +310,11 @@ class Trainer:
 
         teacher_tokenizer = load_cache_tokenizer(stage.cache[0])  # checked against its manifest's fingerprint
         if not all(fingerprint_matches(teacher_tokenizer, m.get("tokenizer")) for m in manifests[1:]):
-            raise InputError(f"stage {stage.name}: its caches come from teachers with different tokenizers; a "
-                             "student with another tokenizer aligns to one teacher tokenizer per stage: put them "
-                             "in separate stages")
+            raise InputError(
+                f"stage {stage.name}: its caches come from teachers with different tokenizers; a "
+                "student with another tokenizer aligns to one teacher tokenizer per stage: put them "
+                "in separate stages"
+            )
         template = resolve_student_template(self.cfg.student_template, self.tokenizer)
         template_record = check_student_rendering(self.tokenizer, template, self.lm.config)
         maps = self.out / "vocab_maps"
@@ -281,17 +322,30 @@ class Trainer:
         fingerprint = tokenizer_fingerprint(self.tokenizer)
         map_path = vocab_map_path(maps, tokenizer_fingerprint(teacher_tokenizer), fingerprint)
         coverage = float((vmap >= 0).mean()) if len(vmap) else 0.0
-        record = {"method": method, "cross_tokenizer": self.cfg.cross_tokenizer,
-                  "teacher_tokenizer": (manifests[0].get("tokenizer") or {}).get("name_or_path"),
-                  "student_tokenizer_fingerprint": fingerprint, "student_template": template_record,
-                  "vocab_map": {"path": str(map_path), "coverage": coverage}}
-        log.info("%s: cross-tokenizer %s to the teacher's tokenizer (%s); student template %s (BOS %s); "
-                 "vocabulary map %s: %.1f%% of the teacher's ids have a student twin", stage.name,
-                 method, record["teacher_tokenizer"], template.source, template_record["bos"], map_path,
-                 100 * coverage)
+        record = {
+            "method": method,
+            "cross_tokenizer": self.cfg.cross_tokenizer,
+            "teacher_tokenizer": (manifests[0].get("tokenizer") or {}).get("name_or_path"),
+            "student_tokenizer_fingerprint": fingerprint,
+            "student_template": template_record,
+            "vocab_map": {"path": str(map_path), "coverage": coverage},
+        }
+        log.info(
+            "%s: cross-tokenizer %s to the teacher's tokenizer (%s); student template %s (BOS %s); "
+            "vocabulary map %s: %.1f%% of the teacher's ids have a student twin",
+            stage.name,
+            method,
+            record["teacher_tokenizer"],
+            template.source,
+            template_record["bos"],
+            map_path,
+            100 * coverage,
+        )
         if self.cfg.impl == "fused" and method != "exact-map" and not any(self.xtok):  # said once per run
-            log.info("--impl fused: the exact-map rows use the fused kernel; the ULD rows (no shared vocabulary) "
-                     "are computed in PyTorch, chunked")
+            log.info(
+                "--impl fused: the exact-map rows use the fused kernel; the ULD rows (no shared vocabulary) "
+                "are computed in PyTorch, chunked"
+            )
         aligner = Aligner(teacher_tokenizer, self.tokenizer, template, bos_id=template_record["bos_token_id"])
         return {"method": method, "aligner": aligner, "vmap": vmap, "record": record}
 
@@ -302,24 +356,34 @@ class Trainer:
         no_decay = [p for p in params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+        )
         steps = [s.steps for s in self.stages]
         self.total_steps = None if None in steps else sum(steps)
         if self.total_steps is not None and cfg.warmup_steps >= self.total_steps:
-            log.warning("--warmup-steps %d >= the run's %d steps: the learning rate never reaches --lr %g (it ends "
-                        "at %.3g); lower --warmup-steps", cfg.warmup_steps, self.total_steps, cfg.lr,
-                        cfg.lr * self.total_steps / max(cfg.warmup_steps, 1))
+            log.warning(
+                "--warmup-steps %d >= the run's %d steps: the learning rate never reaches --lr %g (it ends "
+                "at %.3g); lower --warmup-steps",
+                cfg.warmup_steps,
+                self.total_steps,
+                cfg.lr,
+                cfg.lr * self.total_steps / max(cfg.warmup_steps, 1),
+            )
         if cfg.dtype == "bfloat16":
             check_bf16_updates(decay, cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, warmup=cfg.warmup_steps, total=self.total_steps,
-                                                min_ratio=cfg.min_lr_ratio))
+            self.optimizer,
+            lambda s: lr_lambda(s, warmup=cfg.warmup_steps, total=self.total_steps, min_ratio=cfg.min_lr_ratio),
+        )
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         state = checkpoint.load_trainer_state(ckpt)
         if state["world_size"] != self.world:
-            raise InputError(f"{ckpt} was written by {state['world_size']} processes, this run has {self.world}; "
-                             "resume with the same number of processes (the data cursor is per rank)")
+            raise InputError(
+                f"{ckpt} was written by {state['world_size']} processes, this run has {self.world}; "
+                "resume with the same number of processes (the data cursor is per rank)"
+            )
         checkpoint.load_model_and_optimizer(ckpt, state, self.lm, self.optimizer, fsdp=self.fsdp)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.stage_idx, self.stage_step = state["step"], state["stage_idx"], state["stage_step"]
@@ -366,11 +430,19 @@ class Trainer:
             xtok = self.xtok[self.stage_idx]
             self.loss_spec = LossSpec.for_stage(stage, self.cfg, xtok["method"] if xtok else "off")
             self.eval_spec = self.loss_spec.for_evaluation()
-            self.eval_set = eval_batches(stage.cache, rank=self.rank, world_size=self.world,
-                                         eval_fraction=self.cfg.eval_fraction, max_tokens=self.cfg.max_tokens,
-                                         max_examples=self.cfg.eval_max_examples, input_size=self.input_size,
-                                         output_size=self.output_size, align=_align_fn(xtok), verify=self.cfg.verify,
-                                         long_examples=self.cfg.long_examples)
+            self.eval_set = eval_batches(
+                stage.cache,
+                rank=self.rank,
+                world_size=self.world,
+                eval_fraction=self.cfg.eval_fraction,
+                max_tokens=self.cfg.max_tokens,
+                max_examples=self.cfg.eval_max_examples,
+                input_size=self.input_size,
+                output_size=self.output_size,
+                align=_align_fn(xtok),
+                verify=self.cfg.verify,
+                long_examples=self.cfg.long_examples,
+            )
             self._note_eval_split(stage)
             if self.stage_step == 0:
                 self.evaluate()
@@ -380,8 +452,10 @@ class Trainer:
             self.stage_step = 0
         self.stage_idx = len(self.stages)
         if self.step == 0:  # never an untrained final/ that looks like a result
-            raise InputError(f"no optimizer step was taken: the stages' caches yielded no trainable example "
-                             f"(after the held-out split, --fraction, --max-tokens); nothing written to {self.out}/final")
+            raise InputError(
+                f"no optimizer step was taken: the stages' caches yielded no trainable example "
+                f"(after the held-out split, --fraction, --max-tokens); nothing written to {self.out}/final"
+            )
         if self._last_eval != self.step:
             self.evaluate()
         self.save(packer=None, last=True)
@@ -430,20 +504,33 @@ class Trainer:
                 batch = batch.to(self.device)
                 sync = i == len(micro) - 1
                 with self._no_sync(not sync):
-                    loss, metrics = self.module(batch.input_ids, batch.position_ids, batch.topk_ids,
-                                                batch.topk_logprobs, batch.labels, spec=self.loss_spec)
+                    loss, metrics = self.module(
+                        batch.input_ids,
+                        batch.position_ids,
+                        batch.topk_ids,
+                        batch.topk_logprobs,
+                        batch.labels,
+                        spec=self.loss_spec,
+                    )
                     share = batch.n_targets / global_targets
                     (loss * share * self.world).backward()
                 if not batch.n_examples:  # an empty micro-batch of a rank out of data
                     continue
-                counts = dict(truncated_examples=batch.truncated, dropped_positions=batch.dropped,
-                              skipped_examples=batch.skipped)
+                counts = dict(
+                    truncated_examples=batch.truncated, dropped_positions=batch.dropped, skipped_examples=batch.skipped
+                )
                 window.add(**counts)
                 cut.add(**counts)
                 t = batch.n_targets
-                window.add(loss=loss.item() * t, kd=metrics["kd"].item() * t, ce=metrics["ce"].item() * t,
-                           n_top1_agree=metrics["n_top1_agree"].item(), n_scored=metrics["n_scored"].item(),
-                           tokens=batch.n_tokens, targets=t)
+                window.add(
+                    loss=loss.item() * t,
+                    kd=metrics["kd"].item() * t,
+                    ce=metrics["ce"].item() * t,
+                    n_top1_agree=metrics["n_top1_agree"].item(),
+                    n_scored=metrics["n_scored"].item(),
+                    tokens=batch.n_tokens,
+                    targets=t,
+                )
                 if xtok:
                     window.add(**{key: metrics[key].item() for key in XTOK_COUNTS})
             grad_norm = self._clip()
@@ -460,10 +547,17 @@ class Trainer:
             if self.step % cfg.log_every == 0:
                 w = window.reduced(self._all_reduce)
                 tok = max(w["targets"], 1.0)
-                row = {"loss": w["loss"] / tok, "kd": w["kd"] / tok, "ce": w["ce"] / tok,
-                       "top1_agreement": _top1(w), "lr": lr,
-                       "grad_norm": grad_norm, "tokens_per_s": w["tokens"] / max(step_s, 1e-9),
-                       "data_wait_frac": wait_s / max(step_s, 1e-9), "tokens": int(w["tokens"])}
+                row = {
+                    "loss": w["loss"] / tok,
+                    "kd": w["kd"] / tok,
+                    "ce": w["ce"] / tok,
+                    "top1_agreement": _top1(w),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": w["tokens"] / max(step_s, 1e-9),
+                    "data_wait_frac": wait_s / max(step_s, 1e-9),
+                    "tokens": int(w["tokens"]),
+                }
                 if xtok:
                     row.update(_xtok_shares(w))
                 row.update({key: int(w[key]) for key in CUT_COUNTS})
@@ -487,10 +581,17 @@ class Trainer:
             bar.close()
         c = cut.reduced(self._all_reduce)
         if any(c.values()):
-            log.warning("%s: %d examples longer than --max-tokens %d were cut (%d trained positions dropped), %d "
-                        "skipped (--long-examples %s, or nothing to train within max-tokens); raise --max-tokens to "
-                        "train them whole", stage.name, c["truncated_examples"], cfg.max_tokens,
-                        c["dropped_positions"], c["skipped_examples"], cfg.long_examples)
+            log.warning(
+                "%s: %d examples longer than --max-tokens %d were cut (%d trained positions dropped), %d "
+                "skipped (--long-examples %s, or nothing to train within max-tokens); raise --max-tokens to "
+                "train them whole",
+                stage.name,
+                c["truncated_examples"],
+                cfg.max_tokens,
+                c["dropped_positions"],
+                c["skipped_examples"],
+                cfg.long_examples,
+            )
         return False
 
     # ==== evaluation ==============================================================================
@@ -499,14 +600,20 @@ class Trainer:
         every stage's held-out size in OUT/held_out.json (kdcache report reads the evaluations it makes)."""
         n = int(self._all_reduce(torch.tensor([float(sum(b.n_examples for b in self.eval_set))]))[0].item())
         if n == 0 and self.cfg.eval_fraction > 0:
-            log.warning("%s: the held-out split is empty (--eval-fraction %g of these caches' example ids selects "
-                        "none): no evaluation happens; raise --eval-fraction, or evaluate with `kdcache eval`",
-                        stage.name, self.cfg.eval_fraction)
+            log.warning(
+                "%s: the held-out split is empty (--eval-fraction %g of these caches' example ids selects "
+                "none): no evaluation happens; raise --eval-fraction, or evaluate with `kdcache eval`",
+                stage.name,
+                self.cfg.eval_fraction,
+            )
         if self.main:
             path = self.out / "held_out.json"
             record = load_json_file(path, max_bytes=1 << 20) if path.exists() else {}
-            record[stage.name] = {"examples": n, "eval_fraction": self.cfg.eval_fraction,
-                                  "eval_max_examples": self.cfg.eval_max_examples}
+            record[stage.name] = {
+                "examples": n,
+                "eval_fraction": self.cfg.eval_fraction,
+                "eval_max_examples": self.cfg.eval_max_examples,
+            }
             write_json_atomic(path, record)
 
     @torch.no_grad()
@@ -524,17 +631,35 @@ class Trainer:
         for i in range(n):  # same number of forwards on every rank (FSDP needs it)
             batch = self.eval_set[i] if i < len(self.eval_set) else _dummy_batch()
             batch = batch.to(self.device)
-            _, m = model(batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels,
-                         spec=self.eval_spec)
+            _, m = model(
+                batch.input_ids,
+                batch.position_ids,
+                batch.topk_ids,
+                batch.topk_logprobs,
+                batch.labels,
+                spec=self.eval_spec,
+            )
             t = batch.n_targets
-            sums.add(kd=m["kd"].item() * t, ce=m["ce"].item() * t, topk_mass=m["student_topk_mass"].item() * t,
-                     n_top1_agree=m["n_top1_agree"].item(), n_scored=m["n_scored"].item(), targets=t)
+            sums.add(
+                kd=m["kd"].item() * t,
+                ce=m["ce"].item() * t,
+                topk_mass=m["student_topk_mass"].item() * t,
+                n_top1_agree=m["n_top1_agree"].item(),
+                n_scored=m["n_scored"].item(),
+                targets=t,
+            )
             if xtok and batch.n_examples:  # uld: a mean over ULD rows, summed back
                 sums.add(uld=m["uld"].item() * m["n_uld"].item(), **{key: m[key].item() for key in XTOK_COUNTS})
         s = sums.reduced(self._all_reduce)
         tok = max(s["targets"], 1.0)
-        row = {"kl": s["kd"] / tok, "ce": s["ce"] / tok, "ppl": math.exp(min(s["ce"] / tok, 50)),
-               "top1_agreement": _top1(s), "student_topk_mass": s["topk_mass"] / tok, "targets": int(s["targets"])}
+        row = {
+            "kl": s["kd"] / tok,
+            "ce": s["ce"] / tok,
+            "ppl": math.exp(min(s["ce"] / tok, 50)),
+            "top1_agreement": _top1(s),
+            "student_topk_mass": s["topk_mass"] / tok,
+            "targets": int(s["targets"]),
+        }
         if xtok:  # kl: the exact-map rows' KL averaged over every trained position (0 on the others)
             row.update(_xtok_shares(s), uld=s["uld"] / max(s["n_uld"], 1.0))
         self._log("eval", row)
@@ -545,30 +670,59 @@ class Trainer:
     def save(self, packer: Packer | None, last: bool = False) -> None:
         """Checkpoint the current step (every rank calls it; a step saved already is written again).
         `last`: the run's final checkpoint, whose weights final/ copies (gathered even when sharded)."""
-        trainer_state = {"stage_idx": self.stage_idx, "stage_step": self.stage_step, "world_size": self.world,
-                         "config": asdict(self.cfg)}
+        trainer_state = {
+            "stage_idx": self.stage_idx,
+            "stage_step": self.stage_step,
+            "world_size": self.world,
+            "config": asdict(self.cfg),
+        }
         rank_state = {"data": packer.state_dict() if packer is not None else None}
-        path = checkpoint.save(self.out, step=self.step, lm=self.lm, module=self.module, optimizer=self.optimizer,
-                               scheduler=self.scheduler, tokenizer=self.tokenizer, rank_state=rank_state,
-                               trainer_state=trainer_state, keep=self.cfg.keep_checkpoints, fsdp=self.fsdp,
-                               sharded=checkpoint.use_sharded(self.cfg.checkpoint_format, self.fsdp), last=last)
+        path = checkpoint.save(
+            self.out,
+            step=self.step,
+            lm=self.lm,
+            module=self.module,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            tokenizer=self.tokenizer,
+            rank_state=rank_state,
+            trainer_state=trainer_state,
+            keep=self.cfg.keep_checkpoints,
+            fsdp=self.fsdp,
+            sharded=checkpoint.use_sharded(self.cfg.checkpoint_format, self.fsdp),
+            last=last,
+        )
         if path is not None:
             log.info("checkpoint %s", path)
 
     # ==== helpers =================================================================================
     def _packer(self, stage: Stage) -> Packer:
-        readers = open_readers(stage.cache, rank=self.rank, world_size=self.world, shuffle=self.cfg.shuffle,
-                               seed=self.cfg.seed + self.stage_idx, epochs=stage.epochs or None,
-                               max_examples=stage.max_examples, verify=self.cfg.verify)
+        readers = open_readers(
+            stage.cache,
+            rank=self.rank,
+            world_size=self.world,
+            shuffle=self.cfg.shuffle,
+            seed=self.cfg.seed + self.stage_idx,
+            epochs=stage.epochs or None,
+            max_examples=stage.max_examples,
+            verify=self.cfg.verify,
+        )
         sizes = dict(input_size=self.input_size, output_size=self.output_size)
         xtok = self.xtok[self.stage_idx]
-        stream = ExampleStream(readers, split="train", eval_fraction=self.cfg.eval_fraction, fraction=stage.fraction,
-                               **({} if xtok else sizes))  # cached ids are the teacher's: checked once aligned
+        stream = ExampleStream(
+            readers,
+            split="train",
+            eval_fraction=self.cfg.eval_fraction,
+            fraction=stage.fraction,
+            **({} if xtok else sizes),
+        )  # cached ids are the teacher's: checked once aligned
         if xtok:
             stream = AlignedStream(stream, xtok["aligner"], xtok["vmap"], xtok["method"], **sizes)
         if not sum(r.num_examples() for r in readers):
-            raise InputError(f"stage {stage.name}: its caches hold no examples for this process "
-                             f"({', '.join(map(str, stage.cache))}); nothing to train: check --cache")
+            raise InputError(
+                f"stage {stage.name}: its caches hold no examples for this process "
+                f"({', '.join(map(str, stage.cache))}); nothing to train: check --cache"
+            )
         return Packer(stream, max_tokens=self.cfg.max_tokens, k=cache_k(readers), long_examples=self.cfg.long_examples)
 
     def _no_sync(self, skip_sync: bool):
@@ -611,8 +765,12 @@ class Trainer:
     def _log(self, split: str, row: dict) -> None:
         if not self.main:
             return
-        rec = {"step": self.step, "stage": self.stages[min(self.stage_idx, len(self.stages) - 1)].name,
-               "split": split, **row}
+        rec = {
+            "step": self.step,
+            "stage": self.stages[min(self.stage_idx, len(self.stages) - 1)].name,
+            "split": split,
+            **row,
+        }
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
@@ -652,15 +810,22 @@ def _dummy_batch() -> PackedBatch:
     """Two untrained tokens: lets a rank out of data (training) or without held-out data (eval) join the
     others' forwards and backwards with no effect on the update."""
     z = torch.zeros(1, 2, dtype=torch.long)
-    return PackedBatch(z, torch.arange(2)[None], torch.full((2,), IGNORE_INDEX), torch.full((2, 1), -1),
-                       torch.full((2, 1), -math.inf), 0)
+    return PackedBatch(
+        z,
+        torch.arange(2)[None],
+        torch.full((2,), IGNORE_INDEX),
+        torch.full((2, 1), -1),
+        torch.full((2, 1), -math.inf),
+        0,
+    )
 
 
 def run(cfg: TrainConfig) -> int:
     """setup -> train -> cleanup (the `kdcache train` entry)."""
     main = os.environ.get("RANK", "0") == "0"  # other ranks log warnings only
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     trainer = Trainer(cfg)
     try:
         trainer.setup()

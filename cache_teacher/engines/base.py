@@ -4,6 +4,7 @@ picks one.
 Both engines take `Templated` records (formats.template) and return the same structures, so
 run.py writes the same cache from either, up to numerics.
 """
+
 from __future__ import annotations
 
 import re
@@ -78,19 +79,30 @@ class EngineStartError(KDCacheError):
 
 # (text in vLLM's error, the flag that fixes it); the first match wins
 _VLLM_FIXES = (
-    ("desired CPU memory utilization", "leave out --gpu-memory-utilization (kdcache then sizes the KV cache from "
-     "the free memory), or pass --kv-cache-space-gb N below the free memory"),
+    (
+        "desired CPU memory utilization",
+        "leave out --gpu-memory-utilization (kdcache then sizes the KV cache from "
+        "the free memory), or pass --kv-cache-space-gb N below the free memory",
+    ),
     ("requested memory for kv", "a smaller --kv-cache-space-gb (or free memory used by other processes)"),
     ("KV cache is needed", "a larger --kv-cache-space-gb, or a smaller --max-length / --max-model-len"),
-    ("larger than the maximum number of tokens that can be stored in KV cache",
-     "a larger --kv-cache-space-gb, or a smaller --max-length / --max-model-len"),
+    (
+        "larger than the maximum number of tokens that can be stored in KV cache",
+        "a larger --kv-cache-space-gb, or a smaller --max-length / --max-model-len",
+    ),
     ("Unsupported CPU attention", "--engine hf (transformers runs any head size)"),
     ("CUDA out of memory", "a lower --gpu-memory-utilization or --max-num-batched-tokens"),
     ("No available memory for the cache blocks", "a higher --gpu-memory-utilization or --kv-cache-space-gb"),
 )
 # wrappers that only point elsewhere ("See root cause above"): never the root cause themselves
-_WRAPPERS = ("Engine core initialization failed", "WorkerProc initialization failed", "Worker failed",
-             "See root cause above", "EngineDeadError", "Worker proc")
+_WRAPPERS = (
+    "Engine core initialization failed",
+    "WorkerProc initialization failed",
+    "Worker failed",
+    "See root cause above",
+    "EngineDeadError",
+    "Worker proc",
+)
 # "ValueError: ...", also behind a log prefix: "(VllmWorker-0 pid=1) ERROR 11-30 09:35 [x.py:953] ValueError: ..."
 _ERROR_LINE = re.compile(r"(?:^|[\s\]])(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception)):\s+(\S.*)$")
 

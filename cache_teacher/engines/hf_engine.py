@@ -8,6 +8,7 @@ logprob and rank come from the chunk shifted by that logsumexp in place (no [T, 
 full [B, L, V] logits of a 4k-token batch would be 800 MB). Generate mode samples with `model.generate`, one prompt (n sequences) at a time, and takes
 the top-k from the raw (unprocessed) logits of each step.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,20 +51,28 @@ class HFEngine:
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(config.teacher, revision=config.revision,
-                                                              dtype=getattr(torch, config.dtype))
+            self.model = AutoModelForCausalLM.from_pretrained(
+                config.teacher, revision=config.revision, dtype=getattr(torch, config.dtype)
+            )
         except (OSError, ValueError) as exc:  # missing or broken checkpoint files, unknown architecture
-            raise EngineStartError(f"the hf engine cannot load the teacher {config.teacher!r}: "
-                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-                                   fix="--teacher DIR (a complete HF checkpoint; `kdcache prepare-teacher "
-                                   "smollm2-135m-instruct --out DIR` makes the offline one)") from exc
+            raise EngineStartError(
+                f"the hf engine cannot load the teacher {config.teacher!r}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+                fix="--teacher DIR (a complete HF checkpoint; `kdcache prepare-teacher "
+                "smollm2-135m-instruct --out DIR` makes the offline one)",
+            ) from exc
         self.model.to(self.device).eval()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
 
     def info(self) -> dict:
         c = self.config
-        return {"name_or_path": c.teacher, "revision": c.revision, "dtype": c.dtype, "engine": "hf",
-                "engine_version": self.version}
+        return {
+            "name_or_path": c.teacher,
+            "revision": c.revision,
+            "dtype": c.dtype,
+            "engine": "hf",
+            "engine_version": self.version,
+        }
 
     def _topk(self, logits, actual, k: int) -> Scored:
         """logits [N, V] (any float dtype) and actual token ids [N] -> Scored, in fp32.
@@ -80,17 +89,27 @@ class HFEngine:
         logits -= lse[:, None]  # in place: the rows' logprobs
         act = logits.gather(1, actual[:, None])[:, 0]
         ranks = rank_of(logits, act)
-        return Scored(top_ids.to(torch.int32).cpu().numpy(), (top - lse[:, None]).cpu().numpy().astype(np.float32),
-                      act.cpu().numpy().astype(np.float32), ranks.to(torch.int32).cpu().numpy())
+        return Scored(
+            top_ids.to(torch.int32).cpu().numpy(),
+            (top - lse[:, None]).cpu().numpy().astype(np.float32),
+            act.cpu().numpy().astype(np.float32),
+            ranks.to(torch.int32).cpu().numpy(),
+        )
 
     def _head_topk(self, head, hidden, actual, k: int) -> Scored:
         """The LM head and `_topk` over hidden rows [N, H], HEAD_CHUNK rows at a time."""
-        parts = [self._topk(head(hidden[s : s + HEAD_CHUNK]), actual[s : s + HEAD_CHUNK], k)
-                 for s in range(0, max(1, hidden.shape[0]), HEAD_CHUNK)]
+        parts = [
+            self._topk(head(hidden[s : s + HEAD_CHUNK]), actual[s : s + HEAD_CHUNK], k)
+            for s in range(0, max(1, hidden.shape[0]), HEAD_CHUNK)
+        ]
         if len(parts) == 1:
             return parts[0]
-        return Scored(*(np.concatenate([getattr(p, f) for p in parts])
-                        for f in ("topk_ids", "topk_logprobs", "target_logprobs", "target_ranks")))
+        return Scored(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("topk_ids", "topk_logprobs", "target_logprobs", "target_ranks")
+            )
+        )
 
     def _body(self, items, batch):
         """The decoder body over one padded batch: (hidden [B, L, H], input ids [B, L])."""
@@ -131,8 +150,12 @@ class HFEngine:
                 for i in batch:
                     n = len(items[i].target_positions)
                     sl = slice(start, start + n)
-                    results[i] = Scored(scored.topk_ids[sl], scored.topk_logprobs[sl],
-                                        scored.target_logprobs[sl], scored.target_ranks[sl])
+                    results[i] = Scored(
+                        scored.topk_ids[sl],
+                        scored.topk_logprobs[sl],
+                        scored.target_logprobs[sl],
+                        scored.target_ranks[sl],
+                    )
                     start += n
         return results  # type: ignore[return-value]
 
@@ -145,9 +168,16 @@ class HFEngine:
         eos = sorted(stop_ids)
         sample = c.temperature > 0
         gen_config = GenerationConfig(
-            do_sample=sample, temperature=c.temperature if sample else None, top_p=c.top_p if sample else None,
-            top_k=0 if sample else None, max_new_tokens=c.max_new_tokens, num_return_sequences=c.n,
-            eos_token_id=eos, pad_token_id=eos[0], output_logits=True, return_dict_in_generate=True,
+            do_sample=sample,
+            temperature=c.temperature if sample else None,
+            top_p=c.top_p if sample else None,
+            top_k=0 if sample else None,
+            max_new_tokens=c.max_new_tokens,
+            num_return_sequences=c.n,
+            eos_token_id=eos,
+            pad_token_id=eos[0],
+            output_logits=True,
+            return_dict_in_generate=True,
         )
         results = []
         with torch.inference_mode():
@@ -158,15 +188,16 @@ class HFEngine:
                 logits = torch.stack(out.logits, dim=1)  # [n, G, V] raw logits
                 samples = []
                 for j in range(out.sequences.shape[0]):
-                    tokens = out.sequences[j, prompt.shape[1]:]
+                    tokens = out.sequences[j, prompt.shape[1] :]
                     stops = [g for g, t in enumerate(tokens.tolist()) if t in eos]
                     length = stops[0] + 1 if stops else len(tokens)
                     tokens = tokens[:length]
                     scored = self._topk(logits[j, :length], tokens, c.k)
-                    samples.append(Generated(tokens.to(torch.int32).cpu().numpy(), scored, "stop" if stops else "length"))
+                    samples.append(
+                        Generated(tokens.to(torch.int32).cpu().numpy(), scored, "stop" if stops else "length")
+                    )
                 results.append(samples)
         return results
 
     def close(self) -> None:
         self.model = None
-

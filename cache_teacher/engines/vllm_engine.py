@@ -6,6 +6,7 @@ sampled) token first; `dense_prompt_topk` turns them into numpy arrays without p
 
 vLLM starts its workers with spawn: a script that builds this engine needs `if __name__ == "__main__":`.
 """
+
 from __future__ import annotations
 
 import os
@@ -189,8 +190,14 @@ class VLLMEngine:
 
     def info(self) -> dict:
         c = self.config
-        return {"name_or_path": c.teacher, "revision": c.revision, "dtype": c.dtype, "engine": "vllm",
-                "engine_version": self.version, "tensor_parallel_size": c.tensor_parallel_size}
+        return {
+            "name_or_path": c.teacher,
+            "revision": c.revision,
+            "dtype": c.dtype,
+            "engine": "vllm",
+            "engine_version": self.version,
+            "tensor_parallel_size": c.tensor_parallel_size,
+        }
 
     def _prompts(self, items):
         from vllm.inputs import TokensPrompt
@@ -263,9 +270,17 @@ class VLLMEngine:
             return samples
 
         params = [
-            SamplingParams(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_new_tokens,
-                           logprobs=c.k, flat_logprobs=True, detokenize=False, stop_token_ids=sorted(stop_ids),
-                           seed=stable_hash(item.id, f"sample:{c.seed}") % (2**31))
+            SamplingParams(
+                n=c.n,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                max_tokens=c.max_new_tokens,
+                logprobs=c.k,
+                flat_logprobs=True,
+                detokenize=False,
+                stop_token_ids=sorted(stop_ids),
+                seed=stable_hash(item.id, f"sample:{c.seed}") % (2**31),
+            )
             for item in items
         ]
         return self._run(items, params, extract)

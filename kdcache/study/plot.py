@@ -1,4 +1,5 @@
 """`kdcache plot RUN_DIR...`: loss curves from runs' metrics.jsonl as PNG (matplotlib, Agg)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,13 @@ def metric_name(m: str) -> str:
 def series_label(series: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in series.items()) or "all runs"
 
-PANELS = [("train", "loss", "train loss"), ("eval", "kl", "held-out KL(teacher || student)"),
-          ("eval", "ce", "held-out CE (nats/token)"), ("eval", "top1_agreement", "held-out top-1 agreement")]
+
+PANELS = [
+    ("train", "loss", "train loss"),
+    ("eval", "kl", "held-out KL(teacher || student)"),
+    ("eval", "ce", "held-out CE (nats/token)"),
+    ("eval", "top1_agreement", "held-out top-1 agreement"),
+]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -58,7 +64,7 @@ def study_figure(study: dict):
     cols = min(len(metrics), 3) or 1
     rows = -(-len(metrics) // cols) or 1
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.6), squeeze=False, layout="constrained")
-    for ax in axes.flat[len(metrics):]:
+    for ax in axes.flat[len(metrics) :]:
         ax.set_visible(False)
     # a colour per line (loss and series: teacher, stages, ...), a line style per loss: KD solid, SFT dashed
     keys = dict.fromkeys((g["loss"], series_label(g["series"]) if g["series"] else "") for g in study["groups"])
@@ -75,8 +81,16 @@ def study_figure(study: dict):
         for (loss, series), pts in lines.items():
             xs, ys, es = zip(*sorted(pts))
             label = f"{loss} ({series})" if series else loss
-            bar = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label, linestyle=styles.get(loss, ":"),
-                              color=colours[loss, series])
+            bar = ax.errorbar(
+                xs,
+                ys,
+                yerr=es,
+                marker="o",
+                capsize=3,
+                label=label,
+                linestyle=styles.get(loss, ":"),
+                color=colours[loss, series],
+            )
             legend.setdefault(label, bar)
         ax.set_xscale("log")
         fractions = sorted({x for pts in lines.values() for x, _, _ in pts})
@@ -85,8 +99,13 @@ def study_figure(study: dict):
         ax.set_title(metric_name(m), fontsize=10)
         ax.set_xlabel("training-data fraction (log)")
         ax.grid(alpha=0.3)
-    fig.legend(list(legend.values()), list(legend), loc="outside lower center", fontsize=7,
-               ncol=2 if len(legend) > 2 and max(map(len, legend)) < 60 else 1)
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="outside lower center",
+        fontsize=7,
+        ncol=2 if len(legend) > 2 and max(map(len, legend)) < 60 else 1,
+    )
     return fig
 
 

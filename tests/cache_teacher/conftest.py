@@ -1,5 +1,6 @@
 """Shared fixtures: the SmolLM2 teacher, a tiny random Llama with its tokenizer, Tulu sample rows, and
 one vLLM engine per session (engine start-up costs 20-60 s on the CPU)."""
+
 from __future__ import annotations
 
 import json
@@ -45,9 +46,17 @@ def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     config = LlamaConfig(
-        vocab_size=len(tok.get_vocab()), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
-        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok.get_vocab()),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)

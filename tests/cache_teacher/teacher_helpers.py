@@ -1,5 +1,6 @@
 """Helpers shared by the cache_teacher tests, imported relatively (`from .teacher_helpers import ...`):
 test folders are packages, so helpers and test files of different folders never shadow each other."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,20 @@ def make_config(**overrides):
     """A CacheConfig with test-friendly defaults (small k, short rows, no progress bar)."""
     from cache_teacher.config import make_config as _make
 
-    values = dict(k=8, max_length=256, progress=False, enforce_eager=True, gpu_memory_utilization=0.3,
-                  kv_cache_space_gb=1, max_model_len=640, max_new_tokens=24, batch_size=16, hf_batch_tokens=2048,
-                  dtype="float32", engine="hf")
+    values = dict(
+        k=8,
+        max_length=256,
+        progress=False,
+        enforce_eager=True,
+        gpu_memory_utilization=0.3,
+        kv_cache_space_gb=1,
+        max_model_len=640,
+        max_new_tokens=24,
+        batch_size=16,
+        hf_batch_tokens=2048,
+        dtype="float32",
+        engine="hf",
+    )
     values.update(overrides)
     return _make(**values)
 

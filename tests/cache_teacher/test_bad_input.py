@@ -2,6 +2,7 @@
 reject with its reason (written + rejected = input records), an unreadable input stops with one line before
 any output exists, work per record is bounded by --max-length, one job per folder, operational errors are
 one line."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def tiny_engine(tiny_dir):
 
 
 def rejects(cache) -> dict[str, str]:
-    return {r["id"]: r["reason"].split(":")[0] for r in map(json.loads, (cache / "rejects.jsonl").read_text().splitlines())}
+    return {
+        r["id"]: r["reason"].split(":")[0] for r in map(json.loads, (cache / "rejects.jsonl").read_text().splitlines())
+    }
 
 
 def cache_of(tiny_dir, engine, dataset, out, **kw):
@@ -40,12 +43,14 @@ def cache_of(tiny_dir, engine, dataset, out, **kw):
 def test_each_bad_line_is_a_reject_and_the_rest_is_written(tiny_dir, tiny_engine, tmp_path):
     line = lambda rid, messages=GOOD: json.dumps({"id": rid, "messages": messages}).encode()  # noqa: E731
     lines = [
-        b"\xef\xbb\xbf" + line("bom-first"),                       # a UTF-8 BOM: the first record is read
+        b"\xef\xbb\xbf" + line("bom-first"),  # a UTF-8 BOM: the first record is read
         b'{"id": "latin1", "messages": [{"role": "user", "content": "caf\xe9"}]}',  # not UTF-8
-        line("surrogate", [{"role": "user", "content": "\ud800"}, GOOD[1]]),   # a lone surrogate
-        b'{"id": "digits", "n": ' + b"9" * 5000 + b', "messages": []}',       # a 5,000-digit integer
-        b'{"id": "deep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",       # 100k-deep nesting
-        line("a"), line("a"), line("a#dup6"),                        # the id given to the duplicate is taken
+        line("surrogate", [{"role": "user", "content": "\ud800"}, GOOD[1]]),  # a lone surrogate
+        b'{"id": "digits", "n": ' + b"9" * 5000 + b', "messages": []}',  # a 5,000-digit integer
+        b'{"id": "deep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # 100k-deep nesting
+        line("a"),
+        line("a"),
+        line("a#dup6"),  # the id given to the duplicate is taken
         line("last"),
     ]
     path = tmp_path / "in.jsonl"
@@ -56,19 +61,29 @@ def test_each_bad_line_is_a_reject_and_the_rest_is_written(tiny_dir, tiny_engine
     assert got.pop("row-000000004") == "invalid_json" and got.pop("surrogate") == "invalid_text"
     assert got == {"a#dup6": "duplicate_id", "a#dup6#dup7": "duplicate_id"}
     m = load_manifest(tmp_path / "c")
-    assert m["counts"]["examples"] == 3 and m["counts"]["examples"] + m["counts"]["rejects"] == len(lines) == summary.inputs
+    assert (
+        m["counts"]["examples"] == 3
+        and m["counts"]["examples"] + m["counts"]["rejects"] == len(lines) == summary.inputs
+    )
     from formats.tools import verify_cache
 
     verify_cache(tmp_path / "c")
 
 
-@pytest.mark.parametrize("name,data,match", [
-    ("latin1.json", json.dumps([{"id": "x", "messages": GOOD}]).replace("Say", "S\u00e9y").encode("latin-1"), "not UTF-8"),
-    ("broken.json", b'[{"id": "x", "messages": ', "not valid JSON"),
-    ("fake.parquet", b"PAR1 but not really", "not a readable Parquet file"),
-    ("empty.jsonl", b"", "holds no records"),
-    ("blank.jsonl", b"\n\n  \n", "holds no records"),
-])
+@pytest.mark.parametrize(
+    "name,data,match",
+    [
+        (
+            "latin1.json",
+            json.dumps([{"id": "x", "messages": GOOD}]).replace("Say", "S\u00e9y").encode("latin-1"),
+            "not UTF-8",
+        ),
+        ("broken.json", b'[{"id": "x", "messages": ', "not valid JSON"),
+        ("fake.parquet", b"PAR1 but not really", "not a readable Parquet file"),
+        ("empty.jsonl", b"", "holds no records"),
+        ("blank.jsonl", b"\n\n  \n", "holds no records"),
+    ],
+)
 def test_an_unreadable_input_stops_with_one_line_before_any_output(tiny_dir, tmp_path, name, data, match):
     path = tmp_path / name
     path.write_bytes(data)
@@ -81,8 +96,10 @@ def test_work_per_record_is_bounded_by_max_length(tiny_dir, tiny_engine, tmp_pat
     many = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(200_000)]
     huge = [{"role": "user", "content": "word " * 4_000_000}, {"role": "assistant", "content": "ok"}]
     late = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a " * 600}]
-    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "many", "messages": many}, {"id": "huge", "messages": huge},
-                                               {"id": "late", "messages": late}])
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"id": "many", "messages": many}, {"id": "huge", "messages": huge}, {"id": "late", "messages": late}],
+    )
     t0 = time.perf_counter()
     cache_of(tiny_dir, tiny_engine, path, tmp_path / "c", max_length=64)
     assert time.perf_counter() - t0 < 60  # was hours (quadratic in turns) and gigabytes
@@ -99,9 +116,18 @@ def test_two_jobs_on_one_folder(tiny_dir, tiny_engine, tmp_path):
     """A second job on a folder another process is writing stops at once, naming the holder; once the
     holder is gone (it ended, or was killed: the kernel drops its lock) the folder is free."""
     path = write_jsonl(tmp_path / "in.jsonl", [{"id": "x", "messages": GOOD}])
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from formats.safe_write import FolderLock; "
-                               f"lock = FolderLock({str(tmp_path / 'c')!r}); print('locked', flush=True); sys.stdin.read()"],
-                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from formats.safe_write import FolderLock; "
+            f"lock = FolderLock({str(tmp_path / 'c')!r}); print('locked', flush=True); sys.stdin.read()",
+        ],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(InputError, match=rf"is being written by pid {holder.pid} on "):
@@ -128,9 +154,27 @@ def test_an_object_store_out_or_a_file_out_is_refused_before_anything_is_created
 def test_an_unreachable_hub_dataset_is_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
     pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    r = subprocess.run([sys.executable, "-m", "kdcache.cli", "cache", "--teacher", str(tiny_dir), "--dataset",
-                        "no-such-org/no-such-dataset", "--out", str(tmp_path / "c"), "--engine", "hf",
-                        "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdcache.cli",
+            "cache",
+            "--teacher",
+            str(tiny_dir),
+            "--dataset",
+            "no-such-org/no-such-dataset",
+            "--out",
+            str(tmp_path / "c"),
+            "--engine",
+            "hf",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "cannot load dataset 'no-such-org/no-such-dataset'" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr
     assert not (tmp_path / "c").exists()

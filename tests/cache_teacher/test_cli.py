@@ -1,4 +1,5 @@
 """cache_teacher.cli: `kdcache cache` flags, --help, dry run, and one-line errors."""
+
 from __future__ import annotations
 
 import kdcache.cli as kdcache_cli
@@ -20,8 +21,9 @@ def test_cli_help_documents_every_setting():
         if f.name not in ("command", "engine_reason", "dtype_reason"):  # set by the program, not by flags
             assert "--" + f.name.replace("_", "-") in text, f.name
     assert all(a.help for a in cache._actions)
-    args = parser.parse_args(["cache", "--teacher", "t", "--out", "o", "--k", "5", "--no-resume", "--sources", "a,b",
-                              "--sources", "c"])
+    args = parser.parse_args(
+        ["cache", "--teacher", "t", "--out", "o", "--k", "5", "--no-resume", "--sources", "a,b", "--sources", "c"]
+    )
     from cache_teacher.cli import config_from_args
 
     c = config_from_args(args)
@@ -40,8 +42,18 @@ def test_cli_dry_run_and_config_file(tiny_dir, rows_path, tmp_path, capsys):
 
 def test_cli_rerun_into_a_finished_cache_with_other_settings_fails(smollm2_dir, tiny_dir, rows_path, tmp_path, capsys):
     out = tmp_path / "c"
-    common = ["cache", "--dataset", str(rows_path), "--out", str(out), "--engine", "hf", "--max-examples", "0",
-              "--no-progress"]
+    common = [
+        "cache",
+        "--dataset",
+        str(rows_path),
+        "--out",
+        str(out),
+        "--engine",
+        "hf",
+        "--max-examples",
+        "0",
+        "--no-progress",
+    ]
     assert kdcache_cli.main([*common, "--teacher", str(smollm2_dir), "--k", "64"]) == 0  # finished (no inputs)
     before = (out / "manifest.json").read_text()
     assert kdcache_cli.main([*common, "--teacher", str(tiny_dir), "--k", "128"]) == 1

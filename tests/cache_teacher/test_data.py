@@ -1,4 +1,5 @@
 """cache_teacher.data: validation reasons, selection, local formats."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,23 @@ BAD = [
     ({"id": "b2", "messages": "hi"}, "messages_not_list"),
     ({"id": "b3", "messages": []}, "empty_messages"),
     ({"id": "b4", "messages": ["hi"]}, "message_not_dict"),
-    ({"id": "b5", "messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown_role"),
-    ({"id": "b6", "messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "non_string_content"),
+    (
+        {"id": "b5", "messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        "unknown_role",
+    ),
+    (
+        {"id": "b6", "messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
+        "non_string_content",
+    ),
     ({"id": "b7", "messages": [{"role": "user", "content": "x"}]}, "no_assistant_turn"),
-    ({"id": "b8", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}, "empty_assistant_content"),
-    ({"id": "b9", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]}, "non_string_content"),
+    (
+        {"id": "b8", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]},
+        "empty_assistant_content",
+    ),
+    (
+        {"id": "b9", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]},
+        "non_string_content",
+    ),
     (["not", "a", "dict"], "not_a_dict"),
 ]
 
@@ -63,7 +76,9 @@ def test_workers_partition_disjointly_and_fraction_is_stable(sample_rows, tmp_pa
     assert 30 < len(half) < 70 and half == ids(fraction=0.5, seed=1) and half != ids(fraction=0.5, seed=2)
     assert set(ids(fraction=0.25, seed=1)) <= set(half)  # nested sweeps: a smaller fraction is a subset
     assert ids(max_examples=7) == everything[:7]
-    assert sorted(sum((ids(max_examples=7, num_workers=2, worker_index=i) for i in range(2)), [])) == sorted(everything[:7])
+    assert sorted(sum((ids(max_examples=7, num_workers=2, worker_index=i) for i in range(2)), [])) == sorted(
+        everything[:7]
+    )
     assert ids(sources=["nope"]) == [] and len(ids(sources=["ai2-adapt-dev/oasst1_converted"])) == 100
 
 

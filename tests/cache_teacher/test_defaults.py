@@ -1,5 +1,6 @@
 """Hardware-aware defaults: --dtype auto / --engine auto resolved per machine and recorded, vLLM's CPU
 memory and core settings, and the one-line error of an engine that cannot start."""
+
 from __future__ import annotations
 
 import json
@@ -60,15 +61,18 @@ def test_float16_and_explicit_dtypes_only_when_asked(monkeypatch):
     assert hardware.auto_dtype("cpu")[0] != "float16"
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, "bfloat16"),
-    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "float32"),         # oneDNN's matmuls without bf16 instructions
-    ({"DNNL_MAX_CPU_ISA": "avx512_core"}, "float32"),     # AVX-512 but not its bf16 extension
-    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "bfloat16"),
-    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "bfloat16"),
-    ({"ATEN_CPU_CAPABILITY": "avx2"}, "float32"),         # ATen's kernels limited to AVX2
-    ({"ATEN_CPU_CAPABILITY": "avx512"}, "bfloat16"),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, "bfloat16"),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "float32"),  # oneDNN's matmuls without bf16 instructions
+        ({"DNNL_MAX_CPU_ISA": "avx512_core"}, "float32"),  # AVX-512 but not its bf16 extension
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "bfloat16"),
+        ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "bfloat16"),
+        ({"ATEN_CPU_CAPABILITY": "avx2"}, "float32"),  # ATen's kernels limited to AVX2
+        ({"ATEN_CPU_CAPABILITY": "avx512"}, "bfloat16"),
+    ],
+)
 def test_auto_dtype_follows_the_isa_torch_is_allowed_to_use(monkeypatch, env, expected):
     """A CPU with avx512_bf16 whose torch is capped below it (the environment variables that emulate an
     AVX2-only machine: bf16 matmuls then run ~4x slower than float32, docs/BENCHMARKS.md) is not native."""
@@ -109,13 +113,16 @@ def test_cpu_flags_read_from_proc_cpuinfo(monkeypatch, tmp_path):
 def fake_vllm(monkeypatch, installed: bool):
     import importlib.util
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if installed and name == "vllm" else None)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if installed and name == "vllm" else None
+    )
 
 
 def auto(**flags):
     """A config with every hardware-dependent setting left to auto (the test helper pins them)."""
-    return make_config(**{"teacher": "org/model", "out": "x", "engine": "auto", "dtype": "auto", "enforce_eager": None,
-                          **flags})
+    return make_config(
+        **{"teacher": "org/model", "out": "x", "engine": "auto", "dtype": "auto", "enforce_eager": None, **flags}
+    )
 
 
 def test_defaults_are_auto_and_resolve_per_device(monkeypatch):
@@ -149,8 +156,9 @@ def test_manifest_and_summary_record_the_resolved_dtype(monkeypatch, tiny_dir, s
 
     fake_cpu(monkeypatch, AVX2, "AMD EPYC")
     rows = write_jsonl(tmp_path / "rows.jsonl", sample_rows[:3])
-    config = make_config(teacher=str(tiny_dir), dataset=str(rows), out=str(tmp_path / "cache"), engine="auto",
-                         dtype="auto")
+    config = make_config(
+        teacher=str(tiny_dir), dataset=str(rows), out=str(tmp_path / "cache"), engine="auto", dtype="auto"
+    )
     assert (config.engine, config.dtype) == ("auto", "auto")
     import torch
 
@@ -232,8 +240,14 @@ def test_root_cause_of_a_captured_vllm_failure():
 
 def kdcache(*args):
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # teacher_helpers sets it
-    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "kdcache.cli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
 
 
 def test_hf_engine_that_cannot_load_says_so_in_one_line(tiny_dir, sample_rows, tmp_path):
@@ -242,7 +256,18 @@ def test_hf_engine_that_cannot_load_says_so_in_one_line(tiny_dir, sample_rows, t
     for weights in teacher.glob("*.safetensors"):
         weights.unlink()
     rows = write_jsonl(tmp_path / "rows.jsonl", sample_rows[:2])
-    args = ["cache", "--teacher", teacher, "--dataset", rows, "--out", tmp_path / "c", "--engine", "hf", "--no-progress"]
+    args = [
+        "cache",
+        "--teacher",
+        teacher,
+        "--dataset",
+        rows,
+        "--out",
+        tmp_path / "c",
+        "--engine",
+        "hf",
+        "--no-progress",
+    ]
     r = kdcache(*args)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
@@ -260,8 +285,22 @@ def test_vllm_that_cannot_start_says_why_in_one_line(smollm2_dir, sample_rows, t
     if torch.cuda.is_available():
         pytest.skip("the CPU backend's memory check")
     rows = write_jsonl(tmp_path / "rows.jsonl", sample_rows[:2])
-    r = kdcache("cache", "--teacher", smollm2_dir, "--dataset", rows, "--out", tmp_path / "c", "--engine", "vllm",
-                "--gpu-memory-utilization", "0.99", "--max-length", "256", "--no-progress")
+    r = kdcache(
+        "cache",
+        "--teacher",
+        smollm2_dir,
+        "--dataset",
+        rows,
+        "--out",
+        tmp_path / "c",
+        "--engine",
+        "vllm",
+        "--gpu-memory-utilization",
+        "0.99",
+        "--max-length",
+        "256",
+        "--no-progress",
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, (r.stdout + r.stderr)[-3000:]
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "ValueError: Available memory" in errors[0] and "--kv-cache-space-gb" in errors[0]

@@ -1,4 +1,5 @@
 """The hf engine against a plain per-record forward (padding, batching and gathers must not matter)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """cache_teacher.launch: N worker slices as Ray tasks on a local Ray (2 CPUs), merged into one cache."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,14 @@ pytestmark = pytest.mark.slow
 def test_ray_launcher_two_workers_equals_one_process(tiny_dir, sample_rows, tmp_path):
     pytest.importorskip("ray")
     path = write_jsonl(tmp_path / "rows.jsonl", sample_rows[:16] + [{"id": "bad", "messages": []}])
-    config = make_config(teacher=str(tiny_dir), dataset=str(path), out=str(tmp_path / "merged"), launcher="ray",
-                         num_workers=2, cpus_per_worker=1)
+    config = make_config(
+        teacher=str(tiny_dir),
+        dataset=str(path),
+        out=str(tmp_path / "merged"),
+        launcher="ray",
+        num_workers=2,
+        cpus_per_worker=1,
+    )
     summary = launch_ray(config)
     print(summary.report())
     assert all((d / "manifest.json").exists() for d in worker_dirs(config))

@@ -1,5 +1,6 @@
 """cache_teacher.run end to end on a tiny random Llama with the hf engine: accounting, resume after
 SIGKILL, worker slices + merge, dry run, generate mode + export-sft."""
+
 from __future__ import annotations
 
 import json
@@ -59,14 +60,20 @@ def test_every_input_is_written_or_rejected(tiny_dir, tiny_engine, sample_rows, 
     by_length = sorted(sample_rows, key=lambda r: sum(len(m["content"]) for m in r["messages"]))
     rows = by_length[:6] + bad + [{**by_length[-1], "id": "overlong"}]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
-    config = make_config(teacher=str(tiny_dir), dataset=str(path), out=str(tmp_path / "cache"), length_policy="drop",
-                         max_length=512)
+    config = make_config(
+        teacher=str(tiny_dir), dataset=str(path), out=str(tmp_path / "cache"), length_policy="drop", max_length=512
+    )
     summary = run_cache(config, engine=tiny_engine)
     manifest = load_manifest(tmp_path / "cache")
     got = rejects(tmp_path / "cache")
-    assert got == {"no-messages": "missing_messages", "no-assistant": "no_assistant_turn",
-                   "empty": "empty_assistant_content", "int-content": "non_string_content",
-                   "bad-role": "unknown_role", "overlong": "too_long"}
+    assert got == {
+        "no-messages": "missing_messages",
+        "no-assistant": "no_assistant_turn",
+        "empty": "empty_assistant_content",
+        "int-content": "non_string_content",
+        "bad-role": "unknown_role",
+        "overlong": "too_long",
+    }
     assert manifest["counts"]["examples"] + manifest["counts"]["rejects"] == len(rows) == summary.inputs
     assert manifest["counts"]["positions"] == summary.positions == summary.cache_positions
     assert manifest["teacher"]["engine"] == "hf" and manifest["tokenizer"]["fingerprint"]
@@ -99,16 +106,40 @@ sys.exit(kdcache_cli.main(ARGS))
 def test_sigkill_then_rerun_equals_uninterrupted(tiny_dir, tiny_engine, sample_rows, tmp_path):
     rows = sample_rows[:40] + [{"id": "bad"}]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
-    common = ["--teacher", str(tiny_dir), "--engine", "hf", "--dtype", "float32", "--dataset", str(path),
-              "--k", "8", "--max-length", "256", "--batch-size", "4", "--row-group-positions", "100",
-              "--shard-max-bytes", "1", "--no-progress"]
+    common = [
+        "--teacher",
+        str(tiny_dir),
+        "--engine",
+        "hf",
+        "--dtype",
+        "float32",
+        "--dataset",
+        str(path),
+        "--k",
+        "8",
+        "--max-length",
+        "256",
+        "--batch-size",
+        "4",
+        "--row-group-positions",
+        "100",
+        "--shard-max-bytes",
+        "1",
+        "--no-progress",
+    ]
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "kdcache.cli", "cache", *common, "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     # The same command, SIGKILLed by itself right after its third shard is published: a crash at a
     # known point, not at whatever point a polling loop happens to notice.
-    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_SHARDS, "3", "cache", *common, "--out", str(out)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER_SHARDS, "3", "cache", *common, "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len(list((out / "_progress").glob("*.parquet.json"))) == 3
     assert not (out / "manifest.json").exists()
@@ -132,8 +163,9 @@ def test_two_workers_and_merge_equal_one_worker(tiny_dir, tiny_engine, rows_path
     run_cache(one, engine=tiny_engine)
     parts = []
     for i in range(2):
-        c = make_config(teacher=str(tiny_dir), dataset=str(rows_path), out=str(tmp_path / f"w{i}"),
-                        num_workers=2, worker_index=i)
+        c = make_config(
+            teacher=str(tiny_dir), dataset=str(rows_path), out=str(tmp_path / f"w{i}"), num_workers=2, worker_index=i
+        )
         s = run_cache(c, engine=tiny_engine)
         assert s.examples > 0
         parts.append(tmp_path / f"w{i}")
@@ -146,8 +178,16 @@ def test_two_workers_and_merge_equal_one_worker(tiny_dir, tiny_engine, rows_path
 
 @pytest.mark.slow
 def test_generate_mode_and_export(tiny_dir, tiny_engine, rows_path, tmp_path):
-    config = make_config(teacher=str(tiny_dir), dataset=str(rows_path), out=str(tmp_path / "gen"), mode="generate",
-                         n=2, max_examples=3, temperature=0.8, max_new_tokens=16)
+    config = make_config(
+        teacher=str(tiny_dir),
+        dataset=str(rows_path),
+        out=str(tmp_path / "gen"),
+        mode="generate",
+        n=2,
+        max_examples=3,
+        temperature=0.8,
+        max_new_tokens=16,
+    )
     summary = run_cache(config, engine=tiny_engine)
     assert summary.examples == 6
     examples = read(tmp_path / "gen")
@@ -164,8 +204,9 @@ def test_generate_mode_and_export(tiny_dir, tiny_engine, rows_path, tmp_path):
     for ex in examples.values():  # the conversation as rendered: the prompt, then the reply as the assistant turn
         turns, messages = ex.meta["prompt_turns"], ex.meta["messages"]
         assert len(messages) == turns + 1 and messages[-1]["role"] == "assistant"
-        assert messages[-1]["content"] == tokenizer_of(tmp_path / "gen").decode(ex.input_ids[ex.target_positions].tolist(),
-                                                                                 skip_special_tokens=True)
+        assert messages[-1]["content"] == tokenizer_of(tmp_path / "gen").decode(
+            ex.input_ids[ex.target_positions].tolist(), skip_special_tokens=True
+        )
     n = export_sft(tmp_path / "gen", tmp_path / "sft.jsonl", keep_length=True)
     records = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert n == len(records) > 0
@@ -181,11 +222,14 @@ def tokenizer_of(cache):
 
 def test_the_cache_carries_the_tokenizer_and_the_conversations(tiny_dir, tiny_engine, sample_rows, tmp_path):
     rows = sample_rows[:6]
-    config = make_config(teacher=str(tiny_dir), dataset=str(write_jsonl(tmp_path / "rows.jsonl", rows)),
-                         out=str(tmp_path / "c"))
+    config = make_config(
+        teacher=str(tiny_dir), dataset=str(write_jsonl(tmp_path / "rows.jsonl", rows)), out=str(tmp_path / "c")
+    )
     run_cache(config, engine=tiny_engine)
     manifest = load_manifest(tmp_path / "c")
-    assert {e["file"] for e in manifest["tokenizer_files"]} == {p.name for p in (tmp_path / "c" / "tokenizer").iterdir()}
+    assert {e["file"] for e in manifest["tokenizer_files"]} == {
+        p.name for p in (tmp_path / "c" / "tokenizer").iterdir()
+    }
     assert verify_cache(tmp_path / "c")["tokenizer_files"] == len(manifest["tokenizer_files"])
     from transformers import AutoTokenizer
 
@@ -197,6 +241,7 @@ def test_the_cache_carries_the_tokenizer_and_the_conversations(tiny_dir, tiny_en
 
 
 # ---- resume compares every setting that changes the rows; generate-mode accounting (issue 9) ----
+
 
 class _TeacherDies(RuntimeError):
     pass
@@ -221,26 +266,56 @@ class _NoEngine:
 TINY = object()  # stands for the tiny_dir fixture's path
 # setting -> (another value, the key the refusal must name). The base run is generate mode.
 CHANGES = {
-    "temperature": (1.0, "sampling.temperature"), "top_p": (1.0, "sampling.top_p"), "n": (3, "sampling.n"),
-    "max_new_tokens": (8, "sampling.max_new_tokens"), "seed": (1, "sampling.seed"),
-    "max_length": (128, "template.max_length"), "length_policy": ("drop", "template.length_policy"),
-    "k": (4, "codec.k"), "mass": (0.9, "codec.mass"), "mode": ("score", "mode"),
-    "teacher": (TINY, "teacher.name_or_path"), "tokenizer": (TINY, "tokenizer.name_or_path"),
-    "revision": ("v2", "teacher.revision"), "engine": ("vllm", "teacher.engine"), "dtype": ("bfloat16", "teacher.dtype"),
-    "dataset": ("OTHER", "dataset.name"), "split": ("test", "dataset.split"), "sources": (["x"], "dataset.filters.sources"),
-    "fraction": (0.5, "dataset.filters.fraction"), "max_examples": (2, "dataset.filters.max_examples"),
+    "temperature": (1.0, "sampling.temperature"),
+    "top_p": (1.0, "sampling.top_p"),
+    "n": (3, "sampling.n"),
+    "max_new_tokens": (8, "sampling.max_new_tokens"),
+    "seed": (1, "sampling.seed"),
+    "max_length": (128, "template.max_length"),
+    "length_policy": ("drop", "template.length_policy"),
+    "k": (4, "codec.k"),
+    "mass": (0.9, "codec.mass"),
+    "mode": ("score", "mode"),
+    "teacher": (TINY, "teacher.name_or_path"),
+    "tokenizer": (TINY, "tokenizer.name_or_path"),
+    "revision": ("v2", "teacher.revision"),
+    "engine": ("vllm", "teacher.engine"),
+    "dtype": ("bfloat16", "teacher.dtype"),
+    "dataset": ("OTHER", "dataset.name"),
+    "split": ("test", "dataset.split"),
+    "sources": (["x"], "dataset.filters.sources"),
+    "fraction": (0.5, "dataset.filters.fraction"),
+    "max_examples": (2, "dataset.filters.max_examples"),
     "worker_index": (1, "dataset.filters.worker_index"),
 }
 # Settings that do not change the rows (or, where noted, are recorded only where they do).
 NOT_ROWS = {
     "dataset_revision",  # hub datasets only, recorded as dataset.revision (local files are hashed instead)
-    "streaming", "tensor_parallel_size",  # vLLM only: recorded as teacher.tensor_parallel_size
+    "streaming",
+    "tensor_parallel_size",  # vLLM only: recorded as teacher.tensor_parallel_size
     "num_workers",  # tested with worker_index (worker_index must stay below it)
-    "gpu_memory_utilization", "max_num_batched_tokens", "max_model_len", "enforce_eager", "kv_cache_space_gb",
-    "batch_size", "hf_batch_tokens", "out", "shard_max_bytes", "row_group_positions", "resume", "dry_run",
-    "dry_run_tokens_per_s", "progress", "launcher", "ray_address", "gpus_per_worker", "cpus_per_worker", "command",
+    "gpu_memory_utilization",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "enforce_eager",
+    "kv_cache_space_gb",
+    "batch_size",
+    "hf_batch_tokens",
+    "out",
+    "shard_max_bytes",
+    "row_group_positions",
+    "resume",
+    "dry_run",
+    "dry_run_tokens_per_s",
+    "progress",
+    "launcher",
+    "ray_address",
+    "gpus_per_worker",
+    "cpus_per_worker",
+    "command",
     "verbose",  # how much a failing engine start prints
-    "engine_reason", "dtype_reason",  # why auto chose the engine and dtype (recorded in extra.config; the choice itself is teacher.engine and teacher.dtype)
+    "engine_reason",
+    "dtype_reason",  # why auto chose the engine and dtype (recorded in extra.config; the choice itself is teacher.engine and teacher.dtype)
 }
 
 
@@ -252,12 +327,24 @@ def test_every_setting_is_classified():
 
 @pytest.mark.parametrize("finished", [False, True], ids=["unfinished", "finished"])
 @pytest.mark.parametrize("setting", sorted(CHANGES))
-def test_resume_with_another_setting_is_refused(setting, finished, smollm2_dir, tiny_dir, tokenizer, rows_path,
-                                                tmp_path):
+def test_resume_with_another_setting_is_refused(
+    setting, finished, smollm2_dir, tiny_dir, tokenizer, rows_path, tmp_path
+):
     from formats.errors import InputError
 
-    base = dict(teacher=str(smollm2_dir), dataset=str(rows_path), out=str(tmp_path / "c"), mode="generate", n=2,
-                temperature=0.7, top_p=0.9, max_new_tokens=16, seed=0, max_examples=0 if finished else 3, num_workers=2)
+    base = dict(
+        teacher=str(smollm2_dir),
+        dataset=str(rows_path),
+        out=str(tmp_path / "c"),
+        mode="generate",
+        n=2,
+        temperature=0.7,
+        top_p=0.9,
+        max_new_tokens=16,
+        seed=0,
+        max_examples=0 if finished else 3,
+        num_workers=2,
+    )
     if finished:
         run_cache(make_config(**base), engine=_NoEngine(), tokenizer=tokenizer)  # no inputs: finished at once
         assert (tmp_path / "c" / "manifest.json").exists()
@@ -266,8 +353,11 @@ def test_resume_with_another_setting_is_refused(setting, finished, smollm2_dir, 
             run_cache(make_config(**base), engine=_DyingEngine(), tokenizer=tokenizer)
         assert (tmp_path / "c" / "_progress" / "job.json").exists()
     value, key = CHANGES[setting]
-    value = {TINY: str(tiny_dir), "OTHER": str(write_jsonl(tmp_path / "other.jsonl", [{"id": "x"}]))}.get(value, value) \
-        if not isinstance(value, list) else value
+    value = (
+        {TINY: str(tiny_dir), "OTHER": str(write_jsonl(tmp_path / "other.jsonl", [{"id": "x"}]))}.get(value, value)
+        if not isinstance(value, list)
+        else value
+    )
     with pytest.raises(InputError) as info:
         run_cache(make_config(**{**base, setting: value}), engine=_NoEngine(), tokenizer=tokenizer)
     message = str(info.value)
@@ -278,8 +368,15 @@ def test_generate_mode_accounts_for_every_sample(tiny_dir, tiny_engine, sample_r
     rows = [sample_rows[0], {"id": "no-messages"}, {**sample_rows[1], "id": "overlong"}]
     rows[2]["messages"] = [{"role": "user", "content": "word " * 400}]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
-    config = make_config(teacher=str(tiny_dir), dataset=str(path), out=str(tmp_path / "gen"), mode="generate", n=2,
-                         max_new_tokens=8, max_length=128)
+    config = make_config(
+        teacher=str(tiny_dir),
+        dataset=str(path),
+        out=str(tmp_path / "gen"),
+        mode="generate",
+        n=2,
+        max_new_tokens=8,
+        max_length=128,
+    )
     summary = run_cache(config, engine=tiny_engine)
     counts = load_manifest(tmp_path / "gen")["counts"]
     assert (counts["examples"], counts["rejects"], counts["inputs"]) == (2, 4, 3 * 2)
@@ -290,14 +387,21 @@ def test_generate_mode_accounts_for_every_sample(tiny_dir, tiny_engine, sample_r
     assert (dry.examples, sum(dry.rejects.values())) == (2, 4)
 
 
-def test_a_merged_cache_with_other_settings_is_refused_before_the_workers_start(smollm2_dir, tokenizer, rows_path,
-                                                                                tmp_path):
+def test_a_merged_cache_with_other_settings_is_refused_before_the_workers_start(
+    smollm2_dir, tokenizer, rows_path, tmp_path
+):
     from cache_teacher.launch import worker_configs
     from cache_teacher.provenance import check_finished_cache
     from formats.errors import InputError
 
-    base = dict(teacher=str(smollm2_dir), dataset=str(rows_path), out=str(tmp_path / "merged"), max_examples=0,
-                num_workers=2, launcher="ray")
+    base = dict(
+        teacher=str(smollm2_dir),
+        dataset=str(rows_path),
+        out=str(tmp_path / "merged"),
+        max_examples=0,
+        num_workers=2,
+        launcher="ray",
+    )
     worker0 = worker_configs(make_config(**base))[0]
     run_cache(make_config(**{**worker0.to_dict(), "out": base["out"]}), engine=_NoEngine(), tokenizer=tokenizer)
     check_finished_cache(base["out"], worker0, tokenizer)  # the same settings: a rerun of a finished job
@@ -316,6 +420,7 @@ def test_engine_info_records_the_teachers_output_size(tmp_path):
 
     from cache_teacher.provenance import engine_info
 
-    LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                num_attention_heads=1).save_pretrained(tmp_path / "teacher")
+    LlamaConfig(
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1
+    ).save_pretrained(tmp_path / "teacher")
     assert engine_info(make_config(teacher=str(tmp_path / "teacher"), out=str(tmp_path / "out")))["output_size"] == 1024

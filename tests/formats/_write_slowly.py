@@ -1,5 +1,6 @@
 """Helper process for test_writer: writes a deterministic cache and, when asked, SIGKILLs itself
 right after its K-th shard is published (a crash at a known point, independent of timing)."""
+
 import os
 import signal
 import sys
@@ -19,7 +20,9 @@ def main():
     kill_after_shards = int(sys.argv[4]) if len(sys.argv) > 4 else None
     rng = np.random.default_rng(seed)
     examples = [make_example(rng, i) for i in range(60)]
-    with CacheWriter(out, codec=CodecConfig(k=8), provenance=PROVENANCE, row_group_positions=64, shard_max_bytes=3000) as w:
+    with CacheWriter(
+        out, codec=CodecConfig(k=8), provenance=PROVENANCE, row_group_positions=64, shard_max_bytes=3000
+    ) as w:
         for i, ex in enumerate(examples):
             if ex.id in w.done_ids:
                 continue

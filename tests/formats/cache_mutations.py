@@ -25,6 +25,7 @@ Reproduce one case in this process (tracebacks shown; builds the base caches fir
     HF_HUB_OFFLINE=1 .venv/bin/python -m tests.formats.cache_mutations fifo-shard
     HF_HUB_OFFLINE=1 .venv/bin/python -m tests.formats.cache_mutations --summary 500:0   # table, via workers
 """
+
 from __future__ import annotations
 
 import base64
@@ -47,14 +48,14 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-TIME_BOUND = float(os.environ.get("FUZZ_TIMEOUT", "20"))     # seconds per operation
-MEM_BOUND_MB = int(os.environ.get("FUZZ_MEM_MB", "1536"))     # above the worker's baseline
-MAX_SHOWN = 300                                             # characters of a message kept in a report
+TIME_BOUND = float(os.environ.get("FUZZ_TIMEOUT", "20"))  # seconds per operation
+MEM_BOUND_MB = int(os.environ.get("FUZZ_MEM_MB", "1536"))  # above the worker's baseline
+MAX_SHOWN = 300  # characters of a message kept in a report
 
 OPS = ("verify", "verify_checksums", "read", "merge", "summarize", "tokenizer")
-BASES = ("plain", "gen", "tok")                  # fuzzed; "donor" and "gendonor" only lend shards
+BASES = ("plain", "gen", "tok")  # fuzzed; "donor" and "gendonor" only lend shards
 BASE_WEIGHTS = (0.45, 0.30, 0.25)
-FIXED_CREATED = "2026-01-01T00:00:00Z"          # no clock in the bytes: a case mutates the same bytes every run
+FIXED_CREATED = "2026-01-01T00:00:00Z"  # no clock in the bytes: a case mutates the same bytes every run
 
 
 def ops_for(base: str) -> list[str]:
@@ -90,8 +91,9 @@ def _write(path, examples, rejects, provenance, codec):
 
     from .format_helpers import edit_manifest
 
-    with CacheWriter(path, codec=codec, provenance=provenance, output_size=1000, row_group_positions=64,
-                     shard_max_bytes=4000) as w:
+    with CacheWriter(
+        path, codec=codec, provenance=provenance, output_size=1000, row_group_positions=64, shard_max_bytes=4000
+    ) as w:
         for ex in examples:
             w.write(ex)
         for rid, reason in rejects:
@@ -119,14 +121,24 @@ def build_caches(root) -> dict[str, str]:
     rejects = [("r1", "too_long: 4100 tokens"), ("r2", "no assistant turn"), ("r3", "bad json: line 7")]
     _write(root / "plain", _examples(rng, 30, "ex", "score"), rejects, score, plain_codec)
     _write(root / "gen", _examples(rng, 24, "g", "generate"), rejects[:2], gen, gen_codec)
-    _write(root / "donor", _examples(rng, 22, "dn", "score", min_len=12), [("dr1", "too_long: 5000 tokens")], score,
-           plain_codec)
+    _write(
+        root / "donor",
+        _examples(rng, 22, "dn", "score", min_len=12),
+        [("dr1", "too_long: 5000 tokens")],
+        score,
+        plain_codec,
+    )
     _write(root / "gendonor", _examples(rng, 20, "gd", "generate", min_len=12), [], gen, gen_codec)
     tok = tiny_tokenizer()
     tok_dir = root / "tokenizer-src"
     tok.save_pretrained(tok_dir)
-    _write(root / "tok", _examples(rng, 12, "t", "score"), rejects[1:2], {**score, "tokenizer": tokenizer_info(tok, "tiny")},
-           plain_codec)
+    _write(
+        root / "tok",
+        _examples(rng, 12, "t", "score"),
+        rejects[1:2],
+        {**score, "tokenizer": tokenizer_info(tok, "tiny")},
+        plain_codec,
+    )
     add_tokenizer(root / "tok", str(tok_dir))
     from .format_helpers import edit_manifest
 
@@ -136,6 +148,7 @@ def build_caches(root) -> dict[str, str]:
 
 # ==== the mutation context =========================================================================
 
+
 class Raw:
     """JSON text written as it is (a 5,000-digit number, NaN, 100k-deep nesting, duplicate keys)."""
 
@@ -143,7 +156,9 @@ class Raw:
         self.text, self.label = text, label
 
     def __repr__(self):
-        return self.label or (self.text if len(self.text) < 40 else f"<raw {len(self.text)} chars: {self.text[:20]}...>")
+        return self.label or (
+            self.text if len(self.text) < 40 else f"<raw {len(self.text)} chars: {self.text[:20]}...>"
+        )
 
 
 def dump(obj) -> str:
@@ -185,7 +200,7 @@ class Ctx:
         self.base, self.cache, self.case_dir, self.bases = base, Path(cache), Path(cache).parent, bases
         self.rng, self.forced = rng, dict(forced or {})
         self.params: dict = {}
-        self.names: set[str] = set()   # names of the offending files (an error must name one, or the cache)
+        self.names: set[str] = set()  # names of the offending files (an error must name one, or the cache)
         self.lie_ok = False
 
     def pick(self, key, choices, weights=None):
@@ -223,13 +238,20 @@ class Ctx:
     def files(self) -> dict[str, list[str]]:
         """The cache's files by role (paths relative to the cache)."""
         m = self.manifest()
-        out = {"shard": [s["file"] for s in m["shards"]], "manifest": ["manifest.json"], "rejects": [], "card": ["README.md"],
-               "tokenizer": [f"tokenizer/{e['file']}" for e in m.get("tokenizer_files") or []]}
+        out = {
+            "shard": [s["file"] for s in m["shards"]],
+            "manifest": ["manifest.json"],
+            "rejects": [],
+            "card": ["README.md"],
+            "tokenizer": [f"tokenizer/{e['file']}" for e in m.get("tokenizer_files") or []],
+        }
         if m.get("rejects_file"):
             out["rejects"] = [m["rejects_file"]["file"]]
         return out
 
-    def target_file(self, roles=("shard", "manifest", "rejects", "tokenizer", "card"), weights=(6, 3, 2, 2, 0.5)) -> str:
+    def target_file(
+        self, roles=("shard", "manifest", "rejects", "tokenizer", "card"), weights=(6, 3, 2, 2, 0.5)
+    ) -> str:
         files = self.files()
         avail = [(r, w) for r, w in zip(roles, weights) if files.get(r)]
         role = self.pick("role", [r for r, _ in avail], [w for _, w in avail])
@@ -306,6 +328,7 @@ def remove(path: Path) -> None:
 # ==== mutation operators ===========================================================================
 # Each takes the Ctx and mutates ctx.cache in place; what it chose is in ctx.params.
 
+
 def m_flip(ctx: Ctx):
     """Bytes of a file flipped at random offsets (optionally the manifest then vouches for the new bytes)."""
     rel = ctx.target_file()
@@ -325,8 +348,13 @@ def m_truncate(ctx: Ctx):
     path = ctx.cache / rel
     size = path.stat().st_size
     how = ctx.pick("to", ["random", "zero", "minus_one", "half", "footer"], [5, 1, 1, 1, 1])
-    new = {"random": ctx.rng.randrange(max(1, size)), "zero": 0, "minus_one": max(0, size - 1), "half": size // 2,
-           "footer": max(0, size - 8)}[how]
+    new = {
+        "random": ctx.rng.randrange(max(1, size)),
+        "zero": 0,
+        "minus_one": max(0, size - 1),
+        "half": size // 2,
+        "footer": max(0, size - 8),
+    }[how]
     ctx.params["new_size"] = new
     with open(path, "r+b") as f:
         f.truncate(new)
@@ -339,9 +367,13 @@ def m_extend(ctx: Ctx):
     how = ctx.pick("junk", ["random", "zeros", "copy_of_itself", "json_tail", "parquet_magic"])
     n = ctx.randint("junk_bytes", 1, 4096)
     data = path.read_bytes()
-    junk = {"random": ctx.rng.randbytes(n), "zeros": bytes(n), "copy_of_itself": data,
-            "json_tail": b'\n{"id": "x", "reason": "junk"}\n' if rel.endswith(".jsonl") else b'{"format_version": 2}',
-            "parquet_magic": b"PAR1" + bytes(n) + b"PAR1"}[how]
+    junk = {
+        "random": ctx.rng.randbytes(n),
+        "zeros": bytes(n),
+        "copy_of_itself": data,
+        "json_tail": b'\n{"id": "x", "reason": "junk"}\n' if rel.endswith(".jsonl") else b'{"format_version": 2}',
+        "parquet_magic": b"PAR1" + bytes(n) + b"PAR1",
+    }[how]
     with open(path, "ab") as f:
         f.write(junk)
     _maybe_fixup(ctx, rel)
@@ -369,7 +401,11 @@ def m_shard_swap(ctx: Ctx):
         own = [(str(ctx.cache / e["file"]), e) for j, e in enumerate(m["shards"]) if j != i]
         if source == "own_cache" and not own:  # a one-shard cache: another cache's
             source = ctx.params["from"] = "any_cache"
-        pool = own if source == "own_cache" else ctx.donors(exclude=str(Path(ctx.bases[ctx.base]) / m["shards"][i]["file"]))
+        pool = (
+            own
+            if source == "own_cache"
+            else ctx.donors(exclude=str(Path(ctx.bases[ctx.base]) / m["shards"][i]["file"]))
+        )
         pool = [p for p in pool if p[1]["rows"] != m["shards"][i]["rows"]] or pool
         path = pool[ctx.randint("donor_index", 0, len(pool) - 1)][0]
     ctx.params["donor"] = str(Path(path).relative_to(Path(path).parents[1]))
@@ -384,43 +420,115 @@ HUGE_INT = "1" + "0" * 5000
 def hostile_values(orig) -> dict:
     """Hostile JSON values for a manifest field, by label (some derived from the original value)."""
     vals = {
-        "true": True, "false": False, "null": None, "zero": 0, "minus_one": -1, "empty_string": "", "empty_list": [],
-        "empty_object": {}, "2**31": 2**31, "2**63": 2**63, "2**64": 2**64, "-2**63": -2**63,
-        "huge_int_5000_digits": Raw(HUGE_INT, "10**5000"), "NaN": Raw("NaN"), "Infinity": Raw("Infinity"),
-        "-Infinity": Raw("-Infinity"), "1e400": Raw("1e400"), "-0.0": -0.0, "half": 0.5,
+        "true": True,
+        "false": False,
+        "null": None,
+        "zero": 0,
+        "minus_one": -1,
+        "empty_string": "",
+        "empty_list": [],
+        "empty_object": {},
+        "2**31": 2**31,
+        "2**63": 2**63,
+        "2**64": 2**64,
+        "-2**63": -(2**63),
+        "huge_int_5000_digits": Raw(HUGE_INT, "10**5000"),
+        "NaN": Raw("NaN"),
+        "Infinity": Raw("Infinity"),
+        "-Infinity": Raw("-Infinity"),
+        "1e400": Raw("1e400"),
+        "-0.0": -0.0,
+        "half": 0.5,
         "deep_array_100k": Raw("[" * 100_000 + "]" * 100_000, "[[[...100k]]]"),
         "deep_object_50k": Raw('{"a":' * 50_000 + "1" + "}" * 50_000, '{"a":{"a":...50k}}'),
-        "string": "kdcache", "esc_string": "\x1b[31mred\x1b[0m\r\n# injected", "long_string": "x" * 100_000,
-        "list_of_ints": [1, 2, 3], "object": {"a": 1},
-        "name_dotdot": "../x.parquet", "name_pct": "%2e%2e%2fx.parquet", "name_slash": "a/b", "name_esc": "\x1b[31mred.parquet",
-        "name_abs": "/etc/passwd", "name_nul": "x\x00.parquet", "name_backslash": "..\\x.parquet", "name_dot": ".",
+        "string": "kdcache",
+        "esc_string": "\x1b[31mred\x1b[0m\r\n# injected",
+        "long_string": "x" * 100_000,
+        "list_of_ints": [1, 2, 3],
+        "object": {"a": 1},
+        "name_dotdot": "../x.parquet",
+        "name_pct": "%2e%2e%2fx.parquet",
+        "name_slash": "a/b",
+        "name_esc": "\x1b[31mred.parquet",
+        "name_abs": "/etc/passwd",
+        "name_nul": "x\x00.parquet",
+        "name_backslash": "..\\x.parquet",
+        "name_dot": ".",
     }
     if isinstance(orig, int) and not isinstance(orig, bool):
-        vals.update(float_of_int=float(orig), string_of_int=str(orig), bool_of_int=bool(orig), plus_one=orig + 1,
-                    minus_one_of=orig - 1, negated=-orig if orig else -1, times_1000=orig * 1000)
+        vals.update(
+            float_of_int=float(orig),
+            string_of_int=str(orig),
+            bool_of_int=bool(orig),
+            plus_one=orig + 1,
+            minus_one_of=orig - 1,
+            negated=-orig if orig else -1,
+            times_1000=orig * 1000,
+        )
     elif isinstance(orig, float):
         vals.update(string_of_float=str(orig), int_of_float=int(orig))
     elif isinstance(orig, str):
         vals.update(upper=orig.upper(), with_space=orig + " ", with_nul=orig + "\x00", bytes_like=orig.encode().hex())
     elif isinstance(orig, list):
-        vals.update(doubled=orig + orig, one_element=orig[:1], nested=[orig], as_object={str(i): v for i, v in enumerate(orig)})
+        vals.update(
+            doubled=orig + orig, one_element=orig[:1], nested=[orig], as_object={str(i): v for i, v in enumerate(orig)}
+        )
     elif isinstance(orig, dict):
-        vals.update(as_list=list(orig.values()), with_unknown_key={**orig, "unknown_key": 1},
-                    without_a_key=dict(list(orig.items())[1:]))
+        vals.update(
+            as_list=list(orig.values()),
+            with_unknown_key={**orig, "unknown_key": 1},
+            without_a_key=dict(list(orig.items())[1:]),
+        )
     return vals
 
 
 INTERESTING_PATHS = [
-    ("format_version",), ("k",), ("codec",), ("codec", "k"), ("codec", "hot"), ("codec", "mass"), ("codec", "name"),
-    ("codec", "logprob_step"), ("mode",), ("counts",), ("counts", "examples"), ("counts", "positions"),
-    ("counts", "rejects"), ("counts", "bytes"), ("counts", "inputs"), ("counts", "rejects_by_reason"),
-    ("counts", "bytes_per_position"), ("shards",), ("shards", 0), ("shards", 0, "file"), ("shards", 0, "rows"),
-    ("shards", 1, "positions"), ("shards", 1, "bytes"), ("shards", 0, "sha256"), ("rejects_file",),
-    ("rejects_file", "file"), ("rejects_file", "count"), ("rejects_file", "sha256"), ("teacher", "output_size"),
-    ("tokenizer", "vocab_size"), ("extra", "template", "max_length"), ("extra", "sampling", "max_new_tokens"),
-    ("teacher", "name_or_path"), ("dataset", "name"), ("tokenizer", "fingerprint"), ("created",), ("command",),
-    ("teacher",), ("tokenizer",), ("dataset",), ("extra",), ("extra", "template"),
-    ("tokenizer_files",), ("tokenizer_files", 0, "file"), ("tokenizer_files", 0, "bytes"), ("tokenizer_files", 1, "sha256"),
+    ("format_version",),
+    ("k",),
+    ("codec",),
+    ("codec", "k"),
+    ("codec", "hot"),
+    ("codec", "mass"),
+    ("codec", "name"),
+    ("codec", "logprob_step"),
+    ("mode",),
+    ("counts",),
+    ("counts", "examples"),
+    ("counts", "positions"),
+    ("counts", "rejects"),
+    ("counts", "bytes"),
+    ("counts", "inputs"),
+    ("counts", "rejects_by_reason"),
+    ("counts", "bytes_per_position"),
+    ("shards",),
+    ("shards", 0),
+    ("shards", 0, "file"),
+    ("shards", 0, "rows"),
+    ("shards", 1, "positions"),
+    ("shards", 1, "bytes"),
+    ("shards", 0, "sha256"),
+    ("rejects_file",),
+    ("rejects_file", "file"),
+    ("rejects_file", "count"),
+    ("rejects_file", "sha256"),
+    ("teacher", "output_size"),
+    ("tokenizer", "vocab_size"),
+    ("extra", "template", "max_length"),
+    ("extra", "sampling", "max_new_tokens"),
+    ("teacher", "name_or_path"),
+    ("dataset", "name"),
+    ("tokenizer", "fingerprint"),
+    ("created",),
+    ("command",),
+    ("teacher",),
+    ("tokenizer",),
+    ("dataset",),
+    ("extra",),
+    ("extra", "template"),
+    ("tokenizer_files",),
+    ("tokenizer_files", 0, "file"),
+    ("tokenizer_files", 0, "bytes"),
+    ("tokenizer_files", 1, "sha256"),
 ]
 
 
@@ -446,8 +554,10 @@ def m_manifest_value(ctx: Ctx):
 
     every = [list(p) for p in json_paths(m) if p]
     path = ctx.pick("path", interesting if ctx.rng.random() < 0.7 or "path" in ctx.forced else every)
-    path = [int(k) if isinstance(k, str) and k.isdigit() and isinstance(_get(m, path[: path.index(k)]), list) else k
-            for k in path]
+    path = [
+        int(k) if isinstance(k, str) and k.isdigit() and isinstance(_get(m, path[: path.index(k)]), list) else k
+        for k in path
+    ]
     parent, key = _get(m, path[:-1]), path[-1]
     if ctx.pick("action", ["set", "delete"], [6, 1]) == "delete":
         del parent[key]
@@ -461,8 +571,20 @@ def m_manifest_value(ctx: Ctx):
 def m_manifest_dup_key(ctx: Ctx):
     """A key twice in one object of the manifest (raw JSON text): which one counts depends on the parser."""
     m = ctx.manifest()
-    objects = [list(p) for p in (("",), ("codec",), ("counts",), ("shards", 0), ("rejects_file",), ("teacher",),
-                                   ("extra", "template"), ("tokenizer_files", 0)) if p == ("",) or _exists(m, p)]
+    objects = [
+        list(p)
+        for p in (
+            ("",),
+            ("codec",),
+            ("counts",),
+            ("shards", 0),
+            ("rejects_file",),
+            ("teacher",),
+            ("extra", "template"),
+            ("tokenizer_files", 0),
+        )
+        if p == ("",) or _exists(m, p)
+    ]
     where = ctx.pick("object", objects)
     where = [] if where == [""] else where
     obj = _get(m, where)
@@ -475,9 +597,17 @@ def m_manifest_dup_key(ctx: Ctx):
         values = hostile_values(orig)
         value = values[ctx.pick("value", sorted(values))]
     else:
-        value = (orig + 1 if isinstance(orig, int) and not isinstance(orig, bool) else
-                 "part-00000.parquet" if key == "file" else 2 if key == "format_version" else {"k": 16} if key == "codec" else
-                 "other")
+        value = (
+            orig + 1
+            if isinstance(orig, int) and not isinstance(orig, bool)
+            else "part-00000.parquet"
+            if key == "file"
+            else 2
+            if key == "format_version"
+            else {"k": 16}
+            if key == "codec"
+            else "other"
+        )
     first = ctx.pick("dup_first", [True, False])
     items = [(k, v) for k, v in obj.items()]
     pos = [k for k, _ in items].index(key)
@@ -493,10 +623,22 @@ def m_manifest_dup_key(ctx: Ctx):
 def m_manifest_count(ctx: Ctx):
     """A count off by one (or more)."""
     m = ctx.manifest()
-    fields = [p for p in (("counts", "examples"), ("counts", "positions"), ("counts", "rejects"), ("counts", "bytes"),
-                          ("counts", "inputs"), ("shards", 0, "rows"), ("shards", 1, "positions"), ("shards", 0, "bytes"),
-                          ("rejects_file", "count"), ("tokenizer_files", 0, "bytes"))
-              if _exists(m, p)]
+    fields = [
+        p
+        for p in (
+            ("counts", "examples"),
+            ("counts", "positions"),
+            ("counts", "rejects"),
+            ("counts", "bytes"),
+            ("counts", "inputs"),
+            ("shards", 0, "rows"),
+            ("shards", 1, "positions"),
+            ("shards", 0, "bytes"),
+            ("rejects_file", "count"),
+            ("tokenizer_files", 0, "bytes"),
+        )
+        if _exists(m, p)
+    ]
     path = ctx.pick("path", [list(p) for p in fields])
     delta = ctx.pick("delta", [1, -1, 2, -2, 100])
     parent = _get(m, path[:-1])
@@ -512,8 +654,15 @@ def m_manifest_count(ctx: Ctx):
 def m_manifest_k(ctx: Ctx):
     m = ctx.manifest()
     how = ctx.pick("k", ["top_level_only", "codec_only", "both_16", "both_4", "both_65535", "both_65536", "both_0"])
-    value = {"top_level_only": 16, "codec_only": 16, "both_16": 16, "both_4": 4, "both_65535": 65535, "both_65536": 65536,
-             "both_0": 0}[how]
+    value = {
+        "top_level_only": 16,
+        "codec_only": 16,
+        "both_16": 16,
+        "both_4": 4,
+        "both_65535": 65535,
+        "both_65536": 65536,
+        "both_0": 0,
+    }[how]
     if how != "codec_only":
         m["k"] = value
     if how != "top_level_only":
@@ -527,9 +676,28 @@ def m_manifest_codec(ctx: Ctx):
     """Codec keys unknown or missing, another step, name, hot or mass."""
     m = ctx.manifest()
     c = m["codec"]
-    how = ctx.pick("codec", ["unknown_key", "drop_key", "logprob_step", "top1_step", "target_logprob_step", "name",
-                             "hot_2048", "hot_0", "hot_negative", "hot_huge", "mass_half", "mass_toggle", "mass_1.5",
-                             "mass_0", "mass_true", "steps_as_strings", "k_float"])
+    how = ctx.pick(
+        "codec",
+        [
+            "unknown_key",
+            "drop_key",
+            "logprob_step",
+            "top1_step",
+            "target_logprob_step",
+            "name",
+            "hot_2048",
+            "hot_0",
+            "hot_negative",
+            "hot_huge",
+            "mass_half",
+            "mass_toggle",
+            "mass_1.5",
+            "mass_0",
+            "mass_true",
+            "steps_as_strings",
+            "k_float",
+        ],
+    )
     if how == "unknown_key":
         c[ctx.pick("new_key", ["id_bits", "zstd_dict", "name2"])] = 1
     elif how == "drop_key":
@@ -561,10 +729,29 @@ def _set_shard_codecs(ctx: Ctx, codec: dict):
         ctx.touch(ctx.manifest()["shards"][i]["file"])
 
 
-HOSTILE_NAMES = ["../x.parquet", "%2e%2e%2fx.parquet", "a/b", "\x1b[31mred.parquet", "ABSOLUTE", "", ".", "..",
-                 "..\\x.parquet", "x\x00.parquet", "C:x.parquet", "~/x.parquet", "part-00000.parquet ", "é.parquet",
-                 "s3://bucket/x.parquet", "file:///etc/passwd", "y" * 300 + ".parquet", "part-00000.txt", ".hidden.parquet",
-                 "part-00000.parquet\n", "-" * 201 + ".parquet"]
+HOSTILE_NAMES = [
+    "../x.parquet",
+    "%2e%2e%2fx.parquet",
+    "a/b",
+    "\x1b[31mred.parquet",
+    "ABSOLUTE",
+    "",
+    ".",
+    "..",
+    "..\\x.parquet",
+    "x\x00.parquet",
+    "C:x.parquet",
+    "~/x.parquet",
+    "part-00000.parquet ",
+    "é.parquet",
+    "s3://bucket/x.parquet",
+    "file:///etc/passwd",
+    "y" * 300 + ".parquet",
+    "part-00000.txt",
+    ".hidden.parquet",
+    "part-00000.parquet\n",
+    "-" * 201 + ".parquet",
+]
 # What docs/FORMAT.md allows a manifest to name (a name like this is a legitimate rename, not an attack).
 SAFE_NAME = __import__("re").compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 
@@ -575,8 +762,10 @@ def m_manifest_name(ctx: Ctx):
     m = ctx.manifest()
     roles = ["shard", "rejects"] + (["tokenizer"] if m.get("tokenizer_files") else [])
     role = ctx.pick("role", roles, [3, 1, 1][: len(roles)])
-    name = ctx.pick("name", [n for n in HOSTILE_NAMES if not SAFE_NAME.fullmatch(n)
-                             or (role == "shard" and not n.endswith(".parquet"))])
+    name = ctx.pick(
+        "name",
+        [n for n in HOSTILE_NAMES if not SAFE_NAME.fullmatch(n) or (role == "shard" and not n.endswith(".parquet"))],
+    )
     if name == "ABSOLUTE":
         name = str(ctx.case_dir / "abs.parquet")
     if role == "shard":
@@ -591,8 +780,12 @@ def m_manifest_name(ctx: Ctx):
         orig = ctx.cache / m["rejects_file"]["file"]
         ctx.touch(orig.name)
         planted = ctx.case_dir / "planted-rejects.jsonl"  # as many rejects, other ids: reading it changes the data
-        planted.write_text("".join(json.dumps({"id": f"planted{j}", "reason": r["reason"], "source": ""}) + "\n"
-                                   for j, r in enumerate(map(json.loads, orig.read_text().splitlines()))))
+        planted.write_text(
+            "".join(
+                json.dumps({"id": f"planted{j}", "reason": r["reason"], "source": ""}) + "\n"
+                for j, r in enumerate(map(json.loads, orig.read_text().splitlines()))
+            )
+        )
         _plant(ctx, name, planted)
         m["rejects_file"].update(file=name, sha256=sha256_file(planted))
     else:
@@ -632,9 +825,25 @@ def _plant(ctx: Ctx, name: str, source, folder: Path | None = None):
 def m_manifest_entries(ctx: Ctx):
     """The shard list itself: an entry twice, missing, reordered, malformed."""
     m = ctx.manifest()
-    how = ctx.pick("entries", ["duplicate_entry", "duplicate_entry_counted", "same_sha256", "swap_order", "drop_entry",
-                               "drop_entry_counted", "missing_key", "extra_key", "not_a_list", "empty_list",
-                               "entry_not_object", "100k_entries", "rows_as_string", "sha256_uppercase"])
+    how = ctx.pick(
+        "entries",
+        [
+            "duplicate_entry",
+            "duplicate_entry_counted",
+            "same_sha256",
+            "swap_order",
+            "drop_entry",
+            "drop_entry_counted",
+            "missing_key",
+            "extra_key",
+            "not_a_list",
+            "empty_list",
+            "entry_not_object",
+            "100k_entries",
+            "rows_as_string",
+            "sha256_uppercase",
+        ],
+    )
     s, c = m["shards"], m["counts"]
     i = ctx.shard_index()
     ctx.touch(s[i]["file"])
@@ -676,10 +885,29 @@ def m_manifest_entries(ctx: Ctx):
 def m_manifest_bomb(ctx: Ctx):
     """The whole manifest.json replaced: JSON bombs, other encodings, not an object."""
     orig = (ctx.cache / "manifest.json").read_bytes()
-    how = ctx.pick("bomb", ["deep_array_100k", "deep_object_100k", "containers_3M", "int_100k_digits", "NaN", "big_65MiB",
-                            "utf8_bom", "utf16", "empty", "list", "string", "null", "invalid_utf8", "trailing_garbage",
-                            "two_documents", "lone_surrogate", "wide_object_1M_keys"], [3, 2, 2, 2, 1, 0.3, 1, 1, 1, 1, 1, 1,
-                                                                                      1, 1, 1, 1, 0.5])
+    how = ctx.pick(
+        "bomb",
+        [
+            "deep_array_100k",
+            "deep_object_100k",
+            "containers_3M",
+            "int_100k_digits",
+            "NaN",
+            "big_65MiB",
+            "utf8_bom",
+            "utf16",
+            "empty",
+            "list",
+            "string",
+            "null",
+            "invalid_utf8",
+            "trailing_garbage",
+            "two_documents",
+            "lone_surrogate",
+            "wide_object_1M_keys",
+        ],
+        [3, 2, 2, 2, 1, 0.3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0.5],
+    )
     text = {
         "deep_array_100k": lambda: b"[" * 100_000 + b"]" * 100_000,
         "deep_object_100k": lambda: b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
@@ -728,6 +956,7 @@ def _cell_edit(ctx: Ctx, column: str, fn):
         row = ctx.randint("row", 0, len(values) - 1)
         values[row] = fn(values[row], row, table)
         return replace_column(table, column, values)
+
     return edit
 
 
@@ -741,27 +970,68 @@ def m_shard_rewrite(ctx: Ctx):
     m = ctx.manifest()
     k = m["codec"]["k"]
     ctx.touch(m["shards"][i]["file"])
-    what = ctx.pick("rewrite", [
-        "extra_column", "drop_column", "retype_column", "duplicate_column", "meta_bomb", "meta_over_64MiB",
-        "finish_reason", "too_long", "mass_gt_1", "count_zero", "count_over_k", "stream_short", "stream_long",
-        "span_start_zero", "span_end_past_L", "span_overlap", "num_targets_off", "rank_zero", "id_empty", "id_5000_chars",
-        "input_id_out_of_range", "input_id_negative", "hot_table", "metadata"],
-        [2, 2, 2, 1, 4, 0.3, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4])
+    what = ctx.pick(
+        "rewrite",
+        [
+            "extra_column",
+            "drop_column",
+            "retype_column",
+            "duplicate_column",
+            "meta_bomb",
+            "meta_over_64MiB",
+            "finish_reason",
+            "too_long",
+            "mass_gt_1",
+            "count_zero",
+            "count_over_k",
+            "stream_short",
+            "stream_long",
+            "span_start_zero",
+            "span_end_past_L",
+            "span_overlap",
+            "num_targets_off",
+            "rank_zero",
+            "id_empty",
+            "id_5000_chars",
+            "input_id_out_of_range",
+            "input_id_negative",
+            "hot_table",
+            "metadata",
+        ],
+        [2, 2, 2, 1, 4, 0.3, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4],
+    )
     edit_table = edit_metadata = None
     if what == "extra_column":
 
         def edit_table(t):
             return t.append_column("evil", pa.array([1] * t.num_rows, pa.int64()))
     elif what == "drop_column":
-        col = ctx.pick("column", ["meta", "source", "topk_step_escape", "target_rank", "id", "finish_reason", "topk_code_b1"])
+        col = ctx.pick(
+            "column", ["meta", "source", "topk_step_escape", "target_rank", "id", "finish_reason", "topk_code_b1"]
+        )
 
         def edit_table(t):
             return t.drop_columns([col])
     elif what == "retype_column":
-        col, typ = ctx.pick("column", [["input_ids", "list<int64>"], ["id", "large_string"], ["topk_count", "large_binary"],
-                                       ["num_targets", "int64"], ["meta", "binary"], ["target_starts", "list<uint32>"]])
-        types = {"list<int64>": pa.list_(pa.int64()), "large_string": pa.large_string(), "large_binary": pa.large_binary(),
-                 "int64": pa.int64(), "binary": pa.binary(), "list<uint32>": pa.list_(pa.uint32())}
+        col, typ = ctx.pick(
+            "column",
+            [
+                ["input_ids", "list<int64>"],
+                ["id", "large_string"],
+                ["topk_count", "large_binary"],
+                ["num_targets", "int64"],
+                ["meta", "binary"],
+                ["target_starts", "list<uint32>"],
+            ],
+        )
+        types = {
+            "list<int64>": pa.list_(pa.int64()),
+            "large_string": pa.large_string(),
+            "large_binary": pa.large_binary(),
+            "int64": pa.int64(),
+            "binary": pa.binary(),
+            "list<uint32>": pa.list_(pa.uint32()),
+        }
 
         def edit_table(t):
             j = t.schema.get_field_index(col)
@@ -772,36 +1042,45 @@ def m_shard_rewrite(ctx: Ctx):
             return t.append_column(t.schema.field("id"), t.column("id"))
     elif what in ("meta_bomb", "meta_over_64MiB"):
         bomb = ctx.pick("bomb", sorted(META_BOMBS)) if what == "meta_bomb" else None
-        text = META_BOMBS[bomb] if bomb else '{"pad": "' + "a" * (64 << 20) + '"}'  # one row's meta beyond the 64 MiB cap (FORMAT.md check 4)
+        text = (
+            META_BOMBS[bomb] if bomb else '{"pad": "' + "a" * (64 << 20) + '"}'
+        )  # one row's meta beyond the 64 MiB cap (FORMAT.md check 4)
         edit_table = _cell_edit(ctx, "meta", lambda v, r, t: text)
     elif what == "finish_reason":
         value = ctx.pick("finish", ["stop", "length"] if m["mode"] == "score" else ["bogus", None, "", "\x1b[2J"])
         edit_table = _cell_edit(ctx, "finish_reason", lambda v, r, t: value)
     elif what == "too_long":
-        limit = m["extra"]["template"]["max_length"] + (m["extra"].get("sampling", {}).get("max_new_tokens", 0)
-                                                        if m["mode"] == "generate" else 0)
-        edit_table = _cell_edit(ctx, "input_ids", lambda v, r, t: v + [7] * (limit - len(v) + ctx.randint("over", 1, 50)))
+        limit = m["extra"]["template"]["max_length"] + (
+            m["extra"].get("sampling", {}).get("max_new_tokens", 0) if m["mode"] == "generate" else 0
+        )
+        edit_table = _cell_edit(
+            ctx, "input_ids", lambda v, r, t: v + [7] * (limit - len(v) + ctx.randint("over", 1, 50))
+        )
     elif what == "mass_gt_1":
+
         def edit_table(t):
             from .format_helpers import replace_column
 
             row = ctx.randint("row", 0, t.num_rows - 1)
             top1, step = t.column("topk_top1").to_pylist(), t.column("topk_step").to_pylist()
-            top1[row] = bytes(len(top1[row]))                            # top-1 logprob 0 at every position
-            step[row] = bytes(b if b == 255 else 0 for b in step[row])   # every other entry at the top-1's logprob
+            top1[row] = bytes(len(top1[row]))  # top-1 logprob 0 at every position
+            step[row] = bytes(b if b == 255 else 0 for b in step[row])  # every other entry at the top-1's logprob
             return replace_column(replace_column(t, "topk_top1", top1), "topk_step", step)
     elif what in ("count_zero", "count_over_k"):
         value = 0 if what == "count_zero" else min(255, k + 1)
         edit_table = _cell_edit(ctx, "topk_count", lambda v, r, t: bytes([value]) + v[1:])
     elif what in ("stream_short", "stream_long"):
-        col = ctx.pick("stream", ["topk_count", "topk_top1", "topk_code_b0", "topk_code_b1", "topk_step", "target_logprob",
-                                  "target_rank"])
+        col = ctx.pick(
+            "stream",
+            ["topk_count", "topk_top1", "topk_code_b0", "topk_code_b1", "topk_step", "target_logprob", "target_rank"],
+        )
         edit_table = _cell_edit(ctx, col, lambda v, r, t: v[:-1] if what == "stream_short" else v + b"\x01")
     elif what == "span_start_zero":
         edit_table = _cell_edit(ctx, "target_starts", lambda v, r, t: [0] + v[1:])
     elif what == "span_end_past_L":
         edit_table = _cell_edit(ctx, "target_ends", lambda v, r, t: v[:-1] + [len(t.column("input_ids")[r]) + 3])
     elif what == "span_overlap":
+
         def edit_table(t):
             from .format_helpers import replace_column
 
@@ -809,7 +1088,9 @@ def m_shard_rewrite(ctx: Ctx):
             s, e, n = (t.column(c).to_pylist() for c in ("target_starts", "target_ends", "num_targets"))
             s[row], e[row] = [s[row][0]] + s[row], [e[row][0]] + e[row]  # the first span twice
             n[row] += e[row][0] - s[row][0]
-            return replace_column(replace_column(replace_column(t, "target_starts", s), "target_ends", e), "num_targets", n)
+            return replace_column(
+                replace_column(replace_column(t, "target_starts", s), "target_ends", e), "num_targets", n
+            )
     elif what == "num_targets_off":
         edit_table = _cell_edit(ctx, "num_targets", lambda v, r, t: v + ctx.pick("delta", [1, -1]))
     elif what == "rank_zero":
@@ -823,8 +1104,19 @@ def m_shard_rewrite(ctx: Ctx):
     elif what == "input_id_negative":
         edit_table = _cell_edit(ctx, "input_ids", lambda v, r, t: v[:-1] + [-5])
     elif what == "hot_table":
-        how = ctx.pick("hot", ["duplicate_ids", "above_2**31", "too_many", "not_base64", "odd_length", "not_a_string",
-                               "ids_out_of_range", "missing"])
+        how = ctx.pick(
+            "hot",
+            [
+                "duplicate_ids",
+                "above_2**31",
+                "too_many",
+                "not_base64",
+                "odd_length",
+                "not_a_string",
+                "ids_out_of_range",
+                "missing",
+            ],
+        )
 
         def edit_metadata(raw):
             table = np.frombuffer(base64.b64decode(raw["hot_table"]), "<u4").astype(np.int64)
@@ -837,16 +1129,36 @@ def m_shard_rewrite(ctx: Ctx):
             elif how == "ids_out_of_range":
                 table = table + 5000
             enc = base64.b64encode(table.astype("<u4").tobytes()).decode()
-            value = {"not_base64": "!!not base64!!", "odd_length": enc[:-4] + base64.b64encode(b"abc").decode(),
-                     "not_a_string": 12345}.get(how, enc)
+            value = {
+                "not_base64": "!!not base64!!",
+                "odd_length": enc[:-4] + base64.b64encode(b"abc").decode(),
+                "not_a_string": 12345,
+            }.get(how, enc)
             out = {**raw, "hot_table": value}
             if how == "missing":
                 del out["hot_table"]
             return out
     else:
-        how = ctx.pick("metadata", ["extra_key", "missing_key", "format_version_2", "format_version_true", "id_bytes_3",
-                                    "id_bytes_4", "id_bytes_string", "codec_other", "codec_missing", "not_json", "deep_100k",
-                                    "too_big_2MiB", "dup_key", "list", "no_kdcache_key"])
+        how = ctx.pick(
+            "metadata",
+            [
+                "extra_key",
+                "missing_key",
+                "format_version_2",
+                "format_version_true",
+                "id_bytes_3",
+                "id_bytes_4",
+                "id_bytes_string",
+                "codec_other",
+                "codec_missing",
+                "not_json",
+                "deep_100k",
+                "too_big_2MiB",
+                "dup_key",
+                "list",
+                "no_kdcache_key",
+            ],
+        )
 
         def edit_metadata(raw):
             if how == "extra_key":
@@ -874,6 +1186,7 @@ def m_shard_rewrite(ctx: Ctx):
             if how == "list":
                 return json.dumps([raw]).encode()
             return b""
+
         if how == "no_kdcache_key":
             _drop_metadata(ctx, i)
             return
@@ -892,16 +1205,27 @@ def _drop_metadata(ctx: Ctx, i: int):
 
 # -- the file system --------------------------------------------------------------------------------
 
+
 def m_fs_replace(ctx: Ctx):
     """A file of the cache replaced by a symlink (outside, /dev/zero, dangling, a loop), a FIFO or a folder."""
     m = ctx.manifest()
-    roles = ["shard", "rejects", "card", "manifest"] + (["tokenizer", "tokenizer_dir"] if m.get("tokenizer_files") else [])
+    roles = ["shard", "rejects", "card", "manifest"] + (
+        ["tokenizer", "tokenizer_dir"] if m.get("tokenizer_files") else []
+    )
     role = ctx.pick("role", roles, [4, 2, 1, 1, 1, 1][: len(roles)])
     rel = "tokenizer" if role == "tokenizer_dir" else ctx.pick("file", ctx.files()[role])
     path = ctx.cache / rel
     ctx.touch(rel)
-    kinds = ["symlink_outside_same", "symlink_devzero", "symlink_devnull", "fifo", "directory", "symlink_dangling",
-             "symlink_loop", "symlink_inside"]
+    kinds = [
+        "symlink_outside_same",
+        "symlink_devzero",
+        "symlink_devnull",
+        "fifo",
+        "directory",
+        "symlink_dangling",
+        "symlink_loop",
+        "symlink_inside",
+    ]
     if role == "shard":
         kinds.append("symlink_outside_donor")
     if role == "tokenizer_dir":
@@ -944,20 +1268,37 @@ def m_shard_files(m):
 def m_fs_extra(ctx: Ctx):
     """Something the manifest does not list, added to the folder."""
     m = ctx.manifest()
-    kinds = ["unlisted_parquet", "unlisted_parquet_subdir", "unlisted_file", "fifo_extra", "symlink_extra_passwd",
-             "symlink_extra_devzero_parquet", "leftover_progress", "socket_extra", "hidden_dir_parquet"]
+    kinds = [
+        "unlisted_parquet",
+        "unlisted_parquet_subdir",
+        "unlisted_file",
+        "fifo_extra",
+        "symlink_extra_passwd",
+        "symlink_extra_devzero_parquet",
+        "leftover_progress",
+        "socket_extra",
+        "hidden_dir_parquet",
+    ]
     if m.get("tokenizer_files"):
         kinds += ["extra_tokenizer_file", "tokenizer_subdir"]
     else:
         kinds.append("tokenizer_dir_unlisted")
     what = ctx.pick("extra", kinds)
     first = ctx.cache / m["shards"][0]["file"]
-    name = {"unlisted_parquet": "part-00099.parquet", "unlisted_parquet_subdir": "sub/part-00000.parquet",
-            "unlisted_file": "notes.txt", "fifo_extra": "x.fifo", "symlink_extra_passwd": "evil",
-            "symlink_extra_devzero_parquet": "zero.parquet", "leftover_progress": "_progress/job.json",
-            "socket_extra": "s.sock", "hidden_dir_parquet": ".hidden/part-00000.parquet",
-            "extra_tokenizer_file": "tokenizer/evil.json", "tokenizer_subdir": "tokenizer/sub/vocab.json",
-            "tokenizer_dir_unlisted": "tokenizer/tokenizer.json"}[what]
+    name = {
+        "unlisted_parquet": "part-00099.parquet",
+        "unlisted_parquet_subdir": "sub/part-00000.parquet",
+        "unlisted_file": "notes.txt",
+        "fifo_extra": "x.fifo",
+        "symlink_extra_passwd": "evil",
+        "symlink_extra_devzero_parquet": "zero.parquet",
+        "leftover_progress": "_progress/job.json",
+        "socket_extra": "s.sock",
+        "hidden_dir_parquet": ".hidden/part-00000.parquet",
+        "extra_tokenizer_file": "tokenizer/evil.json",
+        "tokenizer_subdir": "tokenizer/sub/vocab.json",
+        "tokenizer_dir_unlisted": "tokenizer/tokenizer.json",
+    }[what]
     path = ctx.cache / name
     ctx.touch(name)
     ctx.names.add(name.split("/")[0])
@@ -994,10 +1335,31 @@ def m_rejects_edit(ctx: Ctx):
     ctx.touch(rel)
     path = ctx.cache / rel
     lines = path.read_bytes().splitlines()
-    how = ctx.pick("line", ["deep_array_100k", "deep_object_100k", "huge_int", "NaN", "dup_key", "not_object", "missing_id",
-                            "id_not_string", "reason_not_string", "example_id", "dup_id", "long_line_70KiB", "invalid_utf8",
-                            "extra_line", "missing_line", "reason_tally", "crlf", "blank_lines",
-                            "containers_100k", "huge_file"])
+    how = ctx.pick(
+        "line",
+        [
+            "deep_array_100k",
+            "deep_object_100k",
+            "huge_int",
+            "NaN",
+            "dup_key",
+            "not_object",
+            "missing_id",
+            "id_not_string",
+            "reason_not_string",
+            "example_id",
+            "dup_id",
+            "long_line_70KiB",
+            "invalid_utf8",
+            "extra_line",
+            "missing_line",
+            "reason_tally",
+            "crlf",
+            "blank_lines",
+            "containers_100k",
+            "huge_file",
+        ],
+    )
     j = ctx.randint("row", 0, len(lines) - 1)
     r = json.loads(lines[j])
     example_id = "ex0" if ctx.base == "plain" else "g0" if ctx.base == "gen" else "t0"
@@ -1060,70 +1422,169 @@ MUTATIONS = {  # kind: (weight, operator)
 REGRESSION = {
     # name: (base, kind, forced parameters)
     "flip-shard": ("plain", "flip", {"role": "shard", "file": "part-00001.parquet", "flips": 3, "fixup": "none"}),
-    "flip-shard-fixed-sha": ("plain", "flip", {"role": "shard", "file": "part-00000.parquet", "flips": 4, "fixup": "sha256"}),
+    "flip-shard-fixed-sha": (
+        "plain",
+        "flip",
+        {"role": "shard", "file": "part-00000.parquet", "flips": 4, "fixup": "sha256"},
+    ),
     "flip-manifest": ("gen", "flip", {"role": "manifest", "file": "manifest.json", "flips": 2}),
-    "flip-rejects-fixed-sha": ("plain", "flip", {"role": "rejects", "file": "rejects.jsonl", "flips": 2, "fixup": "sha256"}),
-    "flip-tokenizer-json-fixed-sha": ("tok", "flip", {"role": "tokenizer", "file": "tokenizer/tokenizer.json", "flips": 5,
-                                                      "fixup": "sha256"}),
-    "truncate-shard-footer-fixed-sha": ("plain", "truncate", {"role": "shard", "file": "part-00000.parquet", "to": "footer",
-                                                              "fixup": "sha256"}),
-    "truncate-shard-zero": ("gen", "truncate", {"role": "shard", "file": "part-00000.parquet", "to": "zero", "fixup": "none"}),
+    "flip-rejects-fixed-sha": (
+        "plain",
+        "flip",
+        {"role": "rejects", "file": "rejects.jsonl", "flips": 2, "fixup": "sha256"},
+    ),
+    "flip-tokenizer-json-fixed-sha": (
+        "tok",
+        "flip",
+        {"role": "tokenizer", "file": "tokenizer/tokenizer.json", "flips": 5, "fixup": "sha256"},
+    ),
+    "truncate-shard-footer-fixed-sha": (
+        "plain",
+        "truncate",
+        {"role": "shard", "file": "part-00000.parquet", "to": "footer", "fixup": "sha256"},
+    ),
+    "truncate-shard-zero": (
+        "gen",
+        "truncate",
+        {"role": "shard", "file": "part-00000.parquet", "to": "zero", "fixup": "none"},
+    ),
     "truncate-manifest-half": ("plain", "truncate", {"role": "manifest", "file": "manifest.json", "to": "half"}),
-    "extend-shard-fixed-sha": ("plain", "extend", {"role": "shard", "file": "part-00002.parquet", "junk": "random",
-                                                   "junk_bytes": 1000, "fixup": "sha256"}),
-    "extend-rejects-json-tail": ("plain", "extend", {"role": "rejects", "file": "rejects.jsonl", "junk": "json_tail",
-                                                     "junk_bytes": 1, "fixup": "sha256"}),
+    "extend-shard-fixed-sha": (
+        "plain",
+        "extend",
+        {"role": "shard", "file": "part-00002.parquet", "junk": "random", "junk_bytes": 1000, "fixup": "sha256"},
+    ),
+    "extend-rejects-json-tail": (
+        "plain",
+        "extend",
+        {"role": "rejects", "file": "rejects.jsonl", "junk": "json_tail", "junk_bytes": 1, "fixup": "sha256"},
+    ),
     "swap-foreign-shard": ("plain", "shard_swap", {"shard": 0, "from": "compatible_cache", "fixup": "none"}),
-    "swap-foreign-shard-fixed-sha": ("plain", "shard_swap", {"shard": 0, "from": "compatible_cache", "fixup": "sha256"}),
+    "swap-foreign-shard-fixed-sha": (
+        "plain",
+        "shard_swap",
+        {"shard": 0, "from": "compatible_cache", "fixup": "sha256"},
+    ),
     "swap-other-codec-shard-fixed-sha": ("gen", "shard_swap", {"shard": 1, "from": "any_cache", "fixup": "sha256"}),
     "swap-own-shard-fixed-sha": ("plain", "shard_swap", {"shard": 2, "from": "own_cache", "fixup": "sha256"}),
-    "manifest-version-true": ("plain", "manifest_value", {"path": ["format_version"], "action": "set", "value": "true"}),
-    "manifest-version-float": ("plain", "manifest_value", {"path": ["format_version"], "action": "set", "value": "float_of_int"}),
-    "manifest-rows-huge-int": ("plain", "manifest_value", {"path": ["shards", 0, "rows"], "action": "set",
-                                                           "value": "huge_int_5000_digits"}),
-    "manifest-rows-2**63": ("plain", "manifest_value", {"path": ["shards", 0, "rows"], "action": "set", "value": "2**63"}),
-    "manifest-examples-negative": ("gen", "manifest_value", {"path": ["counts", "examples"], "action": "set",
-                                                             "value": "minus_one"}),
+    "manifest-version-true": (
+        "plain",
+        "manifest_value",
+        {"path": ["format_version"], "action": "set", "value": "true"},
+    ),
+    "manifest-version-float": (
+        "plain",
+        "manifest_value",
+        {"path": ["format_version"], "action": "set", "value": "float_of_int"},
+    ),
+    "manifest-rows-huge-int": (
+        "plain",
+        "manifest_value",
+        {"path": ["shards", 0, "rows"], "action": "set", "value": "huge_int_5000_digits"},
+    ),
+    "manifest-rows-2**63": (
+        "plain",
+        "manifest_value",
+        {"path": ["shards", 0, "rows"], "action": "set", "value": "2**63"},
+    ),
+    "manifest-examples-negative": (
+        "gen",
+        "manifest_value",
+        {"path": ["counts", "examples"], "action": "set", "value": "minus_one"},
+    ),
     "manifest-bytes-NaN": ("plain", "manifest_value", {"path": ["counts", "bytes"], "action": "set", "value": "NaN"}),
-    "manifest-output-size-Infinity": ("plain", "manifest_value", {"path": ["teacher", "output_size"], "action": "set",
-                                                                  "value": "Infinity"}),
-    "manifest-max-length-string": ("plain", "manifest_value", {"path": ["extra", "template", "max_length"],
-                                                               "action": "set", "value": "string_of_int"}),
-    "manifest-shards-deep-array": ("plain", "manifest_value", {"path": ["shards"], "action": "set",
-                                                               "value": "deep_array_100k"}),
+    "manifest-output-size-Infinity": (
+        "plain",
+        "manifest_value",
+        {"path": ["teacher", "output_size"], "action": "set", "value": "Infinity"},
+    ),
+    "manifest-max-length-string": (
+        "plain",
+        "manifest_value",
+        {"path": ["extra", "template", "max_length"], "action": "set", "value": "string_of_int"},
+    ),
+    "manifest-shards-deep-array": (
+        "plain",
+        "manifest_value",
+        {"path": ["shards"], "action": "set", "value": "deep_array_100k"},
+    ),
     "manifest-counts-null": ("plain", "manifest_value", {"path": ["counts"], "action": "set", "value": "null"}),
-    "manifest-teacher-esc": ("plain", "manifest_value", {"path": ["teacher", "name_or_path"], "action": "set",
-                                                         "value": "esc_string"}),
+    "manifest-teacher-esc": (
+        "plain",
+        "manifest_value",
+        {"path": ["teacher", "name_or_path"], "action": "set", "value": "esc_string"},
+    ),
     "manifest-codec-deleted": ("plain", "manifest_value", {"path": ["codec"], "action": "delete"}),
-    "manifest-tokenizer-files-empty": ("tok", "manifest_value", {"path": ["tokenizer_files"], "action": "set",
-                                                                 "value": "empty_list"}),
-    "dup-key-format-version": ("plain", "manifest_dup_key", {"object": [""], "key": "format_version", "dup_value": "other",
-                                                             "dup_first": False}),
-    "dup-key-shard-file": ("plain", "manifest_dup_key", {"object": ["shards", 0], "key": "file", "dup_value": "other",
-                                                         "dup_first": True}),
-    "dup-key-codec-same-value": ("gen", "manifest_dup_key", {"object": ["codec"], "key": "k", "dup_value": "same",
-                                                             "dup_first": False}),
+    "manifest-tokenizer-files-empty": (
+        "tok",
+        "manifest_value",
+        {"path": ["tokenizer_files"], "action": "set", "value": "empty_list"},
+    ),
+    "dup-key-format-version": (
+        "plain",
+        "manifest_dup_key",
+        {"object": [""], "key": "format_version", "dup_value": "other", "dup_first": False},
+    ),
+    "dup-key-shard-file": (
+        "plain",
+        "manifest_dup_key",
+        {"object": ["shards", 0], "key": "file", "dup_value": "other", "dup_first": True},
+    ),
+    "dup-key-codec-same-value": (
+        "gen",
+        "manifest_dup_key",
+        {"object": ["codec"], "key": "k", "dup_value": "same", "dup_first": False},
+    ),
     "count-rows-plus-one": ("plain", "manifest_count", {"path": ["shards", 0, "rows"], "delta": 1, "consistent": True}),
-    "count-rejects-minus-one": ("plain", "manifest_count", {"path": ["counts", "rejects"], "delta": -1, "consistent": False}),
+    "count-rejects-minus-one": (
+        "plain",
+        "manifest_count",
+        {"path": ["counts", "rejects"], "delta": -1, "consistent": False},
+    ),
     "count-inputs-plus-one": ("gen", "manifest_count", {"path": ["counts", "inputs"], "delta": 1, "consistent": False}),
     "k-top-level-only": ("plain", "manifest_k", {"k": "top_level_only"}),
     "k-both-16-shards-too": ("plain", "manifest_k", {"k": "both_16", "shards_too": True}),
     "k-both-65536": ("gen", "manifest_k", {"k": "both_65536", "shards_too": False}),
-    "codec-unknown-key": ("plain", "manifest_codec", {"codec": "unknown_key", "new_key": "id_bits", "shards_too": False}),
+    "codec-unknown-key": (
+        "plain",
+        "manifest_codec",
+        {"codec": "unknown_key", "new_key": "id_bits", "shards_too": False},
+    ),
     "codec-logprob-step-shards-too": ("plain", "manifest_codec", {"codec": "logprob_step", "shards_too": True}),
     "codec-mass-toggle-shards-too": ("gen", "manifest_codec", {"codec": "mass_toggle", "shards_too": True}),
     "codec-hot-0-shards-too": ("plain", "manifest_codec", {"codec": "hot_0", "shards_too": True}),
-    "name-dotdot": ("plain", "manifest_name", {"role": "shard", "name": "../x.parquet", "shard": 1, "remove_original": True}),
-    "name-percent-encoded": ("plain", "manifest_name", {"role": "shard", "name": "%2e%2e%2fx.parquet", "shard": 0,
-                                                        "remove_original": True}),
+    "name-dotdot": (
+        "plain",
+        "manifest_name",
+        {"role": "shard", "name": "../x.parquet", "shard": 1, "remove_original": True},
+    ),
+    "name-percent-encoded": (
+        "plain",
+        "manifest_name",
+        {"role": "shard", "name": "%2e%2e%2fx.parquet", "shard": 0, "remove_original": True},
+    ),
     "name-slash": ("gen", "manifest_name", {"role": "shard", "name": "a/b", "shard": 0, "remove_original": True}),
-    "name-esc": ("plain", "manifest_name", {"role": "shard", "name": "\x1b[31mred.parquet", "shard": 2,
-                                            "remove_original": True}),
-    "name-absolute": ("plain", "manifest_name", {"role": "shard", "name": "ABSOLUTE", "shard": 0, "remove_original": True}),
+    "name-esc": (
+        "plain",
+        "manifest_name",
+        {"role": "shard", "name": "\x1b[31mred.parquet", "shard": 2, "remove_original": True},
+    ),
+    "name-absolute": (
+        "plain",
+        "manifest_name",
+        {"role": "shard", "name": "ABSOLUTE", "shard": 0, "remove_original": True},
+    ),
     "name-empty": ("plain", "manifest_name", {"role": "shard", "name": "", "shard": 0, "remove_original": False}),
-    "name-rejects-dotdot": ("plain", "manifest_name", {"role": "rejects", "name": "../x.parquet", "remove_original": True}),
-    "name-tokenizer-dotdot": ("tok", "manifest_name", {"role": "tokenizer", "name": "../tokenizer.json",
-                                                       "tokenizer_file": 0, "remove_original": True}),
+    "name-rejects-dotdot": (
+        "plain",
+        "manifest_name",
+        {"role": "rejects", "name": "../x.parquet", "remove_original": True},
+    ),
+    "name-tokenizer-dotdot": (
+        "tok",
+        "manifest_name",
+        {"role": "tokenizer", "name": "../tokenizer.json", "tokenizer_file": 0, "remove_original": True},
+    ),
     "entries-duplicate-counted": ("plain", "manifest_entries", {"entries": "duplicate_entry_counted", "shard": 0}),
     "entries-drop-counted": ("plain", "manifest_entries", {"entries": "drop_entry_counted", "shard": 1}),
     "entries-not-a-list": ("gen", "manifest_entries", {"entries": "not_a_list", "shard": 0}),
@@ -1137,21 +1598,45 @@ REGRESSION = {
     "manifest-utf16": ("plain", "manifest_bomb", {"bomb": "utf16"}),
     "manifest-lone-surrogate": ("plain", "manifest_bomb", {"bomb": "lone_surrogate"}),
     "rewrite-extra-column": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "extra_column"}),
-    "rewrite-retype-input-ids": ("plain", "shard_rewrite", {"shard": 1, "rewrite": "retype_column",
-                                                            "column": ["input_ids", "list<int64>"]}),
-    "rewrite-meta-deep": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "meta_bomb", "bomb": "deep_array_100k", "row": 2}),
-    "rewrite-meta-huge-int": ("gen", "shard_rewrite", {"shard": 0, "rewrite": "meta_bomb", "bomb": "huge_int", "row": 0}),
-    "rewrite-meta-dup-key": ("plain", "shard_rewrite", {"shard": 2, "rewrite": "meta_bomb", "bomb": "dup_key", "row": 1}),
+    "rewrite-retype-input-ids": (
+        "plain",
+        "shard_rewrite",
+        {"shard": 1, "rewrite": "retype_column", "column": ["input_ids", "list<int64>"]},
+    ),
+    "rewrite-meta-deep": (
+        "plain",
+        "shard_rewrite",
+        {"shard": 0, "rewrite": "meta_bomb", "bomb": "deep_array_100k", "row": 2},
+    ),
+    "rewrite-meta-huge-int": (
+        "gen",
+        "shard_rewrite",
+        {"shard": 0, "rewrite": "meta_bomb", "bomb": "huge_int", "row": 0},
+    ),
+    "rewrite-meta-dup-key": (
+        "plain",
+        "shard_rewrite",
+        {"shard": 2, "rewrite": "meta_bomb", "bomb": "dup_key", "row": 1},
+    ),
     "rewrite-meta-over-64MiB": ("plain", "shard_rewrite", {"shard": 1, "rewrite": "meta_over_64MiB", "row": 0}),
-    "rewrite-finish-stop-in-score": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "finish_reason", "finish": "stop",
-                                                                "row": 3}),
-    "rewrite-finish-bogus-in-generate": ("gen", "shard_rewrite", {"shard": 0, "rewrite": "finish_reason", "finish": "bogus",
-                                                                  "row": 1}),
+    "rewrite-finish-stop-in-score": (
+        "plain",
+        "shard_rewrite",
+        {"shard": 0, "rewrite": "finish_reason", "finish": "stop", "row": 3},
+    ),
+    "rewrite-finish-bogus-in-generate": (
+        "gen",
+        "shard_rewrite",
+        {"shard": 0, "rewrite": "finish_reason", "finish": "bogus", "row": 1},
+    ),
     "rewrite-too-long": ("plain", "shard_rewrite", {"shard": 1, "rewrite": "too_long", "row": 0, "over": 5}),
     "rewrite-mass-gt-1": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "mass_gt_1", "row": 1}),
     "rewrite-count-over-k": ("gen", "shard_rewrite", {"shard": 1, "rewrite": "count_over_k", "row": 0}),
-    "rewrite-stream-short": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "stream_short", "stream": "topk_step",
-                                                        "row": 0}),
+    "rewrite-stream-short": (
+        "plain",
+        "shard_rewrite",
+        {"shard": 0, "rewrite": "stream_short", "stream": "topk_step", "row": 0},
+    ),
     "rewrite-span-overlap": ("plain", "shard_rewrite", {"shard": 2, "rewrite": "span_overlap", "row": 0}),
     "rewrite-rank-zero": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "rank_zero", "row": 0}),
     "rewrite-input-id-negative": ("plain", "shard_rewrite", {"shard": 1, "rewrite": "input_id_negative", "row": 1}),
@@ -1167,23 +1652,66 @@ REGRESSION = {
     "fifo-manifest": ("plain", "fs_replace", {"role": "manifest", "file": "manifest.json", "replace_with": "fifo"}),
     "fifo-rejects": ("gen", "fs_replace", {"role": "rejects", "file": "rejects.jsonl", "replace_with": "fifo"}),
     "fifo-readme": ("plain", "fs_replace", {"role": "card", "file": "README.md", "replace_with": "fifo"}),
-    "fifo-tokenizer-file": ("tok", "fs_replace", {"role": "tokenizer", "file": "tokenizer/tokenizer.json",
-                                                  "replace_with": "fifo"}),
-    "devzero-shard": ("plain", "fs_replace", {"role": "shard", "file": "part-00000.parquet", "replace_with": "symlink_devzero"}),
-    "devzero-rejects": ("plain", "fs_replace", {"role": "rejects", "file": "rejects.jsonl", "replace_with": "symlink_devzero"}),
-    "devzero-manifest": ("gen", "fs_replace", {"role": "manifest", "file": "manifest.json", "replace_with": "symlink_devzero"}),
-    "symlink-shard-outside-donor": ("plain", "fs_replace", {"role": "shard", "file": "part-00002.parquet",
-                                                            "replace_with": "symlink_outside_donor"}),
-    "symlink-shard-outside-same": ("gen", "fs_replace", {"role": "shard", "file": "part-00000.parquet",
-                                                         "replace_with": "symlink_outside_same"}),
-    "symlink-readme-outside": ("plain", "fs_replace", {"role": "card", "file": "README.md",
-                                                       "replace_with": "symlink_outside_same"}),
-    "symlink-rejects-loop": ("plain", "fs_replace", {"role": "rejects", "file": "rejects.jsonl", "replace_with": "symlink_loop"}),
-    "symlink-tokenizer-file-outside": ("tok", "fs_replace", {"role": "tokenizer", "file": "tokenizer/tokenizer_config.json",
-                                                             "replace_with": "symlink_outside_same"}),
-    "symlink-tokenizer-dir-outside": ("tok", "fs_replace", {"role": "tokenizer_dir", "replace_with": "symlink_outside_same"}),
-    "directory-shard": ("plain", "fs_replace", {"role": "shard", "file": "part-00001.parquet", "replace_with": "directory"}),
-    "directory-manifest": ("plain", "fs_replace", {"role": "manifest", "file": "manifest.json", "replace_with": "directory"}),
+    "fifo-tokenizer-file": (
+        "tok",
+        "fs_replace",
+        {"role": "tokenizer", "file": "tokenizer/tokenizer.json", "replace_with": "fifo"},
+    ),
+    "devzero-shard": (
+        "plain",
+        "fs_replace",
+        {"role": "shard", "file": "part-00000.parquet", "replace_with": "symlink_devzero"},
+    ),
+    "devzero-rejects": (
+        "plain",
+        "fs_replace",
+        {"role": "rejects", "file": "rejects.jsonl", "replace_with": "symlink_devzero"},
+    ),
+    "devzero-manifest": (
+        "gen",
+        "fs_replace",
+        {"role": "manifest", "file": "manifest.json", "replace_with": "symlink_devzero"},
+    ),
+    "symlink-shard-outside-donor": (
+        "plain",
+        "fs_replace",
+        {"role": "shard", "file": "part-00002.parquet", "replace_with": "symlink_outside_donor"},
+    ),
+    "symlink-shard-outside-same": (
+        "gen",
+        "fs_replace",
+        {"role": "shard", "file": "part-00000.parquet", "replace_with": "symlink_outside_same"},
+    ),
+    "symlink-readme-outside": (
+        "plain",
+        "fs_replace",
+        {"role": "card", "file": "README.md", "replace_with": "symlink_outside_same"},
+    ),
+    "symlink-rejects-loop": (
+        "plain",
+        "fs_replace",
+        {"role": "rejects", "file": "rejects.jsonl", "replace_with": "symlink_loop"},
+    ),
+    "symlink-tokenizer-file-outside": (
+        "tok",
+        "fs_replace",
+        {"role": "tokenizer", "file": "tokenizer/tokenizer_config.json", "replace_with": "symlink_outside_same"},
+    ),
+    "symlink-tokenizer-dir-outside": (
+        "tok",
+        "fs_replace",
+        {"role": "tokenizer_dir", "replace_with": "symlink_outside_same"},
+    ),
+    "directory-shard": (
+        "plain",
+        "fs_replace",
+        {"role": "shard", "file": "part-00001.parquet", "replace_with": "directory"},
+    ),
+    "directory-manifest": (
+        "plain",
+        "fs_replace",
+        {"role": "manifest", "file": "manifest.json", "replace_with": "directory"},
+    ),
     "unlisted-part-00099": ("plain", "fs_extra", {"extra": "unlisted_parquet"}),
     "unlisted-parquet-in-subdir": ("gen", "fs_extra", {"extra": "unlisted_parquet_subdir"}),
     "extra-fifo": ("plain", "fs_extra", {"extra": "fifo_extra"}),
@@ -1198,9 +1726,17 @@ REGRESSION = {
     "rejects-invalid-utf8": ("plain", "rejects_edit", {"line": "invalid_utf8", "row": 0, "fixup": "sha256"}),
     "rejects-huge-file": ("plain", "rejects_edit", {"line": "huge_file", "row": 0, "fixup": "sha256"}),
     "rejects-tally": ("gen", "rejects_edit", {"line": "reason_tally", "row": 1, "fixup": "sha256"}),
-    "rejects-count-2**31": ("gen", "manifest_value", {"path": ["rejects_file", "count"], "action": "set", "value": "2**31"}),
+    "rejects-count-2**31": (
+        "gen",
+        "manifest_value",
+        {"path": ["rejects_file", "count"], "action": "set", "value": "2**31"},
+    ),
     "manifest-mode-deleted": ("gen", "manifest_value", {"path": ["mode"], "action": "delete"}),
-    "rewrite-meta-empty-string": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "meta_bomb", "bomb": "empty", "row": 0}),
+    "rewrite-meta-empty-string": (
+        "plain",
+        "shard_rewrite",
+        {"shard": 0, "rewrite": "meta_bomb", "bomb": "empty", "row": 0},
+    ),
     "rejects-extra-line-no-fixup": ("plain", "rejects_edit", {"line": "extra_line", "row": 0, "fixup": "none"}),
 }
 
@@ -1233,9 +1769,18 @@ def plan_case(case: dict) -> tuple[str, str, dict, random.Random]:
 def apply_case(case: dict, bases: dict, case_dir: Path) -> dict:
     """Copy the case's base cache to case_dir/cache and mutate it; returns the case's description."""
     if "selftest" in case:  # the harness's own checks: an operation that misbehaves on purpose
-        return {"key": case_key(case), "base": "plain", "kind": "selftest", "variant": case["selftest"],
-                "desc": f"selftest {case['selftest']}", "names": [], "lie_ok": False, "cache": bases["plain"],
-                "ops": ["read"], "selftest": case["selftest"]}
+        return {
+            "key": case_key(case),
+            "base": "plain",
+            "kind": "selftest",
+            "variant": case["selftest"],
+            "desc": f"selftest {case['selftest']}",
+            "names": [],
+            "lie_ok": False,
+            "cache": bases["plain"],
+            "ops": ["read"],
+            "selftest": case["selftest"],
+        }
     base, kind, forced, rng = plan_case(case)
     if case_dir.exists():
         shutil.rmtree(case_dir)
@@ -1245,15 +1790,37 @@ def apply_case(case: dict, bases: dict, case_dir: Path) -> dict:
     ctx = Ctx(base, cache, bases, rng, forced)
     MUTATIONS[kind][1](ctx)
     params = ", ".join(f"{k}={show(v, 60)}" for k, v in ctx.params.items())
-    return {"key": case_key(case), "base": base, "kind": kind, "variant": _variant(kind, ctx.params),
-            "desc": f"{kind}({params}) on {base}", "names": sorted(ctx.names), "lie_ok": ctx.lie_ok,
-            "cache": str(cache), "ops": ops_for(base)}
+    return {
+        "key": case_key(case),
+        "base": base,
+        "kind": kind,
+        "variant": _variant(kind, ctx.params),
+        "desc": f"{kind}({params}) on {base}",
+        "names": sorted(ctx.names),
+        "lie_ok": ctx.lie_ok,
+        "cache": str(cache),
+        "ops": ops_for(base),
+    }
 
 
 def _variant(kind: str, params: dict) -> str:
     """The parameter that says which sort of mutation it was (for grouping)."""
-    for key in ("rewrite", "replace_with", "extra", "line", "bomb", "entries", "codec", "k", "name", "to", "junk", "from",
-                "value", "action"):
+    for key in (
+        "rewrite",
+        "replace_with",
+        "extra",
+        "line",
+        "bomb",
+        "entries",
+        "codec",
+        "k",
+        "name",
+        "to",
+        "junk",
+        "from",
+        "value",
+        "action",
+    ):
         if key in params:
             value = params[key]
             if kind == "shard_rewrite" and value in ("hot_table", "metadata"):
@@ -1266,6 +1833,7 @@ def _variant(kind: str, params: dict) -> str:
 
 # ==== the oracle ==================================================================================
 
+
 def _arr(a) -> tuple:
     a = np.asarray(a)
     return (str(a.dtype), a.shape, a.tobytes())
@@ -1276,12 +1844,32 @@ def canon(ex) -> tuple:
         meta = json.dumps(ex.meta, sort_keys=True)
     except (TypeError, ValueError):
         meta = repr(ex.meta)
-    return (ex.id, ex.source, _arr(ex.input_ids), _arr(ex.target_positions), _arr(ex.topk_ids), _arr(ex.topk_logprobs),
-            _arr(ex.target_logprobs), _arr(ex.target_ranks), ex.finish_reason, meta)
+    return (
+        ex.id,
+        ex.source,
+        _arr(ex.input_ids),
+        _arr(ex.target_positions),
+        _arr(ex.topk_ids),
+        _arr(ex.topk_logprobs),
+        _arr(ex.target_logprobs),
+        _arr(ex.target_ranks),
+        ex.finish_reason,
+        meta,
+    )
 
 
-FIELDS = ("id", "source", "input_ids", "target_positions", "topk_ids", "topk_logprobs", "target_logprobs", "target_ranks",
-          "finish_reason", "meta")
+FIELDS = (
+    "id",
+    "source",
+    "input_ids",
+    "target_positions",
+    "topk_ids",
+    "topk_logprobs",
+    "target_logprobs",
+    "target_ranks",
+    "finish_reason",
+    "meta",
+)
 
 
 def read_examples(path) -> list:
@@ -1339,7 +1927,8 @@ def invariant_problems(examples, rejects, manifest: dict) -> list[str]:
     out = manifest["teacher"].get("output_size") or manifest["tokenizer"].get("vocab_size")
     vocab = max(out, manifest["tokenizer"].get("vocab_size") or 0)
     max_tokens = manifest["extra"]["template"]["max_length"] + (
-        manifest["extra"]["sampling"]["max_new_tokens"] if mode == "generate" else 0)
+        manifest["extra"]["sampling"]["max_new_tokens"] if mode == "generate" else 0
+    )
     ids: set = set()
     positions = 0
     for ex in examples:
@@ -1359,13 +1948,23 @@ def invariant_problems(examples, rejects, manifest: dict) -> list[str]:
         if N and (t[0] < 1 or t[-1] >= L or (np.diff(t) <= 0).any()):
             problems.append(f"{w}: target positions")
         ti, tl = np.asarray(ex.topk_ids), np.asarray(ex.topk_logprobs, np.float64)
-        if ti.ndim != 2 or ti.shape != tl.shape or ti.shape[0] != N or ti.shape[1] > k or len(ex.target_logprobs) != N \
-                or len(ex.target_ranks) != N:
+        if (
+            ti.ndim != 2
+            or ti.shape != tl.shape
+            or ti.shape[0] != N
+            or ti.shape[1] > k
+            or len(ex.target_logprobs) != N
+            or len(ex.target_ranks) != N
+        ):
             problems.append(f"{w}: shapes {ti.shape} {tl.shape} for N={N}, k={k}")
             continue
         valid = ti >= 0
-        if (ti[valid] >= out).any() or (ti[~valid] != -1).any() or (valid & ~np.isfinite(tl)).any() \
-                or (~valid & (tl != -np.inf)).any():
+        if (
+            (ti[valid] >= out).any()
+            or (ti[~valid] != -1).any()
+            or (valid & ~np.isfinite(tl)).any()
+            or (~valid & (tl != -np.inf)).any()
+        ):
             problems.append(f"{w}: top-k ids out of range, or padding not (-1, -inf)")
         if np.isnan(tl).any() or (tl > 0).any() or (np.diff(tl, axis=1) > 1e-6).any():
             problems.append(f"{w}: top-k logprobs NaN, > 0 or not in rank order")
@@ -1385,13 +1984,20 @@ def invariant_problems(examples, rejects, manifest: dict) -> list[str]:
             problems.append(f"{w}: meta {_json_problem(ex.meta) or 'not an object'}")
     c = manifest["counts"]
     if len(examples) != c["examples"] or positions != c["positions"]:
-        problems.append(f"{len(examples)} examples / {positions} positions, the manifest counts {c['examples']} / "
-                        f"{c['positions']}")
+        problems.append(
+            f"{len(examples)} examples / {positions} positions, the manifest counts {c['examples']} / {c['positions']}"
+        )
     if rejects is not None:
         rids = [r.get("id") if isinstance(r, dict) else None for r in rejects]
-        if len(rejects) != c["rejects"] or len(set(rids)) != len(rids) or set(rids) & ids \
-                or not all(isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("reason"), str)
-                           for r in rejects):
+        if (
+            len(rejects) != c["rejects"]
+            or len(set(rids)) != len(rids)
+            or set(rids) & ids
+            or not all(
+                isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("reason"), str)
+                for r in rejects
+            )
+        ):
             problems.append("rejects: count, types, an id twice or also an example")
         else:
             tally = collections.Counter(r["reason"].split(":")[0].strip() for r in rejects)
@@ -1458,7 +2064,11 @@ def compare_read_back(path, info: dict, expected: Expected, with_rejects: bool =
         problems = invariant_problems(examples, rejects, expected.manifests[base])
         if not problems:
             return {"status": "ok", "kind": "consistent lie (vouched-for bytes, valid data)", "detail": diff}
-        return {"status": "fail", "kind": "silent: invalid data accepted", "detail": f"{what}{diff}; {'; '.join(problems[:3])}"}
+        return {
+            "status": "fail",
+            "kind": "silent: invalid data accepted",
+            "detail": f"{what}{diff}; {'; '.join(problems[:3])}",
+        }
     return {"status": "fail", "kind": "silent: different data accepted", "detail": what + diff}
 
 
@@ -1471,6 +2081,7 @@ def run_op(op: str, info: dict, expected: Expected, scratch: Path) -> dict:
         return _selftest(info["selftest"])
     if op == "tokenizer":
         from formats.tokenizer_files import load_cache_tokenizer
+
         try:
             tok = load_cache_tokenizer(path)
         except BaseException as exc:  # noqa: BLE001 - judged
@@ -1498,8 +2109,12 @@ def run_op(op: str, info: dict, expected: Expected, scratch: Path) -> dict:
         try:
             return compare_read_back(out, info, expected, what="merged output: ")
         except BaseException as exc:  # noqa: BLE001 - our own merged output must read back
-            return {"status": "fail", "kind": "merge output unreadable", "exc": type(exc).__name__,
-                    "message": clip(str(exc))}
+            return {
+                "status": "fail",
+                "kind": "merge output unreadable",
+                "exc": type(exc).__name__,
+                "message": clip(str(exc)),
+            }
     try:
         if op == "read":
             examples = read_examples(path)
@@ -1510,7 +2125,11 @@ def run_op(op: str, info: dict, expected: Expected, scratch: Path) -> dict:
                 problems = invariant_problems(examples, None, expected.manifests[info["base"]])
                 if not problems:
                     return {"status": "ok", "kind": "consistent lie (vouched-for bytes, valid data)", "detail": diff}
-                return {"status": "fail", "kind": "silent: invalid data accepted", "detail": f"{diff}; {'; '.join(problems[:3])}"}
+                return {
+                    "status": "fail",
+                    "kind": "silent: invalid data accepted",
+                    "detail": f"{diff}; {'; '.join(problems[:3])}",
+                }
             return {"status": "fail", "kind": "silent: different data accepted", "detail": diff}
         verify_cache(path, check_values=(op == "verify"))
         result = compare_read_back(path, info, expected, what="verify passed; read back: ")
@@ -1539,6 +2158,7 @@ def _selftest(what: str) -> dict:
 
 
 # ==== the worker (one long-lived subprocess; the parent enforces the time bound) ===================
+
 
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -1587,10 +2207,25 @@ def worker_main(bases_file: str, scratch: str) -> None:
             info = apply_case(job["case"], bases, case_dir)
         except BaseException as exc:  # noqa: BLE001 - a harness bug, reported as such
             planned = plan_case(job["case"]) if "selftest" not in job["case"] else ("plain", "selftest")
-            emit("case", info={"key": case_key(job["case"]), "base": planned[0], "kind": planned[1],
-                               "desc": f"{planned[1]} on {planned[0]} (the mutation failed)", "ops": []})
-            emit("result", op="mutate", status="fail", kind="harness: the mutation raised", exc=type(exc).__name__,
-                 message=clip(str(exc)), trace=traceback.format_exc()[-1500:])
+            emit(
+                "case",
+                info={
+                    "key": case_key(job["case"]),
+                    "base": planned[0],
+                    "kind": planned[1],
+                    "desc": f"{planned[1]} on {planned[0]} (the mutation failed)",
+                    "ops": [],
+                },
+            )
+            emit(
+                "result",
+                op="mutate",
+                status="fail",
+                kind="harness: the mutation raised",
+                exc=type(exc).__name__,
+                message=clip(str(exc)),
+                trace=traceback.format_exc()[-1500:],
+            )
             emit("done")
             continue
         emit("case", info=info)
@@ -1603,8 +2238,12 @@ def worker_main(bases_file: str, scratch: str) -> None:
             try:
                 result = run_op(op, info, expected, case_dir)
             except BaseException as exc:  # noqa: BLE001 - e.g. MemoryError inside the judging
-                result = {"status": "fail", "kind": "memory (MemoryError)" if isinstance(exc, MemoryError) else "harness",
-                          "exc": type(exc).__name__, "message": clip(str(exc))}
+                result = {
+                    "status": "fail",
+                    "kind": "memory (MemoryError)" if isinstance(exc, MemoryError) else "harness",
+                    "exc": type(exc).__name__,
+                    "message": clip(str(exc)),
+                }
             seconds = time.monotonic() - t0
             peak_mb = (_status_kb("VmHWM") - baseline_rss) // 1024
             if peak_mb > MEM_BOUND_MB:
@@ -1616,23 +2255,37 @@ def worker_main(bases_file: str, scratch: str) -> None:
 
 # ==== the parent: a pool of workers, each case's operations timed ==================================
 
+
 class _Worker:
     def __init__(self, pool: Pool, n: int):
         self.pool, self.n = pool, n
         self.scratch = Path(pool.scratch) / f"w{n}"
         self.stderr_path = Path(pool.scratch) / f"w{n}.stderr"
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "MALLOC_ARENA_MAX": "2",
-               "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-               "FUZZ_TIMEOUT": str(pool.timeout), "FUZZ_MEM_MB": str(pool.mem_mb)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "MALLOC_ARENA_MAX": "2",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "FUZZ_TIMEOUT": str(pool.timeout),
+            "FUZZ_MEM_MB": str(pool.mem_mb),
+        }
         if pool.light:
             env["FUZZ_LIGHT"] = "1"
         self.stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - open for the worker's lifetime
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.formats.cache_mutations", "--worker", pool.bases_file,
-                                      str(self.scratch)], cwd=REPO, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.formats.cache_mutations", "--worker", pool.bases_file, str(self.scratch)],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            start_new_session=True,
+        )
         self.buf = b""
         self.ready = False
-        self.job: dict | None = None      # {"case", "skip"}
+        self.job: dict | None = None  # {"case", "skip"}
         self.info: dict | None = None
         self.op: str | None = None
         self.deadline = time.monotonic() + pool.start_timeout
@@ -1663,8 +2316,17 @@ class Pool:
     seconds; a worker that does not (a hang) or dies (a crash) is killed and restarted, and the case
     goes on with its remaining operations in the new worker."""
 
-    def __init__(self, bases: dict, *, workers: int = 2, timeout: float = TIME_BOUND, mem_mb: int = MEM_BOUND_MB,
-                 scratch: str | None = None, start_timeout: float = 180.0, light: bool = False):
+    def __init__(
+        self,
+        bases: dict,
+        *,
+        workers: int = 2,
+        timeout: float = TIME_BOUND,
+        mem_mb: int = MEM_BOUND_MB,
+        scratch: str | None = None,
+        start_timeout: float = 180.0,
+        light: bool = False,
+    ):
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.scratch = scratch or tempfile.mkdtemp(prefix="kdcache-fuzz-", dir=shm)
         self.bases_file = str(Path(self.scratch) / "bases.json")
@@ -1711,10 +2373,12 @@ class Pool:
                     chunk = os.read(w.proc.stdout.fileno(), 1 << 16)
                     if not chunk:
                         if not w.ready:
-                            raise RuntimeError(f"a fuzz worker died while starting (exit {w.proc.wait()}): "
-                                               f"{w.stderr_tail()}")
-                        done += self._lost(w, records, pending, "crash",
-                                           f"the worker died (exit {w.proc.wait()}): {w.stderr_tail()}")
+                            raise RuntimeError(
+                                f"a fuzz worker died while starting (exit {w.proc.wait()}): {w.stderr_tail()}"
+                            )
+                        done += self._lost(
+                            w, records, pending, "crash", f"the worker died (exit {w.proc.wait()}): {w.stderr_tail()}"
+                        )
                         continue
                     w.buf += chunk
                     while b"\n" in w.buf:
@@ -1782,6 +2446,7 @@ class Pool:
 
 # ==== reports ======================================================================================
 
+
 def failures(records: list[dict]) -> list[tuple[dict, dict]]:
     return [(rec, r) for rec in records for r in rec["results"] if r["status"] != "ok"]
 
@@ -1803,16 +2468,22 @@ def describe(rec: dict, r: dict) -> str:
     info = rec["info"] or {}
     tail = r.get("message") or r.get("detail") or ""
     exc = f"{r.get('exc')}: " if r.get("exc") else ""
-    return (f"[{case_key(rec['case'])}] {info.get('desc', '?')} | op {r['op']} -> {r['kind']}: {exc}{clip(tail, 220)}"
-            f"\n    repro: {repro(rec, r)}")
+    return (
+        f"[{case_key(rec['case'])}] {info.get('desc', '?')} | op {r['op']} -> {r['kind']}: {exc}{clip(tail, 220)}"
+        f"\n    repro: {repro(rec, r)}"
+    )
 
 
 def report(records: list[dict], limit: int = 20) -> str:
     fails = failures(records)
     groups = collections.Counter(group_of(rec, r) for rec, r in fails)
     lies = sum(1 for rec in records for r in rec["results"] if r["kind"].endswith("valid data)"))
-    lines = [(f"{len({case_key(rec['case']) for rec, _ in fails})} of {len(records)} cases fail ({len(fails)} operations; "
-              f"{lies} operations read a consistent lie, accepted)")]
+    lines = [
+        (
+            f"{len({case_key(rec['case']) for rec, _ in fails})} of {len(records)} cases fail ({len(fails)} operations; "
+            f"{lies} operations read a consistent lie, accepted)"
+        )
+    ]
     if fails:
         lines.append("failures by (mutation, operation, outcome):")
         lines += [f"  {n:5d}  {k:<17} {op:<17} {what}" for (k, op, what), n in groups.most_common()]
@@ -1822,6 +2493,7 @@ def report(records: list[dict], limit: int = 20) -> str:
 
 
 # ==== command line: reproduce one case in this process, or run many through workers ================
+
 
 def _run_inline(case: dict, op_filter: str | None, keep: str | None) -> int:
     with tempfile.TemporaryDirectory(prefix="kdcache-fuzz-") as tmp:
@@ -1833,8 +2505,10 @@ def _run_inline(case: dict, op_filter: str | None, keep: str | None) -> int:
         expected.tokenizer("tok")  # imported before the memory bound, as a worker does
         limit = (_status_kb("VmSize") + MEM_BOUND_MB * 1024) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-        print(f"case {info['key']}: {info['desc']}\n  offending names {info['names']}, lie_ok {info['lie_ok']}\n"
-              f"  mutated cache: {info['cache']}")
+        print(
+            f"case {info['key']}: {info['desc']}\n  offending names {info['names']}, lie_ok {info['lie_ok']}\n"
+            f"  mutated cache: {info['cache']}"
+        )
         failed = 0
         for op in info["ops"]:
             if op_filter and op != op_filter:
@@ -1842,6 +2516,7 @@ def _run_inline(case: dict, op_filter: str | None, keep: str | None) -> int:
 
             def expire(*_, op=op):
                 raise TimeoutError(f"{op}: no result after {TIME_BOUND} s (a hang)")
+
             signal.signal(signal.SIGALRM, expire)
             signal.alarm(int(TIME_BOUND))
             t0 = time.monotonic()

@@ -1,4 +1,5 @@
 """Factories for the formats tests (`from .format_helpers import ...`; _write_slowly.py, a script, imports it by path)."""
+
 import numpy as np
 
 from formats import CacheWriter, CodecConfig, Example
@@ -12,18 +13,32 @@ def make_example(rng, i, *, vocab=1000, k=8, min_len=6, max_len=40, prefix="ex")
     pos = np.arange(start, L, dtype=np.int32)
     n = len(pos)
     logits = rng.normal(scale=3.0, size=(n, vocab))
-    lp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    lp = (
+        logits
+        - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+        - logits.max(1, keepdims=True)
+    )
     top = np.argsort(-lp, axis=1, kind="stable")[:, :k]
     actual = input_ids[pos]
     ranks = (lp > lp[np.arange(n), actual][:, None]).sum(1) + 1
-    return Example(id=f"{prefix}{i}", source="unit", input_ids=input_ids, target_positions=pos,
-                   topk_ids=top.astype(np.int32), topk_logprobs=np.take_along_axis(lp, top, 1).astype(np.float32),
-                   target_logprobs=lp[np.arange(n), actual].astype(np.float32), target_ranks=ranks.astype(np.int32))
+    return Example(
+        id=f"{prefix}{i}",
+        source="unit",
+        input_ids=input_ids,
+        target_positions=pos,
+        topk_ids=top.astype(np.int32),
+        topk_logprobs=np.take_along_axis(lp, top, 1).astype(np.float32),
+        target_logprobs=lp[np.arange(n), actual].astype(np.float32),
+        target_ranks=ranks.astype(np.int32),
+    )
 
 
-PROVENANCE = {"teacher": {"name_or_path": "unit-teacher", "dtype": "bfloat16", "engine": "none"},
-              "tokenizer": {"name_or_path": "unit", "fingerprint": "abc", "vocab_size": 1000, "chat_template_sha256": "t"},
-              "dataset": {"name": "unit", "split": "train"}, "mode": "score"}
+PROVENANCE = {
+    "teacher": {"name_or_path": "unit-teacher", "dtype": "bfloat16", "engine": "none"},
+    "tokenizer": {"name_or_path": "unit", "fingerprint": "abc", "vocab_size": 1000, "chat_template_sha256": "t"},
+    "dataset": {"name": "unit", "split": "train"},
+    "mode": "score",
+}
 
 
 def write_cache(path, examples, *, k=8, rejects=(), provenance=PROVENANCE, **kw):
@@ -35,8 +50,6 @@ def write_cache(path, examples, *, k=8, rejects=(), provenance=PROVENANCE, **kw)
         for rid, reason in rejects:
             w.reject(rid, reason)
     return w.manifest
-
-
 
 
 def json_paths(obj, prefix=()):
@@ -52,6 +65,7 @@ def json_paths(obj, prefix=()):
 
 # ---- hostile edits: change one thing and keep every checksum consistent, so that only the check
 # under test can catch it ------------------------------------------------------------------------
+
 
 def edit_manifest(cache, edit):
     """Apply `edit(manifest) -> None` to cache/manifest.json in place."""

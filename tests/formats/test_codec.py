@@ -19,8 +19,13 @@ def topk_blocks(draw):
     rows_ids, rows_lp = [], []
     for _ in range(n):
         ids = draw(st.lists(st.integers(lo, hi), min_size=k, max_size=k, unique=True))
-        lps = draw(st.lists(st.one_of(st.floats(-30, 0, allow_nan=False), st.sampled_from([0.0, -1e30, -5.0])),
-                            min_size=k, max_size=k))
+        lps = draw(
+            st.lists(
+                st.one_of(st.floats(-30, 0, allow_nan=False), st.sampled_from([0.0, -1e30, -5.0])),
+                min_size=k,
+                max_size=k,
+            )
+        )
         lps = sorted(lps, reverse=True)  # ties allowed
         lps[0] = max(lps[0], -20.0)  # a top-1 below -log(V) is impossible
         pad = draw(st.integers(0, k - 1))
@@ -148,8 +153,18 @@ def test_damaged_stream_lengths_are_format_errors():
     cfg = C.CodecConfig(k=300)  # 2-byte counts
     codes = C.IdCodes(np.zeros(0, np.uint32))
     with pytest.raises(FormatError, match="topk_count has 3 bytes"):
-        C.decode_topk({"topk_count": b"\x01\x00\x01", "topk_top1": b"\0\0", "topk_code_b0": b"\0",
-                       "topk_code_b1": b"\0", "topk_step": b"", "topk_step_escape": b""}, cfg, codes)
+        C.decode_topk(
+            {
+                "topk_count": b"\x01\x00\x01",
+                "topk_top1": b"\0\0",
+                "topk_code_b0": b"\0",
+                "topk_code_b1": b"\0",
+                "topk_step": b"",
+                "topk_step_escape": b"",
+            },
+            cfg,
+            codes,
+        )
     with pytest.raises(FormatError, match="target_rank"):
         C.decode_target({"target_logprob": b"\0\0", "target_rank": b"\1\0\0"})
 
@@ -158,7 +173,13 @@ def test_a_huge_k_over_few_stored_entries_is_refused_before_allocating():
     cfg = C.CodecConfig(k=65535)
     codes = C.IdCodes(np.zeros(0, np.uint32))
     n = 1 << 16  # 65536 positions x 65535 entries would be 32 GiB of ids and logprobs
-    streams = {"topk_count": np.ones(n, "<u2").tobytes(), "topk_top1": np.zeros(n, "<u2").tobytes(),
-               "topk_code_b0": bytes(n), "topk_code_b1": bytes(n), "topk_step": b"", "topk_step_escape": b""}
+    streams = {
+        "topk_count": np.ones(n, "<u2").tobytes(),
+        "topk_top1": np.zeros(n, "<u2").tobytes(),
+        "topk_code_b0": bytes(n),
+        "topk_code_b1": bytes(n),
+        "topk_step": b"",
+        "topk_step_escape": b"",
+    }
     with pytest.raises(FormatError, match="refusing to allocate"):
         C.decode_topk(streams, cfg, codes)

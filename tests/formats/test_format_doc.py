@@ -1,4 +1,5 @@
 """docs/FORMAT.md's reference decoder, run as written, agrees with CacheReader (the spec stays true)."""
+
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,11 @@ def test_reference_decoder_matches_reader(tmp_path, rng, monkeypatch, hot, mass)
     printed = []
     monkeypatch.chdir(tmp_path / "c")
     exec(reference_decoder_source(), {"print": lambda *a: printed.append(a)})
-    got = {(ex.id, int(t)): (ex.topk_ids[r], ex.topk_logprobs[r])
-           for ex in CacheReader(tmp_path / "c") for r, t in enumerate(ex.target_positions)}
+    got = {
+        (ex.id, int(t)): (ex.topk_ids[r], ex.topk_logprobs[r])
+        for ex in CacheReader(tmp_path / "c")
+        for r, t in enumerate(ex.target_positions)
+    }
     assert len(printed) == len(got)
     for ex_id, t, entries in printed:
         ids, lps = got[(ex_id, int(t))]

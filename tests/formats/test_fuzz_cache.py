@@ -12,6 +12,7 @@ Replay one case: FUZZ_CASE=SEED:INDEX (comma-separated, or a regression name) py
 or in-process with tracebacks: python -m tests.formats.cache_mutations SEED:INDEX [--op OP].
 FUZZ_TIMEOUT (s per operation, default 20), FUZZ_MEM_MB (default 1536), FUZZ_WORKERS (default 2).
 """
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,12 @@ def test_the_harness_catches_a_hang_a_crash_a_memory_bomb_and_an_untyped_error(b
     with cm.Pool(bases, workers=1, timeout=3, light=True) as p:
         records = p.run([{"selftest": s} for s in ("hang", "crash", "memory", "untyped")])
     kinds = {cm.case_key(r["case"]): [x["kind"] for x in r["results"]] for r in records}
-    assert kinds == {"selftest-hang": ["hang"], "selftest-crash": ["crash"], "selftest-memory": ["memory (MemoryError)"],
-                     "selftest-untyped": ["untyped"]}, kinds
+    assert kinds == {
+        "selftest-hang": ["hang"],
+        "selftest-crash": ["crash"],
+        "selftest-memory": ["memory (MemoryError)"],
+        "selftest-untyped": ["untyped"],
+    }, kinds
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """A received cache is untrusted (issue 19): each attack found by the adversarial review, as a regression
 test through the public readers (verify, CacheReader, merge, add-tokenizer, inspect). Each failed on the
 code before formats/trust.py and formats/safe_write.py."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ from .format_helpers import PROVENANCE, edit_manifest, make_example, replace_col
 @contextmanager
 def deadline(seconds: int):
     """Fail (instead of hanging the suite) when the block runs longer than `seconds`."""
+
     def expire(*_):
         raise TimeoutError(f"still running after {seconds} s: unbounded work")
+
     old = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
     try:
@@ -43,6 +46,7 @@ def raw_manifest(cache: Path, text: str) -> None:
 
 # ---- 1. nothing kdcache writes follows a link ---------------------------------------------------
 
+
 @pytest.fixture
 def tokenizer_cache(tmp_path, rng):
     """A cache without tokenizer files (as written before they were stored) and its tokenizer's folder."""
@@ -50,8 +54,12 @@ def tokenizer_cache(tmp_path, rng):
     folder = tmp_path / "tok"
     tok.save_pretrained(folder)
     path = tmp_path / "cache"
-    write_cache(path, [make_example(rng, i) for i in range(6)], output_size=1000,
-                provenance={**PROVENANCE, "tokenizer": tokenizer_info(tok, "tiny")})
+    write_cache(
+        path,
+        [make_example(rng, i) for i in range(6)],
+        output_size=1000,
+        provenance={**PROVENANCE, "tokenizer": tokenizer_info(tok, "tiny")},
+    )
     return path, folder
 
 
@@ -80,8 +88,18 @@ def test_a_teacher_name_cannot_add_lines_to_the_card(tmp_path, rng):
 
 # ---- 2. names are checked after every decoding a transport applies ----------------------------
 
-@pytest.mark.parametrize("name", ["%2e%2e%2fsecret.parquet", "..%2fsecret.parquet", "a\\b.parquet",
-                                  "\x1b[31mred.parquet", ".hidden.parquet", "x" * 300 + ".parquet"])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "%2e%2e%2fsecret.parquet",
+        "..%2fsecret.parquet",
+        "a\\b.parquet",
+        "\x1b[31mred.parquet",
+        ".hidden.parquet",
+        "x" * 300 + ".parquet",
+    ],
+)
 def test_shard_names_outside_the_safe_alphabet_are_refused(cache, name):
     edit_manifest(cache, lambda m: m["shards"][0].update(file=name))
     with pytest.raises(FormatError, match="shards\\[0\\].file") as info:
@@ -90,6 +108,7 @@ def test_shard_names_outside_the_safe_alphabet_are_refused(cache, name):
 
 
 # ---- 3. every reader (training's) checks sizes, hashes and the values it relies on ------------
+
 
 def test_the_reader_refuses_a_shard_rewritten_after_its_manifest(cache, rng):
     shard = cache / load_manifest(cache)["shards"][0]["file"]
@@ -115,6 +134,7 @@ def test_no_verify_skips_the_hash_but_not_the_bounds(cache):
 
     def all_mass_at_zero(table):  # every entry at logprob 0: a top-k mass of k
         return zeros(zeros(table, "topk_step"), "topk_top1")
+
     rewrite_shard(cache, 0, edit_table=all_mass_at_zero)
     for verify in (True, False):
         with pytest.raises(FormatError, match="top-k mass"):
@@ -130,6 +150,7 @@ def test_counts_that_disagree_with_the_shards_are_refused_by_every_reader(cache)
 
 
 # ---- 4. only regular files the manifest lists -------------------------------------------------
+
 
 def test_a_symlinked_shard_is_refused_by_verify_reader_and_merge(cache, tmp_path):
     name = load_manifest(cache)["shards"][0]["file"]
@@ -167,6 +188,7 @@ def test_unlisted_other_files_are_reported(cache):
 
 # ---- 6. every shard's self-description against the manifest -----------------------------------
 
+
 def test_rows_longer_than_the_manifests_max_length_are_refused(tmp_path, rng):
     prov = {**PROVENANCE, "template": {"max_length": 64}}
     write_cache(tmp_path / "c", [make_example(rng, i) for i in range(6)], provenance=prov)
@@ -182,15 +204,29 @@ def test_a_finish_reason_in_a_score_mode_cache_is_refused(cache):
         list(CacheReader(cache))
 
 
-@pytest.mark.parametrize("edit,text", [
-    (lambda c: c.update(logprob_step=1 / 16), "logprob_step"),
-    (lambda c: c.update(future_option=1), "does not know"),
-])
+@pytest.mark.parametrize(
+    "edit,text",
+    [
+        (lambda c: c.update(logprob_step=1 / 16), "logprob_step"),
+        (lambda c: c.update(future_option=1), "does not know"),
+    ],
+)
 def test_codec_parameters_are_checked_not_ignored(cache, edit, text):
     def both(m):
         edit(m["codec"])
+
     edit_manifest(cache, both)
-    rewrite_shard(cache, 0, edit_metadata=lambda meta: {**meta, "codec": {**meta["codec"], **({"logprob_step": 1 / 16} if text == "logprob_step" else {"future_option": 1})}})
+    rewrite_shard(
+        cache,
+        0,
+        edit_metadata=lambda meta: {
+            **meta,
+            "codec": {
+                **meta["codec"],
+                **({"logprob_step": 1 / 16} if text == "logprob_step" else {"future_option": 1}),
+            },
+        },
+    )
     with pytest.raises(FormatError, match=text):
         list(CacheReader(cache))
 
@@ -205,6 +241,7 @@ def test_extra_columns_are_refused(cache):
 
 # ---- 7. printed text is escaped -----------------------------------------------------------------
 
+
 def test_inspect_escapes_terminal_sequences(cache):
     edit_manifest(cache, lambda m: m["teacher"].update(name_or_path="\x1b]0;pwned\x07\x1b[2J"))
     text = summarize(cache)
@@ -212,6 +249,7 @@ def test_inspect_escapes_terminal_sequences(cache):
 
 
 # ---- 8. bounded work: no FIFOs, devices or endless files --------------------------------------
+
 
 @pytest.mark.parametrize("target", ["shard", "rejects"])
 @pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
@@ -224,9 +262,11 @@ def test_special_files_never_hang_a_reader(cache, target, kind):
     else:
         (cache / name).symlink_to("/dev/zero")
     if target == "shard":
+
         def claim_empty(m):  # "bytes: 0", consistent with counts.bytes: only the file itself can tell
             m["counts"]["bytes"] -= m["shards"][0]["bytes"]
             m["shards"][0]["bytes"] = 0
+
         edit_manifest(cache, claim_empty)
     with deadline(20):
         for check_values in (True, False):
@@ -238,10 +278,12 @@ def test_special_files_never_hang_a_reader(cache, target, kind):
 
 # ---- 9. decompression bombs and claimed sizes ---------------------------------------------------
 
+
 def test_a_meta_cell_that_expands_hugely_is_refused_before_it_expands(cache):
     bomb = json.dumps({"messages": "a" * (80 << 20)})
-    rewrite_shard(cache, 0, edit_table=lambda t: replace_column(t, "meta", [bomb] + [None] * (t.num_rows - 1)),
-                  compression="zstd")
+    rewrite_shard(
+        cache, 0, edit_table=lambda t: replace_column(t, "meta", [bomb] + [None] * (t.num_rows - 1)), compression="zstd"
+    )
     assert (cache / load_manifest(cache)["shards"][0]["file"]).stat().st_size < 1 << 20  # 80 MB in a small file
     with pytest.raises(FormatError, match="decompression bomb"):
         verify_cache(cache)
@@ -268,6 +310,7 @@ def test_a_manifest_of_millions_of_empty_objects_is_refused_before_parsing(cache
 
 # ---- 10. strict JSON: depth, numbers, duplicate keys, exact types -----------------------------
 
+
 def _with(cache, field_text: str) -> None:
     """The manifest with `"extra": <field_text>` spliced in as raw JSON."""
     m = json.loads((cache / "manifest.json").read_text())
@@ -275,24 +318,32 @@ def _with(cache, field_text: str) -> None:
     raw_manifest(cache, json.dumps(m).replace('"@@"', field_text))
 
 
-@pytest.mark.parametrize("text,match", [
-    ("[" * 100_000 + "]" * 100_000, "nests deeper"),
-    ('{"n": ' + "9" * 5000 + "}", "digits"),
-    ('{"a": 1, "a": 2}', "appears twice"),
-    ('{"x": NaN}', "NaN"),
-    ('{"x": 1e999}', "overflows"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nests deeper"),
+        ('{"n": ' + "9" * 5000 + "}", "digits"),
+        ('{"a": 1, "a": 2}', "appears twice"),
+        ('{"x": NaN}', "NaN"),
+        ('{"x": 1e999}', "overflows"),
+    ],
+)
 def test_json_bombs_and_ambiguities_in_the_manifest_are_format_errors(cache, text, match):
     _with(cache, text)
     with pytest.raises(FormatError, match=match):
         verify_cache(cache)
 
 
-@pytest.mark.parametrize("edit", [
-    lambda m: m.update(format_version=True), lambda m: m.update(format_version=1.0), lambda m: m.update(k=8.0),
-    lambda m: m["counts"].update(rejects_by_reason={"no assistant turn": True, "unknown role": True}),
-    lambda m: m.update(mode="stream"),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(format_version=True),
+        lambda m: m.update(format_version=1.0),
+        lambda m: m.update(k=8.0),
+        lambda m: m["counts"].update(rejects_by_reason={"no assistant turn": True, "unknown role": True}),
+        lambda m: m.update(mode="stream"),
+    ],
+)
 def test_a_bool_or_float_is_not_an_int(cache, edit):
     edit_manifest(cache, edit)
     with pytest.raises(FormatError):
@@ -307,10 +358,13 @@ def test_json_bombs_in_a_rows_meta_and_in_the_rejects_are_format_errors(cache):
     with pytest.raises(FormatError, match="meta nests deeper"):
         list(CacheReader(cache))
     rejects = cache / "rejects.jsonl"
-    rejects.write_text('{"id": "bad-1", "reason": ' + "[" * 10_000 + "]" * 10_000 + "}\n" + '{"id": "bad-2", "reason": "x"}\n')
+    rejects.write_text(
+        '{"id": "bad-1", "reason": ' + "[" * 10_000 + "]" * 10_000 + "}\n" + '{"id": "bad-2", "reason": "x"}\n'
+    )
     edit_manifest(cache, lambda m: m["rejects_file"].update(sha256=sha256_file(rejects)))
     with pytest.raises(FormatError, match="rejects.jsonl, line 1"):
         from formats.tools import read_rejects
+
         read_rejects(cache, load_manifest(cache))
 
 

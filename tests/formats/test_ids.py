@@ -1,4 +1,5 @@
 """formats/ids.py: the one sample-id scheme both stages use."""
+
 from __future__ import annotations
 
 from formats.ids import input_record_id, is_eval, record_id, sample_ids
@@ -13,7 +14,11 @@ def test_held_out_split_is_pinned():
     assert [i for i in range(200) if is_eval(f"row-{i:09d}", 0.1)] == HELD_OUT_10
     assert [i for i in range(200) if is_eval(f"row-{i:09d}#s1", 0.05)] == HELD_OUT_5_SAMPLES
     assert [i for i in ("row-000000000", "tulu-42", "tulu-42#s3", "abc", "ünï") if is_eval(i, 0.5)] == [
-        "row-000000000", "tulu-42", "tulu-42#s3", "ünï"]
+        "row-000000000",
+        "tulu-42",
+        "tulu-42#s3",
+        "ünï",
+    ]
     assert not is_eval("row-000000007", 0.0)
 
 

@@ -80,7 +80,9 @@ def test_loads_with_ordinary_tools(cache, examples):
     import pyarrow.dataset as ds
 
     # the folder also holds manifest.json, README.md and rejects.jsonl: skip what is not Parquet
-    table = ds.dataset(str(cache), format="parquet", exclude_invalid_files=True).to_table(columns=["id", "input_ids", "num_targets"])
+    table = ds.dataset(str(cache), format="parquet", exclude_invalid_files=True).to_table(
+        columns=["id", "input_ids", "num_targets"]
+    )
     assert sorted(table.column("id").to_pylist()) == sorted(e.id for e in examples)
     datasets = pytest.importorskip("datasets")
     d = datasets.load_dataset("parquet", data_files=str(cache / "*.parquet"), split="train")
@@ -109,14 +111,25 @@ def test_batches(cache, examples, as_torch):
 # ---- balanced partition (issue 9, item 1) -------------------------------------------------------
 def tiny_example(i):
     """Two trained positions: `row_group_positions=2 * r` makes row groups of r rows."""
-    return Example(id=f"t{i:04d}", input_ids=np.array([5, 6, 7], np.int32), target_positions=np.array([1, 2], np.int32),
-                   topk_ids=np.array([[1, 2], [3, 4]], np.int32), topk_logprobs=np.full((2, 2), -1.0, np.float32),
-                   target_logprobs=np.full(2, -1.0, np.float32), target_ranks=np.ones(2, np.int32))
+    return Example(
+        id=f"t{i:04d}",
+        input_ids=np.array([5, 6, 7], np.int32),
+        target_positions=np.array([1, 2], np.int32),
+        topk_ids=np.array([[1, 2], [3, 4]], np.int32),
+        topk_logprobs=np.full((2, 2), -1.0, np.float32),
+        target_logprobs=np.full(2, -1.0, np.float32),
+        target_ranks=np.ones(2, np.int32),
+    )
 
 
 def layout_cache(path, n, rows_per_group, shard_max_bytes=10**9):
-    write_cache(path, [tiny_example(i) for i in range(n)], k=2, row_group_positions=2 * rows_per_group,
-                shard_max_bytes=shard_max_bytes)
+    write_cache(
+        path,
+        [tiny_example(i) for i in range(n)],
+        k=2,
+        row_group_positions=2 * rows_per_group,
+        shard_max_bytes=shard_max_bytes,
+    )
     return path
 
 
@@ -131,7 +144,7 @@ def epoch_parts(cache, world, shuffle, epochs=1, **kw):
         reader = CacheReader(cache, rank=r, world_size=world, shuffle=shuffle, seed=5, epochs=epochs, prefetch=0, **kw)
         got = ids(reader)
         per_epoch = reader.num_examples()
-        parts.append([got[e * per_epoch:(e + 1) * per_epoch] for e in range(epochs)])
+        parts.append([got[e * per_epoch : (e + 1) * per_epoch] for e in range(epochs)])
         assert len(got) == per_epoch * epochs
     return parts
 
@@ -148,8 +161,8 @@ def test_ranks_train_every_example_of_an_epoch_once(tmp_path, layout, shuffle):
             slices = [p[epoch] for p in parts]
             union = set(itertools.chain(*slices))
             assert len({len(s) for s in slices}) == 1, (world, [len(s) for s in slices])  # equal step counts
-            assert sum(len(s) for s in slices) == len(union)                              # disjoint
-            assert union <= everything and len(everything - union) == n % world < world   # at most world-1 left
+            assert sum(len(s) for s in slices) == len(union)  # disjoint
+            assert union <= everything and len(everything - union) == n % world < world  # at most world-1 left
         if shuffle and n >= 24 and world > 1:
             assert parts[0][0] != parts[0][1]  # a new order every epoch
 
@@ -188,8 +201,10 @@ def test_a_rank_reads_a_contiguous_stretch_of_row_groups(tmp_path, monkeypatch):
 def test_resume_mid_epoch_is_exact_on_every_rank(tmp_path, world):
     cache = layout_cache(tmp_path / "c", 61, 4, 1500)
     for rank in range(world):
+
         def reader():
             return CacheReader(cache, rank=rank, world_size=world, shuffle=True, seed=9, epochs=2, prefetch=1)
+
         full = ids(reader())
         for cut in sorted({0, 1, 3, len(full) // 2, len(full) - 1}):
             r = reader()

@@ -1,4 +1,5 @@
 """Caches on object stores: a round trip through a real S3-compatible server (moto) on loopback."""
+
 import fsspec
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
 """formats.safe_write: files appear complete or not at all, never through a planted link; one job per folder."""
+
 from __future__ import annotations
 
 import os
@@ -46,10 +47,16 @@ def test_make_folder_refuses_a_file_or_a_link(tmp_path):
 
 def test_a_second_process_cannot_take_a_held_lock(tmp_path):
     lock = FolderLock(tmp_path / "c")
-    code = ("import sys; from formats.safe_write import FolderLock; from formats.errors import InputError\n"
-            "try:\n    FolderLock(sys.argv[1])\nexcept InputError as e:\n    print(e)")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    code = (
+        "import sys; from formats.safe_write import FolderLock; from formats.errors import InputError\n"
+        "try:\n    FolderLock(sys.argv[1])\nexcept InputError as e:\n    print(e)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     assert f"is being written by pid {os.getpid()}" in r.stdout, r.stderr
     lock.release(remove=True)
     assert not (tmp_path / "c" / ".kdcache-lock").exists()

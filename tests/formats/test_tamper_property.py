@@ -2,6 +2,7 @@
 file, either `verify` fails with a typed error naming the cache or file, or the reader returns
 exactly the rows of the untouched cache. Deterministic (derandomized); the number of cases tried is
 printed (-s); KDCACHE_TAMPER_EXAMPLES=N tries more."""
+
 import copy
 import json
 import os
@@ -18,12 +19,29 @@ from formats.errors import KDCacheError
 from formats.tools import verify_cache
 
 JSON_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.sampled_from([0, -1, 1, 2**31, 2**53 + 1]),
-              st.floats(allow_nan=False), st.text(max_size=8),
-              st.sampled_from(["../x.parquet", "/etc/passwd", "a/b.parquet", "s3://b/x", "..", "rejects.jsonl",
-                               "part-00000.parquet", "0" * 64])),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.sampled_from([0, -1, 1, 2**31, 2**53 + 1]),
+        st.floats(allow_nan=False),
+        st.text(max_size=8),
+        st.sampled_from(
+            [
+                "../x.parquet",
+                "/etc/passwd",
+                "a/b.parquet",
+                "s3://b/x",
+                "..",
+                "rejects.jsonl",
+                "part-00000.parquet",
+                "0" * 64,
+            ]
+        ),
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-    max_leaves=5)
+    max_leaves=5,
+)
 
 
 def _edit_manifest(m, data):
@@ -65,19 +83,32 @@ def _edit_file(path, data):
 
 def _rows(cache):
     """Every row the reader yields, in id order (a list: a row read twice is not the same cache)."""
-    return sorted((ex.id, ex.input_ids.tolist(), ex.target_positions.tolist(), ex.topk_ids.tolist(),
-                   np.round(ex.topk_logprobs, 4).tolist(), ex.target_ranks.tolist()) for ex in CacheReader(cache))
+    return sorted(
+        (
+            ex.id,
+            ex.input_ids.tolist(),
+            ex.target_positions.tolist(),
+            ex.topk_ids.tolist(),
+            np.round(ex.topk_logprobs, 4).tolist(),
+            ex.target_ranks.tolist(),
+        )
+        for ex in CacheReader(cache)
+    )
 
 
-CASES = {"single edits": {"tried": 0, "refused": 0, "same rows": 0},
-         "rewritten shard cells": {"tried": 0, "refused": 0, "sound rows": 0}}
+CASES = {
+    "single edits": {"tried": 0, "refused": 0, "same rows": 0},
+    "rewritten shard cells": {"tried": 0, "refused": 0, "sound rows": 0},
+}
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     rng = np.random.default_rng(9)
     path = tmp_path_factory.mktemp("pristine") / "cache"
-    write_cache(path, [make_example(rng, i) for i in range(24)], rejects=[("r1", "no assistant turn"), ("r2", "too long: 9")])
+    write_cache(
+        path, [make_example(rng, i) for i in range(24)], rejects=[("r1", "no assistant turn"), ("r2", "too long: 9")]
+    )
     yield _Pristine(path, _rows(path))
     print(f"tamper property: {CASES}")
 
@@ -90,8 +121,11 @@ class _Pristine:
         return f"<pristine cache {self.path}>"
 
 
-@settings(max_examples=int(os.environ.get("KDCACHE_TAMPER_EXAMPLES", 300)), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("KDCACHE_TAMPER_EXAMPLES", 300)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_any_single_edit_is_refused_or_harmless(pristine, tmp_path_factory, data):
     source, expected = pristine.path, pristine.rows
@@ -147,8 +181,11 @@ def _mutate_cell(value, data):
     return data.draw(st.sampled_from(["ex0", "ex1", "", "x", None]))
 
 
-@settings(max_examples=int(os.environ.get("KDCACHE_TAMPER_EXAMPLES", 300)), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("KDCACHE_TAMPER_EXAMPLES", 300)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_any_rewritten_shard_cell_is_refused_or_decodes_soundly(pristine, tmp_path_factory, data):
     """With checksums updated (only the deeper checks can catch it): verify refuses with a typed

@@ -1,4 +1,5 @@
 """formats.template: trained positions are exactly the assistant turns (content + end-of-turn)."""
+
 from __future__ import annotations
 
 import copy
@@ -51,23 +52,35 @@ def test_other_templates(tokenizer):
     """A Llama-3-like template without trailing text, one without an end-of-turn token, and one that
     re-renders earlier turns (not incremental: rejected, not silently mis-masked)."""
     tok = copy.deepcopy(tokenizer)
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": "More"}, {"role": "assistant", "content": "Sure thing."}]
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "More"},
+        {"role": "assistant", "content": "Sure thing."},
+    ]
     record = {"id": "x", "messages": messages, "source": ""}
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}: {{ m.content }}<|im_end|>{% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}: {{ m.content }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}"
+    )
     item = ChatTemplater(tok).score(record)
     assert [tok.decode(r) for r in assistant_runs(item)] == ["Hello!<|im_end|>", "Sure thing.<|im_end|>"]
-    tok.chat_template = ("{% for m in messages %}### {{ m.role }}\n{{ m.content }}\n\n{% endfor %}"
-                         "{% if add_generation_prompt %}### assistant\n{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}### {{ m.role }}\n{{ m.content }}\n\n{% endfor %}"
+        "{% if add_generation_prompt %}### assistant\n{% endif %}"
+    )
     item = ChatTemplater(tok).score(record)
     assert [tok.decode(r) for r in assistant_runs(item)] == ["Hello!", "Sure thing."]
-    tok.chat_template = ("{% for m in messages %}{% if loop.last %}[LAST]{% endif %}{{ m.role }}: {{ m.content }}\n"
-                         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.last %}[LAST]{% endif %}{{ m.role }}: {{ m.content }}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(TemplateReject, match="^template_not_incremental"):
         ChatTemplater(tok).score(record)
-    tok.chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
-                         "{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
+        "{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    )
     with pytest.raises(TemplateReject, match="^template_error: .*no tools"):
         ChatTemplater(tok).score({**record, "messages": [{"role": "tool", "content": "x"}] + messages})
 

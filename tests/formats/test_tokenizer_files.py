@@ -1,5 +1,6 @@
 """The teacher's tokenizer in the cache (formats/tokenizer_files.py): round trip, verify catches each
 tamper, hostile manifest entries are refused, `kdcache add-tokenizer` for caches written before."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,12 @@ def tokenizer_dir(tokenizer, tmp_path_factory) -> Path:
 
 def old_cache(path, tokenizer, rng, n=6, **kw):
     """A cache as written before tokenizer files were stored: the manifest records the tokenizer's identity only."""
-    write_cache(path, [make_example(rng, i, **kw) for i in range(n)], output_size=1000,  # the examples' ids go up to 1000
-                provenance={**PROVENANCE, "tokenizer": tokenizer_info(tokenizer, "tiny")})
+    write_cache(
+        path,
+        [make_example(rng, i, **kw) for i in range(n)],
+        output_size=1000,  # the examples' ids go up to 1000
+        provenance={**PROVENANCE, "tokenizer": tokenizer_info(tokenizer, "tiny")},
+    )
     return path
 
 
@@ -86,8 +91,11 @@ def _symlink_folder(folder: Path):
 
 TAMPERS = {  # name -> (edit of the cache's tokenizer/ folder, error type, text the message must hold)
     "changed": (_flip_byte, ChecksumError, "tokenizer.json: sha256"),
-    "truncated": (lambda f: (f / "tokenizer.json").write_bytes((f / "tokenizer.json").read_bytes()[:-7]),
-                  ChecksumError, "tokenizer.json: "),
+    "truncated": (
+        lambda f: (f / "tokenizer.json").write_bytes((f / "tokenizer.json").read_bytes()[:-7]),
+        ChecksumError,
+        "tokenizer.json: ",
+    ),
     "missing": (lambda f: (f / "tokenizer_config.json").unlink(), FormatError, "tokenizer_config.json: missing"),
     "extra": (lambda f: (f / "added_tokens.json").write_text("{}"), FormatError, "added_tokens.json: not listed"),
     "symlinked file": (_symlink_file, FormatError, "tokenizer_config.json: a symlink"),
@@ -135,8 +143,10 @@ def test_hostile_manifest_entries_are_refused(cache, case):
             action(cache)
 
 
-@pytest.mark.parametrize("value, text", [({"file": "x"}, "must be a list"), ([], "must be a list"),
-                                         (["x"], r"tokenizer_files\[0\] must be an object")])
+@pytest.mark.parametrize(
+    "value, text",
+    [({"file": "x"}, "must be a list"), ([], "must be a list"), (["x"], r"tokenizer_files\[0\] must be an object")],
+)
 def test_a_malformed_list_is_refused(cache, value, text):
     edit_manifest(cache, lambda m: m.update(tokenizer_files=value))
     with pytest.raises(FormatError, match=text):
@@ -171,6 +181,7 @@ def test_remote_cache(cache, tokenizer):
 
 
 # ---- caches written before: add-tokenizer ---------------------------------------------------------
+
 
 def test_an_old_cache_is_told_the_command_that_adds_the_files(tmp_path, tokenizer, rng):
     path = old_cache(tmp_path / "old", tokenizer, rng)
@@ -208,8 +219,12 @@ def test_add_tokenizer_cli_then_verify(tmp_path, tokenizer, tokenizer_dir, rng, 
 def test_merge_carries_the_tokenizer_files(tmp_path, tokenizer, tokenizer_dir, rng):
     a = old_cache(tmp_path / "a", tokenizer, rng, n=3)
     b = tmp_path / "b"
-    write_cache(b, [make_example(rng, i, prefix="b") for i in range(3)], output_size=1000,
-                provenance={**PROVENANCE, "tokenizer": load_manifest(a)["tokenizer"]})
+    write_cache(
+        b,
+        [make_example(rng, i, prefix="b") for i in range(3)],
+        output_size=1000,
+        provenance={**PROVENANCE, "tokenizer": load_manifest(a)["tokenizer"]},
+    )
     add_tokenizer(a, str(tokenizer_dir))
     add_tokenizer(b, str(tokenizer_dir))
     merged = merge_caches(tmp_path / "merged", [a, b])

@@ -1,6 +1,7 @@
 """formats/tokenizer_id.py: the tokenizer identity both stages agree on. issue 9, item 10: the teacher's
 output size (LM-head rows) can exceed the tokenizer's vocabulary; the teacher stage records it and the
 writer range-checks ids and sizes id codes with it."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,9 @@ def test_model_output_size_is_the_lm_head_rows(tmp_path):
     from transformers import LlamaConfig
 
     # a padded head: 1,024 output rows for a tokenizer of fewer tokens (as OLMo 2 and Qwen2.5 do)
-    LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                num_attention_heads=1).save_pretrained(tmp_path / "teacher")
+    LlamaConfig(
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1
+    ).save_pretrained(tmp_path / "teacher")
     assert model_output_size(str(tmp_path / "teacher")) == 1024
 
 

@@ -2,6 +2,7 @@
 (fingerprint v2, chat-template hash, vocabulary size), even when the files' sizes and sha256 in
 `tokenizer_files` were fixed up after an edit: `check_tokenizer_identity` (what `kdcache verify` calls)
 and `load_cache_tokenizer` refuse it with a FormatError. Old manifests (fingerprint v1) still match."""
+
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,14 @@ import pytest
 from formats.errors import FormatError
 from formats.manifest import load_manifest
 from formats.tokenizer_files import TOKENIZER_DIR, add_tokenizer, check_tokenizer_identity, load_cache_tokenizer
-from formats.tokenizer_id import (FINGERPRINT_VERSION, _canonical, fingerprint_matches, fingerprint_version,
-                                  tokenizer_fingerprint, tokenizer_info)
+from formats.tokenizer_id import (
+    FINGERPRINT_VERSION,
+    _canonical,
+    fingerprint_matches,
+    fingerprint_version,
+    tokenizer_fingerprint,
+    tokenizer_info,
+)
 
 from ..tokenizer_helpers import tiny_tokenizer
 from .format_helpers import edit_manifest
@@ -28,10 +35,12 @@ old_cache = files.old_cache
 
 def fix_up(cache: Path) -> None:
     """Record the current size and sha256 of every file in tokenizer/, so only the identity check can object."""
+
     def edit(manifest):
         for entry in manifest["tokenizer_files"]:
             data = (cache / TOKENIZER_DIR / entry["file"]).read_bytes()
             entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
     edit_manifest(cache, edit)
 
 
@@ -56,8 +65,12 @@ def _edit_template(folder: Path):
 
 
 def _metaspace_decoder(folder: Path):
-    edit_json(folder / "tokenizer.json",
-              lambda t: t.update(decoder={"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}))
+    edit_json(
+        folder / "tokenizer.json",
+        lambda t: t.update(
+            decoder={"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+        ),
+    )
 
 
 def _rename_merge_token(folder: Path):
@@ -67,8 +80,10 @@ def _rename_merge_token(folder: Path):
 TAMPERS = {  # name -> (edit of the cache's tokenizer/ folder, text the FormatError must hold)
     "tokenizer.json swapped": (_swap_tokenizer_json, "another fingerprint than tokenizer.fingerprint"),
     "chat template edited": (_edit_template, "tokenizer.chat_template_sha256"),
-    "eos changed": (lambda f: edit_json(f / "tokenizer_config.json", lambda c: c.update(eos_token="<|im_start|>")),
-                    "another fingerprint than tokenizer.fingerprint"),
+    "eos changed": (
+        lambda f: edit_json(f / "tokenizer_config.json", lambda c: c.update(eos_token="<|im_start|>")),
+        "another fingerprint than tokenizer.fingerprint",
+    ),
     "decoder changed": (_metaspace_decoder, r"another fingerprint than tokenizer.fingerprint \(v2: .*decoder"),
     "merge token renamed": (_rename_merge_token, r"do not load \(Exception: Token `not-a-token` out of vocabulary"),
 }
@@ -139,9 +154,11 @@ def test_tokenizer_info_records_the_version(tokenizer):
 def test_v2_covers_what_changes_token_bytes_and_v1_does_not(tokenizer):
     from tokenizers import decoders, normalizers, pre_tokenizers
 
-    edits = {"decoder": lambda b: setattr(b, "decoder", decoders.Metaspace()),
-             "normalizer": lambda b: setattr(b, "normalizer", normalizers.NFKC()),
-             "pre_tokenizer": lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.Whitespace())}
+    edits = {
+        "decoder": lambda b: setattr(b, "decoder", decoders.Metaspace()),
+        "normalizer": lambda b: setattr(b, "normalizer", normalizers.NFKC()),
+        "pre_tokenizer": lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.Whitespace()),
+    }
     for part, edit in edits.items():
         changed = copy.deepcopy(tokenizer)
         edit(changed.backend_tokenizer)
@@ -155,8 +172,10 @@ def test_v2_survives_save_and_load(tmp_path):
 
     from ..train_student.xtok_fixtures import unigram
 
-    for name, tok in {"bpe": tiny_tokenizer(bos="<bos>", add_bos=True), "unigram": unigram(texts=["a b c hello"] * 4,
-                                                                                          vocab_size=40)}.items():
+    for name, tok in {
+        "bpe": tiny_tokenizer(bos="<bos>", add_bos=True),
+        "unigram": unigram(texts=["a b c hello"] * 4, vocab_size=40),
+    }.items():
         tok.save_pretrained(tmp_path / name)
         assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / name)) == tokenizer_fingerprint(tok), name
 
@@ -164,7 +183,14 @@ def test_v2_survives_save_and_load(tmp_path):
 def test_canonical_json_is_stable_across_tokenizers_versions():
     # tokenizers < 0.20 wrote merges as "a b"; newer versions add options that default to off
     old = {"model": {"type": "BPE", "merges": ["a b", "ab c"], "vocab": {"a": 0}}}
-    new = {"model": {"type": "BPE", "merges": [["a", "b"], ["ab", "c"]], "vocab": {"a": 0}, "ignore_merges": False,
-                     "dropout": None}}
+    new = {
+        "model": {
+            "type": "BPE",
+            "merges": [["a", "b"], ["ab", "c"]],
+            "vocab": {"a": 0},
+            "ignore_merges": False,
+            "dropout": None,
+        }
+    }
     assert _canonical(old) == _canonical(new)
     assert _canonical({"x": {"add_prefix_space": True}}) != _canonical({"x": {"add_prefix_space": False}})

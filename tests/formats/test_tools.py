@@ -12,8 +12,12 @@ from formats.tools import merge_caches, verify_cache
 
 
 def kdcache(*args):
-    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    return subprocess.run(
+        [sys.executable, "-m", "kdcache.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
 
 
 @pytest.mark.multiprocess
@@ -135,6 +139,7 @@ def test_inspect_shows_summary_and_example(cache):
 
 # ---- issue 9: verify checks what the trainer relies on ---------------------------------------
 
+
 def _long_row(cache):
     """(shard index 0, row index) of a row of shard 0 with at least 2 trained positions."""
     import pyarrow.parquet as pq
@@ -192,11 +197,13 @@ def test_reader_refuses_bad_target_spans(cache):
 
 # ---- issue 9: duplicates ---------------------------------------------------------------------
 
+
 def test_verify_refuses_a_shard_listed_twice(cache):
     def twice(m):
         m["shards"].append(dict(m["shards"][0]))
         m["counts"]["examples"] += m["shards"][0]["rows"]
         m["counts"]["positions"] += m["shards"][0]["positions"]
+
     edit_manifest(cache, twice)
     with pytest.raises(FormatError, match="listed twice"):
         verify_cache(cache)
@@ -212,6 +219,7 @@ def test_verify_refuses_a_copied_shard(cache):
         m["shards"].append(dict(first, file="copy.parquet"))
         m["counts"]["examples"] += first["rows"]
         m["counts"]["positions"] += first["positions"]
+
     edit_manifest(cache, add_copy)
     with pytest.raises(FormatError, match="copy.parquet.*same sha256|same sha256.*copy.parquet"):
         verify_cache(cache)
@@ -220,6 +228,7 @@ def test_verify_refuses_a_copied_shard(cache):
 def test_verify_refuses_duplicate_example_ids(cache):
     shards = load_manifest(cache)["shards"]
     import pyarrow.parquet as pq
+
     taken = pq.read_table(cache / shards[0]["file"], columns=["id"]).column("id")[0].as_py()
     rewrite_shard(cache, 1, lambda t: replace_column(t, "id", [taken] + t.column("id").to_pylist()[1:]))
     with pytest.raises(FormatError, match=rf"{taken!r}.*{shards[0]['file']}|{shards[1]['file']}.*{taken!r}"):
@@ -244,8 +253,10 @@ def test_merge_refuses_the_same_cache_twice(tmp_path, rng):
 
 # ---- issue 9: paths and values a manifest can hold -----------------------------------------
 
+
 def test_verify_refuses_rejects_file_outside_the_cache(cache):
     from formats.manifest import sha256_file
+
     secret = cache.parent / "secret.jsonl"
     secret.write_text('{"id": "s", "reason": "secret"}\n')
     edit_manifest(cache, lambda m: m["rejects_file"].update(file="../secret.jsonl", sha256=sha256_file(secret)))
@@ -255,13 +266,19 @@ def test_verify_refuses_rejects_file_outside_the_cache(cache):
 
 def test_merge_does_not_copy_a_file_from_outside_the_cache(tmp_path, rng):
     from formats.manifest import sha256_file
+
     write_cache(tmp_path / "a", [make_example(rng, i) for i in range(5)])
     secret = tmp_path / "secret.jsonl"
     secret.write_text('{"id": "s", "reason": "the secret"}\n')
-    edit_manifest(tmp_path / "a", lambda m: m["rejects_file"].update(file="../secret.jsonl", sha256=sha256_file(secret)))
+    edit_manifest(
+        tmp_path / "a", lambda m: m["rejects_file"].update(file="../secret.jsonl", sha256=sha256_file(secret))
+    )
     with pytest.raises(FormatError, match="rejects_file.file"):
         merge_caches(tmp_path / "m", [tmp_path / "a"])
-    assert not (tmp_path / "m" / "rejects.jsonl").exists() or "secret" not in (tmp_path / "m" / "rejects.jsonl").read_text()
+    assert (
+        not (tmp_path / "m" / "rejects.jsonl").exists()
+        or "secret" not in (tmp_path / "m" / "rejects.jsonl").read_text()
+    )
 
 
 def test_merge_refuses_a_tampered_rejects_file(tmp_path, rng):
@@ -278,6 +295,7 @@ def _set(path, value):
         for key in path[:-1]:
             d = d[key]
         d[path[-1]] = value
+
     return edit
 
 
@@ -345,7 +363,9 @@ def test_hostile_shard_metadata_is_a_format_error(cache, case):
 
 def test_verify_checks_ids_against_the_teachers_output_size(tmp_path, rng):
     exs = [make_example(rng, i) for i in range(6)]
-    write_cache(tmp_path / "c", exs, provenance={**PROVENANCE, "teacher": {**PROVENANCE["teacher"], "output_size": 1000}})
+    write_cache(
+        tmp_path / "c", exs, provenance={**PROVENANCE, "teacher": {**PROVENANCE["teacher"], "output_size": 1000}}
+    )
     top = max(int(e.topk_ids.max()) for e in exs)
     edit_manifest(tmp_path / "c", lambda m: m["teacher"].update(output_size=top))
     with pytest.raises(FormatError, match=rf"token id {top} >= .*output size {top}"):
@@ -364,14 +384,25 @@ def test_verify_refuses_rejects_that_do_not_add_up(cache):
 
 # ---- issue 9: merge compares everything that changes rows, keeps every worker's provenance ----
 
+
 def _worker(index, **filters):
-    dataset = {**PROVENANCE["dataset"], "filters": {"num_workers": 2, "worker_index": index, "max_length": 4096,
-                                                    "length_policy": "truncate", "fraction": 1.0, **filters}}
+    dataset = {
+        **PROVENANCE["dataset"],
+        "filters": {
+            "num_workers": 2,
+            "worker_index": index,
+            "max_length": 4096,
+            "length_policy": "truncate",
+            "fraction": 1.0,
+            **filters,
+        },
+    }
     return {**PROVENANCE, "dataset": dataset, "template": {"max_length": 4096, "length_policy": "truncate"}}
 
 
-@pytest.mark.parametrize("change", [{"max_length": 512}, {"length_policy": "drop"}, {"fraction": 0.5},
-                                    {"num_workers": 3}, {"seed": 7}])
+@pytest.mark.parametrize(
+    "change", [{"max_length": 512}, {"length_policy": "drop"}, {"fraction": 0.5}, {"num_workers": 3}, {"seed": 7}]
+)
 def test_merge_refuses_different_dataset_filters(tmp_path, rng, change):
     exs = [make_example(rng, i) for i in range(8)]
     write_cache(tmp_path / "a", exs[:4], provenance=_worker(0))
@@ -408,22 +439,31 @@ def _retype(column, arrow_type, convert):
         i = table.schema.get_field_index(column)
         values = [convert(v) for v in table.column(column).to_pylist()]
         return table.set_column(i, pa.field(column, arrow_type), pa.array(values, type=arrow_type))
+
     return edit
 
 
-@pytest.mark.parametrize("column,arrow_type,convert", [
-    ("id", "int64", lambda v: abs(hash(v)) % 1000),
-    ("meta", "int64", lambda v: 7),
-    ("num_targets", "string", str),
-    ("input_ids", "list<item: double>", lambda v: [float(x) for x in v]),
-    ("topk_count", "large_binary", lambda v: v),
-], ids=["id-int", "meta-int", "num_targets-string", "input_ids-float", "stream-large_binary"])
+@pytest.mark.parametrize(
+    "column,arrow_type,convert",
+    [
+        ("id", "int64", lambda v: abs(hash(v)) % 1000),
+        ("meta", "int64", lambda v: 7),
+        ("num_targets", "string", str),
+        ("input_ids", "list<item: double>", lambda v: [float(x) for x in v]),
+        ("topk_count", "large_binary", lambda v: v),
+    ],
+    ids=["id-int", "meta-int", "num_targets-string", "input_ids-float", "stream-large_binary"],
+)
 def test_a_column_of_another_type_is_refused_by_verify_and_reader(cache, column, arrow_type, convert):
     """Checksums updated: only the schema check can catch it; nothing is coerced or misread."""
     import pyarrow as pa
 
-    types = {"int64": pa.int64(), "string": pa.string(), "list<item: double>": pa.list_(pa.float64()),
-             "large_binary": pa.large_binary()}
+    types = {
+        "int64": pa.int64(),
+        "string": pa.string(),
+        "list<item: double>": pa.list_(pa.float64()),
+        "large_binary": pa.large_binary(),
+    }
     rewrite_shard(cache, 0, edit_table=_retype(column, types[arrow_type], convert))
     for check in (verify_cache, lambda c: list(CacheReader(c))):
         with pytest.raises(FormatError, match=f"column types differ.*{column} is"):
@@ -463,14 +503,20 @@ def test_merge_counts_reasons_from_the_rejects_themselves(tmp_path, rng):
     verify_cache(tmp_path / "m")
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda meta: meta["codec"].update(k=meta["codec"]["k"] * 2), "codec"),
-], ids=["shard-k-larger-than-manifest"])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda meta: meta["codec"].update(k=meta["codec"]["k"] * 2), "codec"),
+    ],
+    ids=["shard-k-larger-than-manifest"],
+)
 def test_reader_checks_each_shard_header_against_the_manifest(cache, edit, match):
     """An unverified (hf://) cache: a shard whose codec differs from the manifest is refused by the reader too."""
+
     def edit_metadata(meta):
         edit(meta)
         return meta
+
     rewrite_shard(cache, 0, edit_metadata=edit_metadata)
     with pytest.raises(FormatError, match=match):
         list(CacheReader(cache))
@@ -480,6 +526,7 @@ def test_reader_checks_each_shards_rows_against_the_manifest(cache):
     def one_more_row(m):  # counts kept consistent: only the shard's own row count can catch it
         m["shards"][0]["rows"] += 1
         m["counts"]["examples"] += 1
+
     edit_manifest(cache, one_more_row)
     with pytest.raises(FormatError, match="rows, the manifest says"):
         list(CacheReader(cache))

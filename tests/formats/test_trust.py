@@ -1,6 +1,7 @@
 """formats.trust: the read boundary's pieces on their own (the attacks through the public readers are in
 test_hostile_cache.py): strict JSON, safe names, escaping, file kinds, bounded and hashed reads, and a remote
 file's verified bytes being the ones parsed."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,17 +15,33 @@ from formats.errors import ChecksumError, FormatError
 from formats.trust import MAX_JSON_DEPTH, CacheFiles, check_name, exact_int, loads, printable
 
 
-@pytest.mark.parametrize("text,value", [('{"a": [1, 2.5, null, true, "x"]}', {"a": [1, 2.5, None, True, "x"]}),
-                                        ('"\\u00e9"', "é"), ("[]", []), ("-12", -12)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ('{"a": [1, 2.5, null, true, "x"]}', {"a": [1, 2.5, None, True, "x"]}),
+        ('"\\u00e9"', "é"),
+        ("[]", []),
+        ("-12", -12),
+    ],
+)
 def test_loads_reads_ordinary_json(text, value):
     assert loads(text.encode(), "f", max_bytes=100) == value
 
 
-@pytest.mark.parametrize("raw,match", [
-    (b'{"a": 1, "a": 1}', "appears twice"), (b"[NaN]", "NaN"), (b"[-Infinity]", "Infinity"), (b"[1e400]", "overflows"),
-    (b"[" + b"1" * 41 + b"]", "digits"), (b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1), "deeper"),
-    (b"\xff", "not UTF-8"), (b"{", "not valid JSON"), (b"x" * 1001, "more than the 1000"),
-])
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        (b'{"a": 1, "a": 1}', "appears twice"),
+        (b"[NaN]", "NaN"),
+        (b"[-Infinity]", "Infinity"),
+        (b"[1e400]", "overflows"),
+        (b"[" + b"1" * 41 + b"]", "digits"),
+        (b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1), "deeper"),
+        (b"\xff", "not UTF-8"),
+        (b"{", "not valid JSON"),
+        (b"x" * 1001, "more than the 1000"),
+    ],
+)
 def test_loads_refuses_what_a_parser_would_resolve_silently_or_crash_on(raw, match):
     with pytest.raises(FormatError, match=match):
         loads(raw, "f", max_bytes=1000)
@@ -39,8 +56,9 @@ def test_plain_names_pass(name):
     assert check_name(name, "f", "m") == name
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "a\\b", "%2e%2e", "x:y", "a b", "é", None, 3,
-                                  "x" * 201])
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", ".hidden", "a/b", "a\\b", "%2e%2e", "x:y", "a b", "é", None, 3, "x" * 201]
+)
 def test_anything_else_is_refused(name):
     with pytest.raises(FormatError, match="points outside the cache folder or is not a plain file name"):
         check_name(name, "f", "m")

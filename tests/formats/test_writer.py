@@ -51,7 +51,9 @@ def test_killed_writer_resumes_to_the_same_rows(tmp_path, seed):
 
 def test_every_record_is_written_or_rejected(tmp_path, rng):
     examples = [make_example(rng, i) for i in range(10)]
-    m = write_cache(tmp_path / "c", examples, rejects=[("x", "empty assistant content"), ("y", "too long: 9000 > 4096")])
+    m = write_cache(
+        tmp_path / "c", examples, rejects=[("x", "empty assistant content"), ("y", "too long: 9000 > 4096")]
+    )
     assert m["counts"]["examples"] == 10 and m["counts"]["rejects"] == 2
     assert m["counts"]["rejects_by_reason"] == {"empty assistant content": 1, "too long": 1}
     assert {s["file"] for s in m["shards"]} == {p.name for p in (tmp_path / "c").glob("*.parquet")}
@@ -95,16 +97,21 @@ def test_shards_roll_at_the_size_bound(tmp_path, rng):
     assert len(m["shards"]) > 2
     for shard in m["shards"]:  # a shard closes at the first row group that takes its data past the bound
         meta = pq.ParquetFile(tmp_path / "c" / shard["file"]).metadata
-        groups = [sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
-                  for g in range(meta.num_row_groups)]
+        groups = [
+            sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
+            for g in range(meta.num_row_groups)
+        ]
         assert sum(groups) - groups[-1] < 5000
 
 
 # ---- resume: names, settings, accounting (issue 9) ------------------------------------------
 
+
 def _rows(path) -> dict:
-    return {ex.id: (ex.input_ids, ex.target_positions, ex.topk_ids, ex.topk_logprobs, ex.target_logprobs,
-                    ex.target_ranks) for ex in CacheReader(path, prefetch=0)}
+    return {
+        ex.id: (ex.input_ids, ex.target_positions, ex.topk_ids, ex.topk_logprobs, ex.target_logprobs, ex.target_ranks)
+        for ex in CacheReader(path, prefetch=0)
+    }
 
 
 def _assert_same_rows(a, b) -> None:
@@ -163,7 +170,11 @@ def test_resume_with_other_settings_names_what_differs(tmp_path, finished):
     w.write(make_example(rng, 0))
     if finished:
         w.finish()
-    changed = {**prov, "sampling": {**sampling, "temperature": 1.0}, "teacher": {**prov["teacher"], "name_or_path": "B"}}
+    changed = {
+        **prov,
+        "sampling": {**sampling, "temperature": 1.0},
+        "teacher": {**prov["teacher"], "name_or_path": "B"},
+    }
     with pytest.raises(InputError) as info:
         CacheWriter(path, codec=CodecConfig(k=16), provenance=changed)
     message = str(info.value)

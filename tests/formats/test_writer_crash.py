@@ -11,6 +11,7 @@ truncated, deleted) before the resume: the writer must redo it under a name not 
 
 `pytest --hypothesis-show-statistics` prints the number of cases tried.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,14 +59,22 @@ class FileOps:
 @contextlib.contextmanager
 def counted(ops: FileOps):
     """Route the file operations the writer uses through `ops.tick`."""
-    targets = [(os, "replace"), (os, "fsync"), (os, "unlink"), (os, "rmdir"), (Path, "write_text"),
-               (pq.ParquetWriter, "write_table"), (pq.ParquetWriter, "close")]
+    targets = [
+        (os, "replace"),
+        (os, "fsync"),
+        (os, "unlink"),
+        (os, "rmdir"),
+        (Path, "write_text"),
+        (pq.ParquetWriter, "write_table"),
+        (pq.ParquetWriter, "close"),
+    ]
     originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
 
     def wrap(name, fn):
         def wrapper(*args, **kwargs):
             ops.tick(name)
             return fn(*args, **kwargs)
+
         return wrapper
 
     try:
@@ -105,13 +114,25 @@ def run_job(path: Path, items, layout: dict, *, with_exit: bool = False) -> None
 
 
 def rows(path: Path) -> dict:
-    return {ex.id: (ex.source, ex.input_ids, ex.target_positions, ex.topk_ids, ex.topk_logprobs, ex.target_logprobs,
-                    ex.target_ranks) for ex in CacheReader(path, prefetch=0)}
+    return {
+        ex.id: (
+            ex.source,
+            ex.input_ids,
+            ex.target_positions,
+            ex.topk_ids,
+            ex.topk_logprobs,
+            ex.target_logprobs,
+            ex.target_ranks,
+        )
+        for ex in CacheReader(path, prefetch=0)
+    }
 
 
 def rejects(path: Path) -> list:
-    return sorted(json.loads(line)["id"] + " " + json.loads(line)["reason"]
-                  for line in (path / "rejects.jsonl").read_text().splitlines())
+    return sorted(
+        json.loads(line)["id"] + " " + json.loads(line)["reason"]
+        for line in (path / "rejects.jsonl").read_text().splitlines()
+    )
 
 
 def assert_same_cache(got: Path, want: Path) -> None:
@@ -146,28 +167,46 @@ def damage(shard: Path, how: str, where: float) -> None:
         shard.write_bytes(b"\x5a")
 
 
-LAYOUTS = st.fixed_dictionaries({"row_group_positions": st.sampled_from([8, 24, 200]),
-                                 "shard_max_bytes": st.sampled_from([1, 1500, 1 << 20])})
-CRASH = st.fixed_dictionaries({
-    "at": st.floats(0.0, 1.0),  # where in the job, as a fraction of an uninterrupted run's file operations
-    "kind": st.sampled_from(["kill", "kill", "error"]),
-    "cut_short": st.sampled_from([None, 0.0, 0.5]),  # kills only: in-flight files left with this fraction
-    "damage": st.sampled_from([None, None, "flip", "truncate", "delete"]),  # a published shard, before the resume
-    "which": st.floats(0.0, 0.99), "where": st.floats(0.0, 0.99),  # which shard (0: the first), where in it
-})
+LAYOUTS = st.fixed_dictionaries(
+    {"row_group_positions": st.sampled_from([8, 24, 200]), "shard_max_bytes": st.sampled_from([1, 1500, 1 << 20])}
+)
+CRASH = st.fixed_dictionaries(
+    {
+        "at": st.floats(0.0, 1.0),  # where in the job, as a fraction of an uninterrupted run's file operations
+        "kind": st.sampled_from(["kill", "kill", "error"]),
+        "cut_short": st.sampled_from([None, 0.0, 0.5]),  # kills only: in-flight files left with this fraction
+        "damage": st.sampled_from([None, None, "flip", "truncate", "delete"]),  # a published shard, before the resume
+        "which": st.floats(0.0, 0.99),
+        "where": st.floats(0.0, 0.99),  # which shard (0: the first), where in it
+    }
+)
 
 
 @pytest.mark.slow
-@settings(max_examples=CRASH_CASES, database=None, deadline=None,
-          phases=[Phase.explicit, Phase.generate, Phase.shrink],
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(seed=st.integers(0, 2**16), n=st.integers(1, 20), reject_every=st.integers(2, 6), layout=LAYOUTS,
-       crashes=st.lists(CRASH, min_size=1, max_size=3),
-       edit=st.tuples(st.sampled_from(["flip", "truncate"]), st.floats(0.0, 0.99), st.floats(0.0, 0.99)))
+@settings(
+    max_examples=CRASH_CASES,
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 20),
+    reject_every=st.integers(2, 6),
+    layout=LAYOUTS,
+    crashes=st.lists(CRASH, min_size=1, max_size=3),
+    edit=st.tuples(st.sampled_from(["flip", "truncate"]), st.floats(0.0, 0.99), st.floats(0.0, 0.99)),
+)
 # issue 9 item 6: killed with shards 0..3 published, shard 0 damaged; the redone rows must not replace a kept shard
-@example(seed=0, n=14, reject_every=3, layout={"row_group_positions": 8, "shard_max_bytes": 1},
-         crashes=[{"at": 0.6, "kind": "kill", "cut_short": None, "damage": "flip", "which": 0.0, "where": 0.5}],
-         edit=("flip", 0.5, 0.5))
+@example(
+    seed=0,
+    n=14,
+    reject_every=3,
+    layout={"row_group_positions": 8, "shard_max_bytes": 1},
+    crashes=[{"at": 0.6, "kind": "kill", "cut_short": None, "damage": "flip", "which": 0.0, "where": 0.5}],
+    edit=("flip", 0.5, 0.5),
+)
 def test_crash_anywhere_then_resume_equals_an_uninterrupted_run(seed, n, reject_every, layout, crashes, edit):
     items = make_inputs(seed, n, reject_every)
     with tempfile.TemporaryDirectory() as tmp:

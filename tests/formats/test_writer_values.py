@@ -1,5 +1,6 @@
 """issue 9, items 10 and 11: the writer's id width and range come from the teacher's output size, and
 logprobs are finite or -inf (NaN is refused naming example and position; -inf round-trips)."""
+
 import numpy as np
 import pytest
 from .format_helpers import PROVENANCE, make_example, write_cache
@@ -31,7 +32,9 @@ def test_writer_refuses_an_id_past_the_output_size_with_a_clear_error(tmp_path, 
     ex.topk_ids = ex.topk_ids.copy()
     ex.topk_ids[1, 0] = 1000  # PROVENANCE: vocab_size 1000
     with CacheWriter(tmp_path / "c", codec=CodecConfig(k=8), provenance=PROVENANCE) as w:
-        with pytest.raises(InputError, match=rf"'ex0', position {int(ex.target_positions[1])}: token id 1000 >= .*1000.*output_size"):
+        with pytest.raises(
+            InputError, match=rf"'ex0', position {int(ex.target_positions[1])}: token id 1000 >= .*1000.*output_size"
+        ):
             w.write(ex)
 
 
@@ -46,6 +49,7 @@ def test_writer_takes_padding_ids_of_a_padded_output_layer(tmp_path, rng):
 
 
 # ---- issue 9, item 11: NaN is an error, -inf round-trips ---------------------------------------
+
 
 @pytest.mark.parametrize("field", ["topk_logprobs", "target_logprobs"])
 def test_writer_refuses_a_nan_logprob_naming_example_and_position(tmp_path, rng, field):
@@ -63,7 +67,7 @@ def test_writer_refuses_a_nan_logprob_naming_example_and_position(tmp_path, rng,
 def test_neg_inf_logprobs_round_trip_through_a_cache(tmp_path, rng):
     ex = make_example(rng, 0, min_len=10)
     ex.topk_logprobs = ex.topk_logprobs.copy()
-    ex.topk_logprobs[0, 5:] = -np.inf         # probability 0: stored as padding (id -1, -inf)
+    ex.topk_logprobs[0, 5:] = -np.inf  # probability 0: stored as padding (id -1, -inf)
     ex.topk_logprobs[1, 6:] = ex.topk_logprobs[1, 0] - 3000.0  # below the step range: the escape q = 65535
     write_cache(tmp_path / "c", [ex])
     got = next(iter(CacheReader(tmp_path / "c")))

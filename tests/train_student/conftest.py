@@ -1,4 +1,5 @@
 """Fixtures for the trainer tests (helpers live in kd_fixtures.py: `from .kd_fixtures import ...`)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Helpers for the trainer tests: a 256-token word-level tokenizer, a random 2-layer Llama teacher
 (hidden 64), a random student of the same shape, and a small cache of the teacher's own top-k."""
+
 from __future__ import annotations
 
 import os
@@ -33,10 +34,21 @@ def make_model(seed: int, layers: int = 2, vocab: int = VOCAB, scale: float = 0.
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         attn_implementation=attn)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation=attn,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if scale:
@@ -51,8 +63,18 @@ def save_model(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def write_cache(teacher, tokenizer, out: Path, *, n: int = 48, seed: int = 0, k: int = K, min_len: int = 12,
-                max_len: int = 40, row_group_positions: int = 65536) -> Path:
+def write_cache(
+    teacher,
+    tokenizer,
+    out: Path,
+    *,
+    n: int = 48,
+    seed: int = 0,
+    k: int = K,
+    min_len: int = 12,
+    max_len: int = 40,
+    row_group_positions: int = 65536,
+) -> Path:
     """A cache of `n` random sequences scored by `teacher` (its own top-k at every position >= 1)."""
     import torch
 
@@ -60,11 +82,18 @@ def write_cache(teacher, tokenizer, out: Path, *, n: int = 48, seed: int = 0, k:
     from formats import CacheWriter, CodecConfig, Example
 
     rng = np.random.default_rng(seed)
-    provenance = {"tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "fingerprint_version": FINGERPRINT_VERSION,
-                                "vocab_size": VOCAB, "name_or_path": "tiny-wordlevel"},
-                  "teacher": {"name_or_path": "tiny-teacher"}}
-    with CacheWriter(out, codec=CodecConfig(k=k, hot=64), provenance=provenance,
-                     row_group_positions=row_group_positions) as w:
+    provenance = {
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "fingerprint_version": FINGERPRINT_VERSION,
+            "vocab_size": VOCAB,
+            "name_or_path": "tiny-wordlevel",
+        },
+        "teacher": {"name_or_path": "tiny-teacher"},
+    }
+    with CacheWriter(
+        out, codec=CodecConfig(k=k, hot=64), provenance=provenance, row_group_positions=row_group_positions
+    ) as w:
         for i in range(n):
             L = int(rng.integers(min_len, max_len + 1))
             ids = rng.integers(3, VOCAB, size=L).astype(np.int32)
@@ -76,11 +105,17 @@ def write_cache(teacher, tokenizer, out: Path, *, n: int = 48, seed: int = 0, k:
             top = torch.topk(rows, k, dim=-1)
             target = rows.gather(1, torch.from_numpy(ids[tpos]).long()[:, None])[:, 0]
             ranks = (rows > target[:, None]).sum(1) + 1
-            w.write(Example(id=f"ex{i:04d}", input_ids=ids, target_positions=tpos,
-                            topk_ids=top.indices.numpy().astype(np.int32),
-                            topk_logprobs=top.values.numpy().astype(np.float32),
-                            target_logprobs=target.numpy().astype(np.float32),
-                            target_ranks=ranks.numpy().astype(np.int32)))
+            w.write(
+                Example(
+                    id=f"ex{i:04d}",
+                    input_ids=ids,
+                    target_positions=tpos,
+                    topk_ids=top.indices.numpy().astype(np.int32),
+                    topk_logprobs=top.values.numpy().astype(np.float32),
+                    target_logprobs=target.numpy().astype(np.float32),
+                    target_ranks=ranks.numpy().astype(np.int32),
+                )
+            )
     return out
 
 
@@ -91,16 +126,25 @@ def reorder_cache(src: Path, out: Path, order: list[str]) -> Path:
     reader = CacheReader(src)
     by_id = {ex.id: ex for ex in reader}
     m = reader.manifest
-    with CacheWriter(out, codec=CodecConfig.from_dict(m["codec"]), row_group_positions=1,
-                     provenance={"tokenizer": m["tokenizer"], "teacher": m["teacher"]}) as w:
+    with CacheWriter(
+        out,
+        codec=CodecConfig.from_dict(m["codec"]),
+        row_group_positions=1,
+        provenance={"tokenizer": m["tokenizer"], "teacher": m["teacher"]},
+    ) as w:
         for ex_id in order:
             w.write(by_id[ex_id])
     return out
 
 
 def python_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     return env
 
 
@@ -109,9 +153,20 @@ PYTHON = sys.executable
 
 def train_args(student, cache, out, **flags) -> list[str]:
     """`train` arguments for a tiny quiet run; flags as keyword arguments (True = bare flag)."""
-    base = dict(student=student, cache=cache, out=out, max_tokens=64, lr=3e-3, warmup_steps=2, eval_fraction=0.2,
-                eval_every=0, save_every=0, log_every=1, seed=0,
-                dtype="float32")  # exact comparisons: not --dtype auto, which is bf16-mixed on bf16 CPUs
+    base = dict(
+        student=student,
+        cache=cache,
+        out=out,
+        max_tokens=64,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_fraction=0.2,
+        eval_every=0,
+        save_every=0,
+        log_every=1,
+        seed=0,
+        dtype="float32",
+    )  # exact comparisons: not --dtype auto, which is bf16-mixed on bf16 CPUs
     base.update(flags)
     args = ["train"]
     for key, value in base.items():
@@ -148,8 +203,14 @@ sys.exit(main(ARGS))
 def run_train(args: list[str], *, signal_at: int = 0, sig: int = 9, timeout: int = 180):
     import subprocess
 
-    return subprocess.run([PYTHON, "-c", _WRAPPER, str(signal_at), str(sig), *args], env=python_env(),
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [PYTHON, "-c", _WRAPPER, str(signal_at), str(sig), *args],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def final_weights(run_dir) -> dict:

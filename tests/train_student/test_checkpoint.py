@@ -1,4 +1,5 @@
 """Checkpoint files: loaded with torch.load(weights_only=True) only, RNG states round-trip as plain types."""
+
 from __future__ import annotations
 
 import random
@@ -55,9 +56,20 @@ def _trained_model(seed: int):
 
 
 def _save_sharded(run_dir, lm, optimizer, scheduler, *, last: bool = False):
-    return checkpoint.save(run_dir, step=2, lm=lm, module=lm, optimizer=optimizer, scheduler=scheduler,
-                           tokenizer=None, rank_state={"data": None}, trainer_state={"world_size": 1}, keep=2,
-                           sharded=True, last=last)
+    return checkpoint.save(
+        run_dir,
+        step=2,
+        lm=lm,
+        module=lm,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tokenizer=None,
+        rank_state={"data": None},
+        trainer_state={"world_size": 1},
+        keep=2,
+        sharded=True,
+        last=last,
+    )
 
 
 def _resume(ckpt, seed: int = 7):
@@ -151,9 +163,19 @@ def test_fsdp_sharded_checkpoint_resumes_to_the_uninterrupted_run(tiny, tmp_path
     from .kd_fixtures import PYTHON, REPO, final_weights, python_env, read_metrics, train_args
 
     def torchrun(out, *extra):
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train_student",
-               *train_args(tiny["student"], tiny["cache"], out, steps=4, save_every=2, epochs=0, eval_fraction=0),
-               "--fsdp", *extra]
+        cmd = [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "train_student",
+            *train_args(tiny["student"], tiny["cache"], out, steps=4, save_every=2, epochs=0, eval_fraction=0),
+            "--fsdp",
+            *extra,
+        ]
         done = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stderr

@@ -1,4 +1,5 @@
 """train_student.checks: what the student would misread is refused, a thin teacher signal warned about."""
+
 from __future__ import annotations
 
 import json
@@ -17,16 +18,19 @@ def test_tokenizer_mismatch_is_refused(tiny):
 
     manifest = CacheReader(tiny["cache"]).manifest
     same = make_tokenizer()
-    check_cache_fits_student(manifest, "c", fingerprint=tokenizer_fingerprint(same), tokenizer_vocab=VOCAB,
-                             output_size=VOCAB)
+    check_cache_fits_student(
+        manifest, "c", fingerprint=tokenizer_fingerprint(same), tokenizer_vocab=VOCAB, output_size=VOCAB
+    )
     other = make_tokenizer(extra="x")  # same size, one token differs
     with pytest.raises(InputError, match="fingerprints differ"):
-        check_cache_fits_student(manifest, "c", fingerprint=tokenizer_fingerprint(other), tokenizer_vocab=VOCAB,
-                                 output_size=VOCAB)
+        check_cache_fits_student(
+            manifest, "c", fingerprint=tokenizer_fingerprint(other), tokenizer_vocab=VOCAB, output_size=VOCAB
+        )
     bigger = make_tokenizer(vocab=300)
     with pytest.raises(InputError, match="256 tokens .* has 300"):
-        check_cache_fits_student(manifest, "c", fingerprint=tokenizer_fingerprint(bigger), tokenizer_vocab=300,
-                                 output_size=300)
+        check_cache_fits_student(
+            manifest, "c", fingerprint=tokenizer_fingerprint(bigger), tokenizer_vocab=300, output_size=300
+        )
     with pytest.raises(InputError, match="LM head"):
         check_cache_fits_student(manifest, "c", fingerprint=None, tokenizer_vocab=None, output_size=100)
 
@@ -54,8 +58,9 @@ def test_a_stage_that_mixes_teachers_is_refused_unless_allowed(tiny, caplog):
     other = json.loads(json.dumps(manifest))
     other["teacher"]["name_or_path"] = "another/teacher"
     check_same_teacher([manifest, manifest], ["a", "b"], "s1", allow_mixed=False)
-    with pytest.raises(IncompatibleCachesError, match="stage s1: b and a come from different teachers.*"
-                       "teacher.name_or_path"):
+    with pytest.raises(
+        IncompatibleCachesError, match="stage s1: b and a come from different teachers.*teacher.name_or_path"
+    ):
         check_same_teacher([manifest, other], ["a", "b"], "s1", allow_mixed=False)
     with caplog.at_level(logging.WARNING, logger="train_student"):
         check_same_teacher([manifest, other], ["a", "b"], "s1", allow_mixed=True)

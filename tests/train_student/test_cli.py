@@ -1,5 +1,6 @@
 """train_student.cli: `kdcache train --help` (generated from TrainConfig and Stage), flags, and a bad config
 file as a one-line error."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,28 @@ def test_help_documents_every_setting_of_the_run_and_of_its_stage():
 def test_flags_make_the_single_stage():
     from train_student.cli import config_from_args
 
-    args = _train_parser().parse_args(["train", "--student", "s", "--cache", "a", "--cache", "b,c", "--kd-weight",
-                                       "0", "--ce-weight", "1", "--no-shuffle"])
+    args = _train_parser().parse_args(
+        [
+            "train",
+            "--student",
+            "s",
+            "--cache",
+            "a",
+            "--cache",
+            "b,c",
+            "--kd-weight",
+            "0",
+            "--ce-weight",
+            "1",
+            "--no-shuffle",
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.shuffle, [s.cache for s in cfg.stages]) == (False, [["a", "b", "c"]])
     assert (cfg.stages[0].kd_weight, cfg.stages[0].ce_weight) == (0.0, 1.0)
-    args = _train_parser().parse_args(["train", "--init-from-teacher", "t", "--keep-layers", "0,5", "--keep-layers",
-                                       "9", "--cache", "a"])
+    args = _train_parser().parse_args(
+        ["train", "--init-from-teacher", "t", "--keep-layers", "0,5", "--keep-layers", "9", "--cache", "a"]
+    )
     assert config_from_args(args).keep_layers == [0, 5, 9]
 
 
@@ -49,8 +65,9 @@ def test_flags_make_the_single_stage():
 def test_cli_help_and_bad_config(tmp_path, capsys):
     import subprocess
 
-    out = subprocess.run([PYTHON, "-m", "kdcache.cli", "train", "--help"], env=python_env(),
-                         capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [PYTHON, "-m", "kdcache.cli", "train", "--help"], env=python_env(), capture_output=True, text=True, cwd=REPO
+    )
     assert out.returncode == 0 and "--init-from-teacher" in out.stdout and "--kd-weight" in out.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("student: x\ncache: y\nlearning_rate: 1\n")

@@ -1,4 +1,5 @@
 """train_student.config: settings from a YAML file and flags (defaults < YAML < flags)."""
+
 from __future__ import annotations
 
 import pytest

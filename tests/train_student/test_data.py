@@ -1,4 +1,5 @@
 """Data path: packing (packed == unpacked loss), target alignment, split, exact cursor, safety checks."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ from train_student.data import IGNORE_INDEX, ExampleStream, Packer, eval_batches
 from train_student.loss_options import LossSpec
 from train_student.model import StudentLoss
 
-LOSS = LossSpec(kd_weight=1.0, ce_weight=0.5, temperature=2.0, kind="forward_kl", tail="bucket", impl="chunked",
-                chunk_size=16)
+LOSS = LossSpec(
+    kd_weight=1.0, ce_weight=0.5, temperature=2.0, kind="forward_kl", tail="bucket", impl="chunked", chunk_size=16
+)
 
 
 def _examples(cache, n):
@@ -31,7 +33,7 @@ def test_alignment_of_teacher_rows_with_shifted_hidden(tiny):
     assert batch.position_ids[0, La].item() == 0 and batch.position_ids[0, La - 1].item() == La - 1
     for off, ex in ((0, a), (La, b)):
         for n, t in enumerate(ex.target_positions):
-            row = off + t - 1                                  # hidden row t-1 predicts token t
+            row = off + t - 1  # hidden row t-1 predicts token t
             assert batch.labels[row].item() == ex.input_ids[t]
             assert batch.topk_ids[row].tolist() == ex.topk_ids[n].tolist()
     trained = set(int(off + t - 1) for off, ex in ((0, a), (La, b)) for t in ex.target_positions)
@@ -114,11 +116,14 @@ def test_eval_batches_pack_the_held_out_examples_in_order_greedily(tiny, max_exa
     """The first max_examples held-out examples, in stream order, each cut to the budget; a batch closes
     only when the next example would not fit."""
     held = list(ExampleStream([CacheReader(tiny["cache"])], split="eval", eval_fraction=0.25))[:max_examples]
-    batches = eval_batches([tiny["cache"]], rank=0, world_size=1, eval_fraction=0.25, max_tokens=40,
-                           max_examples=max_examples)
+    batches = eval_batches(
+        [tiny["cache"]], rank=0, world_size=1, eval_fraction=0.25, max_tokens=40, max_examples=max_examples
+    )
     assert sum(b.n_examples for b in batches) == len(held) > 1
-    assert torch.equal(torch.cat([b.input_ids[0] for b in batches]),
-                       torch.cat([torch.tensor(e.input_ids[:40], dtype=torch.long) for e in held]))
+    assert torch.equal(
+        torch.cat([b.input_ids[0] for b in batches]),
+        torch.cat([torch.tensor(e.input_ids[:40], dtype=torch.long) for e in held]),
+    )
     firsts = np.cumsum([0] + [b.n_examples for b in batches])[1:-1]  # index of each next batch's first example
     for b, nxt in zip(batches, firsts):
         assert b.n_tokens <= 40 and b.n_tokens + min(len(held[nxt].input_ids), 40) > 40
@@ -159,11 +164,23 @@ def test_fraction_subsamples_are_nested_and_disjoint_from_eval(tmp_path):
     cache = tmp_path / "c"
     with CacheWriter(cache, codec=CodecConfig(k=2)) as w:
         for i in range(60):
-            w.write(Example(id=f"r{i}", input_ids=np.arange(5, dtype=np.int32), target_positions=np.array([3, 4], np.int32),
-                            topk_ids=np.array([[1, 2], [3, 4]], np.int32), topk_logprobs=np.full((2, 2), -1.0, np.float32),
-                            target_logprobs=np.full(2, -1.0, np.float32), target_ranks=np.ones(2, np.int32)))
+            w.write(
+                Example(
+                    id=f"r{i}",
+                    input_ids=np.arange(5, dtype=np.int32),
+                    target_positions=np.array([3, 4], np.int32),
+                    topk_ids=np.array([[1, 2], [3, 4]], np.int32),
+                    topk_logprobs=np.full((2, 2), -1.0, np.float32),
+                    target_logprobs=np.full(2, -1.0, np.float32),
+                    target_ranks=np.ones(2, np.int32),
+                )
+            )
+
     def ids(fraction):
-        return {ex.id for ex in ExampleStream([CacheReader(cache)], split="train", eval_fraction=0.2, fraction=fraction)}
+        return {
+            ex.id for ex in ExampleStream([CacheReader(cache)], split="train", eval_fraction=0.2, fraction=fraction)
+        }
+
     small, big, full = ids(0.3), ids(0.6), ids(1.0)
     assert small < big < full
     assert not any(is_eval(i, 0.2) for i in full)
@@ -201,13 +218,16 @@ def _damaged(tiny, **change):
     return ex
 
 
-@pytest.mark.parametrize("change", [
-    dict(target_positions=lambda p: p - p[0]),                         # starts at 0: row -1 = the last row
-    dict(target_positions=lambda p: p + 1),                            # runs past the sequence
-    dict(target_positions=lambda p: p[::-1].copy()),                   # unsorted
-    dict(target_positions=lambda p: np.concatenate([p[:1], p[:-1]])),  # overlapping spans (a position twice)
-    dict(topk_ids=lambda a: a[:-1], topk_logprobs=lambda a: a[:-1]),   # fewer teacher rows than positions
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(target_positions=lambda p: p - p[0]),  # starts at 0: row -1 = the last row
+        dict(target_positions=lambda p: p + 1),  # runs past the sequence
+        dict(target_positions=lambda p: p[::-1].copy()),  # unsorted
+        dict(target_positions=lambda p: np.concatenate([p[:1], p[:-1]])),  # overlapping spans (a position twice)
+        dict(topk_ids=lambda a: a[:-1], topk_logprobs=lambda a: a[:-1]),  # fewer teacher rows than positions
+    ],
+)
 def test_stream_refuses_target_positions_out_of_range(tiny, change):
     bad = _damaged(tiny, **change)
     stream = ExampleStream([_ListReader([bad])], split="all")
@@ -215,11 +235,14 @@ def test_stream_refuses_target_positions_out_of_range(tiny, change):
         next(stream)
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(topk_ids=lambda a: np.where(a == a[0, 0], VOCAB + 5, a)), "teacher id 261"),
-    (dict(input_ids=lambda a: np.where(np.arange(len(a)) == len(a) - 1, VOCAB, a)), "token id 256"),
-    (dict(topk_ids=lambda a: np.where(a == a[0, 0], -7, a)), "teacher id -7"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(topk_ids=lambda a: np.where(a == a[0, 0], VOCAB + 5, a)), "teacher id 261"),
+        (dict(input_ids=lambda a: np.where(np.arange(len(a)) == len(a) - 1, VOCAB, a)), "token id 256"),
+        (dict(topk_ids=lambda a: np.where(a == a[0, 0], -7, a)), "teacher id -7"),
+    ],
+)
 def test_stream_refuses_ids_outside_the_students_vocabulary(tiny, change, message):
     bad = _damaged(tiny, **change)
     stream = ExampleStream([_ListReader([bad])], split="all", input_size=VOCAB, output_size=VOCAB)
@@ -239,8 +262,9 @@ def test_endless_stream_with_everything_filtered_out_is_an_error(tiny):
         next(stream)
     # one cache of two empty: an error too (not a silent single-cache stage)
     kept = [ex for ex in examples if not is_eval(ex.id, 0.5)]
-    mixed = ExampleStream([_ListReader(kept, epochs=None), _ListReader(held, epochs=None)], split="train",
-                          eval_fraction=0.5)
+    mixed = ExampleStream(
+        [_ListReader(kept, epochs=None), _ListReader(held, epochs=None)], split="train", eval_fraction=0.5
+    )
     with pytest.raises(InputError, match="no example"):
         for _ in range(100):
             next(mixed)
@@ -273,7 +297,12 @@ def test_the_module_docstrings_example_runs(tiny):
 
     example = "\n".join(line[4:] for line in data.__doc__.splitlines() if line.startswith("    "))
     seen = {}
-    namespace = {**vars(data), "StudentLoss": StudentLoss, "LossSpec": LossSpec, "cache": str(tiny["cache"]),
-                 "student": make_model(seed=1)}
+    namespace = {
+        **vars(data),
+        "StudentLoss": StudentLoss,
+        "LossSpec": LossSpec,
+        "cache": str(tiny["cache"]),
+        "student": make_model(seed=1),
+    }
     exec(compile(example + "\n    seen[len(seen)] = loss.item()", "data.__doc__", "exec"), {**namespace, "seen": seen})
     assert seen and all(np.isfinite(v) for v in seen.values())

@@ -1,5 +1,6 @@
 """`kdcache eval` (kdcache/study/evaluate.py, eval_cli.py): lm-eval on a tiny student, offline, on the local
 tasks of configs/eval; results.json merged, reruns skipped, hostile files refused or set aside."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,10 @@ from .kd_fixtures import REPO, make_model, make_tokenizer, save_model
 LOCAL = ["kdcache_heldout_chat", "kdcache_arith_qa"]
 # A word-level chat template: turns wrapped in <s> ... </s>, the generation prompt "<s> w4\n" (ending in
 # whitespace, as real templates' do, so the response's first word is not glued to it).
-CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ 'w3' if m['role'] == 'user' else 'w4' }} {{ m['content'] }} </s>"
-                 "{% endfor %}{% if add_generation_prompt %}<s> w4\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ 'w3' if m['role'] == 'user' else 'w4' }} {{ m['content'] }} </s>"
+    "{% endfor %}{% if add_generation_prompt %}<s> w4\n{% endif %}"
+)
 
 
 def _student(path: Path, *, chat: bool) -> Path:
@@ -45,13 +48,25 @@ def manager():
 
 def _fake_raw(tasks, scale=1.0):
     """What lm_eval.simple_evaluate returns, for the tasks asked (numbers chosen, no model run)."""
-    return {"results": {t: {"alias": t, "acc,none": 0.25 * scale, "acc_stderr,none": 0.01,
-                            "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": "N/A"} for t in tasks},
-            "versions": {t: 1.0 for t in tasks}, "configs": {t: {"task": t} for t in tasks},
-            "n-samples": {t: {"original": 7, "effective": 7} for t in tasks}}
+    return {
+        "results": {
+            t: {
+                "alias": t,
+                "acc,none": 0.25 * scale,
+                "acc_stderr,none": 0.01,
+                "exact_match,strict-match": 0.5,
+                "exact_match_stderr,strict-match": "N/A",
+            }
+            for t in tasks
+        },
+        "versions": {t: 1.0 for t in tasks},
+        "configs": {t: {"task": t} for t in tasks},
+        "n-samples": {t: {"original": 7, "effective": 7} for t in tasks},
+    }
 
 
 # --- what is evaluated ---------------------------------------------------------------------------------
+
 
 def test_resolve_target_run_model_and_broken(tmp_path, run_dir):
     assert ev.resolve_target(str(run_dir)) == ((run_dir / "final").resolve(), run_dir.resolve())
@@ -89,6 +104,7 @@ def test_engine_follows_kdcache_rule(monkeypatch):
 
 
 # --- tasks ---------------------------------------------------------------------------------------------
+
 
 def test_local_tasks_are_known(manager):
     assert set(LOCAL) <= set(ev.local_task_names())
@@ -136,6 +152,7 @@ def test_out_with_several_targets_is_refused(run_dir):
 
 # --- lm-eval's output -> results.json ------------------------------------------------------------------
 
+
 def test_task_results_names_stderr_and_groups():
     raw = _fake_raw(["t"])
     raw["results"]["grp"] = {"alias": "grp", "acc,none": 0.3, "acc_stderr,none": 0.02}
@@ -154,23 +171,48 @@ def test_task_results_names_stderr_and_groups():
 HOSTILE = {
     "garbage": b"\x00\xff{not json",
     "a list": b"[1, 2]",
-    "model_sha256 a number": json.dumps({"model_path": "m", "model_sha256": 3, "lm_eval_version": "0",
-                                         "kdcache_version": "0", "dtype": "float32", "tasks": {}}).encode(),
+    "model_sha256 a number": json.dumps(
+        {
+            "model_path": "m",
+            "model_sha256": 3,
+            "lm_eval_version": "0",
+            "kdcache_version": "0",
+            "dtype": "float32",
+            "tasks": {},
+        }
+    ).encode(),
 }
 
 
 def _valid(**task_fields) -> dict:
-    entry = {"metrics": {"acc": 0.5}, "stderr": {"acc": None}, "version": 1, "n_samples": 3,
-             "task_config_sha256": None, **task_fields}
-    return {"model_path": "m", "model_sha256": "ab", "lm_eval_version": "0.4", "kdcache_version": "0.1",
-            "dtype": "float32", "tasks": {"t": entry}}
+    entry = {
+        "metrics": {"acc": 0.5},
+        "stderr": {"acc": None},
+        "version": 1,
+        "n_samples": 3,
+        "task_config_sha256": None,
+        **task_fields,
+    }
+    return {
+        "model_path": "m",
+        "model_sha256": "ab",
+        "lm_eval_version": "0.4",
+        "kdcache_version": "0.1",
+        "dtype": "float32",
+        "tasks": {"t": entry},
+    }
 
 
-@pytest.mark.parametrize("bad, field", [({"metrics": {"acc": "0.5"}}, "tasks.t.metrics.acc"),
-                                        ({"metrics": {"acc": True}}, "tasks.t.metrics.acc"),
-                                        ({"stderr": []}, "tasks.t.stderr"),
-                                        ({"n_samples": -1}, "tasks.t.n_samples"),
-                                        ({"version": [1]}, "tasks.t.version")])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"metrics": {"acc": "0.5"}}, "tasks.t.metrics.acc"),
+        ({"metrics": {"acc": True}}, "tasks.t.metrics.acc"),
+        ({"stderr": []}, "tasks.t.stderr"),
+        ({"n_samples": -1}, "tasks.t.n_samples"),
+        ({"version": [1]}, "tasks.t.version"),
+    ],
+)
 def test_read_results_names_the_bad_field(tmp_path, bad, field):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(_valid(**bad)))
@@ -218,6 +260,7 @@ def test_merge_skip_force_and_new_weights(tmp_path, run_dir, monkeypatch):
 
 # --- end to end, a real model --------------------------------------------------------------------------
 
+
 def _mean_response_loglikelihood(model_dir: Path, chat: bool, limit: int | None = None) -> float:
     """The held-out task's score computed here: per row, the summed log-probability of the response's tokens
     after the rendered prompt (chat template + generation prompt), averaged over rows."""
@@ -231,8 +274,9 @@ def _mean_response_loglikelihood(model_dir: Path, chat: bool, limit: int | None 
     total = 0.0
     for row in rows:
         if chat:
-            context = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
-                                              add_generation_prompt=True)
+            context = tok.apply_chat_template(
+                [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+            )
         else:
             context = row["prompt"] + "\n\n"
         ctx = tok(context, add_special_tokens=False).input_ids
@@ -249,8 +293,20 @@ def _mean_response_loglikelihood(model_dir: Path, chat: bool, limit: int | None 
 def test_kdcache_eval_end_to_end_offline(run_dir, monkeypatch, capsys):
     from kdcache.cli import main
 
-    args = ["eval", str(run_dir), "--tasks", ",".join(LOCAL), "--batch-size", "4", "--engine", "hf",
-            "--dtype", "float32", "--device", "cpu"]
+    args = [
+        "eval",
+        str(run_dir),
+        "--tasks",
+        ",".join(LOCAL),
+        "--batch-size",
+        "4",
+        "--engine",
+        "hf",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     results = ev.read_results(run_dir / "eval" / "results.json")
     assert results["model_path"] == str((run_dir / "final").resolve())
@@ -260,12 +316,14 @@ def test_kdcache_eval_end_to_end_offline(run_dir, monkeypatch, capsys):
     assert chat["n_samples"] == 12 and qa["n_samples"] == 16
     assert set(chat["metrics"]) == {"loglikelihood", "bits_per_byte", "greedy_match"}
     assert set(qa["metrics"]) == {"exact_match"} and 0.0 <= qa["metrics"]["exact_match"] <= 1.0
-    assert chat["metrics"]["loglikelihood"] == pytest.approx(_mean_response_loglikelihood(run_dir / "final", True),
-                                                             abs=1e-4)
+    assert chat["metrics"]["loglikelihood"] == pytest.approx(
+        _mean_response_loglikelihood(run_dir / "final", True), abs=1e-4
+    )
     rows = [json.loads(line) for line in (REPO / "configs/eval/data/heldout_chat.jsonl").read_text().splitlines()]
     n_bytes = sum(len(r["response"].encode()) for r in rows)
     assert chat["metrics"]["bits_per_byte"] == pytest.approx(
-        -chat["metrics"]["loglikelihood"] * len(rows) / n_bytes / math.log(2), rel=1e-9)
+        -chat["metrics"]["loglikelihood"] * len(rows) / n_bytes / math.log(2), rel=1e-9
+    )
     assert "kdcache_heldout_chat | loglikelihood" in capsys.readouterr().out
 
     def no_lm_eval(*a, **k):
@@ -280,11 +338,13 @@ def test_kdcache_eval_end_to_end_offline(run_dir, monkeypatch, capsys):
 def test_heldout_chat_without_chat_template(tmp_path):
     """A model without a chat template: the prompt, a blank line, then the response is scored."""
     model = _student(tmp_path / "plain", chat=False)
-    results = ev.evaluate(str(model), ["kdcache_heldout_chat"], batch_size=4, engine="hf", dtype="float32",
-                          device="cpu", limit=4)
+    results = ev.evaluate(
+        str(model), ["kdcache_heldout_chat"], batch_size=4, engine="hf", dtype="float32", device="cpu", limit=4
+    )
     assert results["apply_chat_template"] is False and results["tasks"]["kdcache_heldout_chat"]["n_samples"] == 4
     assert results["tasks"]["kdcache_heldout_chat"]["metrics"]["loglikelihood"] == pytest.approx(
-        _mean_response_loglikelihood(model, False, limit=4), abs=1e-4)
+        _mean_response_loglikelihood(model, False, limit=4), abs=1e-4
+    )
 
 
 def test_auto_engine_is_one_lm_eval_can_load():
@@ -327,8 +387,17 @@ def test_batch_size_auto_on_cpu_is_fixed(monkeypatch):
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
     for device, asked, expected in (("cpu", "auto", ev.CPU_BATCH_SIZE), ("cuda", "auto", "auto"), ("cpu", 16, 16)):
-        ev.run_lm_eval("m", ["t"], manager=None, engine="hf", dtype="float32", device=device, batch_size=asked,
-                       limit=None, apply_chat_template=False)
+        ev.run_lm_eval(
+            "m",
+            ["t"],
+            manager=None,
+            engine="hf",
+            dtype="float32",
+            device=device,
+            batch_size=asked,
+            limit=None,
+            apply_chat_template=False,
+        )
         assert calls["batch_size"] == expected
 
 
@@ -350,14 +419,21 @@ def test_local_task_data_load():
     assert len(utils.load_arith_qa()["test"]) == 16
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q"\n',
-     r"arith_qa\.jsonl: line 2: not JSON"),
-    ('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q", "answer": 2}\n',
-     r"arith_qa\.jsonl: line 2: field\(s\) answer missing or not a string"),
-    ('["a list"]\n', r"arith_qa\.jsonl: line 1: field\(s\) id, question, answer missing"),
-    (b"\xff\xfe garbage", r"arith_qa\.jsonl: not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            '{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q"\n',
+            r"arith_qa\.jsonl: line 2: not JSON",
+        ),
+        (
+            '{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q", "answer": 2}\n',
+            r"arith_qa\.jsonl: line 2: field\(s\) answer missing or not a string",
+        ),
+        ('["a list"]\n', r"arith_qa\.jsonl: line 1: field\(s\) id, question, answer missing"),
+        (b"\xff\xfe garbage", r"arith_qa\.jsonl: not UTF-8"),
+    ],
+)
 def test_broken_local_task_data_names_file_and_line(tmp_path, monkeypatch, content, message):
     utils = _task_utils()
     monkeypatch.setattr(utils, "DATA", tmp_path)

@@ -99,8 +99,9 @@ def check_fused(inputs, tol, **kw):
 @pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (2.0, 0.5)])
 @pytest.mark.parametrize("k", [1, 4])
 def test_fused_matches_reference(gen, kind, tail, temperature, ce_weight, k):
-    check_fused(make_inputs(gen, k=k), 1e-4, kind=kind, tail=tail, temperature=temperature,
-                ce_weight=ce_weight, kd_weight=0.8)
+    check_fused(
+        make_inputs(gen, k=k), 1e-4, kind=kind, tail=tail, temperature=temperature, ce_weight=ce_weight, kd_weight=0.8
+    )
 
 
 def test_fused_large_k(gen):
@@ -119,8 +120,9 @@ def test_fused_ce_only(gen):
 
 def test_fused_bf16(gen):
     """bf16 inputs are loaded as bf16 and cast to fp32 in the kernel (interpreter: no bf16 math)."""
-    check_fused(make_inputs(gen, dtype=torch.bfloat16), 1e-2, kind="forward_kl", tail="bucket",
-                temperature=2.0, ce_weight=0.5)
+    check_fused(
+        make_inputs(gen, dtype=torch.bfloat16), 1e-2, kind="forward_kl", tail="bucket", temperature=2.0, ce_weight=0.5
+    )
 
 
 # Logit gaps below this may be ordered differently by fp32 (the kernel) and fp64 (the reference).
@@ -171,7 +173,7 @@ def test_lse_forward_kernel(gen):
     for t, v, d in ((1, 1, 1), (9, 33, 17), (T, V, D)):
         h = torch.randn(t, d, generator=gen)
         w = torch.randn(v, d, generator=gen)
-        s = (h.double() @ w.double().T)
+        s = h.double() @ w.double().T
         lse_tau, lse_1, argmax = sk.lse_forward(h, w, 2.0, need_lse1=True)
         assert rel_err(lse_tau, torch.logsumexp(s / 2.0, -1)) < 1e-6
         assert rel_err(lse_1, torch.logsumexp(s, -1)) < 1e-6

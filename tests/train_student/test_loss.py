@@ -26,8 +26,9 @@ IMPLS = ("naive", "chunked")
 # ----------------------------------------------------------------------------- reference
 
 
-def reference_loss(hidden, weight, topk_ids, topk_logprobs, labels, *, kind, tail,
-                   temperature=1.0, kd_weight=1.0, ce_weight=0.0):
+def reference_loss(
+    hidden, weight, topk_ids, topk_logprobs, labels, *, kind, tail, temperature=1.0, kd_weight=1.0, ce_weight=0.0
+):
     """The loss in float64, one position at a time, from the equations."""
     tau = float(temperature)
     s = hidden.double() @ weight.double().T
@@ -39,8 +40,9 @@ def reference_loss(hidden, weight, topk_ids, topk_logprobs, labels, *, kind, tai
         if int(labels[t]) == -100:
             continue
         n += 1
-        keep = [k for k in range(topk_ids.shape[1])
-                if int(topk_ids[t, k]) >= 0 and float(topk_logprobs[t, k]) > -math.inf]
+        keep = [
+            k for k in range(topk_ids.shape[1]) if int(topk_ids[t, k]) >= 0 and float(topk_logprobs[t, k]) > -math.inf
+        ]
         ids = topk_ids[t, keep].long()
         lp = topk_logprobs[t, keep].double()
         p_raw_tail = 1.0 - float(lp.exp().sum())
@@ -75,8 +77,9 @@ def reference_loss(hidden, weight, topk_ids, topk_logprobs, labels, *, kind, tai
 # ----------------------------------------------------------------------------- inputs
 
 
-def make_inputs(gen, *, t=12, d=16, v=37, k=5, dtype=torch.float32, pad=True, mask=True,
-                teacher_scale=1.0, teacher_full=False):
+def make_inputs(
+    gen, *, t=12, d=16, v=37, k=5, dtype=torch.float32, pad=True, mask=True, teacher_scale=1.0, teacher_full=False
+):
     """Random student and a teacher cache with padding (-1 / -inf) and masked positions."""
     hidden = torch.randn(t, d, generator=gen, dtype=torch.float64)
     weight = torch.randn(v, d, generator=gen, dtype=torch.float64) / math.sqrt(d) * 2
@@ -128,16 +131,18 @@ def check_against_reference(inputs, impl, tol, **kw):
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (2.0, 0.0), (1.0, 0.5), (2.0, 0.5)])
 def test_matches_reference(gen, impl, kind, tail, temperature, ce_weight):
-    check_against_reference(make_inputs(gen), impl, 1e-4, kind=kind, tail=tail,
-                            temperature=temperature, ce_weight=ce_weight, kd_weight=0.7)
+    check_against_reference(
+        make_inputs(gen), impl, 1e-4, kind=kind, tail=tail, temperature=temperature, ce_weight=ce_weight, kd_weight=0.7
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tail", TAILS)
 def test_float64_inputs_are_exact(gen, impl, kind, tail):
-    check_against_reference(make_inputs(gen, dtype=torch.float64), impl, 1e-10, kind=kind,
-                            tail=tail, temperature=1.5, ce_weight=0.3)
+    check_against_reference(
+        make_inputs(gen, dtype=torch.float64), impl, 1e-10, kind=kind, tail=tail, temperature=1.5, ce_weight=0.3
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -195,8 +200,9 @@ def test_chunk_size_does_not_change_the_result(gen, chunk_size):
     for impl, cs in (("naive", 1024), ("chunked", chunk_size)):
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_()
-        loss, _ = kd_loss(h, w, ids, logprobs, labels, impl=impl, chunk_size=cs, tail="bucket",
-                          temperature=2.0, ce_weight=0.5)
+        loss, _ = kd_loss(
+            h, w, ids, logprobs, labels, impl=impl, chunk_size=cs, tail="bucket", temperature=2.0, ce_weight=0.5
+        )
         results.append((loss, *torch.autograd.grad(loss, [h, w])))
     for a, b in zip(*results):
         assert rel_err(a, b) < 1e-12
@@ -208,9 +214,22 @@ def test_chunked_gradcheck(gen):
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     for kind in KINDS:
+
         def f(h, w):
-            return kd_loss(h, w, ids, logprobs, labels, impl="chunked", chunk_size=4, kind=kind,
-                           tail="bucket", temperature=1.5, ce_weight=0.3)[0]
+            return kd_loss(
+                h,
+                w,
+                ids,
+                logprobs,
+                labels,
+                impl="chunked",
+                chunk_size=4,
+                kind=kind,
+                tail="bucket",
+                temperature=1.5,
+                ce_weight=0.3,
+            )[0]
+
         assert torch.autograd.gradcheck(f, (h, w))
 
 
@@ -259,8 +278,9 @@ def test_metrics(gen):
         scored = trained & valid[:, 0]
         assert (int(m["n_top1_agree"]), int(m["n_scored"])) == (int(agree[scored].sum()), int(scored.sum()))
         assert math.isclose(float(m["top1_agreement"]), int(agree[scored].sum()) / int(scored.sum()))
-        assert math.isclose(float(m["ce"]), float(-torch.log_softmax(s, -1)[trained, labels[trained]].mean()),
-                            rel_tol=1e-9)
+        assert math.isclose(
+            float(m["ce"]), float(-torch.log_softmax(s, -1)[trained, labels[trained]].mean()), rel_tol=1e-9
+        )
         assert all(not (isinstance(v, torch.Tensor) and v.requires_grad) for v in m.values())
 
 
@@ -271,27 +291,32 @@ def _good(gen):
     return make_inputs(gen, t=4, d=3, v=6, k=2)
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda a, kw: a.__setitem__(0, a[0][0]), r"hidden must be \[T, D\]"),
-    (lambda a, kw: a.__setitem__(1, a[1][:, :2]), r"lm_head_weight must be \[V, D\] with D = 3"),
-    (lambda a, kw: a.__setitem__(2, a[2][:3]), r"topk_ids must be \[T, K\] with T = 4"),
-    (lambda a, kw: a.__setitem__(3, a[3][:, :1]), r"topk_logprobs must have topk_ids' shape"),
-    (lambda a, kw: a.__setitem__(4, a[4][:2]), r"labels must be \[T\] with T = 4"),
-    (lambda a, kw: a.__setitem__(0, a[0].long()), r"hidden must be one of"),
-    (lambda a, kw: a.__setitem__(1, a[1].double()), r"lm_head_weight dtype torch.float64 differs"),
-    (lambda a, kw: a.__setitem__(2, a[2].float()), r"topk_ids must be an integer tensor"),
-    (lambda a, kw: a.__setitem__(3, a[3].long()), r"topk_logprobs must be a float tensor"),
-    (lambda a, kw: a.__setitem__(4, a[4].float()), r"labels must be int64"),
-    (lambda a, kw: kw.update(kind="jsd"), r"kind must be one of"),
-    (lambda a, kw: kw.update(tail="drop"), r"tail must be one of"),
-    (lambda a, kw: kw.update(impl="cuda"), r"impl must be one of"),
-    (lambda a, kw: kw.update(temperature=0.0), r"temperature must be a finite number > 0"),
-    (lambda a, kw: kw.update(kd_weight=-1.0), r"kd_weight must be a finite number >= 0"),
-    (lambda a, kw: kw.update(ce_weight=float("nan")), r"ce_weight must be a finite number >= 0"),
-    (lambda a, kw: kw.update(chunk_size=0), r"chunk_size must be a positive int"),
-    (lambda a, kw: (a.__setitem__(0, a[0].double()), a.__setitem__(1, a[1].double()),
-                    kw.update(impl="fused")), r"impl='fused' supports"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a, kw: a.__setitem__(0, a[0][0]), r"hidden must be \[T, D\]"),
+        (lambda a, kw: a.__setitem__(1, a[1][:, :2]), r"lm_head_weight must be \[V, D\] with D = 3"),
+        (lambda a, kw: a.__setitem__(2, a[2][:3]), r"topk_ids must be \[T, K\] with T = 4"),
+        (lambda a, kw: a.__setitem__(3, a[3][:, :1]), r"topk_logprobs must have topk_ids' shape"),
+        (lambda a, kw: a.__setitem__(4, a[4][:2]), r"labels must be \[T\] with T = 4"),
+        (lambda a, kw: a.__setitem__(0, a[0].long()), r"hidden must be one of"),
+        (lambda a, kw: a.__setitem__(1, a[1].double()), r"lm_head_weight dtype torch.float64 differs"),
+        (lambda a, kw: a.__setitem__(2, a[2].float()), r"topk_ids must be an integer tensor"),
+        (lambda a, kw: a.__setitem__(3, a[3].long()), r"topk_logprobs must be a float tensor"),
+        (lambda a, kw: a.__setitem__(4, a[4].float()), r"labels must be int64"),
+        (lambda a, kw: kw.update(kind="jsd"), r"kind must be one of"),
+        (lambda a, kw: kw.update(tail="drop"), r"tail must be one of"),
+        (lambda a, kw: kw.update(impl="cuda"), r"impl must be one of"),
+        (lambda a, kw: kw.update(temperature=0.0), r"temperature must be a finite number > 0"),
+        (lambda a, kw: kw.update(kd_weight=-1.0), r"kd_weight must be a finite number >= 0"),
+        (lambda a, kw: kw.update(ce_weight=float("nan")), r"ce_weight must be a finite number >= 0"),
+        (lambda a, kw: kw.update(chunk_size=0), r"chunk_size must be a positive int"),
+        (
+            lambda a, kw: (a.__setitem__(0, a[0].double()), a.__setitem__(1, a[1].double()), kw.update(impl="fused")),
+            r"impl='fused' supports",
+        ),
+    ],
+)
 def test_input_validation(gen, mutate, match):
     args, kw = list(_good(gen)), {}
     mutate(args, kw)

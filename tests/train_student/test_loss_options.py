@@ -1,4 +1,5 @@
 """train_student.loss_options.LossSpec: the loss settings, typed and validated once, from a stage to the loss."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,21 +13,47 @@ from train_student.loss_options import LossSpec
 
 
 def test_a_stage_becomes_one_spec_and_evaluation_scores_plain_forward_kl():
-    cfg = make_config(student="s", cache=["c"], kd_weight=0.5, ce_weight=0.25, temperature=2.0, kind="reverse_kl",
-                      tail="bucket", impl="naive", chunk_size=7)
+    cfg = make_config(
+        student="s",
+        cache=["c"],
+        kd_weight=0.5,
+        ce_weight=0.25,
+        temperature=2.0,
+        kind="reverse_kl",
+        tail="bucket",
+        impl="naive",
+        chunk_size=7,
+    )
     stage = cfg.resolved_stages()[0]
     spec = LossSpec.for_stage(stage, cfg)
-    assert (spec.kd_weight, spec.ce_weight, spec.temperature, spec.kind, spec.tail, spec.impl, spec.chunk_size) == \
-        (0.5, 0.25, 2.0, "reverse_kl", "bucket", "naive", 7)
+    assert (spec.kd_weight, spec.ce_weight, spec.temperature, spec.kind, spec.tail, spec.impl, spec.chunk_size) == (
+        0.5,
+        0.25,
+        2.0,
+        "reverse_kl",
+        "bucket",
+        "naive",
+        7,
+    )
     ev = spec.for_evaluation()
     assert (ev.kd_weight, ev.ce_weight, ev.temperature, ev.kind, ev.tail) == (1.0, 1.0, 1.0, "forward_kl", "bucket")
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.temperature = 3.0  # built once
 
 
-@pytest.mark.parametrize("bad", [dict(kind="kl"), dict(tail="x"), dict(impl="cuda"), dict(cross_tokenizer="on"),
-                                 dict(temperature=0.0), dict(kd_weight=-1.0), dict(ce_weight=float("nan")),
-                                 dict(chunk_size=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(kind="kl"),
+        dict(tail="x"),
+        dict(impl="cuda"),
+        dict(cross_tokenizer="on"),
+        dict(temperature=0.0),
+        dict(kd_weight=-1.0),
+        dict(ce_weight=float("nan")),
+        dict(chunk_size=0),
+    ],
+)
 def test_bad_settings_are_refused_when_the_spec_is_built(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LossSpec(**bad)

@@ -1,5 +1,6 @@
 """kdcache.study.report: `kdcache report` over run folders with known metrics -> the known means, stds,
 KD − SFT differences and the paper's figure; broken run folders -> an error naming the file."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,28 +34,74 @@ def known_ce(loss: str, frac: float, seed: int, teacher: int = 0) -> float:
     return base + gap + 0.01 * seed * (1 + (loss == "KD"))
 
 
-def fake_run(root, name, cache, *, loss="KD", frac=1.0, seed=0, ce=3.0, kl=None, top1=0.5, max_examples=None,
-             stages=None, eval_tasks=None):
+def fake_run(
+    root,
+    name,
+    cache,
+    *,
+    loss="KD",
+    frac=1.0,
+    seed=0,
+    ce=3.0,
+    kl=None,
+    top1=0.5,
+    max_examples=None,
+    stages=None,
+    eval_tasks=None,
+):
     run = root / name
     run.mkdir(parents=True)
     kd = 1.0 if loss == "KD" else 0.0
     if stages:
         cfg = make_config(student="s", seed=seed, out=str(run), stages=stages)
     else:
-        cfg = make_config(student="s", cache=[str(cache)], kd_weight=kd, ce_weight=1.0 - kd, fraction=frac,
-                          seed=seed, out=str(run), max_examples=max_examples)
+        cfg = make_config(
+            student="s",
+            cache=[str(cache)],
+            kd_weight=kd,
+            ce_weight=1.0 - kd,
+            fraction=frac,
+            seed=seed,
+            out=str(run),
+            max_examples=max_examples,
+        )
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    rows = [{"step": 5, "stage": "stage0", "split": "train", "loss": 1.0, "tokens": 100, "tokens_per_s": 50.0},
-            {"step": 5, "stage": "stage0", "split": "eval", "kl": ce - 2.5 if kl is None else kl, "ce": ce,
-             "ppl": math.exp(ce), "top1_agreement": top1}]
+    rows = [
+        {"step": 5, "stage": "stage0", "split": "train", "loss": 1.0, "tokens": 100, "tokens_per_s": 50.0},
+        {
+            "step": 5,
+            "stage": "stage0",
+            "split": "eval",
+            "kl": ce - 2.5 if kl is None else kl,
+            "ce": ce,
+            "ppl": math.exp(ce),
+            "top1_agreement": top1,
+        },
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if eval_tasks:
         (run / "eval").mkdir()
-        (run / "eval" / "results.json").write_text(json.dumps({
-            "model_path": str(run / "final"), "model_sha256": "0" * 64, "lm_eval_version": "0.4.13",
-            "kdcache_version": "0.1.0", "dtype": "float32",
-            "tasks": {t: {"metrics": m, "stderr": {k: None for k in m}, "version": 1, "n_samples": 10,
-                          "task_config_sha256": "1" * 64} for t, m in eval_tasks.items()}}))
+        (run / "eval" / "results.json").write_text(
+            json.dumps(
+                {
+                    "model_path": str(run / "final"),
+                    "model_sha256": "0" * 64,
+                    "lm_eval_version": "0.4.13",
+                    "kdcache_version": "0.1.0",
+                    "dtype": "float32",
+                    "tasks": {
+                        t: {
+                            "metrics": m,
+                            "stderr": {k: None for k in m},
+                            "version": 1,
+                            "n_samples": 10,
+                            "task_config_sha256": "1" * 64,
+                        }
+                        for t, m in eval_tasks.items()
+                    },
+                }
+            )
+        )
     return run
 
 
@@ -62,15 +109,30 @@ def fake_run(root, name, cache, *, loss="KD", frac=1.0, seed=0, ce=3.0, kl=None,
 def ladder(tmp_path):
     """2 fractions x {KD, SFT} x 3 seeds on one cache, with known held-out CE."""
     cache = make_cache(tmp_path / "cache")
-    runs = [fake_run(tmp_path / "runs", f"{loss}-{frac}-s{seed}", cache, loss=loss, frac=frac, seed=seed,
-                     ce=known_ce(loss, frac, seed), top1=0.4 + 0.1 * seed)
-            for frac in FRACTIONS for loss in ("KD", "SFT") for seed in SEEDS]
+    runs = [
+        fake_run(
+            tmp_path / "runs",
+            f"{loss}-{frac}-s{seed}",
+            cache,
+            loss=loss,
+            frac=frac,
+            seed=seed,
+            ce=known_ce(loss, frac, seed),
+            top1=0.4 + 0.1 * seed,
+        )
+        for frac in FRACTIONS
+        for loss in ("KD", "SFT")
+        for seed in SEEDS
+    ]
     return tmp_path, runs
 
 
 def group(report, loss, frac, **series):
-    [g] = [g for g in report["groups"] if g["loss"] == loss and g["data_fraction"] == frac
-           and all(g["series"][k] == v for k, v in series.items())]
+    [g] = [
+        g
+        for g in report["groups"]
+        if g["loss"] == loss and g["data_fraction"] == frac and all(g["series"][k] == v for k, v in series.items())
+    ]
     return g
 
 
@@ -91,7 +153,7 @@ def test_report_shows_the_known_means_stds_and_kd_minus_sft(ladder):
             assert f"{g['metrics']['ce']['mean']:.4f} ± {g['metrics']['ce']['std']:.4f} (n=3)" in md
     diffs = {d["data_fraction"]: d for d in report["differences"] if d["metric"] == "ce"}
     # KD seeds spread twice as far as SFT seeds: std 0.02 vs 0.01, so se = sqrt((0.02² + 0.01²) / 3)
-    se = math.sqrt((0.02 ** 2 + 0.01 ** 2) / 3)
+    se = math.sqrt((0.02**2 + 0.01**2) / 3)
     assert diffs[0.25]["kd_minus_sft"] == pytest.approx(-0.1 + 0.01, abs=1e-12)
     assert diffs[1.0]["kd_minus_sft"] == pytest.approx(0.05 + 0.01, abs=1e-12)
     for d in diffs.values():
@@ -113,9 +175,12 @@ def test_single_seed_groups_have_no_std_and_no_stderr(tmp_path):
 
 def test_eval_task_metrics_are_reported_per_group(tmp_path):
     cache = make_cache(tmp_path / "cache")
-    runs = [fake_run(tmp_path, f"{loss}{seed}", cache, loss=loss, seed=seed,
-                     eval_tasks={"kdcache_heldout_chat": {"acc": acc}})
-            for loss, seed, acc in (("KD", 0, 0.6), ("KD", 1, 0.8), ("SFT", 0, 0.5), ("SFT", 1, 0.5))]
+    runs = [
+        fake_run(
+            tmp_path, f"{loss}{seed}", cache, loss=loss, seed=seed, eval_tasks={"kdcache_heldout_chat": {"acc": acc}}
+        )
+        for loss, seed, acc in (("KD", 0, 0.6), ("KD", 1, 0.8), ("SFT", 0, 0.5), ("SFT", 1, 0.5))
+    ]
     s = study([describe_run(r) for r in runs])
     assert "kdcache_heldout_chat acc" in s["metrics"]
     kd = group(s, "KD", 1.0)["metrics"]["kdcache_heldout_chat acc"]
@@ -128,9 +193,21 @@ def test_teachers_are_told_apart_and_the_figure_has_a_line_per_loss_and_teacher(
     from kdcache.study.plot import study_figure
 
     caches = [make_cache(tmp_path / "bf16", dtype="bfloat16"), make_cache(tmp_path / "fp32", dtype="float32", k=4)]
-    runs = [fake_run(tmp_path / "runs", f"t{t}-{loss}-{frac}-s{seed}", caches[t], loss=loss, frac=frac, seed=seed,
-                     ce=known_ce(loss, frac, seed, teacher=t))
-            for t in (0, 1) for frac in FRACTIONS for loss in ("KD", "SFT") for seed in (0, 1)]
+    runs = [
+        fake_run(
+            tmp_path / "runs",
+            f"t{t}-{loss}-{frac}-s{seed}",
+            caches[t],
+            loss=loss,
+            frac=frac,
+            seed=seed,
+            ce=known_ce(loss, frac, seed, teacher=t),
+        )
+        for t in (0, 1)
+        for frac in FRACTIONS
+        for loss in ("KD", "SFT")
+        for seed in (0, 1)
+    ]
     s = study([describe_run(r) for r in runs])
     assert s["factors"] == ["teacher"]
     labels = {"unit-teacher bfloat16 k=8", "unit-teacher float32 k=4"}
@@ -155,8 +232,10 @@ def test_max_examples_is_a_data_fraction_of_the_cache(tmp_path):
 
 def test_two_stage_runs_are_described_by_their_caches_modes(tmp_path):
     gen, score = make_cache(tmp_path / "gen", mode="generate"), make_cache(tmp_path / "score")
-    stages = [{"cache": [str(gen)], "kd_weight": 1.0, "ce_weight": 0.0, "steps": 3},
-              {"cache": [str(score)], "kd_weight": 1.0, "ce_weight": 0.0, "steps": 3, "fraction": 0.5}]
+    stages = [
+        {"cache": [str(gen)], "kd_weight": 1.0, "ce_weight": 0.0, "steps": 3},
+        {"cache": [str(score)], "kd_weight": 1.0, "ce_weight": 0.0, "steps": 3, "fraction": 0.5},
+    ]
     two = describe_run(fake_run(tmp_path, "two", score, stages=stages))
     one = describe_run(fake_run(tmp_path, "one", score))
     assert two.factors["stages"] == "generate → score" and one.factors["stages"] == "score"
@@ -164,18 +243,27 @@ def test_two_stage_runs_are_described_by_their_caches_modes(tmp_path):
     assert "stages" in study([two, one])["factors"]
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda run: (run / "metrics.jsonl").write_text('{"step": 1, "split": "eval"}\n{"step": 2, "spl'),
-     "metrics.jsonl: line 2 is not valid JSON"),
-    (lambda run: (run / "metrics.jsonl").write_text('[1, 2]\n'), "metrics.jsonl: line 1 is not a metrics row"),
-    (lambda run: (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "tokens": 1}\n'),
-     "metrics.jsonl: no evaluation row"),
-    (lambda run: (run / "metrics.jsonl").unlink(), "no metrics.jsonl"),
-    (lambda run: (run / "config.json").unlink(), "config.json: missing"),
-    (lambda run: (run / "config.json").write_bytes(b"\xff{"), "config.json: not valid JSON"),
-    (lambda run: (run / "eval").mkdir() or (run / "eval" / "results.json").write_text('{"tasks": {"t": 3}}'),
-     "results.json: task 't' has no `metrics` object"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda run: (run / "metrics.jsonl").write_text('{"step": 1, "split": "eval"}\n{"step": 2, "spl'),
+            "metrics.jsonl: line 2 is not valid JSON",
+        ),
+        (lambda run: (run / "metrics.jsonl").write_text("[1, 2]\n"), "metrics.jsonl: line 1 is not a metrics row"),
+        (
+            lambda run: (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "tokens": 1}\n'),
+            "metrics.jsonl: no evaluation row",
+        ),
+        (lambda run: (run / "metrics.jsonl").unlink(), "no metrics.jsonl"),
+        (lambda run: (run / "config.json").unlink(), "config.json: missing"),
+        (lambda run: (run / "config.json").write_bytes(b"\xff{"), "config.json: not valid JSON"),
+        (
+            lambda run: (run / "eval").mkdir() or (run / "eval" / "results.json").write_text('{"tasks": {"t": 3}}'),
+            "results.json: task 't' has no `metrics` object",
+        ),
+    ],
+)
 def test_a_broken_run_folder_is_an_error_naming_the_file(tmp_path, damage, message):
     cache = make_cache(tmp_path / "cache")
     good = fake_run(tmp_path, "good", cache)

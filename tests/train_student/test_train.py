@@ -1,5 +1,6 @@
 """The trainer end to end on tiny models: learning, exact resume (SIGKILL, SIGTERM), DDP == one
 process, SFT and multi-stage recipes, pruned students, refusals, plots."""
+
 from __future__ import annotations
 
 import signal
@@ -10,8 +11,20 @@ import torch
 from formats.errors import IncompatibleCachesError, InputError
 from train_student.__main__ import main as train_main
 
-from .kd_fixtures import (PYTHON, REPO, final_weights, make_model, make_tokenizer, python_env, read_metrics,
-                          reorder_cache, run_train, save_model, train_args, write_cache)
+from .kd_fixtures import (
+    PYTHON,
+    REPO,
+    final_weights,
+    make_model,
+    make_tokenizer,
+    python_env,
+    read_metrics,
+    reorder_cache,
+    run_train,
+    save_model,
+    train_args,
+    write_cache,
+)
 
 RESUME_FLAGS = dict(steps=8, save_every=2, shuffle=True, epochs=0, grad_accum=2)
 
@@ -28,8 +41,20 @@ def _assert_same_weights(a: dict, b: dict, exact: bool = True) -> None:
 @pytest.mark.slow
 def test_short_run_lowers_heldout_kl(tiny, tmp_path):
     out = tmp_path / "run"
-    rc = train_main(train_args(tiny["student"], tiny["cache"], out, steps=30, lr=1e-2, epochs=0, eval_every=15,
-                               max_tokens=128, ce_weight=0.1) + ["--tensorboard"])
+    rc = train_main(
+        train_args(
+            tiny["student"],
+            tiny["cache"],
+            out,
+            steps=30,
+            lr=1e-2,
+            epochs=0,
+            eval_every=15,
+            max_tokens=128,
+            ce_weight=0.1,
+        )
+        + ["--tensorboard"]
+    )
     assert rc == 0
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     evals = [r for r in read_metrics(out) if r["split"] == "eval"]
@@ -104,8 +129,18 @@ def test_ddp_and_fsdp_two_processes_equal_one_process(tmp_path):
     a = [r for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
     assert [r["step"] for r in a] == [1, 2, 3]
     for run, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train_student",
-               *train_args(student, cache, tmp_path / run, grad_accum=2, **flags), *extra]
+        cmd = [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "train_student",
+            *train_args(student, cache, tmp_path / run, grad_accum=2, **flags),
+            *extra,
+        ]
         two = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
         assert two.returncode == 0, two.stderr[-3000:]
         assert "1 of 11 examples per epoch are left over" in two.stderr
@@ -119,23 +154,28 @@ def test_ddp_and_fsdp_two_processes_equal_one_process(tmp_path):
 def test_multistage_yaml_kd_then_sft_with_pruned_student(tiny, tmp_path):
     cfg = tmp_path / "two_stage.yaml"
     cfg.write_text(f"""
-init_from_teacher: {tiny['teacher']}
+init_from_teacher: {tiny["teacher"]}
 keep_layers: [1]
-out: {tmp_path / 'run'}
+out: {tmp_path / "run"}
 max_tokens: 96
 eval_fraction: 0.2
 lr: 0.003
 warmup_steps: 1
 log_every: 1
 stages:
-  - {{name: kd, cache: {tiny['cache']}, steps: 3, kd_weight: 1.0, temperature: 2.0, tail: bucket}}
-  - {{name: sft, cache: [{tiny['cache']}], steps: 2, kd_weight: 0.0, ce_weight: 1.0, max_examples: 20}}
+  - {{name: kd, cache: {tiny["cache"]}, steps: 3, kd_weight: 1.0, temperature: 2.0, tail: bucket}}
+  - {{name: sft, cache: [{tiny["cache"]}], steps: 2, kd_weight: 0.0, ce_weight: 1.0, max_examples: 20}}
 """)
     rc = train_main(["train", "--config", str(cfg), "--no-progress", "--no-tensorboard"])
     assert rc == 0
     rows = read_metrics(tmp_path / "run")
     assert [(r["stage"], r["step"]) for r in rows if r["split"] == "train"] == [
-        ("kd", 1), ("kd", 2), ("kd", 3), ("sft", 4), ("sft", 5)]
+        ("kd", 1),
+        ("kd", 2),
+        ("kd", 3),
+        ("sft", 4),
+        ("sft", 5),
+    ]
     sft = [r for r in rows if r["split"] == "train" and r["stage"] == "sft"]
     assert all(r["loss"] == pytest.approx(r["ce"]) for r in sft)  # SFT: the loss is the CE alone
     # the pruned student is the teacher's layer 1 (before training) and loads with from_pretrained
@@ -156,8 +196,15 @@ def test_student_with_another_tokenizer_is_refused(tiny, tmp_path, capsys):
 
     other = save_model(make_model(seed=2), make_tokenizer(extra="x"), tmp_path / "other")
     with pytest.raises(InputError, match="not the teacher's .*Pass --cross-tokenizer auto"):
-        run(make_config(student=str(other), cache=[str(tiny["cache"])], out=str(tmp_path / "run"), steps=1,
-                        cross_tokenizer="off"))
+        run(
+            make_config(
+                student=str(other),
+                cache=[str(tiny["cache"])],
+                out=str(tmp_path / "run"),
+                steps=1,
+                cross_tokenizer="off",
+            )
+        )
     with pytest.raises(InputError, match="carries no tokenizer files.*kdcache add-tokenizer"):
         run(make_config(student=str(other), cache=[str(tiny["cache"])], out=str(tmp_path / "run"), steps=1))
     rc = train_main(train_args(other, tiny["cache"], tmp_path / "run", steps=1))
@@ -167,8 +214,18 @@ def test_student_with_another_tokenizer_is_refused(tiny, tmp_path, capsys):
 @pytest.mark.parametrize("dtype,saved", [("bfloat16", torch.bfloat16), ("bf16-mixed", torch.float32)])
 def test_bf16_gradient_checkpointing_naive_impl_runs(tiny, tmp_path, dtype, saved):
     out = tmp_path / "run"
-    rc = train_main(train_args(tiny["student"], tiny["cache"], out, steps=2, dtype=dtype,
-                               gradient_checkpointing=True, impl="naive", ce_weight=0.5))
+    rc = train_main(
+        train_args(
+            tiny["student"],
+            tiny["cache"],
+            out,
+            steps=2,
+            dtype=dtype,
+            gradient_checkpointing=True,
+            impl="naive",
+            ce_weight=0.5,
+        )
+    )
     assert rc == 0
     rows = [r for r in read_metrics(out) if r["split"] == "train"]
     assert len(rows) == 2 and all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in rows)
@@ -182,8 +239,14 @@ def test_dummy_eval_batch_is_harmless():
     from train_student.train import _dummy_batch
 
     b = _dummy_batch()
-    loss, m = StudentLoss(make_model(seed=0))(b.input_ids, b.position_ids, b.topk_ids, b.topk_logprobs, b.labels,
-                                              spec=LossSpec(kd_weight=1.0, ce_weight=1.0, impl="chunked"))
+    loss, m = StudentLoss(make_model(seed=0))(
+        b.input_ids,
+        b.position_ids,
+        b.topk_ids,
+        b.topk_logprobs,
+        b.labels,
+        spec=LossSpec(kd_weight=1.0, ce_weight=1.0, impl="chunked"),
+    )
     assert b.n_targets == 0 and loss.item() == 0.0 and all(torch.isfinite(v) for v in m.values())
 
 
@@ -227,7 +290,7 @@ def test_multistage_crash_and_resume_equals_uninterrupted(tiny, tmp_path, monkey
     def cfg(out):
         path = tmp_path / f"{out}.yaml"
         path.write_text(f"""
-student: {tiny['student']}
+student: {tiny["student"]}
 out: {tmp_path / out}
 max_tokens: 80
 grad_accum: 2
@@ -237,8 +300,8 @@ warmup_steps: 1
 save_every: 2
 log_every: 1
 stages:
-  - {{name: one, cache: {tiny['cache']}, steps: 3, epochs: 0, temperature: 2.0}}
-  - {{name: two, cache: [{tiny['cache']}, {tiny['cache']}], steps: 3, epochs: 0, kd_weight: 0.5, ce_weight: 0.5,
+  - {{name: one, cache: {tiny["cache"]}, steps: 3, epochs: 0, temperature: 2.0}}
+  - {{name: two, cache: [{tiny["cache"]}, {tiny["cache"]}], steps: 3, epochs: 0, kd_weight: 0.5, ce_weight: 0.5,
      max_examples: 30}}
 """)
         return ["train", "--config", str(path), "--no-progress", "--no-tensorboard"]
@@ -289,10 +352,19 @@ def test_stage_mixing_two_teachers_is_refused_unless_allowed(tiny, tmp_path):
     from train_student.train import run
 
     def cfg(**kw):
-        return make_config(student=str(tiny["student"]), cache=[str(tiny["cache"]), str(other)],
-                           out=str(tmp_path / "run"), steps=1, progress=False, tensorboard=False, **kw)
+        return make_config(
+            student=str(tiny["student"]),
+            cache=[str(tiny["cache"]), str(other)],
+            out=str(tmp_path / "run"),
+            steps=1,
+            progress=False,
+            tensorboard=False,
+            **kw,
+        )
 
-    with pytest.raises(IncompatibleCachesError, match="different teachers .*teacher.name_or_path.*allow_mixed_teachers"):
+    with pytest.raises(
+        IncompatibleCachesError, match="different teachers .*teacher.name_or_path.*allow_mixed_teachers"
+    ):
         run(cfg())
     assert run(cfg(allow_mixed_teachers=True)) == 0
 

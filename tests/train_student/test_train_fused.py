@@ -3,6 +3,7 @@
 There is no GPU in CI, so the kernel runs under Triton's CPU interpreter (TRITON_INTERPRET=1 in the
 training subprocess only); the run must match impl=chunked step for step.
 """
+
 import json
 
 import pytest
@@ -24,8 +25,10 @@ def test_trainer_runs_the_fused_kernel(tiny, tmp_path, monkeypatch):
     runs = {}
     for impl in ("chunked", "fused"):
         out = tmp_path / impl
-        r = run_train(train_args(tiny["student"], tiny["cache"], out, steps=3, impl=impl, max_tokens=48,
-                                 eval_fraction=0.0), timeout=600)
+        r = run_train(
+            train_args(tiny["student"], tiny["cache"], out, steps=3, impl=impl, max_tokens=48, eval_fraction=0.0),
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         runs[impl] = _losses(out)
     assert len(runs["fused"]) == 3

@@ -1,6 +1,7 @@
 """A run never quietly does less than it was asked (issue 20, items 4 and 8-11): pure bf16 that would not
 train is refused, warmup longer than the run and an empty held-out split are said, examples longer than
 --max-tokens are counted and never make an empty step, an empty cache stops with one line."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,20 @@ from .kd_fixtures import K, final_weights
 
 
 def config(tiny, out, **kw):
-    values = dict(student=str(tiny["student"]), cache=[str(tiny["cache"])], out=str(out), steps=2, max_tokens=64,
-                  eval_every=0, save_every=0, log_every=1, tensorboard=False, progress=False, lr=1e-5,
-                  warmup_steps=0)
+    values = dict(
+        student=str(tiny["student"]),
+        cache=[str(tiny["cache"])],
+        out=str(out),
+        steps=2,
+        max_tokens=64,
+        eval_every=0,
+        save_every=0,
+        log_every=1,
+        tensorboard=False,
+        progress=False,
+        lr=1e-5,
+        warmup_steps=0,
+    )
     values.update(kw)
     return make_config(**values)
 
@@ -73,8 +85,9 @@ def test_examples_longer_than_max_tokens_are_counted_and_no_step_trains_nothing(
     reader = CacheReader(tiny["cache"])
     examples = list(reader)
     max_tokens = 16  # rows are 12-40 tokens, trained from the middle: many train nothing in their first 16
-    batches = list(Packer(ExampleStream([CacheReader(tiny["cache"])]), max_tokens=max_tokens, k=K,
-                          long_examples=policy))
+    batches = list(
+        Packer(ExampleStream([CacheReader(tiny["cache"])]), max_tokens=max_tokens, k=K, long_examples=policy)
+    )
     assert all(b.n_targets > 0 for b in batches)
     long = [ex for ex in examples if len(ex.input_ids) > max_tokens]
     nothing = [ex for ex in long if ex.target_positions[0] >= max_tokens]
@@ -83,8 +96,9 @@ def test_examples_longer_than_max_tokens_are_counted_and_no_step_trains_nothing(
         assert skipped == len(long) and truncated == 0
     else:
         assert skipped == len(nothing) and truncated == len(long) - len(nothing)
-        assert sum(b.dropped for b in batches) == sum(int((ex.target_positions >= max_tokens).sum())
-                                                      for ex in long if ex not in nothing)
+        assert sum(b.dropped for b in batches) == sum(
+            int((ex.target_positions >= max_tokens).sum()) for ex in long if ex not in nothing
+        )
     assert sum(b.n_examples for b in batches) + skipped == len(examples)
 
 
@@ -99,8 +113,11 @@ def test_the_log_counts_what_max_tokens_cut(tiny, tmp_path, caplog):
 
 def test_training_on_an_empty_cache_stops_with_one_line(tiny, tmp_path):
     prov = json.loads((tiny["cache"] / "manifest.json").read_text())
-    with CacheWriter(tmp_path / "empty", codec=CodecConfig(k=K, hot=64),
-                     provenance={"tokenizer": prov["tokenizer"], "teacher": prov["teacher"]}):
+    with CacheWriter(
+        tmp_path / "empty",
+        codec=CodecConfig(k=K, hot=64),
+        provenance={"tokenizer": prov["tokenizer"], "teacher": prov["teacher"]},
+    ):
         pass
     with pytest.raises(InputError, match="no examples|no optimizer step"):
         run(config(tiny, tmp_path / "run", cache=[str(tmp_path / "empty")]))

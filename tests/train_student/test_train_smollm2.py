@@ -1,5 +1,6 @@
 """Integration (slow): the real pipeline on the SmolLM2 teacher: `kdcache cache` (hf engine) on Tulu
 rows, then `kdcache train` of a layer-pruned copy; held-out KL to the teacher must drop."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,28 @@ def smollm2_cache(tmp_path_factory):
     import kdcache.cli as kdcache_cli
 
     out = tmp_path_factory.mktemp("smollm2") / "cache"
-    rc = kdcache_cli.main(["cache", "--teacher", str(teacher), "--engine", "hf", "--dtype", "float32",
-                           "--dataset", str(SAMPLE), "--max-examples", "24", "--max-length", "160", "--k", "32",
-                           "--out", str(out), "--no-progress"])
+    rc = kdcache_cli.main(
+        [
+            "cache",
+            "--teacher",
+            str(teacher),
+            "--engine",
+            "hf",
+            "--dtype",
+            "float32",
+            "--dataset",
+            str(SAMPLE),
+            "--max-examples",
+            "24",
+            "--max-length",
+            "160",
+            "--k",
+            "32",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and (out / "manifest.json").exists()
     return teacher, out
 
@@ -42,10 +62,37 @@ def test_pruned_smollm2_student_lowers_heldout_kl(smollm2_cache, tmp_path):
 
     teacher, cache = smollm2_cache
     out = tmp_path / "run"
-    rc = main(["train", "--init-from-teacher", str(teacher), "--keep-layers", "0,29", "--cache", str(cache),
-               "--steps", "6", "--epochs", "0", "--max-tokens", "512", "--lr", "1e-3", "--warmup-steps", "1",
-               "--eval-fraction", "0.2", "--eval-every", "0", "--log-every", "1", "--out", str(out),
-               "--no-progress", "--no-tensorboard"])
+    rc = main(
+        [
+            "train",
+            "--init-from-teacher",
+            str(teacher),
+            "--keep-layers",
+            "0,29",
+            "--cache",
+            str(cache),
+            "--steps",
+            "6",
+            "--epochs",
+            "0",
+            "--max-tokens",
+            "512",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+            "--eval-fraction",
+            "0.2",
+            "--eval-every",
+            "0",
+            "--log-every",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-tensorboard",
+        ]
+    )
     assert rc == 0
     evals = [r for r in read_metrics(out) if r["split"] == "eval"]
     assert evals[0]["targets"] > 50

@@ -2,6 +2,7 @@
 of a tiny byte-level BPE teacher (ChatML) with its tokenizer files and conversations, students with a
 SentencePiece-style Unigram tokenizer (Gemma style, with or without a chat template) or the teacher's
 own tokenizer. Each test trains a 2-layer model for a few steps in-process."""
+
 from __future__ import annotations
 
 import json
@@ -16,16 +17,23 @@ from train_student.__main__ import main as train_main
 from .kd_fixtures import final_weights, make_model, read_metrics, save_model, train_args
 from .xtok_fixtures import GEMMA_STYLE, byte_level_bpe, unigram
 
-WORDS = ("the cat dog sat ran on a mat in house big small red blue green quick brown fox jumps over lazy "
-         "what is two plus four six equals answer hello world yes no maybe today fine thank you").split()
+WORDS = (
+    "the cat dog sat ran on a mat in house big small red blue green quick brown fox jumps over lazy "
+    "what is two plus four six equals answer hello world yes no maybe today fine thank you"
+).split()
 
 
 def _conversations(n: int, seed: int = 0) -> list[list[dict]]:
     """Short deterministic chats: a question and a reply of a few words each."""
     rng = np.random.default_rng(seed)
     say = lambda lo, hi: " ".join(rng.choice(WORDS, size=int(rng.integers(lo, hi))))  # noqa: E731
-    return [[{"role": "user", "content": say(3, 7).capitalize() + "?"},
-             {"role": "assistant", "content": say(6, 14).capitalize() + "."}] for _ in range(n)]
+    return [
+        [
+            {"role": "user", "content": say(3, 7).capitalize() + "?"},
+            {"role": "assistant", "content": say(6, 14).capitalize() + "."},
+        ]
+        for _ in range(n)
+    ]
 
 
 def _model(tokenizer, seed: int, scale: float = 0.0):
@@ -47,8 +55,11 @@ def _write_cache(teacher, tokenizer, out, conversations, *, tokenizer_files: boo
     from formats.tokenizer_id import tokenizer_info
 
     templater = ChatTemplater(tokenizer)
-    provenance = {"tokenizer": tokenizer_info(tokenizer, "tiny-bpe"), "teacher": {"name_or_path": "tiny-teacher"},
-                  "template": {"messages_in_meta": True, "end_of_turn_ids": sorted(templater.eot_ids)}}
+    provenance = {
+        "tokenizer": tokenizer_info(tokenizer, "tiny-bpe"),
+        "teacher": {"name_or_path": "tiny-teacher"},
+        "template": {"messages_in_meta": True, "end_of_turn_ids": sorted(templater.eot_ids)},
+    }
     with CacheWriter(out, codec=CodecConfig(k=k, hot=64), provenance=provenance, row_group_positions=200) as w:
         for i, messages in enumerate(conversations):
             t = templater.score({"id": f"ex{i:04d}", "messages": messages})
@@ -58,12 +69,18 @@ def _write_cache(teacher, tokenizer, out, conversations, *, tokenizer_files: boo
             rows = logp[t.target_positions - 1]
             top = torch.topk(rows, k, dim=-1)
             target = rows.gather(1, torch.from_numpy(ids[t.target_positions]).long()[:, None])[:, 0]
-            w.write(Example(id=t.id, input_ids=ids, target_positions=t.target_positions,
-                            topk_ids=top.indices.numpy().astype(np.int32),
-                            topk_logprobs=top.values.numpy().astype(np.float32),
-                            target_logprobs=target.numpy().astype(np.float32),
-                            target_ranks=((rows > target[:, None]).sum(1) + 1).numpy().astype(np.int32),
-                            meta={"messages": messages}))
+            w.write(
+                Example(
+                    id=t.id,
+                    input_ids=ids,
+                    target_positions=t.target_positions,
+                    topk_ids=top.indices.numpy().astype(np.int32),
+                    topk_logprobs=top.values.numpy().astype(np.float32),
+                    target_logprobs=target.numpy().astype(np.float32),
+                    target_ranks=((rows > target[:, None]).sum(1) + 1).numpy().astype(np.int32),
+                    meta={"messages": messages},
+                )
+            )
         if tokenizer_files:
             w.manifest["tokenizer_files"] = save_tokenizer_files(tokenizer, out)
     return out
@@ -100,8 +117,17 @@ def _run(student, cache, out, **flags):
     from train_student.config import make_config
     from train_student.train import run
 
-    return run(make_config(student=str(student), cache=[str(cache)], out=str(out), dtype="float32", progress=False,
-                           tensorboard=False, **flags))
+    return run(
+        make_config(
+            student=str(student),
+            cache=[str(cache)],
+            out=str(out),
+            dtype="float32",
+            progress=False,
+            tensorboard=False,
+            **flags,
+        )
+    )
 
 
 @pytest.mark.slow
@@ -109,8 +135,12 @@ def test_student_with_another_tokenizer_trains(xt, tmp_path):
     """(a) auto: the tokenizers differ -> hybrid; the loss falls, aligned_fraction in (0, 1] in the train
     and eval metrics, and the run records the method, the template and the vocabulary map."""
     out = tmp_path / "run"
-    assert train_main(_args(xt["gemma"], xt["cache"], out, steps=12, lr=1e-2, epochs=0, ce_weight=0.5,
-                            cross_tokenizer="auto")) == 0
+    assert (
+        train_main(
+            _args(xt["gemma"], xt["cache"], out, steps=12, lr=1e-2, epochs=0, ce_weight=0.5, cross_tokenizer="auto")
+        )
+        == 0
+    )
     rows = read_metrics(out)
     train = [r for r in rows if r["split"] == "train"]
     assert len(train) == 12 and all(np.isfinite(r["loss"]) for r in train)
@@ -206,8 +236,9 @@ def test_aligned_stream_resumes_exactly(xt):
     vmap = build_vocab_map(teacher, student)
 
     def stream():
-        return AlignedStream(ExampleStream([CacheReader(xt["cache"], shuffle=True, seed=3)]), aligner, vmap, "hybrid",
-                             ahead=8)
+        return AlignedStream(
+            ExampleStream([CacheReader(xt["cache"], shuffle=True, seed=3)]), aligner, vmap, "hybrid", ahead=8
+        )
 
     whole = [ex.id for ex in stream()]
     first = stream()
@@ -229,8 +260,11 @@ def test_damaged_vocab_map_in_the_run_folder_is_named(xt, tmp_path):
     from train_student.xtok.vocab_map import vocab_map_path
 
     out = tmp_path / "run"
-    path = vocab_map_path(out / "vocab_maps", tokenizer_fingerprint(load_cache_tokenizer(xt["cache"])),
-                          tokenizer_fingerprint(AutoTokenizer.from_pretrained(xt["gemma"])))
+    path = vocab_map_path(
+        out / "vocab_maps",
+        tokenizer_fingerprint(load_cache_tokenizer(xt["cache"])),
+        tokenizer_fingerprint(AutoTokenizer.from_pretrained(xt["gemma"])),
+    )
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a numpy file")
     with pytest.raises(FormatError, match=f"{path.name}.*delete it"):

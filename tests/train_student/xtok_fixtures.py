@@ -2,6 +2,7 @@
 template (SmolLM2 style) and a SentencePiece-style Unigram "student" with `▁` pieces, byte fallback
 and no chat template (a base model, Gemma style). Both hand-written (known segmentations) or trained
 on a few Tulu rows (deterministic: the trainers see the same texts in the same order)."""
+
 from __future__ import annotations
 
 import functools
@@ -13,11 +14,15 @@ from .kd_fixtures import REPO
 
 SAMPLE = Path(os.environ.get("KDCACHE_TULU_SAMPLE", REPO.parent / "shared" / "data" / "tulu3_sft_sample.jsonl"))
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-GEMMA_STYLE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
-               "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+GEMMA_STYLE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+    "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 BPE_SPECIALS = ["<|im_start|>", "<|im_end|>"]
 UNIGRAM_SPECIALS = ["<bos>", "<start_of_turn>", "<end_of_turn>"]
 
@@ -51,14 +56,19 @@ def byte_level_bpe(merges: list[tuple[str, str]] | None = None, texts: list[str]
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     if merges is None:
-        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet,
-                                                           show_progress=False))
+        tok.train_from_iterator(
+            texts, trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
+        )
     tok.add_special_tokens(BPE_SPECIALS)
     return _wrap(tok, "<|im_end|>", CHATML)
 
 
-def unigram(pieces: dict[str, float] | None = None, texts: list[str] | None = None, vocab_size: int = 500,
-            byte_fallback: bool = True):
+def unigram(
+    pieces: dict[str, float] | None = None,
+    texts: list[str] | None = None,
+    vocab_size: int = 500,
+    byte_fallback: bool = True,
+):
     """Hand `pieces` {piece: score}, or a Unigram trained on `texts`; `▁` metaspace, `<0xNN>` byte
     fallback, no chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -67,8 +77,12 @@ def unigram(pieces: dict[str, float] | None = None, texts: list[str] | None = No
     if pieces is None:
         trained = Tokenizer(models.Unigram())
         trained.pre_tokenizer = pre
-        trained.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, unk_token="<unk>",
-                                                                   special_tokens=["<unk>"], show_progress=False))
+        trained.train_from_iterator(
+            texts,
+            trainers.UnigramTrainer(
+                vocab_size=vocab_size, unk_token="<unk>", special_tokens=["<unk>"], show_progress=False
+            ),
+        )
         vocab = [tuple(p) for p in json.loads(trained.to_str())["model"]["vocab"]]
     else:
         vocab = [("<unk>", 0.0)] + list(pieces.items())
@@ -84,15 +98,29 @@ def unigram(pieces: dict[str, float] | None = None, texts: list[str] | None = No
 
 def hand_teacher():
     """'Hello world!' -> Hell | o | Ġworld | !;  '😀' -> ðŁĺ | Ģ (the first 3 of its 4 bytes, then the last)."""
-    return byte_level_bpe(merges=[("H", "e"), ("l", "l"), ("He", "ll"), ("w", "o"), ("r", "l"), ("wo", "rl"),
-                                  ("worl", "d"), ("Ġ", "world"), ("ð", "Ł"), ("ðŁ", "ĺ")])
+    return byte_level_bpe(
+        merges=[
+            ("H", "e"),
+            ("l", "l"),
+            ("He", "ll"),
+            ("w", "o"),
+            ("r", "l"),
+            ("wo", "rl"),
+            ("worl", "d"),
+            ("Ġ", "world"),
+            ("ð", "Ł"),
+            ("ðŁ", "ĺ"),
+        ]
+    )
 
 
 def hand_student(byte_fallback: bool = True):
     """'Hello world!' -> He | llo | ▁wor | ld | !;  '😀' one piece; '日本' one piece."""
     singles = {c: -10.0 for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!?.,\n'"}
-    return unigram(pieces={"He": -1.0, "llo": -1.0, "▁wor": -1.0, "ld": -1.0, "😀": -1.0, "日本": -1.0, "▁": -5.0,
-                           **singles}, byte_fallback=byte_fallback)
+    return unigram(
+        pieces={"He": -1.0, "llo": -1.0, "▁wor": -1.0, "ld": -1.0, "😀": -1.0, "日本": -1.0, "▁": -5.0, **singles},
+        byte_fallback=byte_fallback,
+    )
 
 
 def trained_pair(n_rows: int = 20):

@@ -41,12 +41,18 @@ NAIVE_BYTES_PER_LOGIT = 24
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="kdcache bench kernel-gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU, TRITON_INTERPRET=1, tiniest shapes: checks this script's logic")
-    p.add_argument("--compile-only", action="store_true",
-                   help="no GPU needed: compile every kernel variant for sm_90a and print ptxas's "
-                        "registers / spills / shared memory (Triton internals: may break across versions)")
+    p = argparse.ArgumentParser(
+        prog="kdcache bench kernel-gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiniest shapes: checks this script's logic"
+    )
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="no GPU needed: compile every kernel variant for sm_90a and print ptxas's "
+        "registers / spills / shared memory (Triton internals: may break across versions)",
+    )
     p.add_argument("--quick", action="store_true", help="correctness + the target row only")
     p.add_argument("--kind", default="forward_kl", choices=KINDS)
     p.add_argument("--tail", default="bucket", choices=TAILS)
@@ -70,8 +76,8 @@ def make_inputs(t, v, d, k, dtype, device, seed=0):
     logprobs, order = logprobs.sort(dim=-1, descending=True)
     ids = torch.randint(0, v, (t, k), generator=g)
     ids = ids.gather(1, order)
-    ids[::7, k // 2:] = -1  # mass-adaptive: fewer entries at some positions
-    logprobs[::7, k // 2:] = -math.inf
+    ids[::7, k // 2 :] = -1  # mass-adaptive: fewer entries at some positions
+    logprobs[::7, k // 2 :] = -math.inf
     labels = torch.randint(0, v, (t,), generator=g)
     labels[::11] = -100
     return (hidden, weight, ids.to(device), logprobs.to(device), labels.to(device))
@@ -89,9 +95,19 @@ def fwd_bwd(impl, inputs, opts):
         out = LigerFusedLinearCrossEntropyLoss()(weight, hidden, labels)
         loss = out[0] if isinstance(out, tuple) else out
     else:
-        loss, _ = kd_loss(hidden, weight, ids, logprobs, labels, impl=impl, kind=opts.kind,
-                          tail=opts.tail, temperature=opts.temperature, ce_weight=opts.ce_weight,
-                          chunk_size=opts.chunk_size)
+        loss, _ = kd_loss(
+            hidden,
+            weight,
+            ids,
+            logprobs,
+            labels,
+            impl=impl,
+            kind=opts.kind,
+            tail=opts.tail,
+            temperature=opts.temperature,
+            ce_weight=opts.ce_weight,
+            chunk_size=opts.chunk_size,
+        )
     dh, dw = torch.autograd.grad(loss, [hidden, weight])
     return loss.detach(), dh, dw
 
@@ -116,15 +132,19 @@ def correctness(opts, device, sizes):
             inputs = make_inputs(t, v, d, k, dtype, device)
             inputs = tuple(x.requires_grad_() if i < 2 else x for i, x in enumerate(inputs))
             for kind, tail, tau, ce in variants:
-                o = argparse.Namespace(**{**vars(opts), "kind": kind, "tail": tail,
-                                          "temperature": tau, "ce_weight": ce})
+                o = argparse.Namespace(
+                    **{**vars(opts), "kind": kind, "tail": tail, "temperature": tau, "ce_weight": ce}
+                )
                 ref = fwd_bwd("chunked", inputs, o)
                 got = fwd_bwd("fused", inputs, o)
                 errs = [rel_err(a, b) for a, b in zip(got, ref)]
                 worst = max(worst, max(errs)) if dtype == torch.float32 else worst
                 name = str(dtype).replace("torch.", "")
-                print(f"| {name} | {t} | {v} | {d} | {k} | {kind} | {tail} | {tau:g} | {ce:g} | "
-                      + " | ".join(f"{e:.1e}" for e in errs) + " |")
+                print(
+                    f"| {name} | {t} | {v} | {d} | {k} | {kind} | {tail} | {tau:g} | {ce:g} | "
+                    + " | ".join(f"{e:.1e}" for e in errs)
+                    + " |"
+                )
                 del ref, got
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -171,8 +191,10 @@ def fmt(result):
 def timing_table(opts, device, shapes, dtype, impls):
     import torch
 
-    print(f"## fwd+bwd median time (ms) and peak extra memory (MiB), {str(dtype).replace('torch.', '')}, "
-          f"{opts.kind}/{opts.tail}, tau={opts.temperature:g}, ce={opts.ce_weight:g}\n")
+    print(
+        f"## fwd+bwd median time (ms) and peak extra memory (MiB), {str(dtype).replace('torch.', '')}, "
+        f"{opts.kind}/{opts.tail}, tau={opts.temperature:g}, ce={opts.ce_weight:g}\n"
+    )
     print("| T | V | D | K | " + " | ".join(f"{i} ms | {i} MiB" for i in impls) + " |")
     print("|---|---|---|---|" + "---|---|" * len(impls))
     results = {}
@@ -228,9 +250,11 @@ def compile_check():
         regs = re.search(r"Used (\d+) registers", text)
         spill = re.search(r"(\d+) bytes spill stores", text)
         flags = ", ".join(f"{k}={v}" for k, v in consts.items() if not k.startswith(("BLOCK", "GROUP")))
-        print(f"| {dt} | {fn.__name__} | {flags} | {'wgmma' if 'wgmma' in kernel.asm['ptx'] else '-'} | "
-              f"{regs.group(1) if regs else '?'} | {spill.group(1) if spill else '?'} | "
-              f"{kernel.metadata.shared} |")
+        print(
+            f"| {dt} | {fn.__name__} | {flags} | {'wgmma' if 'wgmma' in kernel.asm['ptx'] else '-'} | "
+            f"{regs.group(1) if regs else '?'} | {spill.group(1) if spill else '?'} | "
+            f"{kernel.metadata.shared} |"
+        )
 
     print("| dtype | kernel | variant | MMA | registers | spill bytes | shared bytes |")
     print("|---|---|---|---|---|---|---|")
@@ -239,24 +263,73 @@ def compile_check():
         io = dict(H="*" + dt, W="*" + dt)
         up = dict(UPCAST=dt == "fp32", DOT_PRECISION=precision)
         for need in (False, True):
-            one(dt, sk._lse_forward_kernel,
-                dict(io, LSE_TAU="*fp32", LSE_1="*fp32", MAX="*fp32", ARGMAX="*i32", T="i32", V="i32",
-                     D="i32", stride_h="i32", stride_w="i32", inv_tau="fp32", tiles_per_split="i32"),
-                dict(NEED_LSE1=need, **up), sk._GPU_FORWARD)
-        for has1, dh, dw in ((False, True, True), (True, True, True), (False, False, True),
-                             (False, True, False)):
-            one(dt, sk._dense_backward_kernel,
-                dict(io, LSE_TAU="*fp32", LSE_1="*fp32", COEF_TAU="*fp32", COEF_1="*fp32", DH="*fp32",
-                     DW="*fp32", T="i32", V="i32", D="i32", stride_h="i32", stride_w="i32", inv_tau="fp32"),
-                dict(HAS_COEF_1=has1, COMPUTE_DH=dh, COMPUTE_DW=dw, **up), sk._GPU_BACKWARD)
-        one(dt, sk._sparse_forward_kernel,
-            dict(io, IDS="*i64", OUT="*fp32", J="i32", D="i32", stride_h="i32", stride_w="i32"), {},
-            sk._GPU_SPARSE)
+            one(
+                dt,
+                sk._lse_forward_kernel,
+                dict(
+                    io,
+                    LSE_TAU="*fp32",
+                    LSE_1="*fp32",
+                    MAX="*fp32",
+                    ARGMAX="*i32",
+                    T="i32",
+                    V="i32",
+                    D="i32",
+                    stride_h="i32",
+                    stride_w="i32",
+                    inv_tau="fp32",
+                    tiles_per_split="i32",
+                ),
+                dict(NEED_LSE1=need, **up),
+                sk._GPU_FORWARD,
+            )
+        for has1, dh, dw in ((False, True, True), (True, True, True), (False, False, True), (False, True, False)):
+            one(
+                dt,
+                sk._dense_backward_kernel,
+                dict(
+                    io,
+                    LSE_TAU="*fp32",
+                    LSE_1="*fp32",
+                    COEF_TAU="*fp32",
+                    COEF_1="*fp32",
+                    DH="*fp32",
+                    DW="*fp32",
+                    T="i32",
+                    V="i32",
+                    D="i32",
+                    stride_h="i32",
+                    stride_w="i32",
+                    inv_tau="fp32",
+                ),
+                dict(HAS_COEF_1=has1, COMPUTE_DH=dh, COMPUTE_DW=dw, **up),
+                sk._GPU_BACKWARD,
+            )
+        one(
+            dt,
+            sk._sparse_forward_kernel,
+            dict(io, IDS="*i64", OUT="*fp32", J="i32", D="i32", stride_h="i32", stride_w="i32"),
+            {},
+            sk._GPU_SPARSE,
+        )
         for dh, dw in ((True, True), (True, False), (False, True)):
-            one(dt, sk._sparse_backward_kernel,
-                dict(io, IDS="*i64", COEF="*fp32", DH="*fp32", DW="*fp32", J="i32", D="i32", stride_h="i32",
-                     stride_w="i32"),
-                dict(COMPUTE_DH=dh, COMPUTE_DW=dw), sk._GPU_SPARSE)
+            one(
+                dt,
+                sk._sparse_backward_kernel,
+                dict(
+                    io,
+                    IDS="*i64",
+                    COEF="*fp32",
+                    DH="*fp32",
+                    DW="*fp32",
+                    J="i32",
+                    D="i32",
+                    stride_h="i32",
+                    stride_w="i32",
+                ),
+                dict(COMPUTE_DH=dh, COMPUTE_DW=dw),
+                sk._GPU_SPARSE,
+            )
 
 
 def main(argv=None):
@@ -270,20 +343,25 @@ def main(argv=None):
 
     if opts.dry_run:
         device = torch.device("cpu")
-        corr = [(torch.float32, (16, 100, 32, 4),
-                 [("forward_kl", "bucket", 1.0, 0.0), ("reverse_kl", "bucket", 2.0, 0.5)]),
-                (torch.bfloat16, (16, 100, 32, 4), [("forward_kl", "renormalize", 1.0, 0.0)])]
+        corr = [
+            (torch.float32, (16, 100, 32, 4), [("forward_kl", "bucket", 1.0, 0.0), ("reverse_kl", "bucket", 2.0, 0.5)]),
+            (torch.bfloat16, (16, 100, 32, 4), [("forward_kl", "renormalize", 1.0, 0.0)]),
+        ]
         grid = [(16, 100, 32, 4)]
         target = dict(t=16, v=100, d=32, k=4)
     else:
         if not torch.cuda.is_available():
             sys.exit("kdcache bench kernel-gpu: no CUDA device; run with --dry-run to check the script on the CPU")
         device = torch.device("cuda")
-        variants = [(kind, tail, tau, ce) for kind in KINDS
-                    for tail in TAILS for tau, ce in ((1.0, 0.0), (2.0, 0.5))]
-        corr = [(torch.float32, (2048, 128256, 2048, 64), variants),
-                (torch.bfloat16, (4096, 128256, 4096, 64),
-                 [("forward_kl", "bucket", 1.0, 0.0), ("reverse_kl", "bucket", 2.0, 0.5)])]
+        variants = [(kind, tail, tau, ce) for kind in KINDS for tail in TAILS for tau, ce in ((1.0, 0.0), (2.0, 0.5))]
+        corr = [
+            (torch.float32, (2048, 128256, 2048, 64), variants),
+            (
+                torch.bfloat16,
+                (4096, 128256, 4096, 64),
+                [("forward_kl", "bucket", 1.0, 0.0), ("reverse_kl", "bucket", 2.0, 0.5)],
+            ),
+        ]
         grid = [(t, v, d, k) for t in GRID_T for v in GRID_V for d in GRID_D for k in GRID_K]
         target = TARGET
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
@@ -292,6 +370,7 @@ def main(argv=None):
     correctness(opts, device, corr)
     try:
         import liger_kernel  # noqa: F401
+
         impls = IMPLS + ("liger",)
     except ImportError:
         impls = IMPLS

@@ -57,8 +57,11 @@ def _lse_forward_kernel(
     LSE_1,  # [n_split, T] fp32 out: same at temperature 1 (written only if NEED_LSE1)
     MAX,  # [n_split, T] fp32 out: partial max of s
     ARGMAX,  # [n_split, T] int32 out: its vocab index
-    T, V, D,
-    stride_h, stride_w,
+    T,
+    V,
+    D,
+    stride_h,
+    stride_w,
     inv_tau,
     tiles_per_split,
     NEED_LSE1: tl.constexpr,
@@ -93,10 +96,8 @@ def _lse_forward_kernel(
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             mask_d = dd < D
-            h = tl.load(H + rows_t[:, None] * stride_h + dd[None, :],
-                        mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(W + rows_v[:, None] * stride_w + dd[None, :],
-                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            h = tl.load(H + rows_t[:, None] * stride_h + dd[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(W + rows_v[:, None] * stride_w + dd[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0)
             if UPCAST:  # the interpreter cannot do bf16 arithmetic; fp32 inputs are unchanged
                 h = h.to(tl.float32)
                 w = w.to(tl.float32)
@@ -131,8 +132,11 @@ def _dense_backward_kernel(
     COEF_1,  # [T] fp32 a_1: dL/ds_v gets a_1 * softmax(s)_v (read only if HAS_COEF_1)
     DH,  # [T, D] fp32 accumulator (zeroed by the launcher), row stride D
     DW,  # [V, D] fp32 accumulator (zeroed by the launcher), row stride D
-    T, V, D,
-    stride_h, stride_w,
+    T,
+    V,
+    D,
+    stride_h,
+    stride_w,
     inv_tau,
     HAS_COEF_1: tl.constexpr,
     COMPUTE_DH: tl.constexpr,
@@ -175,10 +179,8 @@ def _dense_backward_kernel(
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             mask_d = dd < D
-            h = tl.load(H + rows_t[:, None] * stride_h + dd[None, :],
-                        mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(W + rows_v[:, None] * stride_w + dd[None, :],
-                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            h = tl.load(H + rows_t[:, None] * stride_h + dd[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(W + rows_v[:, None] * stride_w + dd[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0)
             if UPCAST:
                 h = h.to(tl.float32)
                 w = w.to(tl.float32)
@@ -203,21 +205,25 @@ def _dense_backward_kernel(
             dd = d0 + offs_d
             mask_d = dd < D
             if COMPUTE_DH:
-                w = tl.load(W + rows_v[:, None] * stride_w + dd[None, :],
-                            mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+                w = tl.load(
+                    W + rows_v[:, None] * stride_w + dd[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0
+                )
                 if UPCAST:
                     w = w.to(tl.float32)
                 dh = tl.dot(g, w, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_D]
-                tl.atomic_add(DH + rows_t[:, None] * D + dd[None, :], dh,
-                              mask=mask_t[:, None] & mask_d[None, :], sem="relaxed")
+                tl.atomic_add(
+                    DH + rows_t[:, None] * D + dd[None, :], dh, mask=mask_t[:, None] & mask_d[None, :], sem="relaxed"
+                )
             if COMPUTE_DW:
-                h = tl.load(H + rows_t[:, None] * stride_h + dd[None, :],
-                            mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+                h = tl.load(
+                    H + rows_t[:, None] * stride_h + dd[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0
+                )
                 if UPCAST:
                     h = h.to(tl.float32)
                 dw = tl.dot(tl.trans(g), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D]
-                tl.atomic_add(DW + rows_v[:, None] * D + dd[None, :], dw,
-                              mask=mask_v[:, None] & mask_d[None, :], sem="relaxed")
+                tl.atomic_add(
+                    DW + rows_v[:, None] * D + dd[None, :], dw, mask=mask_v[:, None] & mask_d[None, :], sem="relaxed"
+                )
 
 
 @triton.jit
@@ -226,8 +232,10 @@ def _sparse_forward_kernel(
     W,  # [V, D] LM head
     IDS,  # [T, J] int64 ids in [0, V)
     OUT,  # [T, J] fp32 out: OUT[t, j] = H[t] . W[IDS[t, j]]
-    J, D,
-    stride_h, stride_w,
+    J,
+    D,
+    stride_h,
+    stride_w,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -242,8 +250,9 @@ def _sparse_forward_kernel(
         mask_d = dd < D
         # J rows of W per token: too few for tl.dot; fp32 multiply-add (bf16 math is not portable).
         h = tl.load(H + t.to(tl.int64) * stride_h + dd, mask=mask_d, other=0.0).to(tl.float32)
-        w = tl.load(W + ids[:, None] * stride_w + dd[None, :],
-                    mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        w = tl.load(W + ids[:, None] * stride_w + dd[None, :], mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(
+            tl.float32
+        )
         acc += tl.sum(w * h[None, :], axis=1)
     tl.store(OUT + t * J + offs_j, acc, mask=mask_j)
 
@@ -256,8 +265,10 @@ def _sparse_backward_kernel(
     COEF,  # [T, J] fp32 c: dL/ds at IDS
     DH,  # [T, D] fp32 in/out (row stride D): DH[t] += sum_j c[t, j] W[IDS[t, j]]
     DW,  # [V, D] fp32 in/out (row stride D): DW[IDS[t, j]] += c[t, j] H[t]
-    J, D,
-    stride_h, stride_w,
+    J,
+    D,
+    stride_h,
+    stride_w,
     COMPUTE_DH: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -279,13 +290,18 @@ def _sparse_backward_kernel(
             ids = tl.load(IDS + t * J + offs_j, mask=mask_j, other=0).to(tl.int64)
             c = tl.load(COEF + t * J + offs_j, mask=mask_j, other=0.0)
             if COMPUTE_DH:
-                w = tl.load(W + ids[:, None] * stride_w + dd[None, :],
-                            mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+                w = tl.load(
+                    W + ids[:, None] * stride_w + dd[None, :], mask=mask_j[:, None] & mask_d[None, :], other=0.0
+                ).to(tl.float32)
                 dh += tl.sum(c[:, None] * w, axis=0)
             if COMPUTE_DW:
                 # c = 0 (padding, untrained positions) issues no atomic at all.
-                tl.atomic_add(DW + ids[:, None] * D + dd[None, :], c[:, None] * h[None, :],
-                              mask=(mask_j & (c != 0.0))[:, None] & mask_d[None, :], sem="relaxed")
+                tl.atomic_add(
+                    DW + ids[:, None] * D + dd[None, :],
+                    c[:, None] * h[None, :],
+                    mask=(mask_j & (c != 0.0))[:, None] & mask_d[None, :],
+                    sem="relaxed",
+                )
         if COMPUTE_DH:
             ptr = DH + row * D + dd
             tl.store(ptr, tl.load(ptr, mask=mask_d, other=0.0) + dh, mask=mask_d)
@@ -340,10 +356,22 @@ def lse_forward(
     argmax = _output((splits, n), torch.int32, dev)
     if n > 0:
         _lse_forward_kernel[(n_t_tiles, splits)](
-            hidden, weight, lse_tau, lse_1, run_max, argmax,
-            n, v, d, hidden.stride(0), weight.stride(0),
-            1.0 / temperature, tiles_per_split,
-            NEED_LSE1=need_lse1, **_kernel_flags(hidden.dtype), **cfg,
+            hidden,
+            weight,
+            lse_tau,
+            lse_1,
+            run_max,
+            argmax,
+            n,
+            v,
+            d,
+            hidden.stride(0),
+            weight.stride(0),
+            1.0 / temperature,
+            tiles_per_split,
+            NEED_LSE1=need_lse1,
+            **_kernel_flags(hidden.dtype),
+            **cfg,
         )
     # Combine the vocab splits (tiny [splits, T] tensors).
     best = run_max.argmax(dim=0, keepdim=True)
@@ -385,11 +413,25 @@ def dense_backward(
     has_1 = coef_1 is not None
     dummy = coef_tau  # stands in for pointers the kernel does not read
     _dense_backward_kernel[grid](
-        hidden, weight, lse_tau, lse_1 if has_1 else dummy, coef_tau, coef_1 if has_1 else dummy,
-        dh if need_dh else dummy, dw if need_dw else dummy,
-        n, v, d, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-        HAS_COEF_1=has_1, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw,
-        **_kernel_flags(hidden.dtype), **cfg,
+        hidden,
+        weight,
+        lse_tau,
+        lse_1 if has_1 else dummy,
+        coef_tau,
+        coef_1 if has_1 else dummy,
+        dh if need_dh else dummy,
+        dw if need_dw else dummy,
+        n,
+        v,
+        d,
+        hidden.stride(0),
+        weight.stride(0),
+        1.0 / temperature,
+        HAS_COEF_1=has_1,
+        COMPUTE_DH=need_dh,
+        COMPUTE_DW=need_dw,
+        **_kernel_flags(hidden.dtype),
+        **cfg,
     )
     return dh, dw
 
@@ -402,7 +444,15 @@ def gather_logits(hidden: Tensor, weight: Tensor, ids: Tensor) -> Tensor:
         return out
     cfg = dict(_INTERPRETER_SPARSE if _interpreting() else _GPU_SPARSE)
     _sparse_forward_kernel[(n, triton.cdiv(j, cfg["BLOCK_J"]))](
-        hidden, weight, ids.contiguous(), out, j, hidden.shape[1], hidden.stride(0), weight.stride(0), **cfg,
+        hidden,
+        weight,
+        ids.contiguous(),
+        out,
+        j,
+        hidden.shape[1],
+        hidden.stride(0),
+        weight.stride(0),
+        **cfg,
     )
     return out
 
@@ -417,10 +467,19 @@ def sparse_backward(
     cfg = dict(_INTERPRETER_SPARSE if _interpreting() else _GPU_SPARSE)
     dummy = coef
     _sparse_backward_kernel[(n,)](
-        hidden, weight, ids.contiguous(), coef.contiguous(),
-        dh if dh is not None else dummy, dw if dw is not None else dummy,
-        j, hidden.shape[1], hidden.stride(0), weight.stride(0),
-        COMPUTE_DH=dh is not None, COMPUTE_DW=dw is not None, **cfg,
+        hidden,
+        weight,
+        ids.contiguous(),
+        coef.contiguous(),
+        dh if dh is not None else dummy,
+        dw if dw is not None else dummy,
+        j,
+        hidden.shape[1],
+        hidden.stride(0),
+        weight.stride(0),
+        COMPUTE_DH=dh is not None,
+        COMPUTE_DW=dw is not None,
+        **cfg,
     )
 
 
@@ -433,8 +492,16 @@ class LinearSparseLossFunction(torch.autograd.Function):
     """loss = F(lse(h W^T), gathered logits) with the LM head fused; saves O(T J) besides h, W."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, sparse_ids: Tensor, terms_fn: TermsFn,
-                temperature: float, need_lse1: bool, need_coef_1: bool):
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        sparse_ids: Tensor,
+        terms_fn: TermsFn,
+        temperature: float,
+        need_lse1: bool,
+        need_coef_1: bool,
+    ):
         hidden = hidden.contiguous()
         weight = weight.contiguous()
         lse_tau, lse_1, argmax = lse_forward(hidden, weight, temperature, need_lse1)
@@ -455,13 +522,16 @@ class LinearSparseLossFunction(torch.autograd.Function):
         scale = grad_loss.float()
         coef_tau = (coef_tau * scale).contiguous()
         coef_1 = (coef_1 * scale).contiguous() if coef_1 is not None else None
-        dh, dw = dense_backward(hidden, weight, lse_tau, lse_1, coef_tau, coef_1,
-                                ctx.temperature, need_dh, need_dw)
+        dh, dw = dense_backward(hidden, weight, lse_tau, lse_1, coef_tau, coef_1, ctx.temperature, need_dh, need_dw)
         sparse_backward(hidden, weight, sparse_ids, coef_sparse * scale, dh, dw)
         return (
             dh.to(hidden.dtype) if dh is not None else None,
             dw.to(weight.dtype) if dw is not None else None,
-            None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 

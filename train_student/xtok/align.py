@@ -30,6 +30,7 @@ side) predicts the same string on both sides: the vocabulary map can translate t
 
 numpy + the two tokenizers; no torch (this runs in the data pipeline's prefetch thread).
 """
+
 from __future__ import annotations
 
 import copy
@@ -72,8 +73,10 @@ class Alignment:
     @property
     def spans(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """The spans as (teacher positions, student positions) tuples (for reading and tests)."""
-        return [(tuple(range(t0, t1)), tuple(range(s0, s1)))
-                for (t0, t1), (s0, s1) in zip(self.teacher_spans.tolist(), self.student_spans.tolist())]
+        return [
+            (tuple(range(t0, t1)), tuple(range(s0, s1)))
+            for (t0, t1), (s0, s1) in zip(self.teacher_spans.tolist(), self.student_spans.tolist())
+        ]
 
     @property
     def aligned_fraction(self) -> float:
@@ -95,19 +98,27 @@ class Aligner:
             (record "prepended"); the student's positions shift by one.
     """
 
-    def __init__(self, teacher_tokenizer, student_tokenizer, student_template: StudentTemplate | None = None,
-                 max_length: int | None = None, bos_id: int | None = None):
+    def __init__(
+        self,
+        teacher_tokenizer,
+        student_tokenizer,
+        student_template: StudentTemplate | None = None,
+        max_length: int | None = None,
+        bos_id: int | None = None,
+    ):
         from formats.template import ChatTemplater
 
         self.teacher_bytes = token_bytes(teacher_tokenizer)
-        self.student_bytes = (self.teacher_bytes if student_tokenizer is teacher_tokenizer
-                              else token_bytes(student_tokenizer))
+        self.student_bytes = (
+            self.teacher_bytes if student_tokenizer is teacher_tokenizer else token_bytes(student_tokenizer)
+        )
         template = student_template or resolve_student_template(None, student_tokenizer)
         self.templater = ChatTemplater(with_template(student_tokenizer, template.text), max_length=max_length)
         self.max_length, self.bos_id = max_length, bos_id
 
-    def align(self, example_id: str, messages: list[dict], teacher_input_ids: np.ndarray,
-              teacher_target_positions: np.ndarray) -> Alignment:
+    def align(
+        self, example_id: str, messages: list[dict], teacher_input_ids: np.ndarray, teacher_target_positions: np.ndarray
+    ) -> Alignment:
         """Render `messages` for the student and pair its trained positions with teacher rows.
 
         Args:
@@ -129,18 +140,24 @@ class Aligner:
         try:
             student = self.templater.score({"id": example_id, "messages": messages})
         except TemplateReject as exc:
-            raise InputError(f"{where}: the student's chat template cannot render the conversation "
-                             f"({exc.reason}); check --student-template") from None
+            raise InputError(
+                f"{where}: the student's chat template cannot render the conversation "
+                f"({exc.reason}); check --student-template"
+            ) from None
         student = self._with_bos(student)
         contents = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
         if not all(isinstance(c, str) for c in contents):
-            raise InputError(f"{where}: an assistant message's content is not a string; the messages must be "
-                             "[{'role': ..., 'content': str}]")
+            raise InputError(
+                f"{where}: an assistant message's content is not a string; the messages must be "
+                "[{'role': ..., 'content': str}]"
+            )
         t_ids = np.asarray(teacher_input_ids, np.int64)
         t_pos = np.asarray(teacher_target_positions, np.int64)
         if len(t_ids) and (t_ids.min() < 0 or t_ids.max() >= len(self.teacher_bytes)):
-            raise InputError(f"{where}: teacher token id {int(t_ids.max())} is outside the teacher "
-                             f"tokenizer's {len(self.teacher_bytes)} ids (wrong tokenizer for this cache?)")
+            raise InputError(
+                f"{where}: teacher token id {int(t_ids.max())} is outside the teacher "
+                f"tokenizer's {len(self.teacher_bytes)} ids (wrong tokenizer for this cache?)"
+            )
         t_runs = _runs(t_pos)
         s_pos = student.target_positions.astype(np.int64)
         s_runs = _runs(s_pos)
@@ -165,9 +182,15 @@ class Aligner:
             one_to_one[first_s] = (np.diff(t_cuts) == 1) & (np.diff(s_cuts) == 1)
             t_spans.append(np.stack([t_pos[t_rows[0]] + t_cuts[:-1], t_pos[t_rows[0]] + t_cuts[1:]], axis=1))
             s_spans.append(np.stack([s_pos[s_rows[0]] + s_cuts[:-1], s_pos[s_rows[0]] + s_cuts[1:]], axis=1))
-        return Alignment(example_id, student.input_ids, student.target_positions, teacher_row, one_to_one,
-                         _stack(t_spans), _stack(s_spans))
-
+        return Alignment(
+            example_id,
+            student.input_ids,
+            student.target_positions,
+            teacher_row,
+            one_to_one,
+            _stack(t_spans),
+            _stack(s_spans),
+        )
 
     def _with_bos(self, student):
         """The rendering with the needed BOS in front (positions shifted by one), cut back to max_length."""
@@ -178,7 +201,7 @@ class Aligner:
         positions = student.target_positions + 1
         truncated = student.truncated
         if self.max_length is not None and len(ids) > self.max_length:
-            ids, positions, truncated = ids[:self.max_length], positions[positions < self.max_length], True
+            ids, positions, truncated = ids[: self.max_length], positions[positions < self.max_length], True
         return dataclasses.replace(student, input_ids=ids, target_positions=positions, truncated=truncated)
 
 
@@ -196,10 +219,12 @@ def _runs(positions: np.ndarray) -> list[np.ndarray]:
 
 def _check_turn_count(where: str, side: str, runs: int, messages: int, *, truncated: bool) -> None:
     if runs > messages or (runs < messages and not truncated):
-        raise InputError(f"{where}: the {side} tokens have {runs} assistant turn(s) but the conversation has "
-                         f"{messages} assistant message(s); a template that drops or merges assistant messages "
-                         "cannot be aligned (check --student-template, and that the cache's messages are "
-                         "the ones it scored)")
+        raise InputError(
+            f"{where}: the {side} tokens have {runs} assistant turn(s) but the conversation has "
+            f"{messages} assistant message(s); a template that drops or merges assistant messages "
+            "cannot be aligned (check --student-template, and that the cache's messages are "
+            "the ones it scored)"
+        )
 
 
 def _locate(turn: bytes, text: bytes, cut: bool) -> tuple[int, int] | None:
@@ -264,12 +289,11 @@ def _spans(t_off: np.ndarray, ta: int, tb: int, s_off: np.ndarray, sa: int, sb: 
     t_in, s_in = _inside(t_off, ta, tb), _inside(s_off, sa, sb)
     if t_in is None or s_in is None:
         return _NO_SPANS
-    t_bounds = t_off[t_in[0]: t_in[1] + 1] - ta
-    s_bounds = s_off[s_in[0]: s_in[1] + 1] - sa
+    t_bounds = t_off[t_in[0] : t_in[1] + 1] - ta
+    s_bounds = s_off[s_in[0] : s_in[1] + 1] - sa
     common = np.intersect1d(t_bounds, s_bounds)
     # "left": a zero-length token at a boundary belongs to the span that starts there.
-    return (t_in[0] + np.searchsorted(t_bounds, common, "left"),
-            s_in[0] + np.searchsorted(s_bounds, common, "left"))
+    return (t_in[0] + np.searchsorted(t_bounds, common, "left"), s_in[0] + np.searchsorted(s_bounds, common, "left"))
 
 
 _NO_SPANS = (np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -300,8 +324,9 @@ class StudentTargets:
     aligned: np.ndarray
 
 
-def student_targets(alignment: Alignment, teacher_topk_ids: np.ndarray, teacher_topk_logprobs: np.ndarray,
-                    vmap: np.ndarray, mode: str) -> StudentTargets:
+def student_targets(
+    alignment: Alignment, teacher_topk_ids: np.ndarray, teacher_topk_logprobs: np.ndarray, vmap: np.ndarray, mode: str
+) -> StudentTargets:
     """Gather each student position's paired teacher row and, on 1:1 spans, map its ids to the student's
     vocabulary (modes "exact-map" and "hybrid"; mode "uld" keeps every row vocabulary-free)."""
     from train_student.loss_options import XTOK_MODES
@@ -341,9 +366,11 @@ def student_example(example: Example, aligner: Aligner, vmap: np.ndarray, mode: 
     """
     messages = example.meta.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise InputError(f"example {example.id!r}: the cache has no conversation messages (meta['messages']); "
-                         "aligning to a student with another tokenizer needs them: re-run `kdcache cache` "
-                         "with this version to write a cache that stores them")
+        raise InputError(
+            f"example {example.id!r}: the cache has no conversation messages (meta['messages']); "
+            "aligning to a student with another tokenizer needs them: re-run `kdcache cache` "
+            "with this version to write a cache that stores them"
+        )
     alignment = aligner.align(example.id, messages, example.input_ids, example.target_positions)
     targets = student_targets(alignment, example.topk_ids, example.topk_logprobs, vmap, mode)
     own = targets.topk_ids == alignment.input_ids[alignment.target_positions][:, None]
@@ -364,8 +391,9 @@ def student_example(example: Example, aligner: Aligner, vmap: np.ndarray, mode: 
     )
 
 
-def align_stream(examples: Iterable[Example], aligner: Aligner, vmap: np.ndarray, mode: str,
-                 ahead: int = 16, cursor=None) -> Iterator:
+def align_stream(
+    examples: Iterable[Example], aligner: Aligner, vmap: np.ndarray, mode: str, ahead: int = 16, cursor=None
+) -> Iterator:
     """`student_example` over a stream of cached examples, run `ahead` examples in advance in a
     background thread (`formats.common.prefetch.prefetch`), so alignment overlaps the training step; errors
     re-raise in the consumer. `cursor`: a function giving the source's position (`state_dict`); then
@@ -373,5 +401,8 @@ def align_stream(examples: Iterable[Example], aligner: Aligner, vmap: np.ndarray
     example was read (`data.AlignedStream` resumes exactly with them)."""
     if cursor is None:
         return prefetch((student_example(ex, aligner, vmap, mode) for ex in examples), ahead, name="kdcache-align")
-    return prefetch(((student_example(ex, aligner, vmap, mode), copy.deepcopy(cursor())) for ex in examples),
-                    ahead, name="kdcache-align")
+    return prefetch(
+        ((student_example(ex, aligner, vmap, mode), copy.deepcopy(cursor())) for ex in examples),
+        ahead,
+        name="kdcache-align",
+    )

@@ -14,6 +14,7 @@ the cross-tokenizer method ("exact-map", "uld", "hybrid").
 
 The student's chat template is checked by train_student/xtok/template.py.
 """
+
 from __future__ import annotations
 
 from formats.errors import InputError
@@ -31,20 +32,27 @@ def check_student_tokenizer(manifest: dict, student_tokenizer, cross_tokenizer: 
     if cross_tokenizer not in CROSS_TOKENIZER_MODES:
         raise InputError(f"{OPTION} {cross_tokenizer!r}: must be one of {', '.join(CROSS_TOKENIZER_MODES)}")
     recorded = manifest_get(manifest, ("tokenizer", "fingerprint"))
-    same = recorded is None or fingerprint_matches(student_tokenizer, manifest.get("tokenizer"))  # None: older checks decide
+    same = recorded is None or fingerprint_matches(
+        student_tokenizer, manifest.get("tokenizer")
+    )  # None: older checks decide
     mode = ("off" if same else AUTO_METHOD) if cross_tokenizer == "auto" else cross_tokenizer
     if mode == "off":
         if not same:
             raise InputError(
                 f"{cache}: the student's tokenizer is not the teacher's ({manifest_get(manifest, ('tokenizer', 'name_or_path'))}, "
                 f"fingerprint {recorded[:12]}...): the cached token ids mean other tokens to it. Pass {OPTION} auto "
-                "(or exact-map, uld, hybrid) to align the two tokenizers, or train a student with the teacher's tokenizer")
+                "(or exact-map, uld, hybrid) to align the two tokenizers, or train a student with the teacher's tokenizer"
+            )
         return "off"
     if manifest.get("tokenizer_files") is None:
-        raise InputError(f"{cache} carries no tokenizer files (written before caches stored the teacher's tokenizer); "
-                         f"{OPTION} {cross_tokenizer} needs them: `{add_tokenizer_command(cache, manifest)}`")
+        raise InputError(
+            f"{cache} carries no tokenizer files (written before caches stored the teacher's tokenizer); "
+            f"{OPTION} {cross_tokenizer} needs them: `{add_tokenizer_command(cache, manifest)}`"
+        )
     if not manifest_get(manifest, ("extra", "template", "messages_in_meta")):
-        raise InputError(f"{cache} does not store its conversations (meta[\"messages\"]; caches written before they "
-                         f"were stored), which {OPTION} {cross_tokenizer} needs to render them with the student's "
-                         "template; make the cache again with this version of `kdcache cache`")
+        raise InputError(
+            f'{cache} does not store its conversations (meta["messages"]; caches written before they '
+            f"were stored), which {OPTION} {cross_tokenizer} needs to render them with the student's "
+            "template; make the cache again with this version of `kdcache cache`"
+        )
     return mode

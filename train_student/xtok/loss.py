@@ -19,6 +19,7 @@ position is paired with which teacher row, and whether the pair is a 1:1 span) a
 total = (1/N) sum_trained [ce_weight CE + kd_weight tau^2 KD_exact + uld_weight ULD], N the trained
 positions. Math, choices and a worked example: docs/CROSS_TOKENIZER.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,8 +93,18 @@ def xtok_loss(
     sparse_ids = torch.where(exact_rows[:, None], topk_ids, torch.full_like(topk_ids, -1))
     sparse_logprobs = torch.where(exact_rows[:, None] & (topk_ids >= 0), topk_logprobs, missing)
     loss, metrics = kd_loss(
-        hidden, lm_head_weight, sparse_ids, sparse_logprobs, labels, kd_weight=kd_weight, ce_weight=ce_weight,
-        temperature=temperature, kind=kind, tail=tail, impl=impl, chunk_size=chunk_size,
+        hidden,
+        lm_head_weight,
+        sparse_ids,
+        sparse_logprobs,
+        labels,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        temperature=temperature,
+        kind=kind,
+        tail=tail,
+        impl=impl,
+        chunk_size=chunk_size,
     )
 
     n_tokens = trained.sum()
@@ -102,8 +113,15 @@ def xtok_loss(
     n_uld = uld_rows.sum()
     if uld_weight and bool(n_uld > 0):  # one host sync: skip the full-vocab top-k when no row needs it
         rows = uld_rows.nonzero().squeeze(1)
-        uld_sum = _uld_distance(hidden[rows], lm_head_weight, topk_logprobs[rows], labels[rows],
-                                temperature=temperature, tail=tail, chunk_size=chunk_size).sum()
+        uld_sum = _uld_distance(
+            hidden[rows],
+            lm_head_weight,
+            topk_logprobs[rows],
+            labels[rows],
+            temperature=temperature,
+            tail=tail,
+            chunk_size=chunk_size,
+        ).sum()
         loss = loss + uld_weight * uld_sum / denom
     with torch.no_grad():
         n_aligned = (aligned & trained).sum()
@@ -117,23 +135,43 @@ def xtok_loss(
     return loss, metrics
 
 
-def _uld_distance(hidden: Tensor, weight: Tensor, teacher_logprobs: Tensor, labels: Tensor, *,
-                  temperature: float, tail: str, chunk_size: int) -> Tensor:
+def _uld_distance(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher_logprobs: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float,
+    tail: str,
+    chunk_size: int,
+) -> Tensor:
     """[R] sum_k |p_(k) - q_(k)|: the teacher's top-k probabilities at tau (renormalized over its
     entries, or normalized together with its tail bucket, as in `loss_torch.build_spec`) against
     the student's k largest probabilities at tau, both sorted in decreasing order."""
     acc = loss_torch.accumulation_dtype(hidden.dtype)
     ids = torch.where(teacher_logprobs > -math.inf, 0, -1)  # entries exist; the ids do not matter here
-    spec = loss_torch.build_spec(ids, teacher_logprobs, labels, kind="forward_kl", tail=tail,
-                                 temperature=temperature, kd_weight=1.0, ce_weight=0.0, dtype=acc)
+    spec = loss_torch.build_spec(
+        ids,
+        teacher_logprobs,
+        labels,
+        kind="forward_kl",
+        tail=tail,
+        temperature=temperature,
+        kd_weight=1.0,
+        ce_weight=0.0,
+        dtype=acc,
+    )
     teacher = (spec.teacher_logp.exp() * spec.valid).sort(dim=-1, descending=True).values  # [R, K]
     k = min(teacher.shape[1], weight.shape[0])
-    student = torch.cat([
-        # Recomputed in the backward: only one [chunk, V] block of logits is alive at a time.
-        checkpoint(_student_top_probs, hidden[start:start + chunk_size], weight, k, temperature, acc,
-                   use_reentrant=False)
-        for start in range(0, hidden.shape[0], chunk_size)
-    ])
+    student = torch.cat(
+        [
+            # Recomputed in the backward: only one [chunk, V] block of logits is alive at a time.
+            checkpoint(
+                _student_top_probs, hidden[start : start + chunk_size], weight, k, temperature, acc, use_reentrant=False
+            )
+            for start in range(0, hidden.shape[0], chunk_size)
+        ]
+    )
     if k < teacher.shape[1]:  # a vocabulary smaller than K: the rest of the student's sorted vector is 0
         student = torch.nn.functional.pad(student, (0, teacher.shape[1] - k))
     return (teacher - student).abs().sum(dim=-1)
@@ -154,5 +192,7 @@ def _validate(hidden, topk_ids, labels, exact, aligned, mode, uld_weight) -> Non
     t = hidden.shape[0] if isinstance(hidden, Tensor) and hidden.dim() == 2 else None
     for name, mask in (("exact", exact), ("aligned", aligned)):
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (t,):
-            raise ValueError(f"xtok_loss: {name} must be a bool tensor [T] with T = {t}, got "
-                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+            raise ValueError(
+                f"xtok_loss: {name} must be a bool tensor [T] with T = {t}, got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
+            )

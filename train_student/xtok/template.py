@@ -26,6 +26,7 @@ rendered text and the token span of its turn.
   training starts.
 - The template's source and the sha256 of its text.
 """
+
 from __future__ import annotations
 
 import copy
@@ -73,8 +74,8 @@ PROBE = [
 
 @dataclass(frozen=True)
 class StudentTemplate:
-    text: str     # the Jinja source
-    source: str   # "builtin:tulu3", "file:/abs/path.jinja" or "tokenizer"
+    text: str  # the Jinja source
+    source: str  # "builtin:tulu3", "file:/abs/path.jinja" or "tokenizer"
 
     @property
     def sha256(self) -> str:
@@ -89,8 +90,10 @@ def resolve_student_template(option: str | None, tokenizer) -> StudentTemplate:
             return StudentTemplate(BUILTIN_TEMPLATES[option], f"builtin:{option}")
         path = Path(option).expanduser()
         if not path.is_file():
-            raise InputError(f"{OPTION} {option!r}: neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a "
-                             "file; give a built-in name or the path of a Jinja chat template")
+            raise InputError(
+                f"{OPTION} {option!r}: neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a "
+                "file; give a built-in name or the path of a Jinja chat template"
+            )
         text = path.read_text(encoding="utf-8")
         if not text.strip():
             raise InputError(f"{OPTION} {path}: the file is empty; give a Jinja chat template")
@@ -98,24 +101,28 @@ def resolve_student_template(option: str | None, tokenizer) -> StudentTemplate:
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, str) and own.strip():
         return StudentTemplate(own, "tokenizer")
-    raise InputError(f"the student's tokenizer has no chat template (a base model?): pass {OPTION} "
-                     f"({' or '.join(BUILTIN_TEMPLATES)}, or a Jinja file) to say how it renders conversations")
+    raise InputError(
+        f"the student's tokenizer has no chat template (a base model?): pass {OPTION} "
+        f"({' or '.join(BUILTIN_TEMPLATES)}, or a Jinja file) to say how it renders conversations"
+    )
 
 
 # ---- rendering --------------------------------------------------------------------------------
 
+
 @dataclass
 class Rendering:
-    text: str                      # the rendered conversation (with the prepended BOS token's text, if any)
-    input_ids: np.ndarray          # int32 [L]
-    target_positions: np.ndarray   # int32 [N]: assistant-turn tokens, 1 <= t < L, increasing
-    assistant_chars: list[tuple[int, int]] = field(default_factory=list)   # per assistant message: its content in `text`
+    text: str  # the rendered conversation (with the prepended BOS token's text, if any)
+    input_ids: np.ndarray  # int32 [L]
+    target_positions: np.ndarray  # int32 [N]: assistant-turn tokens, 1 <= t < L, increasing
+    assistant_chars: list[tuple[int, int]] = field(default_factory=list)  # per assistant message: its content in `text`
     assistant_tokens: list[tuple[int, int]] = field(default_factory=list)  # per assistant message: its turn's tokens
     bos_prepended: bool = False
 
 
-def render_conversation(tokenizer, template: StudentTemplate, messages: list[dict], *,
-                        bos_id: int | None = None) -> Rendering:
+def render_conversation(
+    tokenizer, template: StudentTemplate, messages: list[dict], *, bos_id: int | None = None
+) -> Rendering:
     """Render `messages` with the student's template and tokenizer; `bos_id` (check_student_rendering's
     `bos_token_id`) is prepended when the rendering does not start with it. InputError when the
     template cannot render the conversation or drops an assistant message's text."""
@@ -125,7 +132,9 @@ def render_conversation(tokenizer, template: StudentTemplate, messages: list[dic
     try:
         pieces = templater.pieces(messages)
     except TemplateReject as exc:
-        raise InputError(f"the student template ({template.source}) cannot render the conversation: {exc.reason}") from None
+        raise InputError(
+            f"the student template ({template.source}) cannot render the conversation: {exc.reason}"
+        ) from None
     assistants = iter(m["content"] for m in messages if m["role"] == "assistant")
     text, ids, mask, chars, tokens = "", [], [], [], []
     for piece, is_turn in pieces:
@@ -134,9 +143,11 @@ def render_conversation(tokenizer, template: StudentTemplate, messages: list[dic
             content = next(assistants, None)
             at = piece.find(content) if content is not None else -1
             if at < 0:
-                raise InputError(f"the student template ({template.source}) does not render assistant message "
-                                 f"{len(chars)} verbatim (its text is not in the rendered turn {piece[:60]!r}); "
-                                 f"pass {OPTION} with a template that renders every assistant message")
+                raise InputError(
+                    f"the student template ({template.source}) does not render assistant message "
+                    f"{len(chars)} verbatim (its text is not in the rendered turn {piece[:60]!r}); "
+                    f"pass {OPTION} with a template that renders every assistant message"
+                )
             chars.append((len(text) + at, len(text) + at + len(content)))
             tokens.append((len(ids), len(ids) + len(piece_ids)))
             mask.extend(templater.turn_mask(piece_ids))
@@ -146,8 +157,10 @@ def render_conversation(tokenizer, template: StudentTemplate, messages: list[dic
         ids.extend(piece_ids)
     missing = sum(1 for _ in assistants)
     if missing:
-        raise InputError(f"the student template ({template.source}) drops {missing} of the conversation's assistant "
-                         f"messages; pass {OPTION} with a template that renders every assistant message")
+        raise InputError(
+            f"the student template ({template.source}) drops {missing} of the conversation's assistant "
+            f"messages; pass {OPTION} with a template that renders every assistant message"
+        )
     prepend = bos_id is not None and (not ids or ids[0] != bos_id)
     if prepend:
         shift_text = tokenizer.convert_ids_to_tokens(bos_id)
@@ -168,6 +181,7 @@ def with_template(tokenizer, template_text: str):
 
 # ---- the check before training ----------------------------------------------------------------
 
+
 def needed_bos(tokenizer, model_config=None) -> tuple[int | None, str]:
     """(the BOS id the model needs first, or None; why). See the module docstring for the rule."""
     bos = tokenizer.bos_token_id if getattr(tokenizer, "bos_token", None) is not None else None
@@ -176,9 +190,11 @@ def needed_bos(tokenizer, model_config=None) -> tuple[int | None, str]:
     if bos is None:
         return None, "the student tokenizer has no bos_token"
     if config_bos is not None and config_bos != bos:
-        raise InputError(f"the student's model config has bos_token_id {config_bos}, its tokenizer's bos_token "
-                         f"{tokenizer.bos_token!r} is id {bos}: which one the model needs first cannot be told; make "
-                         "them agree (the tokenizer's special_tokens or the config)")
+        raise InputError(
+            f"the student's model config has bos_token_id {config_bos}, its tokenizer's bos_token "
+            f"{tokenizer.bos_token!r} is id {bos}: which one the model needs first cannot be told; make "
+            "them agree (the tokenizer's special_tokens or the config)"
+        )
     adds_itself = list(tokenizer("a")["input_ids"][:1]) == [bos]
     if adds_itself or getattr(tokenizer, "add_bos_token", False):
         return bos, f"the tokenizer adds {tokenizer.bos_token!r} to text itself"
@@ -195,8 +211,15 @@ def check_student_rendering(tokenizer, template: StudentTemplate, model_config=N
     rendering = render_conversation(tokenizer, template, PROBE, bos_id=bos_id)
     ids = rendering.input_ids
     if bos_id is not None and len(ids) > 1 and ids[1] == bos_id:
-        raise InputError(f"the student template ({template.source}) renders {tokenizer.bos_token!r} twice at the "
-                         "start; the model expects it once")
+        raise InputError(
+            f"the student template ({template.source}) renders {tokenizer.bos_token!r} twice at the "
+            "start; the model expects it once"
+        )
     bos = "none" if bos_id is None else "prepended" if rendering.bos_prepended else "rendered"
-    return {"source": template.source, "sha256": template.sha256, "bos_token_id": bos_id, "bos": bos,
-            "bos_reason": reason}
+    return {
+        "source": template.source,
+        "sha256": template.sha256,
+        "bos_token_id": bos_id,
+        "bos": bos,
+        "bos_reason": reason,
+    }

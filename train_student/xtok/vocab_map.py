@@ -10,6 +10,7 @@ student takes about a second. `map_topk` applies the map to cached teacher top-k
 
 numpy only (no torch): this runs in the data pipeline's prefetch thread.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,7 @@ import numpy as np
 from formats.errors import FormatError
 from formats.tokenizer_id import tokenizer_fingerprint
 
-__all__ = ["token_bytes", "special_ids", "build_vocab_map", "load_or_build_vocab_map", "map_topk",
-           "vocab_map_path"]
+__all__ = ["token_bytes", "special_ids", "build_vocab_map", "load_or_build_vocab_map", "map_topk", "vocab_map_path"]
 
 UNMAPPED = -1
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -32,8 +32,9 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet inverted: the printable character standing for each byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -72,8 +73,11 @@ def token_bytes(tokenizer) -> list[bytes]:
     vocab = tokenizer.get_vocab()
     steps = _decoder_steps(tokenizer)
     kinds = {step.get("type") for step in steps}
-    replace = [(s["pattern"]["String"], s["content"]) for s in steps
-               if s.get("type") == "Replace" and "String" in s.get("pattern", {})]
+    replace = [
+        (s["pattern"]["String"], s["content"])
+        for s in steps
+        if s.get("type") == "Replace" and "String" in s.get("pattern", {})
+    ]
     replace += [(s.get("replacement", "▁"), " ") for s in steps if s.get("type") == "Metaspace"]
     if not steps:  # slow tokenizer: SentencePiece conventions
         replace, kinds = [("▁", " ")], {"ByteFallback"}
@@ -170,12 +174,16 @@ def _load_checked(path: Path, teacher_size: int, student_size: int) -> np.ndarra
     except (OSError, ValueError, EOFError) as exc:
         raise FormatError(f"{path}: not a readable vocabulary map ({exc}); {fix}") from None
     if vmap.dtype != np.int32 or vmap.shape != (teacher_size,):
-        raise FormatError(f"{path}: expected int32 [{teacher_size}] (one entry per teacher id), got "
-                          f"{vmap.dtype} {list(vmap.shape)}; {fix}")
+        raise FormatError(
+            f"{path}: expected int32 [{teacher_size}] (one entry per teacher id), got "
+            f"{vmap.dtype} {list(vmap.shape)}; {fix}"
+        )
     bad = np.flatnonzero((vmap < UNMAPPED) | (vmap >= student_size))
     if len(bad):
-        raise FormatError(f"{path}: teacher id {int(bad[0])} maps to {int(vmap[bad[0]])}, outside "
-                          f"[-1, {student_size}) of the student vocabulary; {fix}")
+        raise FormatError(
+            f"{path}: teacher id {int(bad[0])} maps to {int(vmap[bad[0]])}, outside "
+            f"[-1, {student_size}) of the student vocabulary; {fix}"
+        )
     return vmap
 
 

@@ -1,5 +1,6 @@
 """formats.common.cli.run_command: a KDCacheError or an operational OSError is one line on stderr (what, where,
 what to do) and exit 1; anything else is a bug and keeps its traceback."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,7 @@ def run(func):
 def test_an_operational_error_is_one_line_naming_the_path_and_the_fix(code, capsys):
     def fail(_):
         raise OSError(code, os.strerror(code), "/data/out/part-00003.parquet")
+
     assert run(fail) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "/data/out/part-00003.parquet" in err and OS_ERROR_HINTS[code] in err
@@ -30,12 +32,14 @@ def test_an_operational_error_is_one_line_naming_the_path_and_the_fix(code, caps
 def test_a_kdcache_error_is_one_line(capsys):
     def fail(_):
         raise InputError("what, where, how to fix")
+
     assert run(fail) == 1 and capsys.readouterr().err == "kdcache cache: error: what, where, how to fix\n"
 
 
 def test_other_errors_keep_their_traceback():
     def fail(_):
         raise OSError(errno.ECONNRESET, "reset")
+
     with pytest.raises(OSError):
         run(fail)
     with pytest.raises(KeyError):
@@ -47,4 +51,5 @@ def test_train_out_naming_a_file_is_one_line(tmp_path, capsys):
 
     def train(_):
         (tmp_path / "afile").mkdir(parents=True, exist_ok=True)  # what the trainer does with --out
+
     assert run(train) == 1 and "afile" in capsys.readouterr().err

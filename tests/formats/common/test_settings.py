@@ -1,5 +1,6 @@
 """formats.common.settings: flags, YAML reading and the defaults < YAML < flags merge, generated from one
 dataclass declaration (both stages' configs are built on it)."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,17 @@ def _parser() -> argparse.ArgumentParser:
 def test_flags_are_generated_from_the_fields():
     p = _parser()
     text = p.format_help()
-    for flag in ("--config FILE.yaml", "--k K", "--mass P", "--mode {score,generate}", "--fast, --no-fast",
-                 "--eager, --no-eager", "--layers I,J", "--path PATH", "--weight WEIGHT"):
+    for flag in (
+        "--config FILE.yaml",
+        "--k K",
+        "--mass P",
+        "--mode {score,generate}",
+        "--fast, --no-fast",
+        "--eager, --no-eager",
+        "--layers I,J",
+        "--path PATH",
+        "--weight WEIGHT",
+    ):
         assert flag in text, flag
     assert "--label" not in text and "--inner" not in text  # flag=False
     assert "top k (default: 64)" in text and "go fast (default: on)" in text and "a mass\n" in text
@@ -65,26 +75,34 @@ def test_merge_defaults_yaml_flags(tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text("k: 8\nmass: 1e-1\nlayers: 1,2\ninner:\n  - {path: a, weight: 2}\n  - {path: [b, c]}\n")
     values = merge((Outer,), f, {"k": 16, "mass": None, "fast": False})
-    assert values == {"k": 16, "mass": 0.1, "fast": False, "layers": [1, 2],
-                      "inner": [Inner(path=["a"], weight=2.0), Inner(path=["b", "c"])]}
+    assert values == {
+        "k": 16,
+        "mass": 0.1,
+        "fast": False,
+        "layers": [1, 2],
+        "inner": [Inner(path=["a"], weight=2.0), Inner(path=["b", "c"])],
+    }
     assert Outer(**values).mode == "score"  # defaults stay the dataclass's
     assert merge((Outer, Inner), None, {"layers": ["0", "5"], "weight": 3}) == {"layers": [0, 5], "weight": 3.0}
 
 
-@pytest.mark.parametrize("text, match", [
-    ("k: many\n", r"config file .*s\.yaml: k: expected an integer, got 'many'"),
-    ("k: true\n", r"k: expected an integer, got True"),
-    ("fast: 'yes'\n", r"fast: expected true or false, got 'yes'"),
-    ("mode: [a]\n", r"mode: expected a string, got \['a'\]"),
-    ("k: null\n", r"k: must be set \(got null\)"),
-    ("layers: {a: 1}\n", r"layers: expected a list"),
-    ("layers: [1, x]\n", r"layers\[1\]: expected an integer, got 'x'"),
-    ("inner: [3]\n", r"inner\[0\]: expected a mapping of Inner settings"),
-    ("inner: [{bogus: 1}]\n", r"s\.yaml, inner\[0\]: unknown settings bogus; known: label, path, weight"),
-    ("bogus: 1\nother: 2\n", r"s\.yaml: unknown settings bogus, other; known: eager, fast, inner, k, layers"),
-    ("- k\n", r"must hold a mapping of setting: value, got list"),
-    ("k: [unclosed\n", r"s\.yaml is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("k: many\n", r"config file .*s\.yaml: k: expected an integer, got 'many'"),
+        ("k: true\n", r"k: expected an integer, got True"),
+        ("fast: 'yes'\n", r"fast: expected true or false, got 'yes'"),
+        ("mode: [a]\n", r"mode: expected a string, got \['a'\]"),
+        ("k: null\n", r"k: must be set \(got null\)"),
+        ("layers: {a: 1}\n", r"layers: expected a list"),
+        ("layers: [1, x]\n", r"layers\[1\]: expected an integer, got 'x'"),
+        ("inner: [3]\n", r"inner\[0\]: expected a mapping of Inner settings"),
+        ("inner: [{bogus: 1}]\n", r"s\.yaml, inner\[0\]: unknown settings bogus; known: label, path, weight"),
+        ("bogus: 1\nother: 2\n", r"s\.yaml: unknown settings bogus, other; known: eager, fast, inner, k, layers"),
+        ("- k\n", r"must hold a mapping of setting: value, got list"),
+        ("k: [unclosed\n", r"s\.yaml is not valid YAML"),
+    ],
+)
 def test_a_broken_or_hostile_file_is_an_input_error_naming_file_and_key(tmp_path, text, match):
     f = tmp_path / "s.yaml"
     f.write_text(text)

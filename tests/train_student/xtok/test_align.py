@@ -1,6 +1,7 @@
 """Cross-tokenizer alignment (train_student/xtok/align.py) on tokenizers built offline: hand-checked spans,
 multi-byte characters, special tokens, self-alignment, hostile inputs; one slow test on the real
 SmolLM2 -> Gemma 3 pair."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -58,7 +59,10 @@ def test_known_sentence_spans(hand):
     assert toks(teacher, t_ids, t_pos) == ["Hell", "o", "Ġworld", "!", "<|im_end|>"]
     assert toks(student, a.input_ids, a.target_positions) == ["He", "llo", "▁wor", "ld", "!", "<end_of_turn>"]
     assert [(toks(teacher, t_ids, tp), toks(student, a.input_ids, sp)) for tp, sp in a.spans] == [
-        (["Hell", "o"], ["He", "llo"]), (["Ġworld"], ["▁wor", "ld"]), (["!"], ["!"])]
+        (["Hell", "o"], ["He", "llo"]),
+        (["Ġworld"], ["▁wor", "ld"]),
+        (["!"], ["!"]),
+    ]
     # Each span's first student token is paired with its first teacher token's row (same text before both).
     assert a.teacher_row.tolist() == [0, -1, 2, -1, 3, -1]
     assert a.one_to_one.tolist() == [False, False, False, False, True, False]
@@ -138,7 +142,8 @@ def test_truncated_student_aligns_what_it_has(hand):
     t_ids, t_pos = _cached(teacher, msgs)
     full = Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-1", msgs, t_ids, t_pos)
     cut = Aligner(teacher, student, _t(GEMMA_STYLE), max_length=int(full.target_positions[2]) + 1).align(
-        "ex-1", msgs, t_ids, t_pos)
+        "ex-1", msgs, t_ids, t_pos
+    )
     assert cut.spans == full.spans[:1] and cut.teacher_row.tolist() == [0, -1, -1]
 
 
@@ -150,8 +155,16 @@ def test_student_targets_map_one_to_one_rows(hand):
     t_ids, t_pos = _cached(teacher, msgs)
     a = Aligner(teacher, student, _t(GEMMA_STYLE)).align("ex-1", msgs, t_ids, t_pos)
     vocab_t = teacher.get_vocab()
-    topk_ids = np.array([[vocab_t["Hell"], vocab_t["He"]], [vocab_t["o"], -1], [vocab_t["Ġworld"], vocab_t["!"]],
-                         [vocab_t["!"], vocab_t["Ġworld"]], [vocab_t["<|im_end|>"], vocab_t["!"]]], np.int32)
+    topk_ids = np.array(
+        [
+            [vocab_t["Hell"], vocab_t["He"]],
+            [vocab_t["o"], -1],
+            [vocab_t["Ġworld"], vocab_t["!"]],
+            [vocab_t["!"], vocab_t["Ġworld"]],
+            [vocab_t["<|im_end|>"], vocab_t["!"]],
+        ],
+        np.int32,
+    )
     topk_lp = np.log(np.array([[0.6, 0.3], [0.9, 1], [0.5, 0.1], [0.7, 0.2], [0.8, 0.1]], np.float32))
     topk_lp[1, 1] = -np.inf  # padding
     vmap = build_vocab_map(teacher, student)
@@ -170,6 +183,7 @@ def test_student_targets_map_one_to_one_rows(hand):
 
 # --- hostile and broken inputs: clear errors that name the example ---
 
+
 def test_base_student_without_template_names_the_option(hand):
     teacher, student = hand
     with pytest.raises(InputError, match="--student-template"):
@@ -183,7 +197,9 @@ def test_template_that_drops_the_assistant_message(hand):
     drop_turn = "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}"
     with pytest.raises(InputError, match=r"example 'ex-1'.*cannot render"):
         Aligner(teacher, student, _t(drop_turn)).align("ex-1", msgs, t_ids, t_pos)
-    drop_content = GEMMA_STYLE.replace("{{ m['content'] }}", "{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}")
+    drop_content = GEMMA_STYLE.replace(
+        "{{ m['content'] }}", "{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}"
+    )
     with pytest.raises(InputError, match=r"example 'ex-1', assistant turn 0: the student's tokens .* do not spell"):
         Aligner(teacher, student, _t(drop_content)).align("ex-1", msgs, t_ids, t_pos)
 
@@ -236,6 +252,7 @@ def test_teacher_ids_outside_the_teacher_vocabulary(hand):
 
 # --- the real pair (slow: the Gemma 3 tokenizer takes ~30 s to load from its GGUF) ---
 
+
 @pytest.mark.slow
 def test_smollm2_to_gemma3_on_tulu():
     """SmolLM2's byte-level BPE (the cache) against Gemma 3's SentencePiece vocabulary (the student),
@@ -254,13 +271,16 @@ def test_smollm2_to_gemma3_on_tulu():
 
 # --- the prefetch hook: cached examples in, student examples out ---
 
+
 def _teacher_example(teacher, messages, example_id="ex-1", k=2, seed=0, with_messages=True):
     """A cached Example for `messages`: the teacher's rendering and a made-up top-k per trained token."""
     from formats.example import Example
 
     t_ids, t_pos = _cached(teacher, messages, example_id)
     rng = np.random.default_rng(seed)
-    topk_ids = np.stack([np.r_[t_ids[p], rng.choice(len(teacher), k - 1, replace=False)] for p in t_pos]).astype(np.int32)
+    topk_ids = np.stack([np.r_[t_ids[p], rng.choice(len(teacher), k - 1, replace=False)] for p in t_pos]).astype(
+        np.int32
+    )
     lps = np.log(np.tile(np.array([0.7] + [0.2 / (k - 1)] * (k - 1), np.float32), (len(t_pos), 1)))
     meta = {"messages": messages} if with_messages else {}
     return Example(example_id, t_ids, t_pos, topk_ids, lps, lps[:, 0].copy(), np.ones(len(t_pos), np.int32), meta=meta)
@@ -297,8 +317,9 @@ def test_student_example_packs_for_xtok_loss(hand):
     exact = torch.zeros(len(batch.labels), dtype=torch.bool)
     aligned = torch.zeros_like(exact)
     exact[rows], aligned[rows] = torch.from_numpy(targets.exact), torch.from_numpy(targets.aligned)
-    explicit, _ = xtok_loss(hidden, weight, batch.topk_ids, batch.topk_logprobs.double(), batch.labels, exact, aligned,
-                            ce_weight=0.1)
+    explicit, _ = xtok_loss(
+        hidden, weight, batch.topk_ids, batch.topk_logprobs.double(), batch.labels, exact, aligned, ce_weight=0.1
+    )
     assert float(derived) == float(explicit)
     assert (int(m["n_exact"]), int(m["n_uld"]), int(m["n_aligned"])) == (1, 2, 3)
 
@@ -309,7 +330,9 @@ def test_align_stream_runs_ahead_and_reraises(hand):
     teacher, student = hand
     vmap = build_vocab_map(teacher, student)
     aligner = Aligner(teacher, student, _t(GEMMA_STYLE))
-    examples = [_teacher_example(teacher, _chat(text), f"ex-{i}", seed=i) for i, text in enumerate(["Hello world!", "Hi!"])]
+    examples = [
+        _teacher_example(teacher, _chat(text), f"ex-{i}", seed=i) for i, text in enumerate(["Hello world!", "Hi!"])
+    ]
     streamed = list(align_stream(examples, aligner, vmap, "hybrid", ahead=1))
     assert [e.id for e in streamed] == ["ex-0", "ex-1"]
     for got, ex in zip(streamed, examples):
@@ -354,8 +377,10 @@ def test_aligner_renders_what_check_student_rendering_decided(hand):
     assert shifted.input_ids[1:].tolist() == plain.input_ids.tolist()
     assert shifted.target_positions.tolist() == (plain.target_positions + 1).tolist()
     assert shifted.teacher_row.tolist() == plain.teacher_row.tolist()
-    assert shifted.input_ids.tolist() == render_conversation(student, no_bos, msgs, bos_id=record["bos_token_id"]
-                                                             ).input_ids.tolist()
+    assert (
+        shifted.input_ids.tolist()
+        == render_conversation(student, no_bos, msgs, bos_id=record["bos_token_id"]).input_ids.tolist()
+    )
     # a rendering that already starts with the BOS gets none added
     rendered = Aligner(teacher, student, _t(GEMMA_STYLE), bos_id=student.bos_token_id).align("ex-1", msgs, t_ids, t_pos)
     assert rendered.input_ids.tolist() == shifted.input_ids.tolist()

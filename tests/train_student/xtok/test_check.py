@@ -1,4 +1,5 @@
 """The student check (train_student/xtok/check.py): which path a student's tokenizer takes."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,9 @@ def manifest(teacher, *, files=True, messages=True) -> dict:
 def test_same_tokenizer(teacher):
     assert check_student_tokenizer(manifest(teacher), teacher, "auto") == "off"
     assert check_student_tokenizer(manifest(teacher), teacher, "off") == "off"
-    assert check_student_tokenizer(manifest(teacher, files=False, messages=False), teacher, "auto") == "off"  # old caches
+    assert (
+        check_student_tokenizer(manifest(teacher, files=False, messages=False), teacher, "auto") == "off"
+    )  # old caches
     assert check_student_tokenizer(manifest(teacher), teacher, "exact-map") == "exact-map"  # the identity case
 
 

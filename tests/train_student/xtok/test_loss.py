@@ -1,5 +1,6 @@
 """The cross-tokenizer loss: the ordinary sparse KD as its special case, the ULD term by hand and by
 gradcheck, the modes, and bad arguments."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,10 @@ def _cached_rows(seed: int, t: int, k: int, v: int, *, pad_every: int = 0):
 
 
 @pytest.mark.parametrize("t,d,v,k", [(1, 3, 5, 1), (7, 5, 11, 3), (13, 17, 37, 8), (33, 9, 64, 64)])
-@pytest.mark.parametrize("kind,tail", [("forward_kl", "renormalize"), ("forward_kl", "bucket"),
-                                       ("reverse_kl", "bucket"), ("reverse_kl", "renormalize")])
+@pytest.mark.parametrize(
+    "kind,tail",
+    [("forward_kl", "renormalize"), ("forward_kl", "bucket"), ("reverse_kl", "bucket"), ("reverse_kl", "renormalize")],
+)
 @pytest.mark.parametrize("mode", ["exact-map", "hybrid"])
 def test_identical_tokenizers_give_kd_loss_exactly(t, d, v, k, kind, tail, mode):
     """Self-alignment (every position its own 1:1 span, the identity vocabulary map) through
@@ -39,9 +42,15 @@ def test_identical_tokenizers_give_kd_loss_exactly(t, d, v, k, kind, tail, mode)
     labels = torch.from_numpy(np.random.default_rng(t).integers(0, v, t)).long()
     labels[::4] = IGNORE_INDEX  # untrained rows (a packed batch has them)
     trained = (labels != IGNORE_INDEX).numpy()
-    alignment = Alignment("x", np.zeros(t + 1, np.int32), np.arange(1, t + 1, dtype=np.int32),
-                          np.where(trained, np.arange(t), -1).astype(np.int32), trained.copy(),
-                          np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int32))
+    alignment = Alignment(
+        "x",
+        np.zeros(t + 1, np.int32),
+        np.arange(1, t + 1, dtype=np.int32),
+        np.where(trained, np.arange(t), -1).astype(np.int32),
+        trained.copy(),
+        np.zeros((0, 2), np.int32),
+        np.zeros((0, 2), np.int32),
+    )
     targets = student_targets(alignment, ids, lps, np.arange(v, dtype=np.int32), mode)
     assert targets.exact[trained].all()
 
@@ -56,10 +65,21 @@ def test_identical_tokenizers_give_kd_loss_exactly(t, d, v, k, kind, tail, mode)
         loss.backward()
         return loss.detach(), h.grad, w.grad
 
-    ref = run(kd_loss, torch.from_numpy(np.where(trained[:, None], ids, -1)),
-              torch.from_numpy(np.where(trained[:, None], lps, -np.inf)), labels)
-    got = run(xtok_loss, torch.from_numpy(targets.topk_ids), torch.from_numpy(targets.topk_logprobs), labels,
-              torch.from_numpy(targets.exact), torch.from_numpy(targets.aligned), mode=mode)
+    ref = run(
+        kd_loss,
+        torch.from_numpy(np.where(trained[:, None], ids, -1)),
+        torch.from_numpy(np.where(trained[:, None], lps, -np.inf)),
+        labels,
+    )
+    got = run(
+        xtok_loss,
+        torch.from_numpy(targets.topk_ids),
+        torch.from_numpy(targets.topk_logprobs),
+        labels,
+        torch.from_numpy(targets.exact),
+        torch.from_numpy(targets.aligned),
+        mode=mode,
+    )
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
 
@@ -72,8 +92,17 @@ def test_uld_term_by_hand():
     p = torch.tensor([0.6, 0.3], dtype=torch.float64)  # raw top-2, tail 0.1
     lps = torch.log(p)[None]
     for tail, p_hat in (("renormalize", p / p.sum()), ("bucket", p)):
-        loss, m = xtok_loss(hidden, weight, torch.tensor([[-1, -1]]), lps, torch.tensor([2]),
-                            torch.tensor([False]), torch.tensor([True]), mode="uld", tail=tail)
+        loss, m = xtok_loss(
+            hidden,
+            weight,
+            torch.tensor([[-1, -1]]),
+            lps,
+            torch.tensor([2]),
+            torch.tensor([False]),
+            torch.tensor([True]),
+            mode="uld",
+            tail=tail,
+        )
         expected = (p_hat - q[:2]).abs().sum()
         assert abs(float(loss) - float(expected)) < 1e-12, tail
         assert int(m["n_uld"]) == 1 and int(m["n_exact"]) == 0
@@ -87,9 +116,19 @@ def test_uld_gradcheck():
     aligned = torch.tensor([True, True, False, True])
 
     def f(h, w):
-        return xtok_loss(h, w, torch.full((4, 4), -1), torch.from_numpy(lps).double(), torch.tensor([1, 2, 3, 4]),
-                         torch.zeros(4, dtype=torch.bool), aligned, mode="uld", temperature=2.0, ce_weight=0.5,
-                         chunk_size=3)[0]
+        return xtok_loss(
+            h,
+            w,
+            torch.full((4, 4), -1),
+            torch.from_numpy(lps).double(),
+            torch.tensor([1, 2, 3, 4]),
+            torch.zeros(4, dtype=torch.bool),
+            aligned,
+            mode="uld",
+            temperature=2.0,
+            ce_weight=0.5,
+            chunk_size=3,
+        )[0]
 
     assert torch.autograd.gradcheck(f, (hidden, weight))
 
@@ -121,22 +160,39 @@ def test_unmapped_entries_go_to_the_tail():
     hidden = torch.tensor([[0.5, -1.0]], dtype=torch.float64)
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
     lps = torch.log(torch.tensor([[0.5, 0.3, 0.1]], dtype=torch.float64))
-    got, _ = xtok_loss(hidden, weight, torch.tensor([[2, -1, 0]]), lps, torch.tensor([2]), torch.tensor([True]),
-                       torch.tensor([True]), tail="bucket")
+    got, _ = xtok_loss(
+        hidden,
+        weight,
+        torch.tensor([[2, -1, 0]]),
+        lps,
+        torch.tensor([2]),
+        torch.tensor([True]),
+        torch.tensor([True]),
+        tail="bucket",
+    )
     ref, _ = kd_loss(hidden, weight, torch.tensor([[2, 0]]), lps[:, [0, 2]], torch.tensor([2]), tail="bucket")
     assert abs(float(got) - float(ref)) < 1e-12
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(mode="gold"), "mode must be one of"),
-    (dict(uld_weight=-1.0), "uld_weight"),
-    (dict(exact=torch.zeros(3, dtype=torch.int64)), "exact must be a bool tensor"),
-    (dict(aligned=torch.zeros(2, dtype=torch.bool)), "aligned must be a bool tensor"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(mode="gold"), "mode must be one of"),
+        (dict(uld_weight=-1.0), "uld_weight"),
+        (dict(exact=torch.zeros(3, dtype=torch.int64)), "exact must be a bool tensor"),
+        (dict(aligned=torch.zeros(2, dtype=torch.bool)), "aligned must be a bool tensor"),
+    ],
+)
 def test_bad_arguments_are_named(change, match):
-    args = dict(hidden=torch.zeros(3, 2), lm_head_weight=torch.zeros(4, 2), topk_ids=torch.zeros(3, 2, dtype=torch.long),
-                topk_logprobs=torch.full((3, 2), math.log(0.5)), labels=torch.zeros(3, dtype=torch.long),
-                exact=torch.zeros(3, dtype=torch.bool), aligned=torch.zeros(3, dtype=torch.bool))
+    args = dict(
+        hidden=torch.zeros(3, 2),
+        lm_head_weight=torch.zeros(4, 2),
+        topk_ids=torch.zeros(3, 2, dtype=torch.long),
+        topk_logprobs=torch.full((3, 2), math.log(0.5)),
+        labels=torch.zeros(3, dtype=torch.long),
+        exact=torch.zeros(3, dtype=torch.bool),
+        aligned=torch.zeros(3, dtype=torch.bool),
+    )
     args.update(change)
     with pytest.raises(ValueError, match=match):
         xtok_loss(**args)

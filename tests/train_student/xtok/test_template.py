@@ -1,5 +1,6 @@
 """The student's chat template (train_student/xtok/template.py): the Tulu 3 built-in, resolution
 order, rendering spans, the BOS a base model needs, and templates that drop assistant messages."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,13 +8,22 @@ from types import SimpleNamespace
 import pytest
 
 from formats.errors import InputError
-from train_student.xtok.template import (TULU3, StudentTemplate, check_student_rendering, render_conversation,
-                                            resolve_student_template)
+from train_student.xtok.template import (
+    TULU3,
+    StudentTemplate,
+    check_student_rendering,
+    render_conversation,
+    resolve_student_template,
+)
 
 from ...tokenizer_helpers import tiny_tokenizer
 
-CONVERSATION = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "Two plus two is four."},
-                {"role": "user", "content": "Thank you!"}, {"role": "assistant", "content": "I am fine, thank you."}]
+CONVERSATION = [
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "Two plus two is four."},
+    {"role": "user", "content": "Thank you!"},
+    {"role": "assistant", "content": "I am fine, thank you."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +42,10 @@ def test_tulu3_renders_a_known_conversation_to_a_known_string(base):
     tulu3 = resolve_student_template("tulu3", base)
     assert tulu3.source == "builtin:tulu3" and tulu3.text == TULU3
     r = render_conversation(base, tulu3, CONVERSATION)
-    assert r.text == ("<|user|>\nWhat is 2 + 2?\n<|assistant|>\nTwo plus two is four.</s>\n"
-                      "<|user|>\nThank you!\n<|assistant|>\nI am fine, thank you.</s>")
+    assert r.text == (
+        "<|user|>\nWhat is 2 + 2?\n<|assistant|>\nTwo plus two is four.</s>\n"
+        "<|user|>\nThank you!\n<|assistant|>\nI am fine, thank you.</s>"
+    )
     assert [r.text[a:b] for a, b in r.assistant_chars] == ["Two plus two is four.", "I am fine, thank you."]
     trained = [base.decode(r.input_ids[a:b].tolist()) for a, b in r.assistant_tokens]
     assert trained == ["Two plus two is four.</s>", "I am fine, thank you.</s>"]
@@ -62,8 +74,17 @@ def test_a_gemma_like_tokenizer_gets_its_bos_prepended(gemma_like):
     bos = gemma_like.bos_token_id
     assert gemma_like("Hello")["input_ids"][0] != bos  # the tokenizer does not add it
     record = check_student_rendering(gemma_like, tulu3, SimpleNamespace(bos_token_id=bos))
-    assert record == {"source": "builtin:tulu3", "sha256": tulu3.sha256, "bos_token_id": bos, "bos": "prepended",
-                      "bos_reason": record["bos_reason"]} and "model config" in record["bos_reason"]
+    assert (
+        record
+        == {
+            "source": "builtin:tulu3",
+            "sha256": tulu3.sha256,
+            "bos_token_id": bos,
+            "bos": "prepended",
+            "bos_reason": record["bos_reason"],
+        }
+        and "model config" in record["bos_reason"]
+    )
     r = render_conversation(gemma_like, tulu3, CONVERSATION, bos_id=record["bos_token_id"])
     assert r.input_ids[0] == bos and r.input_ids[1] != bos and r.text.startswith("<bos><|user|>\n")
     assert [r.text[a:b] for a, b in r.assistant_chars] == [m["content"] for m in CONVERSATION[1::2]]
@@ -85,11 +106,15 @@ def test_bos_rules(gemma_like, base):
 
 
 DROPS = {  # a template that cannot render the conversation -> the error
-    "drops assistant": ("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] + '\\n' }}{% endif %}"
-                        "{% endfor %}", "drops 2 of the conversation's assistant messages"),
+    "drops assistant": (
+        "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] + '\\n' }}{% endif %}{% endfor %}",
+        "drops 2 of the conversation's assistant messages",
+    ),
     "alters assistant": ("{% for m in messages %}{{ m['content'] | upper + eos_token }}{% endfor %}", "verbatim"),
-    "not incremental": ("{{ messages | length }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}",
-                        "template_not_incremental"),
+    "not incremental": (
+        "{{ messages | length }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}",
+        "template_not_incremental",
+    ),
 }
 
 

@@ -1,6 +1,7 @@
 """The teacher -> student vocabulary map (train_student/xtok/vocab_map.py): token bytes of byte-level BPE
 and SentencePiece-style tokenizers, the map, its on-disk cache (and broken cache files), and
 `map_topk` on cached top-k rows."""
+
 from __future__ import annotations
 
 import time
@@ -96,13 +97,16 @@ def test_cached_on_disk_by_both_fingerprints(hand, tmp_path, monkeypatch):
         load_or_build_vocab_map(student, teacher, tmp_path)
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"not a numpy file", "not a readable vocabulary map"),
-    ("truncated", "not a readable vocabulary map"),
-    ("short", r"expected int32 \[\d+\]"),
-    ("float", r"expected int32"),
-    ("out_of_range", "outside"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"not a numpy file", "not a readable vocabulary map"),
+        ("truncated", "not a readable vocabulary map"),
+        ("short", r"expected int32 \[\d+\]"),
+        ("float", r"expected int32"),
+        ("out_of_range", "outside"),
+    ],
+)
 def test_broken_cache_file(hand, tmp_path, content, match):
     """A damaged cached map is a FormatError naming the file and the fix, never a silently wrong map."""
     teacher, student = hand
