@@ -47,7 +47,7 @@ test-gemma: setup
 # FUZZ_CASES random mutations of FUZZ_SEED (N or N:START; FUZZ_SEED=random for a fresh one), every
 # failure listed (replay: python -m tests.formats.cache_mutations SEED:INDEX); FUZZ_CACHE_ARGS narrows it.
 FUZZ_SEEDS ?= 500
-FUZZ_TESTS ?= tests/train_student/test_loss.py tests/train_student/test_kernel_triton.py tests/formats
+FUZZ_TESTS ?= tests/train_student/test_loss.py tests/train_student/kernels/test_sparse_kl_triton.py tests/formats
 FUZZ_CASES ?= 10000
 FUZZ_SEED  ?= 1
 fuzz: setup

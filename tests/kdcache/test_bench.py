@@ -13,7 +13,7 @@ import pytest
 from kdcache import bench as kdcache_bench
 from kdcache import cli as kdcache_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_no_top_level_bench_package_is_installed():

@@ -15,7 +15,7 @@ from cache_teacher.run import run_cache
 from formats.template import ChatTemplater, Templated, end_of_turn_ids
 from formats.manifest import load_manifest
 
-from .teacher_helpers import make_config, write_jsonl
+from ..teacher_helpers import make_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 

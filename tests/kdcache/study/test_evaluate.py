@@ -13,7 +13,7 @@ import pytest
 from formats.errors import FormatError, InputError
 from kdcache.study import evaluate as ev
 
-from .kd_fixtures import REPO, make_model, make_tokenizer, save_model
+from tests.train_student.kd_fixtures import REPO, make_model, make_tokenizer, save_model
 
 LOCAL = ["kdcache_heldout_chat", "kdcache_arith_qa"]
 # A word-level chat template: turns wrapped in <s> ... </s>, the generation prompt "<s> w4\n" (ending in
