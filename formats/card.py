@@ -30,14 +30,13 @@ def write_card(root: Path, manifest: dict) -> None:
     # the listed shards by name (not a glob: a file the manifest does not list is never loaded with them)
     provenance = json.dumps({k: manifest.get(k) for k in ("teacher", "tokenizer", "dataset", "extra")}, indent=2)
     provenance = provenance.replace("`", "\\u0060")  # a JSON escape: the code fence cannot be closed from inside
-    shard_list = "\n".join(f"    - {s['file']}" for s in manifest.get("shards", [])) or "    []"
+    shard_list = "".join(f"\n    - {s['file']}" for s in manifest.get("shards", [])) or " []"
     text = f"""---
 configs:
 - config_name: default
   data_files:
   - split: train
-    path:
-{shard_list}
+    path:{shard_list}
 tags:
 - knowledge-distillation
 - kdcache

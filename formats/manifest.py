@@ -205,7 +205,7 @@ def check_manifest(manifest, where: str) -> None:
         check_int(rejects.get("count"), f"{where}: rejects_file.count", 0, MAX_COUNT)
         check_sha256(rejects.get("sha256"), f"{where}: rejects_file.sha256")
     check_tokenizer_files(manifest.get("tokenizer_files"), where)
-    row_limits(manifest)
+    row_limits(manifest, where)
     check_accounting(manifest, where)
     try:
         fingerprint_version(manifest.get("tokenizer"))
@@ -260,7 +260,7 @@ def check_sha256(value, where: str) -> None:
         )
 
 
-def row_limits(manifest: dict) -> dict:
+def row_limits(manifest: dict, where: str = MANIFEST_NAME) -> dict:
     """What every row of a cache must satisfy, from its manifest (formats.shard.decode_table checks it):
     {"mode", "max_tokens" (None: not recorded), "finish_reasons" (allowed values of finish_reason),
     "ids" (id_limits)}.
@@ -273,7 +273,7 @@ def row_limits(manifest: dict) -> dict:
     new_tokens = sampling.get("max_new_tokens") if isinstance(sampling, dict) else None
     for value, name in ((max_length, "extra.template.max_length"), (new_tokens, "extra.sampling.max_new_tokens")):
         if value is not None:
-            check_int(value, f"manifest.json: {name}", 1, MAX_TOKEN_ID)
+            check_int(value, f"{where}: {name}", 1, MAX_TOKEN_ID)
     max_tokens = max_length
     if mode == "generate":
         max_tokens = None if max_length is None or new_tokens is None else max_length + new_tokens

@@ -77,13 +77,10 @@ def test_narrower_examples_are_padded_with_minus_one_and_minus_infinity(batch):
     assert np.isfinite(batch["topk_logprobs"][[0, 1, 3]]).all()
 
 
-UNTRAINED = (
-    "an example with no trained positions but K > 0 columns (topk_ids [0, K], what the reader decodes for a "
-    "row with num_targets 0) is copied into a [0, 0] slice: ValueError 'could not broadcast'"
-)
+# An example with no trained positions but K > 0 columns (topk_ids [0, K], what the reader decodes for a row
+# with num_targets 0) was copied into a [0, 0] slice: ValueError 'could not broadcast' (fixed).
 
 
-@pytest.mark.xfail(strict=True, reason=UNTRAINED)
 @pytest.mark.parametrize(
     "examples, width, rows",
     [
@@ -99,7 +96,6 @@ def test_examples_with_nothing_trained_add_no_teacher_rows_and_no_width(examples
     assert (b["labels"][1] == IGNORE_INDEX).all()
 
 
-@pytest.mark.xfail(strict=True, reason=UNTRAINED)
 def test_a_read_back_example_with_nothing_trained_can_be_batched(tmp_path, rng):
     write_cache(tmp_path / "c", [make_example(rng, 0), example("untrained", 5, (), k=8)])
     got = list(CacheReader(tmp_path / "c", prefetch=0))

@@ -324,11 +324,6 @@ def test_a_limit_under_extra_is_checked(manifest):
         check_manifest(manifest, WHERE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="row_limits names its fields 'manifest.json: ...', not the manifest check_manifest was given: "
-    "a bad extra.template.max_length of one of several caches (merge, verify) does not say which",
-)
 def test_a_bad_limit_under_extra_names_the_manifests_path(manifest):
     manifest["extra"]["sampling"] = {"max_new_tokens": "64"}
     refused(manifest, "extra.sampling.max_new_tokens is '64'")
