@@ -40,9 +40,23 @@ import numpy as np
 import torch
 
 from formats import IGNORE_INDEX, CacheReader, Example, InputError
+from formats.batch import concat_rows, example_rows
 from formats.ids import is_eval, keep_fraction, record_id
 from train_student.checks import check_example_fits_student, check_ids_fit_student
 from train_student.config import LONG_EXAMPLES
+
+
+def in_split(example_id: str, split: str, eval_fraction: float, fraction: float = 1.0) -> bool:
+    """Whether an example belongs to `split` ("train", "eval" or "all"): the held-out split is a hash of
+    the id (formats.ids.is_eval); the training split may be subsampled to `fraction`, the same nested
+    subsample `kdcache cache --fraction F` (seed 0) takes of the records. The one split rule of
+    `kdcache train` and `train_student.hf`."""
+    if split == "all":
+        return True
+    held_out = is_eval(example_id, eval_fraction)
+    if split == "eval":
+        return held_out
+    return not held_out and keep_fraction(record_id(example_id), fraction, 0)
 
 
 # ---- streaming -----------------------------------------------------------------------------------
@@ -78,13 +92,7 @@ class ExampleStream:
         return self._keep_id(ex.id)
 
     def _keep_id(self, example_id: str) -> bool:
-        if self.split == "all":
-            return True
-        held_out = is_eval(example_id, self.eval_fraction)
-        if self.split == "eval":
-            return held_out
-        # the same nested subsample as `kdcache cache --fraction F` (seed 0) takes of the records
-        return not held_out and keep_fraction(record_id(example_id), self.fraction, 0)
+        return in_split(example_id, self.split, self.eval_fraction, self.fraction)
 
     def __iter__(self):
         return self
@@ -249,41 +257,30 @@ class PackedBatch:
 
 
 def pack_batch(examples: list[Example], k: int, max_tokens: int | None = None) -> PackedBatch:
-    """Pack `examples` (in order) into one sequence; each is cut to `max_tokens` tokens if longer."""
-    ids, pos, labels, tids, tlps = [], [], [], [], []
-    truncated = dropped = 0
-    for ex in examples:
-        L = len(ex.input_ids)
-        tp = ex.target_positions.astype(np.int64)
-        t_ids, t_lps = ex.topk_ids, ex.topk_logprobs
-        if max_tokens is not None and L > max_tokens:
-            L, truncated = max_tokens, truncated + 1
-            keep = tp < L
-            dropped += int((~keep).sum())
-            tp, t_ids, t_lps = tp[keep], t_ids[keep], t_lps[keep]
-        lab = np.full(L, IGNORE_INDEX, np.int64)
-        row_ids = np.full((L, k), -1, np.int64)
-        row_lps = np.full((L, k), -np.inf, np.float32)
-        rows = tp - 1  # hidden row t-1 predicts token t
-        lab[rows] = ex.input_ids[tp]
-        kk = min(k, t_ids.shape[1]) if t_ids.ndim == 2 else 0
-        row_ids[rows, :kk] = t_ids[:, :kk]
-        row_lps[rows, :kk] = t_lps[:, :kk]
-        ids.append(ex.input_ids[:L].astype(np.int64))
-        pos.append(np.arange(L, dtype=np.int64))
-        labels.append(lab)
-        tids.append(row_ids)
-        tlps.append(row_lps)
+    """Pack `examples` (in order) into one sequence; each is cut to `max_tokens` tokens if longer.
+
+    The examples' rows (formats.batch.example_rows, row t = token t) end to end, then shifted by one so
+    that row t-1, whose hidden state predicts token t, carries token t's label and teacher row."""
+    rows = [example_rows(ex, k, max_tokens) for ex in examples]
+    seq = concat_rows(rows)
     return PackedBatch(
-        input_ids=torch.from_numpy(np.concatenate(ids))[None],
-        position_ids=torch.from_numpy(np.concatenate(pos))[None],
-        labels=torch.from_numpy(np.concatenate(labels)),
-        topk_ids=torch.from_numpy(np.concatenate(tids)),
-        topk_logprobs=torch.from_numpy(np.concatenate(tlps)),
+        input_ids=torch.from_numpy(seq["input_ids"])[None],
+        position_ids=torch.from_numpy(seq["position_ids"])[None],
+        labels=torch.from_numpy(_shift(seq["labels"], IGNORE_INDEX)),
+        topk_ids=torch.from_numpy(_shift(seq["topk_ids"].astype(np.int64), -1)),
+        topk_logprobs=torch.from_numpy(_shift(seq["topk_logprobs"], -np.inf)),
         n_examples=len(examples),
-        truncated=truncated,
-        dropped=dropped,
+        truncated=sum(r.truncated for r in rows),
+        dropped=sum(r.dropped for r in rows),
     )
+
+
+def _shift(a: np.ndarray, fill) -> np.ndarray:
+    """Row t-1 <- row t; the last row gets `fill` (row 0 of every example is never trained, so no
+    example's row receives the next example's)."""
+    out = np.empty_like(a)
+    out[:-1], out[-1:] = a[1:], fill
+    return out
 
 
 class Packer:

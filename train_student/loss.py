@@ -230,3 +230,32 @@ def _check_fused_device(hidden: Tensor) -> None:
         f"kd_loss: impl='fused' needs CUDA tensors, got hidden on {hidden.device}; move the "
         "inputs to the GPU or use impl='chunked'"
     )
+
+
+# ---- held-out evaluation: one definition for `kdcache train` and train_student.hf ----------------
+def eval_sums(metrics: dict[str, Tensor], targets: int | Tensor) -> dict[str, Tensor]:
+    """One batch's contribution to the held-out sums (0-dim tensors, no host sync): the means of
+    kd_loss's metrics weighted by the batch's trained positions (in float64), top-1 as exact counts."""
+    t = torch.as_tensor(targets, device=metrics["kd"].device).double()
+    return {
+        "kd": metrics["kd"].double() * t,
+        "ce": metrics["ce"].double() * t,
+        "topk_mass": metrics["student_topk_mass"].double() * t,
+        "n_top1_agree": metrics["n_top1_agree"].double(),
+        "n_scored": metrics["n_scored"].double(),
+        "targets": t,
+    }
+
+
+def eval_row(sums: dict[str, float]) -> dict:
+    """The held-out metrics from the sums over every batch and process: KL(teacher || student) (the
+    evaluation spec's KD term), CE, perplexity, top-1 agreement, the student's mass on the teacher's ids."""
+    tok = max(sums["targets"], 1.0)
+    return {
+        "kl": sums["kd"] / tok,
+        "ce": sums["ce"] / tok,
+        "ppl": math.exp(min(sums["ce"] / tok, 50)),
+        "top1_agreement": sums["n_top1_agree"] / max(sums["n_scored"], 1.0),
+        "student_topk_mass": sums["topk_mass"] / tok,
+        "targets": int(sums["targets"]),
+    }

@@ -64,6 +64,7 @@ from formats.tokenizer_id import (
     vocab_size,
 )
 from train_student import checkpoint
+from train_student.loss import eval_row, eval_sums
 from train_student.config import Stage, TrainConfig
 from train_student.checks import check_cache_fits_student, check_same_teacher, check_signal
 from train_student.loss_options import LossSpec
@@ -639,27 +640,11 @@ class Trainer:
                 batch.labels,
                 spec=self.eval_spec,
             )
-            t = batch.n_targets
-            sums.add(
-                kd=m["kd"].item() * t,
-                ce=m["ce"].item() * t,
-                topk_mass=m["student_topk_mass"].item() * t,
-                n_top1_agree=m["n_top1_agree"].item(),
-                n_scored=m["n_scored"].item(),
-                targets=t,
-            )
+            sums.add(**{key: value.item() for key, value in eval_sums(m, batch.n_targets).items()})
             if xtok and batch.n_examples:  # uld: a mean over ULD rows, summed back
                 sums.add(uld=m["uld"].item() * m["n_uld"].item(), **{key: m[key].item() for key in XTOK_COUNTS})
         s = sums.reduced(self._all_reduce)
-        tok = max(s["targets"], 1.0)
-        row = {
-            "kl": s["kd"] / tok,
-            "ce": s["ce"] / tok,
-            "ppl": math.exp(min(s["ce"] / tok, 50)),
-            "top1_agreement": _top1(s),
-            "student_topk_mass": s["topk_mass"] / tok,
-            "targets": int(s["targets"]),
-        }
+        row = eval_row(s)
         if xtok:  # kl: the exact-map rows' KL averaged over every trained position (0 on the others)
             row.update(_xtok_shares(s), uld=s["uld"] / max(s["n_uld"], 1.0))
         self._log("eval", row)

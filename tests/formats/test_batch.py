@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from formats import CacheReader
-from formats.batch import pad_batch
+from formats.batch import concat_rows, example_rows, pad_batch
 from formats.example import IGNORE_INDEX, Example
 
 from .format_helpers import make_example, write_cache
@@ -129,3 +129,31 @@ def test_a_batch_of_read_back_examples_holds_every_teacher_row(cache, examples):
         np.testing.assert_array_equal(b["target_position"][rows], ex.target_positions)
         np.testing.assert_array_equal(b["topk_ids"][rows], ex.topk_ids)
         np.testing.assert_array_equal(b["input_ids"][i, : len(ex.input_ids)], ex.input_ids)
+
+
+# ---- example_rows / concat_rows: one example per token, Hugging Face's unshifted layout ----------------------
+def test_example_rows_put_each_teacher_row_at_its_token():
+    rows = example_rows(example("a", 5, (1, 3), k=3), k=4)
+    assert rows.input_ids.tolist() == [10, 11, 12, 13, 14] and rows.input_ids.dtype == np.int64
+    assert rows.labels.tolist() == [IGNORE_INDEX, 11, IGNORE_INDEX, 13, IGNORE_INDEX]
+    assert rows.topk_ids.shape == (5, 4) and rows.topk_ids.dtype == np.int32
+    assert rows.topk_ids[1].tolist() == [100, 101, 102, -1] and rows.topk_ids[3].tolist() == [200, 201, 202, -1]
+    assert (rows.topk_ids[[0, 2, 4]] == -1).all() and np.isneginf(rows.topk_logprobs[[0, 2, 4]]).all()
+    assert rows.topk_logprobs[1, :3].tolist() == [-1.0, -2.0, -3.0] and np.isneginf(rows.topk_logprobs[1, 3])
+    assert not rows.truncated and rows.dropped == 0
+
+
+def test_example_rows_keep_the_first_k_and_cut_at_max_tokens():
+    rows = example_rows(example("a", 6, (1, 3, 5), k=4), k=2, max_tokens=4)
+    assert len(rows) == 4 and rows.truncated and rows.dropped == 1
+    assert rows.topk_ids[3].tolist() == [200, 201] and rows.labels.tolist() == [IGNORE_INDEX, 11, IGNORE_INDEX, 13]
+    untrained = example_rows(example("b", 3, (), k=4), k=2)
+    assert (untrained.labels == IGNORE_INDEX).all() and (untrained.topk_ids == -1).all()
+
+
+def test_concat_rows_restarts_positions_and_widens_to_the_widest():
+    seq = concat_rows([example_rows(example("a", 3, (1,), k=2), 2), example_rows(example("b", 2, (1,), k=3), 3)])
+    assert seq["position_ids"].tolist() == [0, 1, 2, 0, 1]
+    assert seq["input_ids"].tolist() == [10, 11, 12, 10, 11]
+    assert seq["topk_ids"].shape == (5, 3) and seq["topk_ids"][1].tolist() == [100, 101, -1]
+    assert seq["labels"].tolist() == [IGNORE_INDEX, 11, IGNORE_INDEX, IGNORE_INDEX, 11]
