@@ -437,8 +437,8 @@ class KDLossMixin:
         if model.training:
             if num_items_in_batch is not None:  # the mean over every trained position of the step
                 loss = loss * metrics["n_tokens"] / num_items_in_batch
-                if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                    loss = loss * self.args.world_size  # DDP averages the gradients over processes
+                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
             else:
                 loss = loss / self.args.gradient_accumulation_steps
             self._add(self._window, {**eval_sums(metrics, metrics["n_tokens"])})
@@ -470,7 +470,7 @@ class KDLossMixin:
     def _reduced(self, window: dict[str, torch.Tensor]) -> dict:
         keys = sorted(window)
         values = torch.stack([window[key].double() for key in keys])
-        if self.args.world_size > 1:
+        if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values, reduction="sum")
         return eval_row(dict(zip(keys, values.tolist())))
 

@@ -414,3 +414,60 @@ def test_metrics_file_is_json(one_per_batch, tmp_path):
     trainer.save_state()
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert {"kd", "ce", "top1_agreement"} <= set(state["log_history"][0])
+
+
+_DDP_SCRIPT = """
+import os, sys, torch, transformers
+from train_student.hf import KDCacheDataset, KDDataCollator, KDTrainer
+cache, student, out, accum = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+args = transformers.TrainingArguments(
+    output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=accum, max_steps=3,
+    learning_rate=3e-3, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+    report_to=[], save_strategy="no", use_cpu=True, seed=0, train_sampling_strategy="sequential",
+    dataloader_num_workers=0, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
+)
+model = transformers.AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+trainer = KDTrainer(model=model, args=args, train_dataset=KDCacheDataset(cache, eval_fraction=0.2),
+                    data_collator=KDDataCollator(pack=True), ce_weight=0.25)
+trainer.train()
+if trainer.is_world_process_zero():
+    trainer.save_model(out + "/final")
+"""
+
+
+@pytest.mark.multiprocess
+def test_ddp_two_processes_equal_one_process_with_accumulation(one_per_batch, tmp_path):
+    """torchrun, 2 processes x 1 micro-batch == 1 process x 2 micro-batches: the same examples per step
+    (sequential order: rank r takes every other batch), the loss normalized over the step's trained
+    positions on both, so the same weights."""
+    import subprocess
+    import sys
+
+    from .kd_fixtures import REPO, python_env
+
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    cache, student = str(one_per_batch["cache"]), str(one_per_batch["student"])
+    runs = {
+        "one": [sys.executable, str(script), cache, student, str(tmp_path / "one"), "2"],
+        "two": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            cache,
+            student,
+            str(tmp_path / "two"),
+            "1",
+        ],
+    }
+    for name, cmd in runs.items():
+        res = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in runs)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
