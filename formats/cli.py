@@ -1,4 +1,4 @@
-"""`kdcache inspect | verify | merge | add-tokenizer`."""
+"""`kdcache inspect | verify | merge | add-tokenizer | export`."""
 
 from __future__ import annotations
 
@@ -71,6 +71,29 @@ def register(sub) -> None:
     )
     p.set_defaults(func=_add_tokenizer)
 
+    p = sub.add_parser(
+        "export",
+        help="write a cache as plain Parquet columns (datasets, DuckDB, Polars) or axolotl's KD layout",
+        description="Decode a cache (verified as it is read) into Parquet files that other tools read with no "
+        "kdcache code. decoded: id, source, input_ids, labels, target_token_ids and target_logprobs (per "
+        "token, the teacher's entries for it; empty where not trained), finish_reason, meta. axolotl: the "
+        "pre-tokenized columns axolotl's KD trainer reads (input_ids, attention_mask, labels, "
+        "target_token_ids, target_logprobs, target_mask; docs/EXPORT.md). Part files are written atomically "
+        "and _export.json last; a rerun resumes an interrupted export.",
+    )
+    p.add_argument("cache", help="cache folder or fsspec URL")
+    p.add_argument("out", help="new (or partially exported) local folder")
+    p.add_argument("--format", dest="fmt", choices=("decoded", "axolotl"), default="decoded")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="axolotl: the teacher's top-k renormalized at this temperature (axolotl's kd_temperature)",
+    )
+    p.add_argument("--rows-per-file", type=int, default=10_000, metavar="N", help="examples per part file")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_export)
+
 
 def _inspect(args: argparse.Namespace) -> int:
     from formats.tools import show_example, summarize
@@ -140,5 +163,22 @@ def _add_tokenizer(args: argparse.Namespace) -> int:
     print(
         f"{args.cache}: added {len(entries)} tokenizer files ({', '.join(e['file'] for e in entries)}); "
         f"`kdcache verify {args.cache}` checks them"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from formats.export import export_cache
+
+    record = export_cache(
+        args.cache,
+        args.out,
+        fmt=args.fmt,
+        temperature=args.temperature,
+        rows_per_file=args.rows_per_file,
+        progress=args.progress,
+    )
+    print(
+        f"exported {record['examples']} examples of {args.cache} to {args.out} ({args.fmt}, {len(record['files'])} files)"
     )
     return 0

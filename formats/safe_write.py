@@ -49,6 +49,11 @@ class AtomicFile:
     def write(self, data: bytes) -> int:
         return self._f.write(data)
 
+    @property
+    def handle(self):
+        """The open temporary file (e.g. for a streaming writer); closed and renamed by __exit__."""
+        return self._f
+
     def __enter__(self):
         return self
 
