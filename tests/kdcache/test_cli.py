@@ -108,3 +108,8 @@ def test_the_entry_point_and_the_package_layout():
     assert folders <= set(project["tool"]["setuptools"]["packages"]), folders - set(
         project["tool"]["setuptools"]["packages"]
     )
+
+
+def test_python_dash_m_kdcache_is_the_cli():
+    r = subprocess.run([sys.executable, "-m", "kdcache", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "export" in r.stdout and "train" in r.stdout
