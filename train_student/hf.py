@@ -71,7 +71,8 @@ class KDCacheDataset(torch.utils.data.Dataset):
     """The examples of one split of one or more caches (paths or fsspec URLs), map-style.
 
     split: "train", "eval" (the held-out share `eval_fraction` of example ids, by hash) or "all";
-    fraction: the nested training subsample of `kdcache train --fraction`; max_length: cut longer
+    fraction: the nested training subsample of `kdcache train --fraction` (seed: its seed; 0, the
+    default, takes the records `kdcache cache --fraction` and `kdcache train` take); max_length: cut longer
     examples to their first max_length tokens (the positions cut are not trained); tokenizer: the
     student's, checked against the cache's (a student with another tokenizer is refused: cross-tokenizer
     KD runs in `kdcache train --cross-tokenizer`); verify: run `kdcache verify` on each cache when
@@ -90,6 +91,7 @@ class KDCacheDataset(torch.utils.data.Dataset):
         eval_fraction: float = _default(TrainConfig, "eval_fraction"),
         fraction: float = 1.0,
         max_length: int | None = None,
+        seed: int = 0,
         tokenizer=None,
         verify: bool = True,
         storage_options: dict | None = None,
@@ -108,6 +110,7 @@ class KDCacheDataset(torch.utils.data.Dataset):
         if not self.paths:
             raise InputError("KDCacheDataset needs at least one cache")
         self.split, self.eval_fraction, self.fraction, self.max_length = split, eval_fraction, fraction, max_length
+        self.seed = seed
         self.verify, self.storage_options, self.cached_row_groups = verify, storage_options, cached_row_groups
         self.input_size = self.output_size = None  # the student's sizes, once known (KDTrainer sets them)
         if verify:
@@ -131,7 +134,7 @@ class KDCacheDataset(torch.utils.data.Dataset):
             for u, unit in enumerate(reader.units):
                 ids = reader._shard(unit.shard).read(unit.row_group, columns=["id"]).column("id").to_pylist()
                 for row, example_id in enumerate(ids[: unit.rows]):
-                    if in_split(example_id, split, eval_fraction, fraction):
+                    if in_split(example_id, split, eval_fraction, fraction, seed):
                         index.append((r, u, row))
         self.index = np.asarray(index, np.int64).reshape(-1, 3)
         self._readers = readers

@@ -98,6 +98,12 @@ def test_split_is_kdcache_trains(one_per_batch):
         assert [ds.example(i).id for i in range(len(ds))] == stream_ids
     train, held = (KDCacheDataset(cache, split=s, eval_fraction=0.3) for s in ("train", "eval"))
     assert len(train) + len(held) == 30 and len(held) > 0
+    readers = open_readers([cache], rank=0, world_size=1, shuffle=False, seed=0, epochs=1, max_examples=None)
+    half = [ex.id for ex in ExampleStream(readers, split="train", eval_fraction=0.3, fraction=0.5)]
+    ds = KDCacheDataset(cache, split="train", eval_fraction=0.3, fraction=0.5)
+    assert [ds.example(i).id for i in range(len(ds))] == half and 0 < len(half) < len(train)
+    other = KDCacheDataset(cache, split="train", eval_fraction=0.3, fraction=0.5, seed=1)
+    assert {other.example(i).id for i in range(len(other))} <= {train.example(i).id for i in range(len(train))}
 
 
 def test_max_length_cuts_and_trains_nothing_past_it(one_per_batch):
