@@ -46,17 +46,17 @@ from train_student.checks import check_example_fits_student, check_ids_fit_stude
 from train_student.config import LONG_EXAMPLES
 
 
-def in_split(example_id: str, split: str, eval_fraction: float, fraction: float = 1.0) -> bool:
+def in_split(example_id: str, split: str, eval_fraction: float, fraction: float = 1.0, seed: int = 0) -> bool:
     """Whether an example belongs to `split` ("train", "eval" or "all"): the held-out split is a hash of
     the id (formats.ids.is_eval); the training split may be subsampled to `fraction`, the same nested
-    subsample `kdcache cache --fraction F` (seed 0) takes of the records. The one split rule of
-    `kdcache train` and `train_student.hf`."""
+    subsample `kdcache cache --fraction F` (seed 0, the default) takes of the records. The one split rule
+    of `kdcache train` and `train_student.hf`."""
     if split == "all":
         return True
     held_out = is_eval(example_id, eval_fraction)
     if split == "eval":
         return held_out
-    return not held_out and keep_fraction(record_id(example_id), fraction, 0)
+    return not held_out and keep_fraction(record_id(example_id), fraction, seed)
 
 
 # ---- streaming -----------------------------------------------------------------------------------
@@ -232,6 +232,7 @@ class PackedBatch:
     truncated: int = 0  # examples cut to max_tokens
     dropped: int = 0  # trained positions past max_tokens in those (not trained)
     skipped: int = 0  # examples pulled before this batch that had nothing to train within max_tokens
+    targets: int | None = None  # trained positions, counted when packed (None: counted from labels)
 
     @property
     def n_tokens(self) -> int:
@@ -239,7 +240,10 @@ class PackedBatch:
 
     @property
     def n_targets(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+        """Trained positions: known from packing, so reading it never waits for a device."""
+        if self.targets is None:
+            self.targets = int((self.labels != IGNORE_INDEX).sum())
+        return self.targets
 
     def to(self, device) -> "PackedBatch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
@@ -253,6 +257,7 @@ class PackedBatch:
             self.truncated,
             self.dropped,
             self.skipped,
+            self.n_targets,  # counted on the host before the move
         )
 
 
@@ -263,15 +268,17 @@ def pack_batch(examples: list[Example], k: int, max_tokens: int | None = None) -
     that row t-1, whose hidden state predicts token t, carries token t's label and teacher row."""
     rows = [example_rows(ex, k, max_tokens) for ex in examples]
     seq = concat_rows(rows)
+    labels = _shift(seq["labels"], IGNORE_INDEX)
     return PackedBatch(
         input_ids=torch.from_numpy(seq["input_ids"])[None],
         position_ids=torch.from_numpy(seq["position_ids"])[None],
-        labels=torch.from_numpy(_shift(seq["labels"], IGNORE_INDEX)),
+        labels=torch.from_numpy(labels),
         topk_ids=torch.from_numpy(_shift(seq["topk_ids"].astype(np.int64), -1)),
         topk_logprobs=torch.from_numpy(_shift(seq["topk_logprobs"], -np.inf)),
         n_examples=len(examples),
         truncated=sum(r.truncated for r in rows),
         dropped=sum(r.dropped for r in rows),
+        targets=int((labels != IGNORE_INDEX).sum()),
     )
 
 

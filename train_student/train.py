@@ -117,23 +117,44 @@ def lr_lambda(step: int, *, warmup: int, total: int | None, min_ratio: float) ->
 
 
 class Sums:
-    """Named running sums (float64), all-reduced as one tensor in the fixed order of `keys`."""
+    """Named running sums (float64), all-reduced as one tensor in the fixed order of `keys`.
+
+    Values may be Python numbers or 0-dim tensors on the training device: tensors are summed where they
+    are, without reading them, so a step adds its metrics with no host sync; `reduced` reads them all
+    at once (one sync per logging window)."""
 
     def __init__(self, *keys: str):
         self.keys = keys
-        self.values = dict.fromkeys(keys, 0.0)
+        self.zero()
 
     def add(self, **values) -> None:
         for key, value in values.items():
-            self.values[key] += float(value)
+            if isinstance(value, torch.Tensor):
+                self.tensors[key] = value.detach().double() + self.tensors.get(key, 0.0)
+            else:
+                self.values[key] += float(value)
 
     def zero(self) -> None:
         self.values = dict.fromkeys(self.keys, 0.0)
+        self.tensors: dict[str, torch.Tensor] = {}
 
-    def reduced(self, all_reduce) -> dict[str, float]:
-        """The sums over every rank: `all_reduce` takes and returns a tensor (Trainer._all_reduce)."""
-        t = all_reduce(torch.tensor([self.values[k] for k in self.keys], dtype=torch.float64))
-        return dict(zip(self.keys, t.tolist()))
+    def reduced(self, all_reduce, extra: torch.Tensor | None = None) -> dict[str, float]:
+        """The sums over every rank: `all_reduce` takes and returns a tensor (Trainer._all_reduce).
+        `extra`: one more device value read in the same transfer (returned as "extra"; it is summed over
+        ranks too, so give it divided by the world size when every rank holds the same value)."""
+        host = torch.tensor([self.values[k] for k in self.keys], dtype=torch.float64)
+        if self.tensors or extra is not None:
+            device = next(iter(self.tensors.values())).device if self.tensors else extra.device
+            t = host.to(device)
+            parts = [t + torch.stack([self.tensors.get(k, t.new_zeros(())) for k in self.keys])]
+            if extra is not None:
+                parts.append(extra.detach().double().reshape(1).to(device))
+            host = torch.cat(parts)
+        values = all_reduce(host).tolist()
+        out = dict(zip(self.keys, values))
+        if extra is not None:
+            out["extra"] = values[-1]
+        return out
 
 
 def _top1(sums: dict[str, float]) -> float:
@@ -492,16 +513,19 @@ class Trainer:
             micro = [b for _, b in zip(range(cfg.grad_accum), packer)]
             wait_s += time.perf_counter() - t0
             n_targets = sum(b.n_targets for b in micro)
-            counts = self._all_reduce(torch.tensor([float(len(micro)), float(n_targets)]))
+            counts = [float(len(micro)), float(n_targets)]
+            if self.distributed:  # every rank's (one small all-reduce per step)
+                counts = self._all_reduce(torch.tensor(counts)).tolist()
             if counts[0] == 0:
                 log.info("%s: data exhausted after %d steps", stage.name, self.stage_step)
                 break
             micro += [_dummy_batch() for _ in range(cfg.grad_accum - len(micro))]
-            global_targets = max(counts[1].item(), 1.0)
+            global_targets = max(counts[1], 1.0)
 
             # -- forward/backward: each micro-batch weighted by its share of the step's tokens --
             self.module.train()
             for i, batch in enumerate(micro):
+                t = batch.n_targets  # counted on the host batch: no device read
                 batch = batch.to(self.device)
                 sync = i == len(micro) - 1
                 with self._no_sync(not sync):
@@ -513,7 +537,7 @@ class Trainer:
                         batch.labels,
                         spec=self.loss_spec,
                     )
-                    share = batch.n_targets / global_targets
+                    share = t / global_targets
                     (loss * share * self.world).backward()
                 if not batch.n_examples:  # an empty micro-batch of a rank out of data
                     continue
@@ -522,19 +546,18 @@ class Trainer:
                 )
                 window.add(**counts)
                 cut.add(**counts)
-                t = batch.n_targets
-                window.add(
-                    loss=loss.item() * t,
-                    kd=metrics["kd"].item() * t,
-                    ce=metrics["ce"].item() * t,
-                    n_top1_agree=metrics["n_top1_agree"].item(),
-                    n_scored=metrics["n_scored"].item(),
+                window.add(  # device tensors, summed where they are: read once per logging window
+                    loss=loss.detach().double() * t,
+                    kd=metrics["kd"].double() * t,
+                    ce=metrics["ce"].double() * t,
+                    n_top1_agree=metrics["n_top1_agree"],
+                    n_scored=metrics["n_scored"],
                     tokens=batch.n_tokens,
                     targets=t,
                 )
                 if xtok:
-                    window.add(**{key: metrics[key].item() for key in XTOK_COUNTS})
-            grad_norm = self._clip()
+                    window.add(**{key: metrics[key] for key in XTOK_COUNTS})
+            grad_norm = self._clip()  # a device tensor
             lr = self.scheduler.get_last_lr()[0]  # the rate of this update
             self.optimizer.step()
             self.scheduler.step()
@@ -545,8 +568,9 @@ class Trainer:
             step_s, t_last = step_s + now - t_last, now
 
             # -- logging, evaluation, checkpoints, preemption --
-            if self.step % cfg.log_every == 0:
-                w = window.reduced(self._all_reduce)
+            if self.step % cfg.log_every == 0:  # the one host read of the window (and of the grad norm)
+                w = window.reduced(self._all_reduce, extra=grad_norm / self.world)
+                grad_norm = w.pop("extra")
                 tok = max(w["targets"], 1.0)
                 row = {
                     "loss": w["loss"] / tok,
@@ -571,7 +595,9 @@ class Trainer:
                 bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self.evaluate()
-            stop = self._all_reduce(torch.tensor([float(self._stop_signal)]))[0].item() > 0
+            stop = self._stop_signal
+            if self.distributed:  # any rank's SIGTERM stops all of them at the same step
+                stop = self._all_reduce(torch.tensor([float(stop)]))[0].item() > 0
             if stop or (cfg.save_every and self.step % cfg.save_every == 0):
                 self.save(packer)
             if stop:
@@ -715,14 +741,14 @@ class Trainer:
             return self.module.no_sync()
         return contextlib.nullcontext()
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
+        """Clip to --grad-clip; the global gradient norm before clipping, as a 0-dim tensor (not read)."""
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
         else:
             grads = [p.grad.norm() for p in self.module.parameters() if p.grad is not None]
             norm = torch.stack(grads).norm() if grads else torch.zeros(())
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return float(norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def _all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if not self.distributed:

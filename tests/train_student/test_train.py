@@ -407,3 +407,45 @@ def test_training_refuses_a_softcapped_student_before_it_starts(tiny, tmp_path):
     student = save_model(lm, make_tokenizer(), tmp_path / "softcapped")
     rc = train_main(train_args(student, tiny["cache"], tmp_path / "run", steps=1))
     assert rc == 1 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_no_host_read_inside_a_step_one_per_logging_window(tiny, tmp_path, monkeypatch):
+    """The training loop reads no tensor value (on a GPU: no host sync) in a step that does not log, and
+    one read per --log-every window (its metrics and the grad norm together). Counted by wrapping the
+    Tensor methods that read a value and attributing each call to the file that made it (the loop's
+    own code: train_student/ and formats/; what transformers does inside the model is its own)."""
+    import sys
+    from pathlib import Path
+
+    import train_student
+    import formats
+
+    ours = (str(Path(train_student.__file__).parent), str(Path(formats.__file__).parent))
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(ours):
+                reads.append(f"{_name} {caller}:{sys._getframe(1).f_lineno}")
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    marks: list[int] = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        marks.append(len(reads))
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "run"
+    assert (
+        train_main(train_args(tiny["student"], tiny["cache"], out, steps=7, log_every=3, eval_fraction=0, grad_accum=2))
+        == 0
+    )
+    per_step = [b - a for a, b in zip(marks, marks[1:])]  # reads between optimizer steps k and k+1
+    # between steps 3 and 4 and between 6 and 7: the window logged after steps 3 and 6; otherwise none
+    assert per_step == [0, 0, 1, 0, 0, 1], (per_step, reads)
+    assert len([r for r in read_metrics(out) if r["split"] == "train"]) == 2
