@@ -60,8 +60,12 @@ def loss_one(impl: str, T: int, V: int, D: int, K: int, iters: int, chunk: int) 
     """Time fwd+bwd of one impl in this process; report peak RSS growth over the inputs."""
     import torch
 
+    from train_student import loss as loss_module
     from train_student.loss import kd_loss
 
+    if "@" in impl:  # IMPL@REV: that revision's loss_torch.py behind today's kd_loss (side-by-side comparisons)
+        impl, rev = impl.split("@", 1)
+        loss_module.loss_torch = _module_at(rev, "train_student/loss_torch.py")
     torch.manual_seed(0)
     h = (torch.randn(T, D) * 0.5).requires_grad_()
     w = (torch.randn(V, D) * 0.05).requires_grad_()
@@ -79,7 +83,18 @@ def loss_one(impl: str, T: int, V: int, D: int, K: int, iters: int, chunk: int) 
         if i:  # the first iteration warms up allocators and kernels
             times.append(time.perf_counter() - t0)
     best = min(times)  # best of `iters`: the machine may be shared, the minimum is the least disturbed
+    impl = f"{impl}@{rev}" if "rev" in locals() else impl
     return {"impl": impl, "s_per_step": best, "tokens_per_s": T / best, "peak_extra_mb": _rss_mb() - base}
+
+
+def _module_at(rev: str, path: str):
+    """The module `path` as it is at git revision `rev` (a fresh module object, not installed)."""
+    import types
+
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True)
+    module = types.ModuleType(f"{Path(path).stem}_at_{rev}")
+    exec(compile(src.stdout, f"{rev}:{path}", "exec"), module.__dict__)
+    return module
 
 
 def bench_loss(args) -> list[dict]:
@@ -203,26 +218,12 @@ def timed_steps(module, opt, packer, spec: LossSpec, steps: int) -> tuple[float,
 
 def bench_step(cache: Path, args, dtype: str = "float32") -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from formats import CacheReader
     from train_student.data import ExampleStream, Packer
     from train_student.model import StudentLoss
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=args.layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        tie_word_embeddings=True,
-        max_position_embeddings=8192,
-        attn_implementation="sdpa",
-    )
-    module = StudentLoss(LlamaForCausalLM(cfg), autocast=torch.bfloat16 if dtype == "bf16-mixed" else None)
+    module = StudentLoss(_bench_student(args.layers), autocast=torch.bfloat16 if dtype == "bf16-mixed" else None)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     reader = CacheReader(cache, shuffle=True, epochs=None)
     packer = Packer(ExampleStream([reader]), max_tokens=args.tokens, k=int(reader.manifest["codec"]["k"]))
@@ -237,6 +238,141 @@ def bench_step(cache: Path, args, dtype: str = "float32") -> dict:
         "data_wait_frac": wait / total,
         "peak_rss_mb": _rss_mb(),
     }
+
+
+# ---- 5. the same step in transformers' Trainer (train_student.hf) --------------------------------------
+HF_CONTENDERS = ("kdcache train loop", "KDTrainer", "Trainer (full-logit CE)")
+
+
+def _bench_student(layers: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def hf_one(name: str, cache: Path, args) -> dict:
+    """One contender of the hf part in this (fresh) process: s/step over args.steps steps after one warm-up,
+    peak RSS growth over the loaded model and data. Each step trains on ~args.tokens tokens (packed)."""
+    import torch
+
+    from train_student.data import ExampleStream, Packer
+    from formats import CacheReader
+
+    model = _bench_student(args.layers)
+    length = len(next(iter(CacheReader(cache))).input_ids)
+    per_step = max(args.tokens // length, 1)
+    base = _rss_mb()
+    times: list[float] = []
+    if name == "kdcache train loop":
+        from train_student.model import StudentLoss
+
+        module = StudentLoss(model)
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+        reader = CacheReader(cache, shuffle=False, epochs=None)
+        packer = Packer(ExampleStream([reader]), max_tokens=per_step * length, k=int(reader.manifest["codec"]["k"]))
+        spec = LossSpec(kd_weight=1.0, ce_weight=0.5, chunk_size=args.chunk_size)
+        _, total, tokens = timed_steps(module, opt, packer, spec, args.steps)
+        return {
+            "contender": name,
+            "s_per_step": total / args.steps,
+            "tokens_per_s": tokens / total,
+            "peak_extra_mb": _rss_mb() - base,
+        }
+    import transformers
+
+    from train_student.hf import KDCacheDataset, KDDataCollator, KDTrainer
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            times.append(time.perf_counter())
+
+    targs = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=per_step,
+        max_steps=args.steps + 1,
+        learning_rate=1e-4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_strategy="no",
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,  # the plain contender drops the teacher columns itself
+    )
+    dataset = KDCacheDataset(str(cache), split="all")
+    collator = KDDataCollator(pack=True)
+    if name == "KDTrainer":
+        trainer = KDTrainer(
+            model=model,
+            args=targs,
+            train_dataset=dataset,
+            data_collator=collator,
+            ce_weight=0.5,
+            chunk_size=args.chunk_size,
+            callbacks=[Clock()],
+        )
+    else:  # the plain Trainer: the model's own loss on full [T, V] logits (CE only: it has no teacher)
+
+        def plain(features):
+            batch = collator(features)
+            return {key: batch[key] for key in ("input_ids", "position_ids", "labels")}
+
+        trainer = transformers.Trainer(
+            model=model, args=targs, train_dataset=dataset, data_collator=plain, callbacks=[Clock()]
+        )
+    trainer.train()
+    total = times[-1] - times[0]
+    return {
+        "contender": name,
+        "s_per_step": total / args.steps,
+        "tokens_per_s": per_step * length * args.steps / total,
+        "peak_extra_mb": _rss_mb() - base,
+    }
+
+
+def bench_hf(cache: Path, args) -> list[dict]:
+    rows = []
+    for name in HF_CONTENDERS:  # a fresh process each: peak memory is not shared
+        cmd = [
+            sys.executable,
+            "-m",
+            "train_student.bench",
+            "--_hf-one",
+            name,
+            "--cache",
+            str(cache),
+            "--tokens",
+            str(args.tokens),
+            "--layers",
+            str(args.layers),
+            "--steps",
+            str(args.steps),
+            "--chunk-size",
+            str(args.chunk_size),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if res.returncode:
+            raise SystemExit(f"bench hf {name!r} failed:\n{res.stderr[-3000:]}")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    ref = rows[0]["s_per_step"]
+    for row in rows:
+        row["vs_kdcache"] = row["s_per_step"] / ref
+    return rows
 
 
 # ---- 4. cross-tokenizer step -----------------------------------------------------------------------
@@ -410,14 +546,19 @@ def main(argv: list[str] | None = None) -> int:
         "--parts",
         default="loss,reader,step",
         help="comma-separated: loss, reader, step, xtok (a "
-        "student with another tokenizer: alignment throughput and data wait)",
+        "student with another tokenizer: alignment throughput and data wait), hf (the step in "
+        "KDTrainer and in a plain full-logit Trainer against kdcache's loop)",
     )
     p.add_argument("--xtok-vocab", type=int, default=8192, help="xtok part: tokens of each offline-trained tokenizer")
     p.add_argument("--tokens", type=int, default=4096, help="T: tokens per loss call / packed sequence")
     p.add_argument("--vocab", type=int, default=49152, help="V of the loss benchmark")
     p.add_argument("--hidden", type=int, default=576, help="D of the loss benchmark")
     p.add_argument("--k", type=int, default=64, help="teacher entries per position")
-    p.add_argument("--impls", default="naive,chunked", help="kd_loss impls to compare")
+    p.add_argument(
+        "--impls",
+        default="naive,chunked",
+        help="kd_loss impls to compare; IMPL@REV runs git revision REV's loss_torch.py (e.g. chunked@HEAD~3)",
+    )
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk for impl=chunked")
     p.add_argument("--iters", type=int, default=3, help="timed loss iterations after one warm-up (best is reported)")
     p.add_argument("--layers", type=int, default=6, help="decoder layers of the step benchmark's student")
@@ -430,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench/data/smollm2_tulu_top128.npz in a temporary folder)",
     )
     p.add_argument("--_loss-one", dest="loss_one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_hf-one", dest="hf_one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.impls = [x for x in args.impls.split(",") if x]
     if args.loss_one:
@@ -438,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
                 loss_one(args.loss_one, args.tokens, args.vocab, args.hidden, args.k, args.iters, args.chunk_size)
             )
         )
+        return 0
+    if args.hf_one:
+        print(json.dumps(hf_one(args.hf_one, Path(args.cache), args)))
         return 0
     parts = set(args.parts.split(","))
     import torch
@@ -464,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             + "\n"
         )
-    if parts & {"reader", "step"}:
+    if parts & {"reader", "step", "hf"}:
         with tempfile.TemporaryDirectory() as tmp:
             cache = Path(args.cache) if args.cache else make_cache(Path(tmp) / "cache", args.k)
             if "reader" in parts:
@@ -495,6 +640,25 @@ def main(argv: list[str] | None = None) -> int:
                             ("tokens_per_s", "tokens/s", ",.0f"),
                             ("data_wait_frac", "waiting for data", ".2%"),
                             ("peak_rss_mb", "peak RSS (MB)", ",.0f"),
+                        ],
+                    )
+                    + "\n"
+                )
+            if "hf" in parts:
+                print(
+                    f"### the same step in transformers' Trainer (random {args.layers}-layer SmolLM2-width "
+                    f"student, float32, ~{args.tokens} tokens packed per step, {args.steps} steps after one warm-up; "
+                    "a fresh process each)\n"
+                )
+                print(
+                    table(
+                        bench_hf(cache, args),
+                        [
+                            ("contender", "loop", ""),
+                            ("s_per_step", "s / step", ".2f"),
+                            ("tokens_per_s", "tokens/s", ",.0f"),
+                            ("vs_kdcache", "time / kdcache loop", ".2f"),
+                            ("peak_extra_mb", "peak RSS growth (MB)", ",.0f"),
                         ],
                     )
                     + "\n"

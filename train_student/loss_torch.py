@@ -246,7 +246,7 @@ def summarize(spec: KDSpec, kd: Tensor, ce: Tensor, log_q_mass: Tensor, argmax: 
         }
 
 
-def make_terms_fn(spec: KDSpec, metrics: dict) -> TermsFn:
+def make_terms_fn(spec: KDSpec, metrics: dict, keep_terms: bool = False) -> TermsFn:
     """The per-position coefficients a, c of the general form in docs/KD_MATH.md, for chunked and fused.
 
     The returned function takes (lse_tau [T], lse_1 [T] | None, s_sparse [T, K+1], argmax [T]),
@@ -268,7 +268,10 @@ def make_terms_fn(spec: KDSpec, metrics: dict) -> TermsFn:
                 spec, leaves[0], leaves[2] if lse_1 is not None else None, leaves[1]
             )
             grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-        metrics.update(summarize(spec, kd, ce, log_q_mass, argmax))
+        if keep_terms:  # the per-position terms (a chunk of a call: summarized once for the whole call)
+            metrics["terms"] = (kd.detach(), ce.detach(), log_q_mass.detach())
+        else:
+            metrics.update(summarize(spec, kd, ce, log_q_mass, argmax))
         coef_tau = grads[0] / spec.temperature
         coef_1 = grads[2] if lse_1 is not None else None
         return loss.detach(), coef_tau, coef_1, grads[1]
@@ -298,67 +301,84 @@ def _chunk_logits(h: Tensor, weight: Tensor, acc: torch.dtype) -> Tensor:
     return (h @ weight.T).to(acc)
 
 
+def _spec_rows(spec: KDSpec, rows: slice) -> KDSpec:
+    """The spec of a chunk of positions; n_tokens stays the whole call's, so the chunk's loss is its share
+    of the mean and its gradient coefficients are the whole call's."""
+    sliced = {
+        f.name: getattr(spec, f.name)[rows]
+        for f in dataclasses.fields(spec)
+        if f.name not in ("n_tokens",) and isinstance(getattr(spec, f.name), Tensor)
+    }
+    return dataclasses.replace(spec, **sliced)
+
+
 class _ChunkedLinearKD(torch.autograd.Function):
-    """LM head + sparse KD over token chunks; saves only hidden, weight and [T, K+1] tensors."""
+    """LM head + sparse KD over token chunks, gradients computed in the forward pass.
+
+    Each chunk's [C, V] logits are formed once: its log-sum-exps and gathered logits give the loss and,
+    through `make_terms_fn` on that chunk's positions, the per-position coefficients of dL/ds
+    (docs/KD_MATH.md), so the same [C, V] buffer becomes the chunk's gradient in place and dh, dW are
+    taken right there (3 matmuls a chunk, no recompute). Backward only scales the stored dh, dW by the
+    incoming gradient. Under torch.no_grad (evaluation) no gradient is computed at all."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, spec: KDSpec, chunk_size: int, metrics: dict):
+    def forward(ctx, hidden: Tensor, weight: Tensor, spec: KDSpec, chunk_size: int, metrics: dict, grads: tuple):
+        need_dh, need_dw = grads
         acc = accumulation_dtype(hidden.dtype)
         n, tau = hidden.shape[0], spec.temperature
-        lse_tau = torch.empty(n, dtype=acc, device=hidden.device)
-        lse_1 = torch.empty_like(lse_tau) if spec.need_lse1 else None
-        s_sparse = torch.empty(spec.sparse_ids.shape, dtype=acc, device=hidden.device)
+        kd = torch.empty(n, dtype=acc, device=hidden.device)
+        ce, log_q_mass = torch.empty_like(kd), torch.empty_like(kd)
         argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
+        # kept in the accumulation dtype until backward scales them (then cast, as autograd expects)
+        dh = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
+            part = _spec_rows(spec, rows)
             s = _chunk_logits(hidden[rows], weight, acc)
-            lse_tau[rows] = torch.logsumexp(s / tau if tau != 1.0 else s, dim=-1)
-            if lse_1 is not None:
-                lse_1[rows] = torch.logsumexp(s, dim=-1)
-            s_sparse[rows] = s.gather(1, spec.sparse_ids[rows])
+            z = s / tau if tau != 1.0 else s
+            lse_tau = torch.logsumexp(z, dim=-1)
+            lse_1 = torch.logsumexp(s, dim=-1) if spec.need_lse1 else None
+            s_sparse = s.gather(1, part.sparse_ids)
             argmax[rows] = s.argmax(dim=-1)
-            del s
-
-        loss, coef_tau, coef_1, coef_sparse = make_terms_fn(spec, metrics)(lse_tau, lse_1, s_sparse, argmax)
-        ctx.save_for_backward(hidden, weight)
-        ctx.lse = (lse_tau, lse_1)
-        ctx.coef = (coef_tau, coef_1, coef_sparse)
-        ctx.sparse_ids = spec.sparse_ids
-        ctx.tau = tau
-        ctx.chunk_size = chunk_size
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        hidden, weight = ctx.saved_tensors
-        lse_tau, lse_1 = ctx.lse
-        coef_tau, coef_1, coef_sparse = ctx.coef
-        tau, ids, chunk_size = ctx.tau, ctx.sparse_ids, ctx.chunk_size
-        acc = accumulation_dtype(hidden.dtype)
-        grad_loss = grad_loss.to(acc)
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-
-        dh = torch.empty_like(hidden) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, min(start + chunk_size, hidden.shape[0]))
-            s = _chunk_logits(hidden[rows], weight, acc)
-            # g = a * q + scatter(c): every vocab entry gets the a * q part (docs/KD_MATH.md).
-            g = torch.exp((s / tau if tau != 1.0 else s) - lse_tau[rows, None]) * coef_tau[rows, None]
+            chunk_metrics: dict = {}
+            terms = make_terms_fn(part, chunk_metrics, keep_terms=True)
+            chunk_loss, coef_tau, coef_1, coef_sparse = terms(lse_tau, lse_1, s_sparse, argmax[rows])
+            loss += chunk_loss
+            kd[rows], ce[rows], log_q_mass[rows] = chunk_metrics["terms"]
+            if dh is None and dw is None:
+                continue
+            # g = a * softmax(z) + b * softmax(s) + scatter(c), built in the logits' buffer (docs/KD_MATH.md)
             if coef_1 is not None:
-                g += torch.exp(s - lse_1[rows, None]) * coef_1[rows, None]
-            del s
-            g.scatter_add_(1, ids[rows], coef_sparse[rows])
-            g = (g * grad_loss).to(hidden.dtype)
+                g = torch.exp(z - lse_tau[:, None]).mul_(coef_tau[:, None])
+                g += s.sub_(lse_1[:, None]).exp_().mul_(coef_1[:, None])
+            else:
+                g = s.sub_(lse_tau[:, None]).exp_().mul_(coef_tau[:, None])
+            del s, z
+            g.scatter_add_(1, part.sparse_ids, coef_sparse)
+            g = g.to(hidden.dtype)
             if dh is not None:
                 dh[rows] = g @ weight
             if dw is not None:
                 dw += (g.T @ hidden[rows]).to(acc)
-        return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None
+            del g
+        metrics.update(summarize(spec, kd, ce, log_q_mass, argmax))
+        ctx.grads, ctx.dtypes = (dh, dw), (hidden.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        (dh, dw), (h_dtype, w_dtype) = ctx.grads, ctx.dtypes
+        if dh is not None:
+            dh = (dh * grad_loss.to(dh.dtype)).to(h_dtype)
+        if dw is not None:
+            dw = (dw * grad_loss.to(dw.dtype)).to(w_dtype)
+        return dh, dw, None, None, None, None
 
 
 def chunked(hidden: Tensor, weight: Tensor, spec: KDSpec, chunk_size: int = 1024) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss with O(chunk_size * V) extra memory: recompute-in-backward over token chunks.
+    """The loss with O(chunk_size * V) extra memory: token chunks, gradients taken in the forward pass.
 
     Args:
         hidden: [T, D] float; weight: [V, D] float, same dtype.
@@ -367,5 +387,7 @@ def chunked(hidden: Tensor, weight: Tensor, spec: KDSpec, chunk_size: int = 1024
         (loss [], metrics).
     """
     metrics: dict[str, Tensor] = {}
-    loss = _ChunkedLinearKD.apply(hidden, weight, spec, int(chunk_size), metrics)
+    grads = torch.is_grad_enabled()
+    needs = (grads and hidden.requires_grad, grads and weight.requires_grad)
+    loss = _ChunkedLinearKD.apply(hidden, weight, spec, int(chunk_size), metrics, needs)
     return loss, metrics

@@ -330,3 +330,47 @@ def test_fused_without_cuda_says_so(gen, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match=r"needs a CUDA GPU.*impl='chunked'"):
         kd_loss(*_good(gen), impl="fused")
+
+
+# ---- the chunked path takes its gradients in the forward pass (issue 25) -------------------------------
+def test_chunked_accumulates_scaled_backwards_and_frozen_inputs(gen):
+    """Backward only scales the gradients stored in the forward: two scaled backwards of two calls
+    accumulate as naive's do; a frozen head (LoRA) gets no gradient and the hidden states still do."""
+    hidden, weight, ids, logprobs, labels = make_inputs(gen, t=13, d=8, v=29, k=4, dtype=torch.float64)
+    grads = {}
+    for impl in ("naive", "chunked"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        for scale, rows in ((0.3, slice(0, 7)), (1.7, slice(7, 13))):
+            loss, _ = kd_loss(
+                h[rows],
+                w,
+                ids[rows],
+                logprobs[rows],
+                labels[rows],
+                impl=impl,
+                chunk_size=3,
+                temperature=2.0,
+                ce_weight=0.4,
+            )
+            (loss * scale).backward()
+        grads[impl] = (h.grad, w.grad)
+    for a, b in zip(grads["chunked"], grads["naive"]):
+        assert rel_err(a, b) < 1e-12
+    h = hidden.clone().requires_grad_()
+    loss, _ = kd_loss(h, weight, ids, logprobs, labels, impl="chunked", chunk_size=5)
+    loss.backward()
+    ref_h = hidden.clone().requires_grad_()
+    ref, _ = kd_loss(ref_h, weight, ids, logprobs, labels, impl="naive")
+    ref.backward()
+    assert rel_err(h.grad, ref_h.grad) < 1e-12 and rel_err(loss, ref) < 1e-12
+
+
+def test_chunked_under_no_grad_is_the_same_value_and_builds_no_graph(gen):
+    inputs = make_inputs(gen, t=11, d=8, v=23, k=4, dtype=torch.float64)
+    h, w = inputs[0].clone().requires_grad_(), inputs[1].clone().requires_grad_()
+    with torch.no_grad():
+        loss, metrics = kd_loss(h, w, *inputs[2:], impl="chunked", chunk_size=4, tail="bucket", temperature=1.5)
+    ref, ref_metrics = kd_loss(*inputs, impl="naive", tail="bucket", temperature=1.5)
+    assert loss.grad_fn is None and rel_err(loss, ref) < 1e-12
+    for key in ("kd", "ce", "top1_agreement", "student_topk_mass", "n_tokens", "n_scored", "n_top1_agree"):
+        assert rel_err(metrics[key], ref_metrics[key]) < 1e-12 or float(metrics[key]) == float(ref_metrics[key]), key
