@@ -93,6 +93,7 @@ def _module_at(rev: str, path: str):
 
     src = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True)
     module = types.ModuleType(f"{Path(path).stem}_at_{rev}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
     exec(compile(src.stdout, f"{rev}:{path}", "exec"), module.__dict__)
     return module
 
