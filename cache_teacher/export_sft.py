@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from formats import CacheReader, InputError, load_manifest
+from formats.safe_write import AtomicFile
 from formats.tokenizer_id import fingerprint_matches, load_tokenizer
 
 
@@ -41,9 +42,8 @@ def export_sft(
         raise InputError(f"tokenizer {name} is not the one {cache} was made with (fingerprints differ)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with AtomicFile(out.parent, out.name) as fh:  # OUT complete or not at all; never through a link
         for ex in iter_cache(cache):
             if ex.finish_reason != "stop" and not keep_length:
                 continue
@@ -60,7 +60,6 @@ def export_sft(
                 "source": ex.source,
                 "finish_reason": ex.finish_reason,
             }
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
             n += 1
-    os.replace(tmp, out)
     return n

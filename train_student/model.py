@@ -34,8 +34,12 @@ def load_student(name_or_path: str, *, dtype: str = "float32", attn_implementati
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=TORCH_DTYPES[dtype], **kwargs)
-    except OSError as exc:
-        raise InputError(f"cannot load the student {name_or_path!r}: {exc}") from None
+    except (OSError, ValueError) as exc:  # a missing folder, no hub access, no config.json, not a causal LM
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"cannot load the student {name_or_path!r}: {first} — give a folder holding a causal LM checkpoint "
+            "(config.json and weights) or a hub id"
+        ) from None
 
 
 def prune_layers(teacher_dir: str, keep_layers: list[int], out_dir: str | Path) -> Path:

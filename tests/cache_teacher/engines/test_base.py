@@ -39,7 +39,10 @@ def test_rank_of_the_last_token_is_the_vocabulary_size_and_works_on_numpy():
             "(VllmWorker-0 pid=7) ERROR 11-30 09:35 [gpu_worker.py:12] torch.OutOfMemoryError: CUDA out of memory.  ",
             "OutOfMemoryError: CUDA out of memory.",
         ),
-        ("INFO loading\nvllm.engine.SomeException: no KV cache is needed here", "SomeException: no KV cache is needed here"),
+        (
+            "INFO loading\nvllm.engine.SomeException: no KV cache is needed here",
+            "SomeException: no KV cache is needed here",
+        ),
         # wrappers that only point elsewhere are skipped; the first real error wins
         (
             "RuntimeError: Engine core initialization failed. See root cause above.\n"

@@ -41,7 +41,9 @@ def test_metric_names_of_the_training_metrics_and_others_as_given():
 
 
 def test_series_label_lists_the_factors_or_says_all_runs():
-    assert series_label({"teacher": "smollm2 bfloat16 k=64", "stages": "2"}) == "teacher=smollm2 bfloat16 k=64, stages=2"
+    assert (
+        series_label({"teacher": "smollm2 bfloat16 k=64", "stages": "2"}) == "teacher=smollm2 bfloat16 k=64, stages=2"
+    )
     assert series_label({}) == "all runs"
 
 
@@ -70,7 +72,7 @@ def test_a_line_that_is_not_json_names_the_file_and_line_and_says_rerun(tmp_path
     assert message.endswith("; the file is damaged: rerun the training (or drop the run)") and "\n" not in message
 
 
-@pytest.mark.parametrize("line", ['[1, 2]', '{"loss": 2.0}', '{"step": "3"}', '{"step": 1.5}', '"text"'])
+@pytest.mark.parametrize("line", ["[1, 2]", '{"loss": 2.0}', '{"step": "3"}', '{"step": 1.5}', '"text"'])
 def test_a_line_that_is_not_a_metrics_row_is_refused(tmp_path, line):
     run = write_run(tmp_path / "run", [], raw='{"step": 1}\n' + line + "\n")
     with pytest.raises(InputError) as err:
