@@ -337,11 +337,16 @@ class _ChunkedLinearKD(torch.autograd.Function):
             rows = slice(start, min(start + chunk_size, n))
             part = _spec_rows(spec, rows)
             s = _chunk_logits(hidden[rows], weight, acc)
-            z = s / tau if tau != 1.0 else s
-            lse_tau = torch.logsumexp(z, dim=-1)
-            lse_1 = torch.logsumexp(s, dim=-1) if spec.need_lse1 else None
             s_sparse = s.gather(1, part.sparse_ids)
-            argmax[rows] = s.argmax(dim=-1)
+            # one pass gives the top-1 metric and the log-sum-exps' shift (max z = max s / tau, tau > 0)
+            m, argmax[rows] = s.max(dim=-1)
+            e1 = torch.exp(s - m[:, None]) if spec.need_lse1 else None  # softmax(s) unnormalized
+            ez = s.sub_(m[:, None]).div_(tau).exp_() if tau != 1.0 else s.sub_(m[:, None]).exp_()  # in place
+            del s
+            sum_z = ez.sum(dim=-1)
+            lse_tau = m / tau + sum_z.log()
+            sum_1 = e1.sum(dim=-1) if e1 is not None else None
+            lse_1 = m + sum_1.log() if e1 is not None else None
             chunk_metrics: dict = {}
             terms = make_terms_fn(part, chunk_metrics, keep_terms=True)
             chunk_loss, coef_tau, coef_1, coef_sparse = terms(lse_tau, lse_1, s_sparse, argmax[rows])
@@ -349,13 +354,11 @@ class _ChunkedLinearKD(torch.autograd.Function):
             kd[rows], ce[rows], log_q_mass[rows] = chunk_metrics["terms"]
             if dh is None and dw is None:
                 continue
-            # g = a * softmax(z) + b * softmax(s) + scatter(c), built in the logits' buffer (docs/KD_MATH.md)
-            if coef_1 is not None:
-                g = torch.exp(z - lse_tau[:, None]).mul_(coef_tau[:, None])
-                g += s.sub_(lse_1[:, None]).exp_().mul_(coef_1[:, None])
-            else:
-                g = s.sub_(lse_tau[:, None]).exp_().mul_(coef_tau[:, None])
-            del s, z
+            # g = a * softmax(z) + b * softmax(s) + scatter(c), built in the exp buffer (docs/KD_MATH.md)
+            g = ez.mul_((coef_tau / sum_z)[:, None])
+            if e1 is not None:
+                g += e1.mul_((coef_1 / sum_1)[:, None])
+            del ez, e1
             g.scatter_add_(1, part.sparse_ids, coef_sparse)
             g = g.to(hidden.dtype)
             if dh is not None:
