@@ -246,6 +246,7 @@ HF_CONTENDERS = ("kdcache train loop", "KDTrainer", "Trainer (full-logit CE)")
 
 
 def _bench_student(layers: int):
+    """A random model of SmolLM2-135M's shape (SmolLM2-135M itself has 30 layers) with `layers` layers."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -373,6 +374,111 @@ def bench_hf(cache: Path, args) -> list[dict]:
     ref = rows[0]["s_per_step"]
     for row in rows:
         row["vs_kdcache"] = row["s_per_step"] / ref
+    return rows
+
+
+# ---- 6. offline (a cache) vs online KD (the teacher every step) -----------------------------------------
+ONLINE_CONTENDERS = (
+    "offline: kdcache cache + sparse KL",
+    "online: teacher forward + dense KL",
+    "online: Liger fused JSD",
+)
+
+
+def _liger_jsd(compiled: bool = True):
+    """Liger-Kernel's LigerFusedLinearJSDLoss (beta=0: forward KL over the whole vocabulary, computing the
+    teacher's logits itself, chunked; torch.compile'd unless `compiled=False`), or None where liger-kernel is
+    not installed."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.5, weight_soft_loss=1.0, beta=0.0, chunk_size=1024, compiled=compiled
+    )
+
+
+def online_step(name: str, student, teacher, batch, spec: LossSpec, liger=None):
+    """The loss of one packed batch for one contender (the caller runs backward and the optimizer).
+
+    offline: the cache's top-k and kdcache's sparse loss (StudentLoss). online, dense: the teacher's full
+    logits every step and the forward KL over all V plus 0.5 CE (as TRL's GKD at beta 0 and torchtune's
+    ForwardKLLoss compute it). online, Liger: the teacher's final hidden states every step and Liger's fused
+    linear JSD at beta 0 (the same dense KL without [T, V] logits)."""
+    import torch
+    import torch.nn.functional as F
+
+    from train_student.model import StudentLoss
+
+    if name == ONLINE_CONTENDERS[0]:
+        loss, _ = StudentLoss(student)(
+            batch.input_ids, batch.position_ids, batch.topk_ids, batch.topk_logprobs, batch.labels, spec=spec
+        )
+        return loss
+    trained = batch.labels != -100
+    kw = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+    with torch.no_grad():
+        t_hidden = teacher.get_decoder()(**kw).last_hidden_state[0][trained]
+    s_hidden = student.get_decoder()(**kw).last_hidden_state[0][trained]
+    labels = batch.labels[trained]
+    s_weight, t_weight = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
+    if name == ONLINE_CONTENDERS[2]:
+        return liger(s_hidden, s_weight, t_hidden, t_weight, labels)
+    with torch.no_grad():
+        t_logp = F.log_softmax(t_hidden @ t_weight.T, dim=-1)
+    s_logp = F.log_softmax(s_hidden @ s_weight.T, dim=-1)
+    kd = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    return kd + 0.5 * F.nll_loss(s_logp, labels)
+
+
+def bench_online(cache: Path, args) -> list[dict]:
+    """Seconds per training step of each contender on the same packed batches, interleaved over args.steps
+    rounds in one process (median), after one warm-up round; and the cache's cost: the teacher forward and
+    top-k per token, which `kdcache cache` pays once. Break-even: the student epochs after which the cache
+    has paid for itself, cache_s_per_token / (online_s_per_token - offline_s_per_token)."""
+    import statistics
+
+    import torch
+
+    from formats import CacheReader
+    from train_student.data import ExampleStream, Packer
+
+    student, teacher = _bench_student(args.layers), _bench_student(args.teacher_layers).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    reader = CacheReader(cache, shuffle=False, epochs=None)
+    packer = Packer(ExampleStream([reader]), max_tokens=args.tokens, k=int(reader.manifest["codec"]["k"]))
+    batches = [next(packer) for _ in range(args.steps + 1)]
+    spec = LossSpec(kd_weight=1.0, ce_weight=0.5, chunk_size=args.chunk_size)
+    liger = _liger_jsd()
+    names = [n for n in ONLINE_CONTENDERS if liger is not None or n != ONLINE_CONTENDERS[2]]
+    times: dict[str, list[float]] = {n: [] for n in names + ["cache"]}
+    for i, batch in enumerate(batches):
+        for name in names:
+            t0 = time.perf_counter()
+            online_step(name, student, teacher, batch, spec, liger).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with torch.no_grad():  # what the cache stage computes per sequence (the codec's encode is ~1M positions/s)
+            logits = teacher(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
+            torch.log_softmax(logits.float(), dim=-1).topk(args.k, dim=-1)
+        times["cache"].append(time.perf_counter() - t0)
+    tokens = batches[0].n_tokens
+    per_token = {n: statistics.median(t[1:]) / tokens for n, t in times.items()}
+    rows = []
+    for name in names:
+        row = {"contender": name, "s_per_step": per_token[name] * tokens, "tokens_per_s": 1 / per_token[name]}
+        row["vs_offline"] = per_token[name] / per_token[names[0]]
+        gain = per_token[name] - per_token[names[0]]
+        row["break_even_epochs"] = per_token["cache"] / gain if gain > 0 else float("nan")
+        rows.append(row)
+    rows.append(
+        {"contender": "the cache itself (teacher forward + top-k, once)", "s_per_step": per_token["cache"] * tokens}
+    )
+    rows[-1]["tokens_per_s"] = 1 / per_token["cache"]
+    if liger is None:
+        print("(Liger-Kernel is not installed: `pip install liger-kernel` adds its fused JSD to this table)\n")
     return rows
 
 
@@ -548,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         default="loss,reader,step",
         help="comma-separated: loss, reader, step, xtok (a "
         "student with another tokenizer: alignment throughput and data wait), hf (the step in "
-        "KDTrainer and in a plain full-logit Trainer against kdcache's loop)",
+        "KDTrainer and in a plain full-logit Trainer against kdcache's loop), online (offline KD from the cache "
+        "against online KD with the teacher every step: dense KL, Liger's fused JSD; the cache's break-even)",
     )
     p.add_argument("--xtok-vocab", type=int, default=8192, help="xtok part: tokens of each offline-trained tokenizer")
     p.add_argument("--tokens", type=int, default=4096, help="T: tokens per loss call / packed sequence")
@@ -563,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk for impl=chunked")
     p.add_argument("--iters", type=int, default=3, help="timed loss iterations after one warm-up (best is reported)")
     p.add_argument("--layers", type=int, default=6, help="decoder layers of the step benchmark's student")
+    p.add_argument(
+        "--teacher-layers", type=int, default=30, help="online part: the teacher's layers (SmolLM2-135M: 30)"
+    )
     p.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
     p.add_argument("--dtypes", default="float32,bf16-mixed", help="step part: student dtypes to compare")
     p.add_argument(
@@ -610,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             + "\n"
         )
-    if parts & {"reader", "step", "hf"}:
+    if parts & {"reader", "step", "hf", "online"}:
         with tempfile.TemporaryDirectory() as tmp:
             cache = Path(args.cache) if args.cache else make_cache(Path(tmp) / "cache", args.k)
             if "reader" in parts:
@@ -660,6 +770,25 @@ def main(argv: list[str] | None = None) -> int:
                             ("tokens_per_s", "tokens/s", ",.0f"),
                             ("vs_kdcache", "time / kdcache loop", ".2f"),
                             ("peak_extra_mb", "peak RSS growth (MB)", ",.0f"),
+                        ],
+                    )
+                    + "\n"
+                )
+            if "online" in parts:
+                print(
+                    f"### offline vs online KD (a random {args.teacher_layers}-layer teacher and {args.layers}-layer "
+                    f"student of SmolLM2's width, float32, {args.tokens} tokens packed per step, the same batches; "
+                    f"median of {args.steps} interleaved rounds after one warm-up)\n"
+                )
+                print(
+                    table(
+                        bench_online(cache, args),
+                        [
+                            ("contender", "training step", ""),
+                            ("s_per_step", "s / step", ".2f"),
+                            ("tokens_per_s", "tokens/s", ",.0f"),
+                            ("vs_offline", "time / offline", ".2f"),
+                            ("break_even_epochs", "cache pays for itself after (student epochs)", ".2f"),
                         ],
                     )
                     + "\n"
