@@ -73,13 +73,25 @@ def loss_one(impl: str, T: int, V: int, D: int, K: int, iters: int, chunk: int) 
     lps = torch.log_softmax(torch.randn(T, K) * 3, -1).sort(-1, descending=True).values
     labels = ids[:, 0].clone()
     labels[::7] = -100
+    if impl.startswith("liger"):  # dense KL over V: the teacher's hidden states and head stand in for the cache
+        liger = _liger_jsd(compiled=impl == "liger")
+        if liger is None:
+            raise SystemExit("liger-kernel is not installed (pip install liger-kernel)")
+        t_h, t_w = torch.randn(T, D) * 0.5, torch.randn(V, D) * 0.05
+
+        def run():
+            return liger(h, w, t_h, t_w, labels)
+    else:
+
+        def run():
+            return kd_loss(h, w, ids, lps, labels, kd_weight=1.0, ce_weight=0.5, impl=impl, chunk_size=chunk)[0]
+
     base = _rss_mb()
     times = []
     for i in range(iters + 1):
         h.grad = w.grad = None
         t0 = time.perf_counter()
-        loss, _ = kd_loss(h, w, ids, lps, labels, kd_weight=1.0, ce_weight=0.5, impl=impl, chunk_size=chunk)
-        loss.backward()
+        run().backward()
         if i:  # the first iteration warms up allocators and kernels
             times.append(time.perf_counter() - t0)
     best = min(times)  # best of `iters`: the machine may be shared, the minimum is the least disturbed
@@ -664,8 +676,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=64, help="teacher entries per position")
     p.add_argument(
         "--impls",
-        default="naive,chunked",
-        help="kd_loss impls to compare; IMPL@REV runs git revision REV's loss_torch.py (e.g. chunked@HEAD~3)",
+        default="naive,chunked,liger",
+        help="kd_loss impls to compare; IMPL@REV runs git revision REV's loss_torch.py (e.g. chunked@HEAD~3); "
+        "liger / liger-eager: Liger-Kernel's fused linear JSD at beta 0 (dense KL over V against a teacher's "
+        "hidden states and head), torch.compile'd / eager, where liger-kernel is installed",
     )
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk for impl=chunked")
     p.add_argument("--iters", type=int, default=3, help="timed loss iterations after one warm-up (best is reported)")
