@@ -52,7 +52,7 @@ from formats.tools import verify_cache
 from train_student.checks import check_example_fits_student
 from train_student.config import Stage, TrainConfig
 from train_student.data import in_split
-from train_student.loss import eval_row, eval_sums, student_loss
+from train_student.loss import eval_row, eval_sums, head_inputs, student_loss
 from train_student.loss_options import LossSpec
 from train_student.model import check_output_head
 
@@ -357,7 +357,7 @@ class _SparseHead:
         weight = self.head.weight
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        h, weight = h.to(dtype), weight.to(dtype)
+        h, weight = head_inputs(h, weight, dtype)
         self.loss, self.metrics = student_loss(self.spec, h, weight, ids, lps, labels)
         if self.eval_spec is not None:
             with torch.no_grad():

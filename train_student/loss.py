@@ -25,6 +25,17 @@ __all__ = ["kd_loss", "student_loss"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def head_inputs(hidden: Tensor, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The LM head's inputs for a loss computed in `dtype` (autocast's dtype, or the model's): the hidden
+    states in `dtype`; a float32 head beside half-precision hidden states stays float32 (kd_loss's mixed
+    precision: no cast of the [V, D] weight and of its gradient per micro-batch), any other head in `dtype`."""
+    hidden = hidden.to(dtype)
+    if not (weight.dtype == torch.float32 and dtype in _HALF_DTYPES):
+        weight = weight.to(dtype)
+    return hidden, weight
 
 
 def student_loss(
@@ -38,7 +49,7 @@ def student_loss(
 
     return xtok_loss(
         hidden,
-        lm_head_weight,
+        lm_head_weight.to(hidden.dtype),  # a float32 head beside half-precision hidden states: cast here
         topk_ids,
         topk_logprobs,
         labels,
@@ -71,7 +82,10 @@ def kd_loss(
 
     Args:
         hidden: [T, D] float16/bfloat16/float32/float64, the student's final hidden states.
-        lm_head_weight: [V, D], same dtype and device as `hidden`.
+        lm_head_weight: [V, D] on `hidden`'s device, in its dtype or, for a bfloat16/float16 `hidden`,
+            float32 (mixed precision: the head's matmuls run in `hidden`'s dtype; impl="chunked" takes the
+            half-precision copy once and returns the weight's gradient in float32 with no round trip
+            through half precision; the other impls cast the weight first, as autograd would).
         topk_ids: [T, K] integer teacher ids in rank order; -1 pads positions where the cache
             holds fewer than K entries (mass-adaptive caches).
         topk_logprobs: [T, K] float, the teacher's raw log-probabilities at temperature 1; -inf
@@ -127,10 +141,11 @@ def kd_loss(
         ce_weight=ce_weight,
         dtype=loss_torch.accumulation_dtype(hidden.dtype),
     )
-    if impl == "naive":
-        return loss_torch.naive(hidden, lm_head_weight, spec)
     if impl == "chunked":
         return loss_torch.chunked(hidden, lm_head_weight, spec, chunk_size=chunk_size)
+    lm_head_weight = lm_head_weight.to(hidden.dtype)  # mixed precision elsewhere: autograd carries the cast
+    if impl == "naive":
+        return loss_torch.naive(hidden, lm_head_weight, spec)
 
     from train_student.kernels import sparse_kl_triton  # lazy: triton only for this path
 
@@ -188,9 +203,10 @@ def _validate(
 
     if hidden.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"kd_loss: hidden must be one of {_FLOAT_DTYPES}, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and not (weight.dtype == torch.float32 and hidden.dtype in _HALF_DTYPES):
         raise ValueError(
-            f"kd_loss: lm_head_weight dtype {weight.dtype} differs from hidden's {hidden.dtype}; cast one of them"
+            f"kd_loss: lm_head_weight dtype {weight.dtype} differs from hidden's {hidden.dtype} (only a float32 "
+            "head beside bfloat16/float16 hidden states is mixed precision); cast one of them"
         )
     if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
         raise ValueError(f"kd_loss: topk_ids must be an integer tensor (int32/int64), got {topk_ids.dtype}")

@@ -283,7 +283,7 @@ def naive(hidden: Tensor, weight: Tensor, spec: KDSpec) -> tuple[Tensor, dict[st
     """Materialize the [T, V] logits and differentiate with plain autograd (the reference).
 
     Args:
-        hidden: [T, D] float; weight: [V, D] float, same dtype.
+        hidden: [T, D] float; weight: [V, D] float, same dtype, or float32 beside half-precision hidden.
     Returns:
         (loss [], metrics).
     """
@@ -333,10 +333,13 @@ class _ChunkedLinearKD(torch.autograd.Function):
         dh = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
         loss = torch.zeros((), dtype=acc, device=hidden.device)
+        # a float32 head beside half-precision hidden states (mixed precision): its half copy is taken once
+        # here, outside autograd, and dW accumulates in float32 and is returned so (no half round trip)
+        w = weight if weight.dtype == hidden.dtype else weight.detach().to(hidden.dtype)
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             part = _spec_rows(spec, rows)
-            s = _chunk_logits(hidden[rows], weight, acc)
+            s = _chunk_logits(hidden[rows], w, acc)
             s_sparse = s.gather(1, part.sparse_ids)
             # one pass gives the top-1 metric and the log-sum-exps' shift (max z = max s / tau, tau > 0)
             m, argmax[rows] = s.max(dim=-1)
@@ -362,7 +365,7 @@ class _ChunkedLinearKD(torch.autograd.Function):
             g.scatter_add_(1, part.sparse_ids, coef_sparse)
             g = g.to(hidden.dtype)
             if dh is not None:
-                dh[rows] = g @ weight
+                dh[rows] = g @ w
             if dw is not None:
                 dw += (g.T @ hidden[rows]).to(acc)
             del g
@@ -384,7 +387,7 @@ def chunked(hidden: Tensor, weight: Tensor, spec: KDSpec, chunk_size: int = 1024
     """The loss with O(chunk_size * V) extra memory: token chunks, gradients taken in the forward pass.
 
     Args:
-        hidden: [T, D] float; weight: [V, D] float, same dtype.
+        hidden: [T, D] float; weight: [V, D] float, same dtype, or float32 beside half-precision hidden.
         chunk_size: tokens per chunk; the largest live tensor is [chunk_size, V] fp32.
     Returns:
         (loss [], metrics).

@@ -97,7 +97,7 @@ class StudentLoss(nn.Module):
     def forward(self, input_ids, position_ids, topk_ids, topk_logprobs, labels, *, spec: LossSpec):
         """The decoder to the final hidden states, then the loss `spec` describes (train_student.loss.student_loss)
         on the LM head's weight: never the full [T, V] logits."""
-        from train_student.loss import student_loss
+        from train_student.loss import head_inputs, student_loss
 
         device = input_ids.device.type
         with torch.autocast(device, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
@@ -106,9 +106,7 @@ class StudentLoss(nn.Module):
             )
         hidden = out.last_hidden_state[0]  # [S, D]
         weight = self.lm.get_output_embeddings().weight  # [V, D]
-        if hidden.dtype != weight.dtype or self.autocast is not None:
-            dtype = self.autocast or weight.dtype
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        hidden, weight = head_inputs(hidden, weight, self.autocast or weight.dtype)
         return student_loss(spec, hidden, weight, topk_ids, topk_logprobs, labels)
 
 

@@ -374,3 +374,29 @@ def test_chunked_under_no_grad_is_the_same_value_and_builds_no_graph(gen):
     assert loss.grad_fn is None and rel_err(loss, ref) < 1e-12
     for key in ("kd", "ce", "top1_agreement", "student_topk_mass", "n_tokens", "n_scored", "n_top1_agree"):
         assert rel_err(metrics[key], ref_metrics[key]) < 1e-12 or float(metrics[key]) == float(ref_metrics[key]), key
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_float32_head_beside_bf16_hidden_is_mixed_precision(temperature):
+    """kd_loss(bf16 hidden, fp32 head): chunked computes in bf16 like a bf16 head and returns the head's
+    gradient in float32 as accumulated over chunks (not rounded to bf16 and back); naive casts the head."""
+    torch.manual_seed(0)
+    t, d, v, k = 37, 24, 300, 5
+    h = (torch.randn(t, d) * 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(v, d) * 0.2).requires_grad_()
+    ids = torch.stack([torch.randperm(v)[:k] for _ in range(t)])
+    lps = torch.log_softmax(torch.randn(t, k) * 2, -1).sort(-1, descending=True).values
+    labels = torch.randint(0, v, (t,))
+    kw = dict(kd_weight=1.0, ce_weight=0.5, temperature=temperature, chunk_size=8)
+    mixed, _ = kd_loss(h, w, ids, lps, labels, impl="chunked", **kw)
+    mixed.backward()
+    dh_mixed, dw_mixed = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    halved, _ = kd_loss(h, w.bfloat16(), ids, lps, labels, impl="chunked", **kw)  # the old way: a bf16 head
+    halved.backward()
+    naive, _ = kd_loss(h.detach(), w, ids, lps, labels, impl="naive", **kw)
+    assert dw_mixed.dtype == torch.float32 and dh_mixed.dtype == torch.bfloat16
+    assert mixed.item() == halved.item()  # the same bf16 matmuls
+    torch.testing.assert_close(dh_mixed, h.grad)
+    torch.testing.assert_close(mixed, naive.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw_mixed, w.grad, rtol=2e-2, atol=1e-3)  # the same, less one bf16 round trip

@@ -235,6 +235,29 @@ def test_student_loss_under_bf16_autocast_keeps_float32_weights_and_is_close():
     assert {p.grad.dtype for p in lm.parameters()} == {torch.float32}
 
 
+def test_student_loss_under_bf16_autocast_casts_the_output_head_once_a_micro_batch():
+    """The [V, D] head is cast to bf16 once (inside the loss, outside autograd) and its gradient comes back
+    in float32 as accumulated: before, the head went fp32 -> bf16 in StudentLoss and its gradient
+    fp32 -> bf16 -> fp32 on the way back (4 casts of [V, D] a micro-batch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    lm = make_model(seed=3, scale=0.12)
+    head = tuple(lm.get_output_embeddings().weight.shape)
+    casts = []
+
+    class CountHeadCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == head:
+                casts.append((args[0].dtype, (kwargs or {}).get("dtype")))
+            return func(*args, **(kwargs or {}))
+
+    with CountHeadCasts():
+        loss, _ = StudentLoss(lm, autocast=torch.bfloat16)(*batch(), spec=LossSpec(kd_weight=1.0, ce_weight=0.5))
+        loss.backward()
+    assert casts == [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]  # the copy; dW per chunk
+    assert lm.get_output_embeddings().weight.grad.dtype == torch.float32
+
+
 # ---- check_output_head, prepare_student ------------------------------------------------------------------
 
 
