@@ -20,6 +20,7 @@ from typing import Any
 
 from formats.errors import InputError
 from formats.common.settings import check_choices, merge, setting
+from formats.remote_write import check_writable, is_remote, local_path
 
 MODES = ("score", "generate")
 ENGINES = ("auto", "vllm", "hf")
@@ -146,8 +147,16 @@ class CacheConfig:
     out: str | None = setting(
         None,
         group="output",
+        metavar="DIR_OR_URL",
+        help="cache folder to write (its manifest.json appears when the cache is complete), or an object-store "
+        "URL (s3://, gs://, az://, any writable fsspec URL): staged locally, each finished shard uploaded as one "
+        "object, manifest.json last (formats/remote_write.py)",
+    )
+    staging: str | None = setting(
+        None,
         metavar="DIR",
-        help="cache folder to write (its manifest.json appears when the cache is complete)",
+        help="--out URL: the local folder the cache is staged in before upload (default: one named after "
+        "the URL under $KDCACHE_STAGING, else the system temp dir; a rerun finds it and resumes)",
     )
     shard_max_bytes: int = setting(64 << 20, help="start a new shard past this many bytes", metavar="BYTES")
     row_group_positions: int = setting(
@@ -203,14 +212,8 @@ class CacheConfig:
                     f"{what} {name!r} does not exist: give an existing local "
                     f"{'file or folder' if what == 'dataset' else 'checkpoint folder'} or a hub id"
                 )
-        out = str(self.out or "")
-        if "://" in out:
-            raise InputError(
-                f"--out {out!r}: the cache job writes a local folder (its shards are fsynced and renamed "
-                "into place, which object stores cannot do); write to a local folder, then upload it "
-                "(e.g. `aws s3 sync`, `huggingface-cli upload`)"
-            )
-        if out and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        out = self._check_out()
+        if out and not is_remote(out) and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
             raise InputError(f"--out {out!r} is a file; give a folder (new, or a cache to resume)")
         if self.k < 1:
             raise InputError(f"k={self.k} must be >= 1")
@@ -248,6 +251,22 @@ class CacheConfig:
         if self.batch_size < 1 or self.hf_batch_tokens < 1:
             raise InputError("batch_size and hf_batch_tokens must be >= 1")
         return self
+
+    def _check_out(self) -> str:
+        """--out as a local path, or a URL kdcache can write (formats.remote_write.check_writable: before the
+        teacher loads, a read-only protocol or a missing fsspec backend stops the job)."""
+        if self.out is None:
+            return ""
+        self.out = local_path(self.out)  # file:///x -> /x
+        if is_remote(self.out):
+            check_writable(self.out)
+            if self.launcher == "ray":
+                raise InputError(
+                    f"--out {self.out}: --launcher ray writes its worker caches beside --out, on the workers' "
+                    "machines; give a local --out (then upload it), or run one local-launcher job per "
+                    "--worker-index, each with its own --out URL, and `kdcache merge URL WORKER_URL...`"
+                )
+        return self.out
 
     @property
     def tokenizer_path(self) -> str:

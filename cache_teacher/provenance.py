@@ -82,17 +82,20 @@ def provenance(config, tokenizer, templater) -> dict:
     return prov
 
 
-def check_finished_cache(out, config, tokenizer=None) -> None:
+def check_finished_cache(out, config, tokenizer=None, manifest: dict | None = None) -> None:
     """Refuse (InputError naming each difference) when `out` holds a complete cache made with other
     row-changing settings than `config`'s. The writer checks the folder it writes itself; a launcher that
-    merges worker caches into `out` calls this (with worker 0's config) before it starts the workers."""
+    merges worker caches into `out` calls this (with worker 0's config) before it starts the workers, and
+    a job writing to a store that already holds its complete cache (`manifest`, read from there)."""
     from formats.manifest import load_manifest, new_manifest
     from formats.schema import MANIFEST_NAME
     from formats.writer import refuse_other_settings, resume_settings
 
-    if not (Path(out) / MANIFEST_NAME).exists():
-        return
+    if manifest is None:
+        if not (Path(out) / MANIFEST_NAME).exists():
+            return
+        manifest = load_manifest(out)
     tokenizer = tokenizer or teacher_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     wanted = new_manifest(codec_config(config).to_dict(), provenance(config, tokenizer, templater))
-    refuse_other_settings(out, resume_settings(load_manifest(out)), wanted, "a complete cache")
+    refuse_other_settings(out, resume_settings(manifest), wanted, "a complete cache")

@@ -43,6 +43,9 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
 
     config = resolve_auto(config)  # engine, dtype: concrete for this machine, before the manifest records them
     started = time.perf_counter()
+    upload = _store_upload(config)  # --out URL: what the store holds, checked before any work
+    if upload is not None and upload.complete is not None:
+        return _complete_on_store(config, upload, tokenizer, started)
     tokenizer = tokenizer or teacher_tokenizer(config)
     templater = ChatTemplater(tokenizer, config.max_length, config.length_policy)
     summary = Summary(
@@ -52,18 +55,57 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     )
     teacher = _Teacher(config, engine)
     progress = _Progress(config, summary, started)
+    folder = config.out if upload is None else upload.staging
     try:
-        manifest = _write_cache(config, templater, provenance(config, tokenizer, templater), teacher, summary, progress)
+        if upload is not None:
+            upload.start()  # committed shards go to the store while the teacher works
+        prov = provenance(config, tokenizer, templater)
+        manifest = _write_cache(config, templater, prov, teacher, summary, progress, folder)
     finally:
+        if upload is not None:
+            upload.stop()
         progress.close()
         teacher.close()
+    if upload is not None:
+        upload.finish()  # the rest, manifest.json last
     summary.wall_s = time.perf_counter() - started
     summary.record_cache_size(manifest)
     return summary
 
 
-def _write_cache(config, templater, prov: dict, teacher: "_Teacher", summary: Summary, progress: "_Progress") -> dict:
-    """Every input record not done yet, written or rejected; returns the finished cache's manifest."""
+def _store_upload(config):
+    """For `--out URL` (formats/remote_write.py): the job's staging folder and mirror, with `complete` set
+    to the store's manifest when the cache there is already complete; None for a local --out."""
+    from formats.remote_write import CacheUpload, is_remote
+
+    if not is_remote(config.out):
+        return None
+    upload = CacheUpload(config.out, staging=config.staging)
+    upload.open()
+    return upload
+
+
+def _complete_on_store(config, upload, tokenizer, started: float) -> Summary:
+    """The store already holds this job's complete cache: refuse other settings, else report it as done
+    (no teacher starts), removing what an interrupted clean-up left beside it."""
+    from cache_teacher.provenance import check_finished_cache
+
+    manifest = upload.complete
+    check_finished_cache(config.out, config, tokenizer, manifest=manifest)
+    upload.finish_complete()
+    summary = Summary(out=str(config.out), per_input=per_input(config))
+    counts = manifest.get("counts") or {}
+    summary.inputs = summary.resumed = int(counts.get("examples", 0) + counts.get("rejects", 0)) // summary.per_input
+    summary.record_cache_size(manifest)
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def _write_cache(
+    config, templater, prov: dict, teacher: "_Teacher", summary: Summary, progress: "_Progress", folder=None
+) -> dict:
+    """Every input record not done yet, written or rejected into `folder` (default: config.out); returns the
+    finished cache's manifest."""
     import itertools
 
     from formats.writer import CacheWriter
@@ -71,8 +113,9 @@ def _write_cache(config, templater, prov: dict, teacher: "_Teacher", summary: Su
     records = iter_records(config)
     first = next(records, None)  # opens the input: a dataset that cannot be read stops here, before any output
     records = itertools.chain([first] if first is not None else [], records)
+    folder = config.out if folder is None else folder
     with CacheWriter(
-        config.out,
+        folder,
         codec=codec_config(config),
         provenance=prov,
         shard_max_bytes=config.shard_max_bytes,
@@ -103,7 +146,7 @@ def _write_cache(config, templater, prov: dict, teacher: "_Teacher", summary: Su
             io.drain()
         writer.inputs = summary.inputs * summary.per_input  # finish() checks examples + rejects == inputs
         if not writer.complete:  # the teacher's tokenizer travels with the cache (before the manifest)
-            writer.manifest["tokenizer_files"] = save_tokenizer_files(templater.tokenizer, config.out)
+            writer.manifest["tokenizer_files"] = save_tokenizer_files(templater.tokenizer, folder)
     return writer.manifest
 
 

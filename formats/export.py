@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +162,11 @@ def export_cache(
     progress: bool = True,
     verify: bool = True,
     storage_options: dict | None = None,
+    staging=None,
 ) -> dict:
-    """Write `cache` to the folder `out` in `fmt` (module docstring); returns export.json's contents."""
+    """Write `cache` to the folder `out` in `fmt` (module docstring); returns export.json's contents. An
+    object-store URL `out` is exported into a local staging folder and uploaded, `_export.json` last
+    (_export_to_store)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -173,12 +178,21 @@ def export_cache(
         raise InputError("--temperature applies to --format axolotl only (decoded keeps the raw logprobs)")
     if rows_per_file < 1:
         raise InputError(f"--rows-per-file {rows_per_file}: must be >= 1")
-    if "://" in str(out):
-        raise InputError(f"{out}: export writes to a local folder; copy it to object storage afterwards")
+    from formats.remote_write import check_writable, is_remote, local_path
+
+    check_writable(str(out), "export OUT")  # a read-only protocol or a missing backend: before any reading
     reader = CacheReader(cache, prefetch=2, verify=verify, storage_options=storage_options)
     source = hashlib.sha256(json.dumps(reader.manifest, sort_keys=True).encode()).hexdigest()
     settings = {"format": fmt, "temperature": temperature, "rows_per_file": rows_per_file, "source_manifest": source}
-    out = make_folder(out)
+    if is_remote(out):
+        local = dict(fmt=fmt, temperature=temperature, rows_per_file=rows_per_file, progress=progress, verify=verify)
+        return _export_to_store(
+            str(out),
+            settings,
+            lambda folder: export_cache(cache, folder, storage_options=storage_options, **local),
+            staging,
+        )
+    out = make_folder(local_path(out))
     done = out / DONE_NAME
     if done.exists():
         record = json.loads(done.read_text())
@@ -261,6 +275,32 @@ def export_cache(
     write_json_atomic(done, record)
     os.unlink(settings_file)
     return record
+
+
+PART_NAME = re.compile(r"part-\d{5}\.parquet")
+
+
+def _export_to_store(url: str, settings: dict, export, staging) -> dict:
+    """`export(folder)` into the staging folder of `url` (resuming a partial export staged there by the same
+    settings; one of other settings is discarded), then uploaded with `_export.json` last. The store holding
+    this export complete: its record, nothing done; another export, or files an export does not write: refused."""
+    from formats.remote_write import Remote, staging_dir, write_staged
+    from formats.trust import loads
+
+    remote = Remote(url)
+    if DONE_NAME in remote.listing():
+        raw = remote.files().read_bytes(DONE_NAME, max_bytes=64 << 20, listed_in="the export")
+        record = loads(raw, f"{url}/{DONE_NAME}", max_bytes=64 << 20)
+        if not isinstance(record, dict) or {key: record.get(key) for key in settings} != settings:
+            raise InputError(f"{url} holds another export ({DONE_NAME}); give a new prefix")
+        return record
+    folder = staging_dir(url, staging)
+    for name in (SETTINGS_NAME, DONE_NAME):  # staged by a run with other settings: not this export's
+        path = folder / name
+        if path.is_file() and {k: json.loads(path.read_text()).get(k) for k in settings} != settings:
+            shutil.rmtree(folder)
+            break
+    return write_staged(url, export, last=DONE_NAME, staging=folder, allowed=PART_NAME.fullmatch)
 
 
 def _sha256(path: Path) -> str:
