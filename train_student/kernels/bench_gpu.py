@@ -13,7 +13,8 @@ kdcache: `python -m train_student.kernels.bench_gpu` (what bench/kernel_gpu.sh d
    every kind x tail (TF32 off on both sides), then bf16.
 2. Timing: median fwd+bwd time (triton.testing.do_bench) and peak extra memory (max allocated
    above the inputs; the gradients dH and dW are part of it) over T x V x D x K, bf16.
-3. The target row T=16384, V=128256, D=4096, K=64 bf16: achieved TFLOP/s = 8 T V D / time
+3. Against published fused KD kernels (NeMo-RL #3314, Liger #1423) at their shapes, beside their numbers.
+4. The target row T=16384, V=128256, D=4096, K=64 bf16: achieved TFLOP/s = 8 T V D / time
    (the recompute design's FLOPs, docs/KD_MATH.md), against the H200's ~790 TFLOP/s bf16 peak.
 Output: markdown tables on stdout.
 """
@@ -35,6 +36,13 @@ GRID_V = (49152, 128256)
 GRID_D = (576, 2048, 4096)
 GRID_K = (32, 128)
 TARGET = dict(t=16384, v=128256, d=4096, k=64)
+# Published fused top-k / dense KD kernels (docs/BENCHMARKS.md cites them): (what, T, V, D, K, their ms fwd+bwd,
+# their peak GiB, their GPU). NeMo-RL PR #3314 gives no hidden size: D = 4096 (Qwen3-8B's) is our assumption.
+PEERS = (
+    ("NeMo-RL #3314 fused top-k KD", 4096, 151936, 4096, 64, 1.7, 2.32, "RTX 4090"),
+    ("NeMo-RL #3314 fused top-k KD", 8192, 151936, 4096, 64, 3.2, 4.64, "RTX 4090"),
+    ("Liger #1423 fused linear KL (dense teacher)", 8192, 128256, 4096, 64, 129.0, 2.0, "A100"),
+)
 PEAK_TFLOPS = 790.0  # H200 dense bf16, as measured on this kind of machine
 # Naive holds about this many bytes per logit at peak (bf16 logits, their fp32 copy, exp, grads).
 NAIVE_BYTES_PER_LOGIT = 24
@@ -217,6 +225,27 @@ def timing_table(opts, device, shapes, dtype, impls):
     return results
 
 
+def peers_table(opts, device, impls, tiny: bool = False):
+    """Our impls at the shapes public fused KD kernels published numbers for, beside those numbers (other
+    GPUs: read the ratios with that in mind; Liger #1423 computes a dense teacher, a different job).
+    tiny: every shape becomes 16 x 100 x 32, K=4 (--dry-run: the table's logic under the interpreter)."""
+    import torch
+
+    peers = [(n, 16, 100, 32, 4, *rest) if tiny else (n, t, v, d, k, *rest) for n, t, v, d, k, *rest in PEERS]
+    shapes = sorted({(t, v, d, k) for _, t, v, d, k, *_ in peers})
+    res = timing_table(opts, device, shapes, torch.bfloat16, impls)
+    print("## Against published fused KD kernels (bf16)\n")
+    print("| peer (their GPU) | T x V x D, K | their ms | their GiB | our fused ms | our fused GiB | our chunked ms |")
+    print("|---|---|---|---|---|---|---|")
+    for name, t, v, d, k, ms, gib, gpu in peers:
+        fused, chunked = res.get((t, v, d, k, "fused")), res.get((t, v, d, k, "chunked"))
+        f_ms, f_mib = fmt(fused) if fused is not None else ("-", "-")
+        f_gib = f"{float(f_mib) / 1024:.2f}" if f_mib.replace(".", "").isdigit() else f_mib
+        c_ms = fmt(chunked)[0] if chunked is not None else "-"
+        print(f"| {name} ({gpu}) | {t} x {v} x {d}, {k} | {ms} | {gib} | {f_ms} | {f_gib} | {c_ms} |")
+    print()
+
+
 def compile_check():
     """Compile each kernel as launched on CUDA for sm_90a (Hopper) on any machine, and report."""
     import re
@@ -378,6 +407,8 @@ def main(argv=None):
     if not opts.quick:
         timing_table(opts, device, grid, torch.bfloat16, impls)
 
+    if not opts.quick:
+        peers_table(opts, device, impls, tiny=opts.dry_run)
     t, v, d, k = target["t"], target["v"], target["d"], target["k"]
     res = timing_table(opts, device, [(t, v, d, k)], torch.bfloat16, impls)
     print("## Target row\n")
