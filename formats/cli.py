@@ -1,4 +1,4 @@
-"""`kdcache inspect | verify | merge | add-tokenizer | export`."""
+"""`kdcache inspect | verify | merge | add-tokenizer | export | push | pull`."""
 
 from __future__ import annotations
 
@@ -50,13 +50,8 @@ def register(sub) -> None:
         "template, codec and mode; disjoint example ids) into a new cache folder with one manifest. "
         "Refuses caches that do not belong together. The inputs are left untouched.",
     )
-    p.add_argument(
-        "out", help="new, empty output folder, or an object-store URL (staged locally, manifest uploaded last)"
-    )
+    p.add_argument("out", help="new, empty output folder")
     p.add_argument("caches", nargs="+", help="worker caches (folders or URLs)")
-    p.add_argument(
-        "--staging", metavar="DIR", help="URL output: the local staging folder (default: under the temp dir)"
-    )
     p.set_defaults(func=_merge)
 
     p = sub.add_parser(
@@ -87,10 +82,7 @@ def register(sub) -> None:
         "and _export.json last; a rerun resumes an interrupted export.",
     )
     p.add_argument("cache", help="cache folder or fsspec URL")
-    p.add_argument("out", help="new (or partially exported) local folder, or an object-store URL (staged locally)")
-    p.add_argument(
-        "--staging", metavar="DIR", help="URL output: the local staging folder (default: under the temp dir)"
-    )
+    p.add_argument("out", help="new (or partially exported) local folder")
     p.add_argument("--format", dest="fmt", choices=("decoded", "axolotl"), default="decoded")
     p.add_argument(
         "--temperature",
@@ -101,6 +93,41 @@ def register(sub) -> None:
     p.add_argument("--rows-per-file", type=int, default=10_000, metavar="N", help="examples per part file")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "push",
+        help="publish a verified cache to a hub dataset repo, an object store or a folder",
+        description="Verify the cache (a cache that fails is refused before anything is sent), then upload exactly "
+        "the files its manifest lists, the card (README.md), shards first and manifest.json last; a rerun skips "
+        "what the target already holds and finishes the rest. TARGET: a hub dataset repo (USER/NAME or "
+        "hf://datasets/USER/NAME), an fsspec URL (s3://bucket/prefix, gs://...) or a local folder (/x, ./x, "
+        "file:///x). docs/SHARING.md.",
+    )
+    p.add_argument("cache", help="local cache folder")
+    p.add_argument("target", help="USER/NAME, hf://datasets/USER/NAME, s3://bucket/prefix, or a folder (./x)")
+    p.add_argument(
+        "--private", action="store_true", help="hub: create the repo private (an existing repo keeps its visibility)"
+    )
+    p.add_argument("--revision", metavar="BRANCH", help="hub: push to this branch (created from main if missing)")
+    p.add_argument(
+        "--token-from-env",
+        action="store_true",
+        help="hub: use HF_TOKEN and only it (default: huggingface_hub's lookup: HF_TOKEN, then `hf auth login`)",
+    )
+    p.set_defaults(func=_push)
+
+    p = sub.add_parser(
+        "pull",
+        help="download a cache from a hub dataset repo and verify it",
+        description="Download the repo's manifest.json, check it (names, types, sizes), then exactly the files it "
+        "lists (each of the recorded size), all from one commit, into a staging folder beside DIR; `kdcache "
+        "verify` it; only then it becomes DIR. A cache that fails verification is deleted and DIR is not "
+        "created (exit 1). A stranger's repo is untrusted input: nothing in it is executed. docs/SHARING.md.",
+    )
+    p.add_argument("repo", help="USER/NAME or hf://datasets/USER/NAME")
+    p.add_argument("dir", help="new (or empty) local folder")
+    p.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
+    p.set_defaults(func=_pull)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -156,7 +183,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from formats.tools import merge_caches
 
-    m = merge_caches(args.out, args.caches, staging=args.staging)
+    m = merge_caches(args.out, args.caches)
     print(
         f"merged {len(args.caches)} caches into {args.out}: {m['counts']['examples']} examples, "
         f"{m['counts']['positions']} positions, {len(m['shards'])} shards"
@@ -185,9 +212,31 @@ def _export(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         rows_per_file=args.rows_per_file,
         progress=args.progress,
-        staging=args.staging,
     )
     print(
         f"exported {record['examples']} examples of {args.cache} to {args.out} ({args.fmt}, {len(record['files'])} files)"
+    )
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from formats.hub import token_from_env
+    from formats.share import push_cache
+
+    token = token_from_env() if args.token_from_env else None
+    result = push_cache(args.cache, args.target, private=args.private, revision=args.revision, token=token)
+    print(
+        f"pushed {args.cache} to {result['target']}: {len(result['sent'])} files sent, {result['skipped']} already there"
+    )
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from formats.share import pull_cache
+
+    result = pull_cache(args.repo, args.dir, revision=args.revision)
+    print(
+        f"pulled {args.repo} (commit {result['commit']}) into {args.dir}: verified, {result['shards']} shards, "
+        f"{result['examples']} examples, {result['positions']} positions"
     )
     return 0

@@ -15,13 +15,16 @@ that guarantees. In short:
   used (a shard: before its rows are decoded; over a network, the verified bytes are the ones parsed);
 - JSON: `loads` bounds size, nesting, number length and container count, and refuses duplicate keys,
   NaN and Infinity;
-- printing: `printable` escapes everything from a cache before it reaches a terminal.
+- printing: `printable` escapes everything from a cache before it reaches a terminal;
+- remote failures: a store or hub that cannot answer (offline, unreachable, no such repo or revision,
+  a refused token) is one InputError naming the cause (formats/hub.py), never a missing file.
 
 Writing is the other half: formats/safe_write.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +35,7 @@ import tempfile
 
 import fsspec
 
-from formats.errors import ChecksumError, FormatError
+from formats.errors import ChecksumError, FormatError, InputError, KDCacheError
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 CHUNK = 8 << 20  # bytes hashed (and copied) at a time
@@ -186,6 +189,12 @@ class CacheFiles:
     def where(self, *names: str) -> str:
         return posixpath.join(self.root, *names)
 
+    def remote(self):
+        """A context in which a remote store's failure (an unreachable hub or server, HF_HUB_OFFLINE, a
+        repo or revision that does not exist, a refused token or permission) is one InputError naming the
+        cause and this cache, instead of looking like a missing file ("no manifest.json")."""
+        return _remote_errors(self.path)
+
     # -- what is there ---------------------------------------------------------------------------
     def kind(self, *names: str) -> str | None:
         """'file', 'dir', 'link', 'other' (FIFO, device, socket) or None (absent); never follows a link."""
@@ -206,10 +215,13 @@ class CacheFiles:
                 if stat.S_ISDIR(st.st_mode)
                 else "other"
             )
-        try:
-            info = self.fs.info(where)
-        except (FileNotFoundError, OSError):
-            return None
+        with self.remote():
+            try:
+                info = self.fs.info(where)
+            except FileNotFoundError as exc:
+                if remote_failure(exc) is not None:  # not absent: the repo, revision or hub is (remote() says)
+                    raise
+                return None
         if info.get("islink"):
             return "link"
         return {"file": "file", "directory": "dir"}.get(info.get("type"), "other")
@@ -229,7 +241,9 @@ class CacheFiles:
                     path = name if rel == "." else posixpath.join(rel.replace(os.sep, "/"), name)
                     out.append((path, self.kind(*([under] if under else []), path)))
             return out
-        for full, info in sorted(self.fs.find(top_dir, withdirs=True, detail=True).items()):
+        with self.remote():
+            found = self.fs.find(top_dir, withdirs=True, detail=True)
+        for full, info in sorted(found.items()):
             rel = posixpath.relpath(full.rstrip("/"), top_dir)
             if rel != ".":
                 kind = (
@@ -254,7 +268,11 @@ class CacheFiles:
                 f"{printable(where)}: a {_KIND_TEXT[kind]}, not a plain file; a cache holds only "
                 "plain files (restore the file from the source)"
             )
-        actual = os.lstat(where).st_size if self.local else self.fs.info(where).get("size")
+        if self.local:
+            actual = os.lstat(where).st_size
+        else:
+            with self.remote():
+                actual = self.fs.info(where).get("size")
         if actual is None:
             return -1
         if size is not None and actual != size:
@@ -272,7 +290,8 @@ class CacheFiles:
         where = self.where(*names)
         if self.local:
             return VerifiedFile(where, _open_local(self.root, names), size, sha256, local=True)
-        return VerifiedFile(where, self.fs.open(where, "rb"), size, sha256, local=False)
+        with self.remote():
+            return VerifiedFile(where, self.fs.open(where, "rb"), size, sha256, local=False, remote=self.remote)
 
     def read_bytes(
         self,
@@ -295,7 +314,7 @@ class CacheFiles:
             with os.fdopen(_open_local(self.root, names), "rb") as f:
                 data = f.read(max_bytes + 1)
         else:
-            with self.fs.open(where, "rb") as f:
+            with self.remote(), self.fs.open(where, "rb") as f:
                 data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise FormatError(
@@ -322,6 +341,31 @@ class CacheFiles:
             if n != size:
                 raise ChecksumError(f"{printable(f.where)}: {n} bytes read, the manifest says {size}; restore it")
             check_digest(digest.hexdigest(), sha256, f.where)
+
+
+def remote_failure(exc: BaseException) -> str | None:
+    """The cause of a failure to reach a remote cache (formats.hub: the hub's and the network's),
+    or None when `exc` is only a missing file."""
+    from formats.hub import hub_error_text
+
+    return hub_error_text(exc)
+
+
+@contextlib.contextmanager
+def _remote_errors(path: str):
+    try:
+        yield
+    except KDCacheError:
+        raise
+    except Exception as exc:
+        cause = remote_failure(exc)
+        if cause is None and isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            cause = (
+                f"cannot be read ({type(exc).__name__}: {printable(exc)[:200]}); check the URL, credentials and network"
+            )
+        if cause is None:
+            raise
+        raise InputError(f"{printable(path)}: {cause}") from None
 
 
 _KIND_TEXT = {"link": "symlink", "dir": "folder", "other": "FIFO, device or socket"}
@@ -368,8 +412,8 @@ class VerifiedFile:
     file is spooled to an anonymous local temporary file as it streams, so the bytes parsed afterwards
     are exactly the bytes hashed (a server cannot answer a later range request with other bytes)."""
 
-    def __init__(self, where: str, f, size: int, sha256: str | None, *, local: bool):
-        self.where, self.size, self.sha256, self.local = where, size, sha256, local
+    def __init__(self, where: str, f, size: int, sha256: str | None, *, local: bool, remote=contextlib.nullcontext):
+        self.where, self.size, self.sha256, self.local, self._remote = where, size, sha256, local, remote
         self._f = os.fdopen(f, "rb") if isinstance(f, int) else f
         self.verified = sha256 is None
 
@@ -387,13 +431,14 @@ class VerifiedFile:
                 raise ChecksumError(f"{printable(self.where)}: its size changed while it was read; restore it")
         else:
             spool = tempfile.TemporaryFile(prefix="kdcache-shard-")
-            self._f.seek(0)
-            while block := self._f.read(CHUNK):
-                n += len(block)
-                if n > self.size:
-                    break
-                digest.update(block)
-                spool.write(block)
+            with self._remote():
+                self._f.seek(0)
+                while block := self._f.read(CHUNK):
+                    n += len(block)
+                    if n > self.size:
+                        break
+                    digest.update(block)
+                    spool.write(block)
             if n != self.size:
                 spool.close()
                 raise ChecksumError(f"{printable(self.where)}: {n} bytes or more read, the manifest says {self.size}")

@@ -172,6 +172,13 @@ class TrainConfig:
     save_every: int = setting(500, metavar="N", help="steps between checkpoints (0 = at the end only)")
     keep_checkpoints: int = setting(2, help="newest checkpoints kept", metavar="N")
     log_every: int = setting(10, help="steps between metrics.jsonl lines", metavar="N")
+    push_to_hub: str | None = setting(
+        None,
+        metavar="REPO_ID",
+        help="when the run finishes, upload final/ (weights, tokenizer, model card) to this hub model repo "
+        "(USER/NAME, created public if missing; token: HF_TOKEN or `hf auth login`, checked before "
+        "training starts)",
+    )
     resume: bool = setting(False, help="continue from the newest checkpoint in --out")
     progress: bool = setting(True, help="progress bar (rank 0)")
     tensorboard: bool = setting(True, help="TensorBoard events (when installed)")

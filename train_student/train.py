@@ -837,9 +837,19 @@ def run(cfg: TrainConfig) -> int:
     logging.basicConfig(
         level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if cfg.push_to_hub:  # what can be checked offline, now: a long run must not fail at its end on a token
+        from formats.hub import check_can_write
+
+        check_can_write(cfg.push_to_hub, "--push-to-hub")
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        return trainer.train()
+        code = trainer.train()
     finally:
         trainer.cleanup()
+    if cfg.push_to_hub and trainer.main and trainer.stage_idx >= len(trainer.stages):  # finished, not stopped
+        from formats.hub import upload_folder_files
+
+        url = upload_folder_files(trainer.out / "final", cfg.push_to_hub, log=log.info)
+        log.info("final/ uploaded to %s (%s)", cfg.push_to_hub, url)
+    return code

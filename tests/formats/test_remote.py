@@ -2,29 +2,9 @@
 
 import fsspec
 import numpy as np
-import pytest
 
 from formats import CacheReader
 from formats.tools import verify_cache
-
-moto_server = pytest.importorskip("moto.server")
-pytest.importorskip("s3fs")
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    # port 0: the server binds a free port itself (no window between choosing a port and binding it)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "test", "secret": "test"}
-    fs = fsspec.filesystem("s3", **options)
-    fs.mkdir("kd-bucket")
-    yield fs, options
-    server.stop()
 
 
 def test_s3_round_trip(s3, cache, examples):
