@@ -50,8 +50,13 @@ def register(sub) -> None:
         "template, codec and mode; disjoint example ids) into a new cache folder with one manifest. "
         "Refuses caches that do not belong together. The inputs are left untouched.",
     )
-    p.add_argument("out", help="new, empty output folder")
+    p.add_argument(
+        "out", help="new, empty output folder, or an object-store URL (staged locally, manifest uploaded last)"
+    )
     p.add_argument("caches", nargs="+", help="worker caches (folders or URLs)")
+    p.add_argument(
+        "--staging", metavar="DIR", help="URL output: the local staging folder (default: under the temp dir)"
+    )
     p.set_defaults(func=_merge)
 
     p = sub.add_parser(
@@ -82,7 +87,10 @@ def register(sub) -> None:
         "and _export.json last; a rerun resumes an interrupted export.",
     )
     p.add_argument("cache", help="cache folder or fsspec URL")
-    p.add_argument("out", help="new (or partially exported) local folder")
+    p.add_argument("out", help="new (or partially exported) local folder, or an object-store URL (staged locally)")
+    p.add_argument(
+        "--staging", metavar="DIR", help="URL output: the local staging folder (default: under the temp dir)"
+    )
     p.add_argument("--format", dest="fmt", choices=("decoded", "axolotl"), default="decoded")
     p.add_argument(
         "--temperature",
@@ -183,7 +191,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from formats.tools import merge_caches
 
-    m = merge_caches(args.out, args.caches)
+    m = merge_caches(args.out, args.caches, staging=args.staging)
     print(
         f"merged {len(args.caches)} caches into {args.out}: {m['counts']['examples']} examples, "
         f"{m['counts']['positions']} positions, {len(m['shards'])} shards"
@@ -212,6 +220,7 @@ def _export(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         rows_per_file=args.rows_per_file,
         progress=args.progress,
+        staging=args.staging,
     )
     print(
         f"exported {record['examples']} examples of {args.cache} to {args.out} ({args.fmt}, {len(record['files'])} files)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -339,8 +340,9 @@ def _differences(a, b, prefix: tuple) -> list[tuple]:
     return [] if a == b else [prefix]
 
 
-def merge_caches(out, caches: list) -> dict:
-    """Combine worker caches into one folder `out` (copies shards; inputs are left untouched).
+def merge_caches(out, caches: list, *, staging=None) -> dict:
+    """Combine worker caches into one folder `out` (copies shards; inputs are left untouched), or into an
+    object-store URL: merged in a local staging folder, then uploaded with the manifest last (_merge_to_store).
 
     Refuses inputs that do not belong together (check_mergeable), a cache given twice, an input that
     fails `verify_cache` (every input is verified first, rows decoded), duplicate example or reject ids
@@ -350,7 +352,11 @@ def merge_caches(out, caches: list) -> dict:
     """
     if not caches:
         raise InputError("merge needs at least one cache")
-    out = Path(out)
+    from formats.remote_write import is_remote, local_path
+
+    if is_remote(out):
+        return _merge_to_store(str(out), caches, staging)
+    out = Path(local_path(out))
     if os.path.lexists(out) and (not out.is_dir() or out.is_symlink() or any(out.iterdir())):
         raise InputError(f"{printable(str(out))} exists and is not empty (or not a folder); merge writes a new folder")
     names = [str(c) for c in caches]
@@ -407,6 +413,28 @@ def merge_caches(out, caches: list) -> dict:
             out.mkdir()
         raise
     return merged
+
+
+_MERGED_NAMES = re.compile(
+    rf"w\d{{3}}-[A-Za-z0-9._-]+{re.escape(SHARD_SUFFIX)}|{re.escape(REJECTS_NAME)}|{re.escape(CARD_NAME)}"
+    rf"|{re.escape(TOKENIZER_DIR)}/[A-Za-z0-9_-][A-Za-z0-9._-]*"
+)
+
+
+def _merge_to_store(url: str, caches: list, staging) -> dict:
+    """merge_caches into `url`: the merge is redone in the staging folder (a copy; merge keeps no partial
+    state), then uploaded with the objects a killed earlier upload finished skipped (formats/remote_write.py).
+    A prefix holding a complete cache, or files a merge does not write, is refused before any copying."""
+    from formats.remote_write import Remote, write_staged
+
+    if MANIFEST_NAME in Remote(url).listing():
+        raise InputError(f"{printable(url)} already holds a complete cache (manifest.json); merge writes a new prefix")
+
+    def build(folder: Path) -> dict:
+        shutil.rmtree(folder, ignore_errors=True)
+        return merge_caches(folder, caches)
+
+    return write_staged(url, build, last=MANIFEST_NAME, staging=staging, allowed=_MERGED_NAMES.fullmatch)
 
 
 def _check_disjoint(inputs: list, manifests: list[dict], rejects: list[list[dict]]) -> None:
