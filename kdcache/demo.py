@@ -21,7 +21,7 @@ from pathlib import Path
 
 TEACHER = "smollm2-135m-instruct"
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "tulu3_sft_sample.jsonl"
-HELDOUT_TASK = "kdcache_heldout_chat"  # `kdcache eval`'s local held-out chat task (configs/eval/)
+HELDOUT_TASK = "kdcache_heldout_chat"  # `kdcache eval`'s local held-out chat task (kdcache/study/tasks/)
 
 
 @dataclass
@@ -230,7 +230,7 @@ def train_one(
 
 
 def evaluate_runs(runs: list[Path]) -> str:
-    """`kdcache eval` of every run on the local held-out chat task (configs/eval/)."""
+    """`kdcache eval` of every run on the local held-out chat task (kdcache/study/tasks/)."""
     from kdcache.study.evaluate import evaluate
 
     for run in runs:

@@ -1,4 +1,5 @@
-"""Every YAML under configs/ maps onto its dataclass (config files mirror the code)."""
+"""Every YAML under configs/ maps onto its dataclass (config files mirror the code); the bundled lm-eval task
+YAMLs (kdcache/study/tasks/, package data) load with lm-eval's own loader."""
 
 from pathlib import Path
 
@@ -6,7 +7,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+TASKS = ROOT / "kdcache" / "study" / "tasks"
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted(TASKS.glob("*.yaml"))
 
 
 def is_train_config(data: dict) -> bool:
@@ -20,7 +22,7 @@ def test_both_stages_have_config_files():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_loads(path):
     """The one test that loads every YAML under configs/ (as a file, through each stage's make_config)."""
-    if path.parent.name == "eval":  # lm-eval task files (`!function` tags): lm-eval's own loader
+    if path.parent == TASKS:  # lm-eval task files (`!function` tags): lm-eval's own loader
         from lm_eval.tasks._yaml_loader import load_yaml as load_task_yaml
 
         assert callable(load_task_yaml(path)["custom_dataset"])

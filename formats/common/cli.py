@@ -1,12 +1,14 @@
 """The one-line error runner both entry points share (`kdcache`, `python -m train_student`): a KDCacheError or an
-operational OSError (a full disk, a file size limit, a read-only or forbidden folder) is one line on stderr
-saying what, where and what to do, and exit status 1; anything else is a bug and keeps its traceback."""
+operational OSError (a full disk, a file size limit, a read-only or forbidden folder) or an install problem (a module
+of an extra that is not installed, a torchvision that cannot load: formats.common.requirements) is one line on
+stderr saying what, where and what to do, and exit status 1; anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 import errno
 import sys
 
+from formats.common.requirements import install_hint
 from formats.errors import KDCacheError
 
 
@@ -27,6 +29,12 @@ def run_command(parser, args, prog: str) -> int:
             raise
         where = f": {exc.filename}" if exc.filename else ""
         print(f"{prog} {args.command}: error: {exc.strerror}{where}; {hint}", file=sys.stderr)
+        return 1
+    except (ImportError, RuntimeError) as exc:  # an extra not installed (matplotlib for plot, ...), torchvision's trap
+        hint = install_hint(exc)
+        if hint is None:
+            raise
+        print(f"{prog} {args.command}: error: {hint}", file=sys.stderr)
         return 1
 
 

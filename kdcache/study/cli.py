@@ -19,7 +19,7 @@ def register(sub) -> None:
         "model path and sha256 of its weights), merged per task: tasks already there for the same weights are "
         "skipped unless --force. Engine and dtype are chosen as for the teacher (vLLM where kdcache's engine rule "
         "picks it, transformers otherwise; bfloat16 where the hardware computes it natively). Local offline "
-        f"tasks in configs/eval/: {LOCAL_TASKS}. Schema and covered benchmarks: docs/EVAL.md.",
+        f"tasks (bundled, kdcache/study/tasks/): {LOCAL_TASKS}. Schema and covered benchmarks: docs/EVAL.md.",
     )
     p.add_argument("targets", nargs="+", metavar="MODEL_OR_RUN", help="kdcache run folders, model folders or hub ids")
     p.add_argument(
@@ -62,7 +62,7 @@ def register(sub) -> None:
     p.add_argument(
         "--include-path",
         metavar="DIR",
-        help="folder of lm-eval task YAMLs to add (default: the checkout's configs/eval)",
+        help="folder of lm-eval task YAMLs to use instead of kdcache's bundled ones (kdcache/study/tasks)",
     )
     p.add_argument("--force", action="store_true", help="rerun tasks already in results.json")
     p.add_argument(

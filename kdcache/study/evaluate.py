@@ -12,8 +12,9 @@ silently dropped).
 
 The engine and dtype follow the rest of kdcache: lm-eval's vLLM backend where kdcache's teacher engine
 rule picks vLLM (cache_teacher.config, docs/BENCHMARKS.md), transformers ("hf") otherwise; dtype from
-formats.common.hardware (bfloat16 where the hardware computes it natively, else float32). configs/eval/ is on
-lm-eval's task path, so its offline tasks (kdcache_heldout_chat, kdcache_arith_qa) are known by name.
+formats.common.hardware (bfloat16 where the hardware computes it natively, else float32). kdcache/study/tasks/
+(package data: the wheel carries it) is on lm-eval's task path, so its offline tasks (kdcache_heldout_chat,
+kdcache_arith_qa) are known by name.
 lm-eval is imported only here, lazily.
 """
 
@@ -37,7 +38,7 @@ from formats.trust import load_json_file
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]  # kdcache/study/evaluate.py -> the checkout
-LOCAL_TASKS = REPO / "configs" / "eval"
+LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"  # the bundled offline tasks (package data)
 # The Tulu 3 evaluation's tasks that lm-eval has (docs/EVAL.md says which are missing and why).
 DEFAULT_TASKS = ("ifeval", "gsm8k_cot", "mmlu", "bbh_cot_fewshot", "truthfulqa_mc2", "drop")
 # Tasks whose scoring code imports packages outside lm-eval's core (lm-eval's extras): checked up front.
@@ -72,7 +73,7 @@ def evaluate(
     `out` defaults to RUN/eval for a run folder; a plain model without `out` is not saved).
 
     apply_chat_template: None = where the tokenizer has a chat template (post-trained students do).
-    include_path: a folder of lm-eval task YAMLs (default: this checkout's configs/eval).
+    include_path: a folder of lm-eval task YAMLs (default: the bundled kdcache/study/tasks).
     """
     from formats.common.hardware import default_device, resolve_dtype
 
@@ -210,14 +211,11 @@ def kdcache_version() -> str:
 
 @lru_cache(maxsize=4)
 def task_manager(include_path: Path = LOCAL_TASKS):
-    """lm-eval's task index with configs/eval on its path (built once per process: it reads ~10,000 YAML files)."""
+    """lm-eval's task index with the bundled tasks on its path (built once per process: it reads ~10,000 YAML files)."""
     from lm_eval.tasks import TaskManager
 
     if not include_path.is_dir():
-        raise InputError(
-            f"{include_path}: no such task folder (configs/eval/ is in the kdcache checkout, not in a "
-            "wheel: pass the folder with --include-path)"
-        )
+        raise InputError(f"{include_path}: no such task folder (--include-path takes a folder of lm-eval task YAMLs)")
     return TaskManager(include_path=str(include_path))
 
 

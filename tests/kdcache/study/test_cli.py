@@ -80,10 +80,12 @@ def test_bad_arguments_are_argparse_errors(argv, capsys):
     assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
 
 
-def test_the_offline_tasks_named_in_the_help_are_defined_in_configs_eval():
+def test_the_offline_tasks_named_in_the_help_are_defined_in_the_bundled_tasks():
     import re
 
-    yamls = (REPO / "configs" / "eval").glob("*.yaml")  # lm-eval YAML (its !function tags): read the task line
+    yamls = (REPO / "kdcache" / "study" / "tasks").glob(
+        "*.yaml"
+    )  # lm-eval YAML (its !function tags): read the task line
     defined = {re.search(r"^task: *(\S+)", p.read_text(), re.M).group(1) for p in yamls}
     assert set(study_cli.LOCAL_TASKS.split(",")) == defined
 

@@ -1,5 +1,5 @@
 """`kdcache eval` (kdcache/study/evaluate.py, eval_cli.py): lm-eval on a tiny student, offline, on the local
-tasks of configs/eval; results.json merged, reruns skipped, hostile files refused or set aside."""
+tasks (kdcache/study/tasks); results.json merged, reruns skipped, hostile files refused or set aside."""
 
 from __future__ import annotations
 
@@ -269,7 +269,9 @@ def _mean_response_loglikelihood(model_dir: Path, chat: bool, limit: int | None 
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = [json.loads(line) for line in (REPO / "configs/eval/data/heldout_chat.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (REPO / "kdcache/study/tasks/data/heldout_chat.jsonl").read_text().splitlines()
+    ]
     rows = rows[:limit]
     total = 0.0
     for row in rows:
@@ -319,7 +321,9 @@ def test_kdcache_eval_end_to_end_offline(run_dir, monkeypatch, capsys):
     assert chat["metrics"]["loglikelihood"] == pytest.approx(
         _mean_response_loglikelihood(run_dir / "final", True), abs=1e-4
     )
-    rows = [json.loads(line) for line in (REPO / "configs/eval/data/heldout_chat.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (REPO / "kdcache/study/tasks/data/heldout_chat.jsonl").read_text().splitlines()
+    ]
     n_bytes = sum(len(r["response"].encode()) for r in rows)
     assert chat["metrics"]["bits_per_byte"] == pytest.approx(
         -chat["metrics"]["loglikelihood"] * len(rows) / n_bytes / math.log(2), rel=1e-9
@@ -404,7 +408,7 @@ def test_batch_size_auto_on_cpu_is_fixed(monkeypatch):
 def _task_utils():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("kdcache_eval_task_utils", REPO / "configs/eval/utils.py")
+    spec = importlib.util.spec_from_file_location("kdcache_eval_task_utils", REPO / "kdcache/study/tasks/utils.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

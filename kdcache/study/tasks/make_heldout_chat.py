@@ -1,6 +1,6 @@
 """Writes data/heldout_chat.jsonl (the `kdcache_heldout_chat` task's data) from the Tulu 3 SFT sample.
 
-    python configs/eval/make_heldout_chat.py [../shared/data/tulu3_sft_sample.jsonl]
+    python -m kdcache.study.tasks.make_heldout_chat [../shared/data/tulu3_sft_sample.jsonl]
 
 Keeps the single-turn rows (one user turn, one assistant turn) whose id falls in the trainer's held-out
 split at eval_fraction 0.2 (`formats.ids.is_eval`, the split the demo trains with): a student trained
@@ -32,7 +32,7 @@ def heldout_rows(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    source = Path(argv[0] if argv else HERE.parents[1] / ".." / "shared" / "data" / "tulu3_sft_sample.jsonl")
+    source = Path(argv[0] if argv else HERE.parents[2] / ".." / "shared" / "data" / "tulu3_sft_sample.jsonl")
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     out = HERE / "data" / "heldout_chat.jsonl"
     with out.open("w") as f:
