@@ -93,12 +93,14 @@ def push_cache(
 
 
 def verified_items(cache) -> tuple:
-    """The cache (formats.trust.CacheFiles) and the files to send, in order (shards, the other listed files, the card, manifest.json last), after
-    verify_cache passed; FormatError (one line, nothing sent) when it does not."""
+    """The cache (formats.trust.CacheFiles) and the files to send, in order (shards, the other listed files,
+    the card, manifest.json last), after verify_cache passed; FormatError (one line, nothing sent) when it
+    does not. The manifest sent is the one verified: its bytes are hashed before verify and again after."""
     files = open_cache(cache)
     if not files.local:
         raise InputError(f"{printable(files.path)}: push sends a local cache folder (pull or copy it here first)")
     try:
+        before = _manifest_digest(files)
         verify_cache(files)
     except FormatError as exc:
         raise type(exc)(f"refusing to push a cache that fails `kdcache verify` (nothing was sent): {exc}") from None
@@ -119,7 +121,18 @@ def verified_items(cache) -> tuple:
             cap = MAX_MANIFEST_BYTES if name == MANIFEST_NAME else MAX_CARD_BYTES
             digest = hashlib.sha256(files.read_bytes(*parts, max_bytes=cap, listed_in="the cache")).hexdigest()
         items.append(Item(name, Path(files.where(*parts)), size, digest))
+    if items[-1].sha256 != before:
+        raise FormatError(f"{printable(files.where(MANIFEST_NAME))}: changed while it was verified; nothing was sent")
     return files, items
+
+
+def _manifest_digest(files) -> str:
+    raw = (
+        files.read_bytes(MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES, listed_in="the cache")
+        if files.exists(MANIFEST_NAME)
+        else b""
+    )
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _check_plain(item: Item) -> None:

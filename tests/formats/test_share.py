@@ -345,3 +345,35 @@ def test_pull_with_hf_hub_offline_is_one_line_for_real(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"hf://datasets/{REPO}: HF_HUB_OFFLINE=1 is set" in err[0]
     assert not (tmp_path / "got").exists() and not (tmp_path / ".got.kdcache-pull").exists()
+
+
+def _after_verify(monkeypatch, change):
+    real = share_mod.verify_cache
+
+    def verify_then_change(*args, **kwargs):
+        result = real(*args, **kwargs)
+        change()
+        return result
+
+    monkeypatch.setattr(share_mod, "verify_cache", verify_then_change)
+
+
+def test_a_manifest_changed_while_it_was_verified_is_not_sent(cache, tmp_path, monkeypatch):
+    _after_verify(monkeypatch, lambda: edit_manifest(cache, lambda m: m.update(created="later")))
+    with pytest.raises(FormatError, match="changed while it was verified; nothing was sent"):
+        push_cache(cache, str(tmp_path / "published"), log=quiet)
+    assert not (tmp_path / "published").exists()
+
+
+def test_a_shard_replaced_after_verify_stops_the_hub_push_before_the_manifest(cache, hub, monkeypatch):
+    shard = sorted(cache.glob("*.parquet"))[0]
+
+    def flip():
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01  # the same size: only the hash of what was uploaded tells
+        shard.write_bytes(bytes(data))
+
+    _after_verify(monkeypatch, flip)
+    with pytest.raises(ChecksumError, match="the uploaded bytes differ from the manifest's sha256"):
+        push_cache(cache, REPO, log=quiet)
+    assert not (hub.folder(REPO) / MANIFEST_NAME).exists()
