@@ -25,6 +25,7 @@ from cache_teacher.provenance import codec_config, provenance, teacher_tokenizer
 from cache_teacher.summary import Summary, per_input
 from formats.template import ChatTemplater, TemplateReject
 from cache_teacher.writer_thread import WriterThread
+from formats.errors import InputError
 from formats.ids import sample_ids
 from formats.manifest import reason_code
 from formats.common.prefetch import prefetch
@@ -57,10 +58,11 @@ def run_cache(config, engine=None, tokenizer=None) -> Summary:
     progress = _Progress(config, summary, started)
     folder = config.out if upload is None else upload.staging
     try:
-        if upload is not None:
-            upload.start()  # committed shards go to the store while the teacher works
         prov = provenance(config, tokenizer, templater)
-        manifest = _write_cache(config, templater, prov, teacher, summary, progress, folder)
+        # --out URL: the store is claimed once the writer has opened the folder, and committed shards go up
+        # while the teacher works
+        on_open = upload.start if upload is not None else None
+        manifest = _write_cache(config, templater, prov, teacher, summary, progress, folder, on_open)
     finally:
         if upload is not None:
             upload.stop()
@@ -91,6 +93,8 @@ def _complete_on_store(config, upload, tokenizer, started: float) -> Summary:
     from cache_teacher.provenance import check_finished_cache
 
     manifest = upload.complete
+    if not config.resume:
+        raise InputError(f"{config.out} already holds a complete cache; write to a new prefix, or delete this one")
     check_finished_cache(config.out, config, tokenizer, manifest=manifest)
     upload.finish_complete()
     summary = Summary(out=str(config.out), per_input=per_input(config))
@@ -102,10 +106,17 @@ def _complete_on_store(config, upload, tokenizer, started: float) -> Summary:
 
 
 def _write_cache(
-    config, templater, prov: dict, teacher: "_Teacher", summary: Summary, progress: "_Progress", folder=None
+    config,
+    templater,
+    prov: dict,
+    teacher: "_Teacher",
+    summary: Summary,
+    progress: "_Progress",
+    folder=None,
+    on_open=None,
 ) -> dict:
     """Every input record not done yet, written or rejected into `folder` (default: config.out); returns the
-    finished cache's manifest."""
+    finished cache's manifest. `on_open()` runs once the writer holds the folder, before the teacher starts."""
     import itertools
 
     from formats.writer import CacheWriter
@@ -122,6 +133,8 @@ def _write_cache(
         row_group_positions=config.row_group_positions,
         resume=config.resume,
     ) as writer:
+        if on_open is not None:
+            on_open()
         io = WriterThread(writer)
         batches = _Batches(config, teacher, templater, io, summary, progress)
         try:

@@ -273,8 +273,10 @@ class CacheUpload:
 
     upload = CacheUpload(url)
     manifest = upload.open()       # the store's manifest when the cache there is complete, else None
-    upload.start()                 # mirror committed shards in the background
-    ... CacheWriter(upload.staging) ...
+    with CacheWriter(upload.staging, ...) as writer:
+        upload.start()             # claim the prefix (job.json), then mirror committed shards in the background
+        ...
+    upload.stop()
     upload.finish()                # the rest, manifest.json last; staging removed
     """
 
@@ -287,7 +289,7 @@ class CacheUpload:
         self._listing: dict = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._error: Exception | None = None  # the mirror's last failure (finish() retries every upload)
         self.complete: dict | None = None  # the store's manifest once open() found the cache complete there
 
     # -- before the job --------------------------------------------------------------------------
@@ -342,6 +344,9 @@ class CacheUpload:
 
     # -- during the job --------------------------------------------------------------------------
     def start(self) -> None:
+        """Claim the prefix now (the writer has just written `_progress/job.json`: uploaded here, so a store
+        that cannot be written stops the job before the teacher starts), then mirror in the background."""
+        self.sync()
         self._thread = threading.Thread(target=self._loop, name="kdcache-upload", daemon=True)
         self._thread.start()
 
@@ -349,7 +354,7 @@ class CacheUpload:
         try:
             while not self._stop.wait(self.interval):
                 self.sync()
-        except BaseException as exc:  # reported by finish(); the job's own files stay staged
+        except Exception as exc:  # a store that fails mid-job: the job goes on; finish() uploads everything again
             self._error = exc
 
     def sync(self) -> None:
@@ -400,8 +405,6 @@ class CacheUpload:
         from formats.writer import PROGRESS
 
         self.stop()
-        if self._error is not None:
-            raise self._error
         files = local_files(self.staging, skip=(LOCK_NAME, PROGRESS))
         upload_files(self.remote, files, last=MANIFEST_NAME, known=self._sent)
         self.remote.remove(sorted(n for n in self.remote.listing() if n not in files))

@@ -246,6 +246,17 @@ def test_the_mirror_resumes_from_staging_or_from_the_store(staging_survives, sto
     assert not [n for n in fs.find("kd-bucket/mirrored") if "_progress" in n] and not staging_dir(url).exists()
 
 
+def test_a_bucket_that_cannot_be_written_stops_the_job_when_it_claims_the_prefix(store, examples):
+    """The claim (job.json) is uploaded when the writer opens the staging folder, before run_cache's teacher
+    starts: a missing bucket is one line then, not after the whole job."""
+    upload = CacheUpload("s3://no-such-bucket-kd/c")
+    assert upload.open() is None
+    with pytest.raises(InputError, match="cannot upload _progress/job.json") as info:
+        with CacheWriter(upload.staging, codec=CodecConfig(k=8), provenance=PROVENANCE):
+            upload.start()
+    assert "\n" not in str(info.value) and upload._thread is None
+
+
 def test_a_store_with_files_of_its_own_is_not_written(store, examples):
     fs, bucket = store
     fs.pipe("kd-bucket/theirs/data.csv", b"a,b\n")
