@@ -377,3 +377,28 @@ def test_a_shard_replaced_after_verify_stops_the_hub_push_before_the_manifest(ca
     with pytest.raises(ChecksumError, match="the uploaded bytes differ from the manifest's sha256"):
         push_cache(cache, REPO, log=quiet)
     assert not (hub.folder(REPO) / MANIFEST_NAME).exists()
+
+
+def test_tokenizer_files_go_up_and_come_back(tmp_path, hub, rng):
+    """A cache carrying the teacher's tokenizer (tokenizer/): pushed to the Hub, pulled back, verified
+    (the tokenizer identity check loads the files it pulled)."""
+    from ..tokenizer_helpers import tiny_tokenizer
+    from .format_helpers import PROVENANCE, make_example, write_cache
+
+    from formats.tokenizer_files import add_tokenizer
+    from formats.tokenizer_id import tokenizer_info
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    cache = tmp_path / "tcache"
+    examples = [make_example(rng, i) for i in range(6)]
+    write_cache(
+        cache, examples, output_size=1000, provenance={**PROVENANCE, "tokenizer": tokenizer_info(tokenizer, "t")}
+    )
+    add_tokenizer(cache, str(tmp_path / "tok"))
+    push_cache(cache, REPO, log=quiet)
+    assert any(n.startswith("tokenizer/") for n in hub.commits[-1]["add"])
+    result = pull_cache(REPO, tmp_path / "got", log=quiet)
+    assert result["tokenizer_files"] >= 1
+    assert files_of(tmp_path / "got") == expected_files(cache)
+    assert rows(tmp_path / "got") == rows(cache)
