@@ -44,7 +44,7 @@ def hub_error_text(exc: BaseException) -> str | None:
         from huggingface_hub import errors as hf
     except ImportError:  # no huggingface_hub: no hub failure to name
         return None
-    for e in _chain(exc):
+    for e in chain(exc):
         if isinstance(e, hf.RemoteEntryNotFoundError):  # a file the repo lacks: not a failure (the caller says)
             return None
         text = _one_cause(e)
@@ -53,7 +53,8 @@ def hub_error_text(exc: BaseException) -> str | None:
     return None
 
 
-def _chain(exc: BaseException):
+def chain(exc: BaseException):
+    """`exc` and what it was raised from (or during), as Python would print them."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -97,7 +98,7 @@ def _one_cause(e: BaseException) -> str | None:
             )
         first = printable(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[:200]
         return f"the hub answered HTTP {status}: {first}"
-    if _is_connection_error(e):
+    if is_connection_error(e):
         return (
             f"cannot reach the hub ({type(e).__name__}: {printable(e)[:160]}): check the network "
             "(or HF_ENDPOINT / the proxy settings), then rerun"
@@ -105,7 +106,7 @@ def _one_cause(e: BaseException) -> str | None:
     return None
 
 
-def _is_connection_error(e: BaseException) -> bool:
+def is_connection_error(e: BaseException) -> bool:
     """httpx / httpx2 transport errors (huggingface_hub's HTTP client), requests' connection errors and the
     socket's own (ConnectionError, TimeoutError)."""
     classes = [ConnectionError, TimeoutError]

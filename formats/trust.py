@@ -219,7 +219,7 @@ class CacheFiles:
             try:
                 info = self.fs.info(where)
             except FileNotFoundError as exc:
-                if remote_failure(exc) is not None:  # not absent: the repo, revision or hub is (remote() says)
+                if remote_failure(exc, self.path) is not None:  # not absent: the repo, revision or hub is
                     raise
                 return None
         if info.get("islink"):
@@ -343,12 +343,20 @@ class CacheFiles:
             check_digest(digest.hexdigest(), sha256, f.where)
 
 
-def remote_failure(exc: BaseException) -> str | None:
-    """The cause of a failure to reach a remote cache (formats.hub: the hub's and the network's),
-    or None when `exc` is only a missing file."""
-    from formats.hub import hub_error_text
+def remote_failure(exc: BaseException, path: str) -> str | None:
+    """The cause of a failure to reach the remote cache at `path` (over hf://, formats.hub names the hub's
+    causes; elsewhere a connection error is the store's), or None when `exc` is only a missing file."""
+    from formats.hub import chain, hub_error_text, is_connection_error, is_hub_url
 
-    return hub_error_text(exc)
+    if is_hub_url(path):
+        return hub_error_text(exc)
+    for e in chain(exc):
+        if is_connection_error(e):
+            return (
+                f"cannot reach the store ({type(e).__name__}: {printable(e)[:160]}); check the URL, the endpoint "
+                "and the network"
+            )
+    return None
 
 
 @contextlib.contextmanager
@@ -358,7 +366,7 @@ def _remote_errors(path: str):
     except KDCacheError:
         raise
     except Exception as exc:
-        cause = remote_failure(exc)
+        cause = remote_failure(exc, path)
         if cause is None and isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             cause = (
                 f"cannot be read ({type(exc).__name__}: {printable(exc)[:200]}); check the URL, credentials and network"

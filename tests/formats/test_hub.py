@@ -197,3 +197,20 @@ def test_upload_folder_files_sends_plain_files_only(tmp_path, monkeypatch):
     (final / "link").symlink_to(tmp_path / "hub")
     with pytest.raises(InputError, match="not a plain file"):
         hub.upload_folder_files(final, "u/student", token="hf_x", log=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    "exc, text",
+    [
+        (ConnectionError("connection refused"), "cannot reach the store \\(ConnectionError: connection refused\\)"),
+        (PermissionError(13, "Access Denied"), "cannot be read \\(PermissionError"),
+    ],
+)
+def test_another_store_that_cannot_answer_is_named_too(exc, text, monkeypatch):
+    """Not the hub: an object store's connection or permission failure is one line, not "no manifest.json"."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    monkeypatch.setattr(MemoryFileSystem, "info", _info_raising(exc))
+    with pytest.raises(InputError, match=f"^memory://kd-store/c: {text}") as got:
+        load_manifest("memory://kd-store/c")
+    assert "hub" not in str(got.value)
