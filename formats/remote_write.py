@@ -40,6 +40,7 @@ READ_ONLY = frozenset(
     {"http", "https", "github", "git", "zip", "tar", "libarchive", "reference", "data", "dbfs-ro", "ftp-ro"}
 )
 LOCAL = frozenset({"file", "local"})
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # pyproject.toml's extras that bring a backend
 STAGING_ENV = "KDCACHE_STAGING"  # the folder staging folders go under (default: the system temp dir)
 MAX_PROGRESS_BYTES = 256 << 20  # a mirrored _progress/ file restored from the store (ids of one shard)
 
@@ -90,9 +91,10 @@ def check_writable(url: str, flag: str = "--out") -> None:
         fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError):
         package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+        extra = f" (kdcache's [{EXTRAS[protocol]}] extra)" if protocol in EXTRAS else ""
         raise InputError(
             f"{flag} {printable(text)}: writing {protocol}:// needs the fsspec backend {package!r}, "
-            f"which is not installed: pip install {package}"
+            f"which is not installed: pip install {package}{extra}"
         ) from None
 
 
