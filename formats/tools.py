@@ -431,7 +431,20 @@ def _merge_to_store(url: str, caches: list, staging) -> dict:
         raise InputError(f"{printable(url)} already holds a complete cache (manifest.json); merge writes a new prefix")
 
     def build(folder: Path) -> dict:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.is_dir():  # an earlier merge's staging (a merge keeps no partial state): redone from scratch
+            other = sorted(
+                p.name
+                for p in folder.iterdir()
+                if not _MERGED_NAMES.fullmatch(p.name)
+                and p.name not in (MANIFEST_NAME, TOKENIZER_DIR)
+                and not p.name.startswith(".")
+            )
+            if other:
+                raise InputError(
+                    f"{printable(str(folder))} (the staging folder) holds files a merge does not write "
+                    f"({', '.join(printable(n) for n in other[:3])}); give an empty or new --staging folder"
+                )
+            shutil.rmtree(folder)
         return merge_caches(folder, caches)
 
     return write_staged(url, build, last=MANIFEST_NAME, staging=staging, allowed=_MERGED_NAMES.fullmatch)

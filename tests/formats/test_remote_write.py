@@ -186,6 +186,16 @@ def test_export_to_s3_resumes_and_matches_a_local_export(store, cache, tmp_path,
         export_cache(cache, url, rows_per_file=5, progress=False)
 
 
+def test_merge_never_clears_a_staging_folder_holding_other_files(store, cache, tmp_path):
+    fs, bucket = store
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(InputError, match="holds files a merge does not write"):
+        merge_caches(f"{bucket}/m", [str(cache)], staging=mine)
+    assert (mine / "thesis.tex").read_text() == "years of work" and not fs.exists("kd-bucket/m")
+
+
 def test_a_prefix_with_other_files_is_refused_before_work(store, cache):
     fs, bucket = store
     fs.pipe("kd-bucket/data/notes.txt", b"someone else's")
