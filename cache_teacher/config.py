@@ -20,6 +20,7 @@ from typing import Any
 
 from formats.errors import InputError
 from formats.common.settings import check_choices, merge, setting
+from formats.manifest import license_ids_ok
 from formats.remote_write import check_writable, is_remote, local_path
 
 MODES = ("score", "generate")
@@ -39,6 +40,9 @@ class CacheConfig:
     )
     split: str = setting("train", help="dataset split (hub datasets; local files have one split)", metavar="SPLIT")
     dataset_revision: str | None = setting(None, help="hub dataset revision (commit or tag) to pin", metavar="REV")
+    dataset_config: str | None = setting(
+        None, help="hub dataset configuration (subset) to load: datasets.load_dataset's `name`", metavar="NAME"
+    )
     streaming: bool = setting(True, help="stream a hub dataset instead of downloading it first")
     sources: list[str] | None = setting(
         None,
@@ -158,6 +162,13 @@ class CacheConfig:
         help="--out URL: the local folder the cache is staged in before upload (default: one named after "
         "the URL under $KDCACHE_STAGING, else the system temp dir; a rerun finds it and resumes)",
     )
+    license: str | None = setting(
+        None,
+        metavar="SPDX",
+        help="the cache's license (an SPDX or hub license id: odc-by, apache-2.0, cc-by-4.0, ...), recorded in "
+        "the manifest and the card; default: the license in the dataset's own card (a hub dataset, or a local "
+        "folder's README.md), else `unknown` (with a warning; never guessed)",
+    )
     shard_max_bytes: int = setting(64 << 20, help="start a new shard past this many bytes", metavar="BYTES")
     row_group_positions: int = setting(
         65536,
@@ -215,6 +226,11 @@ class CacheConfig:
         out = self._check_out()
         if out and not is_remote(out) and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
             raise InputError(f"--out {out!r} is a file; give a folder (new, or a cache to resume)")
+        if self.license is not None and not license_ids_ok(self.license):
+            raise InputError(
+                f"--license {self.license!r} is not a license id: give an SPDX or hub id such as odc-by, "
+                "apache-2.0 or cc-by-4.0 (letters, digits, '.', '_', '+', '-')"
+            )
         if self.k < 1:
             raise InputError(f"k={self.k} must be >= 1")
         if self.mass is not None and not 0.0 < self.mass <= 1.0:

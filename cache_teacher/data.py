@@ -145,7 +145,11 @@ def _read_hub(config) -> Iterator[Any]:
 
     try:
         ds = datasets.load_dataset(
-            config.dataset, split=config.split, streaming=config.streaming, revision=config.dataset_revision
+            config.dataset,
+            config.dataset_config,
+            split=config.split,
+            streaming=config.streaming,
+            revision=config.dataset_revision,
         )
         rows = iter(ds)
         first = next(rows, None)  # a streamed dataset connects here: its errors are the dataset's too
@@ -280,7 +284,9 @@ def expected_inputs(config) -> int | None:
         else:
             import datasets
 
-            builder = datasets.load_dataset_builder(config.dataset, revision=config.dataset_revision)
+            builder = datasets.load_dataset_builder(
+                config.dataset, config.dataset_config, revision=config.dataset_revision
+            )
             total = builder.info.splits[config.split].num_examples
     except Exception:  # only an estimate: never fail a run over it
         return None
@@ -316,6 +322,7 @@ def describe(config) -> dict[str, Any]:
         revision, split = config.dataset_revision or _hub_commit(config.dataset), config.split
     return {
         "name": config.dataset,
+        "config": None if files is not None else config.dataset_config,  # a hub dataset's configuration (subset)
         "split": split,
         "revision": revision,
         "filters": {

@@ -6,6 +6,7 @@ It is written last and atomically, so its presence means the cache is complete.
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -205,6 +206,7 @@ def check_manifest(manifest, where: str) -> None:
         check_int(rejects.get("count"), f"{where}: rejects_file.count", 0, MAX_COUNT)
         check_sha256(rejects.get("sha256"), f"{where}: rejects_file.sha256")
     check_tokenizer_files(manifest.get("tokenizer_files"), where)
+    check_provenance(manifest, where)
     row_limits(manifest, where)
     check_accounting(manifest, where)
     try:
@@ -242,6 +244,64 @@ def check_tokenizer_files(entries, where: str) -> None:
         if entry["file"] in seen:
             raise FormatError(f"{where}: {field}.file {entry['file']!r} is listed twice; the manifest is damaged")
         seen.add(entry["file"])
+
+
+# Provenance that names the teacher's weights, the dataset and the license exactly (absent from caches written
+# before it was recorded, which load as they did). What the card shows of it is escaped there too.
+MAX_TEXT = 1024  # a name, path, revision, config or version
+MAX_WEIGHT_FILES = 10_000  # a sharded checkpoint has tens of files
+MAX_LICENSES = 16
+LICENSE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # an SPDX id or the hub's (odc-by, apache-2.0)
+
+
+def license_ids_ok(value) -> bool:
+    """A license as a card's `license` holds it: one id, or a list of 1..16 ids (SPDX or hub ids)."""
+    ids = value if isinstance(value, list) and 1 <= len(value) <= MAX_LICENSES else [value]
+    return all(isinstance(i, str) and LICENSE_ID.fullmatch(i) for i in ids)
+
+
+def check_provenance(manifest: dict, where: str) -> None:
+    """`teacher.revision`, `teacher.commit`, `teacher.weights_sha256`, `teacher.weight_files`, `dataset.revision`,
+    `dataset.config`, `license` and `kdcache_version`: absent or null, or of their type and within bounds."""
+    teacher, dataset = manifest.get("teacher") or {}, manifest.get("dataset") or {}
+    for section, key, value in (
+        ("teacher", "revision", teacher.get("revision")),
+        ("teacher", "commit", teacher.get("commit")),
+        ("dataset", "revision", dataset.get("revision")),
+        ("dataset", "config", dataset.get("config")),
+        ("", "kdcache_version", manifest.get("kdcache_version")),
+    ):
+        check_text(value, f"{where}: {section + '.' if section else ''}{key}")
+    if teacher.get("weights_sha256") is not None:
+        check_sha256(teacher["weights_sha256"], f"{where}: teacher.weights_sha256")
+    files = teacher.get("weight_files")
+    if files is not None:
+        if not isinstance(files, dict) or not 1 <= len(files) <= MAX_WEIGHT_FILES:
+            raise FormatError(
+                f"{where}: teacher.weight_files must map 1..{MAX_WEIGHT_FILES} file names to sha256s; "
+                "the manifest is damaged"
+            )
+        for name, digest in files.items():
+            check_text(name, f"{where}: a teacher.weight_files name", max_chars=255)
+            check_sha256(digest, f"{where}: teacher.weight_files[{printable(repr(name))[:80]}]")
+    lic = manifest.get("license")
+    if lic is None:
+        return
+    if not isinstance(lic, dict) or not (lic.get("id") is None or license_ids_ok(lic["id"])):
+        raise FormatError(
+            f'{where}: license is {printable(repr(lic))[:120]}: must be {{"id": an SPDX or hub license id '
+            '(or a list of them) or null, "source": text or null}; the manifest is damaged'
+        )
+    check_text(lic.get("source"), f"{where}: license.source")
+
+
+def check_text(value, where: str, max_chars: int = MAX_TEXT) -> None:
+    """`value` null or a string of at most `max_chars` characters, else FormatError."""
+    if value is not None and not (isinstance(value, str) and len(value) <= max_chars):
+        raise FormatError(
+            f"{where} is {printable(repr(value))[:80]}: must be text of at most {max_chars} characters or null; "
+            "the manifest is damaged"
+        )
 
 
 def check_int(value, where: str, lo: int, hi: int) -> int:
@@ -288,7 +348,12 @@ def row_limits(manifest: dict, where: str = MANIFEST_NAME) -> dict:
 MODES = ("score", "generate")
 
 
+# Provenance keys kept at the top of the manifest; any other key of a writer's provenance goes under `extra`.
+TOP_LEVEL = ("command", "mode", "teacher", "tokenizer", "dataset", "license", "kdcache_version")
+
+
 def new_manifest(codec: dict, provenance: dict) -> dict:
+    optional = {k: provenance[k] for k in ("license", "kdcache_version") if k in provenance}
     return {
         "format_version": FORMAT_VERSION,
         "created": now_iso(),
@@ -299,9 +364,8 @@ def new_manifest(codec: dict, provenance: dict) -> dict:
         "teacher": provenance.get("teacher", {}),
         "tokenizer": provenance.get("tokenizer", {}),
         "dataset": provenance.get("dataset", {}),
-        "extra": {
-            k: v for k, v in provenance.items() if k not in ("command", "mode", "teacher", "tokenizer", "dataset")
-        },
+        **optional,
+        "extra": {k: v for k, v in provenance.items() if k not in TOP_LEVEL},
         "counts": {},
         "shards": [],
     }

@@ -376,14 +376,23 @@ def refuse_other_settings(root, old: dict, manifest: dict, what: str) -> None:
         )
 
 
+# Settings recorded only since a later kdcache (the teacher's weight hashes and resolved commit): a job or cache
+# recorded without them (or where they could not be found) resumes; where both record them, they must agree.
+RECORDED_LATER = ("teacher.weight_files", "teacher.weights_sha256", "teacher.commit")
+
+
 def settings_diff(old: dict, new: dict) -> list[str]:
-    """`key.sub: old -> new` for every leaf setting that differs."""
+    """`key.sub: old -> new` for every leaf setting that differs (a RECORDED_LATER one only where `old` has it)."""
     a, b = _leaves(old), _leaves(new)
     return [
         f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}"
         for key in sorted(set(a) | set(b))
-        if _canon(a.get(key)) != _canon(b.get(key))
+        if _canon(a.get(key)) != _canon(b.get(key)) and not (a.get(key) is None and _recorded_later(key))
     ]
+
+
+def _recorded_later(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RECORDED_LATER)
 
 
 def _leaves(obj, prefix: str = "") -> dict:

@@ -148,6 +148,7 @@ def run_demo(
         temperature=0.8,
         seed=0,
         max_model_len=s.max_length + s.max_new_tokens + 8,
+        license="odc-by" if data == str(DEMO_DATA) else None,  # the shipped Tulu 3 sample (demo_data/README.md)
     )
     # engine, dtype and vLLM's memory: the machine's defaults (--engine/--dtype auto), as for any user
     summary = run_cache(cfg)

@@ -32,8 +32,9 @@ from typing import Any
 
 from formats.errors import FormatError, InputError
 from cache_teacher.engines.factory import auto_engine
-from formats.manifest import sha256_file
 from formats.trust import load_json_file
+from formats.common.version import kdcache_version
+from formats.weights import weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ TASK_REQUIREMENTS = {
     "ifeval": ("ifeval", ("langdetect", "immutabledict", "nltk")),
     "minerva_math": ("math", ("math_verify", "sympy")),
 }
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 RESULTS = "results.json"
 # batch_size "auto" on a CPU: lm-eval's probe (5 forwards of 64 x the longest request, looking for the largest batch
 # that fits in GPU memory) finds no limit there and cost minutes before small tasks started; 4 sequences of ~1,000
@@ -180,30 +180,10 @@ def _hub_snapshot(repo_id: str) -> str:
         ) from exc
 
 
-def weights_sha256(model_dir: Path | str) -> str:
-    """sha256 over the model's weight files (name and sha256 of each, sorted): changes iff the weights do."""
-    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-    if not files:
-        raise InputError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.name}\0{sha256_file(p)}\n".encode())
-    return h.hexdigest()
-
-
 def has_chat_template(model_dir: Path | str) -> bool:
     from transformers import AutoTokenizer
 
     return bool(getattr(AutoTokenizer.from_pretrained(str(model_dir)), "chat_template", None))
-
-
-def kdcache_version() -> str:
-    try:
-        return importlib.metadata.version("kdcache")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout
-        import tomllib
-
-        return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 # --- tasks --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ real run's manifest and the codec.k refusal)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from cache_teacher import provenance as prov
+from formats.common.version import kdcache_version
 from formats.errors import InputError
 from formats.template import ChatTemplater
+from formats.weights import combined_sha256, weights_sha256
 from formats.tokenizer_id import tokenizer_fingerprint
 
 from ..tokenizer_helpers import tiny_tokenizer
@@ -95,7 +98,10 @@ def test_engine_info_hf_records_transformers_and_the_config(teacher, rows, tmp_p
     info = prov.engine_info(config_for(teacher, rows, tmp_path, engine="hf", dtype="float32", revision="abc"))
     assert info == {
         "name_or_path": str(teacher),
-        "revision": "abc",
+        "revision": "abc",  # as given
+        "commit": None,  # a local folder: no hub commit
+        "weights_sha256": None,  # this teacher folder has no weight files
+        "weight_files": None,
         "dtype": "float32",
         "engine": "hf",
         "engine_version": transformers.__version__,
@@ -128,6 +134,138 @@ def test_engine_info_of_a_teacher_without_a_readable_config_has_no_output_size(r
     assert prov.engine_info(config_for(folder, rows, tmp_path))["output_size"] is None
 
 
+# ---- teacher_weights: the teacher's revision and weight hashes ----------------------------------------------
+
+
+def save_weights(folder: Path) -> dict:
+    """Two weight files (a sharded checkpoint) and what sha256sum says of them."""
+    blobs = {"model-00001-of-00002.safetensors": b"\x01" * 4096, "model-00002-of-00002.safetensors": b"\x02" * 99}
+    for name, data in blobs.items():
+        (folder / name).write_bytes(data)
+    return {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
+
+
+def test_a_local_teacher_is_recorded_as_given_with_the_sha256_of_its_weight_files(teacher, rows, tmp_path):
+    folder = save_teacher(tmp_path / "with-weights")
+    expected = save_weights(folder)
+    info = prov.engine_info(config_for(folder, rows, tmp_path, engine="hf"))
+    assert info["name_or_path"] == str(folder) and info["revision"] is None and info["commit"] is None
+    assert info["weight_files"] == expected
+    assert info["weights_sha256"] == weights_sha256(folder)  # kdcache eval's model_sha256 of the same folder
+
+
+class _Sibling:
+    def __init__(self, name, sha=None):
+        self.rfilename, self.lfs = name, (type("Lfs", (), {"sha256": sha})() if sha else None)
+
+
+def test_a_hub_teacher_is_recorded_by_its_commit_and_the_hubs_lfs_sha256s(monkeypatch):
+    """Up to huggingface_hub's API boundary: model_info(files_metadata=True) is asked, nothing is downloaded."""
+    import huggingface_hub
+
+    asked = []
+
+    def model_info(self, repo_id, revision=None, files_metadata=False):
+        asked.append((repo_id, revision, files_metadata))
+        siblings = [_Sibling("model.safetensors", "e" * 64), _Sibling("config.json"), _Sibling("sub/x.bin", "f" * 64)]
+        return type("Info", (), {"sha": "c" * 40, "siblings": siblings})()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    config = make_config(teacher="org/teacher", revision="main", dataset="org/data", out="/tmp/x", dry_run=True)
+    assert prov.teacher_weights(config) == {
+        "revision": "main",
+        "commit": "c" * 40,  # main, resolved
+        "weights_sha256": combined_sha256({"model.safetensors": "e" * 64}),
+        "weight_files": {"model.safetensors": "e" * 64},
+    }
+    assert asked == [("org/teacher", "main", True)]
+
+
+def test_an_unreachable_hub_teacher_uses_the_local_hub_cache_else_records_no_commit_nor_hashes(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **kw):
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    config = make_config(teacher="org/teacher", revision="v1", dataset="org/data", out="/tmp/x", dry_run=True)
+    assert prov.teacher_weights(config) == {
+        "revision": "v1",
+        "commit": None,
+        "weights_sha256": None,
+        "weight_files": None,
+    }
+    snapshot = tmp_path / "snapshots" / ("d" * 40)  # how the hub cache names a snapshot: by its commit
+    snapshot.mkdir(parents=True)
+    expected = save_weights(snapshot)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, local_files_only, **kw: str(snapshot))
+    assert prov.teacher_weights(config) == {
+        "revision": "v1",
+        "commit": "d" * 40,
+        "weights_sha256": combined_sha256(expected),
+        "weight_files": expected,
+    }
+
+
+# ---- license_info: --license, the dataset's card, or unknown --------------------------------------------------
+
+
+def test_the_license_flag_is_recorded_as_given(teacher, rows, tmp_path):
+    assert prov.license_info(config_for(teacher, rows, tmp_path, license="odc-by")) == {
+        "id": "odc-by",
+        "source": "--license",
+    }
+
+
+def test_a_bad_license_flag_is_refused(teacher, rows, tmp_path):
+    with pytest.raises(InputError, match=r"--license 'mit\\n---' is not a license id"):
+        config_for(teacher, rows, tmp_path, license="mit\n---")
+
+
+def test_an_unknown_license_is_null_with_a_warning_never_guessed(teacher, rows, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="cache_teacher"):
+        assert prov.license_info(config_for(teacher, rows, tmp_path)) == {"id": None, "source": None}
+    assert "license of" in caplog.text and "unknown" in caplog.text and "--license SPDX_ID" in caplog.text
+
+
+def test_a_local_dataset_folders_card_gives_the_license(teacher, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "rows.jsonl", ROWS)
+    (folder / "README.md").write_text("---\nlicense: odc-by\n---\n# my data\n")
+    config = config_for(teacher, folder, tmp_path)
+    assert prov.license_info(config) == {"id": "odc-by", "source": f"the dataset card of {folder}"}
+    (folder / "README.md").write_text("# no header\n")
+    assert prov.license_info(config)["id"] is None
+
+
+def test_a_hub_datasets_card_gives_the_license(monkeypatch):
+    """Up to huggingface_hub's API boundary: dataset_info's card data; offline, the card in the local hub cache."""
+    import huggingface_hub
+
+    card = type("CardData", (), {"license": "odc-by"})()
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "dataset_info", lambda self, name, revision=None: type("I", (), {"card_data": card})()
+    )
+    assert prov.dataset_card_license("allenai/tulu-3-sft-mixture") == "odc-by"
+
+
+def test_a_hub_datasets_card_in_the_local_hub_cache_gives_the_license_offline(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    def offline(*a, **kw):
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nlicense: odc-by\npretty_name: Tulu 3\n---\n")
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, local_files_only, **kw: str(readme))
+    assert prov.dataset_card_license("allenai/tulu-3-sft-mixture") == "odc-by"
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    assert prov.dataset_card_license("allenai/tulu-3-sft-mixture") is None
+
+
 # ---- provenance ----------------------------------------------------------------------------------------
 
 
@@ -135,7 +273,17 @@ def test_score_mode_provenance_has_template_and_config_but_no_sampling(teacher, 
     config = config_for(teacher, rows, tmp_path, max_length=64, length_policy="drop", command=["kdcache", "cache"])
     tok, templater = parts(config)
     p = prov.provenance(config, tok, templater)
-    assert set(p) == {"teacher", "tokenizer", "dataset", "mode", "command", "template", "config"}
+    assert set(p) == {
+        "teacher",
+        "tokenizer",
+        "dataset",
+        "mode",
+        "command",
+        "template",
+        "config",
+        "license",
+        "kdcache_version",
+    }
     assert p["mode"] == "score" and p["command"] == ["kdcache", "cache"]
     assert p["template"] == {
         "max_length": 64,
@@ -146,7 +294,9 @@ def test_score_mode_provenance_has_template_and_config_but_no_sampling(teacher, 
     assert p["config"] == config.to_dict()
     assert p["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok) and p["tokenizer"]["vocab_size"] == 300
     assert p["dataset"]["name"] == str(rows) and p["dataset"]["revision"].startswith("sha256:")
+    assert p["dataset"]["config"] is None  # a local file has no hub configuration
     assert p["teacher"]["output_size"] == OUTPUT_SIZE
+    assert p["kdcache_version"] == kdcache_version()
 
 
 def test_generate_mode_provenance_records_the_sampling(teacher, rows, tmp_path):

@@ -291,6 +291,8 @@ CHANGES = {
 # Settings that do not change the rows (or, where noted, are recorded only where they do).
 NOT_ROWS = {
     "dataset_revision",  # hub datasets only, recorded as dataset.revision (local files are hashed instead)
+    "dataset_config",  # hub datasets only, recorded as dataset.config (null for local files)
+    "license",  # recorded as the manifest's license, not a row setting
     "streaming",
     "tensor_parallel_size",  # vLLM only: recorded as teacher.tensor_parallel_size
     "num_workers",  # tested with worker_index (worker_index must stay below it)

@@ -128,10 +128,159 @@ def test_the_command_and_the_creation_time_stay_on_one_line(tmp_path):
 def test_a_card_is_replaced_whole_and_leaves_no_temporary_file(tmp_path):
     (tmp_path / "README.md").write_text("a previous, longer card\n" * 1000)
     text = card(tmp_path, manifest())
-    assert text.startswith("---\nconfigs:") and "previous" not in text
+    assert text.startswith("---\nlicense: unknown\n") and "previous" not in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
 
 
 def test_the_writer_writes_the_card_of_its_final_manifest(cache, tmp_path):
     (tmp_path / "again").mkdir()
     assert card(tmp_path / "again", load_manifest(cache)) == (cache / "README.md").read_text()
+
+
+# ---- the header as huggingface_hub reads it: license, teacher, dataset, kdcache version ----------------------
+WEIGHTS = {"model-00001-of-00002.safetensors": "1" * 64, "model-00002-of-00002.safetensors": "2" * 64}
+PROVENANCE = dict(
+    teacher={
+        "name_or_path": "allenai/Llama-3.1-Tulu-3-8B",
+        "revision": "main",
+        "commit": "a" * 40,
+        "weights_sha256": "b" * 64,
+        "weight_files": WEIGHTS,
+        "engine": "vllm",
+        "dtype": "bfloat16",
+    },
+    dataset={"name": "allenai/tulu-3-sft-mixture", "config": "default", "split": "train", "revision": "c" * 40},
+    license={"id": "odc-by", "source": "the dataset card of allenai/tulu-3-sft-mixture"},
+    kdcache_version="0.1.0",
+)
+HEADER_KEYS = {"license", "pretty_name", "tags", "configs", "kdcache", "source_datasets"}
+
+
+def loaded(tmp_path, m):
+    """The card as huggingface_hub loads it (DatasetCard.load: its own YAML block parser)."""
+    from huggingface_hub import DatasetCard
+
+    write_card(tmp_path, m)
+    return DatasetCard.load(tmp_path / "README.md")
+
+
+def test_the_header_loads_with_huggingface_hub_and_names_license_teacher_and_dataset(tmp_path):
+    data = loaded(tmp_path, manifest(**PROVENANCE)).data.to_dict()
+    assert set(data) == HEADER_KEYS
+    assert data["license"] == "odc-by" and data["source_datasets"] == ["allenai/tulu-3-sft-mixture"]
+    assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": SHARDS}]}]
+    kd = data["kdcache"]
+    assert kd["teacher"] == {
+        "name_or_path": "allenai/Llama-3.1-Tulu-3-8B",
+        "revision": "main",
+        "commit": "a" * 40,
+        "weights_sha256": "b" * 64,
+        "weight_files": WEIGHTS,
+    }
+    assert kd["dataset"] == {"name": "allenai/tulu-3-sft-mixture", "config": "default", "split": "train"} | {
+        "revision": "c" * 40
+    }
+    assert kd["kdcache_version"] == "0.1.0" and kd["format_version"] == 1 and kd["k"] == 16
+    assert kd["license_source"] == "the dataset card of allenai/tulu-3-sft-mixture"
+
+
+def test_the_body_shows_the_provenance_and_how_to_load_it(tmp_path):
+    text = card(tmp_path, manifest(**PROVENANCE))
+    assert "| teacher revision | `" + "a" * 40 + "` (`main`) |" in text
+    assert "| teacher weights sha256 | `" + "b" * 64 + "` (over the weight files: 2," in text
+    assert "| dataset revision | `" + "c" * 40 + "` |" in text and "| dataset configuration | `default` |" in text
+    assert "| license | odc-by (the dataset card of allenai/tulu-3-sft-mixture) |" in text
+    assert "| kdcache version | `0.1.0` |" in text and "| positions per example | 41.1 |" in text
+    assert '    rows = datasets.load_dataset("USER/NAME", split="train")' in text
+    assert "    kdcache pull USER/NAME caches/this" in text
+    assert '    train = KDCacheDataset("caches/this", split="train")' in text
+
+
+def test_an_unknown_license_is_said_to_be_unknown_never_guessed(tmp_path):
+    m = manifest(**{**PROVENANCE, "license": {"id": None, "source": None}})
+    assert loaded(tmp_path, m).data.license == "unknown"
+    assert line_of(card(tmp_path, m), "| license |").startswith("| license | unknown: none was recorded")
+
+
+def test_a_manifest_written_before_the_provenance_fields_still_makes_a_card(tmp_path):
+    """An old cache: no license, no kdcache_version, a teacher recorded by its path alone."""
+    m = manifest(teacher={"name_or_path": "runs/teacher"}, dataset={"name": "rows.jsonl", "split": "train"})
+    assert not {"license", "kdcache_version"} & set(m)
+    kd = loaded(tmp_path, m).data.to_dict()
+    assert kd["license"] == "unknown" and "source_datasets" not in kd
+    assert kd["kdcache"]["teacher"] == {"name_or_path": "runs/teacher", "revision": None, "commit": None} | {
+        "weights_sha256": None,
+        "weight_files": None,
+    }
+    text = card(tmp_path, m)
+    assert "| teacher weights sha256 | not recorded |" in text and "| kdcache version | not recorded |" in text
+
+
+def test_a_local_dataset_is_not_named_as_a_source_dataset(tmp_path):
+    m = manifest(**{**PROVENANCE, "dataset": {"name": "data/rows", "split": "train", "revision": "sha256:" + "d" * 64}})
+    assert "source_datasets" not in loaded(tmp_path, m).data.to_dict()
+
+
+HOSTILE = [
+    "x\n---\nlicense: mit\n---",  # close the header, add a key
+    "```\n# Injected\n```",  # a code fence
+    "a|b`c",  # a table cell, inline code
+    "{license: mit, tags: [x]}",  # YAML flow syntax
+    "- listitem\n  nested: 1",  # YAML block syntax
+    "\x1b[2Jnow\u2028line\r\n",  # terminal control, a unicode line separator
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=range(len(HOSTILE)))
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("teacher", "name_or_path"),
+        ("teacher", "revision"),
+        ("teacher", "commit"),
+        ("teacher", "weights_sha256"),
+        ("dataset", "name"),
+        ("dataset", "config"),
+        ("dataset", "revision"),
+        ("license", "id"),
+        ("license", "source"),
+        ("kdcache_version",),
+        ("weight file name",),
+    ],
+    ids=lambda w: ".".join(w),
+)
+def test_hostile_provenance_values_cannot_add_keys_lines_or_markup(tmp_path, value, where):
+    """write_card takes any manifest dict (load_manifest refuses most of these before, not all): every value
+    reaches the header and the body as one escaped line: the same keys, the same number of lines."""
+    m = json.loads(json.dumps(manifest(**PROVENANCE)))
+    if where == ("weight file name",):
+        m["teacher"]["weight_files"] = {value: "1" * 64}
+        benign_files = {"w.safetensors": "1" * 64}
+    elif len(where) == 1:
+        m[where[0]] = value
+    else:
+        m[where[0]][where[1]] = value
+    benign = json.loads(json.dumps(m).replace(json.dumps(value)[1:-1], "v"))
+    if where == ("weight file name",):
+        benign["teacher"]["weight_files"] = benign_files
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    hostile_card, benign_card = loaded(tmp_path / "a", m), loaded(tmp_path / "b", benign)
+    text = (tmp_path / "a" / "README.md").read_text()
+    assert set(hostile_card.data.to_dict()) == set(benign_card.data.to_dict()) <= HEADER_KEYS
+    assert hostile_card.data.to_dict()["kdcache"].keys() == benign_card.data.to_dict()["kdcache"].keys()
+    assert hostile_card.data.configs == benign_card.data.configs  # the shard list is untouched
+    assert len(text.splitlines()) == len((tmp_path / "b" / "README.md").read_text().splitlines())
+    assert [x for x in text.splitlines() if x.startswith("```")] == ["```json", "```"]
+    assert [x for x in text.splitlines() if x == "---"] == ["---", "---"]
+    assert not any(c in text for c in "\x1b\r\u2028")
+    assert "a|b`c" not in text.split("Provenance:")[0]
+
+
+def test_datasets_loads_the_folder_as_the_card_says(cache, tmp_path):
+    """The card's snippet on a cache folder: `datasets` reads the listed shards and nothing else (manifest,
+    rejects.jsonl and the tokenizer files sit beside them)."""
+    datasets = pytest.importorskip("datasets")
+    m = load_manifest(cache)
+    rows = datasets.load_dataset(str(cache), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert rows.num_rows == m["counts"]["examples"] and len(m["shards"]) > 1
+    assert {"id", "input_ids", "target_starts", "target_ends"} <= set(rows.column_names)

@@ -473,3 +473,73 @@ def test_load_manifest_checks_what_it_reads_and_names_the_path(written, tmp_path
     with pytest.raises(FormatError, match=rf"^{re.escape(str(tmp_path))}/manifest.json: shards\[0\].rows is '12'"):
         load_manifest(tmp_path)
     assert load_manifest(written[0]) == written[1]
+
+
+# ---- provenance: the teacher's weights, the dataset's revision and configuration, license, version --------
+PROVENANCE = {
+    "teacher": {"name_or_path": "org/teacher", "revision": "a" * 40, "weights_sha256": SHA},
+    "dataset": {"name": "org/data", "config": "default", "revision": "b" * 40},
+    "license": {"id": "odc-by", "source": "--license"},
+    "kdcache_version": "0.1.0",
+}
+
+
+def with_provenance(manifest: dict) -> dict:
+    for key, value in copy.deepcopy(PROVENANCE).items():
+        manifest[key] = {**manifest[key], **value} if isinstance(value, dict) and key in manifest else value
+    manifest["teacher"]["weight_files"] = {"model.safetensors": SHA}
+    return manifest
+
+
+def test_new_manifest_keeps_license_and_kdcache_version_at_the_top():
+    m = new_manifest(
+        CodecConfig(k=2).to_dict(), {"license": {"id": "mit", "source": "--license"}, "kdcache_version": "9"}
+    )
+    assert m["license"] == {"id": "mit", "source": "--license"} and m["kdcache_version"] == "9" and m["extra"] == {}
+    assert "license" not in new_manifest(CodecConfig(k=2).to_dict(), {})  # not recorded: absent, as in old caches
+
+
+def test_a_manifest_with_the_provenance_fields_passes(manifest):
+    check_manifest(with_provenance(manifest), WHERE)
+
+
+def test_a_manifest_written_before_the_provenance_fields_loads(written):
+    """The module's cache records none of them (format_helpers' writer provenance): it loads as before."""
+    path, m = written
+    assert "license" not in m and "kdcache_version" not in m and "weights_sha256" not in m["teacher"]
+    assert load_manifest(path) == m
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda m: m["teacher"].update(revision=["main"]), r"teacher.revision is \['main'\]: must be text"),
+        (lambda m: m["teacher"].update(revision="x" * 1025), r"teacher.revision is .*at most 1024 characters"),
+        (lambda m: m["teacher"].update(commit=False), r"teacher.commit is False: must be text"),
+        (lambda m: m["dataset"].update(config={"a": 1}), r"dataset.config is .*must be text"),
+        (lambda m: m["dataset"].update(revision=7), r"dataset.revision is 7"),
+        (lambda m: m.update(kdcache_version=1.0), r"kdcache_version is 1.0"),
+        (lambda m: m["teacher"].update(weights_sha256="AB" * 32), r"teacher.weights_sha256 is .*64 lowercase hex"),
+        (lambda m: m["teacher"].update(weight_files=[SHA]), r"teacher.weight_files must map 1..10000"),
+        (lambda m: m["teacher"].update(weight_files={}), r"teacher.weight_files must map"),
+        (lambda m: m["teacher"].update(weight_files={"m.bin": "x"}), r"teacher.weight_files\['m.bin'\] is 'x'"),
+        (lambda m: m["teacher"].update(weight_files={"n" * 256: SHA}), r"a teacher.weight_files name is"),
+        (lambda m: m.update(license="odc-by"), r"license is 'odc-by': must be \{\"id\""),
+        (lambda m: m["license"].update(id="mit\n---\nx: y"), r"license is .*mit\\n---\\nx: y.*: must be"),
+        (lambda m: m["license"].update(id=["mit"] * 17), r"license is"),
+        (lambda m: m["license"].update(id=[]), r"license is"),
+        (lambda m: m["license"].update(source=["x"]), r"license.source is \['x'\]"),
+    ],
+    ids=lambda x: "" if callable(x) else x[:30],
+)
+def test_provenance_fields_of_the_wrong_type_or_size_are_refused(manifest, edit, pattern):
+    manifest = with_provenance(manifest)
+    edit(manifest)
+    refused(manifest, pattern)
+
+
+@pytest.mark.parametrize("value", ["odc-by", "Apache-2.0", "cc-by-4.0", "GPL-3.0+", ["mit", "odc-by"], None])
+def test_license_ids_are_spdx_or_hub_ids(manifest, value):
+    manifest = with_provenance(manifest)
+    manifest["license"]["id"] = value
+    check_manifest(manifest, WHERE)

@@ -184,6 +184,31 @@ def test_resume_with_other_settings_names_what_differs(tmp_path, finished):
     assert CacheWriter(path, codec=CodecConfig(k=8), provenance=prov).complete == finished  # the same settings resume
 
 
+@pytest.mark.parametrize("finished", [False, True], ids=["unfinished", "finished"])
+def test_a_cache_recorded_before_the_teachers_weight_hashes_resumes_but_other_weights_are_refused(tmp_path, finished):
+    """A cache (or job) from before kdcache recorded teacher.weight_files / weights_sha256 / commit
+    reruns with the same command; once they are recorded, other weights are other settings."""
+    rng = np.random.default_rng(7)
+    path = tmp_path / "c"
+    w = CacheWriter(path, codec=CodecConfig(k=8), provenance=PROVENANCE)  # none of the three recorded
+    w.write(make_example(rng, 0))
+    if finished:
+        w.finish()
+    hashed = {"weights_sha256": "a" * 64, "weight_files": {"model.safetensors": "b" * 64}, "commit": "c" * 40}
+    now = {**PROVENANCE, "teacher": {**PROVENANCE["teacher"], **hashed}}
+    if not finished:
+        w = CacheWriter(path, codec=CodecConfig(k=8), provenance=now)  # resumes, and now records them
+        w.write(make_example(rng, 1))
+        w.finish()
+        assert load_manifest(path)["teacher"]["weights_sha256"] == "a" * 64
+    else:
+        assert CacheWriter(path, codec=CodecConfig(k=8), provenance=now).complete
+        return
+    other = {**now, "teacher": {**now["teacher"], "weights_sha256": "d" * 64}}
+    with pytest.raises(InputError, match="teacher.weights_sha256: 'aaaa.*' -> 'dddd.*'"):
+        CacheWriter(path, codec=CodecConfig(k=8), provenance=other)
+
+
 def test_no_resume_refuses_an_existing_cache_and_says_so(tmp_path, rng):
     write_cache(tmp_path / "c", [make_example(rng, 0)])
     with pytest.raises(InputError, match="already holds a complete cache.*new folder.*delete"):

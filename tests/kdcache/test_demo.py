@@ -45,6 +45,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert manifest["mode"] == "score"  # teacher-forced on the shipped Tulu 3 sample's human responses
     assert manifest["dataset"]["name"].endswith("kdcache/demo_data/tulu3_sft_sample.jsonl")
     assert (manifest["teacher"]["engine"], manifest["teacher"]["dtype"]) == (auto.engine, auto.dtype)
+    assert manifest["license"] == {"id": "odc-by", "source": "--license"}  # the shipped sample's (ODC-BY-1.0)
+    assert len(manifest["teacher"]["weights_sha256"]) == 64 and manifest["teacher"]["weight_files"]
 
     import torch
     from transformers import AutoModelForCausalLM
