@@ -65,6 +65,7 @@ from formats.tokenizer_id import (
 )
 from train_student import checkpoint
 from train_student.loss import eval_row, eval_sums
+from train_student.model_card import cache_record, write_model_card
 from train_student.config import Stage, TrainConfig
 from train_student.checks import check_cache_fits_student, check_same_teacher, check_signal
 from train_student.loss_options import LossSpec
@@ -192,6 +193,7 @@ class Trainer:
         self._old_sigterm = None
         self.tb = None
         self.xtok: list[dict | None] = []  # per stage: None (same tokenizer) or its cross-tokenizer setup
+        self.cache_records: list[list[dict]] = []  # per stage, rank 0: what final/README.md says of its caches
 
     # ==== setup ===================================================================================
     def setup(self) -> None:
@@ -294,7 +296,7 @@ class Trainer:
 
     def _check_caches(self) -> None:
         vocab = vocab_size(self.tokenizer)
-        self.xtok = []
+        self.xtok, self.cache_records = [], []
         for stage in self.stages:
             manifests, methods = [], []
             for path in stage.cache:
@@ -314,6 +316,7 @@ class Trainer:
                 manifests.append(readers[0].manifest)
                 methods.append(method)
             check_same_teacher(manifests, stage.cache, stage.name, allow_mixed=self.cfg.allow_mixed_teachers)
+            self.cache_records.append([cache_record(p, m) for p, m in zip(stage.cache, manifests)] if self.main else [])
             if len(set(methods)) > 1:
                 raise InputError(
                     f"stage {stage.name}: its caches need different paths for this student "
@@ -491,6 +494,17 @@ class Trainer:
         final, tmp = self.out / "final", self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(checkpoint.latest(self.out) / "model", tmp)
+        methods = [x["method"] if x else "off" for x in self.xtok]
+        write_model_card(
+            tmp,
+            cfg=self.cfg,
+            stages=self.stages,
+            methods=methods,
+            caches=self.cache_records,
+            step=self.step,
+            world=self.world,
+            run_dir=self.out,
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         log.info("done: %d steps; student in %s", self.step, final)
