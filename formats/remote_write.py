@@ -32,7 +32,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from formats.errors import InputError
+from formats.errors import FormatError, InputError
 from formats.trust import CHUNK, SAFE_NAME, CacheFiles, loads, printable
 
 # fsspec protocols that cannot store a file (or not one we can read back whole): refused as --out.
@@ -317,7 +317,9 @@ class CacheUpload:
 
     def _restore(self) -> None:
         """The store's mirrored `_progress/` files and each shard a sidecar there names (size and sha256
-        checked as it streams) into the staging folder; the writer then resumes as from a local folder."""
+        checked as it streams) into the staging folder; the writer then resumes as from a local folder. What
+        comes from the store is untrusted: a sidecar that is not bounded strict JSON of the writer's kind, or
+        whose shard is missing or differs, is not restored (the writer redoes its rows)."""
         from formats.safe_write import AtomicFile, make_folder
         from formats.schema import SHARD_SUFFIX
         from formats.writer import PROGRESS
@@ -328,21 +330,38 @@ class CacheUpload:
             part = name.split("/")
             if len(part) != 2 or part[0] != PROGRESS or not SAFE_NAME.fullmatch(part[1]):
                 continue
-            raw = files.read_bytes(PROGRESS, part[1], max_bytes=MAX_PROGRESS_BYTES, listed_in="the job's progress")
-            if part[1].endswith(f"{SHARD_SUFFIX}.json"):
-                shard = part[1][: -len(".json")]
-                info = loads(raw, files.where(PROGRESS, part[1]), max_bytes=MAX_PROGRESS_BYTES)
-                if shard not in self._listing or not isinstance(info, dict):
-                    continue  # the writer drops a sidecar without its shard
-                try:
-                    with AtomicFile(self.staging, shard) as f:
-                        files.copy_to((shard,), f, size=info.get("bytes"), sha256=info.get("sha256"))
-                except Exception:  # damaged or never finished: the writer redoes its rows
+            sidecar = part[1].endswith(f"{SHARD_SUFFIX}.json")
+            try:
+                raw = files.read_bytes(PROGRESS, part[1], max_bytes=MAX_PROGRESS_BYTES, listed_in="the job's progress")
+            except FormatError:
+                if sidecar:
                     continue
-                self._sent[shard] = info["sha256"]
+                raise  # job.json or the pending rejects: the job cannot go on without knowing them
+            if sidecar and not self._restore_shard(files, part[1][: -len(".json")], raw):
+                continue
             with AtomicFile(self.staging / PROGRESS, part[1]) as f:
                 f.write(raw)
             self._sent[name] = hashlib.sha256(raw).hexdigest()
+
+    def _restore_shard(self, files: CacheFiles, shard: str, raw: bytes) -> bool:
+        """Download `shard` as its sidecar `raw` describes it; False (nothing kept) where the sidecar is not
+        valid or the shard is absent or has other bytes."""
+        from formats.safe_write import AtomicFile
+
+        try:
+            info = loads(raw, files.where(shard + ".json"), max_bytes=MAX_PROGRESS_BYTES)
+        except FormatError:
+            return False
+        size, sha256 = (info.get("bytes"), info.get("sha256")) if isinstance(info, dict) else (None, None)
+        if shard not in self._listing or type(size) is not int or not isinstance(sha256, str):
+            return False
+        try:
+            with AtomicFile(self.staging, shard) as f:
+                files.copy_to((shard,), f, size=size, sha256=sha256)
+        except FormatError:  # damaged, or never finished: the writer redoes its rows
+            return False
+        self._sent[shard] = sha256
+        return True
 
     # -- during the job --------------------------------------------------------------------------
     def start(self) -> None:

@@ -256,6 +256,28 @@ def test_the_mirror_resumes_from_staging_or_from_the_store(staging_survives, sto
     assert not [n for n in fs.find("kd-bucket/mirrored") if "_progress" in n] and not staging_dir(url).exists()
 
 
+def test_hostile_progress_records_on_the_store_are_not_trusted(store, examples, tmp_path):
+    """What a restore reads from the store is untrusted: a record of the wrong types, one naming a shard whose
+    bytes differ, a record that is not JSON: each shard is redone, nothing of it reaches the cache."""
+    fs, bucket = store
+    url = f"{bucket}/hostile"
+    with pytest.raises(Killed):
+        write_through(CacheUpload(url), examples, stop_at=10)
+    shutil.rmtree(staging_dir(url))
+    root = "kd-bucket/hostile"
+    fs.pipe(f"{root}/part-09997.parquet", b"PAR1 not a shard")
+    fs.pipe(f"{root}/_progress/part-09997.parquet.json", b'{"bytes": "many", "sha256": 5, "ids": ["ex0"]}')
+    fs.pipe(f"{root}/part-09998.parquet", b"PAR1 other bytes")
+    fs.pipe(f"{root}/_progress/part-09998.parquet.json", b'{"bytes": 16, "sha256": "' + b"0" * 64 + b'"}')
+    fs.pipe(f"{root}/part-09999.parquet", b"x")
+    fs.pipe(f"{root}/_progress/part-09999.parquet.json", b'{"bytes": 1, "sha256": NaN}')
+    write_through(CacheUpload(url), examples)
+    write_through(None, examples, folder=tmp_path / "local")
+    verify_cache(url)
+    assert rows(url) == rows(tmp_path / "local")
+    assert not [p for p in fs.find(root) if "part-0999" in p]
+
+
 def test_a_bucket_that_cannot_be_written_stops_the_job_when_it_claims_the_prefix(store, examples):
     """The claim (job.json) is uploaded when the writer opens the staging folder, before run_cache's teacher
     starts: a missing bucket is one line then, not after the whole job."""
