@@ -21,12 +21,22 @@ from formats.trust import printable
 TAGS = ["knowledge-distillation", "kdcache"]
 UNKNOWN_LICENSE = "unknown"  # the hub's own value for it
 MAX_CARD_WEIGHT_FILES = 64  # the header lists at most this many (manifest.json has them all)
+MAX_KEY = 120  # characters of a header key (YAML writes a longer one as a two-line "? key" entry)
 
 
 def card_value(value) -> str:
     """A manifest value as one line of card text: escaped (no newline or terminal control can add lines
     or markup to the card), backticks and pipes neutralized."""
     return printable(value).replace("`", "'").replace("|", "/")
+
+
+def header_yaml(data) -> str:
+    """Card data (a huggingface_hub CardData) as the YAML between the card's `---` lines, one line per value:
+    huggingface_hub's to_yaml folds a long value with spaces over several lines at 80 columns, which a value
+    from a manifest must never do."""
+    import yaml
+
+    return yaml.safe_dump(data.to_dict(), sort_keys=False, allow_unicode=True, width=float("inf")).strip()
 
 
 def _opt(value) -> str | None:
@@ -96,7 +106,7 @@ def card_data(manifest: dict):
                 "revision": _opt(teacher.get("revision")),
                 "commit": _opt(teacher.get("commit")),
                 "weights_sha256": _opt(teacher.get("weights_sha256")),
-                "weight_files": {card_value(k): card_value(v) for k, v in listed.items()} or None,
+                "weight_files": {card_value(k)[:MAX_KEY]: card_value(v) for k, v in listed.items()} or None,
             },
             "dataset": {
                 "name": _opt(data.get("name")),
@@ -202,7 +212,9 @@ def card_text(manifest: dict) -> str:
     must be valid card metadata before it is written)."""
     from huggingface_hub import DatasetCard
 
-    return str(DatasetCard(f"---\n{card_data(manifest).to_yaml()}\n---\n{card_body(manifest)}"))
+    text = f"---\n{header_yaml(card_data(manifest))}\n---\n{card_body(manifest)}"
+    DatasetCard(text)  # raises unless the header parses back as card metadata (str(card) would fold it again)
+    return text
 
 
 def write_card(root: Path, manifest: dict) -> None:

@@ -17,7 +17,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from formats.card import card_value
+from formats.card import card_value, header_yaml
 from formats.common.version import kdcache_version
 from formats.safe_write import write_text_atomic
 from formats.schema import CARD_NAME, MANIFEST_NAME
@@ -245,7 +245,9 @@ def card_text(cfg, stages, methods, caches, step: int, world: int, run_dir: Path
 
     evals = eval_rows(run_dir)
     data = card_data(cfg, stages, methods, caches, step, world, evals)
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{card_body(cfg, stages, methods, caches, step, world, evals)}"))
+    text = f"---\n{header_yaml(data)}\n---\n{card_body(cfg, stages, methods, caches, step, world, evals)}"
+    ModelCard(text)  # raises unless the header parses back as card metadata (str(card) would fold it again)
+    return text
 
 
 def write_model_card(folder: Path, *, cfg, stages, methods, caches, step: int, world: int, run_dir: Path) -> Path:

@@ -228,6 +228,7 @@ HOSTILE = [
     "{license: mit, tags: [x]}",  # YAML flow syntax
     "- listitem\n  nested: 1",  # YAML block syntax
     "\x1b[2Jnow\u2028line\r\n",  # terminal control, a unicode line separator
+    "word " * 30 + "--- license: mit",  # long, with spaces: YAML would fold it over several lines
 ]
 
 

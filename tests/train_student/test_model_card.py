@@ -127,7 +127,14 @@ def test_a_local_student_is_named_in_the_body_not_as_base_model(tmp_path):
     assert card.data.base_model is None and f"| base model (the student's init) | `{local}` |" in card.text
 
 
-HOSTILE = ["x\n---\nlicense: mit\n---", "```\n# Injected\n```", "a|b`c", "{base_model: evil/model}", "\x1b[2J\u2028"]
+HOSTILE = [
+    "x\n---\nlicense: mit\n---",
+    "```\n# Injected\n```",
+    "a|b`c",
+    "{base_model: evil/model}",
+    "\x1b[2J\u2028",
+    "word " * 30 + "--- base_model: evil/model",
+]
 
 
 @pytest.mark.parametrize("value", HOSTILE, ids=range(len(HOSTILE)))
