@@ -60,7 +60,7 @@ def load_manifest(path, storage_options: dict | None = None) -> dict:
         )
         raise FormatError(f"{printable(files.path)}: no {MANIFEST_NAME} ({hint})")
     raw = files.read_bytes(MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES, listed_in="the cache")
-    manifest = loads(raw, mpath, max_bytes=MAX_MANIFEST_BYTES, what="the manifest")
+    manifest = loads(raw, mpath, max_bytes=MAX_MANIFEST_BYTES, what="the manifest", max_keys=MAX_MANIFEST_OBJECT_KEYS)
     check_manifest(manifest, printable(mpath))
     return manifest
 
@@ -91,6 +91,9 @@ def tally_reasons(rejects: list[dict]) -> dict[str, int]:
 
 # Bounds on values a manifest can hold: anything beyond them is damage, and must not become an allocation.
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest of 100k shards is ~20 MB
+# keys in any one object of a manifest (its schema has a few dozen; rejects_by_reason one per reason code):
+# a million junk keys would otherwise be parsed, checked, carried into a merge and re-encoded, seconds each
+MAX_MANIFEST_OBJECT_KEYS = 4096
 MAX_COUNT = 2**53  # counts, rows, positions, bytes (JSON-safe integers)
 SIZE_FIELDS = (("tokenizer", "vocab_size"), ("teacher", "output_size"))
 COUNT_FIELDS = ("examples", "positions", "rejects", "bytes", "inputs")

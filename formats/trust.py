@@ -71,10 +71,12 @@ def check_name(name, field: str, where: str) -> str:
 # ---- strict JSON ------------------------------------------------------------------------------
 
 
-def loads(raw: bytes | str, where: str, *, max_bytes: int, what: str | None = None):
+def loads(raw: bytes | str, where: str, *, max_bytes: int, what: str | None = None, max_keys: int | None = None):
     """Parse untrusted JSON: at most `max_bytes`, UTF-8, nesting <= MAX_JSON_DEPTH, at most
     MAX_JSON_CONTAINERS objects and arrays, numbers of at most MAX_JSON_NUMBER_CHARS characters, no
-    NaN/Infinity, no key twice in an object. FormatError naming `where` (and `what`, e.g. "meta") otherwise."""
+    NaN/Infinity, no key twice in an object, and (given `max_keys`: a document of a bounded schema, such as
+    the manifest) at most `max_keys` keys in any one object. FormatError naming `where` (and `what`, e.g.
+    "meta") otherwise."""
     subject = f"{where}: {what} is" if what else f"{where}:"
     what = what or "the JSON"
     if len(raw) > max_bytes:
@@ -91,9 +93,8 @@ def loads(raw: bytes | str, where: str, *, max_bytes: int, what: str | None = No
     if containers > MAX_JSON_CONTAINERS:
         raise FormatError(f"{where}: {what} holds {containers} objects/arrays, more than {MAX_JSON_CONTAINERS}")
     try:
-        value = json.loads(
-            raw, object_pairs_hook=_unique_keys, parse_int=_int, parse_float=_float, parse_constant=_constant
-        )
+        hook = _unique_keys if max_keys is None else (lambda pairs: _unique_keys(pairs, max_keys))
+        value = json.loads(raw, object_pairs_hook=hook, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except RecursionError:
         raise FormatError(f"{where}: {what} nests deeper than this parser allows (> {MAX_JSON_DEPTH})") from None
     except _JSONRefused as exc:
@@ -108,7 +109,9 @@ class _JSONRefused(ValueError):
     pass
 
 
-def _unique_keys(pairs):
+def _unique_keys(pairs, max_keys: int | None = None):
+    if max_keys is not None and len(pairs) > max_keys:
+        raise _JSONRefused(f"an object of {len(pairs)} keys (at most {max_keys} here; the file is damaged or hostile)")
     out = {}
     for key, value in pairs:
         if key in out:

@@ -475,6 +475,25 @@ def test_load_manifest_checks_what_it_reads_and_names_the_path(written, tmp_path
     assert load_manifest(written[0]) == written[1]
 
 
+def test_load_manifest_refuses_an_object_of_too_many_keys_before_checking_it(written, tmp_path):
+    """A million junk keys took a merge 9 s to parse, check, carry over and re-encode (a fuzz 'hang' on a
+    loaded machine); any object of a manifest holds at most MAX_MANIFEST_OBJECT_KEYS keys."""
+    import json
+
+    from formats.manifest import MAX_MANIFEST_OBJECT_KEYS
+
+    manifest = copy.deepcopy(written[1])
+    manifest["extra"] = {f"k{i}": 0 for i in range(MAX_MANIFEST_OBJECT_KEYS + 1)}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        FormatError, match=rf"manifest.json: the manifest: an object of {MAX_MANIFEST_OBJECT_KEYS + 1} keys"
+    ):
+        load_manifest(tmp_path)
+    manifest["extra"] = {f"k{i}": 0 for i in range(MAX_MANIFEST_OBJECT_KEYS)}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert load_manifest(tmp_path)["extra"] == manifest["extra"]  # at the bound: read
+
+
 # ---- provenance: the teacher's weights, the dataset's revision and configuration, license, version --------
 PROVENANCE = {
     "teacher": {"name_or_path": "org/teacher", "revision": "a" * 40, "weights_sha256": SHA},

@@ -47,6 +47,14 @@ def test_loads_refuses_what_a_parser_would_resolve_silently_or_crash_on(raw, mat
         loads(raw, "f", max_bytes=1000)
 
 
+def test_loads_bounds_the_keys_of_an_object_only_when_asked():
+    wide = "{" + ", ".join(f'"k{i}": {i}' for i in range(11)) + "}"
+    assert len(loads(wide, "f", max_bytes=1000)) == 11  # a dataset's .json may be a large object
+    assert len(loads(wide, "f", max_bytes=1000, max_keys=11)) == 11
+    with pytest.raises(FormatError, match=r"^f: the JSON: an object of 11 keys \(at most 10 here"):
+        loads('{"a": ' + wide + "}", "f", max_bytes=1000, max_keys=10)  # nested objects too
+
+
 def test_exact_int_is_not_fooled_by_bool_or_float():
     assert exact_int(3) and not exact_int(True) and not exact_int(3.0)
 
