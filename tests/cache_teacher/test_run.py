@@ -304,6 +304,7 @@ NOT_ROWS = {
     "batch_size",
     "hf_batch_tokens",
     "out",
+    "staging",  # where a remote --out is staged locally
     "shard_max_bytes",
     "row_group_positions",
     "resume",
