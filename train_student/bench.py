@@ -483,7 +483,8 @@ def bench_online(cache: Path, args) -> list[dict]:
         row = {"contender": name, "s_per_step": per_token[name] * tokens, "tokens_per_s": 1 / per_token[name]}
         row["vs_offline"] = per_token[name] / per_token[names[0]]
         gain = per_token[name] - per_token[names[0]]
-        row["break_even_epochs"] = per_token["cache"] / gain if gain > 0 else float("nan")
+        if name != names[0]:  # an online contender: how many student epochs the cache takes to pay back
+            row["break_even_epochs"] = per_token["cache"] / gain if gain > 0 else float("inf")
         rows.append(row)
     rows.append(
         {"contender": "the cache itself (teacher forward + top-k, once)", "s_per_step": per_token["cache"] * tokens}
