@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from formats import codec as C
-from formats.schema import TOPK_STREAMS, code_streams, read_shard_metadata, shard_metadata
+from formats.schema import TOPK_STREAMS, code_streams, read_shard_metadata, shard_key_value, shard_metadata
 from formats.shard import column_bytes
 
 SETTINGS = [
@@ -49,20 +49,18 @@ def encode_file(ids: np.ndarray, lps: np.ndarray, cfg: C.CodecConfig, rows_per_e
         for n in names:
             cols[n].append(enc[n])
     meta = shard_metadata(cfg.to_dict(), id_bytes, hot)
-    table = pa.table(
-        {n: pa.array(cols[n], pa.binary()) for n in names}, metadata={b"kdcache": json.dumps(meta).encode()}
-    )
+    table = pa.table({n: pa.array(cols[n], pa.binary()) for n in names})
     buf = io.BytesIO()
-    pq.write_table(
-        table, buf, compression="zstd", compression_level=level, row_group_size=max(1, 65536 // rows_per_example)
-    )
+    with pq.ParquetWriter(buf, table.schema, compression="zstd", compression_level=level) as writer:
+        writer.write_table(table, row_group_size=max(1, 65536 // rows_per_example))
+        writer.add_key_value_metadata(shard_key_value(meta))  # once, as the cache writer does
     return buf.getvalue()
 
 
 def read_streams(data: bytes):
     """Parquet bytes -> (id codes, [stream dict per row group]): the reader's I/O half."""
     pf = pq.ParquetFile(io.BytesIO(data))
-    meta = read_shard_metadata(pf.schema_arrow, "bench", check_columns=False)
+    meta = read_shard_metadata(pf.schema_arrow, "bench", check_columns=False, key_value=pf.metadata.metadata or {})
     tables = [pf.read_row_group(g, use_threads=False) for g in range(pf.metadata.num_row_groups)]
     return C.IdCodes(meta["hot_table"]), [{n: column_bytes(t, n) for n in t.column_names} for t in tables]
 

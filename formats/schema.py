@@ -38,10 +38,18 @@ def code_streams(id_bytes: int) -> list[str]:
     return [f"topk_code_b{b}" for b in range(id_bytes)]
 
 
-def arrow_schema(id_bytes: int, metadata: dict) -> pa.Schema:
+def arrow_schema(id_bytes: int, metadata: dict | None = None) -> pa.Schema:
+    """The shard's columns; with `metadata`, an in-memory schema carrying the kdcache key too. Files do not
+    carry it in their schema: the writer adds it once to the footer (`shard_key_value`), because pyarrow copies
+    a schema's metadata into the footer's serialized Arrow schema as well: the hot-id table twice."""
     streams = TARGET_STREAMS + TOPK_STREAMS[:2] + code_streams(id_bytes) + TOPK_STREAMS[2:]
     fields = PLAIN_FIELDS + [pa.field(name, pa.binary(), nullable=False) for name in streams]
-    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode()})
+    return pa.schema(fields, metadata=None if metadata is None else shard_key_value(metadata))
+
+
+def shard_key_value(metadata: dict) -> dict[bytes, bytes]:
+    """The shard's Parquet key-value metadata: {b"kdcache": its JSON} (ParquetWriter.add_key_value_metadata)."""
+    return {METADATA_KEY: json.dumps(metadata).encode()}
 
 
 def shard_metadata(codec: dict, id_bytes: int, hot_table: np.ndarray) -> dict:
@@ -60,9 +68,15 @@ MAX_SHARD_METADATA_BYTES = (
 )  # a hot table of 65535 ids is 350 KB of base64  # bytes per id code the writer uses (formats.codec.code_bytes)
 
 
-def read_shard_metadata(schema: pa.Schema, where: str, check_columns: bool = True) -> dict:
-    """A shard's kdcache key-value metadata, checked (types, bounds); FormatError naming the field."""
-    raw = (schema.metadata or {}).get(METADATA_KEY)
+def read_shard_metadata(
+    schema: pa.Schema, where: str, check_columns: bool = True, key_value: dict | None = None
+) -> dict:
+    """A shard's kdcache key-value metadata, checked (types, bounds); FormatError naming the field.
+
+    key_value: the file footer's key-value metadata (`ParquetFile.metadata.metadata`), where every kdcache
+    shard holds the key (older shards in their serialized Arrow schema too); None: `schema`'s own metadata
+    (an in-memory table)."""
+    raw = (key_value if key_value is not None else schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise FormatError(f"{where}: not a kdcache shard (no '{METADATA_KEY.decode()}' key in the Parquet metadata)")
     key = f"the '{METADATA_KEY.decode()}' metadata"

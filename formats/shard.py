@@ -333,7 +333,7 @@ class ShardFile:
         if hash_first:  # verify, merge: a changed byte is a ChecksumError before the footer is parsed
             self.file.verify()
         self.pf = self._parquet()
-        self.meta = read_shard_metadata(self.pf.schema_arrow, self.where)
+        self.meta = read_shard_metadata(self.pf.schema_arrow, self.where, key_value=self.pf.metadata.metadata or {})
         check_shard_header(self.meta, self.pf.metadata.num_rows, self.entry, self._codec, self.where)
         self.num_row_groups = self.pf.metadata.num_row_groups
 

@@ -37,7 +37,7 @@ from formats.errors import FormatError, InputError
 from formats.example import Example
 from formats.manifest import load_manifest, new_manifest, sha256_file, tally_reasons, teacher_output_size
 from formats.safe_write import LOCK_NAME, FolderLock, fsync_dir, write_json_atomic, write_text_atomic
-from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, arrow_schema, shard_metadata
+from formats.schema import MANIFEST_NAME, REJECTS_NAME, SHARD_SUFFIX, arrow_schema, shard_key_value, shard_metadata
 from formats.shard import check_example, encode_rows
 
 PROGRESS = "_progress"
@@ -278,7 +278,7 @@ class CacheWriter:
         meta = shard_metadata(self.codec.to_dict(), id_bytes, hot)
         writer = pq.ParquetWriter(
             tmp,
-            arrow_schema(id_bytes, meta),
+            arrow_schema(id_bytes),  # the kdcache key goes into the footer once, at close
             compression="zstd",
             compression_level=self.compression_level,
             use_dictionary=["id", "source", "finish_reason"],
@@ -289,6 +289,7 @@ class CacheWriter:
     def _close_shard(self) -> None:
         shard = self._open
         tmp, name, ids = shard.tmp, shard.name, shard.ids
+        shard.writer.add_key_value_metadata(shard_key_value(shard.meta))
         shard.writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

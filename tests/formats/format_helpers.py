@@ -94,7 +94,7 @@ def rewrite_shard(cache, index, edit_table=None, edit_metadata=None, **write_opt
     manifest = json.loads((cache / "manifest.json").read_text())
     path = cache / manifest["shards"][index]["file"]
     table = pq.read_table(path)
-    raw = json.loads(table.schema.metadata[b"kdcache"])
+    raw = json.loads(pq.ParquetFile(path).metadata.metadata[b"kdcache"])  # the footer's key (formats.schema)
     if edit_table is not None:
         table = edit_table(table)
     if edit_metadata is not None:

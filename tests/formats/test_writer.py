@@ -104,6 +104,32 @@ def test_shards_roll_at_the_size_bound(tmp_path, rng):
         assert sum(groups) - groups[-1] < 5000
 
 
+def test_the_hot_table_is_in_the_footer_once_and_older_shards_still_read(tmp_path, rng):
+    """pyarrow copies a schema's metadata into the footer's serialized Arrow schema too: the writer adds the
+    kdcache key to the footer alone (issue 24 item 3). A shard written the old way (the key in both) reads."""
+    import base64
+
+    examples = [make_example(rng, i, min_len=30, max_len=40) for i in range(8)]
+    m = write_cache(tmp_path / "c", examples, shard_max_bytes=1 << 20)
+    path = tmp_path / "c" / m["shards"][0]["file"]
+    pf = pq.ParquetFile(path)
+    meta = json.loads(pf.metadata.metadata[b"kdcache"])
+    assert b"kdcache" not in (pf.schema_arrow.metadata or {})  # not in ARROW:schema
+    hot = meta["hot_table"].encode()
+    arrow_schema = pf.metadata.metadata[b"ARROW:schema"]  # base64 of the serialized Arrow schema
+    assert len(base64.b64decode(hot)) > 0 and len(arrow_schema) < len(hot)
+    before = [(e.id, e.topk_ids.tolist(), e.topk_logprobs.tolist()) for e in CacheReader(tmp_path / "c")]
+
+    from .format_helpers import rewrite_shard
+
+    old = pq.read_table(path).replace_schema_metadata({b"kdcache": json.dumps(meta).encode()})
+    rewrite_shard(tmp_path / "c", 0, edit_table=lambda table: old)  # the old layout: the key in both places
+    assert b"kdcache" in pq.ParquetFile(path).schema_arrow.metadata
+    assert len(pq.ParquetFile(path).metadata.metadata[b"ARROW:schema"]) > len(hot)  # the table again in there
+    assert [(e.id, e.topk_ids.tolist(), e.topk_logprobs.tolist()) for e in CacheReader(tmp_path / "c")] == before
+    assert verify_cache(tmp_path / "c")["shards"] == 1
+
+
 # ---- resume: names, settings, accounting (issue 9) ------------------------------------------
 
 
