@@ -33,7 +33,8 @@ FEATURE_EXTRAS = ("hf", "ray", "s3", "gcs")  # each adds one feature beside a fl
 SUBMODULE_REQUIREMENTS = {"torch.utils.tensorboard": "tensorboard"}  # train_student/train.py's SummaryWriter
 # Imported where installed and never required: not declared, on purpose.
 OPTIONAL_IMPORTS = {
-    "liger_kernel": "`kdcache bench kernel-gpu` adds Liger's fused loss as a contender only where it is installed",
+    "liger_kernel": "`kdcache bench kernel-gpu` and `kdcache bench train` add Liger's fused loss as a contender "
+    "only where it is installed (the dev extra installs it)",
     "requests": "formats/hub.py also recognizes requests' connection errors where it is installed",
 }
 # Test-only imports that no extra declares: a package `make test-gemma` installs (the tests skip without it).
@@ -298,7 +299,9 @@ def test_the_wheel_metadata_is_pyproject_toml(wheel):
     with zipfile.ZipFile(wheel) as z:
         meta = Parser().parsestr(z.read(f"kdcache-{req_version()}.dist-info/METADATA").decode())
         scripts = z.read(f"kdcache-{req_version()}.dist-info/entry_points.txt").decode()
-    assert meta["License-Expression"] == "Apache-2.0"
+        license_text = z.read(f"kdcache-{req_version()}.dist-info/licenses/LICENSE").decode()
+    assert meta["License-Expression"] == "Apache-2.0" and meta["License-File"] == "LICENSE"
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     from_wheel = req.from_metadata(meta.get_all("Requires-Dist"))
     assert from_wheel == declared()
     assert set(meta.get_all("Provides-Extra")) == set(declared()) - {None}
