@@ -645,6 +645,11 @@ def bench_xtok(args) -> list[dict]:
 
 
 # ---- table -----------------------------------------------------------------------------------------
+def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """One part's result: its markdown table and a blank line."""
+    print(table(rows, cols) + "\n", flush=True)
+
+
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     head = "| " + " | ".join(c[1] for c in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
@@ -723,52 +728,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     if "loss" in parts:
         print(f"### kd_loss forward + backward (best of {args.iters})\n")
-        print(
-            table(
-                bench_loss(args),
-                [
-                    ("impl", "impl", ""),
-                    ("s_per_step", "s / step", ".2f"),
-                    ("tokens_per_s", "tokens/s", ",.0f"),
-                    ("peak_extra_mb", "peak extra memory (MB)", ",.0f"),
-                ],
-            )
-            + "\n"
+        print_table(
+            bench_loss(args),
+            [
+                ("impl", "impl", ""),
+                ("s_per_step", "s / step", ".2f"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+                ("peak_extra_mb", "peak extra memory (MB)", ",.0f"),
+            ],
         )
     if parts & {"reader", "step", "hf", "online"}:
         with tempfile.TemporaryDirectory() as tmp:
             cache = Path(args.cache) if args.cache else make_cache(Path(tmp) / "cache", args.k)
             if "reader" in parts:
                 print("### reader\n")
-                print(
-                    table(
-                        bench_reader(cache, args.tokens),
-                        [
-                            ("what", "path", ""),
-                            ("examples_per_s", "examples/s", ",.0f"),
-                            ("positions_per_s", "positions/s", ",.0f"),
-                        ],
-                    )
-                    + "\n"
+                print_table(
+                    bench_reader(cache, args.tokens),
+                    [
+                        ("what", "path", ""),
+                        ("examples_per_s", "examples/s", ",.0f"),
+                        ("positions_per_s", "positions/s", ",.0f"),
+                    ],
                 )
             if "step" in parts:
                 print(f"### training step (random {args.layers}-layer SmolLM2-width student, chunked loss)\n")
                 rows = [bench_step(cache, args, dtype) for dtype in args.dtypes.split(",") if dtype]
                 for row in rows:
                     row["dtype"] += " (auto)" if row["dtype"] == auto else ""
-                print(
-                    table(
-                        rows,
-                        [
-                            ("dtype", "student dtype", ""),
-                            ("tokens_per_step", "tokens/step", ""),
-                            ("s_per_step", "s / step", ".2f"),
-                            ("tokens_per_s", "tokens/s", ",.0f"),
-                            ("data_wait_frac", "waiting for data", ".2%"),
-                            ("peak_rss_mb", "peak RSS (MB)", ",.0f"),
-                        ],
-                    )
-                    + "\n"
+                print_table(
+                    rows,
+                    [
+                        ("dtype", "student dtype", ""),
+                        ("tokens_per_step", "tokens/step", ""),
+                        ("s_per_step", "s / step", ".2f"),
+                        ("tokens_per_s", "tokens/s", ",.0f"),
+                        ("data_wait_frac", "waiting for data", ".2%"),
+                        ("peak_rss_mb", "peak RSS (MB)", ",.0f"),
+                    ],
                 )
             if "hf" in parts:
                 print(
@@ -776,18 +772,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"student, float32, ~{args.tokens} tokens packed per step, {args.steps} steps after one warm-up; "
                     "a fresh process each)\n"
                 )
-                print(
-                    table(
-                        bench_hf(cache, args),
-                        [
-                            ("contender", "loop", ""),
-                            ("s_per_step", "s / step", ".2f"),
-                            ("tokens_per_s", "tokens/s", ",.0f"),
-                            ("vs_kdcache", "time / kdcache loop", ".2f"),
-                            ("peak_extra_mb", "peak RSS growth (MB)", ",.0f"),
-                        ],
-                    )
-                    + "\n"
+                print_table(
+                    bench_hf(cache, args),
+                    [
+                        ("contender", "loop", ""),
+                        ("s_per_step", "s / step", ".2f"),
+                        ("tokens_per_s", "tokens/s", ",.0f"),
+                        ("vs_kdcache", "time / kdcache loop", ".2f"),
+                        ("peak_extra_mb", "peak RSS growth (MB)", ",.0f"),
+                    ],
                 )
             if "online" in parts:
                 print(
@@ -795,38 +788,32 @@ def main(argv: list[str] | None = None) -> int:
                     f"student of SmolLM2's width, float32, {args.tokens} tokens packed per step, the same batches; "
                     f"median of {args.steps} interleaved rounds after one warm-up)\n"
                 )
-                print(
-                    table(
-                        bench_online(cache, args),
-                        [
-                            ("contender", "training step", ""),
-                            ("s_per_step", "s / step", ".2f"),
-                            ("tokens_per_s", "tokens/s", ",.0f"),
-                            ("vs_offline", "time / offline", ".2f"),
-                            ("break_even_epochs", "cache pays for itself after (student epochs)", ".2f"),
-                        ],
-                    )
-                    + "\n"
+                print_table(
+                    bench_online(cache, args),
+                    [
+                        ("contender", "training step", ""),
+                        ("s_per_step", "s / step", ".2f"),
+                        ("tokens_per_s", "tokens/s", ",.0f"),
+                        ("vs_offline", "time / offline", ".2f"),
+                        ("break_even_epochs", "cache pays for itself after (student epochs)", ".2f"),
+                    ],
                 )
     if "xtok" in parts:
         print(
             f"### a student with another tokenizer (hybrid; random {args.layers}-layer SmolLM2-width student, "
             "chunked loss)\n"
         )
-        print(
-            table(
-                bench_xtok(args),
-                [
-                    ("examples", "Tulu examples", ""),
-                    ("align_positions_per_s", "alignment positions/s", ",.0f"),
-                    ("aligned_fraction", "aligned", ".2f"),
-                    ("vocab", "student vocab", ""),
-                    ("tokens_per_step", "tokens/step", ""),
-                    ("s_per_step", "s / step", ".2f"),
-                    ("data_wait_frac", "waiting for data", ".2%"),
-                ],
-            )
-            + "\n"
+        print_table(
+            bench_xtok(args),
+            [
+                ("examples", "Tulu examples", ""),
+                ("align_positions_per_s", "alignment positions/s", ",.0f"),
+                ("aligned_fraction", "aligned", ".2f"),
+                ("vocab", "student vocab", ""),
+                ("tokens_per_step", "tokens/step", ""),
+                ("s_per_step", "s / step", ".2f"),
+                ("data_wait_frac", "waiting for data", ".2%"),
+            ],
         )
     return 0
 
