@@ -20,13 +20,13 @@ def test_s3_round_trip(s3, cache, examples):
     assert sorted(parts[0] + parts[1]) == sorted(got)
 
 
-def test_memory_filesystem(cache, examples):
-    fs = fsspec.filesystem("memory")
-    fs.put(str(cache) + "/", "/cache-copy/", recursive=True)
-    assert len(list(CacheReader("memory://cache-copy"))) == len(examples)
+def test_memory_filesystem(cache, examples, tmp_path):
+    fs = fsspec.filesystem("memory")  # one store per process: a folder of this test's own (seeds rerun it)
+    fs.put(str(cache) + "/", f"/{tmp_path.name}/", recursive=True)
+    assert len(list(CacheReader(f"memory://{tmp_path.name}"))) == len(examples)
 
 
-def test_a_store_that_does_not_say_file_sizes(cache, examples, monkeypatch):
+def test_a_store_that_does_not_say_file_sizes(cache, examples, monkeypatch, tmp_path):
     """HTTP servers may send no Content-Length (fsspec's size() is then None): no TypeError, and
     verify still decides by the sha256."""
     from fsspec.implementations.memory import MemoryFileSystem
@@ -34,7 +34,7 @@ def test_a_store_that_does_not_say_file_sizes(cache, examples, monkeypatch):
     from formats.tools import verify_cache
 
     fs = fsspec.filesystem("memory")
-    fs.put(str(cache) + "/", "/cache-nosize/", recursive=True)
+    fs.put(str(cache) + "/", f"/{tmp_path.name}/", recursive=True)  # a folder of this test's own (seeds rerun it)
     monkeypatch.setattr(MemoryFileSystem, "size", lambda self, path: None)
-    verify_cache("memory://cache-nosize")
-    assert len(list(CacheReader("memory://cache-nosize"))) == len(examples)
+    verify_cache(f"memory://{tmp_path.name}")
+    assert len(list(CacheReader(f"memory://{tmp_path.name}"))) == len(examples)
