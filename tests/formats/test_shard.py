@@ -326,7 +326,9 @@ def test_a_stream_cut_short_is_a_format_error_naming_the_table():
 @pytest.fixture
 def small_cache(tmp_path, rng):
     exs = [make_example(rng, i) for i in range(10)]
-    write_cache(tmp_path / "c", exs, row_group_positions=32, shard_max_bytes=1 << 20)  # one shard, row groups
+    write_cache(
+        tmp_path / "c", exs, row_group_positions=32, shard_max_bytes=1 << 20
+    )  # one shard, several row groups (>= 2 on every seed)
     return tmp_path / "c", exs
 
 
@@ -335,7 +337,7 @@ def test_a_shard_file_reads_its_row_groups_as_the_reader_does(small_cache):
     files, manifest = open_cache(path), load_manifest(path)
     shard = ShardFile(files, manifest, 0)
     try:
-        assert shard.name == "part-00000.parquet" and shard.k == 8 and shard.num_row_groups >= 3
+        assert shard.name == "part-00000.parquet" and shard.k == 8 and shard.num_row_groups >= 2
         assert sum(shard.rows(g) for g in range(shard.num_row_groups)) == manifest["shards"][0]["rows"] == 10
         got = [e.id for g in range(shard.num_row_groups) for e in shard.examples(g)]
         assert got == [e.id for e in exs] == [e.id for e in CacheReader(path, prefetch=0)]
