@@ -1,4 +1,4 @@
-"""Codec v1: top-k teacher entries <-> compact byte streams. Pure numpy, no I/O.
+"""Codecs v2 (written) and v1 (read): top-k teacher entries <-> compact byte streams. Pure numpy, no I/O.
 
 Per position the teacher gives entries (id, logprob) in rank order. We keep c <= k of them (all k,
 or with mass-adaptive truncation the fewest whose probability reaches `mass`), in rank order, and
@@ -16,19 +16,34 @@ write separate streams (each its own Parquet column, so zstd sees one kind of da
 * a step delta >= 255 is written as 255 and its value taken, in order, from `topk_step_escape`
   (uint16; q = 65535 stands for "probability 0").
 
-Rank order is kept exactly. Streams concatenate across positions and rows, so a whole Parquet
-column decodes in one vectorized pass. Layout chosen by measurement: see docs/FORMAT.md.
+v1 keeps rank order exactly. v2 (format version 2, issue 24) changes two things, both measured in
+docs/BENCHMARKS.md:
+* ties: entries whose quantized logprobs are equal (delta 0) are interchangeable, so v2 stores each such
+  group (after the top-1, which stays first) in increasing code order, the group's first code as it is
+  and every further one as its gap to the previous code (small numbers: zstd packs them). The decoded
+  (id, logprob) pairs are the same; only the order inside a group of equal decoded logprobs differs from
+  the teacher's.
+* the step deltas are split by rank range into `topk_step_1`, `topk_step_2`, `topk_step_4`, ...
+  (`STEP_RANGES`: entry index j in [1, 2), [2, 4), [4, 16), ...): each range has its own statistics.
+Streams concatenate across positions and rows, so a whole Parquet column decodes in one vectorized
+pass. Layout chosen by measurement: see docs/FORMAT.md.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from formats.errors import FormatError
 
-CODEC_NAME = "kdcache-topk-v1"
+CODEC_NAMES = {1: "kdcache-topk-v1", 2: "kdcache-topk-v2"}  # codec version -> name (= the format version)
+CODEC_VERSION = 2  # what the writer writes
+CODEC_NAME = CODEC_NAMES[CODEC_VERSION]
+# v2's step streams: entry index j (1-based within a position; entry 0 has no step) in [a, next a) goes to
+# `topk_step_{a}`; the last range is open.
+STEP_RANGES = (1, 2, 4, 16, 32, 64, 128)
 STEPS_PER_NAT = 32
 TOP1_STEPS_PER_NAT = 2048
 TARGET_STEPS_PER_NAT = 256
@@ -51,8 +66,11 @@ class CodecConfig:
     k: int = 64
     mass: float | None = None
     hot: int = 4096
+    version: int = CODEC_VERSION  # 1: read only (caches written before format version 2)
 
     def __post_init__(self):
+        if self.version not in CODEC_NAMES:
+            raise ValueError(f"codec version must be one of {sorted(CODEC_NAMES)}, got {self.version!r}")
         if not 1 <= self.k <= MAX_K:
             raise ValueError(f"k must be in 1..{MAX_K}, got {self.k}")
         if self.mass is not None and not 0.0 < self.mass <= 1.0:
@@ -61,16 +79,19 @@ class CodecConfig:
             raise ValueError(f"hot must be >= 0, got {self.hot}")
 
     def to_dict(self) -> dict:
-        return {"name": CODEC_NAME, **asdict(self), **CONSTANTS}
+        d = asdict(self)
+        return {"name": CODEC_NAMES[d.pop("version")], **d, **CONSTANTS}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "codec") -> "CodecConfig":
         """The codec settings a manifest or shard records; FormatError (naming `where`) when damaged."""
         if not isinstance(d, dict):
             raise FormatError(f"{where}: must be a JSON object, got {type(d).__name__}")
-        if d.get("name") != CODEC_NAME:
+        versions = {name: v for v, name in CODEC_NAMES.items()}
+        if not isinstance(d.get("name"), str) or d["name"] not in versions:
             raise FormatError(
-                f"{where}: unknown codec {d.get('name')!r} (this kdcache reads {CODEC_NAME}); upgrade kdcache"
+                f"{where}: unknown codec {d.get('name')!r:.60} (this kdcache reads {', '.join(versions)}); "
+                "upgrade kdcache"
             )
         unknown = sorted(set(d) - set(CODEC_KEYS))
         if unknown:
@@ -78,7 +99,7 @@ class CodecConfig:
         for name, value in CONSTANTS.items():
             if name in d and (type(d[name]) is not float or d[name] != value):
                 raise FormatError(
-                    f"{where}: {name} is {d[name]!r:.40}, codec {CODEC_NAME} is defined with {value}; "
+                    f"{where}: {name} is {d[name]!r:.40}, codec {d['name']} is defined with {value}; "
                     "this kdcache cannot decode another step"
                 )
         k, mass, hot = d.get("k"), d.get("mass"), d.get("hot", 0)
@@ -87,7 +108,7 @@ class CodecConfig:
         ):
             raise FormatError(f"{where}: k={k!r}, hot={hot!r} must be integers and mass={mass!r} a number or null")
         try:
-            return cls(k=k, mass=mass, hot=hot)
+            return cls(k=k, mass=mass, hot=hot, version=versions[d["name"]])
         except ValueError as exc:
             raise FormatError(f"{where}: {exc}") from None
 
@@ -198,6 +219,20 @@ def code_bytes(max_code: int) -> int:
     return 2 if max_code < (1 << 16) else 4
 
 
+def stream_names(version: int, id_bytes: int) -> list[str]:
+    """The codec's byte streams (one Parquet binary column each), in column order, for codec `version`."""
+    planes = [f"topk_code_b{b}" for b in range(id_bytes)]
+    if version == 1:
+        return ["topk_count", "topk_top1", *planes, "topk_step", "topk_step_escape"]
+    return ["topk_count", "topk_top1", *planes, *(f"topk_step_{a}" for a in STEP_RANGES), "topk_step_escape"]
+
+
+def step_ranges(k: int) -> list[tuple[str, int, int]]:
+    """(stream, first j, end j) of v2's step streams that can hold entries at this k (j < k)."""
+    ends = [*STEP_RANGES[1:], max(k, STEP_RANGES[-1] + 1)]
+    return [(f"topk_step_{a}", a, min(b, k)) for a, b in zip(STEP_RANGES, ends) if a < k]
+
+
 def encode_topk(
     topk_ids: np.ndarray, topk_logprobs: np.ndarray, cfg: CodecConfig, codes: IdCodes, id_bytes: int = 2
 ) -> dict[str, bytes]:
@@ -236,15 +271,38 @@ def encode_topk(
         raise ValueError(f"position {row}: logprobs are not in rank order (they must not increase)")
     delta = np.diff(q, axis=1)
     step8, step_esc = _escape(delta[kept_delta], "<u2")
-    code = codes.encode(ids[keep])
-    planes = {f"topk_code_b{b}": ((code >> (8 * b)) & 0xFF).astype(np.uint8).tobytes() for b in range(id_bytes)}
+    head = {"topk_count": counts.astype(count_dtype(cfg)).tobytes(), "topk_top1": top1.astype("<u2").tobytes()}
+    if cfg.version == 1:
+        return {
+            **head,
+            **_planes("topk_code_b", codes.encode(ids[keep]), id_bytes),
+            "topk_step": step8.tobytes(),
+            "topk_step_escape": step_esc.tobytes(),
+        }
+    # v2: the top-1 first; after it each group of equal q in increasing code order, its first code stored
+    # whole and the others as gaps
+    code = np.where(keep, codes.encode(ids.reshape(-1)).reshape(ids.shape), 0)
+    key = np.where(keep, (q << 33) + code, np.iinfo(np.int64).max)
+    key[:, 0] = -1
+    code = np.take_along_axis(code, np.argsort(key, axis=1, kind="stable"), axis=1)
+    cont = np.zeros_like(keep)
+    cont[:, 2:] = kept_delta[:, 1:] & (delta[:, 1:] == 0)
+    gap = np.zeros_like(code)
+    gap[:, 1:] = code[:, 1:] - code[:, :-1]
+    small = np.zeros(delta.shape, np.uint8)
+    small[kept_delta] = step8
+    steps = {name: small[:, a - 1 : b - 1][kept_delta[:, a - 1 : b - 1]].tobytes() for name, a, b in step_ranges(k)}
     return {
-        "topk_count": counts.astype(count_dtype(cfg)).tobytes(),
-        "topk_top1": top1.astype("<u2").tobytes(),
-        **planes,
-        "topk_step": step8.tobytes(),
+        **head,
+        **_planes("topk_code_b", np.where(cont, gap, code)[keep], id_bytes),
+        **{f"topk_step_{a}": steps.get(f"topk_step_{a}", b"") for a in STEP_RANGES},
         "topk_step_escape": step_esc.tobytes(),
     }
+
+
+def _planes(prefix: str, values: np.ndarray, id_bytes: int) -> dict[str, bytes]:
+    """Little-endian byte planes of integer `values`: {prefix0: low bytes, prefix1: ...}."""
+    return {f"{prefix}{b}": ((values >> (8 * b)) & 0xFF).astype(np.uint8).tobytes() for b in range(id_bytes)}
 
 
 def count_dtype(cfg: CodecConfig) -> str:
@@ -278,6 +336,8 @@ def decode_topk(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int | None =
             f"topk_count: {n} positions x k={k} entries would be decoded from {stored} stored entries; "
             "refusing to allocate that (a damaged shard, or k does not match the data)"
         )
+    if cfg.version == 2:
+        streams = _join_step_ranges(streams, counts, k)
     chunk = max(1, DECODE_CHUNK // k)
     if n <= chunk:
         return _decode_block(streams, cfg, codes, k)
@@ -318,25 +378,7 @@ def _decode_block(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int):
     if counts.min() < 1 or counts.max() > k:
         raise FormatError(f"topk_count must be in 1..{k}, found {int(counts.min())}..{int(counts.max())}")
     total = int(counts.sum())
-    planes = []
-    while streams.get(f"topk_code_b{len(planes)}") is not None:
-        plane = np.frombuffer(streams[f"topk_code_b{len(planes)}"], np.uint8)
-        if len(plane) != total:
-            raise FormatError(f"topk_code_b{len(planes)} has {len(plane)} bytes, expected {total} (from topk_count)")
-        planes.append(plane)
-    if not planes:
-        raise FormatError("topk_code_b0 is missing")
-    # Narrow integer types throughout: decoding is memory-bound.
-    if len(planes) == 2:
-        code = planes[0].astype(np.uint16)
-        code |= planes[1].astype(np.uint16) << np.uint16(8)
-    else:
-        code = np.zeros(total, np.int64)
-        for b, plane in enumerate(planes):
-            code |= plane.astype(np.int64) << (8 * b)
-    ids = codes.decode(code)
-    if len(planes) > 2 and ids.min() < 0:
-        raise FormatError(f"topk_code: a code decodes to token id {int(ids.min())} (< 0)")
+    code = _join_planes(streams, "topk_code_b", total, "topk_count")
     step8 = np.frombuffer(streams["topk_step"], np.uint8)
     escapes = _frombuffer(streams["topk_step_escape"], "<u2", "topk_step_escape")
     if len(escapes):
@@ -347,8 +389,20 @@ def _decode_block(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int):
         delta = step8
     if len(delta) != total - n:
         raise FormatError(f"topk_step has {len(delta)} deltas, expected {total - n}")
+    full = total == n * k
     top1_hat = top1.astype(np.float32) * np.float32(-1 / TOP1_STEPS_PER_NAT)
-    if total == n * k:  # every position full: plain reshapes (the common, fast path)
+    if cfg.version == 2 and code.dtype == np.uint16 and k < 1 << 15 and sys.byteorder == "little":
+        q, code, kept = _steps_and_untie(code, delta, counts, k, full)  # the common v2 case: one pass for both
+        ids, lps = codes.decode(code), _logprobs(top1_hat, q)
+        if kept is not None:
+            ids[~kept], lps[~kept] = -1, -np.inf
+        return ids, lps, counts
+    if cfg.version == 2:
+        code = _untie(code, step8, counts, k, full)
+    ids = codes.decode(code)
+    if code.dtype != np.uint16 and ids.min() < 0:
+        raise FormatError(f"topk_code: a code decodes to token id {int(ids.min())} (< 0)")
+    if full:  # every position full: plain reshapes (the common, fast path)
         d = np.empty((n, k), delta.dtype)
         d[:, 0] = 0
         d[:, 1:] = delta.reshape(n, k - 1)
@@ -366,6 +420,123 @@ def _decode_block(streams: dict, cfg: CodecConfig, codes: IdCodes, k: int):
     out_ids[mask] = ids
     lps[~mask] = -np.inf
     return out_ids, lps, counts
+
+
+def _join_planes(streams: dict, prefix: str, size: int, whence: str) -> np.ndarray:
+    """The integers whose little-endian byte planes are streams prefix0, prefix1, ...: uint16 for two planes
+    (decoding is memory-bound: narrow types throughout), else int64. Each plane must hold `size` bytes."""
+    planes = []
+    while streams.get(f"{prefix}{len(planes)}") is not None:
+        plane = np.frombuffer(streams[f"{prefix}{len(planes)}"], np.uint8)
+        if len(plane) != size:
+            raise FormatError(f"{prefix}{len(planes)} has {len(plane)} bytes, expected {size} (from {whence})")
+        planes.append(plane)
+    if not planes:
+        raise FormatError(f"{prefix}0 is missing")
+    if len(planes) == 2:
+        out = planes[0].astype(np.uint16)
+        out |= planes[1].astype(np.uint16) << np.uint16(8)
+        return out
+    out = np.zeros(size, np.int64)
+    for b, plane in enumerate(planes):
+        out |= plane.astype(np.int64) << (8 * b)
+    return out
+
+
+def _join_step_ranges(streams: dict, counts: np.ndarray, k: int) -> dict:
+    """v2's streams with the step ranges joined into v1's one `topk_step` (entry order: position by position)."""
+    n = len(counts)
+    if n and (counts.min() < 1 or counts.max() > k):
+        raise FormatError(f"topk_count must be in 1..{k}, found {int(counts.min())}..{int(counts.max())}")
+    full = int(counts.sum(dtype=np.int64)) == n * k
+    inner = None if full else np.arange(1, k)[None, :] < counts[:, None]  # [n, k-1]: entry j >= 1 is kept
+    small = np.zeros((n, k - 1), np.uint8)
+    for name, a, b in step_ranges(k):
+        values = np.frombuffer(streams.get(name) or b"", np.uint8)
+        want = n * (b - a) if full else int(inner[:, a - 1 : b - 1].sum())
+        if len(values) != want:
+            raise FormatError(f"{name} has {len(values)} deltas, expected {want} (from topk_count)")
+        if full:
+            small[:, a - 1 : b - 1] = values.reshape(n, b - a)
+        else:
+            small[:, a - 1 : b - 1][inner[:, a - 1 : b - 1]] = values
+    for a in STEP_RANGES:
+        if a >= k and len(streams.get(f"topk_step_{a}") or b""):
+            raise FormatError(f"topk_step_{a} holds deltas, but no entry has index >= {a} at k={k}")
+    planes = {name: value for name, value in streams.items() if name.startswith("topk_code_b")}
+    return {
+        "topk_count": streams["topk_count"],
+        "topk_top1": streams["topk_top1"],
+        **planes,
+        "topk_step": small.reshape(-1) if full else small[inner],
+        "topk_step_escape": streams["topk_step_escape"],
+    }
+
+
+def _untie(stored: np.ndarray, step8: np.ndarray, counts: np.ndarray, k: int, full: bool) -> np.ndarray:
+    """v2's codes from the stored values: inside a tie (an entry whose delta is 0) a value is the gap to the
+    previous entry's code, so a code is its group's first value plus the gaps up to it: a running sum per
+    position, restarted at every entry that is not a tie. Row by row in [n, k] (one decode block: in cache)."""
+    n, width = len(counts), (2 if stored.dtype == np.uint16 else 4)
+    acc = np.int32 if width == 2 and k < 1 << 15 else np.int64  # a position's sum of 2-byte values fits int32
+    if full:
+        value, tie = stored.reshape(n, k), np.zeros((n, k), bool)
+        tie[:, 1:] = step8.reshape(n, k - 1) == 0
+    else:
+        kept = np.arange(k)[None, :] < counts[:, None]
+        inner = kept.copy()
+        inner[:, 0] = False
+        value, tie = np.zeros((n, k), stored.dtype), np.zeros((n, k), bool)
+        value[kept] = stored
+        tie[inner] = step8 == 0
+    tie[:, 1:2] = False  # the top-1 (entry 0) is never in a group: entry 1 starts one
+    running = np.cumsum(value, axis=1, dtype=acc)
+    before = np.empty_like(running)  # the sum before each entry; kept at group starts, carried over the group
+    before[:, 0] = 0
+    before[:, 1:] = running[:, :-1]
+    np.copyto(before, 0, where=tie)
+    np.maximum.accumulate(before, axis=1, out=before)  # running sums never decrease: the last start's wins
+    running -= before
+    if running.max(initial=0) >= 1 << (8 * width):
+        raise FormatError(f"topk_code: a tie group's gaps add up beyond the largest {width}-byte code")
+    out = running.astype(stored.dtype)
+    return out.reshape(-1) if full else out[kept]
+
+
+def _steps_and_untie(stored: np.ndarray, delta: np.ndarray, counts: np.ndarray, k: int, full: bool):
+    """`_untie` and the steps' running sum q of a block with 2-byte codes, in one cumsum: each entry packs
+    (delta << 32) | stored value into an int64, and a row's sums stay below 2^31 in both halves (k < 2^15
+    values < 2^16), so no carry crosses. Returns q [n, k] int32, the codes [n, k] uint16 and the kept entries
+    [n, k] (None when every position is full; past a position's count q repeats and the codes are junk)."""
+    n = len(counts)
+    packed = np.zeros((n, k), np.int64)
+    if full:
+        kept = None
+        packed[:, 1:] = delta.reshape(n, k - 1)
+        packed <<= 32
+        packed |= stored.reshape(n, k)
+    else:
+        kept = np.arange(k)[None, :] < counts[:, None]
+        inner = kept.copy()
+        inner[:, 0] = False
+        packed[inner] = delta
+        packed <<= 32
+        low = np.zeros((n, k), np.uint16)
+        low[kept] = stored
+        packed |= low
+    starts = packed[:, 1:] >= 1 << 32  # delta > 0: an entry that starts a group (padding has delta 0) ...
+    starts[:, :1] = True  # ... and entry 1: the top-1 is never in a group
+    np.cumsum(packed, axis=1, out=packed)
+    halves = packed.view(np.int32).reshape(n, k, 2)  # little-endian: [..., 0] the low half
+    running, q = halves[..., 0], halves[..., 1]
+    before = np.empty((n, k), np.int32)  # the sum before each entry at group starts, 0 inside a tie
+    before[:, 0] = 0
+    np.multiply(running[:, :-1], starts, out=before[:, 1:])
+    np.maximum.accumulate(before, axis=1, out=before)  # carried over the group: running sums never decrease
+    code = np.subtract(running, before)
+    if code.max(initial=0) >= 1 << 16:  # (padding repeats its position's last code: no larger)
+        raise FormatError("topk_code: a tie group's gaps add up beyond the largest 2-byte code")
+    return q, code.astype(np.uint16), kept
 
 
 def _logprobs(top1_hat: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from formats.codec import MAX_TOKEN_ID, CodecConfig
 from formats.errors import FormatError
-from formats.schema import CARD_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_SUFFIX, check_version
+from formats.schema import CARD_NAME, MANIFEST_NAME, SHARD_SUFFIX, check_codec_version, check_version
 from formats.tokenizer_id import fingerprint_version
 from formats.trust import CacheFiles, check_name, exact_int, loads, printable
 
@@ -153,6 +153,7 @@ def check_manifest(manifest, where: str) -> None:
         raise FormatError(f"{where}: missing keys {missing}")
     check_version(manifest["format_version"], where)
     codec = CodecConfig.from_dict(manifest["codec"], f"{where}: codec")
+    check_codec_version(manifest["format_version"], codec, where)
     if "k" in manifest and not (exact_int(manifest["k"]) and manifest["k"] == codec.k):
         raise FormatError(f"{where}: k is {printable(repr(manifest['k']))} but codec.k is {codec.k}")
     if manifest.get("mode", "score") not in MODES:
@@ -358,7 +359,7 @@ TOP_LEVEL = ("command", "mode", "teacher", "tokenizer", "dataset", "license", "k
 def new_manifest(codec: dict, provenance: dict) -> dict:
     optional = {k: provenance[k] for k in ("license", "kdcache_version") if k in provenance}
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": CodecConfig.from_dict(codec).version,  # the codec's version is the format's
         "created": now_iso(),
         "command": provenance.get("command") or command_line(),
         "codec": codec,

@@ -1,4 +1,7 @@
-"""Shard schema v1: one Parquet row per example. docs/FORMAT.md is the full specification."""
+"""Shard schema v2 (written; v1 read): one Parquet row per example. docs/FORMAT.md is the full specification.
+
+The format version is the codec's version (formats/codec.py): version 1 shards hold codec v1's streams,
+version 2 shards codec v2's. Readers take both; a version paired with the other codec is refused."""
 
 from __future__ import annotations
 
@@ -8,11 +11,12 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from formats.codec import CodecConfig
+from formats.codec import CODEC_NAMES, CODEC_VERSION, CodecConfig, stream_names
 from formats.errors import FormatError
 from formats.trust import exact_int, loads, printable
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = CODEC_VERSION  # written
+READ_VERSIONS = tuple(CODEC_NAMES)  # read: 1, 2
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 CARD_NAME = "README.md"
@@ -31,18 +35,18 @@ PLAIN_FIELDS = [
     pa.field("meta", pa.string()),
 ]
 TARGET_STREAMS = ["target_logprob", "target_rank"]
-TOPK_STREAMS = ["topk_count", "topk_top1", "topk_step", "topk_step_escape"]
+TOPK_STREAMS = ["topk_count", "topk_top1", "topk_step", "topk_step_escape"]  # codec v1's, the planes aside
 
 
 def code_streams(id_bytes: int) -> list[str]:
     return [f"topk_code_b{b}" for b in range(id_bytes)]
 
 
-def arrow_schema(id_bytes: int, metadata: dict | None = None) -> pa.Schema:
+def arrow_schema(id_bytes: int, metadata: dict | None = None, version: int = FORMAT_VERSION) -> pa.Schema:
     """The shard's columns; with `metadata`, an in-memory schema carrying the kdcache key too. Files do not
     carry it in their schema: the writer adds it once to the footer (`shard_key_value`), because pyarrow copies
     a schema's metadata into the footer's serialized Arrow schema as well: the hot-id table twice."""
-    streams = TARGET_STREAMS + TOPK_STREAMS[:2] + code_streams(id_bytes) + TOPK_STREAMS[2:]
+    streams = TARGET_STREAMS + stream_names(version, id_bytes)
     fields = PLAIN_FIELDS + [pa.field(name, pa.binary(), nullable=False) for name in streams]
     return pa.schema(fields, metadata=None if metadata is None else shard_key_value(metadata))
 
@@ -54,7 +58,7 @@ def shard_key_value(metadata: dict) -> dict[bytes, bytes]:
 
 def shard_metadata(codec: dict, id_bytes: int, hot_table: np.ndarray) -> dict:
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": CodecConfig.from_dict(codec).version,  # the codec's version is the format's
         "codec": codec,
         "id_bytes": id_bytes,
         "hot_table": base64.b64encode(np.asarray(hot_table, "<u4").tobytes()).decode(),
@@ -91,6 +95,7 @@ def read_shard_metadata(
         )
     check_version(meta.get("format_version"), where)
     codec = CodecConfig.from_dict(meta.get("codec"), f"{where}: {key}, codec")
+    check_codec_version(meta["format_version"], codec, f"{where}: {key}")
     if not exact_int(meta.get("id_bytes")) or meta["id_bytes"] not in ID_BYTES:
         raise FormatError(
             f"{where}: {key}: id_bytes is {printable(repr(meta.get('id_bytes')))[:40]}, must be one of {ID_BYTES}"
@@ -98,7 +103,7 @@ def read_shard_metadata(
     meta["hot_table"] = _hot_table(meta.get("hot_table"), codec.hot, meta["id_bytes"], f"{where}: {key}: hot_table")
     if not check_columns:
         return meta
-    expected = arrow_schema(meta["id_bytes"], {})
+    expected = arrow_schema(meta["id_bytes"], {}, codec.version)
     missing = [name for name in expected.names if name not in schema.names]
     if missing:
         raise FormatError(f"{where}: columns missing from the shard: {', '.join(missing)}")
@@ -148,8 +153,17 @@ def _hot_table(value, hot: int, id_bytes: int, where: str) -> np.ndarray:
 
 
 def check_version(version, where: str) -> None:
-    if type(version) is not int or version != FORMAT_VERSION:  # JSON true and 1.0 equal 1 in Python
+    if type(version) is not int or version not in READ_VERSIONS:  # JSON true and 1.0 equal 1 in Python
         raise FormatError(
-            f"{where}: format version {printable(repr(version))[:40]} is not supported by this kdcache (it reads version "
-            f"{FORMAT_VERSION}); upgrade kdcache, or re-create the cache with this version"
+            f"{where}: format version {printable(repr(version))[:40]} is not supported by this kdcache (it reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}); upgrade kdcache, or re-create the cache with this version"
+        )
+
+
+def check_codec_version(version: int, codec: CodecConfig, where: str) -> None:
+    """Format version v holds codec v's streams: another pairing is a damaged or hand-made file."""
+    if codec.version != version:
+        raise FormatError(
+            f"{where}: format version {version} with codec {CODEC_NAMES[codec.version]} (version {version} "
+            f"caches use {CODEC_NAMES[version]}); a damaged or hand-edited file"
         )

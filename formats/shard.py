@@ -14,10 +14,8 @@ from formats.trust import loads
 from formats.schema import (
     PLAIN_FIELDS,
     TARGET_STREAMS,
-    TOPK_STREAMS,
     arrow_schema,
     check_shard_header,
-    code_streams,
     read_shard_metadata,
 )
 
@@ -65,7 +63,7 @@ def encode_rows(
     examples: list[Example], cfg: C.CodecConfig, codes: C.IdCodes, id_bytes: int, metadata: dict
 ) -> pa.Table:
     cols: dict[str, list] = {f.name: [] for f in PLAIN_FIELDS}
-    streams: dict[str, list] = {n: [] for n in TARGET_STREAMS + TOPK_STREAMS + code_streams(id_bytes)}
+    streams: dict[str, list] = {n: [] for n in TARGET_STREAMS + C.stream_names(cfg.version, id_bytes)}
     for ex in examples:
         s, e = spans(ex.target_positions)
         cols["id"].append(ex.id)
@@ -80,7 +78,7 @@ def encode_rows(
         encoded.update(C.encode_target(ex.target_logprobs, ex.target_ranks))
         for name, value in encoded.items():
             streams[name].append(value)
-    schema = arrow_schema(id_bytes, metadata)
+    schema = arrow_schema(id_bytes, metadata, cfg.version)
     arrays = [pa.array(cols[f.name], type=f.type) for f in PLAIN_FIELDS]
     arrays += [pa.array(streams[name], type=pa.binary()) for name in schema.names[len(PLAIN_FIELDS) :]]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -110,7 +108,7 @@ def decode_table(table: pa.Table, meta: dict, where: str = "shard", limits: dict
     codes = meta.get("_codes") or C.IdCodes(meta["hot_table"])
     meta["_codes"] = codes
     _check_not_null(table, where)
-    streams = {n: column_bytes(table, n) for n in TOPK_STREAMS + code_streams(meta["id_bytes"])}
+    streams = {n: column_bytes(table, n) for n in C.stream_names(cfg.version, meta["id_bytes"])}
     try:
         ids, lps, _ = C.decode_topk(streams, cfg, codes, trim=True)
         tlp, trank = C.decode_target({n: column_bytes(table, n) for n in TARGET_STREAMS})

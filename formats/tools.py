@@ -317,6 +317,12 @@ def check_mergeable(manifests: list[dict], names: list[str]) -> None:
             diffs += [
                 d for d in _differences(manifest_get(first, key), manifest_get(m, key), key) if d not in PER_WORKER
             ]
+        if diffs and diffs[0] == ("format_version",):
+            raise IncompatibleCachesError(
+                f"{name} does not belong with {names[0]}: format version {m['format_version']} vs "
+                f"{first['format_version']}; merge caches of one format version (re-create the older cache with "
+                "this kdcache to merge it with newer ones)"
+            )
         if diffs:
             key = diffs[0]
             raise IncompatibleCachesError(

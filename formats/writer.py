@@ -278,7 +278,7 @@ class CacheWriter:
         meta = shard_metadata(self.codec.to_dict(), id_bytes, hot)
         writer = pq.ParquetWriter(
             tmp,
-            arrow_schema(id_bytes),  # the kdcache key goes into the footer once, at close
+            arrow_schema(id_bytes, version=self.codec.version),  # the kdcache key goes into the footer once, at close
             compression="zstd",
             compression_level=self.compression_level,
             use_dictionary=["id", "source", "finish_reason"],

@@ -34,6 +34,7 @@ import json
 import os
 import posixpath
 import random
+import re
 import resource
 import select
 import shutil
@@ -915,7 +916,7 @@ def m_manifest_bomb(ctx: Ctx):
         "deep_object_100k": lambda: b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
         "containers_3M": lambda: b'{"shards": [' + b"{}," * 3_000_000 + b"{}]}",
         "int_100k_digits": lambda: b'{"format_version": 1' + b"0" * 100_000 + b"}",
-        "NaN": lambda: orig.replace(b'"format_version": 1', b'"format_version": NaN', 1),
+        "NaN": lambda: re.sub(rb'"format_version": \d+', b'"format_version": NaN', orig, count=1),
         "big_65MiB": lambda: orig[:-1] + b', "pad": "' + b" " * (65 << 20) + b'"}',
         "utf8_bom": lambda: b"\xef\xbb\xbf" + orig,
         "utf16": lambda: orig.decode().encode("utf-16"),
@@ -1064,17 +1065,21 @@ def m_shard_rewrite(ctx: Ctx):
             from .format_helpers import replace_column
 
             row = ctx.randint("row", 0, t.num_rows - 1)
-            top1, step = t.column("topk_top1").to_pylist(), t.column("topk_step").to_pylist()
+            top1 = t.column("topk_top1").to_pylist()
             top1[row] = bytes(len(top1[row]))  # top-1 logprob 0 at every position
-            step[row] = bytes(b if b == 255 else 0 for b in step[row])  # every other entry at the top-1's logprob
-            return replace_column(replace_column(t, "topk_top1", top1), "topk_step", step)
+            t = replace_column(t, "topk_top1", top1)
+            for name in [n for n in t.column_names if n.startswith("topk_step") and n != "topk_step_escape"]:
+                step = t.column(name).to_pylist()  # every other entry at the top-1's logprob: one tie (v2: gaps)
+                step[row] = bytes(b if b == 255 else 0 for b in step[row])
+                t = replace_column(t, name, step)
+            return t
     elif what in ("count_zero", "count_over_k"):
         value = 0 if what == "count_zero" else min(255, k + 1)
         edit_table = _cell_edit(ctx, "topk_count", lambda v, r, t: bytes([value]) + v[1:])
     elif what in ("stream_short", "stream_long"):
         col = ctx.pick(
             "stream",
-            ["topk_count", "topk_top1", "topk_code_b0", "topk_code_b1", "topk_step", "target_logprob", "target_rank"],
+            ["topk_count", "topk_top1", "topk_code_b0", "topk_code_b1", "topk_step_1", "target_logprob", "target_rank"],
         )
         edit_table = _cell_edit(ctx, col, lambda v, r, t: v[:-1] if what == "stream_short" else v + b"\x01")
     elif what == "span_start_zero":
@@ -1146,7 +1151,8 @@ def m_shard_rewrite(ctx: Ctx):
             [
                 "extra_key",
                 "missing_key",
-                "format_version_2",
+                "format_version_1",  # version 1 with codec v2: the other version's pairing
+                "format_version_3",
                 "format_version_true",
                 "id_bytes_3",
                 "id_bytes_4",
@@ -1170,7 +1176,7 @@ def m_shard_rewrite(ctx: Ctx):
                 del out[ctx.pick("key", sorted(raw))]
                 return out
             if how.startswith("format_version"):
-                return {**raw, "format_version": 2 if how.endswith("2") else True}
+                return {**raw, "format_version": {"format_version_1": 1, "format_version_3": 3}.get(how, True)}
             if how.startswith("id_bytes"):
                 return {**raw, "id_bytes": {"id_bytes_3": 3, "id_bytes_4": 4, "id_bytes_string": "2"}[how]}
             if how == "codec_other":
@@ -1637,7 +1643,7 @@ REGRESSION = {
     "rewrite-stream-short": (
         "plain",
         "shard_rewrite",
-        {"shard": 0, "rewrite": "stream_short", "stream": "topk_step", "row": 0},
+        {"shard": 0, "rewrite": "stream_short", "stream": "topk_step_1", "row": 0},
     ),
     "rewrite-span-overlap": ("plain", "shard_rewrite", {"shard": 2, "rewrite": "span_overlap", "row": 0}),
     "rewrite-rank-zero": ("plain", "shard_rewrite", {"shard": 0, "rewrite": "rank_zero", "row": 0}),

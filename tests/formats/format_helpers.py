@@ -41,10 +41,11 @@ PROVENANCE = {
 }
 
 
-def write_cache(path, examples, *, k=8, rejects=(), provenance=PROVENANCE, **kw):
+def write_cache(path, examples, *, k=8, rejects=(), provenance=PROVENANCE, version=2, **kw):
+    """A cache of `examples` (several small shards and row groups); version 1 writes the old format."""
     kw.setdefault("row_group_positions", 64)
     kw.setdefault("shard_max_bytes", 4000)
-    with CacheWriter(path, codec=CodecConfig(k=k), provenance=provenance, **kw) as w:
+    with CacheWriter(path, codec=CodecConfig(k=k, version=version), provenance=provenance, **kw) as w:
         for ex in examples:
             w.write(ex)
         for rid, reason in rejects:
@@ -115,3 +116,17 @@ def replace_column(table, name, values):
 
     i = table.schema.get_field_index(name)
     return table.set_column(i, table.schema.field(i), pa.array(values, type=table.schema.field(i).type))
+
+
+def tie_canonical(ids, decoded_lps):
+    """Each row of `ids` with every group of equal `decoded_lps` sorted by id. Codec v2 stores a group of
+    entries with equal quantized logprobs in its own order (docs/FORMAT.md, "Ties"): compare caches' ids as
+    `tie_canonical(got, got_lps) == tie_canonical(want, got_lps)`, the groups taken from the decoded side."""
+    ids, key = np.asarray(ids), np.asarray(decoded_lps, np.float64)
+    order = np.lexsort((ids, -key), axis=-1)
+    return np.take_along_axis(ids, order, axis=-1)
+
+
+def assert_same_topk(got_ids, got_lps, want_ids):
+    """The decoded ids equal the written ones up to the order inside ties (groups of equal decoded logprobs)."""
+    np.testing.assert_array_equal(tie_canonical(got_ids, got_lps), tie_canonical(want_ids, got_lps))

@@ -71,13 +71,13 @@ def test_the_table_shows_the_counts_and_the_codec(tmp_path):
             mode="generate",
         ),
     )
-    assert "# Teacher top-k cache (kdcache format v1)" in text
+    assert "# Teacher top-k cache (kdcache format v2)" in text
     assert "Top-16 next-token log-probabilities of the teacher **allenai/OLMo-2**\n(vllm 0.32.0, bfloat16)" in text
     assert "of **allenai/tulu-3-sft-mixture** (split `train`), mode `generate`." in text
     assert "| examples | 30 |" in text and "| trained positions | 1234 |" in text
     assert "| rejected input records | 2 (see `rejects.jsonl`) |" in text
     assert "| bytes per position | 114.4 |" in text
-    assert "| codec | `kdcache-topk-v1` k=16 mass=0.95 |" in text
+    assert "| codec | `kdcache-topk-v2` k=16 mass=0.95 |" in text
     assert f"| tokenizer fingerprint | `{'f' * 64}` (vocab 100278) |" in text
     assert "| created | 2026-01-02T03:04:05Z |" in text
     assert "Command: `kdcache cache --k 16`" in text
@@ -180,7 +180,7 @@ def test_the_header_loads_with_huggingface_hub_and_names_license_teacher_and_dat
     assert kd["dataset"] == {"name": "allenai/tulu-3-sft-mixture", "config": "default", "split": "train"} | {
         "revision": "c" * 40
     }
-    assert kd["kdcache_version"] == "0.1.0" and kd["format_version"] == 1 and kd["k"] == 16
+    assert kd["kdcache_version"] == "0.1.0" and kd["format_version"] == 2 and kd["k"] == 16
     assert kd["license_source"] == "the dataset card of allenai/tulu-3-sft-mixture"
 
 

@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 from formats import codec as C
 from formats.errors import FormatError
 
+from .format_helpers import tie_canonical
+
 BOUND = 1 / 64 + 1 / 4096 + 1e-6
 
 
@@ -40,12 +42,13 @@ def topk_blocks(draw):
     return ids, lps, mass, big
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @settings(max_examples=150, deadline=None)
-@given(topk_blocks())
-def test_round_trip(block):
+@given(block=topk_blocks())
+def test_round_trip(block, version):
     ids, lps, mass, big = block
     k = ids.shape[1]
-    cfg = C.CodecConfig(k=k, mass=mass, hot=4)
+    cfg = C.CodecConfig(k=k, mass=mass, hot=4, version=version)
     codes = C.IdCodes(C.build_hot_table(ids, cfg.hot))
     id_bytes = 4 if big else 2
     streams = C.encode_topk(ids, lps, cfg, codes, id_bytes)
@@ -55,7 +58,16 @@ def test_round_trip(block):
         c = counts[r]
         valid = int((ids[r] >= 0).sum())
         assert 1 <= c <= valid
-        np.testing.assert_array_equal(out_ids[r, :c], ids[r, :c])  # ids lossless, rank order kept
+        if version == 1:
+            np.testing.assert_array_equal(out_ids[r, :c], ids[r, :c])  # ids lossless, rank order kept
+        else:  # ids lossless, rank order kept but inside ties (equal decoded logprobs): increasing code there
+            np.testing.assert_array_equal(
+                tie_canonical(out_ids[r, :c], out_lps[r, :c]), tie_canonical(ids[r, :c], out_lps[r, :c])
+            )
+            assert out_ids[r, 0] == ids[r, 0]  # the top-1 stays first
+            code = codes.encode(out_ids[r, 1:c])
+            tied = out_lps[r, 2:c] == out_lps[r, 1 : c - 1]
+            assert (code[1:][tied] > code[:-1][tied]).all()
         assert (out_ids[r, c:] == -1).all() and np.isneginf(out_lps[r, c:]).all()
         true, got = lps[r, :c].astype(np.float64), out_lps[r, :c].astype(np.float64)
         near = true >= lps[r, 0] - 2000  # -1e30 stands for "probability 0" and decodes as such
@@ -102,7 +114,16 @@ def test_decoder_detects_inconsistent_streams():
     with pytest.raises(FormatError, match="topk_code_b0"):
         C.decode_topk(broken, cfg, codes)
     with pytest.raises(FormatError, match="escape"):
-        C.decode_topk(dict(s, topk_step=b"\xff\x00"), cfg, codes)
+        C.decode_topk(dict(s, topk_step_1=b"\xff\x00"), cfg, codes)
+    with pytest.raises(FormatError, match="topk_step_1 has 1 deltas, expected 2"):
+        C.decode_topk(dict(s, topk_step_1=b"\x05"), cfg, codes)
+    with pytest.raises(FormatError, match="topk_step_2 holds deltas, but no entry has index >= 2 at k=2"):
+        C.decode_topk(dict(s, topk_step_2=b"\x05"), cfg, codes)
+    v1 = C.CodecConfig(k=2, version=1)
+    s1 = C.encode_topk(np.array([[1, 2], [3, 4]]), np.array([[-1.0, -2.0], [-1.0, -1.5]], np.float32), v1, codes)
+    assert "topk_step" in s1 and "topk_step_1" not in s1
+    with pytest.raises(FormatError, match="escape"):
+        C.decode_topk(dict(s1, topk_step=b"\xff\x00"), v1, codes)
 
 
 def test_hot_table_orders_by_frequency():
@@ -183,3 +204,14 @@ def test_a_huge_k_over_few_stored_entries_is_refused_before_allocating():
     }
     with pytest.raises(FormatError, match="refusing to allocate"):
         C.decode_topk(streams, cfg, codes)
+
+
+@pytest.mark.parametrize("id_bytes", [2, 4])
+def test_v2_tie_gaps_past_the_largest_code_are_a_format_error(id_bytes):
+    cfg = C.CodecConfig(k=3)
+    codes = C.IdCodes(np.zeros(0, np.uint32))
+    s = C.encode_topk(np.array([[1, 2, 3]]), np.array([[-1.0, -1.0, -1.0]], np.float32), cfg, codes, id_bytes)
+    assert s["topk_step_1"] + s["topk_step_2"] == b"\0\0"  # one tie group: code 1, then gaps 1 and 1
+    top = {f"topk_code_b{b}": b"\xff" * 3 for b in range(id_bytes)}
+    with pytest.raises(FormatError, match=f"beyond the largest {id_bytes}-byte code"):
+        C.decode_topk(dict(s, **top), cfg, codes)

@@ -7,28 +7,38 @@ import pytest
 from .format_helpers import make_example
 
 from formats import CacheReader, CacheWriter, CodecConfig
+from formats.manifest import load_manifest
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md"
 
 
-def reference_decoder_source() -> str:
+def reference_decoder_source(version: int) -> str:
+    """The numpy decoder FORMAT.md gives for a format version: 2 under "Reference decoder", 1 under "Version 1"."""
     text = DOC.read_text().split("## Reference decoder (numpy)")[1]
+    if version == 1:
+        text = text.split("### Version 1")[1]
     return text.split("```python")[1].split("```")[0]
 
 
+@pytest.mark.parametrize("version", [2, 1])
 @pytest.mark.parametrize("hot, mass", [(8, 0.97), (0, None)], ids=["hot8-mass", "empty-hot-table"])
-def test_reference_decoder_matches_reader(tmp_path, rng, monkeypatch, hot, mass):
+def test_reference_decoder_matches_reader(tmp_path, rng, monkeypatch, hot, mass, version):
     examples = [make_example(rng, i, k=12) for i in range(8)]
     examples[3].topk_logprobs = examples[3].topk_logprobs.copy()
     examples[3].topk_logprobs[:, 6:] -= 12.0  # deltas >= 255 steps: the escape stream is exercised
     examples[4].topk_logprobs = examples[4].topk_logprobs.copy()
     examples[4].topk_logprobs[:, 10:] -= 3000.0  # q = 65535: probability 0 (when mass keeps them)
-    with CacheWriter(tmp_path / "c", codec=CodecConfig(k=12, mass=mass, hot=hot), row_group_positions=10**6) as w:
+    examples[5].topk_logprobs = examples[5].topk_logprobs.copy()
+    examples[5].topk_logprobs[:, 7:11] = examples[5].topk_logprobs[:, 7:8]  # ties: v2 stores them as gaps
+    with CacheWriter(
+        tmp_path / "c", codec=CodecConfig(k=12, mass=mass, hot=hot, version=version), row_group_positions=10**6
+    ) as w:
         for ex in examples:
             w.write(ex)
+    assert load_manifest(tmp_path / "c")["format_version"] == version
     printed = []
     monkeypatch.chdir(tmp_path / "c")
-    exec(reference_decoder_source(), {"print": lambda *a: printed.append(a)})
+    exec(reference_decoder_source(version), {"print": lambda *a: printed.append(a)})
     got = {
         (ex.id, int(t)): (ex.topk_ids[r], ex.topk_logprobs[r])
         for ex in CacheReader(tmp_path / "c")

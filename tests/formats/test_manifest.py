@@ -179,10 +179,18 @@ def test_missing_required_keys_are_listed(manifest):
     refused(manifest, r"missing keys \['shards', 'counts'\]")
 
 
-@pytest.mark.parametrize("version", [2, 0, True, 1.0, "1", None])
-def test_format_version_must_be_the_integer_1(manifest, version):
+@pytest.mark.parametrize("version", [3, 0, True, 1.0, "1", "2", None])
+def test_format_version_must_be_the_integer_1_or_2(manifest, version):
     manifest["format_version"] = version
-    refused(manifest, "format version .* is not supported .* reads version 1")
+    refused(manifest, "format version .* is not supported .* reads versions 1, 2")
+
+
+def test_the_format_version_must_be_the_codecs(manifest):
+    """Version 2 caches hold codec v2's streams, version 1 caches v1's: another pairing is refused."""
+    assert manifest["format_version"] == 2 and manifest["codec"]["name"] == "kdcache-topk-v2"
+    check_manifest({**manifest, "format_version": 1, "codec": {**manifest["codec"], "name": "kdcache-topk-v1"}}, WHERE)
+    manifest["format_version"] = 1
+    refused(manifest, "format version 1 with codec kdcache-topk-v2 .*version 1 caches use kdcache-topk-v1")
 
 
 def test_top_level_k_must_equal_codec_k(manifest):

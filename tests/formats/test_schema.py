@@ -70,9 +70,17 @@ def test_the_column_order_is_plain_columns_then_the_codec_streams():
         "topk_top1",
         "topk_code_b0",
         "topk_code_b1",
-        "topk_step",
+        "topk_step_1",
+        "topk_step_2",
+        "topk_step_4",
+        "topk_step_16",
+        "topk_step_32",
+        "topk_step_64",
+        "topk_step_128",
         "topk_step_escape",
     ]
+    v1 = [n for n in schema.names if not n.startswith("topk_step")] + ["topk_step", "topk_step_escape"]
+    assert arrow_schema(2, {}, version=1).names == v1  # format version 1: one step stream
     assert json.loads(schema.metadata[METADATA_KEY]) == {"x": 1}
     assert "topk_code_b3" in arrow_schema(4, {}).names and len(arrow_schema(4, {})) == len(schema) + 2
 
@@ -112,8 +120,8 @@ def test_unknown_metadata_keys_are_refused():
     refused({**shard_metadata(CODEC, 2, HOT), "zzz": 1}, r"keys this kdcache does not know: \['zzz'\]")
 
 
-@pytest.mark.parametrize("version", [2, True, 1.0, None])
-def test_a_format_version_other_than_1_is_refused(version):
+@pytest.mark.parametrize("version", [3, True, 1.0, None])
+def test_a_format_version_other_than_1_or_2_is_refused(version):
     refused({**shard_metadata(CODEC, 2, HOT), "format_version": version}, "format version .* is not supported")
 
 
@@ -154,8 +162,16 @@ def test_deeply_nested_metadata_is_a_format_error_not_a_recursion_error():
 
 def test_a_missing_column_is_named():
     schema = schema_with(shard_metadata(CODEC, 2, HOT))
-    schema = schema.remove(schema.get_field_index("topk_step"))
-    refused(None, "columns missing from the shard: topk_step$", schema=schema)
+    schema = schema.remove(schema.get_field_index("topk_step_4"))
+    refused(None, "columns missing from the shard: topk_step_4$", schema=schema)
+
+
+def test_a_version_1_shard_needs_version_1_columns():
+    v1 = CodecConfig(k=8, hot=4, version=1).to_dict()
+    meta = {**shard_metadata(v1, 2, HOT)}
+    assert meta["format_version"] == 1
+    read_shard_metadata(arrow_schema(2, {}, version=1).with_metadata({METADATA_KEY: json.dumps(meta).encode()}), "s")
+    refused(meta, "columns missing from the shard: topk_step$")  # a version 2 column set
 
 
 def test_a_shard_with_4_byte_codes_needs_all_four_planes():
@@ -203,10 +219,11 @@ def test_check_shard_header_compares_the_codec_and_the_rows_with_the_manifest():
         check_shard_header(meta, 12, {"rows": 12}, {**CODEC, "mass": 0.9}, "s.parquet")
 
 
-def test_check_version_accepts_exactly_the_integer_1():
+def test_check_version_accepts_exactly_the_integers_1_and_2():
     check_version(1, "m")
-    for version in (True, 1.0, "1", 2, 0, [1]):
-        with pytest.raises(FormatError, match=r"^m: format version .* \(it reads version 1\)"):
+    check_version(2, "m")
+    for version in (True, 1.0, "1", 3, 0, [1]):
+        with pytest.raises(FormatError, match=r"^m: format version .* \(it reads versions 1, 2\)"):
             check_version(version, "m")
 
 

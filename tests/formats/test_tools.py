@@ -3,12 +3,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from .format_helpers import PROVENANCE, edit_manifest, make_example, replace_column, rewrite_shard, write_cache
 
 from formats import CacheReader, load_manifest
 from formats.errors import ChecksumError, FormatError, IncompatibleCachesError, InputError
-from formats.tools import merge_caches, verify_cache
+from formats.tools import merge_caches, show_example, summarize, verify_cache
 
 
 def kdcache(*args):
@@ -103,6 +104,26 @@ def test_merge_equals_one_cache(tmp_path, rng):
     assert m["counts"]["examples"] == 20 and m["counts"]["rejects"] == 2
     assert sorted(e.id for e in CacheReader(tmp_path / "m")) == sorted(e.id for e in exs)
     assert len(m["merged_from"]) == 2
+
+
+def test_version_1_caches_stay_readable_and_merge_only_with_version_1(tmp_path, rng):
+    """Caches written before format version 2 verify, inspect, read and merge (with each other) as before."""
+    exs = [make_example(rng, i) for i in range(12)]
+    for name, part in [("v1a", exs[:6]), ("v1b", exs[6:])]:
+        assert write_cache(tmp_path / name, part, version=1)["format_version"] == 1
+    write_cache(tmp_path / "v2", exs[6:])
+    assert verify_cache(tmp_path / "v1a")["examples"] == 6
+    assert "v1, codec kdcache-topk-v1" in summarize(tmp_path / "v1a")
+    assert "ex2" in show_example(tmp_path / "v1a", "ex2")
+    got = {e.id: e for e in CacheReader(tmp_path / "v1a")}
+    for ex in exs[:6]:  # version 1 keeps the teacher's order exactly, ties included
+        np.testing.assert_array_equal(got[ex.id].topk_ids, ex.topk_ids)
+        assert np.abs(got[ex.id].topk_logprobs - ex.topk_logprobs).max() <= 1 / 64 + 1 / 4096 + 1e-6
+    m = merge_caches(tmp_path / "m1", [tmp_path / "v1a", tmp_path / "v1b"])
+    assert m["format_version"] == 1 and verify_cache(tmp_path / "m1")["examples"] == 12
+    with pytest.raises(IncompatibleCachesError, match="format version 2 vs 1; merge caches of one format version"):
+        merge_caches(tmp_path / "m12", [tmp_path / "v1a", tmp_path / "v2"])
+    assert not (tmp_path / "m12").exists()
 
 
 def test_merge_refusals(tmp_path, rng):
