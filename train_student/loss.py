@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from train_student import loss_torch
-from train_student.loss_options import IMPLS, KINDS, TAILS, LossSpec
+from train_student.loss_options import IMPLS, KINDS, TAILS, TARGETS, LossSpec
+from train_student.loss_torch import sampled_log_weights
 
-__all__ = ["kd_loss", "student_loss"]
+__all__ = ["kd_loss", "sampled_log_weights", "student_loss"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,6 +74,7 @@ def kd_loss(
     tail: str = "renormalize",
     impl: str = "chunked",
     chunk_size: int = 1024,
+    targets: str = "topk",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Sparse KD (+ optional hard-label CE) of a student LM head against cached teacher top-k.
 
@@ -100,6 +102,12 @@ def kd_loss(
             extra bucket matched against the student's mass R outside the teacher's ids).
         impl: "naive", "chunked" or "fused" (see the module docstring).
         chunk_size: tokens per chunk for impl="chunked".
+        targets: "topk" (the above) or "sampled": `topk_ids` are sampled teacher ids and `topk_logprobs`
+            their log importance weights from `sampled_log_weights` (already at `temperature`: they
+            are used as they are, neither tempered nor renormalized). Forward KL only, tail
+            "renormalize" (the weights need no tail). The gradient is then the estimator's (unbiased
+            with estimator="unbiased"); the `kd` metric is sum_j w_j (log w_j - log q_j), whose value is
+            not an estimate of the KL (docs/KD_MATH.md, "Sampled targets").
 
     Returns:
         loss: [] in the accumulation dtype (fp32, fp64 for fp64 inputs).
@@ -126,6 +134,7 @@ def kd_loss(
         tail,
         impl,
         chunk_size,
+        targets,
     )
     if impl == "fused":
         _check_fused_device(hidden)
@@ -140,6 +149,7 @@ def kd_loss(
         kd_weight=kd_weight,
         ce_weight=ce_weight,
         dtype=loss_torch.accumulation_dtype(hidden.dtype),
+        targets=targets,
     )
     if impl == "chunked":
         return loss_torch.chunked(hidden, lm_head_weight, spec, chunk_size=chunk_size)
@@ -163,9 +173,29 @@ def kd_loss(
 
 
 def _validate(
-    hidden, weight, topk_ids, topk_logprobs, labels, kd_weight, ce_weight, temperature, kind, tail, impl, chunk_size
+    hidden,
+    weight,
+    topk_ids,
+    topk_logprobs,
+    labels,
+    kd_weight,
+    ce_weight,
+    temperature,
+    kind,
+    tail,
+    impl,
+    chunk_size,
+    targets="topk",
 ) -> None:
     """Raise ValueError naming the argument, what was expected and what came."""
+    if targets not in TARGETS:
+        raise ValueError(f"kd_loss: targets must be one of {TARGETS}, got {targets!r}")
+    if targets == "sampled" and (kind != "forward_kl" or tail != "renormalize"):
+        raise ValueError(
+            f"kd_loss: sampled targets estimate forward KL with importance weights that need no tail; got "
+            f"kind={kind!r}, tail={tail!r} (use kind='forward_kl', tail='renormalize'; reverse KL would need "
+            "samples from the student)"
+        )
     if kind not in KINDS:
         raise ValueError(f"kd_loss: kind must be one of {KINDS}, got {kind!r}")
     if tail not in TAILS:

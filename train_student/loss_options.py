@@ -4,6 +4,10 @@ them without importing torch."""
 KINDS = ("forward_kl", "reverse_kl")  # the KD divergence
 TAILS = ("renormalize", "bucket")  # teacher mass outside its top-k: renormalize, or one tail bucket
 IMPLS = ("naive", "chunked", "fused")  # kd_loss implementations (train_student/loss.py)
+# the teacher entries kd_loss takes: the top-k (logprobs), or sampled ids with log importance weights
+# (`loss_torch.sampled_log_weights`; docs/KD_MATH.md, "Sampled targets")
+TARGETS = ("topk", "sampled")
+ESTIMATORS = ("unbiased", "self_normalized")  # importance weights of sampled targets
 XTOK_MODES = ("exact-map", "uld", "hybrid")  # the cross-tokenizer KD losses (train_student/xtok/loss.py)
 # --cross-tokenizer: off (the student shares the teacher's tokenizer), auto (on when the tokenizers
 # differ, off when they are the same), or one of XTOK_MODES (docs/CROSS_TOKENIZER.md)

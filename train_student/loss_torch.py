@@ -98,6 +98,7 @@ def build_spec(
     kd_weight: float,
     ce_weight: float,
     dtype: torch.dtype,
+    targets: str = "topk",
 ) -> KDSpec:
     """Prepare the teacher targets at temperature `temperature` (inputs already validated).
 
@@ -121,7 +122,12 @@ def build_spec(
     teacher_tail_raw = -torch.expm1(torch.logsumexp(logp_valid, dim=-1))
     teacher_tail_raw = torch.where(teacher_tail_raw < TAIL_EPS, 0.0, teacher_tail_raw)
     scaled = logp_valid / tau  # log p_k^(1/tau), unnormalized
-    if tail == "renormalize":
+    if targets == "sampled":  # log importance weights, already at tau: used as they are (docs/KD_MATH.md)
+        teacher_tail_raw = torch.zeros_like(teacher_tail_raw)
+        scaled = logp_valid
+        log_den = torch.zeros_like(teacher_tail_raw)
+        teacher_log_tail = None
+    elif tail == "renormalize":
         log_den = torch.logsumexp(scaled, dim=-1)
         teacher_log_tail = None
     else:
@@ -152,6 +158,72 @@ def build_spec(
         teacher_top1=ids[:, 0],
         has_teacher=has_teacher,
     )
+
+
+def sampled_log_weights(
+    counts: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    temperature: float = 1.0,
+    proposal_temperature: float = 1.0,
+    proposal_log_z: Tensor | None = None,
+    estimator: str = "unbiased",
+) -> Tensor:
+    """The log importance weights of sampled teacher targets, for `kd_loss(..., targets="sampled")`.
+
+    Per position the teacher's full distribution p was sampled N times from the proposal
+    r = p^(1/proposal_temperature) / Z_r; the distinct ids are kept with their draw counts c_j and
+    their teacher logprobs l_j = log p_j (temperature 1). The KD target is p_tau = p^(1/tau) / Z_tau.
+
+    - "unbiased" (temperature 1 only): w_j = (c_j / N) p_j / r_j. E[w_j] = p_j for every id, so the
+      gradient sum_j w_j grad(-log q_j) is an unbiased estimate of the full KL's. Needs log Z_r
+      (`proposal_log_z`, [T]) unless proposal_temperature is 1 (then w_j = c_j / N).
+    - "self_normalized": w_j proportional to c_j p_j^(1/tau) / r_j, scaled to sum to 1: any tau, no
+      normalizer needed; biased by O(1/N), with a lower variance (docs/KD_MATH.md).
+
+    Args:
+        counts: [T, K] integer draws per stored id (0 pads; a row of zeros: no teacher entry).
+        teacher_logprobs: [T, K] float l_j at the stored ids (anything where the count is 0).
+    Returns:
+        [T, K] float64 log weights, -inf where the count is 0.
+    """
+    from train_student.loss_options import ESTIMATORS
+
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"sampled_log_weights: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    for name, value in (("temperature", temperature), ("proposal_temperature", proposal_temperature)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"sampled_log_weights: {name} must be a finite number > 0, got {value!r}")
+    if counts.shape != teacher_logprobs.shape or counts.dim() != 2:
+        raise ValueError(
+            f"sampled_log_weights: counts {tuple(counts.shape)} and teacher_logprobs "
+            f"{tuple(teacher_logprobs.shape)} must be one [T, K] shape"
+        )
+    if counts.dtype.is_floating_point or bool((counts < 0).any()):
+        raise ValueError("sampled_log_weights: counts must be integers >= 0")
+    drawn = counts > 0
+    log_c = torch.log(counts.to(torch.float64)).masked_fill(~drawn, -math.inf)
+    logp = teacher_logprobs.to(torch.float64).masked_fill(~drawn, 0.0)
+    if estimator == "unbiased":
+        if temperature != 1.0:
+            raise ValueError(
+                f"sampled_log_weights: the unbiased estimator targets the teacher at temperature 1 (the "
+                f"tempered teacher's normalizer is not known from samples); got temperature={temperature}: "
+                "use estimator='self_normalized'"
+            )
+        log_n = torch.log(counts.sum(dim=-1, keepdim=True).clamp(min=1).to(torch.float64))
+        log_w = log_c - log_n
+        if proposal_temperature != 1.0:
+            if proposal_log_z is None:
+                raise ValueError(
+                    "sampled_log_weights: the unbiased estimator with proposal_temperature != 1 needs "
+                    "proposal_log_z (log sum_v p_v^(1/proposal_temperature) per position)"
+                )
+            log_w = log_w + logp * (1.0 - 1.0 / proposal_temperature) + proposal_log_z.to(torch.float64)[:, None]
+        return log_w.masked_fill(~drawn, -math.inf)
+    u = log_c + logp * (1.0 / temperature - 1.0 / proposal_temperature)
+    log_w = u - torch.logsumexp(u, dim=-1, keepdim=True)
+    return log_w.masked_fill(~drawn, -math.inf)
 
 
 def position_terms(

@@ -54,6 +54,7 @@ def xtok_loss(
     tail: str = "renormalize",
     impl: str = "chunked",
     chunk_size: int = 1024,
+    targets: str = "topk",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-tokenizer KD (+ CE) of a student LM head against teacher top-k paired by alignment.
 
@@ -80,6 +81,13 @@ def xtok_loss(
     With one tokenizer on both sides every trained row is exact and every id maps to itself, and
     the result is `kd_loss`'s, loss and gradients (tests/train_student/test_loss_xtok.py).
     """
+    if targets != "topk":
+        raise ValueError(
+            f"xtok_loss: cross-tokenizer KD takes top-k targets only, got targets={targets!r}: sampled targets' "
+            "importance weights are per teacher token, and ULD's sorted-probability matching and the exact map's "
+            "renormalization are not unbiased estimators of them; train a student with the teacher's tokenizer "
+            "on sampled targets, or use a top-k cache here"
+        )
     if exact is None and isinstance(topk_ids, Tensor):
         exact = (topk_ids >= 0).any(dim=-1)
     if aligned is None and isinstance(topk_logprobs, Tensor):

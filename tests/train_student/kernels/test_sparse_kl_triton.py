@@ -104,6 +104,18 @@ def test_fused_matches_reference(gen, kind, tail, temperature, ce_weight, k):
     )
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_matches_reference_on_sampled_targets(gen, temperature):
+    """Sampled targets (issue 26): ids with log importance weights, used as they are (no tempering)."""
+    from train_student.loss import sampled_log_weights
+
+    hidden, weight, ids, logprobs, labels = make_inputs(gen, k=5)
+    counts = torch.randint(1, 6, ids.shape, generator=gen).masked_fill(ids < 0, 0)
+    estimator = "unbiased" if temperature == 1.0 else "self_normalized"
+    log_w = sampled_log_weights(counts, logprobs, temperature=temperature, estimator=estimator).float()
+    check_fused((hidden, weight, ids, log_w, labels), 1e-4, targets="sampled", temperature=temperature, ce_weight=0.5)
+
+
 def test_fused_large_k(gen):
     """K = 64 > the vocab tile: the sparse part is not tied to the tiling."""
     check_fused(make_inputs(gen, k=64), 1e-4, kind="reverse_kl", tail="bucket", temperature=1.5)
