@@ -364,11 +364,20 @@ class ShardFile:
         self.verify()
         self._check_budget(g)
         try:
-            return self.pf.read_row_group(g, columns=columns)
+            table = self.pf.read_row_group(g, columns=columns)
         except Exception as exc:
             raise FormatError(
                 f"{self.where}, row group {g}: cannot be read ({str(exc)[:200]!r}); run `kdcache verify` on the cache"
             ) from None
+        for name in table.column_names:  # Parquet's reader does not check that string bytes are UTF-8
+            try:
+                table.column(name).validate(full=True)
+            except pa.ArrowInvalid as exc:
+                raise FormatError(
+                    f"{self.where}, row group {g}: column {name} is not valid ({str(exc)[:120]!r}: e.g. text that "
+                    "is not UTF-8); a damaged or hand-made shard: run `kdcache verify` on the cache"
+                ) from None
+        return table
 
     def examples(self, g: int, rows: int | None = None) -> list[Example]:
         table = self.read(g)

@@ -392,3 +392,25 @@ def test_examples_round_trip_unchanged(cache, examples):
         np.testing.assert_array_equal(got[ex.id].input_ids, ex.input_ids)
         assert_same_topk(got[ex.id].topk_ids, got[ex.id].topk_logprobs, ex.topk_ids)
     assert isinstance(next(iter(got.values())), Example)
+
+
+@pytest.mark.parametrize("column", ["source", "id"])
+def test_text_that_is_not_utf8_is_a_format_error(cache, tmp_path, column):
+    """A string column whose bytes are not UTF-8 (a byte flip with the checksum fixed up; fuzz case 11:9808):
+    Parquet's reader hands them over unchecked and pyarrow's to_pylist raised UnicodeDecodeError, untyped."""
+    import pyarrow as pa
+
+    def not_utf8(table):
+        n = table.num_rows
+        offsets = pa.py_buffer(np.arange(n + 1, dtype=np.int32).tobytes())
+        bad = pa.Array.from_buffers(pa.string(), n, [None, offsets, pa.py_buffer(b"\x97" * n)])
+        return table.set_column(table.schema.get_field_index(column), column, bad)
+
+    rewrite_shard(cache, 0, edit_table=not_utf8)
+    for run in (
+        lambda: verify_cache(cache),
+        lambda: list(CacheReader(cache)),
+        lambda: merge_caches(tmp_path / "m", [cache]),
+    ):
+        with pytest.raises(FormatError, match=f"column {column} is not valid .*UTF8"):
+            run()
