@@ -97,6 +97,23 @@ def test_regression_case(name, regression_records, pool):
         pytest.fail(cm.report([rec], limit=10), pytrace=False)
 
 
+# Random cases that once found a defect, replayed (SEED:INDEX; the base caches are deterministic, so each
+# replays the same mutation while the writer's layout stays the same, and stays a valid case after).
+FOUND = {
+    "11:8830": "two byte flips in a shard's footer (checksum fixed up): pyarrow's per-column metadata accessor "
+    "aborted the process in the expansion check",
+    "11:9808": "a byte flip in the source column (checksum fixed up): text that is not UTF-8, an untyped error",
+}
+
+
+@pytest.mark.parametrize("case", list(FOUND))
+def test_random_cases_that_found_a_defect(case, pool):
+    records = pool.run([cm.parse_case(case)])
+    assert not pool.harness_errors, pool.harness_errors
+    if cm.failures(records):
+        pytest.fail(f"{FOUND[case]}\n{cm.report(records, limit=10)}", pytrace=False)
+
+
 def test_random_mutations(pool):
     records = pool.run(_random_cases())
     summary = cm.report(records, limit=20)
