@@ -134,8 +134,8 @@ def kd_loss(
         tail,
         impl,
         chunk_size,
-        targets,
     )
+    _validate_targets(targets, kind, tail)
     if impl == "fused":
         _check_fused_device(hidden)
 
@@ -172,22 +172,7 @@ def kd_loss(
     return loss, metrics
 
 
-def _validate(
-    hidden,
-    weight,
-    topk_ids,
-    topk_logprobs,
-    labels,
-    kd_weight,
-    ce_weight,
-    temperature,
-    kind,
-    tail,
-    impl,
-    chunk_size,
-    targets="topk",
-) -> None:
-    """Raise ValueError naming the argument, what was expected and what came."""
+def _validate_targets(targets: str, kind: str, tail: str) -> None:
     if targets not in TARGETS:
         raise ValueError(f"kd_loss: targets must be one of {TARGETS}, got {targets!r}")
     if targets == "sampled" and (kind != "forward_kl" or tail != "renormalize"):
@@ -196,6 +181,12 @@ def _validate(
             f"kind={kind!r}, tail={tail!r} (use kind='forward_kl', tail='renormalize'; reverse KL would need "
             "samples from the student)"
         )
+
+
+def _validate(
+    hidden, weight, topk_ids, topk_logprobs, labels, kd_weight, ce_weight, temperature, kind, tail, impl, chunk_size
+) -> None:
+    """Raise ValueError naming the argument, what was expected and what came."""
     if kind not in KINDS:
         raise ValueError(f"kd_loss: kind must be one of {KINDS}, got {kind!r}")
     if tail not in TAILS:
