@@ -5,11 +5,12 @@ import numpy as np
 from formats import CacheWriter, CodecConfig, Example
 
 
-def make_example(rng, i, *, vocab=1000, k=8, min_len=6, max_len=40, prefix="ex"):
-    """A random example whose teacher entries come from a real softmax (sorted, distinct ids)."""
+def make_example(rng, i, *, vocab=1000, k=8, min_len=6, max_len=40, prefix="ex", min_targets=1):
+    """A random example whose teacher entries come from a real softmax (sorted, distinct ids), with at least
+    `min_targets` trained positions (< min_len)."""
     L = int(rng.integers(min_len, max_len))
     input_ids = rng.integers(0, vocab, L).astype(np.int32)
-    start = int(rng.integers(1, L))
+    start = int(rng.integers(1, L - min_targets + 1))
     pos = np.arange(start, L, dtype=np.int32)
     n = len(pos)
     logits = rng.normal(scale=3.0, size=(n, vocab))

@@ -28,7 +28,7 @@ def test_writer_id_width_does_not_depend_on_the_first_row_group(tmp_path, rng):
 
 
 def test_writer_refuses_an_id_past_the_output_size_with_a_clear_error(tmp_path, rng):
-    ex = make_example(rng, 0)
+    ex = make_example(rng, 0, min_targets=2)
     ex.topk_ids = ex.topk_ids.copy()
     ex.topk_ids[1, 0] = 1000  # PROVENANCE: vocab_size 1000
     with CacheWriter(tmp_path / "c", codec=CodecConfig(k=8), provenance=PROVENANCE) as w:
@@ -53,7 +53,7 @@ def test_writer_takes_padding_ids_of_a_padded_output_layer(tmp_path, rng):
 
 @pytest.mark.parametrize("field", ["topk_logprobs", "target_logprobs"])
 def test_writer_refuses_a_nan_logprob_naming_example_and_position(tmp_path, rng, field):
-    ex = make_example(rng, 0, min_len=10)
+    ex = make_example(rng, 0, min_len=10, min_targets=3)
     values = getattr(ex, field).copy()
     values[2, ...] = np.nan if values.ndim == 1 else values[2]
     if values.ndim == 2:
@@ -65,7 +65,7 @@ def test_writer_refuses_a_nan_logprob_naming_example_and_position(tmp_path, rng,
 
 
 def test_neg_inf_logprobs_round_trip_through_a_cache(tmp_path, rng):
-    ex = make_example(rng, 0, min_len=10)
+    ex = make_example(rng, 0, min_len=10, min_targets=3)
     ex.topk_logprobs = ex.topk_logprobs.copy()
     ex.topk_logprobs[0, 5:] = -np.inf  # probability 0: stored as padding (id -1, -inf)
     ex.topk_logprobs[1, 6:] = ex.topk_logprobs[1, 0] - 3000.0  # below the step range: the escape q = 65535
