@@ -168,3 +168,13 @@ def test_sampled_targets_refuse_what_they_cannot_estimate():
         kd_loss(hidden, weight, ids, log_w, labels, targets="gumbel")
     with pytest.raises(ValueError, match="cross-tokenizer KD takes top-k targets only"):
         xtok_loss(hidden, weight, ids, log_w, labels, targets="sampled")
+
+
+def test_the_readme_example_runs_as_written():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("### Sampled teacher targets")[1].split("```python")[1].split("```")[0]
+    scope = {}
+    exec(block, scope)
+    assert torch.isfinite(scope["loss"]) and scope["hidden"].grad is not None
