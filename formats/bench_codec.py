@@ -74,12 +74,6 @@ def decode_streams(codes, groups, cfg: C.CodecConfig):
     return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
-def same_order(ids: np.ndarray, decoded_lps: np.ndarray) -> np.ndarray:
-    """Each position's ids with every run of equal decoded logprobs (a tie) sorted by id: for the decoded ids
-    and the input's, equal when they differ only in the order inside ties (v2's tie rule, docs/FORMAT.md)."""
-    return np.take_along_axis(ids, np.lexsort((ids, -decoded_lps.astype(np.float64)), axis=-1), axis=-1)
-
-
 def fidelity(lps: np.ndarray, dec_lps: np.ndarray, k: int) -> tuple[float, float, float]:
     true = lps[:, :k].astype(np.float64)
     kept = np.isfinite(dec_lps)
@@ -119,7 +113,7 @@ def run(path: str, level: int = 9, rows_per_example: int = 370, repeats: int = 3
             best, best_codec = min(best, t2 - t0), min(best_codec, t2 - t1)
         kept = dec_ids >= 0
         want = np.where(kept, ids_all[:, :k], -1)
-        assert np.array_equal(same_order(dec_ids, dec_lps), same_order(want, dec_lps)), (
+        assert np.array_equal(C.tie_canonical(dec_ids, dec_lps), C.tie_canonical(want, dec_lps)), (
             "ids must round-trip exactly (v2: in any order within a tie)"
         )
         max_err, mean_kl, dropped = fidelity(lps_all, dec_lps, k)

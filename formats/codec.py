@@ -305,6 +305,15 @@ def _planes(prefix: str, values: np.ndarray, id_bytes: int) -> dict[str, bytes]:
     return {f"{prefix}{b}": ((values >> (8 * b)) & 0xFF).astype(np.uint8).tobytes() for b in range(id_bytes)}
 
 
+def tie_canonical(ids: np.ndarray, decoded_lps: np.ndarray) -> np.ndarray:
+    """Each row of `ids` with every run of equal `decoded_lps` (a tie) sorted by id. Codec v2 stores a tie in
+    its own order (docs/FORMAT.md): two decodes of the same entries, or a decode and the teacher's input,
+    compare equal as `tie_canonical(a, a_lps) == tie_canonical(b, a_lps)`, the groups taken from a decode."""
+    ids = np.asarray(ids)
+    order = np.lexsort((ids, -np.asarray(decoded_lps, np.float64)), axis=-1)
+    return np.take_along_axis(ids, order, axis=-1)
+
+
 def count_dtype(cfg: CodecConfig) -> str:
     return "<u1" if cfg.k <= 255 else "<u2"
 

@@ -3,6 +3,7 @@
 import numpy as np
 
 from formats import CacheWriter, CodecConfig, Example
+from formats.codec import tie_canonical
 
 
 def make_example(rng, i, *, vocab=1000, k=8, min_len=6, max_len=40, prefix="ex", min_targets=1):
@@ -117,15 +118,6 @@ def replace_column(table, name, values):
 
     i = table.schema.get_field_index(name)
     return table.set_column(i, table.schema.field(i), pa.array(values, type=table.schema.field(i).type))
-
-
-def tie_canonical(ids, decoded_lps):
-    """Each row of `ids` with every group of equal `decoded_lps` sorted by id. Codec v2 stores a group of
-    entries with equal quantized logprobs in its own order (docs/FORMAT.md, "Ties"): compare caches' ids as
-    `tie_canonical(got, got_lps) == tie_canonical(want, got_lps)`, the groups taken from the decoded side."""
-    ids, key = np.asarray(ids), np.asarray(decoded_lps, np.float64)
-    order = np.lexsort((ids, -key), axis=-1)
-    return np.take_along_axis(ids, order, axis=-1)
 
 
 def assert_same_topk(got_ids, got_lps, want_ids):

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from formats import codec as C
 from formats.errors import FormatError
 
-from .format_helpers import tie_canonical
+from formats.codec import tie_canonical
 
 BOUND = 1 / 64 + 1 / 4096 + 1e-6
 
