@@ -219,9 +219,14 @@ def code_bytes(max_code: int) -> int:
     return 2 if max_code < (1 << 16) else 4
 
 
+def code_streams(id_bytes: int) -> list[str]:
+    """The byte planes of the ids' codes: topk_code_b0, topk_code_b1 (, b2, b3)."""
+    return [f"topk_code_b{b}" for b in range(id_bytes)]
+
+
 def stream_names(version: int, id_bytes: int) -> list[str]:
     """The codec's byte streams (one Parquet binary column each), in column order, for codec `version`."""
-    planes = [f"topk_code_b{b}" for b in range(id_bytes)]
+    planes = code_streams(id_bytes)
     if version == 1:
         return ["topk_count", "topk_top1", *planes, "topk_step", "topk_step_escape"]
     return ["topk_count", "topk_top1", *planes, *(f"topk_step_{a}" for a in STEP_RANGES), "topk_step_escape"]

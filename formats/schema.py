@@ -35,11 +35,6 @@ PLAIN_FIELDS = [
     pa.field("meta", pa.string()),
 ]
 TARGET_STREAMS = ["target_logprob", "target_rank"]
-TOPK_STREAMS = ["topk_count", "topk_top1", "topk_step", "topk_step_escape"]  # codec v1's, the planes aside
-
-
-def code_streams(id_bytes: int) -> list[str]:
-    return [f"topk_code_b{b}" for b in range(id_bytes)]
 
 
 def arrow_schema(id_bytes: int, metadata: dict | None = None, version: int = FORMAT_VERSION) -> pa.Schema:

@@ -15,6 +15,7 @@ import pytest
 
 from formats.codec import CodecConfig
 from formats.errors import FormatError
+from formats.codec import code_streams
 from formats.schema import (
     FORMAT_VERSION,
     MAX_SHARD_METADATA_BYTES,
@@ -23,7 +24,6 @@ from formats.schema import (
     arrow_schema,
     check_shard_header,
     check_version,
-    code_streams,
     read_shard_metadata,
     shard_metadata,
 )
