@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -391,9 +392,7 @@ class ShardFile:
         a decompression bomb thousands of times. The bound is the file's own size, not a count the manifest
         claims. (Not per column chunk: pyarrow's per-column metadata accessor aborts the whole process on
         some damaged footers, fuzz case 11:8830, where reading the row group raises an error we can catch.)"""
-        meta = self.pf.metadata
-        declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        stored = max(1, self.entry["bytes"] - meta.serialized_size - 8)  # data pages: the file less its footer
+        declared, stored = self._sizes
         budget = max(MAX_EXPANSION * stored, MAX_ROW_GROUP_FLOOR)
         if declared > budget:
             raise FormatError(
@@ -401,6 +400,13 @@ class ShardFile:
                 f"shard's row groups together; more than {MAX_EXPANSION}x, and above {MAX_ROW_GROUP_FLOOR >> 20} "
                 "MiB); a decompression bomb or a damaged footer: refused"
             )
+
+    @functools.cached_property
+    def _sizes(self) -> tuple[int, int]:
+        """(bytes the footer declares uncompressed, all row groups; bytes of data pages: the file less its footer)."""
+        meta = self.pf.metadata
+        declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        return declared, max(1, self.entry["bytes"] - meta.serialized_size - 8)
 
     def close(self) -> None:
         self.file.close()
